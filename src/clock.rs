@@ -1,0 +1,77 @@
+//! Injectable time source.
+//!
+//! Decisions depend on merchant-local days, months and refund windows, so nothing in the
+//! sans-IO core reads the system clock: the caller passes `now` in, and the I/O layer gets it
+//! from a [`Clock`] that tests replace with a [`ManualClock`].
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Seconds since the Unix epoch, UTC.
+pub type UnixSeconds = i64;
+
+/// A source of the current time.
+pub trait Clock: Send + Sync + 'static {
+    /// The current time in seconds since the Unix epoch (UTC).
+    fn now_unix_s(&self) -> UnixSeconds;
+}
+
+/// The operating system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_unix_s(&self) -> UnixSeconds {
+        #[allow(clippy::disallowed_methods)] // The one place that reads the wall clock.
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            // A clock set before 1970 is a broken host; report the epoch rather than panic.
+            Err(_) => 0,
+        }
+    }
+}
+
+/// A clock that only moves when told to; for deterministic tests.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    now_unix_s: AtomicI64,
+}
+
+impl ManualClock {
+    /// A clock stopped at `now_unix_s`.
+    pub fn new(now_unix_s: UnixSeconds) -> Self {
+        Self {
+            now_unix_s: AtomicI64::new(now_unix_s),
+        }
+    }
+
+    /// Sets the time.
+    pub fn set(&self, now_unix_s: UnixSeconds) {
+        self.now_unix_s.store(now_unix_s, Ordering::SeqCst);
+    }
+
+    /// Moves the time forward (or back, with a negative step).
+    pub fn advance(&self, step_s: i64) {
+        self.now_unix_s.fetch_add(step_s, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_unix_s(&self) -> UnixSeconds {
+        self.now_unix_s.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let clock = ManualClock::new(1_700_000_000);
+        assert_eq!(clock.now_unix_s(), 1_700_000_000);
+        clock.advance(86_400);
+        assert_eq!(clock.now_unix_s(), 1_700_086_400);
+        clock.set(5);
+        assert_eq!(clock.now_unix_s(), 5);
+    }
+}

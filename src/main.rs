@@ -1,0 +1,2 @@
+//! The `refundgate` binary: subcommands over the library.
+fn main() {}
