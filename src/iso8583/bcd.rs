@@ -1,0 +1,178 @@
+//! Digits of numeric elements, whether written as ASCII or packed BCD, read without copying.
+
+/// The digits of a numeric or track element, borrowed from the message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Digits<'a> {
+    bytes: &'a [u8],
+    bcd: bool,
+    /// Index of the first digit nibble (1 when a left pad nibble precedes it).
+    first_nibble: u8,
+    len: u16,
+}
+
+impl<'a> Digits<'a> {
+    /// ASCII digits.
+    pub fn ascii(bytes: &'a [u8]) -> Self {
+        Digits {
+            bytes,
+            bcd: false,
+            first_nibble: 0,
+            len: bytes.len() as u16,
+        }
+    }
+
+    /// `len` BCD digits in `bytes`, after a left pad nibble when `left_pad`.
+    pub fn bcd(bytes: &'a [u8], len: u16, left_pad: bool) -> Self {
+        Digits {
+            bytes,
+            bcd: true,
+            first_nibble: u8::from(left_pad),
+            len,
+        }
+    }
+
+    /// Number of digits.
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Whether there are no digits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Digit `i` as an ASCII character (`0`–`9`, `D` for a BCD track separator, `=` as written
+    /// in ASCII). Out of range gives `0`.
+    #[inline]
+    pub fn char_at(&self, i: usize) -> u8 {
+        if !self.bcd {
+            return self.bytes.get(i).copied().unwrap_or(b'0');
+        }
+        let n = i + usize::from(self.first_nibble);
+        let byte = self.bytes.get(n / 2).copied().unwrap_or(0);
+        let nibble = if n % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+        if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'A' + nibble - 10
+        }
+    }
+
+    /// The number formed by digits `start..end`, if they are all decimal and at most 19.
+    #[inline]
+    pub fn number(&self, start: usize, end: usize) -> Option<u64> {
+        if end > self.len() || start > end || end - start > 19 {
+            return None;
+        }
+        let mut v = 0u64;
+        for i in start..end {
+            let c = self.char_at(i);
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + u64::from(c - b'0');
+        }
+        Some(v)
+    }
+
+    /// The whole value as a number.
+    pub fn value(&self) -> Option<u64> {
+        self.number(0, self.len())
+    }
+
+    /// Iterates the digits as ASCII characters.
+    pub fn chars(&self) -> impl Iterator<Item = u8> + 'a {
+        let d = *self;
+        (0..d.len()).map(move |i| d.char_at(i))
+    }
+
+    /// Whether the digits equal `other` (ASCII; `=` and `D` are the same separator).
+    pub fn eq_ascii(&self, other: &[u8]) -> bool {
+        other.len() == self.len()
+            && self.chars().zip(other.iter()).all(|(a, &b)| {
+                a == b || (a == b'D' && b == b'=') || (a == b'=' && b == b'D')
+            })
+    }
+
+    /// The digits as a `String` (for output; not on the hot path).
+    pub fn to_string_lossy(&self) -> String {
+        self.chars().map(char::from).collect()
+    }
+}
+
+/// Whether every nibble in `bytes` that holds a digit is 0–9 (or `D` when `track`) and the pad
+/// nibble, if any, is 0. `units` digits are stored; `left_pad` says where an odd count's pad is.
+pub fn valid_bcd(bytes: &[u8], units: usize, left_pad: bool, track: bool) -> Result<(), BcdFault> {
+    let pad = units % 2 == 1;
+    let nibbles = bytes.len() * 2;
+    for n in 0..nibbles {
+        let byte = bytes[n / 2];
+        let nibble = if n % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+        let is_pad = pad && ((left_pad && n == 0) || (!left_pad && n == nibbles - 1));
+        if is_pad {
+            if nibble != 0 {
+                return Err(BcdFault::Pad(n / 2));
+            }
+        } else if nibble > 9 && !(track && nibble == 0x0d) {
+            return Err(BcdFault::Digit(n / 2));
+        }
+    }
+    Ok(())
+}
+
+/// A bad nibble and the byte index it sits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BcdFault {
+    /// A digit nibble above 9.
+    Digit(usize),
+    /// A pad nibble other than 0.
+    Pad(usize),
+}
+
+/// Reads a BCD number from whole bytes (no pad), e.g. a length prefix.
+pub fn bcd_number(bytes: &[u8]) -> Option<usize> {
+    let mut v = 0usize;
+    for &b in bytes {
+        let (hi, lo) = (b >> 4, b & 0x0f);
+        if hi > 9 || lo > 9 {
+            return None;
+        }
+        v = v * 100 + usize::from(hi) * 10 + usize::from(lo);
+    }
+    Some(v)
+}
+
+/// Reads ASCII decimal digits.
+pub fn ascii_number(bytes: &[u8]) -> Option<usize> {
+    let mut v = 0usize;
+    for &b in bytes {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + usize::from(b - b'0');
+    }
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bcd_digits_with_left_pad_read_as_written() {
+        let d = Digits::bcd(&[0x02, 0x10], 3, false);
+        assert_eq!(d.to_string_lossy(), "021");
+        let d = Digits::bcd(&[0x00, 0x01], 3, true);
+        assert_eq!(d.to_string_lossy(), "001");
+        assert_eq!(d.value(), Some(1));
+    }
+
+    #[test]
+    fn bad_nibbles_are_found() {
+        assert_eq!(valid_bcd(&[0x02, 0x1f], 3, false, false), Err(BcdFault::Pad(1)));
+        assert_eq!(valid_bcd(&[0x2a, 0x12], 4, true, false), Err(BcdFault::Digit(0)));
+        assert_eq!(valid_bcd(&[0x12, 0xd4], 4, true, true), Ok(()));
+        assert_eq!(bcd_number(&[0x1a]), None);
+        assert_eq!(bcd_number(&[0x01, 0x23]), Some(123));
+    }
+}

@@ -1,0 +1,272 @@
+//! The encoder: builds a message from typed or raw element values into a reusable `BytesMut`.
+//! Nothing here allocates once the buffer has grown to the message size.
+
+use bytes::{BufMut, BytesMut};
+
+use super::error::{Element, EncodeError, Fault};
+use super::message::{FieldRef, Message};
+use super::mti::Mti;
+use super::spec::{BitmapEncoding, Encoding, FieldSpec, Kind, LengthEncoding, MtiEncoding, Pad, Prefix, Spec};
+
+/// The value of one element to encode.
+#[derive(Debug, Clone, Copy)]
+pub enum Value<'a> {
+    /// The element's text form: digits for numerics (`=` or `D` separators for track data),
+    /// characters for `an`/`ans`, hex characters for ASCII-written binary, raw bytes for
+    /// binary-encoded elements.
+    Text(&'a [u8]),
+    /// A number for an `n` element; fixed elements are zero-padded on the left.
+    Number(u64),
+    /// An element copied as it sits in another message of the same dialect.
+    Wire(FieldRef<'a>),
+}
+
+/// Up to `N` elements, kept in ascending element order, on the stack.
+#[derive(Debug, Clone)]
+pub struct FieldList<'a, const N: usize> {
+    items: [(u8, Value<'a>); N],
+    len: usize,
+}
+
+impl<const N: usize> Default for FieldList<'_, N> {
+    fn default() -> Self {
+        FieldList {
+            items: [(0, Value::Number(0)); N],
+            len: 0,
+        }
+    }
+}
+
+impl<'a, const N: usize> FieldList<'a, N> {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets element `n`, replacing an earlier value. Fails when the list is full.
+    pub fn set(&mut self, n: u8, value: Value<'a>) -> Result<(), EncodeError> {
+        let full = EncodeError {
+            element: Element::Field(n),
+            fault: Fault::BadValue,
+        };
+        if !(2..=128).contains(&n) {
+            return Err(full);
+        }
+        let pos = self.items[..self.len].partition_point(|(k, _)| *k < n);
+        if pos < self.len && self.items[pos].0 == n {
+            self.items[pos].1 = value;
+            return Ok(());
+        }
+        if self.len == N {
+            return Err(full);
+        }
+        self.items.copy_within(pos..self.len, pos + 1);
+        self.items[pos] = (n, value);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Copies element `n` from `msg` when it is present.
+    pub fn echo(&mut self, msg: &Message<'a>, n: u8) -> Result<(), EncodeError> {
+        match msg.field(usize::from(n)) {
+            Some(f) => self.set(n, Value::Wire(f)),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes element `n`.
+    pub fn remove(&mut self, n: u8) {
+        if let Some(pos) = self.items[..self.len].iter().position(|(k, _)| *k == n) {
+            self.items.copy_within(pos + 1..self.len, pos);
+            self.len -= 1;
+        }
+    }
+
+    /// The elements, ascending.
+    pub fn as_slice(&self) -> &[(u8, Value<'a>)] {
+        &self.items[..self.len]
+    }
+}
+
+/// Encodes a message: MTI, bitmap(s), then `fields` (ascending, unique) into `out`.
+pub fn encode(spec: &Spec, mti: Mti, fields: &[(u8, Value<'_>)], out: &mut BytesMut) -> Result<(), EncodeError> {
+    let mut bitmap = 0u128;
+    let mut last = 1u8;
+    for &(n, _) in fields {
+        if n <= last || n > 128 {
+            return Err(EncodeError {
+                element: Element::Field(n),
+                fault: Fault::BadValue,
+            });
+        }
+        last = n;
+        bitmap |= 1u128 << (128 - usize::from(n));
+    }
+    let secondary = bitmap as u64 != 0;
+    if secondary {
+        bitmap |= 1u128 << 127;
+    }
+    match spec.mti {
+        MtiEncoding::Ascii => out.put_slice(&mti.to_ascii()),
+        MtiEncoding::Bcd => {
+            let d = mti.to_ascii();
+            out.put_u8((d[0] - b'0') << 4 | (d[1] - b'0'));
+            out.put_u8((d[2] - b'0') << 4 | (d[3] - b'0'));
+        }
+    }
+    put_bitmap(spec, (bitmap >> 64) as u64, out);
+    if secondary {
+        put_bitmap(spec, bitmap as u64, out);
+    }
+    for &(n, value) in fields {
+        let err = |fault| EncodeError {
+            element: Element::Field(n),
+            fault,
+        };
+        let fs = spec.field(usize::from(n)).ok_or(err(Fault::NotInSpec))?;
+        put_field(fs, value, out).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn put_bitmap(spec: &Spec, v: u64, out: &mut BytesMut) {
+    match spec.bitmap {
+        BitmapEncoding::Binary => out.put_u64(v),
+        BitmapEncoding::Hex => {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            let mut buf = [0u8; 16];
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = HEX[(v >> (60 - 4 * i) & 0xf) as usize];
+            }
+            out.put_slice(&buf);
+        }
+    }
+}
+
+fn put_field(fs: &FieldSpec, value: Value<'_>, out: &mut BytesMut) -> Result<(), Fault> {
+    match value {
+        Value::Wire(f) => {
+            if f.spec != fs {
+                return Err(Fault::BadValue);
+            }
+            put_prefix(fs, usize::from(f.units), out)?;
+            out.put_slice(f.bytes);
+            Ok(())
+        }
+        Value::Number(v) => {
+            if fs.kind != Kind::Numeric {
+                return Err(Fault::BadValue);
+            }
+            let mut buf = [b'0'; 20];
+            let mut i = buf.len();
+            let mut x = v;
+            loop {
+                i -= 1;
+                buf[i] = b'0' + (x % 10) as u8;
+                x /= 10;
+                if x == 0 {
+                    break;
+                }
+            }
+            let digits = &buf[i..];
+            if fs.prefix == Prefix::Fixed {
+                let width = usize::from(fs.max);
+                if digits.len() > width || width > 64 {
+                    return Err(Fault::LengthOverMax);
+                }
+                let mut padded = [b'0'; 64];
+                padded[width - digits.len()..width].copy_from_slice(digits);
+                return put_text(fs, &padded[..width], out);
+            }
+            put_text(fs, digits, out)
+        }
+        Value::Text(t) => put_text(fs, t, out),
+    }
+}
+
+fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault> {
+    let units = text.len();
+    if units > usize::from(fs.max) {
+        return Err(Fault::LengthOverMax);
+    }
+    if fs.prefix == Prefix::Fixed && units != usize::from(fs.max) {
+        return Err(Fault::BadValue);
+    }
+    match (fs.encoding, fs.kind) {
+        (Encoding::Ascii, Kind::Numeric) if !text.iter().all(u8::is_ascii_digit) => {
+            return Err(Fault::NotNumeric)
+        }
+        (Encoding::Ascii, Kind::Binary) if !text.iter().all(u8::is_ascii_hexdigit) => return Err(Fault::NotHex),
+        _ => {}
+    }
+    put_prefix(fs, units, out)?;
+    if fs.encoding != Encoding::Bcd {
+        out.put_slice(text);
+        return Ok(());
+    }
+    let track = fs.kind == Kind::Track;
+    let nibble = |c: u8| -> Result<u8, Fault> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'=' | b'D' | b'd' if track => Ok(0x0d),
+            _ => Err(Fault::NotNumeric),
+        }
+    };
+    let left_pad = units % 2 == 1 && fs.pad == Pad::Left;
+    let mut iter = text.iter();
+    let mut first = true;
+    loop {
+        let hi = if first && left_pad {
+            0
+        } else {
+            match iter.next() {
+                Some(&c) => nibble(c)?,
+                None => break,
+            }
+        };
+        first = false;
+        let lo = match iter.next() {
+            Some(&c) => nibble(c)?,
+            None => 0,
+        };
+        out.put_u8(hi << 4 | lo);
+    }
+    Ok(())
+}
+
+fn put_prefix(fs: &FieldSpec, units: usize, out: &mut BytesMut) -> Result<(), Fault> {
+    let digits = fs.prefix.digits();
+    if digits == 0 {
+        return Ok(());
+    }
+    if units > usize::from(fs.max) {
+        return Err(Fault::LengthOverMax);
+    }
+    match fs.length_encoding {
+        LengthEncoding::Ascii => {
+            let mut buf = [b'0'; 4];
+            let mut x = units;
+            for i in (0..digits).rev() {
+                buf[i] = b'0' + (x % 10) as u8;
+                x /= 10;
+            }
+            out.put_slice(&buf[..digits]);
+        }
+        LengthEncoding::Bcd => {
+            let bytes = digits.div_ceil(2);
+            let v = units % 10_000;
+            if bytes == 2 {
+                out.put_u8(((v / 1000 % 10) << 4 | (v / 100 % 10)) as u8);
+            }
+            out.put_u8(((v / 10 % 10) << 4 | (v % 10)) as u8);
+        }
+        LengthEncoding::Binary => {
+            if digits <= 2 {
+                out.put_u8(units as u8);
+            } else {
+                out.put_u16(units as u16);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! Dialects as data: a [`Spec`] says, for every data element, its kind, encoding, length prefix,
+//! maximum length, pad side and sensitivity. The two shipped dialects are embedded from `specs/`;
+//! a custom dialect can be loaded from a TOML file of the same shape.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::LazyLock;
+
+use serde::Deserialize;
+
+/// The content kind of a data element (ISO 8583 notation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `n`: decimal digits only.
+    Numeric,
+    /// `an`: letters and digits (not checked beyond the encoding).
+    Alphanumeric,
+    /// `ans`: letters, digits and specials (not checked beyond the encoding).
+    AlphanumericSpecial,
+    /// `b`: binary data.
+    Binary,
+    /// `z`: track data, digits and the `=` separator (`D` nibble in BCD).
+    Track,
+}
+
+/// How a data element's content sits on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// One byte per character. A `b` element in ASCII is written as upper-case hex characters.
+    Ascii,
+    /// Two digits per byte.
+    Bcd,
+    /// Raw bytes.
+    Binary,
+}
+
+/// The length prefix of a data element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix {
+    /// Fixed length, no prefix.
+    Fixed,
+    /// One length digit.
+    L,
+    /// Two length digits.
+    Ll,
+    /// Three length digits.
+    Lll,
+    /// Four length digits.
+    Llll,
+}
+
+impl Prefix {
+    /// Number of decimal digits in the prefix (0 for fixed).
+    pub const fn digits(self) -> usize {
+        match self {
+            Prefix::Fixed => 0,
+            Prefix::L => 1,
+            Prefix::Ll => 2,
+            Prefix::Lll => 3,
+            Prefix::Llll => 4,
+        }
+    }
+}
+
+/// How a length prefix is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LengthEncoding {
+    /// ASCII decimal digits (`"19"`).
+    Ascii,
+    /// BCD, one byte per two digits (`0x19`; LLL and LLLL take two bytes).
+    Bcd,
+    /// Unsigned big-endian binary (L and LL one byte, LLL and LLLL two bytes).
+    Binary,
+}
+
+impl LengthEncoding {
+    /// Bytes taken on the wire by a prefix of `prefix`.
+    pub const fn prefix_bytes(self, prefix: Prefix) -> usize {
+        let digits = prefix.digits();
+        match self {
+            LengthEncoding::Ascii => digits,
+            LengthEncoding::Bcd | LengthEncoding::Binary => digits.div_ceil(2),
+        }
+    }
+}
+
+/// Which side the pad nibble of an odd digit count goes on (BCD only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pad {
+    /// Pad `0` on the left: right-justified digits.
+    Left,
+    /// Pad `0` on the right: left-justified digits ("左靠").
+    Right,
+}
+
+/// How much of a data element may be shown in logs and `decode` output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sensitivity {
+    /// Shown as is.
+    Public,
+    /// A card number: first 6 and last 4 digits shown.
+    Pan,
+    /// Track data: never shown.
+    Track,
+    /// Keys, PIN blocks, MACs, ICC data: never shown.
+    Secret,
+}
+
+/// One data element of a dialect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldSpec {
+    /// Content kind.
+    pub kind: Kind,
+    /// Content encoding.
+    pub encoding: Encoding,
+    /// Length prefix.
+    pub prefix: Prefix,
+    /// How the prefix is written.
+    pub length_encoding: LengthEncoding,
+    /// Maximum (or fixed) length in [`FieldSpec::counts_digits`] units.
+    pub max: u16,
+    /// Pad side for odd digit counts in BCD.
+    pub pad: Pad,
+    /// Whether lengths count digits (BCD numerics) rather than bytes.
+    pub counts_digits: bool,
+    /// What may be shown of it.
+    pub sensitivity: Sensitivity,
+}
+
+impl FieldSpec {
+    /// Bytes on the wire for a content of `units` length units (digits or bytes).
+    pub const fn content_bytes(&self, units: usize) -> usize {
+        if self.counts_digits {
+            units.div_ceil(2)
+        } else {
+            units
+        }
+    }
+}
+
+/// How the MTI is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtiEncoding {
+    /// Four ASCII digits.
+    Ascii,
+    /// Two BCD bytes.
+    Bcd,
+}
+
+/// How bitmaps are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapEncoding {
+    /// 16 hex characters per bitmap (any case read, upper case written).
+    Hex,
+    /// 8 raw bytes per bitmap.
+    Binary,
+}
+
+/// A dialect: MTI and bitmap encodings and the 127 data elements 2..=128.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    name: String,
+    /// How the MTI is written.
+    pub mti: MtiEncoding,
+    /// How bitmaps are written.
+    pub bitmap: BitmapEncoding,
+    fields: [Option<FieldSpec>; 129],
+    names: Vec<(u8, String)>,
+}
+
+/// A spec file that cannot be used; the message names the file, field and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct SpecError {
+    source_name: String,
+    message: String,
+}
+
+/// The embedded `ascii1987` dialect.
+pub static ASCII1987: LazyLock<Spec> = LazyLock::new(|| embedded("ascii1987", ASCII1987_TOML));
+/// The embedded `cup_pos` dialect.
+pub static CUP_POS: LazyLock<Spec> = LazyLock::new(|| embedded("cup_pos", CUP_POS_TOML));
+
+const ASCII1987_TOML: &str = include_str!("../../specs/ascii1987.toml");
+const CUP_POS_TOML: &str = include_str!("../../specs/cup_pos.toml");
+
+impl Spec {
+    /// The dialect's name (`ascii1987`, `cup_pos`, or a custom one).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The spec of data element `field` (2..=128), if the dialect defines it.
+    #[inline]
+    pub fn field(&self, field: usize) -> Option<&FieldSpec> {
+        self.fields.get(field).and_then(Option::as_ref)
+    }
+
+    /// The human name of a data element, for `describe` output.
+    pub fn field_name(&self, field: u8) -> Option<&str> {
+        self.names
+            .iter()
+            .find(|(n, _)| *n == field)
+            .map(|(_, s)| s.as_str())
+    }
+
+    /// One of the embedded dialects by name.
+    pub fn builtin(name: &str) -> Option<&'static Spec> {
+        match name {
+            "ascii1987" => Some(&ASCII1987),
+            "cup_pos" | "cup_bcd" => Some(&CUP_POS),
+            _ => None,
+        }
+    }
+
+    /// Loads a dialect from a TOML file.
+    pub fn from_path(path: &Path) -> Result<Spec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+            source_name: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Spec::from_toml(&path.display().to_string(), &text)
+    }
+
+    /// Parses a dialect from TOML text; `source_name` names it in errors.
+    pub fn from_toml(source_name: &str, text: &str) -> Result<Spec, SpecError> {
+        let err = |message: String| SpecError {
+            source_name: source_name.to_string(),
+            message,
+        };
+        let raw: RawSpec = toml::from_str(text).map_err(|e| err(one_line(&e.to_string())))?;
+        let mti = match raw.mti.as_str() {
+            "ascii" => MtiEncoding::Ascii,
+            "bcd" => MtiEncoding::Bcd,
+            other => return Err(err(format!("key `mti`: expected ascii or bcd, got {other:?}"))),
+        };
+        let bitmap = match raw.bitmap.as_str() {
+            "hex" => BitmapEncoding::Hex,
+            "binary" => BitmapEncoding::Binary,
+            other => {
+                return Err(err(format!(
+                    "key `bitmap`: expected hex or binary, got {other:?}"
+                )))
+            }
+        };
+        let length_encoding = parse_length_encoding(&raw.length_encoding)
+            .ok_or_else(|| err(format!("key `length_encoding`: expected ascii, bcd or binary, got {:?}", raw.length_encoding)))?;
+        let mut fields = [None; 129];
+        let mut names = Vec::with_capacity(raw.fields.len());
+        for (key, f) in &raw.fields {
+            let n: usize = match key.parse() {
+                Ok(n) if (2..=128).contains(&n) => n,
+                _ => return Err(err(format!("fields.{key}: field numbers run from 2 to 128"))),
+            };
+            let spec = f
+                .validate(length_encoding)
+                .map_err(|(k, m)| err(format!("field {n}: key `{k}`: {m}")))?;
+            fields[n] = Some(spec);
+            if let Some(name) = &f.name {
+                names.push((n as u8, name.clone()));
+            }
+        }
+        Ok(Spec {
+            name: raw.name,
+            mti,
+            bitmap,
+            fields,
+            names,
+        })
+    }
+}
+
+fn embedded(name: &str, text: &str) -> Spec {
+    match Spec::from_toml(name, text) {
+        Ok(spec) => spec,
+        // The embedded files are checked by a unit test; reaching this is a build defect.
+        Err(e) => panic!("embedded spec {name} is invalid: {e}"),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn parse_length_encoding(s: &str) -> Option<LengthEncoding> {
+    match s {
+        "ascii" => Some(LengthEncoding::Ascii),
+        "bcd" => Some(LengthEncoding::Bcd),
+        "binary" => Some(LengthEncoding::Binary),
+        _ => None,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    mti: String,
+    bitmap: String,
+    length_encoding: String,
+    fields: BTreeMap<String, RawField>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawField {
+    name: Option<String>,
+    kind: String,
+    encoding: String,
+    prefix: String,
+    max: i64,
+    pad: Option<String>,
+    count: Option<String>,
+    length_encoding: Option<String>,
+    sensitive: Option<String>,
+}
+
+impl RawField {
+    fn validate(&self, default_length: LengthEncoding) -> Result<FieldSpec, (&'static str, String)> {
+        let kind = match self.kind.as_str() {
+            "n" => Kind::Numeric,
+            "an" | "a" => Kind::Alphanumeric,
+            "ans" => Kind::AlphanumericSpecial,
+            "b" => Kind::Binary,
+            "z" => Kind::Track,
+            other => return Err(("kind", format!("expected n, an, ans, b or z, got {other:?}"))),
+        };
+        let encoding = match self.encoding.as_str() {
+            "ascii" => Encoding::Ascii,
+            "bcd" => Encoding::Bcd,
+            "binary" => Encoding::Binary,
+            other => return Err(("encoding", format!("expected ascii, bcd or binary, got {other:?}"))),
+        };
+        if encoding == Encoding::Bcd && !matches!(kind, Kind::Numeric | Kind::Track) {
+            return Err(("encoding", "bcd holds only n or z elements".into()));
+        }
+        let prefix = match self.prefix.as_str() {
+            "fixed" => Prefix::Fixed,
+            "l" => Prefix::L,
+            "ll" => Prefix::Ll,
+            "lll" => Prefix::Lll,
+            "llll" => Prefix::Llll,
+            other => return Err(("prefix", format!("expected fixed, l, ll, lll or llll, got {other:?}"))),
+        };
+        let length_encoding = match &self.length_encoding {
+            None => default_length,
+            Some(s) => parse_length_encoding(s)
+                .ok_or(("length_encoding", format!("expected ascii, bcd or binary, got {s:?}")))?,
+        };
+        let counts_digits = match self.count.as_deref() {
+            None => encoding == Encoding::Bcd,
+            Some("digits") if encoding == Encoding::Bcd => true,
+            Some("digits") => return Err(("count", "digits are counted only for bcd elements".into())),
+            Some("bytes") => false,
+            Some(other) => return Err(("count", format!("expected digits or bytes, got {other:?}"))),
+        };
+        let pad = match self.pad.as_deref() {
+            None | Some("left") => Pad::Left,
+            Some("right") => Pad::Right,
+            Some(other) => return Err(("pad", format!("expected left or right, got {other:?}"))),
+        };
+        let sensitivity = match self.sensitive.as_deref() {
+            None | Some("public") => Sensitivity::Public,
+            Some("pan") => Sensitivity::Pan,
+            Some("track") => Sensitivity::Track,
+            Some("secret") => Sensitivity::Secret,
+            Some(other) => {
+                return Err(("sensitive", format!("expected pan, track or secret, got {other:?}")))
+            }
+        };
+        let prefix_max = match (prefix, length_encoding) {
+            (Prefix::Fixed, _) => 9999,
+            (Prefix::L, LengthEncoding::Binary) | (Prefix::Ll, LengthEncoding::Binary) => 255,
+            (_, LengthEncoding::Binary) => 9999,
+            (p, _) => 10i64.pow(p.digits() as u32) - 1,
+        };
+        if self.max < 1 || self.max > prefix_max {
+            return Err(("max", format!("{} does not fit 1..={prefix_max}", self.max)));
+        }
+        let spec = FieldSpec {
+            kind,
+            encoding,
+            prefix,
+            length_encoding,
+            max: self.max as u16,
+            pad,
+            counts_digits,
+            sensitivity,
+        };
+        if spec.content_bytes(self.max as usize) > crate::limits::FRAME_BYTES_HARD_MAX {
+            return Err(("max", "longer than the largest frame".into()));
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_dialects_define_every_field_from_2_to_128() {
+        for spec in [&*ASCII1987, &*CUP_POS] {
+            for n in 2..=128 {
+                assert!(spec.field(n).is_some(), "{} lacks field {n}", spec.name());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_spec_names_the_field_and_key() {
+        let text = "name = \"x\"\nmti = \"ascii\"\nbitmap = \"hex\"\nlength_encoding = \"ascii\"\n[fields]\n35 = { kind = \"z\", encoding = \"ascii\", prefix = \"ll\", max = 37, pad = \"middle\" }\n";
+        let e = Spec::from_toml("custom.toml", text).unwrap_err().to_string();
+        assert_eq!(e, "custom.toml: field 35: key `pad`: expected left or right, got \"middle\"");
+    }
+
+    #[test]
+    fn unknown_key_in_spec_is_rejected_with_its_name() {
+        let text = "name = \"x\"\nmti = \"ascii\"\nbitmap = \"hex\"\nlength_encoding = \"ascii\"\n[fields]\n2 = { kind = \"n\", encoding = \"ascii\", prefix = \"ll\", max = 19, colour = \"red\" }\n";
+        let e = Spec::from_toml("custom.toml", text).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn max_beyond_the_prefix_is_rejected() {
+        let text = "name = \"x\"\nmti = \"ascii\"\nbitmap = \"hex\"\nlength_encoding = \"ascii\"\n[fields]\n2 = { kind = \"n\", encoding = \"ascii\", prefix = \"ll\", max = 100 }\n";
+        let e = Spec::from_toml("c.toml", text).unwrap_err().to_string();
+        assert_eq!(e, "c.toml: field 2: key `max`: 100 does not fit 1..=99");
+    }
+}
