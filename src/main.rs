@@ -1,2 +1,4 @@
-//! The `refundgate` binary: subcommands over the library.
-fn main() {}
+//! The `refundgate` binary: subcommands over the library (see `refundgate --help`).
+fn main() -> std::process::ExitCode {
+    refundgate::cli::run()
+}

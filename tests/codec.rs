@@ -169,3 +169,207 @@ mod malformed {
         assert_eq!(e.stan, Some(100));
     }
 }
+
+/// Decoders accept lower and mixed case hex bitmaps; encoders write upper case.
+#[test]
+fn lower_case_bitmap_decodes_and_encodes_upper_case() {
+    let v = load("ascii1987", "refund_0200");
+    let mut bytes = hex::decode(v["hex"].as_str().unwrap()).unwrap();
+    for b in &mut bytes[4..36] {
+        b.make_ascii_lowercase();
+    }
+    let spec = spec_for("ascii1987");
+    let msg = iso8583::decode(spec, &bytes).unwrap();
+    assert_eq!(json::to_json(&msg, true)["fields"], v["fields"]);
+    let mut out = BytesMut::new();
+    json::from_json(spec, &v, &mut out).unwrap();
+    assert_eq!(hex::encode(&out), v["hex"].as_str().unwrap());
+}
+
+/// `decode` masks card data unless asked not to.
+#[test]
+fn json_view_masks_pan_track_and_mac_by_default() {
+    let v = load("cup_bcd", "sale_0200");
+    let (_, bytes) = message_bytes("cup_bcd", v["hex"].as_str().unwrap());
+    let msg = iso8583::decode(spec_for("cup_bcd"), &bytes).unwrap();
+    let text = json::to_json(&msg, false).to_string();
+    assert!(text.contains("622202******0123"), "{text}");
+    assert!(!text.contains("6222021234567890123"), "{text}");
+    assert!(!text.contains("55FA04BF"), "PIN block shown: {text}");
+    assert!(!text.contains("5EDDA19A"), "MAC shown: {text}");
+    let pan = msg.pan().unwrap();
+    assert_eq!(format!("{pan:?}"), "Pan(622202******0123)");
+}
+
+/// Typed accessors give the values the flows need.
+#[test]
+fn typed_accessors_read_refund_fields() {
+    let v = load("ascii1987", "refund_0200");
+    let (_, bytes) = message_bytes("ascii1987", v["hex"].as_str().unwrap());
+    let msg = iso8583::decode(spec_for("ascii1987"), &bytes).unwrap();
+    assert_eq!(msg.amount(), Some(iso8583::Amount(1500)));
+    assert_eq!(msg.stan(), Some(123));
+    assert_eq!(msg.processing_code().unwrap().tx_type, 20);
+    let od = msg.original_data().unwrap();
+    assert_eq!((od.mti.0, od.stan, od.transmission, od.acquirer), (200, 100, 1_121_154_500, 12345));
+    assert_eq!(msg.terminal(), Some("TERM0001"));
+    assert_eq!(msg.currency(), Some(840));
+
+    let v = load("cup_bcd", "refund_0220");
+    let (_, bytes) = message_bytes("cup_bcd", v["hex"].as_str().unwrap());
+    let msg = iso8583::decode(spec_for("cup_bcd"), &bytes).unwrap();
+    let c60 = msg.cup60().unwrap();
+    assert_eq!((c60.message_type, c60.batch, c60.network_code), (25, 123, Some(0)));
+    let c61 = msg.cup61().unwrap();
+    assert_eq!((c61.batch, c61.trace, c61.date_mmdd), (123, 45, Some(1121)));
+    assert_eq!(msg.amount(), Some(iso8583::Amount(3000)));
+    let (mab, mac) = msg.mac().unwrap();
+    assert_eq!(hex::encode(mab), v["mac"]["mab_hex"].as_str().unwrap());
+    assert_eq!(mac, b"1016EC98");
+}
+
+/// Zero heap allocations per decode, and none for an encode into a reused buffer.
+mod allocations {
+    #![allow(unsafe_code)]
+    use super::*;
+    use refundgate::iso8583::{FieldList, Value};
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    struct Counting;
+    thread_local! {
+        static ALLOCS: Cell<usize> = const { Cell::new(0) };
+    }
+    // SAFETY: forwards to the system allocator; only counts calls on the current thread.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCS.with(|c| c.set(c.get() + 1));
+            // SAFETY: same layout contract as the caller's.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: ptr came from System.alloc with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    fn allocations_in(f: impl FnOnce()) -> usize {
+        let before = ALLOCS.with(Cell::get);
+        f();
+        ALLOCS.with(Cell::get) - before
+    }
+
+    #[test]
+    fn decode_and_encode_of_a_refund_do_not_allocate() {
+        for (dir, name) in [("ascii1987", "refund_0200"), ("cup_bcd", "refund_0220")] {
+            let v = load(dir, name);
+            let (_, bytes) = message_bytes(dir, v["hex"].as_str().unwrap());
+            let spec = spec_for(dir);
+            let _ = iso8583::decode(spec, &bytes).unwrap();
+            let mut out = BytesMut::with_capacity(1024);
+            let n = allocations_in(|| {
+                let msg = iso8583::decode(spec, &bytes).unwrap();
+                assert_eq!(msg.amount().is_some(), true);
+                let mut fields: FieldList<'_, 24> = FieldList::new();
+                for n in [3u8, 4, 11, 12, 13, 37, 41, 42] {
+                    fields.echo(&msg, n).unwrap();
+                }
+                fields.set(39, Value::Text(b"00")).unwrap();
+                fields.set(44, Value::Text(b"APPROVED")).unwrap();
+                out.clear();
+                iso8583::encode(spec, msg.mti().response(), fields.as_slice(), &mut out).unwrap();
+            });
+            assert_eq!(n, 0, "{dir}/{name}: {n} allocations");
+        }
+    }
+}
+
+/// Property tests: generated messages round-trip; arbitrary and mutated bytes never panic.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use refundgate::iso8583::spec::{Encoding, Kind, Prefix};
+    use refundgate::iso8583::{Mti, Value};
+
+    /// A valid text value for element `n` of `spec`.
+    fn value_for(spec: &Spec, n: usize) -> BoxedStrategy<Vec<u8>> {
+        let fs = *spec.field(n).unwrap();
+        let max = usize::from(fs.max).min(40);
+        let len = if fs.prefix == Prefix::Fixed { usize::from(fs.max)..=usize::from(fs.max) } else { 0..=max };
+        let chars: Vec<u8> = match (fs.kind, fs.encoding) {
+            (Kind::Numeric, _) => b"0123456789".to_vec(),
+            (Kind::Track, Encoding::Bcd) => b"0123456789D".to_vec(),
+            (Kind::Track, _) => b"0123456789=".to_vec(),
+            (Kind::Binary, Encoding::Ascii) => b"0123456789ABCDEF".to_vec(),
+            (Kind::Binary, _) => (0..=255u8).collect(),
+            _ => b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -.".to_vec(),
+        };
+        proptest::collection::vec(proptest::sample::select(chars), len).boxed()
+    }
+
+    fn message(spec: &'static Spec) -> impl Strategy<Value = (u16, Vec<(u8, Vec<u8>)>)> {
+        let fields: Vec<usize> = (2..=128).filter(|&n| n != 65 && spec.field(n).map(|f| f.max <= 200).unwrap_or(false)).collect();
+        let mti = proptest::sample::select(vec![200u16, 210, 220, 400, 410, 800, 810]);
+        let chosen = proptest::sample::subsequence(fields, 0..12);
+        (mti, chosen).prop_flat_map(move |(mti, chosen)| {
+            let values: Vec<_> = chosen.iter().map(|&n| value_for(spec, n)).collect();
+            let chosen2 = chosen.clone();
+            values.prop_map(move |vals| (mti, chosen2.iter().map(|&n| n as u8).zip(vals).collect()))
+        })
+    }
+
+    fn round_trip(spec: &'static Spec, mti: u16, fields: &[(u8, Vec<u8>)]) {
+        let values: Vec<(u8, Value<'_>)> = fields.iter().map(|(n, v)| (*n, Value::Text(v))).collect();
+        let mut first = BytesMut::new();
+        iso8583::encode(spec, Mti(mti), &values, &mut first).unwrap();
+        let msg = iso8583::decode(spec, &first).unwrap();
+        let mut again: iso8583::FieldList<'_, 128> = iso8583::FieldList::new();
+        for n in msg.present() {
+            again.echo(&msg, n).unwrap();
+        }
+        let mut second = BytesMut::new();
+        iso8583::encode(spec, msg.mti(), again.as_slice(), &mut second).unwrap();
+        assert_eq!(first, second);
+        let shown = json::to_json(&msg, true);
+        let mut third = BytesMut::new();
+        json::from_json(spec, &shown, &mut third).unwrap();
+        assert_eq!(first, third);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn ascii1987_encode_decode_encode_is_identity((mti, fields) in message(&iso8583::ASCII1987)) {
+            round_trip(&iso8583::ASCII1987, mti, &fields);
+        }
+
+        #[test]
+        fn cup_pos_encode_decode_encode_is_identity((mti, fields) in message(&iso8583::CUP_POS)) {
+            round_trip(&iso8583::CUP_POS, mti, &fields);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = iso8583::decode_partial(&iso8583::ASCII1987, &bytes);
+            let _ = iso8583::decode_partial(&iso8583::CUP_POS, &bytes);
+        }
+
+        #[test]
+        fn mutated_vectors_never_panic(which in 0usize..4, pos in any::<proptest::sample::Index>(), byte in any::<u8>(), cut in any::<proptest::sample::Index>()) {
+            let (dir, name) = [("ascii1987", "refund_0200"), ("ascii1987", "echo_0800"), ("cup_bcd", "refund_0220"), ("cup_bcd", "signon_0810")][which];
+            let v = load(dir, name);
+            let (_, mut bytes) = message_bytes(dir, v["hex"].as_str().unwrap());
+            let i = pos.index(bytes.len());
+            bytes[i] = byte;
+            let end = cut.index(bytes.len() + 1);
+            let spec = spec_for(dir);
+            if let Ok(msg) = iso8583::decode(spec, &bytes[..end]) {
+                let _ = json::to_json(&msg, false);
+                let _ = msg.pan().map(|p| p.to_string());
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The command line: one binary, one subcommand per job.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::BytesMut;
+use clap::{Parser, Subcommand};
+
+use crate::iso8583::{self, json, Spec};
+
+/// Exit code for bad input data (sysexits `EX_DATAERR`).
+pub const EXIT_DATAERR: u8 = 65;
+/// Exit code for a bad configuration (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for storage that cannot be used (sysexits `EX_IOERR`).
+pub const EXIT_IOERR: u8 = 74;
+
+/// refundgate: an ISO 8583 refund/void switch that tells the terminal why.
+#[derive(Debug, Parser)]
+#[command(name = "refundgate", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Decode one message given as hex on stdin and print it as JSON.
+    Decode(DecodeArgs),
+    /// Encode one message given as JSON on stdin and print its hex.
+    Encode(EncodeArgs),
+}
+
+/// Arguments of `decode`.
+#[derive(Debug, clap::Args)]
+pub struct DecodeArgs {
+    /// Dialect: ascii1987 or cup_pos.
+    #[arg(long, default_value = "ascii1987")]
+    pub dialect: String,
+    /// A dialect file to use instead of the embedded ones.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// The input starts with the 2-byte length prefix.
+    #[arg(long)]
+    pub framed: bool,
+    /// Show card numbers, track data, keys and MACs as they are.
+    #[arg(long)]
+    pub unmask: bool,
+}
+
+/// Arguments of `encode`.
+#[derive(Debug, clap::Args)]
+pub struct EncodeArgs {
+    /// Dialect: ascii1987 or cup_pos.
+    #[arg(long, default_value = "ascii1987")]
+    pub dialect: String,
+    /// A dialect file to use instead of the embedded ones.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Prefix the output with the 2-byte length.
+    #[arg(long)]
+    pub framed: bool,
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Decode(args) => decode(&args),
+        Command::Encode(args) => encode(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, message)) => {
+            eprintln!("refundgate: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+type CliResult = Result<(), (u8, String)>;
+
+fn spec(dialect: &str, path: &Option<PathBuf>) -> Result<Spec, (u8, String)> {
+    if let Some(path) = path {
+        return Spec::from_path(path).map_err(|e| (EXIT_USAGE, e.to_string()));
+    }
+    Spec::builtin(dialect)
+        .cloned()
+        .ok_or_else(|| (EXIT_USAGE, format!("--dialect: unknown dialect {dialect:?} (ascii1987 or cup_pos)")))
+}
+
+fn read_stdin() -> Result<String, (u8, String)> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| (EXIT_DATAERR, format!("stdin: {e}")))?;
+    Ok(text)
+}
+
+fn is_cup(spec: &Spec) -> bool {
+    spec.name() == "cup_pos"
+}
+
+fn decode(args: &DecodeArgs) -> CliResult {
+    let spec = spec(&args.dialect, &args.spec)?;
+    let text = read_stdin()?;
+    let compact: String = text.split_whitespace().collect();
+    let bytes = hex::decode(&compact).map_err(|e| (EXIT_DATAERR, format!("input is not hex: {e}")))?;
+    let mut body: &[u8] = &bytes;
+    if args.framed {
+        if body.len() < 2 {
+            return Err((EXIT_DATAERR, "length prefix at offset 0: input shorter than 2 bytes".into()));
+        }
+        let announced = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        body = &body[2..];
+        if announced != body.len() {
+            return Err((
+                EXIT_DATAERR,
+                format!("length prefix at offset 0: announces {announced} bytes, {} follow", body.len()),
+            ));
+        }
+    }
+    let mut head: Option<(&[u8], &[u8])> = None;
+    if is_cup(&spec) {
+        if body.len() < 11 {
+            return Err((EXIT_DATAERR, "TPDU and header at offset 0: shorter than 11 bytes".into()));
+        }
+        head = Some((&body[..5], &body[5..11]));
+        body = &body[11..];
+    }
+    let msg = iso8583::decode(&spec, body).map_err(|e| (EXIT_DATAERR, e.to_string()))?;
+    let mut doc = json::to_json(&msg, args.unmask);
+    if let (Some((tpdu, header)), Some(obj)) = (head, doc.as_object_mut()) {
+        obj.insert("tpdu".into(), hex::encode(tpdu).into());
+        obj.insert("header".into(), hex::encode(header).into());
+    }
+    println!("{doc}");
+    Ok(())
+}
+
+fn encode(args: &EncodeArgs) -> CliResult {
+    let spec = spec(&args.dialect, &args.spec)?;
+    let text = read_stdin()?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| (EXIT_DATAERR, format!("input is not JSON: {e}")))?;
+    let mut out = BytesMut::with_capacity(512);
+    if is_cup(&spec) {
+        for (key, len) in [("tpdu", 5), ("header", 6)] {
+            let v = doc
+                .get(key)
+                .and_then(|v| v.as_str())
+                .and_then(|s| hex::decode(s).ok())
+                .filter(|b| b.len() == len)
+                .ok_or_else(|| (EXIT_DATAERR, format!("key `{key}`: expected {len} bytes of hex")))?;
+            out.extend_from_slice(&v);
+        }
+    }
+    json::from_json(&spec, &doc, &mut out).map_err(|e| (EXIT_DATAERR, e.to_string()))?;
+    let mut hex_out = String::with_capacity(out.len() * 2 + 4);
+    if args.framed {
+        let len = u16::try_from(out.len()).map_err(|_| (EXIT_DATAERR, "message longer than 65535 bytes".to_string()))?;
+        hex_out.push_str(&hex::encode(len.to_be_bytes()));
+    }
+    hex_out.push_str(&hex::encode(&out));
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{hex_out}").map_err(|e| (EXIT_DATAERR, format!("stdout: {e}")))?;
+    Ok(())
+}
