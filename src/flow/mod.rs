@@ -1,0 +1,349 @@
+//! The message flows: decoded request → ledger decision → response bytes.
+//!
+//! [`Gateway::handle`] is what a connection calls for each framed message. It answers format
+//! errors (30), MAC failures (63/A0), unsupported functions (40) and network management
+//! itself, turns sales, refunds, voids, reversals and settlements into ledger requests, makes
+//! every approval durable in the journal before it is answered (DOMAIN §7), and renders the
+//! decision: DE39 per dialect, the reason in DE44, the remaining allowance in DE54.
+
+pub mod classify;
+pub mod ids;
+mod render;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use crate::clock::Clock;
+use crate::iso8583::{self, Message, Spec};
+use crate::journal::Journal;
+use crate::ledger::{self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason};
+use crate::mac::{self, MacKey};
+pub use classify::{classify, Kind, Shape};
+
+/// How one listener's messages are read and protected.
+#[derive(Debug)]
+pub struct Link {
+    /// The dialect's spec.
+    pub spec: &'static Spec,
+    /// Which dialect it is (response codes differ).
+    pub dialect: Dialect,
+    /// The MAC key of the link, when it uses MACs (DOMAIN §11).
+    pub mac: Option<MacKey>,
+}
+
+impl Link {
+    /// A link of a built-in dialect without MACs.
+    pub fn plain(dialect: Dialect) -> Link {
+        let spec = match dialect {
+            Dialect::Ascii1987 => &*iso8583::ASCII1987,
+            Dialect::CupPos => &*iso8583::CUP_POS,
+        };
+        Link { spec, dialect, mac: None }
+    }
+
+    fn shape(&self) -> Shape {
+        match self.dialect {
+            Dialect::Ascii1987 => Shape::Ascii,
+            Dialect::CupPos => Shape::Cup,
+        }
+    }
+}
+
+/// What to do with one framed message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send these message bytes.
+    Reply(BytesMut),
+    /// Send nothing (a message whose MTI or STAN could not be read).
+    Drop,
+}
+
+/// The decision engine behind every listener.
+pub struct Gateway {
+    ledger: Arc<Ledger>,
+    journal: Option<Arc<Journal>>,
+    clock: Arc<dyn Clock>,
+    links: Vec<Link>,
+}
+
+/// What the gateway tells the log and metrics about one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Response code sent (DE39), or `None` when the message was dropped.
+    pub code: Option<&'static str>,
+    /// Reason sent (DE44).
+    pub reason: &'static str,
+}
+
+impl Gateway {
+    /// A gateway deciding with `ledger`, journaling to `journal` (none: decisions are not
+    /// durable, for tests and `unsafe` runs), reading time from `clock`, one [`Link`] per
+    /// listener index.
+    pub fn new(ledger: Arc<Ledger>, journal: Option<Arc<Journal>>, clock: Arc<dyn Clock>, links: Vec<Link>) -> Gateway {
+        Gateway {
+            ledger,
+            journal,
+            clock,
+            links,
+        }
+    }
+
+    /// The ledger, for admin calls and tests.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Decides one message received on listener `link` and renders the answer.
+    pub async fn handle(&self, link: usize, body: &[u8]) -> (Outcome, Summary) {
+        let started = Instant::now();
+        let Some(l) = self.links.get(link) else {
+            return (Outcome::Drop, Summary { code: None, reason: "INTERNAL_ERROR" });
+        };
+        let (msg, err) = iso8583::decode_partial(l.spec, body);
+        let result = match err {
+            Some(e) if e.answerable() => {
+                tracing::info!(dialect = l.spec.name(), mti = %msg.mti(), stan = ?e.stan, error = %e, "message error");
+                metrics::counter!("refundgate_message_errors_total", "dialect" => dialect_label(l.dialect)).increment(1);
+                self.answer(l, &msg, Kind::Sale, &Decision::bare(Reason::FORMAT_ERROR), None)
+            }
+            Some(e) => {
+                tracing::info!(dialect = l.spec.name(), error = %e, "message error, dropped");
+                metrics::counter!("refundgate_message_errors_total", "dialect" => dialect_label(l.dialect)).increment(1);
+                return (Outcome::Drop, Summary { code: None, reason: "FORMAT_ERROR" });
+            }
+            None => self.decide(l, &msg).await,
+        };
+        let (bytes, decision) = result;
+        let code = decision.de39(l.dialect);
+        let reason = decision.reason.as_str();
+        let micros = started.elapsed().as_micros() as u64;
+        metrics::counter!("refundgate_requests_total", "dialect" => dialect_label(l.dialect), "mti" => mti_label(msg.mti().0), "code" => code, "reason" => reason).increment(1);
+        metrics::histogram!("refundgate_decision_seconds").record(micros as f64 / 1e6);
+        tracing::info!(
+            dialect = l.spec.name(),
+            mti = %msg.mti(),
+            pan = %msg.pan().map(|p| p.masked()).map_or_else(String::new, |m| m.to_string()),
+            stan = msg.stan().unwrap_or(0),
+            terminal = msg.terminal().unwrap_or(""),
+            code,
+            reason,
+            us = micros,
+            "request"
+        );
+        (Outcome::Reply(bytes), Summary { code: Some(code), reason })
+    }
+
+    async fn decide(&self, l: &Link, msg: &Message<'_>) -> (BytesMut, Decision) {
+        let Some(kind) = classify(msg, l.shape()) else {
+            return self.answer(l, msg, Kind::Sale, &Decision::bare(Reason::FUNCTION_NOT_SUPPORTED), None);
+        };
+        let now = self.clock.now_unix_s();
+        if matches!(kind, Kind::Echo | Kind::SignOff) {
+            return self.answer(l, msg, kind, &Decision::bare(Reason::APPROVED), None);
+        }
+        if kind == Kind::SignOn {
+            return self.sign_on(l, msg, now).await;
+        }
+        if !self.mac_ok(l, msg) {
+            return self.answer(l, msg, kind, &Decision::bare(Reason::MAC_INVALID), None);
+        }
+        if kind == Kind::Settlement {
+            return self.settle(l, msg, now).await;
+        }
+        let mut pan_buf = [0u8; 19];
+        let mut rrn_buf = [0u8; 12];
+        let Some(req) = self.ledger_request(l, msg, kind, now, &mut pan_buf, &mut rrn_buf) else {
+            return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
+        };
+        let rrn = (kind == Kind::Sale).then_some(rrn_buf);
+        let reservation = match self.ledger.reserve(&req, now) {
+            Ok(r) => r,
+            Err(d) => return self.answer(l, msg, kind, &d, rrn),
+        };
+        if let Err(e) = self.journal_event(reservation.event()).await {
+            tracing::warn!(error = %e, "journal append failed; answering 96");
+            self.ledger.release(reservation);
+            return self.answer(l, msg, kind, &Decision::bare(Reason::STORE_UNAVAILABLE), None);
+        }
+        let d = self.ledger.commit(reservation);
+        self.answer(l, msg, kind, &d, rrn)
+    }
+
+    async fn journal_event(&self, event: &LedgerEvent) -> Result<(), String> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let mut payload = Vec::with_capacity(128);
+        event.encode(&mut payload);
+        journal.append(payload).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    async fn sign_on(&self, l: &Link, msg: &Message<'_>, now: i64) -> (BytesMut, Decision) {
+        let (Some(merchant), Some(terminal)) = (msg.merchant(), msg.terminal()) else {
+            // ascii1987 sign-on of a host link carries no merchant: nothing to record.
+            return self.answer(l, msg, Kind::SignOn, &Decision::bare(Reason::APPROVED), None);
+        };
+        match self.ledger.sign_on(merchant, terminal, now) {
+            Ok((batch, event)) => {
+                if self.journal_event(&event).await.is_err() {
+                    return self.answer(l, msg, Kind::SignOn, &Decision::bare(Reason::STORE_UNAVAILABLE), None);
+                }
+                let mut out = BytesMut::with_capacity(256);
+                let d = Decision::bare(Reason::APPROVED);
+                render::response(l, msg, Kind::SignOn, &d, None, Some(batch), &mut out);
+                (out, d)
+            }
+            Err(refused) => self.answer(l, msg, Kind::SignOn, &Decision::bare(refused.0), None),
+        }
+    }
+
+    async fn settle(&self, l: &Link, msg: &Message<'_>, now: i64) -> (BytesMut, Decision) {
+        let Some(merchant) = msg.merchant() else {
+            return self.answer(l, msg, Kind::Settlement, &Decision::bare(Reason::FORMAT_ERROR), None);
+        };
+        match self.ledger.settle(merchant, now) {
+            Ok((d, event)) => {
+                if self.journal_event(&event).await.is_err() {
+                    return self.answer(l, msg, Kind::Settlement, &Decision::bare(Reason::STORE_UNAVAILABLE), None);
+                }
+                self.answer(l, msg, Kind::Settlement, &d, None)
+            }
+            Err(refused) => self.answer(l, msg, Kind::Settlement, &Decision::bare(refused.0), None),
+        }
+    }
+
+    fn mac_ok(&self, l: &Link, msg: &Message<'_>) -> bool {
+        let present = msg.mac();
+        match (&l.mac, present) {
+            (None, None) => true,
+            (None, Some(_)) => false,
+            (Some(_), None) => false,
+            (Some(key), Some((mab, value))) => mac::verify(key, mab, value),
+        }
+    }
+
+    fn answer(&self, l: &Link, msg: &Message<'_>, kind: Kind, d: &Decision, rrn: Option<[u8; 12]>) -> (BytesMut, Decision) {
+        let mut out = BytesMut::with_capacity(256);
+        render::response(l, msg, kind, d, rrn, None, &mut out);
+        (out, *d)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ledger_request<'m>(
+        &self,
+        l: &Link,
+        msg: &Message<'m>,
+        kind: Kind,
+        now: i64,
+        pan_buf: &'m mut [u8; 19],
+        rrn_buf: &'m mut [u8; 12],
+    ) -> Option<ledger::Request<'m>> {
+        let op = match kind {
+            Kind::Sale => Operation::Sale,
+            Kind::Refund => Operation::Refund,
+            Kind::Void => Operation::Void,
+            Kind::Reversal => Operation::Reversal,
+            _ => Operation::Settlement,
+        };
+        let pan_digits = msg.pan()?.digits();
+        let n = pan_digits.len().min(19);
+        for (i, slot) in pan_buf.iter_mut().enumerate().take(n) {
+            *slot = pan_digits.char_at(i);
+        }
+        let pan = std::str::from_utf8(&pan_buf[..n]).ok()?;
+        let shape = l.shape();
+        let original = match (kind, shape) {
+            (Kind::Sale, _) => None,
+            (_, Shape::Ascii) => msg.original_data().map(|od| OriginalRef::Iso {
+                mti: od.mti.0,
+                stan: od.stan,
+                transmission: od.transmission,
+                rrn: msg.rrn(),
+            }),
+            (_, Shape::Cup) => msg.cup61().map(|c| OriginalRef::Cup {
+                batch: c.batch,
+                trace: c.trace,
+                date_mmdd: c.date_mmdd,
+                rrn: msg.rrn(),
+            }),
+        };
+        let rrn = if kind == Kind::Sale {
+            let hhmmss = msg.number(12).map_or_else(|| (now.rem_euclid(86_400) / 3600 * 10_000 + now.rem_euclid(3600) / 60 * 100 + now.rem_euclid(60)) as u32, |t| t as u32);
+            *rrn_buf = ids::rrn(hhmmss, msg.stan()?);
+            std::str::from_utf8(&rrn_buf[..]).ok()
+        } else {
+            msg.rrn()
+        };
+        let local_date_mmdd = msg
+            .local_date()
+            .or_else(|| msg.transmission().map(|t| (t / 1_000_000) as u16))
+            .unwrap_or(0);
+        Some(ledger::Request {
+            dialect: l.dialect,
+            op,
+            repeat: msg.mti().is_repeat(),
+            merchant: msg.merchant()?,
+            terminal: msg.terminal()?,
+            stan: msg.stan()?,
+            local_date_mmdd,
+            mti_class: msg.mti().class(),
+            transmission: msg.transmission(),
+            rrn,
+            batch: msg.cup60().map(|c| c.batch),
+            pan,
+            amount_minor: msg.amount().map_or(0, |a| a.0),
+            currency: msg.currency().unwrap_or(0),
+            card_type: CardType::from_pan(pan),
+            original,
+            body_fingerprint: fingerprint(msg),
+        })
+    }
+}
+
+/// A hash of what identifies a request, without the MTI's origin digit and DE7 (which a
+/// terminal changes on a retransmission): an identical retransmission gets the stored answer,
+/// a different request reusing the key gets 94.
+fn fingerprint(msg: &Message<'_>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    eat(&[msg.mti().class(), msg.mti().function()]);
+    for n in [2usize, 3, 4, 41, 42, 49, 61, 90] {
+        eat(msg.field_bytes(n).unwrap_or(&[]));
+    }
+    h
+}
+
+/// Metric label of a dialect.
+pub fn dialect_label(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Ascii1987 => "ascii1987",
+        Dialect::CupPos => "cup_pos",
+    }
+}
+
+/// Metric label of an MTI: known ones by name, anything else `other` (labels stay bounded).
+pub fn mti_label(mti: u16) -> &'static str {
+    match mti {
+        200 => "0200",
+        201 => "0201",
+        220 => "0220",
+        221 => "0221",
+        400 => "0400",
+        401 => "0401",
+        420 => "0420",
+        421 => "0421",
+        500 => "0500",
+        800 => "0800",
+        820 => "0820",
+        _ => "other",
+    }
+}

@@ -1,0 +1,121 @@
+//! Rendering a decision as a response message (DOMAIN §3, §5, §11).
+
+use bytes::BytesMut;
+
+use super::{ids, Kind, Link};
+use crate::iso8583::{self, FieldList, Message, Value};
+use crate::ledger::{Decision, Dialect, Reason};
+use crate::mac;
+
+/// Elements echoed from the request, per dialect.
+const ECHO_ASCII: &[u8] = &[3, 4, 7, 11, 12, 13, 37, 41, 42, 49, 70, 90];
+const ECHO_CUP: &[u8] = &[3, 4, 11, 12, 13, 25, 37, 41, 42, 49, 60, 61];
+/// Elements echoed when the request was malformed: only what identifies it.
+const ECHO_FORMAT_ERROR: &[u8] = &[3, 11, 41, 42];
+
+/// Writes the response to `req` carrying `d` into `out`.
+pub(super) fn response(
+    l: &Link,
+    req: &Message<'_>,
+    kind: Kind,
+    d: &Decision,
+    sale_rrn: Option<[u8; 12]>,
+    batch: Option<u32>,
+    out: &mut BytesMut,
+) {
+    let mut fields: FieldList<'_, 32> = FieldList::new();
+    let echo = match (d.reason == Reason::FORMAT_ERROR, l.dialect) {
+        (true, _) => ECHO_FORMAT_ERROR,
+        (false, Dialect::Ascii1987) => ECHO_ASCII,
+        (false, Dialect::CupPos) => ECHO_CUP,
+    };
+    for &n in echo {
+        // A full list cannot happen: 32 slots, at most 18 elements set here.
+        let _ = fields.echo(req, n);
+    }
+    let approved = d.is_approved();
+    let rrn_bytes;
+    let auth;
+    if approved && matches!(kind, Kind::Sale | Kind::Refund | Kind::Void) {
+        rrn_bytes = sale_rrn.unwrap_or_else(|| {
+            let mut r = [b'0'; 12];
+            if let Some(x) = req.rrn().map(str::as_bytes).filter(|x| x.len() == 12) {
+                r.copy_from_slice(x);
+            }
+            r
+        });
+        if sale_rrn.is_some() {
+            let _ = fields.set(37, Value::Text(&rrn_bytes));
+        }
+        auth = ids::auth_code(
+            &rrn_bytes,
+            req.terminal().unwrap_or("").as_bytes(),
+            req.merchant().unwrap_or("").as_bytes(),
+        );
+        let _ = fields.set(38, Value::Text(&auth));
+    }
+    let code = d.de39(l.dialect);
+    let _ = fields.set(39, Value::Text(code.as_bytes()));
+    let reason = d.reason.as_str();
+    let _ = fields.set(44, Value::Text(reason.as_bytes()));
+    let de54 = if matches!(kind, Kind::Refund | Kind::Void) { d.de54() } else { None };
+    if let Some(text) = &de54 {
+        let _ = fields.set(54, Value::Text(text.as_bytes()));
+    }
+    let de60;
+    if let (Some(b), Dialect::CupPos) = (batch, l.dialect) {
+        de60 = cup_signon_60(b);
+        let _ = fields.set(60, Value::Text(&de60));
+    }
+    let mac_field = mac_field(l, approved, &fields);
+    let placeholder = [b'0'; 16];
+    if let Some((n, len)) = mac_field {
+        let _ = fields.set(n, Value::Text(&placeholder[..len]));
+    }
+    let start = out.len();
+    if iso8583::encode(l.spec, req.mti().response(), fields.as_slice(), out).is_err() {
+        // Only an echoed element could fail, and those came from a valid message of the same
+        // dialect: answer with the bare minimum rather than nothing.
+        out.truncate(start);
+        let mut minimal: FieldList<'_, 4> = FieldList::new();
+        let _ = minimal.set(39, Value::Text(b"96"));
+        let _ = iso8583::encode(l.spec, req.mti().response(), minimal.as_slice(), out);
+        return;
+    }
+    if let (Some((_, len)), Some(key)) = (mac_field, &l.mac) {
+        let end = out.len();
+        let value = mac::compute(key, &out[start..end - len]);
+        if len == 16 {
+            out[end - 16..].copy_from_slice(&mac::to_field_hex(&value));
+        } else {
+            out[end - 8..].copy_from_slice(&value);
+        }
+    }
+}
+
+/// Approvals on a MAC link carry a MAC (DE64, or DE128 when a secondary bitmap is present);
+/// declines do not (DOMAIN §11). Returns the element and its length in characters.
+fn mac_field(l: &Link, approved: bool, fields: &FieldList<'_, 32>) -> Option<(u8, usize)> {
+    let key = l.mac.as_ref()?;
+    if !approved {
+        return None;
+    }
+    let secondary = fields.as_slice().iter().any(|(n, _)| *n > 64);
+    let n = if secondary { 128 } else { 64 };
+    let len = match key.algorithm() {
+        mac::MacAlgorithm::CupPosEcb => 8,
+        _ => 16,
+    };
+    Some((n, len))
+}
+
+/// DE60 of a `cup_pos` sign-on answer: 60.1 `00`, 60.2 the batch, 60.3 `001`.
+fn cup_signon_60(batch: u32) -> [u8; 11] {
+    let mut out = *b"00000000001";
+    let mut b = batch % 1_000_000;
+    for i in (2..8).rev() {
+        out[i] = b'0' + (b % 10) as u8;
+        b /= 10;
+    }
+    out
+}
