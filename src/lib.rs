@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`iso8583`]: spec-driven, zero-copy codec for the `ascii1987` and `cup_pos` dialects (sans-IO).
+//! - [`ledger`]: sans-IO merchant ledger and refund/void policy engine (DOMAIN §3–§6, §9).
+//! - [`explain`]: a reason and its figures as one English and one Chinese sentence.
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
 pub mod clock;
+pub mod explain;
 pub mod iso8583;
+pub mod ledger;
 pub mod limits;
