@@ -1,0 +1,1214 @@
+//! One merchant's book: its originals, funds, counters and stored answers, and the ordered
+//! checks of DOMAIN §5 rows 3–13. Every method runs under the merchant's shard lock.
+//!
+//! Durable state (changed only by [`Book::apply`]) and reservations in flight (changed by
+//! [`Book::check`] and [`Book::release`]) are kept apart, so replaying the journal rebuilds
+//! exactly the durable part.
+
+// `Decision` (~130 bytes, `Copy`) is the declined answer itself; boxing it would allocate on
+// every decline of the hot path, so the large `Err` is deliberate.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+
+use super::counters::{over, Bucket, Held};
+use super::decision::{Decision, Figures, Operation, OriginalRef, Request};
+use super::event::{AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord};
+use super::idempotency::{pack_key, FullAnswer, Stored};
+use super::merchants::{MerchantConfig, Policy, SameDayRefund};
+use super::money::{rrn_key, MaskedPan, AMOUNT_MINOR_MAX};
+use super::originals::{Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
+use super::reason::{Dialect, Reason};
+use super::MerchantId;
+use crate::clock::UnixSeconds;
+use crate::limits::{
+    ANSWERS_PER_MERCHANT_MAX, ANSWER_RETENTION_S, DECLINES_PER_MERCHANT_MAX,
+    ORIGINALS_PER_MERCHANT_MAX,
+};
+
+const SECONDS_PER_DAY: i64 = 86_400;
+
+/// A terminal and its sign-on state.
+#[derive(Debug, Clone)]
+pub(crate) struct Term {
+    pub id: TerminalId,
+    pub refund_enabled: bool,
+    pub batch: u32,
+    pub signed_on: bool,
+}
+
+/// What a reservation holds, to be given back on commit or release.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Hold {
+    /// Idempotency key marked in flight (`None` for settlements).
+    pub key: Option<u64>,
+    pub sale: u64,
+    pub debit: u64,
+    pub refund: Option<RefundHold>,
+    /// Original held in full by a void.
+    pub void_of: Option<(u32, u64)>,
+}
+
+/// Counters a refund reservation holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RefundHold {
+    pub day: i32,
+    pub month: i32,
+    pub card: u64,
+    pub original: u32,
+    pub amount: u64,
+}
+
+/// Context of one check that the book cannot know itself.
+pub(crate) struct Ctx {
+    pub now: UnixSeconds,
+    pub pan_hash: u64,
+    pub store_ok: bool,
+}
+
+/// One merchant's state.
+#[derive(Debug)]
+pub(crate) struct Book {
+    pub id: MerchantId,
+    pub policy: Policy,
+    pub terms: Vec<Term>,
+    // Durable.
+    pub epoch: u32,
+    pub cutover: bool,
+    pub reserve: u64,
+    pub unsettled: u64,
+    pub committed: u64,
+    pub day: Bucket,
+    pub month: Bucket,
+    pub cards: HashMap<u64, Bucket>,
+    pub entries: Vec<Entry>,
+    pub by_ref: HashMap<RefKey, u32>,
+    pub by_rrn: HashMap<u64, u32>,
+    pub answers: HashMap<u64, Stored>,
+    pub answers_prune_len: usize,
+    pub reversal_noops: u64,
+    // In flight; never journaled.
+    pub pending_sales: u64,
+    pub pending_debits: u64,
+    pub held_day: Held,
+    pub held_month: Held,
+    pub held_cards: HashMap<u64, Held>,
+    pub held_originals: HashMap<u32, (u64, u32)>,
+    pub inflight: HashMap<u64, u64>,
+    pub declines: HashMap<u64, FullAnswer>,
+}
+
+type Checked = Result<(EventBody, Hold), Decision>;
+
+impl Book {
+    pub fn new(cfg: &MerchantConfig) -> Option<Book> {
+        let terms = cfg
+            .terminals
+            .iter()
+            .map(|t| {
+                Some(Term {
+                    id: TerminalId::new(&t.id)?,
+                    refund_enabled: t.refund_enabled,
+                    batch: t.batch,
+                    signed_on: false,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Book {
+            id: MerchantId::new(&cfg.id)?,
+            reserve: cfg.policy.reserve,
+            policy: cfg.policy.clone(),
+            terms,
+            epoch: 0,
+            cutover: false,
+            unsettled: 0,
+            committed: 0,
+            day: Bucket::default(),
+            month: Bucket::default(),
+            cards: HashMap::new(),
+            entries: Vec::new(),
+            by_ref: HashMap::new(),
+            by_rrn: HashMap::new(),
+            answers: HashMap::new(),
+            answers_prune_len: 1024,
+            reversal_noops: 0,
+            pending_sales: 0,
+            pending_debits: 0,
+            held_day: Held::default(),
+            held_month: Held::default(),
+            held_cards: HashMap::new(),
+            held_originals: HashMap::new(),
+            inflight: HashMap::new(),
+            declines: HashMap::new(),
+        })
+    }
+
+    pub fn term_index(&self, id: &str) -> Option<u16> {
+        let i = self.terms.iter().position(|t| t.id.as_str() == id)?;
+        u16::try_from(i).ok()
+    }
+
+    /// `reserve + unsettled − committed − pending debits`, never below zero.
+    pub fn available(&self) -> u64 {
+        let a = i128::from(self.reserve) + i128::from(self.unsettled)
+            - i128::from(self.committed)
+            - i128::from(self.pending_debits);
+        u64::try_from(a.max(0)).unwrap_or(u64::MAX)
+    }
+
+    /// Rows 3–13 of DOMAIN §5, in order. On success the reservation is already held.
+    pub fn check(&mut self, req: &Request<'_>, ctx: &Ctx) -> Checked {
+        // Row 3: terminal known, signed on, batch.
+        let term = self
+            .term_index(req.terminal)
+            .ok_or(Decision::bare(Reason::UNKNOWN_TERMINAL))?;
+        let t = &self.terms[usize::from(term)];
+        if req.dialect == Dialect::CupPos && req.op != Operation::Settlement {
+            if !t.signed_on {
+                return Err(Decision::bare(Reason::UNKNOWN_TERMINAL));
+            }
+            if req.batch != Some(t.batch) {
+                return Err(Decision::bare(Reason::BATCH_MISMATCH));
+            }
+        }
+        if req.op == Operation::Settlement {
+            return self.check_settlement(ctx);
+        }
+        // Row 4: duplicates and repeats.
+        let key = pack_key(term, req.stan, req.local_date_mmdd, req.mti_class);
+        if let Some(stored) = self.stored(key) {
+            return Err(if stored.0 == req.body_fingerprint {
+                stored.1
+            } else {
+                Decision::bare(Reason::DUPLICATE)
+            });
+        }
+        if self.inflight.contains_key(&key) {
+            return Err(Decision::bare(Reason::DUPLICATE));
+        }
+        // Row 5: store and cut-over.
+        if !ctx.store_ok {
+            return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+        }
+        if self.cutover {
+            return Err(Decision::bare(Reason::CUTOVER));
+        }
+        if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX {
+            return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+        }
+        if self.answers.len() >= ANSWERS_PER_MERCHANT_MAX {
+            self.prune_answers(ctx.now);
+            if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX {
+                return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+            }
+            if self.answers.len() >= ANSWERS_PER_MERCHANT_MAX {
+                return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+            }
+        }
+        let answer = AnswerKey {
+            terminal: self.terms[usize::from(term)].id,
+            stan: req.stan,
+            mmdd: req.local_date_mmdd,
+            class: req.mti_class,
+            fingerprint: req.body_fingerprint,
+        };
+        let result = self.check_operation(req, ctx, term, answer);
+        match &result {
+            Ok(_) => {
+                self.inflight.insert(key, req.body_fingerprint);
+            }
+            Err(d) => self.remember_decline(key, req.body_fingerprint, ctx.now, d),
+        }
+        result.map(|(body, mut hold)| {
+            hold.key = Some(key);
+            (body, hold)
+        })
+    }
+
+    /// Rows 6–13 for one operation.
+    fn check_operation(
+        &mut self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        term: u16,
+        answer: AnswerKey,
+    ) -> Checked {
+        let base = Figures {
+            amount: req.amount_minor,
+            currency: self.policy.currency,
+            ..Figures::default()
+        };
+        // Row 6: amount.
+        if req.amount_minor == 0
+            || req.amount_minor > AMOUNT_MINOR_MAX
+            || req.currency != self.policy.currency
+        {
+            return Err(Decision::new(Reason::INVALID_AMOUNT, base));
+        }
+        match req.op {
+            Operation::Sale => Ok(self.hold_sale(req, ctx, term, answer)),
+            Operation::Refund => self.check_refund(req, ctx, term, answer, base),
+            Operation::Void => self.check_void(req, ctx, term, answer, base),
+            Operation::Reversal => Ok((
+                EventBody::Reversal {
+                    answer,
+                    target: self.txn_key(reversal_target(req, term)),
+                },
+                Hold::default(),
+            )),
+            Operation::Settlement => Err(Decision::bare(Reason::INTERNAL_ERROR)),
+        }
+    }
+
+    fn hold_sale(
+        &mut self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        term: u16,
+        answer: AnswerKey,
+    ) -> (EventBody, Hold) {
+        self.pending_sales = self.pending_sales.saturating_add(req.amount_minor);
+        let txn = self.record(req, ctx, term);
+        let hold = Hold {
+            sale: req.amount_minor,
+            ..Hold::default()
+        };
+        (EventBody::Sale { answer, txn }, hold)
+    }
+
+    fn record(&self, req: &Request<'_>, ctx: &Ctx, term: u16) -> TxnRecord {
+        TxnRecord {
+            key: self.txn_key(own_key(req, term)),
+            rrn: req
+                .rrn
+                .and_then(rrn_key)
+                .filter(|_| req.op == Operation::Sale),
+            pan: MaskedPan::new(req.pan).unwrap_or_default(),
+            pan_hash: ctx.pan_hash,
+            card: req.card_type,
+            amount: req.amount_minor,
+            batch: req.batch.unwrap_or(0),
+        }
+    }
+
+    /// Rows 7–8, shared by refunds and voids: the original's index and the figures around it.
+    fn original_for(
+        &self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        term: u16,
+        base: Figures,
+    ) -> Result<(u32, Figures), Decision> {
+        let Some(idx) = self.find_original(req, term) else {
+            return Err(Decision::new(Reason::ORIGINAL_NOT_FOUND, base));
+        };
+        let e = self.entries[idx as usize];
+        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        let figs = Figures {
+            original_amount: Some(e.amount),
+            original_remaining: Some(e.remaining().saturating_sub(held.0)),
+            day_allowance_remaining: self.day_allowance(ctx.now),
+            ..base
+        };
+        if e.pan_hash != ctx.pan_hash {
+            return Err(Decision::new(Reason::PAN_MISMATCH, figs));
+        }
+        let reason = match e.state {
+            OriginalState::NotApproved => Some(Reason::ORIGINAL_NOT_APPROVED),
+            OriginalState::Voided => Some(Reason::ORIGINAL_VOIDED),
+            OriginalState::Reversed => Some(Reason::ORIGINAL_REVERSED),
+            OriginalState::Approved | OriginalState::Settled => None,
+        };
+        if let Some(r) = reason {
+            return Err(Decision::new(
+                r,
+                Figures {
+                    original_remaining: Some(0),
+                    ..figs
+                },
+            ));
+        }
+        if e.kind != Kind::Sale {
+            return Err(Decision::new(Reason::TYPE_NOT_REFUNDABLE, figs));
+        }
+        Ok((idx, figs))
+    }
+
+    fn check_refund(
+        &mut self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        term: u16,
+        answer: AnswerKey,
+        base: Figures,
+    ) -> Checked {
+        let (idx, figs) = self.original_for(req, ctx, term, base)?;
+        let sale = self.entries[idx as usize];
+        let p = &self.policy;
+        let amount = req.amount_minor;
+        let fail = |r: Reason, f: Figures| Err(Decision::new(r, f));
+        // Row 9: window and same-day policy.
+        let window_s = i64::from(p.refund_window_days) * SECONDS_PER_DAY;
+        if ctx.now.saturating_sub(sale.at) > window_s {
+            return fail(
+                Reason::REFUND_WINDOW_EXPIRED,
+                Figures {
+                    window_days: Some(p.refund_window_days),
+                    ..figs
+                },
+            );
+        }
+        let today = p.utc_offset.local(ctx.now);
+        let same_day = p.utc_offset.local(sale.at).day == today.day && sale.epoch == self.epoch;
+        if p.same_day_refund == SameDayRefund::UseVoid && same_day {
+            return fail(Reason::USE_VOID, figs);
+        }
+        // Row 10: amount against the original.
+        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        let refundable = sale.remaining().saturating_sub(held.0);
+        if amount > refundable {
+            return fail(Reason::AMOUNT_EXCEEDS_REMAINING, figs);
+        }
+        // Row 11: permissions.
+        if !p.refund_enabled || !self.terms[usize::from(term)].refund_enabled {
+            return fail(Reason::TERMINAL_NOT_PERMITTED, figs);
+        }
+        if p.denied_card_types.contains(&req.card_type) {
+            return fail(Reason::CARD_NOT_PERMITTED, figs);
+        }
+        // Row 12: limits.
+        self.check_limits(req, ctx, idx, figs)?;
+        // Row 13: funds.
+        self.check_funds(amount, figs)?;
+        let rh = RefundHold {
+            day: today.day,
+            month: today.month,
+            card: ctx.pan_hash,
+            original: idx,
+            amount,
+        };
+        self.hold_refund(&rh);
+        let txn = self.record(req, ctx, term);
+        let hold = Hold {
+            debit: amount,
+            refund: Some(rh),
+            ..Hold::default()
+        };
+        let original = self.txn_key(sale.key);
+        Ok((
+            EventBody::Refund {
+                answer,
+                txn,
+                original,
+            },
+            hold,
+        ))
+    }
+
+    /// Row 12 for a refund of the original at `idx`.
+    fn check_limits(
+        &self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        idx: u32,
+        figs: Figures,
+    ) -> Result<(), Decision> {
+        let p = &self.policy;
+        let sale = &self.entries[idx as usize];
+        let amount = req.amount_minor;
+        let today = p.utc_offset.local(ctx.now);
+        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        let limit = |r: Reason, (limit, used, remaining): (u64, u64, u64)| {
+            Decision::new(
+                r,
+                Figures {
+                    limit: Some(limit),
+                    used: Some(used),
+                    remaining: Some(remaining),
+                    ..figs
+                },
+            )
+        };
+        let count_max = |m: Option<u32>| m.map(u64::from);
+        if let Some(x) = over(p.refund_single_max, 0, amount) {
+            return Err(limit(Reason::SINGLE_REFUND_CAP, x));
+        }
+        let share_cap =
+            u64::try_from(u128::from(sale.amount) * u128::from(p.refundable_share_percent) / 100)
+                .unwrap_or(u64::MAX);
+        if let Some(x) = over(
+            Some(share_cap),
+            sale.refunded.saturating_add(held.0),
+            amount,
+        ) {
+            return Err(limit(Reason::REFUNDABLE_SHARE, x));
+        }
+        let orig_count = u64::from(sale.refund_count) + u64::from(held.1);
+        if let Some(x) = over(count_max(p.original_refund_count_max), orig_count, 1) {
+            return Err(limit(Reason::ORIGINAL_REFUND_COUNT, x));
+        }
+        let card = self
+            .cards
+            .get(&ctx.pan_hash)
+            .map_or((0, 0), |b| b.in_period(today.day));
+        let card_held = self
+            .held_cards
+            .get(&ctx.pan_hash)
+            .map_or((0, 0), |h| h.in_period(today.day));
+        if let Some(x) = over(
+            p.card_refund_day_amount_max,
+            card.0.saturating_add(card_held.0),
+            amount,
+        ) {
+            return Err(limit(Reason::CARD_DAY_AMOUNT, x));
+        }
+        if let Some(x) = over(
+            count_max(p.card_refund_day_count_max),
+            u64::from(card.1) + u64::from(card_held.1),
+            1,
+        ) {
+            return Err(limit(Reason::CARD_DAY_COUNT, x));
+        }
+        let (day_amt, day_cnt) = self.day_used(today.day);
+        let (month_amt, month_cnt) = self.month_used(today.month);
+        if let Some(x) = over(p.refund_day_amount_max, day_amt, amount) {
+            return Err(limit(Reason::MERCHANT_DAY_AMOUNT, x));
+        }
+        if let Some(x) = over(p.refund_month_amount_max, month_amt, amount) {
+            return Err(limit(Reason::MERCHANT_MONTH_AMOUNT, x));
+        }
+        if let Some(x) = over(count_max(p.refund_day_count_max), day_cnt, 1) {
+            return Err(limit(Reason::MERCHANT_DAY_COUNT, x));
+        }
+        if let Some(x) = over(count_max(p.refund_month_count_max), month_cnt, 1) {
+            return Err(limit(Reason::MERCHANT_MONTH_COUNT, x));
+        }
+        Ok(())
+    }
+
+    /// Row 13: funds for a debit of `amount`.
+    fn check_funds(&self, amount: u64, figs: Figures) -> Result<(), Decision> {
+        let available = self.available();
+        if amount <= available {
+            return Ok(());
+        }
+        let reason = if amount <= available.saturating_add(self.pending_sales) {
+            Reason::BALANCE_PENDING
+        } else {
+            Reason::BALANCE_INSUFFICIENT
+        };
+        Err(Decision::new(
+            reason,
+            Figures {
+                limit: Some(available),
+                used: None,
+                remaining: Some(available),
+                ..figs
+            },
+        ))
+    }
+
+    fn check_void(
+        &mut self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        term: u16,
+        answer: AnswerKey,
+        base: Figures,
+    ) -> Checked {
+        let (idx, figs) = self.original_for(req, ctx, term, base)?;
+        let sale = self.entries[idx as usize];
+        let p = &self.policy;
+        // Row 9: same day, open batch, same terminal.
+        let same_day = p.utc_offset.local(sale.at).day == p.utc_offset.local(ctx.now).day;
+        let t = &self.terms[usize::from(term)];
+        let open_batch =
+            sale.epoch == self.epoch && (req.dialect != Dialect::CupPos || sale.batch == t.batch);
+        if !same_day || !open_batch || sale.key.term != term {
+            return Err(Decision::new(Reason::USE_REFUND, figs));
+        }
+        // Row 10: the full, untouched amount.
+        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        if req.amount_minor != sale.amount || sale.refunded > 0 || held.1 > 0 {
+            return Err(Decision::new(Reason::VOID_AMOUNT_MISMATCH, figs));
+        }
+        // Row 11.
+        if !p.void_enabled {
+            return Err(Decision::new(Reason::TERMINAL_NOT_PERMITTED, figs));
+        }
+        // Row 13.
+        self.check_funds(req.amount_minor, figs)?;
+        self.pending_debits = self.pending_debits.saturating_add(sale.amount);
+        self.held_originals.insert(idx, (sale.amount, 1));
+        let txn = self.record(req, ctx, term);
+        let hold = Hold {
+            debit: sale.amount,
+            void_of: Some((idx, sale.amount)),
+            ..Hold::default()
+        };
+        let original = self.txn_key(sale.key);
+        Ok((
+            EventBody::Void {
+                answer,
+                txn,
+                original,
+            },
+            hold,
+        ))
+    }
+
+    fn check_settlement(&mut self, ctx: &Ctx) -> Checked {
+        if !ctx.store_ok {
+            return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+        }
+        Ok((self.settle_body(), Hold::default()))
+    }
+
+    /// The settlement to journal now: net unsettled sales are paid out, except what backs
+    /// debits in flight; refunds beyond sales come out of the reserve.
+    pub fn settle_body(&self) -> EventBody {
+        let net = i128::from(self.unsettled) - i128::from(self.committed);
+        if net >= 0 {
+            let net = u64::try_from(net).unwrap_or(0);
+            EventBody::Settle {
+                payout: net.saturating_sub(self.pending_debits),
+                reserve_used: 0,
+            }
+        } else {
+            EventBody::Settle {
+                payout: 0,
+                reserve_used: u64::try_from(-net).unwrap_or(u64::MAX),
+            }
+        }
+    }
+
+    fn hold_refund(&mut self, rh: &RefundHold) {
+        self.pending_debits = self.pending_debits.saturating_add(rh.amount);
+        self.held_day.hold(rh.day, rh.amount);
+        self.held_month.hold(rh.month, rh.amount);
+        self.held_cards
+            .entry(rh.card)
+            .or_default()
+            .hold(rh.day, rh.amount);
+        let h = self.held_originals.entry(rh.original).or_insert((0, 0));
+        h.0 = h.0.saturating_add(rh.amount);
+        h.1 = h.1.saturating_add(1);
+    }
+
+    /// Gives back everything `hold` reserved.
+    pub fn release(&mut self, hold: &Hold) {
+        if let Some(k) = hold.key {
+            self.inflight.remove(&k);
+        }
+        self.pending_sales = self.pending_sales.saturating_sub(hold.sale);
+        self.pending_debits = self.pending_debits.saturating_sub(hold.debit);
+        if let Some(rh) = hold.refund {
+            self.held_day.release(rh.day, rh.amount);
+            self.held_month.release(rh.month, rh.amount);
+            if let Some(h) = self.held_cards.get_mut(&rh.card) {
+                h.release(rh.day, rh.amount);
+                if h.count == 0 {
+                    self.held_cards.remove(&rh.card);
+                }
+            }
+            self.unhold_original(rh.original, rh.amount);
+        }
+        if let Some((idx, amount)) = hold.void_of {
+            self.unhold_original(idx, amount);
+        }
+    }
+
+    fn unhold_original(&mut self, idx: u32, amount: u64) {
+        if let Some(h) = self.held_originals.get_mut(&idx) {
+            h.0 = h.0.saturating_sub(amount);
+            h.1 = h.1.saturating_sub(1);
+            if h.1 == 0 {
+                self.held_originals.remove(&idx);
+            }
+        }
+    }
+
+    fn day_used(&self, day: i32) -> (u64, u64) {
+        let (a, c) = self.day.in_period(day);
+        let (ha, hc) = self.held_day.in_period(day);
+        (a.saturating_add(ha), u64::from(c) + u64::from(hc))
+    }
+
+    fn month_used(&self, month: i32) -> (u64, u64) {
+        let (a, c) = self.month.in_period(month);
+        let (ha, hc) = self.held_month.in_period(month);
+        (a.saturating_add(ha), u64::from(c) + u64::from(hc))
+    }
+
+    /// The merchant's refund amount left today, when a day limit is set.
+    pub fn day_allowance(&self, now: UnixSeconds) -> Option<u64> {
+        let max = self.policy.refund_day_amount_max?;
+        let (used, _) = self.day_used(self.policy.utc_offset.local(now).day);
+        Some(max.saturating_sub(used))
+    }
+
+    fn find_original(&self, req: &Request<'_>, term: u16) -> Option<u32> {
+        self.lookup(req.original?, term)
+    }
+
+    /// The entry a reference names: by key on this terminal, else by RRN; DE61.3 must match.
+    pub fn lookup(&self, original: OriginalRef<'_>, term: u16) -> Option<u32> {
+        let (key, rrn, date) = match original {
+            OriginalRef::Iso {
+                mti,
+                stan,
+                transmission,
+                rrn,
+            } => {
+                if mti / 100 != 2 {
+                    return None;
+                }
+                let tag = u32::try_from(transmission).ok()?;
+                (RefKey { term, stan, tag }, rrn, None)
+            }
+            OriginalRef::Cup {
+                batch,
+                trace,
+                date_mmdd,
+                rrn,
+            } => (
+                RefKey {
+                    term,
+                    stan: trace,
+                    tag: batch | TAG_CUP,
+                },
+                rrn,
+                date_mmdd,
+            ),
+        };
+        let idx = self
+            .by_ref
+            .get(&key)
+            .or_else(|| rrn.and_then(rrn_key).and_then(|k| self.by_rrn.get(&k)))
+            .copied()?;
+        let e = self.entries.get(idx as usize)?;
+        if let Some(d) = date {
+            if self.policy.utc_offset.local(e.at).mmdd != d {
+                return None;
+            }
+        }
+        Some(idx)
+    }
+
+    /// The stored answer for `key`, with its fingerprint.
+    pub fn stored(&self, key: u64) -> Option<(u64, Decision)> {
+        if let Some(s) = self.answers.get(&key) {
+            return Some(match s {
+                Stored::Sale { fingerprint, idx } => (*fingerprint, self.sale_decision(*idx)),
+                Stored::Full(a) => (a.fingerprint, a.decision),
+            });
+        }
+        self.declines.get(&key).map(|a| (a.fingerprint, a.decision))
+    }
+
+    fn remember_decline(&mut self, key: u64, fingerprint: u64, now: UnixSeconds, d: &Decision) {
+        // Transient refusals are not answers: a retry after the condition clears is decided anew.
+        let transient = [
+            Reason::STORE_UNAVAILABLE,
+            Reason::CUTOVER,
+            Reason::DUPLICATE,
+            Reason::INTERNAL_ERROR,
+            Reason::BALANCE_PENDING,
+        ];
+        if transient.contains(&d.reason) {
+            return;
+        }
+        if self.declines.len() >= DECLINES_PER_MERCHANT_MAX {
+            self.declines
+                .retain(|_, a| now.saturating_sub(a.at) < ANSWER_RETENTION_S);
+            if self.declines.len() >= DECLINES_PER_MERCHANT_MAX {
+                // Declines moved nothing; forgetting one only means a repeat is decided again.
+                self.declines.clear();
+            }
+        }
+        self.declines.insert(
+            key,
+            FullAnswer {
+                fingerprint,
+                at: now,
+                decision: *d,
+            },
+        );
+    }
+
+    fn sale_decision(&self, idx: u32) -> Decision {
+        let amount = self.entries.get(idx as usize).map_or(0, |e| e.amount);
+        Decision::new(
+            Reason::APPROVED,
+            Figures {
+                amount,
+                currency: self.policy.currency,
+                original_amount: Some(amount),
+                original_remaining: Some(amount),
+                ..Figures::default()
+            },
+        )
+    }
+
+    fn txn_key(&self, k: RefKey) -> TxnKey {
+        TxnKey {
+            terminal: self
+                .terms
+                .get(usize::from(k.term))
+                .map(|t| t.id)
+                .unwrap_or_default(),
+            stan: k.stan,
+            tag: k.tag,
+        }
+    }
+
+    fn ref_key(&self, k: &TxnKey) -> Option<RefKey> {
+        Some(RefKey {
+            term: self.term_index(k.terminal.as_str())?,
+            stan: k.stan,
+            tag: k.tag,
+        })
+    }
+
+    fn answer_key(&self, a: &AnswerKey) -> Option<u64> {
+        Some(pack_key(
+            self.term_index(a.terminal.as_str())?,
+            a.stan,
+            a.mmdd,
+            a.class,
+        ))
+    }
+
+    fn prune_answers(&mut self, now: UnixSeconds) {
+        let entries = &self.entries;
+        self.answers.retain(|_, s| {
+            let at = match s {
+                Stored::Sale { idx, .. } => entries.get(*idx as usize).map_or(0, |e| e.at),
+                Stored::Full(a) => a.at,
+            };
+            now.saturating_sub(at) < ANSWER_RETENTION_S
+        });
+        self.answers_prune_len = (self.answers.len() * 2).max(1024);
+    }
+
+    fn store_answer(&mut self, key: u64, stored: Stored, at: UnixSeconds) {
+        if self.answers.len() >= self.answers_prune_len {
+            self.prune_answers(at);
+        }
+        self.answers.insert(key, stored);
+    }
+
+    /// Applies one committed change; returns the answer it stands for. Deterministic: the same
+    /// events in the same order give the same state, whether live or replayed.
+    pub fn apply(&mut self, at: UnixSeconds, body: &EventBody) -> Decision {
+        match body {
+            EventBody::Sale { answer, txn } => self.apply_sale(at, answer, txn),
+            EventBody::Refund {
+                answer,
+                txn,
+                original,
+            } => self.apply_refund(at, answer, txn, original),
+            EventBody::Void {
+                answer,
+                txn,
+                original,
+            } => self.apply_void(at, answer, txn, original),
+            EventBody::Reversal { answer, target } => self.apply_reversal(at, answer, target),
+            EventBody::Declined {
+                answer,
+                decision,
+                sale,
+            } => {
+                if let Some(txn) = sale {
+                    if let Some(k) = self.ref_key(&txn.key) {
+                        if !self.by_ref.contains_key(&k) {
+                            self.push_entry(
+                                at,
+                                txn,
+                                k,
+                                Kind::Sale,
+                                OriginalState::NotApproved,
+                                NO_LINK,
+                            );
+                        }
+                    }
+                }
+                self.finish(at, answer, *decision)
+            }
+            EventBody::SignOn { terminal } => {
+                if let Some(i) = self.term_index(terminal.as_str()) {
+                    self.terms[usize::from(i)].signed_on = true;
+                }
+                Decision::bare(Reason::APPROVED)
+            }
+            EventBody::CutoverBegin => {
+                self.cutover = true;
+                Decision::bare(Reason::APPROVED)
+            }
+            EventBody::Settle {
+                payout,
+                reserve_used,
+            } => {
+                let left = self
+                    .unsettled
+                    .saturating_sub(self.committed)
+                    .saturating_sub(*payout);
+                self.unsettled = left;
+                self.committed = 0;
+                self.reserve = self.reserve.saturating_sub(*reserve_used);
+                self.epoch = self.epoch.saturating_add(1);
+                self.cutover = false;
+                for t in &mut self.terms {
+                    t.batch = if t.batch >= 999_999 { 1 } else { t.batch + 1 };
+                }
+                Decision::new(
+                    Reason::APPROVED,
+                    Figures {
+                        amount: *payout,
+                        currency: self.policy.currency,
+                        ..Figures::default()
+                    },
+                )
+            }
+        }
+    }
+
+    /// Stores `decision` as the answer to `answer` and returns it.
+    fn finish(&mut self, at: UnixSeconds, answer: &AnswerKey, decision: Decision) -> Decision {
+        if let Some(k) = self.answer_key(answer) {
+            self.store_answer(
+                k,
+                Stored::Full(Box::new(FullAnswer {
+                    fingerprint: answer.fingerprint,
+                    at,
+                    decision,
+                })),
+                at,
+            );
+        }
+        decision
+    }
+
+    /// An earlier answer to the same request (the event was applied twice), if any.
+    fn already(&self, answer: &AnswerKey) -> Option<Decision> {
+        let k = self.answer_key(answer)?;
+        let s = self.answers.get(&k)?;
+        if s.fingerprint() != answer.fingerprint {
+            return None;
+        }
+        self.stored(k).map(|(_, d)| d)
+    }
+
+    /// The entry with `key` if a reversal got there first.
+    fn tombstoned(&self, key: &TxnKey) -> bool {
+        self.ref_key(key)
+            .and_then(|k| self.by_ref.get(&k))
+            .and_then(|&i| self.entries.get(i as usize))
+            .is_some_and(|e| e.kind == Kind::Tombstone)
+    }
+
+    fn push_entry(
+        &mut self,
+        at: UnixSeconds,
+        txn: &TxnRecord,
+        key: RefKey,
+        kind: Kind,
+        state: OriginalState,
+        link: u32,
+    ) -> u32 {
+        let idx = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        self.entries.push(Entry {
+            amount: txn.amount,
+            refunded: 0,
+            pan_hash: txn.pan_hash,
+            at,
+            pan: txn.pan,
+            key,
+            link,
+            epoch: self.epoch,
+            batch: txn.batch,
+            refund_count: 0,
+            kind,
+            state,
+            card: txn.card,
+        });
+        self.by_ref.insert(key, idx);
+        if let Some(r) = txn.rrn {
+            self.by_rrn.insert(r, idx);
+        }
+        idx
+    }
+
+    fn apply_sale(&mut self, at: UnixSeconds, answer: &AnswerKey, txn: &TxnRecord) -> Decision {
+        if let Some(d) = self.already(answer) {
+            return d;
+        }
+        let Some(key) = self.ref_key(&txn.key) else {
+            return Decision::bare(Reason::INTERNAL_ERROR);
+        };
+        if self.tombstoned(&txn.key) {
+            return self.finish(at, answer, Decision::bare(Reason::REVERSED_BEFORE_COMMIT));
+        }
+        let idx = self.push_entry(at, txn, key, Kind::Sale, OriginalState::Approved, NO_LINK);
+        self.unsettled = self.unsettled.saturating_add(txn.amount);
+        if let Some(k) = self.answer_key(answer) {
+            self.store_answer(
+                k,
+                Stored::Sale {
+                    fingerprint: answer.fingerprint,
+                    idx,
+                },
+                at,
+            );
+        }
+        self.sale_decision(idx)
+    }
+
+    /// The sale a refund or void refers to, if it can still take one.
+    fn live_sale(&self, original: &TxnKey) -> Result<u32, Reason> {
+        let idx = self
+            .ref_key(original)
+            .and_then(|k| self.by_ref.get(&k).copied())
+            .ok_or(Reason::ORIGINAL_NOT_FOUND)?;
+        match self.entries.get(idx as usize).map(|e| (e.kind, e.state)) {
+            Some((Kind::Sale, OriginalState::Approved)) => Ok(idx),
+            Some((_, OriginalState::Voided)) => Err(Reason::ORIGINAL_VOIDED),
+            Some((_, OriginalState::Reversed)) => Err(Reason::ORIGINAL_REVERSED),
+            _ => Err(Reason::ORIGINAL_NOT_APPROVED),
+        }
+    }
+
+    fn apply_refund(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        txn: &TxnRecord,
+        original: &TxnKey,
+    ) -> Decision {
+        if let Some(d) = self.already(answer) {
+            return d;
+        }
+        let base = Figures {
+            amount: txn.amount,
+            currency: self.policy.currency,
+            ..Figures::default()
+        };
+        if self.tombstoned(&txn.key) {
+            return self.finish(
+                at,
+                answer,
+                Decision::new(Reason::REVERSED_BEFORE_COMMIT, base),
+            );
+        }
+        let (Some(key), Ok(sale_idx)) = (self.ref_key(&txn.key), self.live_sale(original)) else {
+            let r = self
+                .live_sale(original)
+                .err()
+                .unwrap_or(Reason::INTERNAL_ERROR);
+            return self.finish(at, answer, Decision::new(r, base));
+        };
+        let local = self.policy.utc_offset.local(at);
+        self.push_entry(
+            at,
+            txn,
+            key,
+            Kind::Refund,
+            OriginalState::Approved,
+            sale_idx,
+        );
+        let sale = &mut self.entries[sale_idx as usize];
+        sale.refunded = sale.refunded.saturating_add(txn.amount);
+        sale.refund_count = sale.refund_count.saturating_add(1);
+        let (sale_amount, remaining) = (sale.amount, sale.remaining());
+        self.committed = self.committed.saturating_add(txn.amount);
+        self.day.add(local.day, txn.amount);
+        self.month.add(local.month, txn.amount);
+        self.cards
+            .entry(txn.pan_hash)
+            .or_default()
+            .add(local.day, txn.amount);
+        if self.cards.len() > 4096 {
+            self.cards.retain(|_, b| b.period >= local.day);
+        }
+        let figs = Figures {
+            original_amount: Some(sale_amount),
+            original_remaining: Some(remaining),
+            day_allowance_remaining: self
+                .policy
+                .refund_day_amount_max
+                .map(|m| m.saturating_sub(self.day.in_period(local.day).0)),
+            ..base
+        };
+        self.finish(at, answer, Decision::new(Reason::APPROVED, figs))
+    }
+
+    fn apply_void(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        txn: &TxnRecord,
+        original: &TxnKey,
+    ) -> Decision {
+        if let Some(d) = self.already(answer) {
+            return d;
+        }
+        let base = Figures {
+            amount: txn.amount,
+            currency: self.policy.currency,
+            ..Figures::default()
+        };
+        if self.tombstoned(&txn.key) {
+            return self.finish(
+                at,
+                answer,
+                Decision::new(Reason::REVERSED_BEFORE_COMMIT, base),
+            );
+        }
+        let (Some(key), Ok(sale_idx)) = (self.ref_key(&txn.key), self.live_sale(original)) else {
+            let r = self
+                .live_sale(original)
+                .err()
+                .unwrap_or(Reason::INTERNAL_ERROR);
+            return self.finish(at, answer, Decision::new(r, base));
+        };
+        if self.entries[sale_idx as usize].refunded > 0 {
+            return self.finish(
+                at,
+                answer,
+                Decision::new(Reason::VOID_AMOUNT_MISMATCH, base),
+            );
+        }
+        self.push_entry(at, txn, key, Kind::Void, OriginalState::Approved, sale_idx);
+        let sale = &mut self.entries[sale_idx as usize];
+        sale.state = OriginalState::Voided;
+        let (amount, epoch) = (sale.amount, sale.epoch);
+        self.take_back_sale(amount, epoch);
+        let figs = Figures {
+            original_amount: Some(amount),
+            original_remaining: Some(0),
+            ..base
+        };
+        self.finish(at, answer, Decision::new(Reason::APPROVED, figs))
+    }
+
+    /// Removes a sale's money from the funds (void or reversal of a sale).
+    fn take_back_sale(&mut self, amount: u64, epoch: u32) {
+        if epoch == self.epoch {
+            let short = amount.saturating_sub(self.unsettled);
+            self.unsettled = self.unsettled.saturating_sub(amount);
+            self.reserve = self.reserve.saturating_sub(short);
+        } else {
+            self.reserve = self.reserve.saturating_sub(amount);
+        }
+    }
+
+    fn apply_reversal(&mut self, at: UnixSeconds, answer: &AnswerKey, target: &TxnKey) -> Decision {
+        if let Some(d) = self.already(answer) {
+            return d;
+        }
+        let Some(key) = self.ref_key(target) else {
+            return self.finish(at, answer, Decision::bare(Reason::INTERNAL_ERROR));
+        };
+        let Some(&idx) = self.by_ref.get(&key) else {
+            // Never seen: remember it so the original can never apply later.
+            let ghost = TxnRecord {
+                key: *target,
+                rrn: None,
+                pan: MaskedPan::default(),
+                pan_hash: 0,
+                card: super::money::CardType::Other,
+                amount: 0,
+                batch: 0,
+            };
+            self.push_entry(
+                at,
+                &ghost,
+                key,
+                Kind::Tombstone,
+                OriginalState::Reversed,
+                NO_LINK,
+            );
+            return self.noop(at, answer);
+        };
+        let e = self.entries[idx as usize];
+        if e.state != OriginalState::Approved {
+            return self.noop(at, answer);
+        }
+        self.entries[idx as usize].state = OriginalState::Reversed;
+        match e.kind {
+            Kind::Sale => self.take_back_sale(e.amount, e.epoch),
+            Kind::Refund => self.give_back_refund(&e),
+            Kind::Void => {
+                let epoch = self.epoch;
+                if let Some(sale) = self.entries.get_mut(e.link as usize) {
+                    sale.state = OriginalState::Approved;
+                    sale.epoch = epoch;
+                    self.unsettled = self.unsettled.saturating_add(e.amount);
+                }
+            }
+            Kind::Tombstone => {}
+        }
+        let figs = Figures {
+            amount: e.amount,
+            currency: self.policy.currency,
+            original_amount: Some(e.amount),
+            ..Figures::default()
+        };
+        self.finish(at, answer, Decision::new(Reason::REVERSAL_APPLIED, figs))
+    }
+
+    fn noop(&mut self, at: UnixSeconds, answer: &AnswerKey) -> Decision {
+        self.reversal_noops = self.reversal_noops.saturating_add(1);
+        self.finish(at, answer, Decision::bare(Reason::REVERSAL_NOTHING_TO_UNDO))
+    }
+
+    fn give_back_refund(&mut self, refund: &Entry) {
+        let local = self.policy.utc_offset.local(refund.at);
+        if let Some(sale) = self.entries.get_mut(refund.link as usize) {
+            sale.refunded = sale.refunded.saturating_sub(refund.amount);
+            sale.refund_count = sale.refund_count.saturating_sub(1);
+        }
+        if refund.epoch == self.epoch {
+            self.committed = self.committed.saturating_sub(refund.amount);
+        } else {
+            self.reserve = self.reserve.saturating_add(refund.amount);
+        }
+        self.day.give_back(local.day, refund.amount);
+        self.month.give_back(local.month, refund.amount);
+        if let Some(b) = self.cards.get_mut(&refund.pan_hash) {
+            b.give_back(local.day, refund.amount);
+        }
+    }
+}
+
+/// The key a request is remembered by: DE7 for ascii, batch for cup.
+fn own_key(req: &Request<'_>, term: u16) -> RefKey {
+    let tag = match (req.dialect, req.batch, req.transmission) {
+        (Dialect::CupPos, Some(b), _) => b | TAG_CUP,
+        (_, _, Some(t)) => u32::try_from(t).unwrap_or(u32::MAX),
+        (_, Some(b), None) => b | TAG_CUP,
+        (_, None, None) => u32::from(req.local_date_mmdd),
+    };
+    RefKey {
+        term,
+        stan: req.stan,
+        tag,
+    }
+}
+
+/// The key of the transaction a reversal undoes: ascii DE90, cup terminal + own STAN + batch.
+fn reversal_target(req: &Request<'_>, term: u16) -> RefKey {
+    match (req.dialect, req.original) {
+        (
+            Dialect::Ascii1987,
+            Some(OriginalRef::Iso {
+                stan, transmission, ..
+            }),
+        ) => RefKey {
+            term,
+            stan,
+            tag: u32::try_from(transmission).unwrap_or(u32::MAX),
+        },
+        _ => own_key(req, term),
+    }
+}

@@ -1,0 +1,516 @@
+//! The durability seam: every committed change is a [`LedgerEvent`] that the journal stores
+//! and [`super::Ledger::apply`] replays to the same state.
+//!
+//! Encoding (version [`EVENT_VERSION`]): one version byte, one tag byte, then the fields in
+//! order; integers are LEB128 varints (signed ones zig-zag), identifiers are a length byte and
+//! their ASCII bytes. A PAN is never stored in clear: only the masked form (first 6 + last 4,
+//! packed) and the keyed 64-bit hash.
+
+use super::decision::{Decision, Figures};
+use super::money::{CardType, MaskedPan};
+use super::reason::Reason;
+use crate::clock::UnixSeconds;
+
+/// Version byte written first in every event and snapshot.
+pub const EVENT_VERSION: u8 = 1;
+
+/// An ASCII identifier of at most `N` bytes, stored inline (DE42: 15, DE41: 8).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShortId<const N: usize> {
+    len: u8,
+    bytes: [u8; N],
+}
+
+/// A merchant id (DE42).
+pub type MerchantId = ShortId<15>;
+/// A terminal id (DE41).
+pub type TerminalId = ShortId<8>;
+
+impl<const N: usize> ShortId<N> {
+    /// `None` when `s` is longer than `N` bytes or not ASCII.
+    pub fn new(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.len() > N || !s.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; N];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(ShortId {
+            len: b.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The identifier.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl<const N: usize> Default for ShortId<N> {
+    fn default() -> Self {
+        ShortId {
+            len: 0,
+            bytes: [0; N],
+        }
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for ShortId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// How a transaction is found again (see the request's `transmission` / `batch`):
+/// terminal, STAN and DE7 (ascii) or batch with the top bit set (cup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnKey {
+    /// DE41.
+    pub terminal: TerminalId,
+    /// DE11.
+    pub stan: u32,
+    /// DE7 MMDDhhmmss, or DE60.2 batch | 2^31.
+    pub tag: u32,
+}
+
+/// The idempotency key of the request an event answers, and its body fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerKey {
+    /// DE41.
+    pub terminal: TerminalId,
+    /// DE11.
+    pub stan: u32,
+    /// Local date MMDD.
+    pub mmdd: u16,
+    /// MTI class.
+    pub class: u8,
+    /// Body fingerprint.
+    pub fingerprint: u64,
+}
+
+/// A transaction as remembered (sale, refund or void).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnRecord {
+    /// Its own key.
+    pub key: TxnKey,
+    /// RRN packed by `rrn_key` (sales only).
+    pub rrn: Option<u64>,
+    /// Masked PAN.
+    pub pan: MaskedPan,
+    /// Keyed PAN hash.
+    pub pan_hash: u64,
+    /// Card scheme.
+    pub card: CardType,
+    /// Amount in minor units.
+    pub amount: u64,
+    /// `cup_pos` batch (0 for ascii).
+    pub batch: u32,
+}
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBody {
+    /// An approved sale.
+    Sale {
+        /// The request answered.
+        answer: AnswerKey,
+        /// The sale.
+        txn: TxnRecord,
+    },
+    /// An approved refund of `original`.
+    Refund {
+        /// The request answered.
+        answer: AnswerKey,
+        /// The refund itself.
+        txn: TxnRecord,
+        /// The sale refunded.
+        original: TxnKey,
+    },
+    /// An approved void of `original`.
+    Void {
+        /// The request answered.
+        answer: AnswerKey,
+        /// The void itself.
+        txn: TxnRecord,
+        /// The sale voided.
+        original: TxnKey,
+    },
+    /// A reversal of the transaction with key `target` (idempotent).
+    Reversal {
+        /// The request answered.
+        answer: AnswerKey,
+        /// The reversed transaction's key.
+        target: TxnKey,
+    },
+    /// A request declined after its reservation (e.g. upstream); a declined sale is kept
+    /// so that a refund of it is answered 12.
+    Declined {
+        /// The request answered.
+        answer: AnswerKey,
+        /// The decision given.
+        decision: Decision,
+        /// The declined sale, if it was one.
+        sale: Option<TxnRecord>,
+    },
+    /// A `cup_pos` terminal signed on.
+    SignOn {
+        /// The terminal.
+        terminal: TerminalId,
+    },
+    /// A cut-over started: requests get 90 until the settlement.
+    CutoverBegin,
+    /// A settlement: `payout` of net unsettled sales paid out, `reserve_used` taken from the
+    /// reserve when refunds exceeded sales; batches move on.
+    Settle {
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+}
+
+/// One committed change of one merchant, at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEvent {
+    /// DE42.
+    pub merchant: MerchantId,
+    /// When the request was decided (merchant days and windows use it on replay).
+    pub at: UnixSeconds,
+    /// What changed.
+    pub body: EventBody,
+}
+
+/// An event or snapshot that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Ended early.
+    #[error("truncated")]
+    Truncated,
+    /// Unknown version byte.
+    #[error("unsupported version {0}")]
+    Version(u8),
+    /// A field has a value no encoder writes.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+    /// Bytes left after the end.
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+}
+
+impl LedgerEvent {
+    /// Appends the binary form to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let w = &mut Writer(out);
+        w.u8(EVENT_VERSION);
+        let tag = match &self.body {
+            EventBody::Sale { .. } => 1,
+            EventBody::Refund { .. } => 2,
+            EventBody::Void { .. } => 3,
+            EventBody::Reversal { .. } => 4,
+            EventBody::Declined { .. } => 5,
+            EventBody::SignOn { .. } => 6,
+            EventBody::CutoverBegin => 7,
+            EventBody::Settle { .. } => 8,
+        };
+        w.u8(tag);
+        w.id(&self.merchant);
+        w.i64(self.at);
+        match &self.body {
+            EventBody::Sale { answer, txn } => {
+                w.answer(answer);
+                w.txn(txn);
+            }
+            EventBody::Refund {
+                answer,
+                txn,
+                original,
+            }
+            | EventBody::Void {
+                answer,
+                txn,
+                original,
+            } => {
+                w.answer(answer);
+                w.txn(txn);
+                w.key(original);
+            }
+            EventBody::Reversal { answer, target } => {
+                w.answer(answer);
+                w.key(target);
+            }
+            EventBody::Declined {
+                answer,
+                decision,
+                sale,
+            } => {
+                w.answer(answer);
+                w.decision(decision);
+                match sale {
+                    Some(t) => {
+                        w.u8(1);
+                        w.txn(t);
+                    }
+                    None => w.u8(0),
+                }
+            }
+            EventBody::SignOn { terminal } => w.id(terminal),
+            EventBody::CutoverBegin => {}
+            EventBody::Settle {
+                payout,
+                reserve_used,
+            } => {
+                w.u64(*payout);
+                w.u64(*reserve_used);
+            }
+        }
+    }
+
+    /// Decodes exactly one event from `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<LedgerEvent, DecodeError> {
+        let r = &mut Reader(bytes);
+        let v = r.u8()?;
+        if v != EVENT_VERSION {
+            return Err(DecodeError::Version(v));
+        }
+        let tag = r.u8()?;
+        let merchant = r.id()?;
+        let at = r.i64()?;
+        let body = match tag {
+            1 => EventBody::Sale {
+                answer: r.answer()?,
+                txn: r.txn()?,
+            },
+            2 => EventBody::Refund {
+                answer: r.answer()?,
+                txn: r.txn()?,
+                original: r.key()?,
+            },
+            3 => EventBody::Void {
+                answer: r.answer()?,
+                txn: r.txn()?,
+                original: r.key()?,
+            },
+            4 => EventBody::Reversal {
+                answer: r.answer()?,
+                target: r.key()?,
+            },
+            5 => EventBody::Declined {
+                answer: r.answer()?,
+                decision: r.decision()?,
+                sale: match r.u8()? {
+                    0 => None,
+                    1 => Some(r.txn()?),
+                    _ => return Err(DecodeError::Invalid("declined sale flag")),
+                },
+            },
+            6 => EventBody::SignOn { terminal: r.id()? },
+            7 => EventBody::CutoverBegin,
+            8 => EventBody::Settle {
+                payout: r.u64()?,
+                reserve_used: r.u64()?,
+            },
+            _ => return Err(DecodeError::Invalid("event tag")),
+        };
+        r.end()?;
+        Ok(LedgerEvent { merchant, at, body })
+    }
+}
+
+/// Appends the compact binary forms used by events and snapshots.
+pub(crate) struct Writer<'a>(pub &'a mut Vec<u8>);
+
+impl Writer<'_> {
+    pub fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+
+    pub fn u64(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    pub fn i64(&mut self, v: i64) {
+        self.u64(((v << 1) ^ (v >> 63)) as u64);
+    }
+
+    pub fn opt(&mut self, v: Option<u64>) {
+        match v {
+            Some(v) => {
+                self.u8(1);
+                self.u64(v);
+            }
+            None => self.u8(0),
+        }
+    }
+
+    pub fn id<const N: usize>(&mut self, id: &ShortId<N>) {
+        self.u8(id.len);
+        self.0.extend_from_slice(&id.bytes[..usize::from(id.len)]);
+    }
+
+    fn key(&mut self, k: &TxnKey) {
+        self.id(&k.terminal);
+        self.u64(u64::from(k.stan));
+        self.u64(u64::from(k.tag));
+    }
+
+    fn answer(&mut self, a: &AnswerKey) {
+        self.id(&a.terminal);
+        self.u64(u64::from(a.stan));
+        self.u64(u64::from(a.mmdd));
+        self.u8(a.class);
+        self.0.extend_from_slice(&a.fingerprint.to_le_bytes());
+    }
+
+    fn txn(&mut self, t: &TxnRecord) {
+        self.key(&t.key);
+        self.opt(t.rrn);
+        self.u64(t.pan.to_u64());
+        self.0.extend_from_slice(&t.pan_hash.to_le_bytes());
+        self.u8(t.card.to_u8());
+        self.u64(t.amount);
+        self.u64(u64::from(t.batch));
+    }
+
+    pub fn decision(&mut self, d: &Decision) {
+        let f = &d.figures;
+        self.u8(d.reason.to_u8());
+        self.u64(f.amount);
+        self.u64(u64::from(f.currency));
+        self.opt(f.limit);
+        self.opt(f.used);
+        self.opt(f.remaining);
+        self.opt(f.window_days.map(u64::from));
+        self.opt(f.original_amount);
+        self.opt(f.original_remaining);
+        self.opt(f.day_allowance_remaining);
+    }
+}
+
+/// Reads what [`Writer`] wrote.
+pub(crate) struct Reader<'a>(pub &'a [u8]);
+
+impl Reader<'_> {
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
+        let (&b, rest) = self.0.split_first().ok_or(DecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(b)
+    }
+
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7F) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(DecodeError::Invalid("varint"))
+    }
+
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
+        u32::try_from(self.u64()?).map_err(|_| DecodeError::Invalid("u32"))
+    }
+
+    pub fn i64(&mut self) -> Result<i64, DecodeError> {
+        let v = self.u64()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+
+    pub fn opt(&mut self) -> Result<Option<u64>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()?)),
+            _ => Err(DecodeError::Invalid("option flag")),
+        }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    pub fn fixed_u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.bytes(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    pub fn id<const N: usize>(&mut self) -> Result<ShortId<N>, DecodeError> {
+        let n = usize::from(self.u8()?);
+        if n > N {
+            return Err(DecodeError::Invalid("identifier length"));
+        }
+        let b = self.bytes(n)?;
+        let s = std::str::from_utf8(b).map_err(|_| DecodeError::Invalid("identifier"))?;
+        ShortId::new(s).ok_or(DecodeError::Invalid("identifier"))
+    }
+
+    fn key(&mut self) -> Result<TxnKey, DecodeError> {
+        Ok(TxnKey {
+            terminal: self.id()?,
+            stan: self.u32()?,
+            tag: self.u32()?,
+        })
+    }
+
+    fn answer(&mut self) -> Result<AnswerKey, DecodeError> {
+        Ok(AnswerKey {
+            terminal: self.id()?,
+            stan: self.u32()?,
+            mmdd: u16::try_from(self.u64()?).map_err(|_| DecodeError::Invalid("mmdd"))?,
+            class: self.u8()?,
+            fingerprint: self.fixed_u64()?,
+        })
+    }
+
+    fn txn(&mut self) -> Result<TxnRecord, DecodeError> {
+        Ok(TxnRecord {
+            key: self.key()?,
+            rrn: self.opt()?,
+            pan: MaskedPan::from_u64(self.u64()?),
+            pan_hash: self.fixed_u64()?,
+            card: CardType::from_u8(self.u8()?).ok_or(DecodeError::Invalid("card type"))?,
+            amount: self.u64()?,
+            batch: self.u32()?,
+        })
+    }
+
+    pub fn decision(&mut self) -> Result<Decision, DecodeError> {
+        let reason = Reason::from_u8(self.u8()?).ok_or(DecodeError::Invalid("reason"))?;
+        let figures = Figures {
+            amount: self.u64()?,
+            currency: u16::try_from(self.u64()?).map_err(|_| DecodeError::Invalid("currency"))?,
+            limit: self.opt()?,
+            used: self.opt()?,
+            remaining: self.opt()?,
+            window_days: self
+                .opt()?
+                .map(u32::try_from)
+                .transpose()
+                .map_err(|_| DecodeError::Invalid("window"))?,
+            original_amount: self.opt()?,
+            original_remaining: self.opt()?,
+            day_allowance_remaining: self.opt()?,
+        };
+        Ok(Decision::new(reason, figures))
+    }
+
+    pub fn end(&self) -> Result<(), DecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Trailing(self.0.len()))
+        }
+    }
+}

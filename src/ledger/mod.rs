@@ -1,0 +1,451 @@
+//! The sans-IO merchant ledger and refund/void policy engine (DOMAIN §3–§6, §9).
+//!
+//! The codec turns a wire message into a dialect-neutral [`Request`]; the flow layer calls
+//! [`Ledger::reserve`], journals [`Reservation::event`], then [`Ledger::commit`]s (or
+//! [`Ledger::release`]s on timeout / store failure, [`Ledger::decline`]s on an upstream
+//! decline) and renders the [`Decision`]: DE39 via [`Decision::de39`], DE44 via
+//! [`Reason::as_str`], DE54 via [`Decision::de54`]. Callers without I/O use [`Ledger::decide`].
+//!
+//! Nothing here reads a clock or touches I/O: `now` is passed in. State is sharded per
+//! merchant in a [`DashMap`]; every check-and-reserve and every commit runs under the
+//! merchant's shard lock, so no interleaving of concurrent requests can push a limit, an
+//! original's refundable remainder or the funds past their bound.
+//!
+//! Durability: every committed change is a [`LedgerEvent`]; [`Ledger::apply`] replays it to
+//! the same state (stored answers for repeats included); [`Ledger::snapshot`] /
+//! [`Ledger::restore`] bound replay time.
+
+// `Decision` (~130 bytes, `Copy`) is the declined answer itself; boxing it would allocate on
+// every decline of the hot path, so the large `Err` is deliberate.
+#![allow(clippy::result_large_err)]
+
+mod book;
+pub mod counters;
+pub mod decision;
+pub mod event;
+pub mod idempotency;
+pub mod merchants;
+pub mod money;
+pub mod originals;
+pub mod reason;
+mod snapshot;
+pub use snapshot::RestoreError;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dashmap::DashMap;
+
+use crate::clock::UnixSeconds;
+use book::{Book, Ctx, Hold};
+
+pub use decision::{format_de54, Decision, Figures, Operation, OriginalRef, Request};
+pub use event::{DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId};
+pub use merchants::{ConfigError, MerchantConfig, MerchantSet, Policy, SameDayRefund};
+pub use money::{CardType, MaskedPan, PanKey};
+pub use originals::OriginalState;
+pub use reason::{response_code, Dialect, Reason, ResponseCode};
+
+/// The in-memory ledger of every merchant of a [`MerchantSet`].
+pub struct Ledger {
+    slots: HashMap<Box<str>, u32>,
+    books: DashMap<u32, Book>,
+    pan_key: PanKey,
+    store_ok: AtomicBool,
+}
+
+/// A check that passed and holds its amounts and counts until [`Ledger::commit`] or
+/// [`Ledger::release`]. Dropping it without either leaks the hold until restart.
+#[must_use = "a reservation holds limits and funds until committed or released"]
+#[derive(Debug)]
+pub struct Reservation {
+    slot: u32,
+    event: LedgerEvent,
+    hold: Hold,
+}
+
+impl Reservation {
+    /// The change [`Ledger::commit`] will apply; journal it before committing.
+    pub fn event(&self) -> &LedgerEvent {
+        &self.event
+    }
+}
+
+/// A merchant's funds (DOMAIN §4), minor units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Funds {
+    /// Prefunded reserve.
+    pub reserve: u64,
+    /// Sales not yet paid out by a settlement.
+    pub unsettled_sales: u64,
+    /// Refunds committed since the last settlement.
+    pub refunds_committed: u64,
+    /// Refunds and voids reserved, not yet committed.
+    pub refunds_reserved: u64,
+    /// Sales reserved, not yet committed ("in transit").
+    pub sales_pending: u64,
+    /// `reserve + unsettled_sales − refunds_committed − refunds_reserved` (never below 0).
+    pub available: u64,
+}
+
+/// A merchant's committed refund usage in the periods containing `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Refund amount today (merchant-local).
+    pub day_amount: u64,
+    /// Refunds today.
+    pub day_count: u32,
+    /// Refund amount this month.
+    pub month_amount: u64,
+    /// Refunds this month.
+    pub month_count: u32,
+    /// Reversals answered 00 with nothing to undo (DOMAIN §9).
+    pub reversal_noops: u64,
+    /// Remembered transactions (sales, refunds, voids, tombstones).
+    pub entries: usize,
+}
+
+/// What the ledger remembers of a transaction (no PAN in clear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginalView {
+    /// Amount.
+    pub amount: u64,
+    /// Approved refunds so far.
+    pub refunded: u64,
+    /// Approved refunds count.
+    pub refund_count: u16,
+    /// State.
+    pub state: OriginalState,
+    /// Masked PAN.
+    pub pan: MaskedPan,
+    /// Card scheme.
+    pub card: CardType,
+    /// Batch (cup).
+    pub batch: u32,
+}
+
+/// A library call named a merchant or terminal the set does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub Reason);
+
+impl Ledger {
+    /// An empty ledger for `merchants`; PAN hashes use `pan_key`.
+    pub fn new(merchants: &MerchantSet, pan_key: PanKey) -> Ledger {
+        let books = DashMap::new();
+        let mut slots = HashMap::new();
+        for (i, m) in merchants.merchants.iter().enumerate() {
+            let (Some(book), Ok(slot)) = (Book::new(m), u32::try_from(i)) else {
+                continue;
+            };
+            slots.insert(m.id.clone().into_boxed_str(), slot);
+            books.insert(slot, book);
+        }
+        Ledger {
+            slots,
+            books,
+            pan_key,
+            store_ok: AtomicBool::new(true),
+        }
+    }
+
+    /// Tells the ledger whether the journal can take writes; while not, requests get 96
+    /// (`STORE_UNAVAILABLE`, DOMAIN §5 row 5).
+    pub fn set_store_available(&self, ok: bool) {
+        self.store_ok.store(ok, Ordering::SeqCst);
+    }
+
+    /// Checks `req` in the order of DOMAIN §5 rows 1 (what the ledger can see of it) and
+    /// 3–13 and, when it passes, reserves what it needs. A repeat or identical
+    /// retransmission gets its stored answer as `Err` (and moves nothing).
+    pub fn reserve(&self, req: &Request<'_>, now: UnixSeconds) -> Result<Reservation, Decision> {
+        if !well_formed(req) {
+            return Err(Decision::bare(Reason::FORMAT_ERROR));
+        }
+        let Some(&slot) = self.slots.get(req.merchant) else {
+            return Err(Decision::bare(Reason::UNKNOWN_MERCHANT));
+        };
+        let ctx = Ctx {
+            now,
+            pan_hash: self.pan_key.hash(req.pan),
+            store_ok: self.store_ok.load(Ordering::Relaxed),
+        };
+        let mut book = self
+            .books
+            .get_mut(&slot)
+            .ok_or(Decision::bare(Reason::INTERNAL_ERROR))?;
+        let (body, hold) = book.check(req, &ctx)?;
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body,
+        };
+        Ok(Reservation { slot, event, hold })
+    }
+
+    /// Applies a reservation's event (after it was journaled) and returns the answer.
+    /// The answer is usually an approval; it is a decline when a reversal of this very
+    /// request, or a void or reversal of its original, was applied in between.
+    pub fn commit(&self, r: Reservation) -> Decision {
+        let Some(mut book) = self.books.get_mut(&r.slot) else {
+            return Decision::bare(Reason::INTERNAL_ERROR);
+        };
+        book.release(&r.hold);
+        book.apply(r.event.at, &r.event.body)
+    }
+
+    /// Gives a reservation back without an answer (timeout, store failure): a retry is
+    /// decided anew.
+    pub fn release(&self, r: Reservation) {
+        if let Some(mut book) = self.books.get_mut(&r.slot) {
+            book.release(&r.hold);
+        }
+    }
+
+    /// Gives a reservation back and answers `reason` (e.g. an upstream decline); a declined
+    /// sale is remembered so that a refund of it gets 12. Returns the event to journal.
+    pub fn decline(&self, r: Reservation, reason: Reason) -> (Decision, LedgerEvent) {
+        let (answer, sale, amount) = match &r.event.body {
+            EventBody::Sale { answer, txn } => (Some(*answer), Some(*txn), txn.amount),
+            EventBody::Refund { answer, txn, .. } | EventBody::Void { answer, txn, .. } => {
+                (Some(*answer), None, txn.amount)
+            }
+            EventBody::Reversal { answer, .. } => (Some(*answer), None, 0),
+            _ => (None, None, 0),
+        };
+        let Some(mut book) = self.books.get_mut(&r.slot) else {
+            return (Decision::bare(Reason::INTERNAL_ERROR), r.event);
+        };
+        book.release(&r.hold);
+        let decision = Decision::new(
+            reason,
+            Figures {
+                amount,
+                currency: book.policy.currency,
+                ..Figures::default()
+            },
+        );
+        let Some(answer) = answer else {
+            return (decision, r.event);
+        };
+        let event = LedgerEvent {
+            merchant: r.event.merchant,
+            at: r.event.at,
+            body: EventBody::Declined {
+                answer,
+                decision,
+                sale,
+            },
+        };
+        let d = book.apply(event.at, &event.body);
+        (d, event)
+    }
+
+    /// [`Ledger::reserve`] then [`Ledger::commit`], for callers without I/O.
+    pub fn decide(&self, req: &Request<'_>, now: UnixSeconds) -> Decision {
+        match self.reserve(req, now) {
+            Ok(r) => self.commit(r),
+            Err(d) => d,
+        }
+    }
+
+    /// Replays one journaled event (restart). Events must be applied in journal order.
+    pub fn apply(&self, event: &LedgerEvent) -> Result<Decision, Refused> {
+        let slot = self.slot(event.merchant.as_str())?;
+        let mut book = self
+            .books
+            .get_mut(&slot)
+            .ok_or(Refused(Reason::INTERNAL_ERROR))?;
+        Ok(book.apply(event.at, &event.body))
+    }
+
+    /// Signs a `cup_pos` terminal on and returns its current batch number (DE60.2 of the
+    /// 0810) with the event to journal.
+    pub fn sign_on(
+        &self,
+        merchant: &str,
+        terminal: &str,
+        now: UnixSeconds,
+    ) -> Result<(u32, LedgerEvent), Refused> {
+        let mut book = self.book_mut(merchant)?;
+        let t = book
+            .term_index(terminal)
+            .ok_or(Refused(Reason::UNKNOWN_TERMINAL))?;
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body: EventBody::SignOn {
+                terminal: book.terms[usize::from(t)].id,
+            },
+        };
+        book.apply(now, &event.body);
+        Ok((book.terms[usize::from(t)].batch, event))
+    }
+
+    /// Starts a cut-over: the merchant's requests get 90 until [`Ledger::settle`].
+    pub fn begin_cutover(&self, merchant: &str, now: UnixSeconds) -> Result<LedgerEvent, Refused> {
+        let mut book = self.book_mut(merchant)?;
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body: EventBody::CutoverBegin,
+        };
+        book.apply(now, &event.body);
+        Ok(event)
+    }
+
+    /// Settles the merchant: pays unsettled sales out (net of refunds, keeping what backs
+    /// debits in flight), marks its originals settled, moves every terminal to the next batch
+    /// and ends a cut-over. Returns the answer (figures.amount = payout) and the event.
+    pub fn settle(
+        &self,
+        merchant: &str,
+        now: UnixSeconds,
+    ) -> Result<(Decision, LedgerEvent), Refused> {
+        let mut book = self.book_mut(merchant)?;
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body: book.settle_body(),
+        };
+        let d = book.apply(now, &event.body);
+        Ok((d, event))
+    }
+
+    /// The merchant's funds.
+    pub fn funds(&self, merchant: &str) -> Option<Funds> {
+        let book = self.books.get(&self.slot(merchant).ok()?)?;
+        Some(Funds {
+            reserve: book.reserve,
+            unsettled_sales: book.unsettled,
+            refunds_committed: book.committed,
+            refunds_reserved: book.pending_debits,
+            sales_pending: book.pending_sales,
+            available: book.available(),
+        })
+    }
+
+    /// The merchant's committed refund usage for the local day and month of `now`.
+    pub fn usage(&self, merchant: &str, now: UnixSeconds) -> Option<Usage> {
+        let book = self.books.get(&self.slot(merchant).ok()?)?;
+        let local = book.policy.utc_offset.local(now);
+        let (day_amount, day_count) = book.day.in_period(local.day);
+        let (month_amount, month_count) = book.month.in_period(local.month);
+        Some(Usage {
+            day_amount,
+            day_count,
+            month_amount,
+            month_count,
+            reversal_noops: book.reversal_noops,
+            entries: book.entries.len(),
+        })
+    }
+
+    /// The transaction `reference` names for `terminal` (as a refund would find it).
+    pub fn original(
+        &self,
+        merchant: &str,
+        terminal: &str,
+        reference: OriginalRef<'_>,
+    ) -> Option<OriginalView> {
+        let book = self.books.get(&self.slot(merchant).ok()?)?;
+        let idx = book.lookup(reference, book.term_index(terminal)?)?;
+        let e = book.entries.get(idx as usize)?;
+        Some(OriginalView {
+            amount: e.amount,
+            refunded: e.refunded,
+            refund_count: e.refund_count,
+            state: e.state_at(book.epoch),
+            pan: e.pan,
+            card: e.card,
+            batch: e.batch,
+        })
+    }
+
+    /// Remembered transactions over all merchants.
+    pub fn entries(&self) -> usize {
+        self.books.iter().map(|b| b.entries.len()).sum()
+    }
+
+    /// Reversals answered 00 with nothing to undo, over all merchants (DOMAIN §9).
+    pub fn reversal_noops(&self) -> u64 {
+        self.books.iter().map(|b| b.reversal_noops).sum()
+    }
+
+    fn slot(&self, merchant: &str) -> Result<u32, Refused> {
+        self.slots
+            .get(merchant)
+            .copied()
+            .ok_or(Refused(Reason::UNKNOWN_MERCHANT))
+    }
+
+    fn book_mut(
+        &self,
+        merchant: &str,
+    ) -> Result<dashmap::mapref::one::RefMut<'_, u32, Book>, Refused> {
+        let slot = self.slot(merchant)?;
+        self.books
+            .get_mut(&slot)
+            .ok_or(Refused(Reason::INTERNAL_ERROR))
+    }
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("merchants", &self.slots.len())
+            .field("store_ok", &self.store_ok.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Row 1 as far as the ledger can see it: digits, lengths and the references each operation
+/// needs. The codec has already rejected what it can; this guards the ledger's own keys.
+fn well_formed(req: &Request<'_>) -> bool {
+    const N6: u32 = 999_999;
+    let mmdd_ok = |d: u16| (1..=12).contains(&(d / 100)) && (1..=31).contains(&(d % 100));
+    let de7_ok = |t: u64| t <= 1_231_235_959 && mmdd_ok(u16::try_from(t / 1_000_000).unwrap_or(0));
+    let rrn_ok = |r: Option<&str>| r.is_none_or(|r| money::rrn_key(r).is_some());
+    if req.stan > N6 || !mmdd_ok(req.local_date_mmdd) || !rrn_ok(req.rrn) {
+        return false;
+    }
+    if req.batch.is_some_and(|b| b > N6) || req.transmission.is_some_and(|t| !de7_ok(t)) {
+        return false;
+    }
+    let own_key = match req.dialect {
+        Dialect::Ascii1987 => req.transmission.is_some(),
+        Dialect::CupPos => req.batch.is_some(),
+    };
+    let original_ok = match (req.dialect, req.original) {
+        (
+            Dialect::Ascii1987,
+            Some(OriginalRef::Iso {
+                stan,
+                transmission,
+                rrn,
+                ..
+            }),
+        ) => stan <= N6 && de7_ok(transmission) && rrn_ok(rrn),
+        (
+            Dialect::CupPos,
+            Some(OriginalRef::Cup {
+                batch,
+                trace,
+                date_mmdd,
+                rrn,
+            }),
+        ) => batch <= N6 && trace <= N6 && date_mmdd.is_none_or(mmdd_ok) && rrn_ok(rrn),
+        _ => false,
+    };
+    let pan_ok = MaskedPan::new(req.pan).is_some();
+    match req.op {
+        Operation::Sale => own_key && pan_ok,
+        Operation::Refund | Operation::Void => own_key && pan_ok && original_ok,
+        Operation::Reversal => match req.dialect {
+            Dialect::Ascii1987 => original_ok,
+            // A cup reversal of a sale has no DE61; of a void it has the void's.
+            Dialect::CupPos => own_key && (req.original.is_none() || original_ok),
+        },
+        Operation::Settlement => true,
+    }
+}
