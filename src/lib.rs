@@ -7,10 +7,18 @@
 //! - [`explain`]: a reason and its figures as one English and one Chinese sentence.
 //! - [`cli`]: the command line (`decode`, `encode`, `serve`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
+<<<<<<< HEAD
 pub mod cli;
+=======
+//! - [`journal`]: durable, group-committed journal of ledger events; snapshots, recovery, verify.
+>>>>>>> journal
 pub mod clock;
 pub mod explain;
 pub mod iso8583;
+<<<<<<< HEAD
 pub mod ledger;
+=======
+pub mod journal;
+>>>>>>> journal
 pub mod limits;
 pub mod mac;

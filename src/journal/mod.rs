@@ -1,0 +1,513 @@
+//! The durable journal: append-only, group-committed, checksummed records of opaque payloads,
+//! with snapshots to bound replay (DOMAIN §7). Payload-agnostic: the ledger owns the bytes.
+//!
+//! # Use
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use refundgate::journal::{Journal, Options};
+//! let (journal, mut recovered) = Journal::open("/var/lib/refundgate/journal", Options::default())?;
+//! if let Some(snapshot) = recovered.take_snapshot() { /* ledger.restore(&snapshot.bytes) */ }
+//! recovered.replay(|seq, payload| { /* ledger.apply(seq, payload) */ })?;
+//! let seq = journal.append(b"event".to_vec()).await?; // resolves once durable
+//! if seq - journal.snapshot_seq() >= 100_000 {
+//!     // let bytes = ledger.snapshot(); (state as of `seq`)
+//!     # let bytes = Vec::new();
+//!     journal.snapshot(seq, &bytes)?; // blocking: call from spawn_blocking in async code
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Files in the directory
+//!
+//! - `NNNNNNNNNNNNNNNNNNNN.seg`: segments ([`segment`]), each preallocated and zeroed, holding
+//!   records ([`record`]) `len u32 | crc32c u32 | seq u64 | payload`; a zero length ends them.
+//! - `snapshot-NNNNNNNNNNNNNNNNNNNN.snap`: the caller's state as of a seq ([`snapshot`]).
+//! - `*.tmp`: interrupted preallocations or snapshot writes, removed at open.
+//!
+//! Seqs start at 1 and have no gaps. A missing directory is created at open (with its
+//! parents); [`verify`] never creates anything.
+//!
+//! # Modules
+//!
+//! [`record`], [`segment`], [`snapshot`]: the file formats (sans-IO, plus the file writes);
+//! [`storage`]: the seam for fault injection; `group_commit`: the writer thread; `recovery`:
+//! scan and replay; `verify`: the offline check.
+
+mod error;
+mod group_commit;
+pub mod record;
+mod recovery;
+pub mod segment;
+pub mod snapshot;
+pub mod storage;
+mod verify;
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use error::{JournalError, StoreError, EXIT_IOERR, EXIT_SOFTWARE, EXIT_USAGE};
+pub use recovery::Recovered;
+pub use snapshot::Snapshot;
+pub use storage::{Faults, FaultyStorage, FsStorage, Storage, StorageFile};
+pub use verify::{run_verify, verify, verify_with, VerifyReport};
+
+use group_commit::{ClosedSegment, Request, Shared, Writer, WriterConfig, WriterStart, PAGE_BYTES};
+use recovery::{Scan, SegmentScan};
+use segment::{Segment, SEGMENT_HEADER_BYTES};
+
+/// Default bound of the append queue: appends beyond it wait (backpressure).
+pub const QUEUE_CAPACITY_DEFAULT: usize = 4096;
+/// Default largest number of records in one write + sync.
+pub const BATCH_RECORDS_DEFAULT_MAX: usize = 1024;
+/// Default largest number of bytes in one write + sync (a single larger record still goes).
+pub const BATCH_BYTES_DEFAULT_MAX: usize = 1024 * 1024;
+
+const _: () = assert!(QUEUE_CAPACITY_DEFAULT >= BATCH_RECORDS_DEFAULT_MAX);
+const _: () = assert!(
+    (BATCH_BYTES_DEFAULT_MAX as u64) < segment::SEGMENT_BYTES_DEFAULT - SEGMENT_HEADER_BYTES as u64
+);
+const _: () = assert!(segment::SEGMENT_BYTES_MIN >= PAGE_BYTES);
+
+/// When an append counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// After `fdatasync` of the batch holding it (the only safe choice).
+    #[default]
+    Fdatasync,
+    /// After the write only: a crash or power loss can lose acknowledged records. For tests
+    /// and benches; the caller logs a warning at start when it is chosen.
+    UnsafeNoFsync,
+}
+
+/// Journal settings. `Options::default()` is the production setting.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// When an append is acknowledged.
+    pub durability: Durability,
+    /// Size of new segment files (existing ones keep theirs).
+    pub segment_bytes: u64,
+    /// Bound of the append queue.
+    pub queue_capacity: usize,
+    /// Most records per write + sync.
+    pub batch_records_max: usize,
+    /// Most bytes per write + sync.
+    pub batch_bytes_max: usize,
+    /// The file system, or a fault-injecting one in tests.
+    pub storage: Arc<dyn Storage>,
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// The snapshot file written.
+    pub path: PathBuf,
+    /// Segments deleted because the snapshot covers all their records.
+    pub segments_removed: usize,
+    /// Older snapshot files deleted.
+    pub snapshots_removed: usize,
+}
+
+/// An open journal: appends through its writer thread, snapshots from the caller's thread.
+///
+/// Dropping it drains the queue (every queued append is completed) and joins the writer.
+pub struct Journal {
+    sender: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    payload_max: usize,
+    snapshot_seq: AtomicU64,
+    snapshot_lock: Mutex<()>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Fdatasync,
+            segment_bytes: segment::SEGMENT_BYTES_DEFAULT,
+            queue_capacity: QUEUE_CAPACITY_DEFAULT,
+            batch_records_max: BATCH_RECORDS_DEFAULT_MAX,
+            batch_bytes_max: BATCH_BYTES_DEFAULT_MAX,
+            storage: Arc::new(FsStorage),
+        }
+    }
+}
+
+impl Options {
+    fn validate(&self) -> Result<(), JournalError> {
+        let bad = JournalError::InvalidOptions;
+        if !(segment::SEGMENT_BYTES_MIN..=segment::SEGMENT_BYTES_MAX).contains(&self.segment_bytes)
+        {
+            return Err(bad("segment_bytes must be within 4 KiB..=1 GiB"));
+        }
+        if self.queue_capacity == 0 || self.queue_capacity > 1 << 20 {
+            return Err(bad("queue_capacity must be within 1..=1048576"));
+        }
+        if self.batch_records_max == 0 || self.batch_records_max > self.queue_capacity {
+            return Err(bad("batch_records_max must be within 1..=queue_capacity"));
+        }
+        // A batch also stops where the segment is full, so a larger bound is harmless.
+        if self.batch_bytes_max == 0 {
+            return Err(bad("batch_bytes_max must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl Journal {
+    /// Opens (creating if missing) the journal in `dir`, recovers it, and starts the writer.
+    ///
+    /// Restore [`Recovered::snapshot`] and run [`Recovered::replay`] before appending.
+    /// Nothing is written before every file header was checked, so a foreign or
+    /// other-version directory is left as it was. A torn tail is zeroed (one warning).
+    pub fn open(
+        dir: impl AsRef<Path>,
+        options: Options,
+    ) -> Result<(Journal, Recovered), JournalError> {
+        options.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let storage = Arc::clone(&options.storage);
+        storage
+            .create_dir_all(&dir)
+            .map_err(|e| JournalError::io("create directory", dir.clone(), e))?;
+        let mut scan = recovery::scan(&storage, &dir)?;
+        probe_writable(&storage, &dir)?;
+        let (start, closed) = prepare(&storage, &dir, &scan, &options)?;
+        let active_capacity = start.active.size - SEGMENT_HEADER_BYTES as u64;
+        let payload_max = record::PAYLOAD_BYTES_MAX.min(
+            (active_capacity.min(options.segment_bytes - SEGMENT_HEADER_BYTES as u64)) as usize
+                - record::RECORD_HEADER_BYTES,
+        );
+        let recovered = Recovered::new(Arc::clone(&storage), &mut scan);
+        let shared = Arc::new(Shared {
+            durable_seq: AtomicU64::new(scan.last_seq),
+            closed: Mutex::new(closed),
+            ..Shared::default()
+        });
+        let (sender, receiver) = mpsc::channel(options.queue_capacity);
+        let config = WriterConfig {
+            durability: options.durability,
+            segment_bytes: options.segment_bytes,
+            batch_records_max: options.batch_records_max,
+            batch_bytes_max: options.batch_bytes_max as u64,
+        };
+        let writer = Writer::new(
+            Arc::clone(&storage),
+            dir.clone(),
+            config,
+            receiver,
+            Arc::clone(&shared),
+            start,
+        );
+        let writer = thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| JournalError::io("start writer thread for", dir.clone(), e))?;
+        let snapshot_seq = recovered.snapshot().map_or(0, |s| s.seq);
+        tracing::info!(
+            dir = %dir.display(),
+            segments = scan.segments.len(),
+            last_seq = scan.last_seq,
+            snapshot_seq,
+            replay = recovered.records_to_replay(),
+            "journal open"
+        );
+        let journal = Journal {
+            sender: Some(sender),
+            writer: Some(writer),
+            shared,
+            storage,
+            dir,
+            payload_max,
+            snapshot_seq: AtomicU64::new(snapshot_seq),
+            snapshot_lock: Mutex::new(()),
+        };
+        Ok((journal, recovered))
+    }
+
+    /// Appends `payload`; resolves with its seq once it is durable (per [`Durability`]).
+    ///
+    /// Waits while the queue is full. On [`StoreError`] the record is not acknowledged and
+    /// will not be replayed unless the storage persisted it despite reporting the failure
+    /// and the process stopped before the next successful write (see `group_commit`).
+    pub async fn append(&self, payload: Vec<u8>) -> Result<u64, StoreError> {
+        self.check_payload(&payload)?;
+        let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
+        let (done, outcome) = oneshot::channel();
+        sender
+            .send(Request { payload, done })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`append`](Self::append) for threads outside an async runtime (panics inside one).
+    pub fn append_blocking(&self, payload: Vec<u8>) -> Result<u64, StoreError> {
+        self.check_payload(&payload)?;
+        let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
+        let (done, outcome) = oneshot::channel();
+        sender
+            .blocking_send(Request { payload, done })
+            .map_err(|_| StoreError::Closed)?;
+        outcome.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Writes a snapshot of the caller's state as of `seq` (which must be durable), then
+    /// deletes older snapshots and the segments whose records it all covers.
+    ///
+    /// Blocking file I/O: from async code call it inside `spawn_blocking`. The snapshot is
+    /// durable (written, synced, renamed, directory synced) before anything is deleted.
+    pub fn snapshot(&self, seq: u64, bytes: &[u8]) -> Result<SnapshotReport, JournalError> {
+        let _one_at_a_time = self
+            .snapshot_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let durable_seq = self.durable_seq();
+        let snapshot_seq = self.snapshot_seq();
+        if seq > durable_seq || seq < snapshot_seq {
+            return Err(JournalError::SnapshotSeq {
+                seq,
+                durable_seq,
+                snapshot_seq,
+            });
+        }
+        let path = snapshot::write(&self.storage, &self.dir, seq, bytes)?;
+        self.snapshot_seq.store(seq, Ordering::Release);
+        let snapshots_removed = self.remove_older_snapshots(seq)?;
+        let segments_removed = self.remove_covered_segments(seq)?;
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(|e| JournalError::io("sync", self.dir.clone(), e))?;
+        tracing::info!(
+            seq,
+            bytes = bytes.len(),
+            segments_removed,
+            snapshots_removed,
+            "journal snapshot written"
+        );
+        Ok(SnapshotReport {
+            path,
+            segments_removed,
+            snapshots_removed,
+        })
+    }
+
+    /// The last seq acknowledged as durable (0 if none).
+    pub fn durable_seq(&self) -> u64 {
+        self.shared.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// The seq of the newest snapshot (0 if none): snapshot when `durable_seq()` is far past it.
+    pub fn snapshot_seq(&self) -> u64 {
+        self.snapshot_seq.load(Ordering::Acquire)
+    }
+
+    /// Batches written and synced so far (each one write + one `fdatasync`).
+    pub fn batches(&self) -> u64 {
+        self.shared.batches.load(Ordering::Relaxed)
+    }
+
+    /// Batches that failed so far (each of their appends got [`StoreError::Unavailable`]).
+    pub fn failed_batches(&self) -> u64 {
+        self.shared.failed_batches.load(Ordering::Relaxed)
+    }
+
+    /// Largest payload [`append`](Self::append) accepts.
+    pub fn payload_max(&self) -> usize {
+        self.payload_max
+    }
+
+    /// The journal's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_payload(&self, payload: &[u8]) -> Result<(), StoreError> {
+        if payload.is_empty() || payload.len() > self.payload_max {
+            return Err(StoreError::PayloadSize {
+                len: payload.len(),
+                max: self.payload_max,
+            });
+        }
+        Ok(())
+    }
+
+    fn remove_older_snapshots(&self, seq: u64) -> Result<usize, JournalError> {
+        let names = self
+            .storage
+            .list(&self.dir)
+            .map_err(|e| JournalError::io("list", self.dir.clone(), e))?;
+        let mut removed = 0;
+        for name in names {
+            if snapshot::parse_snapshot_file_name(&name).is_some_and(|older| older < seq) {
+                let path = self.dir.join(name);
+                self.storage
+                    .remove(&path)
+                    .map_err(|e| JournalError::io("remove", path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn remove_covered_segments(&self, seq: u64) -> Result<usize, JournalError> {
+        let covered: Vec<PathBuf> = self
+            .closed()
+            .iter()
+            .take_while(|segment| segment.last_seq.is_none_or(|last| last <= seq))
+            .map(|segment| segment.path.clone())
+            .collect();
+        for path in &covered {
+            match self.storage.remove(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(JournalError::io("remove", path.clone(), e))
+                }
+                _ => self.closed().retain(|segment| segment.path != *path),
+            }
+        }
+        Ok(covered.len())
+    }
+
+    fn closed(&self) -> std::sync::MutexGuard<'_, Vec<ClosedSegment>> {
+        self.shared
+            .closed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer drain the queue and return.
+        drop(self.sender.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!("journal writer thread panicked");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("dir", &self.dir)
+            .field("durable_seq", &self.durable_seq())
+            .field("snapshot_seq", &self.snapshot_seq())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fails early, with a clear error, when the directory cannot take new files.
+fn probe_writable(storage: &Arc<dyn Storage>, dir: &Path) -> Result<(), JournalError> {
+    let probe = dir.join("write-probe.tmp");
+    let _ = storage.remove(&probe);
+    let file = storage
+        .create(&probe)
+        .map_err(|e| JournalError::io("create a file in", dir.to_path_buf(), e))?;
+    drop(file);
+    storage
+        .remove(&probe)
+        .map_err(|e| JournalError::io("remove", probe, e))
+}
+
+/// Applies recovery's changes (stale files, torn tail) and finds where the writer starts.
+fn prepare(
+    storage: &Arc<dyn Storage>,
+    dir: &Path,
+    scan: &Scan,
+    options: &Options,
+) -> Result<(WriterStart, Vec<ClosedSegment>), JournalError> {
+    for path in &scan.stale {
+        match storage.remove(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(JournalError::io("remove", path.clone(), e))
+            }
+            _ => {}
+        }
+    }
+    if let Some(torn) = &scan.torn {
+        let io = |op| move |e| JournalError::io(op, torn.path.clone(), e);
+        let file = storage.open(&torn.path, true).map_err(io("open"))?;
+        let zeros = vec![0u8; (torn.garbage_end - torn.offset) as usize];
+        file.write_at(&zeros, torn.offset).map_err(io("write"))?;
+        file.sync_data().map_err(io("sync"))?;
+        tracing::warn!(
+            path = %torn.path.display(),
+            offset = torn.offset,
+            bytes = zeros.len(),
+            reason = torn.reason,
+            "journal torn tail discarded (never acknowledged)"
+        );
+    }
+    let next_seq = scan.last_seq + 1;
+    let Some(last) = scan.segments.last() else {
+        let active = segment::create_segment(storage, dir, 0, options.segment_bytes)
+            .map_err(|e| JournalError::io("create segment in", dir.to_path_buf(), e))?;
+        let start = WriterStart {
+            tail: segment::encode_header(0).to_vec(),
+            active,
+            active_last_seq: None,
+            pos: SEGMENT_HEADER_BYTES as u64,
+            next_seq,
+            spares: VecDeque::new(),
+            next_index: 1,
+        };
+        return Ok((start, Vec::new()));
+    };
+    let at = scan
+        .segments
+        .iter()
+        .rposition(|s| s.records > 0)
+        .unwrap_or(0);
+    let closed = scan.segments[..at]
+        .iter()
+        .map(|s| ClosedSegment {
+            path: s.path.clone(),
+            last_seq: s.last_seq,
+        })
+        .collect();
+    let active_scan = &scan.segments[at];
+    let active = open_segment(storage, active_scan)?;
+    let tail_start = active_scan.end / PAGE_BYTES * PAGE_BYTES;
+    let mut tail = vec![0u8; (active_scan.end - tail_start) as usize];
+    let n = active
+        .file
+        .read_at(&mut tail, tail_start)
+        .map_err(|e| JournalError::io("read", active.path.clone(), e))?;
+    tail.truncate(n);
+    let spares = scan.segments[at + 1..]
+        .iter()
+        .map(|s| open_segment(storage, s))
+        .collect::<Result<VecDeque<_>, _>>()?;
+    let start = WriterStart {
+        active,
+        active_last_seq: active_scan.last_seq,
+        pos: active_scan.end,
+        tail,
+        next_seq,
+        spares,
+        next_index: last.index + 1,
+    };
+    Ok((start, closed))
+}
+
+fn open_segment(storage: &Arc<dyn Storage>, scan: &SegmentScan) -> Result<Segment, JournalError> {
+    let file = storage
+        .open(&scan.path, true)
+        .map_err(|e| JournalError::io("open", scan.path.clone(), e))?;
+    Ok(Segment {
+        index: scan.index,
+        path: scan.path.clone(),
+        file,
+        size: scan.size,
+    })
+}

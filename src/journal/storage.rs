@@ -1,0 +1,295 @@
+//! The storage seam: every file operation the journal performs goes through [`Storage`], so
+//! tests can count syncs and inject write, sync and permission faults ([`FaultyStorage`]).
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// File-system operations on a journal directory.
+pub trait Storage: fmt::Debug + Send + Sync + 'static {
+    /// Creates `dir` and any missing parents; succeeds if it already exists.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Lists the file names (not paths) in `dir`, in no particular order.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates a new file for reading and writing; fails if it already exists.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>>;
+    /// Opens an existing file, read-only unless `writable`.
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn StorageFile>>;
+    /// Renames `from` to `to`, replacing `to` if it exists.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Makes the directory entries of `dir` (creations, renames, removals) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// An open file with positioned I/O.
+pub trait StorageFile: Send + Sync {
+    /// Writes all of `buf` at `offset` (`pwrite`, repeated until done).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Reads at `offset` until `buf` is full or the file ends; returns the bytes read.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Makes written data durable (`fdatasync`).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Makes written data and metadata durable (`fsync`).
+    fn sync_all(&self) -> io::Result<()>;
+    /// The file's size in bytes.
+    fn size(&self) -> io::Result<u64>;
+}
+
+/// The real file system (std only; `pwrite` through [`FileExt::write_all_at`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsStorage;
+
+/// A [`File`] behind the [`StorageFile`] seam.
+#[derive(Debug)]
+struct FsFile(File);
+
+/// Fault switches and counters shared between a [`FaultyStorage`] and the test driving it.
+#[derive(Debug, Default)]
+pub struct Faults {
+    fail_writes: AtomicBool,
+    fail_syncs: AtomicBool,
+    read_only: AtomicBool,
+    writes: AtomicU64,
+    syncs: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A [`Storage`] over the real file system that counts writes and syncs and fails on demand.
+///
+/// For tests and benches. An injected write fault writes the first half of the buffer and
+/// then fails, like a torn write; an injected sync fault fails without syncing, leaving the
+/// written bytes in the page cache, like a kernel that reports a writeback error.
+#[derive(Debug, Clone)]
+pub struct FaultyStorage {
+    faults: Arc<Faults>,
+}
+
+/// A file opened through a [`FaultyStorage`].
+struct FaultyFile {
+    inner: FsFile,
+    faults: Arc<Faults>,
+}
+
+impl Storage for FsStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Box::new(FsFile(file)))
+    }
+
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn StorageFile>> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(Box::new(FsFile(file)))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+}
+
+impl StorageFile for FsFile {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.0.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.0.sync_all()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}
+
+impl Faults {
+    /// Makes every following write fail (after writing half its bytes) until cleared.
+    pub fn set_fail_writes(&self, on: bool) {
+        self.fail_writes.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes every following sync fail (without syncing) until cleared.
+    pub fn set_fail_syncs(&self, on: bool) {
+        self.fail_syncs.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes creations, renames, removals and writable opens fail as on a read-only file system.
+    pub fn set_read_only(&self, on: bool) {
+        self.read_only.store(on, Ordering::SeqCst);
+    }
+
+    /// Writes attempted so far (failed ones included).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// File syncs (`fdatasync` and `fsync`, not directory syncs) attempted so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
+    }
+
+    /// Operations failed by injection so far.
+    pub fn injected(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn fail(&self, what: &'static str) -> io::Error {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        io::Error::other(what)
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only.load(Ordering::SeqCst) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem));
+        }
+        Ok(())
+    }
+}
+
+impl FaultyStorage {
+    /// A storage with no fault switched on, and the handle that switches faults.
+    pub fn new() -> (Self, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        (
+            Self {
+                faults: Arc::clone(&faults),
+            },
+            faults,
+        )
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        if !dir.exists() {
+            self.faults.check_writable()?;
+        }
+        fs::create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        FsStorage.list(dir)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
+        self.faults.check_writable()?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Box::new(FaultyFile {
+            inner: FsFile(file),
+            faults: Arc::clone(&self.faults),
+        }))
+    }
+
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn StorageFile>> {
+        if writable {
+            self.faults.check_writable()?;
+        }
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(Box::new(FaultyFile {
+            inner: FsFile(file),
+            faults: Arc::clone(&self.faults),
+        }))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.faults.check_writable()?;
+        fs::rename(from, to)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.faults.check_writable()?;
+        fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        FsStorage.sync_dir(dir)
+    }
+}
+
+impl StorageFile for FaultyFile {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.faults.writes.fetch_add(1, Ordering::SeqCst);
+        self.faults.check_writable()?;
+        if self.faults.fail_writes.load(Ordering::SeqCst) {
+            self.inner.write_at(&buf[..buf.len() / 2], offset)?;
+            return Err(self.faults.fail("injected write fault"));
+        }
+        self.inner.write_at(buf, offset)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_syncs.load(Ordering::SeqCst) {
+            return Err(self.faults.fail("injected sync fault"));
+        }
+        self.inner.sync_data()
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_syncs.load(Ordering::SeqCst) {
+            return Err(self.faults.fail("injected sync fault"));
+        }
+        self.inner.sync_all()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        self.inner.size()
+    }
+}
