@@ -296,6 +296,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(merchants) = &self.merchants {
+            if !merchants.is_file() {
+                return Err(error(
+                    "merchants",
+                    format!("{} is not a readable file", merchants.display()),
+                ));
+            }
+        }
         if self.journal.dir.as_os_str().is_empty() {
             return Err(error("journal.dir", "must not be empty"));
         }
@@ -546,7 +554,7 @@ mod tests {
     fn the_full_shape_parses() {
         let config = Config::from_toml(
             r#"
-merchants = "fixtures/merchants.toml"
+merchants = "Cargo.toml"
 [admin]
 addr = "127.0.0.1:19583"
 [journal]
@@ -586,6 +594,7 @@ max_frame_bytes = 65536
                 "listeners[0].tls.cert",
             ),
             ("listeners = []\n", "listeners"),
+            ("merchants = \"/nonexistent/m.toml\"\n", "merchants"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
         ];
         for (text, key) in cases {

@@ -607,6 +607,27 @@ mod tests {
     }
 
     #[test]
+    fn eof_right_after_a_header_is_truncated_not_a_clean_close() {
+        for framing in [Framing::Binary2, Framing::Ascii4, Framing::Bcd2] {
+            let mut codec = FrameCodec::new(framing, false, 8192);
+            let mut head = BytesMut::new();
+            framing.put_header(10, &mut head);
+            let err = decode_chunks(&mut codec, &[&head]).unwrap_err();
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "{framing:?}: {err}"
+            );
+            // And a clean close between frames is not an error.
+            let mut codec = FrameCodec::new(framing, false, 8192);
+            let wire = encode_all(&mut codec, &[message(b"0800")]);
+            assert_eq!(
+                decode_chunks(&mut codec, &[&wire]).unwrap(),
+                vec![message(b"0800")]
+            );
+        }
+    }
+
+    #[test]
     fn over_max_is_rejected_on_the_header_without_reserving() {
         for framing in [Framing::Binary2, Framing::Ascii4, Framing::Bcd2] {
             let mut codec = FrameCodec::new(framing, false, 100);

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::LogFormat;
 
@@ -29,6 +29,13 @@ pub const FRAMING_ERRORS_TOTAL: &str = "refundgate_framing_errors_total";
 pub const MESSAGE_ERRORS_TOTAL: &str = "refundgate_message_errors_total";
 /// `refundgate_idle_timeouts_total{dialect}`: connections closed for being idle.
 pub const IDLE_TIMEOUTS_TOTAL: &str = "refundgate_idle_timeouts_total";
+
+/// Buckets of [`DECISION_SECONDS`]: from a cached answer (sub-millisecond) through a group
+/// commit (milliseconds) to an upstream round trip (seconds).
+pub const DECISION_SECONDS_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+];
 
 /// Label name of the dialect (`ascii1987`, `cup_pos`).
 pub const LABEL_DIALECT: &str = "dialect";
@@ -68,7 +75,11 @@ pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
     METRICS
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
-                .install_recorder()
+                .set_buckets_for_metric(
+                    Matcher::Full(DECISION_SECONDS.to_string()),
+                    DECISION_SECONDS_BUCKETS,
+                )
+                .and_then(PrometheusBuilder::install_recorder)
                 .map_err(|e| e.to_string())?;
             describe_metrics();
             Ok(handle)

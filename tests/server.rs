@@ -542,6 +542,7 @@ async fn bad_config_is_an_error_naming_the_key_before_anything_is_bound() {
     cfg.limits.max_frame_bytes = 70_000;
     let err = Server::bind(cfg).await.err().unwrap();
     assert!(err.to_string().contains("limits.max_frame_bytes"), "{err}");
+    assert_eq!(err.exit_code(), 64);
 
     let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
     cfg.listeners[0].tls.cert = Some("/nonexistent/server.pem".into());
@@ -551,4 +552,189 @@ async fn bad_config_is_an_error_naming_the_key_before_anything_is_bound() {
 
     let err = Config::from_toml("[limits]\nmax_in_flight_per_connection = 0\n").unwrap_err();
     assert_eq!(err.key, "limits.max_in_flight_per_connection");
+}
+
+#[tokio::test]
+async fn a_client_that_never_says_hello_is_closed_by_the_handshake_timeout() {
+    let mut cfg = config(vec![listener(Dialect::CupPos, Framing::Binary2)]);
+    cfg.limits.handshake_timeout_ms = 200;
+    let running = start(cfg).await;
+    let mut tcp = TcpStream::connect(running.addr(0)).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(closed_within(&mut tcp, WAIT).await);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(
+        sample(
+            &metrics,
+            "refundgate_tls_handshake_failures_total{dialect=\"cup_pos\"}"
+        ) >= 1.0
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn eof_in_the_middle_of_a_frame_is_a_framing_error() {
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Ascii4)]);
+    cfg.limits.idle_timeout_ms = 200;
+    let running = start(cfg).await;
+    let mut tls = tls_connect(&running.listeners[0], None).await.unwrap();
+    // Announces 140 bytes, sends 4, then closes its side (like a_truncated_frame_eof).
+    tls.write_all(b"01400200").await.unwrap();
+    tls.shutdown().await.unwrap();
+    assert!(closed_within(&mut tls, WAIT).await);
+    // And a silent one is counted as an idle timeout.
+    let mut idle = tls_connect(&running.listeners[0], None).await.unwrap();
+    assert!(closed_within(&mut idle, WAIT).await);
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(
+        sample(
+            &metrics,
+            "refundgate_idle_timeouts_total{dialect=\"ascii1987\"}"
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &metrics,
+            "refundgate_framing_errors_total{dialect=\"ascii1987\"}"
+        ) >= 1.0
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn certificate_and_key_from_pem_files_are_presented() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let mut from_files = listener(Dialect::Ascii1987, Framing::Bcd2);
+    from_files.tls.cert = Some(cert_path);
+    from_files.tls.key = Some(key_path);
+    let running = start(config(vec![from_files])).await;
+    let info = &running.listeners[0];
+    assert_eq!(info.cert_der.as_ref(), cert.der().as_ref());
+    let mut client = framed_client(info).await;
+    client.send(request(info, b"0800")).await.unwrap();
+    assert_eq!(body_of(&next_frame(&mut client).await), b"R:0800");
+    running.stop().await;
+}
+
+/// Rough throughput ratio of the gateway against a trivial TLS responder that batches answers
+/// per read (the shape of `shared/bench/ceiling`), same client, same process. Ignored by
+/// default: run with `cargo test --test server -- --ignored --nocapture` (release for figures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_against_a_trivial_batching_responder() {
+    const CONNECTIONS: usize = 8;
+    const DEPTH: usize = 8;
+    const SECS: f64 = 2.0;
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    cfg.limits.max_in_flight_per_connection = DEPTH;
+    let running = start(cfg).await;
+    let info = running.listeners[0].clone();
+
+    // The trivial responder, with the same certificate.
+    let tls = refundgate::server::tls::listener_tls(&TlsConfig::default(), 0, &mut None).unwrap();
+    let trivial = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trivial_info = Arc::new(ListenerInfo {
+        addr: trivial.local_addr().unwrap(),
+        cert_der: tls.cert_der.clone(),
+        ..clone_info(&info)
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = trivial.accept().await else {
+                return;
+            };
+            let acceptor = tls.acceptor.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let Ok(mut s) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut rbuf = vec![0u8; 70_000];
+                let (mut filled, mut wbuf) = (0usize, Vec::with_capacity(16 * 1024));
+                loop {
+                    let Ok(n) = s.read(&mut rbuf[filled..]).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    filled += n;
+                    let mut pos = 0;
+                    while filled - pos >= 2 {
+                        let len = u16::from_be_bytes([rbuf[pos], rbuf[pos + 1]]) as usize;
+                        if filled - pos - 2 < len {
+                            break;
+                        }
+                        wbuf.extend_from_slice(&((len + 2) as u16).to_be_bytes());
+                        wbuf.extend_from_slice(b"R:");
+                        wbuf.extend_from_slice(&rbuf[pos + 2..pos + 2 + len]);
+                        pos += 2 + len;
+                    }
+                    if s.write_all(&wbuf).await.is_err() || s.flush().await.is_err() {
+                        return;
+                    }
+                    wbuf.clear();
+                    rbuf.copy_within(pos..filled, 0);
+                    filled -= pos;
+                }
+            });
+        }
+    });
+
+    async fn drive(info: Arc<ListenerInfo>) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(SECS);
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS {
+            let info = info.clone();
+            clients.push(tokio::spawn(async move {
+                let mut client = framed_client(&info).await;
+                let body = Bytes::from_static(&[b'0'; 120]);
+                let mut answered = 0u64;
+                for _ in 0..DEPTH {
+                    client.feed(request(&info, &body)).await.unwrap();
+                }
+                client.flush().await.unwrap();
+                while tokio::time::Instant::now() < deadline {
+                    next_frame(&mut client).await;
+                    answered += 1;
+                    client.send(request(&info, &body)).await.unwrap();
+                }
+                answered
+            }));
+        }
+        let mut total = 0;
+        for c in clients {
+            total += c.await.unwrap();
+        }
+        total as f64 / SECS
+    }
+
+    let trivial_rate = drive(trivial_info).await;
+    let gateway_rate = drive(info.clone()).await;
+    println!(
+        "gateway {gateway_rate:.0}/s = {:.2} of trivial {trivial_rate:.0}/s ({CONNECTIONS}x{DEPTH})",
+        gateway_rate / trivial_rate
+    );
+    running.stop().await;
+}
+
+fn clone_info(info: &ListenerInfo) -> ListenerInfo {
+    ListenerInfo {
+        index: info.index,
+        name: info.name.clone(),
+        addr: info.addr,
+        dialect: info.dialect,
+        framing: info.framing,
+        mac: info.mac.clone(),
+        client_auth: info.client_auth,
+        cert_der: info.cert_der.clone(),
+        cert_sha256: info.cert_sha256.clone(),
+    }
 }

@@ -120,6 +120,17 @@ pub enum ServerError {
     },
 }
 
+impl ServerError {
+    /// The process exit status for this error: 64 (`EX_USAGE`) for a bad configuration, 71
+    /// (`EX_OSERR`) when a socket cannot be bound.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServerError::Config(_) => 64,
+            ServerError::Bind { .. } => 71,
+        }
+    }
+}
+
 /// A gateway whose sockets are bound; [`Server::run`] serves them.
 pub struct Server {
     config: Arc<Config>,
