@@ -421,6 +421,7 @@ impl Encoder<Frame> for FrameCodec {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::limits::FRAME_BYTES_DEFAULT_MAX;
 
     const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x03, 0x00, 0x00];
     const CUP_HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
@@ -625,6 +626,50 @@ mod tests {
                 vec![message(b"0800")]
             );
         }
+    }
+
+    /// Every `../shared/vectors/malformed/*.json` through the framing layer: `framing_error`
+    /// vectors break the stream, every other one is exactly one well-delimited frame.
+    #[test]
+    fn shared_malformed_vectors_frame_as_expected() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/malformed");
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (tests need ../shared)", dir.display()));
+        let mut seen = 0;
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let vector: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let name = vector["name"].as_str().unwrap();
+            let cup = vector["dialect"].as_str() == Some("cup_bcd");
+            let wire = hex::decode(vector["framed_hex"].as_str().unwrap()).unwrap();
+            let mut codec = FrameCodec::new(Framing::Binary2, cup, FRAME_BYTES_DEFAULT_MAX);
+            let decoded = decode_chunks(&mut codec, &[&wire]);
+            if vector["expected"].as_str() == Some("framing_error") {
+                let err = decoded.expect_err(name);
+                assert!(!matches!(err, FrameError::Io(_)), "{name}: {err}");
+            } else {
+                let frames = decoded.unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(frames.len(), 1, "{name}");
+                let len = vector["length_prefix"].as_u64().unwrap() as usize;
+                match &frames[0] {
+                    Frame::Message { body, .. } => {
+                        assert_eq!(body.len() + if cup { 11 } else { 0 }, len, "{name}")
+                    }
+                    Frame::Undersized { len: got } => {
+                        assert_eq!(*got, len, "{name}");
+                        assert_eq!(vector["expected"], "message_error_drop", "{name}");
+                    }
+                    Frame::KeepAlive => panic!("{name}: keep-alive"),
+                }
+            }
+            seen += 1;
+        }
+        assert!(seen >= 30, "only {seen} vectors in {}", dir.display());
     }
 
     #[test]
