@@ -722,4 +722,33 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, FrameError::ReplyTooLong { .. }));
     }
+
+    proptest::proptest! {
+        /// Arbitrary bytes, cut anywhere, never panic and never yield a frame over the limit.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            cuts in proptest::collection::vec(0usize..700, 0..6),
+            framing in 0usize..3,
+            cup in proptest::prelude::any::<bool>(),
+        ) {
+            let framing = [Framing::Binary2, Framing::Ascii4, Framing::Bcd2][framing];
+            let mut codec = FrameCodec::new(framing, cup, 256);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([data.len()]) {
+                chunks.push(&data[from..cut]);
+                from = cut;
+            }
+            if let Ok(frames) = decode_chunks(&mut codec, &chunks) {
+                for frame in frames {
+                    if let Frame::Message { body, .. } = frame {
+                        proptest::prop_assert!(body.len() <= 256);
+                    }
+                }
+            }
+        }
+    }
 }

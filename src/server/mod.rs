@@ -86,6 +86,24 @@ pub enum Handled {
 /// `max_in_flight_per_connection` calls of one connection run at once; their answers are sent
 /// in request order. The future should not outlive `shutdown_grace_ms` once shutdown starts:
 /// after that the connection is closed without its answer.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use refundgate::config::Config;
+/// use refundgate::server::{self, Dispatch, Handled, RequestCtx};
+///
+/// struct Echo;
+/// impl Dispatch for Echo {
+///     async fn handle(&self, _ctx: &RequestCtx, body: bytes::Bytes) -> Handled {
+///         Handled::Reply(bytes::BytesMut::from(&body[..]))
+///     }
+/// }
+///
+/// # async fn start() -> Result<(), server::ServerError> {
+/// let config = Config::load(None)?;
+/// server::run(config, Arc::new(Echo), server::shutdown::signal()).await
+/// # }
+/// ```
 pub trait Dispatch: Send + Sync + 'static {
     /// Decides the answer to one message (async: an approval waits for its journal sync).
     fn handle(&self, ctx: &RequestCtx, body: bytes::Bytes) -> impl Future<Output = Handled> + Send;
