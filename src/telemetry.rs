@@ -184,3 +184,42 @@ fn describe_metrics() {
     );
     describe_counter!(IDLE_TIMEOUTS_TOTAL, "Connections closed for being idle.");
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn metrics_install_once_and_render_static_labels() {
+        let handle = install_metrics().unwrap();
+        let again = install_metrics().unwrap();
+        record_request("cup_pos", "0220", "61", "MERCHANT_DAY_AMOUNT");
+        record_decision_seconds("cup_pos", 0.002);
+        let text = again.render();
+        assert!(
+            text.contains(
+                "refundgate_requests_total{dialect=\"cup_pos\",mti=\"0220\",code=\"61\",reason=\"MERCHANT_DAY_AMOUNT\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "refundgate_decision_seconds_bucket{dialect=\"cup_pos\",le=\"0.0025\"} 1"
+            ),
+            "{text}"
+        );
+        drop(handle);
+    }
+
+    #[test]
+    fn logging_installs_once() {
+        let first = init_logging(LogFormat::Json, "info");
+        let second = init_logging(LogFormat::Plain, "info");
+        assert!(first.is_ok() || matches!(first, Err(TelemetryError::Filter(_))));
+        assert!(matches!(
+            second,
+            Err(TelemetryError::AlreadyInstalled(_)) | Err(TelemetryError::Filter(_))
+        ));
+    }
+}
