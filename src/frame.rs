@@ -197,7 +197,8 @@ impl Framing {
 
 impl Frame {
     /// The answer to this request carrying `body`: the TPDU with destination and source swapped
-    /// and the request's header, as the `cup_pos` convention wants (research §5.2).
+    /// and the request's header, as the `cup_pos` convention wants (research §5.2). Frames
+    /// without a TPDU (and keep-alives) get a plain message.
     pub fn reply(&self, body: Bytes) -> Frame {
         match self {
             Frame::Message { tpdu, header, .. } => Frame::Message {
