@@ -2,23 +2,25 @@
 //!
 //! # Layout
 //! - [`iso8583`]: spec-driven, zero-copy codec for the `ascii1987` and `cup_pos` dialects (sans-IO).
+//! - [`frame`]: length headers and the CUP TPDU + header as tokio-util codecs.
 //! - [`mac`]: DE64/DE128 MACs (CUP POS, ANSI X9.19, AES-CMAC) and CUP sign-on key recovery.
 //! - [`ledger`]: sans-IO merchant ledger and refund/void policy engine (DOMAIN §3–§6, §9).
+//! - [`journal`]: durable, group-committed journal of ledger events; snapshots, recovery, verify.
 //! - [`explain`]: a reason and its figures as one English and one Chinese sentence.
+//! - [`server`]: TLS listeners, connections (pipelining, limits, shutdown), admin HTTP.
+//! - [`config`]: the gateway's configuration, read once and validated before any bind.
+//! - [`telemetry`]: logging and Prometheus metrics.
 //! - [`cli`]: the command line (`decode`, `encode`, `serve`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
-<<<<<<< HEAD
 pub mod cli;
-=======
-//! - [`journal`]: durable, group-committed journal of ledger events; snapshots, recovery, verify.
->>>>>>> journal
 pub mod clock;
+pub mod config;
 pub mod explain;
+pub mod frame;
 pub mod iso8583;
-<<<<<<< HEAD
-pub mod ledger;
-=======
 pub mod journal;
->>>>>>> journal
+pub mod ledger;
 pub mod limits;
 pub mod mac;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,104 @@
+//! Admin HTTP (hyper 1, HTTP/1.1): `/metrics`, `/healthz`, `/readyz`; 404 otherwise.
+//!
+//! Plain HTTP meant for loopback or a private network. Bounded: at most
+//! [`limits::ADMIN_CONNECTIONS_MAX`] connections, request headers within
+//! [`limits::ADMIN_HEADER_READ_TIMEOUT_MS`], and every connection is aborted on shutdown.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::shutdown::Shutdown;
+use super::Readiness;
+use crate::{limits, telemetry};
+
+/// How often histogram buckets are folded (metrics-exporter-prometheus upkeep).
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Serves the admin endpoints until shutdown, then aborts open admin connections.
+pub(crate) async fn serve(listener: TcpListener, readiness: Readiness, mut shutdown: Shutdown) {
+    let slots = Arc::new(Semaphore::new(limits::ADMIN_CONNECTIONS_MAX));
+    let mut tasks = JoinSet::new();
+    let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.recv() => break,
+            _ = upkeep.tick() => {
+                if let Some(handle) = telemetry::metrics_handle() {
+                    handle.run_upkeep();
+                }
+                continue;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        while tasks.try_join_next().is_some() {}
+        let (stream, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(limits::ACCEPT_BACKOFF_MAX_MS / 10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // Dropped: too many admin connections.
+        };
+        let readiness = readiness.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let response = respond(&req, &readiness);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(limits::ADMIN_HEADER_READ_TIMEOUT_MS))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+    tasks.shutdown().await;
+}
+
+fn respond(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    match req.uri().path() {
+        "/metrics" => match telemetry::metrics_handle() {
+            Some(handle) => {
+                let mut response = Response::new(Full::new(Bytes::from(handle.render())));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            }
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder\n"),
+        },
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}

@@ -1,0 +1,326 @@
+//! One connection: TLS handshake, then a pipelined, batched read/dispatch/write loop.
+//!
+//! Reading: every complete frame already received is taken at once (up to
+//! `max_in_flight_per_connection`) and dispatched; the dispatch futures run concurrently in a
+//! `FuturesOrdered`, so answers come out in request order. Writing: all answers that are ready
+//! are encoded into the write buffer, then flushed once, so a burst of pipelined requests costs
+//! one TLS write rather than one per answer.
+//!
+//! Ends: EOF or a framing error stop reading and the answers in flight are still sent
+//! (bounded); an idle timeout closes at once; shutdown stops reading and sends what is in
+//! flight within the grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::Framed;
+
+use super::shutdown::Shutdown;
+use super::{tls, Dispatch, Handled, ListenerInfo, RequestCtx};
+use crate::config::Config;
+use crate::frame::{swap_tpdu, Frame, FrameCodec, FrameError};
+use crate::{limits, telemetry};
+
+/// A freshly accepted TCP connection and what serving it needs.
+pub(crate) struct Accepted {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    pub(crate) id: u64,
+    pub(crate) info: Arc<ListenerInfo>,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shutdown: Shutdown,
+}
+
+type Transport = Framed<TlsStream<TcpStream>, FrameCodec>;
+
+/// Why the read loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The peer closed its side (possibly after pipelined requests).
+    Eof,
+    /// Framing error: counted and logged where it happened.
+    Framing,
+    /// Nothing arrived for `idle_timeout_ms`.
+    Idle,
+    /// The server is shutting down.
+    Shutdown,
+    /// The transport failed or a write did not complete in time.
+    Broken,
+}
+
+enum Event {
+    Shutdown,
+    Answer(Option<Option<Frame>>),
+    Read(Option<Result<Frame, FrameError>>),
+    Idle,
+}
+
+/// Serves one accepted connection to its end; never panics, every wait is bounded.
+pub(crate) async fn serve<D: Dispatch>(
+    accepted: Accepted,
+    dispatch: Arc<D>,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let Accepted {
+        stream,
+        peer,
+        id,
+        info,
+        acceptor,
+        config,
+        mut shutdown,
+    } = accepted;
+    let dialect = info.dialect.as_str();
+    let _open = telemetry::OpenConnection::new(dialect);
+    // Answers are small and latency matters more than packet count.
+    let _ = stream.set_nodelay(true);
+    let handshake_timeout = Duration::from_millis(config.limits.handshake_timeout_ms);
+    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+    let tls = tokio::select! {
+        tls = handshake => tls,
+        () = shutdown.recv() => return,
+    };
+    let tls = match tls {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            telemetry::count_handshake_failure(dialect);
+            tracing::debug!(conn = id, %peer, listener = %info.name, error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            telemetry::count_handshake_failure(dialect);
+            tracing::debug!(conn = id, %peer, listener = %info.name, "tls handshake timed out");
+            return;
+        }
+    };
+    let client_cert_subject = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| tls::subject_of(leaf));
+    let codec = FrameCodec::new(
+        info.framing,
+        info.dialect.has_cup_header(),
+        config.limits.max_frame_bytes,
+    );
+    let framed = Framed::with_capacity(tls, codec, limits::CONNECTION_READ_BUFFER_BYTES);
+    let ctx = RequestCtx {
+        listener: info,
+        peer,
+        client_cert_subject,
+        connection_id: id,
+    };
+    tracing::debug!(conn = id, %peer, listener = %ctx.listener.name, "connection open");
+    let end = Handler {
+        framed,
+        ctx: &ctx,
+        dispatch: &*dispatch,
+        config: &config,
+    }
+    .run(&mut shutdown)
+    .await;
+    tracing::debug!(conn = id, %peer, end = ?end, "connection closed");
+}
+
+/// The read/dispatch/write loop of one TLS connection.
+struct Handler<'a, D> {
+    framed: Transport,
+    ctx: &'a RequestCtx,
+    dispatch: &'a D,
+    config: &'a Config,
+}
+
+impl<'a, D: Dispatch> Handler<'a, D> {
+    async fn run(mut self, shutdown: &mut Shutdown) -> End {
+        let limits = &self.config.limits;
+        let dialect = self.ctx.listener.dialect.as_str();
+        let max_in_flight = limits.max_in_flight_per_connection;
+        let idle = Duration::from_millis(limits.idle_timeout_ms);
+        let (ctx, dispatch) = (self.ctx, self.dispatch);
+        let mut in_flight = FuturesOrdered::new();
+        let idle_sleep = tokio::time::sleep(idle);
+        tokio::pin!(idle_sleep);
+        let end = loop {
+            let event = tokio::select! {
+                biased;
+                () = shutdown.recv() => Event::Shutdown,
+                answer = in_flight.next(), if !in_flight.is_empty() => Event::Answer(answer),
+                read = self.framed.next(), if in_flight.len() < max_in_flight => Event::Read(read),
+                () = &mut idle_sleep, if in_flight.is_empty() => Event::Idle,
+            };
+            match event {
+                Event::Shutdown => break End::Shutdown,
+                Event::Idle => {
+                    telemetry::count_idle_timeout(dialect);
+                    tracing::debug!(conn = ctx.connection_id, "idle timeout");
+                    break End::Idle;
+                }
+                Event::Answer(None) => {}
+                Event::Answer(Some(first)) => {
+                    if let Err(end) = self.write_ready(first, &mut in_flight, idle).await {
+                        break end;
+                    }
+                    idle_sleep.as_mut().reset(Instant::now() + idle);
+                }
+                Event::Read(read) => {
+                    let mut read = read;
+                    // Take every frame already buffered, not only the first, so their answers
+                    // can share one write.
+                    let stop = loop {
+                        match read {
+                            None => break Some(End::Eof),
+                            Some(Err(e)) => break Some(self.framing_error(&e)),
+                            Some(Ok(frame)) => in_flight.push_back(process(dispatch, ctx, frame)),
+                        }
+                        if in_flight.len() >= max_in_flight {
+                            break None;
+                        }
+                        match self.framed.next().now_or_never() {
+                            Some(next) => read = next,
+                            None => break None,
+                        }
+                    };
+                    idle_sleep.as_mut().reset(Instant::now() + idle);
+                    if let Some(end) = stop {
+                        break end;
+                    }
+                }
+            }
+        };
+        if matches!(end, End::Eof | End::Framing | End::Shutdown) && !in_flight.is_empty() {
+            let grace = match end {
+                End::Shutdown => Duration::from_millis(limits.shutdown_grace_ms),
+                _ => idle,
+            };
+            self.drain(&mut in_flight, grace).await;
+        }
+        self.close().await;
+        end
+    }
+
+    /// Writes `first` and every other answer already complete, then flushes once. Bounded by
+    /// the idle timeout: a peer that stops reading does not hold the connection forever.
+    async fn write_ready<F>(
+        &mut self,
+        first: Option<Frame>,
+        in_flight: &mut FuturesOrdered<F>,
+        limit: Duration,
+    ) -> Result<(), End>
+    where
+        F: std::future::Future<Output = Option<Frame>>,
+    {
+        let written = tokio::time::timeout(limit, async {
+            self.feed(first).await?;
+            while let Some(Some(answer)) = in_flight.next().now_or_never() {
+                self.feed(answer).await?;
+            }
+            SinkExt::<Frame>::flush(&mut self.framed)
+                .await
+                .map_err(|_| End::Broken)
+        })
+        .await;
+        written.unwrap_or(Err(End::Broken))
+    }
+
+    /// Encodes one answer into the write buffer (writing out only if the buffer is full).
+    async fn feed(&mut self, answer: Option<Frame>) -> Result<(), End> {
+        let Some(frame) = answer else {
+            return Ok(());
+        };
+        match self.framed.feed(frame).await {
+            Ok(()) => Ok(()),
+            Err(FrameError::Io(_)) => Err(End::Broken),
+            Err(e) => {
+                // The reply cannot be framed (too long, empty): nothing was written, the
+                // stream is intact; drop this answer only.
+                telemetry::count_message_error(self.ctx.listener.dialect.as_str());
+                tracing::warn!(conn = self.ctx.connection_id, error = %e, "reply dropped");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the answers still in flight, each as soon as it is ready, within `grace`.
+    async fn drain<F>(&mut self, in_flight: &mut FuturesOrdered<F>, grace: Duration)
+    where
+        F: std::future::Future<Output = Option<Frame>>,
+    {
+        let left = in_flight.len();
+        let drained = tokio::time::timeout(grace, async {
+            // Not a hot path: flush each answer as soon as it is ready.
+            while let Some(answer) = in_flight.next().await {
+                self.feed(answer).await?;
+                SinkExt::<Frame>::flush(&mut self.framed)
+                    .await
+                    .map_err(|_| End::Broken)?;
+            }
+            Ok::<(), End>(())
+        })
+        .await;
+        if !matches!(drained, Ok(Ok(()))) {
+            tracing::warn!(
+                conn = self.ctx.connection_id,
+                in_flight = left,
+                "closing with answers not sent"
+            );
+        }
+    }
+
+    fn framing_error(&self, e: &FrameError) -> End {
+        if let FrameError::Io(io) = e {
+            tracing::debug!(conn = self.ctx.connection_id, error = %io, "read failed");
+            return End::Broken;
+        }
+        telemetry::count_framing_error(self.ctx.listener.dialect.as_str());
+        tracing::warn!(
+            conn = self.ctx.connection_id,
+            peer = %self.ctx.peer,
+            listener = %self.ctx.listener.name,
+            error = %e,
+            "framing error: closing the connection"
+        );
+        End::Framing
+    }
+
+    /// Sends TLS close_notify and closes, bounded.
+    async fn close(mut self) {
+        let timeout = Duration::from_millis(limits::CLOSE_FLUSH_TIMEOUT_MS);
+        let _ = tokio::time::timeout(timeout, self.framed.get_mut().shutdown()).await;
+    }
+}
+
+/// Turns one frame into its answer (or none).
+async fn process<D: Dispatch>(dispatch: &D, ctx: &RequestCtx, frame: Frame) -> Option<Frame> {
+    match frame {
+        Frame::KeepAlive => Some(Frame::KeepAlive),
+        Frame::Undersized { len } => {
+            telemetry::count_message_error(ctx.listener.dialect.as_str());
+            tracing::debug!(
+                conn = ctx.connection_id,
+                len,
+                "frame shorter than TPDU + header: dropped"
+            );
+            None
+        }
+        Frame::Message { tpdu, header, body } => match dispatch.handle(ctx, body).await {
+            Handled::Reply(reply) => Some(Frame::Message {
+                tpdu: tpdu.map(swap_tpdu),
+                header,
+                body: reply.freeze(),
+            }),
+            Handled::Drop => None,
+        },
+    }
+}
