@@ -3,6 +3,9 @@
 //! message gets its documented handling.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, non_snake_case)]
 
+#[path = "codec/public_vectors.rs"]
+mod public_vectors;
+
 use std::path::PathBuf;
 
 use bytes::BytesMut;
