@@ -32,6 +32,33 @@ pub enum Command {
     Decode(DecodeArgs),
     /// Encode one message given as JSON on stdin and print its hex.
     Encode(EncodeArgs),
+    /// Run the gateway (embedded defaults without --config).
+    Serve(crate::serve::ServeArgs),
+    /// Explain a decline reason in English and Chinese.
+    Explain(ExplainArgs),
+    /// Journal tools.
+    #[command(subcommand)]
+    Journal(JournalCommand),
+}
+
+/// Arguments of `explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// A reason code as sent in DE44, e.g. MERCHANT_DAY_AMOUNT.
+    pub reason: String,
+    /// Print JSON instead of two sentences.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `journal` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JournalCommand {
+    /// Check a journal directory offline and print counts.
+    Verify {
+        /// The journal directory.
+        dir: PathBuf,
+    },
 }
 
 /// Arguments of `decode`.
@@ -71,6 +98,9 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Command::Decode(args) => decode(&args),
         Command::Encode(args) => encode(&args),
+        Command::Serve(args) => return crate::serve::run(&args),
+        Command::Explain(args) => explain(&args),
+        Command::Journal(JournalCommand::Verify { dir }) => verify(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,9 +117,12 @@ fn spec(dialect: &str, path: &Option<PathBuf>) -> Result<Spec, (u8, String)> {
     if let Some(path) = path {
         return Spec::from_path(path).map_err(|e| (EXIT_USAGE, e.to_string()));
     }
-    Spec::builtin(dialect)
-        .cloned()
-        .ok_or_else(|| (EXIT_USAGE, format!("--dialect: unknown dialect {dialect:?} (ascii1987 or cup_pos)")))
+    Spec::builtin(dialect).cloned().ok_or_else(|| {
+        (
+            EXIT_USAGE,
+            format!("--dialect: unknown dialect {dialect:?} (ascii1987 or cup_pos)"),
+        )
+    })
 }
 
 fn read_stdin() -> Result<String, (u8, String)> {
@@ -108,25 +141,35 @@ fn decode(args: &DecodeArgs) -> CliResult {
     let spec = spec(&args.dialect, &args.spec)?;
     let text = read_stdin()?;
     let compact: String = text.split_whitespace().collect();
-    let bytes = hex::decode(&compact).map_err(|e| (EXIT_DATAERR, format!("input is not hex: {e}")))?;
+    let bytes =
+        hex::decode(&compact).map_err(|e| (EXIT_DATAERR, format!("input is not hex: {e}")))?;
     let mut body: &[u8] = &bytes;
     if args.framed {
         if body.len() < 2 {
-            return Err((EXIT_DATAERR, "length prefix at offset 0: input shorter than 2 bytes".into()));
+            return Err((
+                EXIT_DATAERR,
+                "length prefix at offset 0: input shorter than 2 bytes".into(),
+            ));
         }
         let announced = usize::from(u16::from_be_bytes([body[0], body[1]]));
         body = &body[2..];
         if announced != body.len() {
             return Err((
                 EXIT_DATAERR,
-                format!("length prefix at offset 0: announces {announced} bytes, {} follow", body.len()),
+                format!(
+                    "length prefix at offset 0: announces {announced} bytes, {} follow",
+                    body.len()
+                ),
             ));
         }
     }
     let mut head: Option<(&[u8], &[u8])> = None;
     if is_cup(&spec) {
         if body.len() < 11 {
-            return Err((EXIT_DATAERR, "TPDU and header at offset 0: shorter than 11 bytes".into()));
+            return Err((
+                EXIT_DATAERR,
+                "TPDU and header at offset 0: shorter than 11 bytes".into(),
+            ));
         }
         head = Some((&body[..5], &body[5..11]));
         body = &body[11..];
@@ -144,8 +187,8 @@ fn decode(args: &DecodeArgs) -> CliResult {
 fn encode(args: &EncodeArgs) -> CliResult {
     let spec = spec(&args.dialect, &args.spec)?;
     let text = read_stdin()?;
-    let doc: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| (EXIT_DATAERR, format!("input is not JSON: {e}")))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| (EXIT_DATAERR, format!("input is not JSON: {e}")))?;
     let mut out = BytesMut::with_capacity(512);
     if is_cup(&spec) {
         for (key, len) in [("tpdu", 5), ("header", 6)] {
@@ -154,18 +197,37 @@ fn encode(args: &EncodeArgs) -> CliResult {
                 .and_then(|v| v.as_str())
                 .and_then(|s| hex::decode(s).ok())
                 .filter(|b| b.len() == len)
-                .ok_or_else(|| (EXIT_DATAERR, format!("key `{key}`: expected {len} bytes of hex")))?;
+                .ok_or_else(|| {
+                    (
+                        EXIT_DATAERR,
+                        format!("key `{key}`: expected {len} bytes of hex"),
+                    )
+                })?;
             out.extend_from_slice(&v);
         }
     }
     json::from_json(&spec, &doc, &mut out).map_err(|e| (EXIT_DATAERR, e.to_string()))?;
     let mut hex_out = String::with_capacity(out.len() * 2 + 4);
     if args.framed {
-        let len = u16::try_from(out.len()).map_err(|_| (EXIT_DATAERR, "message longer than 65535 bytes".to_string()))?;
+        let len = u16::try_from(out.len())
+            .map_err(|_| (EXIT_DATAERR, "message longer than 65535 bytes".to_string()))?;
         hex_out.push_str(&hex::encode(len.to_be_bytes()));
     }
     hex_out.push_str(&hex::encode(&out));
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{hex_out}").map_err(|e| (EXIT_DATAERR, format!("stdout: {e}")))?;
+    Ok(())
+}
+
+fn explain(args: &ExplainArgs) -> CliResult {
+    let text = crate::explain::run_explain(&args.reason, args.json)
+        .map_err(|e| (EXIT_DATAERR, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn verify(dir: &std::path::Path) -> CliResult {
+    let text = crate::journal::run_verify(dir).map_err(|e| (e.exit_code() as u8, e.to_string()))?;
+    println!("{text}");
     Ok(())
 }

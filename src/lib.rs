@@ -6,6 +6,8 @@
 //! - [`mac`]: DE64/DE128 MACs (CUP POS, ANSI X9.19, AES-CMAC) and CUP sign-on key recovery.
 //! - [`ledger`]: sans-IO merchant ledger and refund/void policy engine (DOMAIN §3–§6, §9).
 //! - [`journal`]: durable, group-committed journal of ledger events; snapshots, recovery, verify.
+//! - [`flow`]: decoded message → ledger decision → response, per dialect and transaction kind.
+//! - [`serve`]: the `serve` command: configuration, journal recovery, gateway, listeners.
 //! - [`explain`]: a reason and its figures as one English and one Chinese sentence.
 //! - [`server`]: TLS listeners, connections (pipelining, limits, shutdown), admin HTTP.
 //! - [`config`]: the gateway's configuration, read once and validated before any bind.
@@ -16,11 +18,13 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod explain;
+pub mod flow;
 pub mod frame;
 pub mod iso8583;
 pub mod journal;
 pub mod ledger;
 pub mod limits;
 pub mod mac;
+pub mod serve;
 pub mod server;
 pub mod telemetry;

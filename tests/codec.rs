@@ -62,7 +62,11 @@ fn check_vector(dir: &str, name: &str) {
     let (_, expected) = message_bytes(dir, expected_hex);
     let mut out = BytesMut::new();
     json::from_json(spec, &v, &mut out).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(hex::encode(&out), hex::encode(&expected), "{name}: encoded bytes");
+    assert_eq!(
+        hex::encode(&out),
+        hex::encode(&expected),
+        "{name}: encoded bytes"
+    );
 }
 
 macro_rules! vector_tests {
@@ -101,7 +105,10 @@ fn every_shared_vector_has_a_named_test() {
         for entry in std::fs::read_dir(vectors().join(dir)).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
             if let Some(stem) = name.strip_suffix(".json") {
-                assert!(src.contains(&format!(" {stem},")) || src.contains(&format!(" {stem})")), "{dir}/{stem} has no test");
+                assert!(
+                    src.contains(&format!(" {stem},")) || src.contains(&format!(" {stem})")),
+                    "{dir}/{stem} has no test"
+                );
             }
         }
     }
@@ -125,7 +132,10 @@ mod malformed {
         } else {
             body
         };
-        (v["expected"].as_str().unwrap().to_string(), iso8583::decode(spec, msg).err())
+        (
+            v["expected"].as_str().unwrap().to_string(),
+            iso8583::decode(spec, msg).err(),
+        )
     }
 
     macro_rules! malformed_tests {
@@ -154,13 +164,37 @@ mod malformed {
         };
     }
 
-    malformed_tests!(a_bitmap_claims_absent_field, a_bitmap_non_hex, a_de128_bit_without_mac,
-        a_de128_mac_no_key, a_extra_trailing_bytes, a_llvar_beyond_end, a_llvar_exceeds_max, a_mac_wrong,
-        a_mti_non_numeric, a_non_digit_in_numeric, a_secondary_bitmap_missing, a_truncated_mid_field,
-        a_unknown_mti_0600, c_bad_pad_nibble_de22, c_bcd_nibble_A_in_de14, c_bcd_nibble_F_in_de4,
-        c_bitmap_claims_absent_field, c_de64_bit_without_mac, c_de64_mac_no_key, c_extra_trailing_bytes,
-        c_lllvar_beyond_end, c_llvar_bad_bcd_length, c_llvar_exceeds_max, c_mac_wrong, c_mti_bad_bcd,
-        c_secondary_bitmap_missing, c_shorter_than_tpdu_header, c_truncated_mid_field, c_unknown_mti_0600);
+    malformed_tests!(
+        a_bitmap_claims_absent_field,
+        a_bitmap_non_hex,
+        a_de128_bit_without_mac,
+        a_de128_mac_no_key,
+        a_extra_trailing_bytes,
+        a_llvar_beyond_end,
+        a_llvar_exceeds_max,
+        a_mac_wrong,
+        a_mti_non_numeric,
+        a_non_digit_in_numeric,
+        a_secondary_bitmap_missing,
+        a_truncated_mid_field,
+        a_unknown_mti_0600,
+        c_bad_pad_nibble_de22,
+        c_bcd_nibble_A_in_de14,
+        c_bcd_nibble_F_in_de4,
+        c_bitmap_claims_absent_field,
+        c_de64_bit_without_mac,
+        c_de64_mac_no_key,
+        c_extra_trailing_bytes,
+        c_lllvar_beyond_end,
+        c_llvar_bad_bcd_length,
+        c_llvar_exceeds_max,
+        c_mac_wrong,
+        c_mti_bad_bcd,
+        c_secondary_bitmap_missing,
+        c_shorter_than_tpdu_header,
+        c_truncated_mid_field,
+        c_unknown_mti_0600
+    );
 
     #[test]
     fn errors_name_field_and_offset_and_carry_no_card_data() {
@@ -214,7 +248,10 @@ fn typed_accessors_read_refund_fields() {
     assert_eq!(msg.stan(), Some(123));
     assert_eq!(msg.processing_code().unwrap().tx_type, 20);
     let od = msg.original_data().unwrap();
-    assert_eq!((od.mti.0, od.stan, od.transmission, od.acquirer), (200, 100, 1_121_154_500, 12345));
+    assert_eq!(
+        (od.mti.0, od.stan, od.transmission, od.acquirer),
+        (200, 100, 1_121_154_500, 12345)
+    );
     assert_eq!(msg.terminal(), Some("TERM0001"));
     assert_eq!(msg.currency(), Some(840));
 
@@ -222,7 +259,10 @@ fn typed_accessors_read_refund_fields() {
     let (_, bytes) = message_bytes("cup_bcd", v["hex"].as_str().unwrap());
     let msg = iso8583::decode(spec_for("cup_bcd"), &bytes).unwrap();
     let c60 = msg.cup60().unwrap();
-    assert_eq!((c60.message_type, c60.batch, c60.network_code), (25, 123, Some(0)));
+    assert_eq!(
+        (c60.message_type, c60.batch, c60.network_code),
+        (25, 123, Some(0))
+    );
     let c61 = msg.cup61().unwrap();
     assert_eq!((c61.batch, c61.trace, c61.date_mmdd), (123, 45, Some(1121)));
     assert_eq!(msg.amount(), Some(iso8583::Amount(3000)));
@@ -274,7 +314,7 @@ mod allocations {
             let mut out = BytesMut::with_capacity(1024);
             let n = allocations_in(|| {
                 let msg = iso8583::decode(spec, &bytes).unwrap();
-                assert_eq!(msg.amount().is_some(), true);
+                assert!(msg.amount().is_some());
                 let mut fields: FieldList<'_, 24> = FieldList::new();
                 for n in [3u8, 4, 11, 12, 13, 37, 41, 42] {
                     fields.echo(&msg, n).unwrap();
@@ -300,7 +340,11 @@ mod properties {
     fn value_for(spec: &Spec, n: usize) -> BoxedStrategy<Vec<u8>> {
         let fs = *spec.field(n).unwrap();
         let max = usize::from(fs.max).min(40);
-        let len = if fs.prefix == Prefix::Fixed { usize::from(fs.max)..=usize::from(fs.max) } else { 0..=max };
+        let len = if fs.prefix == Prefix::Fixed {
+            usize::from(fs.max)..=usize::from(fs.max)
+        } else {
+            0..=max
+        };
         let chars: Vec<u8> = match (fs.kind, fs.encoding) {
             (Kind::Numeric, _) => b"0123456789".to_vec(),
             (Kind::Track, Encoding::Bcd) => b"0123456789D".to_vec(),
@@ -313,7 +357,9 @@ mod properties {
     }
 
     fn message(spec: &'static Spec) -> impl Strategy<Value = (u16, Vec<(u8, Vec<u8>)>)> {
-        let fields: Vec<usize> = (2..=128).filter(|&n| n != 65 && spec.field(n).map(|f| f.max <= 200).unwrap_or(false)).collect();
+        let fields: Vec<usize> = (2..=128)
+            .filter(|&n| n != 65 && spec.field(n).map(|f| f.max <= 200).unwrap_or(false))
+            .collect();
         let mti = proptest::sample::select(vec![200u16, 210, 220, 400, 410, 800, 810]);
         let chosen = proptest::sample::subsequence(fields, 0..12);
         (mti, chosen).prop_flat_map(move |(mti, chosen)| {
@@ -324,7 +370,8 @@ mod properties {
     }
 
     fn round_trip(spec: &'static Spec, mti: u16, fields: &[(u8, Vec<u8>)]) {
-        let values: Vec<(u8, Value<'_>)> = fields.iter().map(|(n, v)| (*n, Value::Text(v))).collect();
+        let values: Vec<(u8, Value<'_>)> =
+            fields.iter().map(|(n, v)| (*n, Value::Text(v))).collect();
         let mut first = BytesMut::new();
         iso8583::encode(spec, Mti(mti), &values, &mut first).unwrap();
         let msg = iso8583::decode(spec, &first).unwrap();

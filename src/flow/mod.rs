@@ -18,8 +18,12 @@ use bytes::BytesMut;
 use crate::clock::Clock;
 use crate::iso8583::{self, Message, Spec};
 use crate::journal::Journal;
-use crate::ledger::{self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason};
+use crate::ledger::{
+    self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason,
+};
 use crate::mac::{self, MacKey};
+use crate::server::{Dispatch, Handled, RequestCtx};
+use crate::telemetry;
 pub use classify::{classify, Kind, Shape};
 
 /// How one listener's messages are read and protected.
@@ -40,7 +44,11 @@ impl Link {
             Dialect::Ascii1987 => &*iso8583::ASCII1987,
             Dialect::CupPos => &*iso8583::CUP_POS,
         };
-        Link { spec, dialect, mac: None }
+        Link {
+            spec,
+            dialect,
+            mac: None,
+        }
     }
 
     fn shape(&self) -> Shape {
@@ -81,7 +89,12 @@ impl Gateway {
     /// A gateway deciding with `ledger`, journaling to `journal` (none: decisions are not
     /// durable, for tests and `unsafe` runs), reading time from `clock`, one [`Link`] per
     /// listener index.
-    pub fn new(ledger: Arc<Ledger>, journal: Option<Arc<Journal>>, clock: Arc<dyn Clock>, links: Vec<Link>) -> Gateway {
+    pub fn new(
+        ledger: Arc<Ledger>,
+        journal: Option<Arc<Journal>>,
+        clock: Arc<dyn Clock>,
+        links: Vec<Link>,
+    ) -> Gateway {
         Gateway {
             ledger,
             journal,
@@ -99,19 +112,37 @@ impl Gateway {
     pub async fn handle(&self, link: usize, body: &[u8]) -> (Outcome, Summary) {
         let started = Instant::now();
         let Some(l) = self.links.get(link) else {
-            return (Outcome::Drop, Summary { code: None, reason: "INTERNAL_ERROR" });
+            return (
+                Outcome::Drop,
+                Summary {
+                    code: None,
+                    reason: "INTERNAL_ERROR",
+                },
+            );
         };
         let (msg, err) = iso8583::decode_partial(l.spec, body);
         let result = match err {
             Some(e) if e.answerable() => {
                 tracing::info!(dialect = l.spec.name(), mti = %msg.mti(), stan = ?e.stan, error = %e, "message error");
-                metrics::counter!("refundgate_message_errors_total", "dialect" => dialect_label(l.dialect)).increment(1);
-                self.answer(l, &msg, Kind::Sale, &Decision::bare(Reason::FORMAT_ERROR), None)
+                telemetry::count_message_error(dialect_label(l.dialect));
+                self.answer(
+                    l,
+                    &msg,
+                    Kind::Sale,
+                    &Decision::bare(Reason::FORMAT_ERROR),
+                    None,
+                )
             }
             Some(e) => {
                 tracing::info!(dialect = l.spec.name(), error = %e, "message error, dropped");
-                metrics::counter!("refundgate_message_errors_total", "dialect" => dialect_label(l.dialect)).increment(1);
-                return (Outcome::Drop, Summary { code: None, reason: "FORMAT_ERROR" });
+                telemetry::count_message_error(dialect_label(l.dialect));
+                return (
+                    Outcome::Drop,
+                    Summary {
+                        code: None,
+                        reason: "FORMAT_ERROR",
+                    },
+                );
             }
             None => self.decide(l, &msg).await,
         };
@@ -119,8 +150,13 @@ impl Gateway {
         let code = decision.de39(l.dialect);
         let reason = decision.reason.as_str();
         let micros = started.elapsed().as_micros() as u64;
-        metrics::counter!("refundgate_requests_total", "dialect" => dialect_label(l.dialect), "mti" => mti_label(msg.mti().0), "code" => code, "reason" => reason).increment(1);
-        metrics::histogram!("refundgate_decision_seconds").record(micros as f64 / 1e6);
+        telemetry::record_request(
+            dialect_label(l.dialect),
+            mti_label(msg.mti().0),
+            code,
+            reason,
+        );
+        telemetry::record_decision_seconds(dialect_label(l.dialect), micros as f64 / 1e6);
         tracing::info!(
             dialect = l.spec.name(),
             mti = %msg.mti(),
@@ -132,12 +168,24 @@ impl Gateway {
             us = micros,
             "request"
         );
-        (Outcome::Reply(bytes), Summary { code: Some(code), reason })
+        (
+            Outcome::Reply(bytes),
+            Summary {
+                code: Some(code),
+                reason,
+            },
+        )
     }
 
     async fn decide(&self, l: &Link, msg: &Message<'_>) -> (BytesMut, Decision) {
         let Some(kind) = classify(msg, l.shape()) else {
-            return self.answer(l, msg, Kind::Sale, &Decision::bare(Reason::FUNCTION_NOT_SUPPORTED), None);
+            return self.answer(
+                l,
+                msg,
+                Kind::Sale,
+                &Decision::bare(Reason::FUNCTION_NOT_SUPPORTED),
+                None,
+            );
         };
         let now = self.clock.now_unix_s();
         if matches!(kind, Kind::Echo | Kind::SignOff) {
@@ -153,8 +201,8 @@ impl Gateway {
             return self.settle(l, msg, now).await;
         }
         let mut pan_buf = [0u8; 19];
-        let mut rrn_buf = [0u8; 12];
-        let Some(req) = self.ledger_request(l, msg, kind, now, &mut pan_buf, &mut rrn_buf) else {
+        let rrn_buf = sale_rrn(msg, now);
+        let Some(req) = self.ledger_request(l, msg, kind, &mut pan_buf, &rrn_buf) else {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
         let rrn = (kind == Kind::Sale).then_some(rrn_buf);
@@ -165,7 +213,13 @@ impl Gateway {
         if let Err(e) = self.journal_event(reservation.event()).await {
             tracing::warn!(error = %e, "journal append failed; answering 96");
             self.ledger.release(reservation);
-            return self.answer(l, msg, kind, &Decision::bare(Reason::STORE_UNAVAILABLE), None);
+            return self.answer(
+                l,
+                msg,
+                kind,
+                &Decision::bare(Reason::STORE_UNAVAILABLE),
+                None,
+            );
         }
         let d = self.ledger.commit(reservation);
         self.answer(l, msg, kind, &d, rrn)
@@ -177,18 +231,34 @@ impl Gateway {
         };
         let mut payload = Vec::with_capacity(128);
         event.encode(&mut payload);
-        journal.append(payload).await.map(|_| ()).map_err(|e| e.to_string())
+        journal
+            .append(payload)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     async fn sign_on(&self, l: &Link, msg: &Message<'_>, now: i64) -> (BytesMut, Decision) {
         let (Some(merchant), Some(terminal)) = (msg.merchant(), msg.terminal()) else {
             // ascii1987 sign-on of a host link carries no merchant: nothing to record.
-            return self.answer(l, msg, Kind::SignOn, &Decision::bare(Reason::APPROVED), None);
+            return self.answer(
+                l,
+                msg,
+                Kind::SignOn,
+                &Decision::bare(Reason::APPROVED),
+                None,
+            );
         };
         match self.ledger.sign_on(merchant, terminal, now) {
             Ok((batch, event)) => {
                 if self.journal_event(&event).await.is_err() {
-                    return self.answer(l, msg, Kind::SignOn, &Decision::bare(Reason::STORE_UNAVAILABLE), None);
+                    return self.answer(
+                        l,
+                        msg,
+                        Kind::SignOn,
+                        &Decision::bare(Reason::STORE_UNAVAILABLE),
+                        None,
+                    );
                 }
                 let mut out = BytesMut::with_capacity(256);
                 let d = Decision::bare(Reason::APPROVED);
@@ -201,12 +271,24 @@ impl Gateway {
 
     async fn settle(&self, l: &Link, msg: &Message<'_>, now: i64) -> (BytesMut, Decision) {
         let Some(merchant) = msg.merchant() else {
-            return self.answer(l, msg, Kind::Settlement, &Decision::bare(Reason::FORMAT_ERROR), None);
+            return self.answer(
+                l,
+                msg,
+                Kind::Settlement,
+                &Decision::bare(Reason::FORMAT_ERROR),
+                None,
+            );
         };
         match self.ledger.settle(merchant, now) {
             Ok((d, event)) => {
                 if self.journal_event(&event).await.is_err() {
-                    return self.answer(l, msg, Kind::Settlement, &Decision::bare(Reason::STORE_UNAVAILABLE), None);
+                    return self.answer(
+                        l,
+                        msg,
+                        Kind::Settlement,
+                        &Decision::bare(Reason::STORE_UNAVAILABLE),
+                        None,
+                    );
                 }
                 self.answer(l, msg, Kind::Settlement, &d, None)
             }
@@ -224,21 +306,26 @@ impl Gateway {
         }
     }
 
-    fn answer(&self, l: &Link, msg: &Message<'_>, kind: Kind, d: &Decision, rrn: Option<[u8; 12]>) -> (BytesMut, Decision) {
+    fn answer(
+        &self,
+        l: &Link,
+        msg: &Message<'_>,
+        kind: Kind,
+        d: &Decision,
+        rrn: Option<[u8; 12]>,
+    ) -> (BytesMut, Decision) {
         let mut out = BytesMut::with_capacity(256);
         render::response(l, msg, kind, d, rrn, None, &mut out);
         (out, *d)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn ledger_request<'m>(
         &self,
         l: &Link,
         msg: &Message<'m>,
         kind: Kind,
-        now: i64,
         pan_buf: &'m mut [u8; 19],
-        rrn_buf: &'m mut [u8; 12],
+        rrn_buf: &'m [u8; 12],
     ) -> Option<ledger::Request<'m>> {
         let op = match kind {
             Kind::Sale => Operation::Sale,
@@ -270,8 +357,6 @@ impl Gateway {
             }),
         };
         let rrn = if kind == Kind::Sale {
-            let hhmmss = msg.number(12).map_or_else(|| (now.rem_euclid(86_400) / 3600 * 10_000 + now.rem_euclid(3600) / 60 * 100 + now.rem_euclid(60)) as u32, |t| t as u32);
-            *rrn_buf = ids::rrn(hhmmss, msg.stan()?);
             std::str::from_utf8(&rrn_buf[..]).ok()
         } else {
             msg.rrn()
@@ -300,6 +385,18 @@ impl Gateway {
             body_fingerprint: fingerprint(msg),
         })
     }
+}
+
+/// The RRN a sale gets: DE12 `hhmmss` (or the UTC time of day) and the STAN.
+fn sale_rrn(msg: &Message<'_>, now: i64) -> [u8; 12] {
+    let hhmmss = msg.number(12).map_or_else(
+        || {
+            let s = now.rem_euclid(86_400);
+            (s / 3600 * 10_000 + s % 3600 / 60 * 100 + s % 60) as u32
+        },
+        |t| t as u32,
+    );
+    ids::rrn(hhmmss, msg.stan().unwrap_or(0))
 }
 
 /// A hash of what identifies a request, without the MTI's origin digit and DE7 (which a
@@ -345,5 +442,21 @@ pub fn mti_label(mti: u16) -> &'static str {
         800 => "0800",
         820 => "0820",
         _ => "other",
+    }
+}
+
+impl Dispatch for Gateway {
+    fn handle(
+        &self,
+        ctx: &RequestCtx,
+        body: bytes::Bytes,
+    ) -> impl std::future::Future<Output = Handled> + Send {
+        let link = ctx.listener.index;
+        async move {
+            match Gateway::handle(self, link, &body).await.0 {
+                Outcome::Reply(bytes) => Handled::Reply(bytes),
+                Outcome::Drop => Handled::Drop,
+            }
+        }
     }
 }

@@ -58,7 +58,11 @@ pub(super) fn response(
     let _ = fields.set(39, Value::Text(code.as_bytes()));
     let reason = d.reason.as_str();
     let _ = fields.set(44, Value::Text(reason.as_bytes()));
-    let de54 = if matches!(kind, Kind::Refund | Kind::Void) { d.de54() } else { None };
+    let de54 = if matches!(kind, Kind::Refund | Kind::Void) {
+        d.de54()
+    } else {
+        None
+    };
     if let Some(text) = &de54 {
         let _ = fields.set(54, Value::Text(text.as_bytes()));
     }

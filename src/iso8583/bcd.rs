@@ -89,9 +89,10 @@ impl<'a> Digits<'a> {
     /// Whether the digits equal `other` (ASCII; `=` and `D` are the same separator).
     pub fn eq_ascii(&self, other: &[u8]) -> bool {
         other.len() == self.len()
-            && self.chars().zip(other.iter()).all(|(a, &b)| {
-                a == b || (a == b'D' && b == b'=') || (a == b'=' && b == b'D')
-            })
+            && self
+                .chars()
+                .zip(other.iter())
+                .all(|(a, &b)| a == b || (a == b'D' && b == b'=') || (a == b'=' && b == b'D'))
     }
 
     /// The digits as a `String` (for output; not on the hot path).
@@ -169,8 +170,14 @@ mod tests {
 
     #[test]
     fn bad_nibbles_are_found() {
-        assert_eq!(valid_bcd(&[0x02, 0x1f], 3, false, false), Err(BcdFault::Pad(1)));
-        assert_eq!(valid_bcd(&[0x2a, 0x12], 4, true, false), Err(BcdFault::Digit(0)));
+        assert_eq!(
+            valid_bcd(&[0x02, 0x1f], 3, false, false),
+            Err(BcdFault::Pad(1))
+        );
+        assert_eq!(
+            valid_bcd(&[0x2a, 0x12], 4, true, false),
+            Err(BcdFault::Digit(0))
+        );
         assert_eq!(valid_bcd(&[0x12, 0xd4], 4, true, true), Ok(()));
         assert_eq!(bcd_number(&[0x1a]), None);
         assert_eq!(bcd_number(&[0x01, 0x23]), Some(123));

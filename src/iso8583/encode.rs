@@ -6,7 +6,9 @@ use bytes::{BufMut, BytesMut};
 use super::error::{Element, EncodeError, Fault};
 use super::message::{FieldRef, Message};
 use super::mti::Mti;
-use super::spec::{BitmapEncoding, Encoding, FieldSpec, Kind, LengthEncoding, MtiEncoding, Pad, Prefix, Spec};
+use super::spec::{
+    BitmapEncoding, Encoding, FieldSpec, Kind, LengthEncoding, MtiEncoding, Pad, Prefix, Spec,
+};
 
 /// The value of one element to encode.
 #[derive(Debug, Clone, Copy)]
@@ -89,7 +91,12 @@ impl<'a, const N: usize> FieldList<'a, N> {
 }
 
 /// Encodes a message: MTI, bitmap(s), then `fields` (ascending, unique) into `out`.
-pub fn encode(spec: &Spec, mti: Mti, fields: &[(u8, Value<'_>)], out: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode(
+    spec: &Spec,
+    mti: Mti,
+    fields: &[(u8, Value<'_>)],
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
     let mut bitmap = 0u128;
     let mut last = 1u8;
     for &(n, _) in fields {
@@ -196,7 +203,9 @@ fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault
         (Encoding::Ascii, Kind::Numeric) if !text.iter().all(u8::is_ascii_digit) => {
             return Err(Fault::NotNumeric)
         }
-        (Encoding::Ascii, Kind::Binary) if !text.iter().all(u8::is_ascii_hexdigit) => return Err(Fault::NotHex),
+        (Encoding::Ascii, Kind::Binary) if !text.iter().all(u8::is_ascii_hexdigit) => {
+            return Err(Fault::NotHex)
+        }
         _ => {}
     }
     put_prefix(fs, units, out)?;

@@ -11,6 +11,9 @@ use super::mti::Mti;
 use super::sensitive::mask_pan_text;
 use super::spec::{Encoding, Sensitivity, Spec};
 
+/// Prefix of a text element shown as hex because it is not ASCII.
+pub const HEX_TEXT_PREFIX: &str = "hex:";
+
 /// The text form of element `n` as the vector files write it: digits for numerics (`D` for a
 /// BCD track separator), upper-case hex for binary-encoded elements, text otherwise.
 pub fn field_text(msg: &Message<'_>, n: usize) -> Option<String> {
@@ -20,6 +23,11 @@ pub fn field_text(msg: &Message<'_>, n: usize) -> Option<String> {
     }
     match f.spec.encoding {
         Encoding::Binary => Some(hex::encode_upper(f.bytes)),
+        // Text that is not ASCII (a terminal putting binary or GBK bytes in an `ans` element)
+        // is shown as `hex:` + its bytes, so the view stays lossless; `from_json` reads it back.
+        _ if !f.bytes.is_ascii() => {
+            Some(format!("{HEX_TEXT_PREFIX}{}", hex::encode_upper(f.bytes)))
+        }
         _ => Some(String::from_utf8_lossy(f.bytes).into_owned()),
     }
 }
@@ -53,7 +61,11 @@ pub fn to_json(msg: &Message<'_>, unmask: bool) -> Json {
 
 fn subfields(msg: &Message<'_>) -> Map<String, Json> {
     let mut out = Map::new();
-    if let Some(v) = msg.digits(90).map(|d| d.to_string_lossy()).filter(|v| v.len() == 42) {
+    if let Some(v) = msg
+        .digits(90)
+        .map(|d| d.to_string_lossy())
+        .filter(|v| v.len() == 42)
+    {
         out.insert(
             "90".into(),
             json!({
@@ -68,7 +80,15 @@ fn subfields(msg: &Message<'_>) -> Map<String, Json> {
     if msg.spec().name() == "cup_pos" {
         if let Some(v) = msg.digits(60).map(|d| d.to_string_lossy()) {
             let mut m = Map::new();
-            let names = [("60.1", 2), ("60.2", 6), ("60.3", 3), ("60.4", 1), ("60.5", 1), ("60.6", 1), ("60.7", 3)];
+            let names = [
+                ("60.1", 2),
+                ("60.2", 6),
+                ("60.3", 3),
+                ("60.4", 1),
+                ("60.5", 1),
+                ("60.6", 1),
+                ("60.7", 3),
+            ];
             let mut i = 0;
             for (name, len) in names {
                 if i >= v.len() {
@@ -83,7 +103,11 @@ fn subfields(msg: &Message<'_>) -> Map<String, Json> {
             }
             out.insert("60".into(), Json::Object(m));
         }
-        if let Some(v) = msg.digits(61).map(|d| d.to_string_lossy()).filter(|v| v.len() >= 12) {
+        if let Some(v) = msg
+            .digits(61)
+            .map(|d| d.to_string_lossy())
+            .filter(|v| v.len() >= 12)
+        {
             let mut m = Map::new();
             m.insert("61.1".into(), json!(&v[0..6]));
             m.insert("61.2".into(), json!(&v[6..12]));
@@ -121,13 +145,21 @@ pub fn from_json(spec: &Spec, doc: &Json, out: &mut BytesMut) -> Result<(), Json
     let fields = match doc.get("fields") {
         None => &empty,
         Some(Json::Object(m)) => m,
-        Some(_) => return Err(JsonEncodeError::Shape("key `fields`: expected an object".into())),
+        Some(_) => {
+            return Err(JsonEncodeError::Shape(
+                "key `fields`: expected an object".into(),
+            ))
+        }
     };
     let mut owned: Vec<(u8, Vec<u8>)> = Vec::with_capacity(fields.len());
     for (k, v) in fields {
         let n: u8 = match k.parse() {
             Ok(n) if (2..=128).contains(&n) => n,
-            _ => return Err(JsonEncodeError::Shape(format!("fields.{k}: not a field number 2..128"))),
+            _ => {
+                return Err(JsonEncodeError::Shape(format!(
+                    "fields.{k}: not a field number 2..128"
+                )))
+            }
         };
         let text = v
             .as_str()
@@ -138,6 +170,11 @@ pub fn from_json(spec: &Spec, doc: &Json, out: &mut BytesMut) -> Result<(), Json
         })?;
         let bytes = if fs.encoding == Encoding::Binary {
             hex::decode(text).map_err(|_| EncodeError {
+                element: Element::Field(n),
+                fault: Fault::NotHex,
+            })?
+        } else if let Some(h) = text.strip_prefix(HEX_TEXT_PREFIX) {
+            hex::decode(h).map_err(|_| EncodeError {
                 element: Element::Field(n),
                 fault: Fault::NotHex,
             })?

@@ -8,7 +8,9 @@ use super::bcd::{ascii_number, bcd_number, valid_bcd, BcdFault};
 use super::error::{DecodeError, Element, Fault};
 use super::message::{Message, Span};
 use super::mti::Mti;
-use super::spec::{BitmapEncoding, Encoding, FieldSpec, Kind, LengthEncoding, MtiEncoding, Pad, Prefix, Spec};
+use super::spec::{
+    BitmapEncoding, Encoding, FieldSpec, Kind, LengthEncoding, MtiEncoding, Pad, Prefix, Spec,
+};
 
 /// A parser failure: what went wrong and how much input was left where it happened (so the
 /// byte offset can be computed without keeping the bytes).
@@ -127,10 +129,12 @@ fn check_content(spec: &FieldSpec, bytes: &[u8], units: usize) -> Result<(), (us
                 None => Ok(()),
             }
         }
-        (Encoding::Ascii, Kind::Binary) => match bytes.iter().position(|b| !b.is_ascii_hexdigit()) {
-            Some(i) => Err((i, Fault::NotHex)),
-            None => Ok(()),
-        },
+        (Encoding::Ascii, Kind::Binary) => {
+            match bytes.iter().position(|b| !b.is_ascii_hexdigit()) {
+                Some(i) => Err((i, Fault::NotHex)),
+                None => Ok(()),
+            }
+        }
         (Encoding::Bcd, kind) => {
             let left_pad = spec.pad == Pad::Left;
             match valid_bcd(bytes, units, left_pad, kind == Kind::Track) {
@@ -194,7 +198,16 @@ pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Opti
     let (rest, primary) = match bitmap(input) {
         Ok(v) => v,
         Err(e) => {
-            return (msg, err(Element::Bitmap(1), at(input.len()), pfault(&e).fault, Some(mti), None))
+            return (
+                msg,
+                err(
+                    Element::Bitmap(1),
+                    at(input.len()),
+                    pfault(&e).fault,
+                    Some(mti),
+                    None,
+                ),
+            )
         }
     };
     input = rest;
@@ -203,7 +216,16 @@ pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Opti
         let (rest, secondary) = match bitmap(input) {
             Ok(v) => v,
             Err(e) => {
-                return (msg, err(Element::Bitmap(2), at(input.len()), pfault(&e).fault, Some(mti), None))
+                return (
+                    msg,
+                    err(
+                        Element::Bitmap(2),
+                        at(input.len()),
+                        pfault(&e).fault,
+                        Some(mti),
+                        None,
+                    ),
+                )
             }
         };
         input = rest;
@@ -218,7 +240,13 @@ pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Opti
         let element = Element::Field(n as u8);
         let prefix_start = at(input.len());
         let Some(fs) = spec.field(n) else {
-            let e = first.unwrap_or(DecodeError { element, offset: prefix_start, fault: Fault::NotInSpec, mti: Some(mti), stan });
+            let e = first.unwrap_or(DecodeError {
+                element,
+                offset: prefix_start,
+                fault: Fault::NotInSpec,
+                mti: Some(mti),
+                stan,
+            });
             return (msg, Some(DecodeError { stan, ..e }));
         };
         let parsed = length_prefix(input, fs).and_then(|(rest, units)| {
@@ -228,7 +256,13 @@ pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Opti
             Ok(v) => v,
             Err(e) => {
                 let f = pfault(&e);
-                let e = first.unwrap_or(DecodeError { element, offset: at(f.remaining), fault: f.fault, mti: Some(mti), stan });
+                let e = first.unwrap_or(DecodeError {
+                    element,
+                    offset: at(f.remaining),
+                    fault: f.fault,
+                    mti: Some(mti),
+                    stan,
+                });
                 return (msg, Some(DecodeError { stan, ..e }));
             }
         };
@@ -255,7 +289,13 @@ pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Opti
         msg.present |= 1u128 << 127;
     }
     if first.is_none() && !input.is_empty() {
-        first = err(Element::Trailer, at(input.len()), Fault::TrailingBytes, Some(mti), stan);
+        first = err(
+            Element::Trailer,
+            at(input.len()),
+            Fault::TrailingBytes,
+            Some(mti),
+            stan,
+        );
     }
     (msg, first.map(|e| DecodeError { stan, ..e }))
 }

@@ -79,7 +79,10 @@ impl std::fmt::Debug for Pan<'_> {
 
 /// Masks a PAN given as text: first 6, `******`, last 4.
 pub fn mask_pan_text(pan: &str) -> String {
-    Pan::new(Digits::ascii(pan.as_bytes())).masked().as_str().to_string()
+    Pan::new(Digits::ascii(pan.as_bytes()))
+        .masked()
+        .as_str()
+        .to_string()
 }
 
 #[cfg(test)]

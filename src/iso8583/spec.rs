@@ -232,7 +232,11 @@ impl Spec {
         let mti = match raw.mti.as_str() {
             "ascii" => MtiEncoding::Ascii,
             "bcd" => MtiEncoding::Bcd,
-            other => return Err(err(format!("key `mti`: expected ascii or bcd, got {other:?}"))),
+            other => {
+                return Err(err(format!(
+                    "key `mti`: expected ascii or bcd, got {other:?}"
+                )))
+            }
         };
         let bitmap = match raw.bitmap.as_str() {
             "hex" => BitmapEncoding::Hex,
@@ -243,14 +247,22 @@ impl Spec {
                 )))
             }
         };
-        let length_encoding = parse_length_encoding(&raw.length_encoding)
-            .ok_or_else(|| err(format!("key `length_encoding`: expected ascii, bcd or binary, got {:?}", raw.length_encoding)))?;
+        let length_encoding = parse_length_encoding(&raw.length_encoding).ok_or_else(|| {
+            err(format!(
+                "key `length_encoding`: expected ascii, bcd or binary, got {:?}",
+                raw.length_encoding
+            ))
+        })?;
         let mut fields = [None; 129];
         let mut names = Vec::with_capacity(raw.fields.len());
         for (key, f) in &raw.fields {
             let n: usize = match key.parse() {
                 Ok(n) if (2..=128).contains(&n) => n,
-                _ => return Err(err(format!("fields.{key}: field numbers run from 2 to 128"))),
+                _ => {
+                    return Err(err(format!(
+                        "fields.{key}: field numbers run from 2 to 128"
+                    )))
+                }
             };
             let spec = f
                 .validate(length_encoding)
@@ -316,20 +328,33 @@ struct RawField {
 }
 
 impl RawField {
-    fn validate(&self, default_length: LengthEncoding) -> Result<FieldSpec, (&'static str, String)> {
+    fn validate(
+        &self,
+        default_length: LengthEncoding,
+    ) -> Result<FieldSpec, (&'static str, String)> {
         let kind = match self.kind.as_str() {
             "n" => Kind::Numeric,
             "an" | "a" => Kind::Alphanumeric,
             "ans" => Kind::AlphanumericSpecial,
             "b" => Kind::Binary,
             "z" => Kind::Track,
-            other => return Err(("kind", format!("expected n, an, ans, b or z, got {other:?}"))),
+            other => {
+                return Err((
+                    "kind",
+                    format!("expected n, an, ans, b or z, got {other:?}"),
+                ))
+            }
         };
         let encoding = match self.encoding.as_str() {
             "ascii" => Encoding::Ascii,
             "bcd" => Encoding::Bcd,
             "binary" => Encoding::Binary,
-            other => return Err(("encoding", format!("expected ascii, bcd or binary, got {other:?}"))),
+            other => {
+                return Err((
+                    "encoding",
+                    format!("expected ascii, bcd or binary, got {other:?}"),
+                ))
+            }
         };
         if encoding == Encoding::Bcd && !matches!(kind, Kind::Numeric | Kind::Track) {
             return Err(("encoding", "bcd holds only n or z elements".into()));
@@ -340,19 +365,30 @@ impl RawField {
             "ll" => Prefix::Ll,
             "lll" => Prefix::Lll,
             "llll" => Prefix::Llll,
-            other => return Err(("prefix", format!("expected fixed, l, ll, lll or llll, got {other:?}"))),
+            other => {
+                return Err((
+                    "prefix",
+                    format!("expected fixed, l, ll, lll or llll, got {other:?}"),
+                ))
+            }
         };
         let length_encoding = match &self.length_encoding {
             None => default_length,
-            Some(s) => parse_length_encoding(s)
-                .ok_or(("length_encoding", format!("expected ascii, bcd or binary, got {s:?}")))?,
+            Some(s) => parse_length_encoding(s).ok_or((
+                "length_encoding",
+                format!("expected ascii, bcd or binary, got {s:?}"),
+            ))?,
         };
         let counts_digits = match self.count.as_deref() {
             None => encoding == Encoding::Bcd,
             Some("digits") if encoding == Encoding::Bcd => true,
-            Some("digits") => return Err(("count", "digits are counted only for bcd elements".into())),
+            Some("digits") => {
+                return Err(("count", "digits are counted only for bcd elements".into()))
+            }
             Some("bytes") => false,
-            Some(other) => return Err(("count", format!("expected digits or bytes, got {other:?}"))),
+            Some(other) => {
+                return Err(("count", format!("expected digits or bytes, got {other:?}")))
+            }
         };
         let pad = match self.pad.as_deref() {
             None | Some("left") => Pad::Left,
@@ -365,7 +401,10 @@ impl RawField {
             Some("track") => Sensitivity::Track,
             Some("secret") => Sensitivity::Secret,
             Some(other) => {
-                return Err(("sensitive", format!("expected pan, track or secret, got {other:?}")))
+                return Err((
+                    "sensitive",
+                    format!("expected pan, track or secret, got {other:?}"),
+                ))
             }
         };
         let prefix_max = match (prefix, length_encoding) {
@@ -410,14 +449,21 @@ mod tests {
     #[test]
     fn bad_spec_names_the_field_and_key() {
         let text = "name = \"x\"\nmti = \"ascii\"\nbitmap = \"hex\"\nlength_encoding = \"ascii\"\n[fields]\n35 = { kind = \"z\", encoding = \"ascii\", prefix = \"ll\", max = 37, pad = \"middle\" }\n";
-        let e = Spec::from_toml("custom.toml", text).unwrap_err().to_string();
-        assert_eq!(e, "custom.toml: field 35: key `pad`: expected left or right, got \"middle\"");
+        let e = Spec::from_toml("custom.toml", text)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "custom.toml: field 35: key `pad`: expected left or right, got \"middle\""
+        );
     }
 
     #[test]
     fn unknown_key_in_spec_is_rejected_with_its_name() {
         let text = "name = \"x\"\nmti = \"ascii\"\nbitmap = \"hex\"\nlength_encoding = \"ascii\"\n[fields]\n2 = { kind = \"n\", encoding = \"ascii\", prefix = \"ll\", max = 19, colour = \"red\" }\n";
-        let e = Spec::from_toml("custom.toml", text).unwrap_err().to_string();
+        let e = Spec::from_toml("custom.toml", text)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("colour"), "{e}");
         assert!(!e.contains('\n'));
     }

@@ -1,0 +1,252 @@
+//! `refundgate serve`: reads the configuration once, recovers the ledger from the journal,
+//! and runs the TLS listeners until SIGTERM/SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::cli::{EXIT_IOERR, EXIT_USAGE};
+use crate::clock::SystemClock;
+use crate::config::{self, Config};
+use crate::flow::{Gateway, Link};
+use crate::journal::{self, Journal};
+use crate::ledger::{Dialect, Ledger, LedgerEvent, MerchantSet, PanKey};
+use crate::mac::{MacAlgorithm, MacKey};
+use crate::server::{self, Server};
+use crate::telemetry;
+
+/// Arguments of `serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); without it the embedded defaults run.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Merchant file; overrides `merchants` of the configuration.
+    #[arg(long)]
+    pub merchants: Option<PathBuf>,
+    /// Journal directory; overrides `journal.dir` of the configuration.
+    #[arg(long)]
+    pub journal_dir: Option<PathBuf>,
+}
+
+/// A start-up failure and the exit code it maps to.
+#[derive(Debug)]
+pub struct StartError {
+    /// Process exit code (64 configuration, 74 storage, 71 bind).
+    pub code: u8,
+    /// One line for the operator.
+    pub message: String,
+}
+
+fn usage(message: impl Into<String>) -> StartError {
+    StartError {
+        code: EXIT_USAGE,
+        message: message.into(),
+    }
+}
+
+/// Everything `serve` needs, built and validated before any port is bound.
+pub struct Prepared {
+    /// The validated configuration.
+    pub config: Config,
+    /// The decision engine.
+    pub gateway: Arc<Gateway>,
+    /// The open journal (kept alive for the process).
+    pub journal: Arc<Journal>,
+}
+
+/// Loads configuration and merchants, opens and replays the journal.
+pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
+    let mut config = Config::load(args.config.as_deref()).map_err(|e| usage(e.to_string()))?;
+    if let Some(m) = &args.merchants {
+        config.merchants = Some(m.clone());
+    }
+    if let Some(d) = &args.journal_dir {
+        config.journal.dir = d.clone();
+    }
+    let merchants = match &config.merchants {
+        Some(path) => MerchantSet::from_path(path),
+        None => MerchantSet::embedded(),
+    }
+    .map_err(|e| usage(format!("merchants: {e}")))?;
+    let links = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| link(i, l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let durability = match config.journal.durability {
+        config::Durability::Fdatasync => journal::Durability::Fdatasync,
+        config::Durability::UnsafeNoFsync => {
+            tracing::warn!("journal.durability = unsafe_no_fsync: approvals are acknowledged before they are on stable storage");
+            journal::Durability::UnsafeNoFsync
+        }
+    };
+    let io = |e: journal::JournalError| StartError {
+        code: EXIT_IOERR,
+        message: format!("journal {}: {e}", config.journal.dir.display()),
+    };
+    let options = journal::Options {
+        durability,
+        ..journal::Options::default()
+    };
+    let (journal, mut recovered) = Journal::open(&config.journal.dir, options).map_err(io)?;
+    let pan_key = pan_key(&config.journal.dir)?;
+    let ledger = match recovered.take_snapshot() {
+        Some(snap) => {
+            Ledger::restore(&merchants, pan_key, &snap.bytes).map_err(|e| StartError {
+                code: EXIT_IOERR,
+                message: format!(
+                    "journal {}: snapshot {}: {e}",
+                    config.journal.dir.display(),
+                    snap.seq
+                ),
+            })?
+        }
+        None => Ledger::new(&merchants, pan_key),
+    };
+    let mut bad: Option<String> = None;
+    let replayed = recovered
+        .replay(|seq, payload| {
+            if bad.is_some() {
+                return;
+            }
+            match LedgerEvent::decode(payload) {
+                Ok(event) => {
+                    if let Err(e) = ledger.apply(&event) {
+                        tracing::warn!(seq, error = %e, "journal event for a merchant no longer configured; skipped");
+                    }
+                }
+                Err(e) => bad = Some(format!("record {seq}: {e}")),
+            }
+        })
+        .map_err(io)?;
+    if let Some(b) = bad {
+        return Err(StartError {
+            code: EXIT_IOERR,
+            message: format!("journal {}: {b}", config.journal.dir.display()),
+        });
+    }
+    tracing::info!(
+        replayed,
+        last_seq = recovered.last_seq(),
+        "ledger recovered from the journal"
+    );
+    let journal = Arc::new(journal);
+    let gateway = Gateway::new(
+        Arc::new(ledger),
+        Some(Arc::clone(&journal)),
+        Arc::new(SystemClock),
+        links,
+    );
+    Ok(Prepared {
+        config,
+        gateway: Arc::new(gateway),
+        journal,
+    })
+}
+
+fn link(i: usize, l: &config::ListenerConfig) -> Result<Link, StartError> {
+    let dialect = match l.dialect {
+        config::Dialect::Ascii1987 => Dialect::Ascii1987,
+        config::Dialect::CupPos => Dialect::CupPos,
+    };
+    let mut link = Link::plain(dialect);
+    if let Some(mac) = &l.mac {
+        let algorithm = match mac.algorithm.as_str() {
+            "x919" | "ansi_x919" => MacAlgorithm::AnsiX919,
+            "cup_ecb" | "cup_pos" => MacAlgorithm::CupPosEcb,
+            "aes_cmac" => MacAlgorithm::AesCmac,
+            other => return Err(usage(format!(
+                "listeners[{i}].mac.algorithm: expected x919, cup_ecb or aes_cmac, got {other:?}"
+            ))),
+        };
+        let key = MacKey::from_hex(algorithm, &mac.key)
+            .map_err(|e| usage(format!("listeners[{i}].mac.key: {e}")))?;
+        link.mac = Some(key);
+    }
+    Ok(link)
+}
+
+/// The key of the PAN hashes kept in the ledger and journal: created once per journal
+/// directory (random, mode 0600) so hashes stay comparable across restarts.
+fn pan_key(dir: &Path) -> Result<PanKey, StartError> {
+    let path = dir.join("pan-hash.key");
+    let io = |e: std::io::Error| StartError {
+        code: EXIT_IOERR,
+        message: format!("{}: {e}", path.display()),
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 16] = rand::random();
+            write_private(&path, &key).map_err(io)?;
+            key.to_vec()
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let key: [u8; 16] = bytes.as_slice().try_into().map_err(|_| StartError {
+        code: EXIT_IOERR,
+        message: format!("{}: expected 16 bytes", path.display()),
+    })?;
+    Ok(PanKey::new(&key))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Runs `serve` to completion and returns the process exit code.
+pub fn run(args: &ServeArgs) -> ExitCode {
+    let log = Config::load(args.config.as_deref())
+        .map(|c| c.log)
+        .unwrap_or_default();
+    if let Err(e) = telemetry::init_logging(log.format, &log.filter) {
+        eprintln!("refundgate: logging: {e}");
+    }
+    if let Err(e) = telemetry::install_metrics() {
+        eprintln!("refundgate: metrics: {e}");
+    }
+    let prepared = match prepare(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("refundgate: {}", e.message);
+            return ExitCode::from(e.code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("refundgate: runtime: {e}");
+            return ExitCode::from(EXIT_IOERR);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let server = Server::bind(prepared.config).await?;
+        server.readiness().set_merchants_loaded(true);
+        for l in server.listeners() {
+            tracing::info!(listener = %l.name, cert_sha256 = %l.cert_sha256, "listening");
+        }
+        server
+            .run(prepared.gateway, server::shutdown::signal())
+            .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("refundgate: {e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
