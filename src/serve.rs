@@ -157,9 +157,11 @@ fn link(i: usize, l: &config::ListenerConfig) -> Result<Link, StartError> {
             "x919" | "ansi_x919" => MacAlgorithm::AnsiX919,
             "cup_ecb" | "cup_pos" => MacAlgorithm::CupPosEcb,
             "aes_cmac" => MacAlgorithm::AesCmac,
-            other => return Err(usage(format!(
+            other => {
+                return Err(usage(format!(
                 "listeners[{i}].mac.algorithm: expected x919, cup_ecb or aes_cmac, got {other:?}"
-            ))),
+            )))
+            }
         };
         let key = MacKey::from_hex(algorithm, &mac.key)
             .map_err(|e| usage(format!("listeners[{i}].mac.key: {e}")))?;
@@ -235,9 +237,6 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     let result = runtime.block_on(async move {
         let server = Server::bind(prepared.config).await?;
         server.readiness().set_merchants_loaded(true);
-        for l in server.listeners() {
-            tracing::info!(listener = %l.name, cert_sha256 = %l.cert_sha256, "listening");
-        }
         server
             .run(prepared.gateway, server::shutdown::signal())
             .await

@@ -1,0 +1,548 @@
+//! The real gateway over TLS on 127.0.0.1:0: flows of both dialects, byte-checked answers,
+//! format errors, unsupported functions and MACs, as a terminal sees them.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use refundgate::clock::SystemClock;
+use refundgate::config::{Config, Dialect as ConfigDialect, ListenerConfig, MacConfig};
+use refundgate::flow::{Gateway, Link};
+use refundgate::frame::{Frame, FrameCodec, Framing};
+use refundgate::iso8583::{self, json, Message};
+use refundgate::journal::{self, Journal};
+use refundgate::ledger::{Dialect, Ledger, MerchantSet, PanKey};
+use refundgate::mac::{self, MacAlgorithm, MacKey};
+use refundgate::server::{ListenerInfo, Server};
+use rustls::crypto::ring;
+use rustls_pki_types::ServerName;
+use serde_json::{json, Value as Json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::Framed;
+
+const WAIT: Duration = Duration::from_secs(10);
+const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x03, 0x00, 0x00];
+const CUP_HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
+const MAK: &str = "0123456789ABCDEF";
+
+struct Running {
+    listeners: Vec<Arc<ListenerInfo>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+}
+
+/// Starts the gateway: listener 0 ascii1987, 1 cup_pos, 2 cup_pos with a MAC key.
+async fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    config.admin.addr = addr;
+    let mut cup_mac = ListenerConfig::new(addr, ConfigDialect::CupPos, Framing::Binary2);
+    cup_mac.mac = Some(MacConfig {
+        algorithm: "cup_ecb".into(),
+        key: MAK.into(),
+    });
+    config.listeners = vec![
+        ListenerConfig::new(addr, ConfigDialect::Ascii1987, Framing::Binary2),
+        ListenerConfig::new(addr, ConfigDialect::CupPos, Framing::Binary2),
+        cup_mac,
+    ];
+    let merchants = MerchantSet::embedded().unwrap();
+    let ledger = Ledger::new(&merchants, PanKey::new(&[7; 16]));
+    let (journal, _) =
+        Journal::open(dir.path().join("journal"), journal::Options::default()).unwrap();
+    let mut mac_link = Link::plain(Dialect::CupPos);
+    mac_link.mac = Some(MacKey::from_hex(MacAlgorithm::CupPosEcb, MAK).unwrap());
+    let links = vec![
+        Link::plain(Dialect::Ascii1987),
+        Link::plain(Dialect::CupPos),
+        mac_link,
+    ];
+    let gateway = Gateway::new(
+        Arc::new(ledger),
+        Some(Arc::new(journal)),
+        Arc::new(SystemClock),
+        links,
+    );
+    let server = Server::bind(config).await.unwrap();
+    server.readiness().set_merchants_loaded(true);
+    let listeners = server.listeners();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = server
+            .run(Arc::new(gateway), async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    Running {
+        listeners,
+        stop: Some(stop),
+        task,
+        _dir: dir,
+    }
+}
+
+type Client = Framed<TlsStream<TcpStream>, FrameCodec>;
+
+async fn connect(info: &ListenerInfo) -> Client {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(info.cert_der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(info.addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let cup = info.dialect.has_cup_header();
+    Framed::new(tls, FrameCodec::new(info.framing, cup, 8192))
+}
+
+/// Sends one message and returns the answer's bytes (MTI onward).
+async fn exchange(client: &mut Client, cup: bool, body: &[u8]) -> Bytes {
+    let frame = Frame::Message {
+        tpdu: cup.then_some(CUP_TPDU),
+        header: cup.then_some(CUP_HEADER),
+        body: Bytes::copy_from_slice(body),
+    };
+    client.send(frame).await.unwrap();
+    match tokio::time::timeout(WAIT, client.next())
+        .await
+        .expect("answer in time")
+    {
+        Some(Ok(Frame::Message { body, tpdu, .. })) => {
+            if cup {
+                assert_eq!(tpdu, Some([0x60, 0x00, 0x00, 0x00, 0x03]), "TPDU swapped");
+            }
+            body
+        }
+        other => panic!("no answer: {other:?}"),
+    }
+}
+
+fn encode(dialect: &str, doc: &Json) -> Vec<u8> {
+    let spec = iso8583::Spec::builtin(dialect).unwrap();
+    let mut out = BytesMut::new();
+    json::from_json(spec, doc, &mut out).unwrap();
+    out.to_vec()
+}
+
+fn decode<'a>(dialect: &str, bytes: &'a [u8]) -> Message<'a> {
+    iso8583::decode(iso8583::Spec::builtin(dialect).unwrap(), bytes).unwrap()
+}
+
+/// What a terminal reads off an answer.
+#[derive(Debug, Clone)]
+struct Answer {
+    mti: u16,
+    code: String,
+    reason: String,
+    rrn: Option<String>,
+    auth: Option<String>,
+    de54: Option<String>,
+    stan: Option<u32>,
+    network_code: Option<u16>,
+    batch: Option<u32>,
+    mac_ok: Option<bool>,
+}
+
+impl Answer {
+    fn code_reason(&self) -> (String, String) {
+        (self.code.clone(), self.reason.clone())
+    }
+}
+
+fn answer(dialect: &str, bytes: &[u8]) -> Answer {
+    let m = decode(dialect, bytes);
+    let key = MacKey::from_hex(MacAlgorithm::CupPosEcb, MAK).unwrap();
+    Answer {
+        mti: m.mti().0,
+        code: m.response_code().unwrap_or("").to_string(),
+        reason: m.reason().unwrap_or("").to_string(),
+        rrn: m.rrn().map(str::to_string),
+        auth: m.auth_code().map(str::to_string),
+        de54: m.text(54).map(str::to_string),
+        stan: m.stan(),
+        network_code: m.network_code(),
+        batch: m.cup60().map(|c| c.batch),
+        mac_ok: m.mac().map(|(mab, v)| mac::verify(&key, mab, v)),
+    }
+}
+
+fn now_fields() -> (String, String, String) {
+    let secs = refundgate::clock::Clock::now_unix_s(&SystemClock) as u64;
+    // DE7 is informational for the decision (the ledger keeps its own clock); keep it plausible.
+    let s = secs % 86_400;
+    let hhmmss = format!("{:02}{:02}{:02}", s / 3600, s % 3600 / 60, s % 60);
+    ("1125".into(), hhmmss.clone(), format!("1125{hhmmss}"))
+}
+
+fn ascii(mti: &str, pc: &str, amount: u64, stan: u32, extra: &[(&str, String)]) -> Json {
+    let (mmdd, hhmmss, de7) = now_fields();
+    let mut fields = json!({
+        "2": "4761739001010119", "3": pc, "4": format!("{amount:012}"), "7": de7,
+        "11": format!("{stan:06}"), "12": hhmmss, "13": mmdd, "22": "051", "25": "00",
+        "41": "TERM0001", "42": "MERCHANT 000001", "49": "840"
+    });
+    for (k, v) in extra {
+        fields[*k] = Json::String(v.clone());
+    }
+    json!({ "mti": mti, "fields": fields })
+}
+
+fn de90(sale: &Json) -> String {
+    let f = &sale["fields"];
+    format!(
+        "0200{}{}{:011}{:011}",
+        f["11"].as_str().unwrap(),
+        f["7"].as_str().unwrap(),
+        0,
+        0
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_codes() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+
+    let sale = ascii("0200", "000000", 600_000, 1, &[]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    assert_eq!(a.mti, 210);
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    assert_eq!(a.stan, Some(1));
+    let rrn = a.rrn.clone().unwrap();
+    assert_eq!(rrn.len(), 12);
+    assert_eq!(a.auth.as_ref().map(String::len), Some(6));
+
+    let refund = ascii(
+        "0200",
+        "200000",
+        1500,
+        2,
+        &[("37", rrn.clone()), ("90", de90(&sale))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &refund)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    let de54 = a.de54.clone().expect("refund answers carry DE54");
+    assert!(
+        de54.contains(&format!("{:012}", 600_000 - 1500)),
+        "DE54 {de54}"
+    );
+
+    // 550000 is within what is left of the sale but over the single-refund cap of 500000.
+    let over = ascii(
+        "0200",
+        "200000",
+        550_000,
+        3,
+        &[("37", rrn.clone()), ("90", de90(&sale))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &over)).await,
+    );
+    assert_eq!(a.code_reason(), ("61".into(), "SINGLE_REFUND_CAP".into()));
+
+    // More than is left of the sale: 64.
+    let too_much = ascii(
+        "0200",
+        "200000",
+        700_000,
+        4,
+        &[("37", rrn.clone()), ("90", de90(&sale))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &too_much)).await,
+    );
+    assert_eq!(
+        a.code_reason(),
+        ("64".into(), "AMOUNT_EXCEEDS_REMAINING".into())
+    );
+
+    // A second sale, voided the same day for its full amount.
+    let sale2 = ascii("0200", "000000", 4200, 5, &[]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale2)).await,
+    );
+    assert_eq!(a.code.as_str(), "00");
+    let rrn2 = a.rrn.clone().unwrap();
+    let void = ascii(
+        "0200",
+        "020000",
+        4200,
+        6,
+        &[("37", rrn2.clone()), ("90", de90(&sale2))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &void)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    // A refund of the voided sale is refused with its reason.
+    let refund_voided = ascii(
+        "0200",
+        "200000",
+        100,
+        7,
+        &[("37", rrn2), ("90", de90(&sale2))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &refund_voided)).await,
+    );
+    assert_eq!(a.reason, "ORIGINAL_VOIDED");
+
+    // Reversal of the first refund gives its amount back: the same refund passes again... and
+    // the repeat of the reversal is answered 00 again without moving anything.
+    let mut reversal = ascii(
+        "0400",
+        "200000",
+        1500,
+        2,
+        &[(
+            "90",
+            format!(
+                "0200{:06}{}{:022}",
+                2,
+                refund["fields"]["7"].as_str().unwrap(),
+                0
+            ),
+        )],
+    );
+    reversal["fields"]["37"] = Json::String(rrn.clone());
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &reversal)).await,
+    );
+    assert_eq!(a.mti, 410);
+    assert_eq!(a.code.as_str(), "00");
+    reversal["mti"] = json!("0401");
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &reversal)).await,
+    );
+    assert_eq!(a.code.as_str(), "00");
+
+    // Repeat of the sale (0201): same answer, same RRN, nothing moved.
+    let mut repeat = sale.clone();
+    repeat["mti"] = json!("0201");
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &repeat)).await,
+    );
+    assert_eq!(a.code.as_str(), "00");
+    assert_eq!(a.rrn.as_deref(), Some(rrn.as_str()));
+    // A different request reusing the sale's key: 94.
+    let reuse = ascii("0200", "000000", 999, 1, &[]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &reuse)).await,
+    );
+    assert_eq!(a.code_reason(), ("94".into(), "DUPLICATE".into()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_unsupported_messages_get_30_and_40_and_the_connection_stays_usable() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    for name in [
+        "a_non_digit_in_numeric",
+        "a_truncated_mid_field",
+        "a_extra_trailing_bytes",
+    ] {
+        let v: Json = serde_json::from_str(
+            &std::fs::read_to_string(format!(
+                "{}/../shared/vectors/malformed/{name}.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let framed = hex::decode(v["framed_hex"].as_str().unwrap()).unwrap();
+        let a = exchange(&mut c, false, &framed[2..]).await;
+        let a = answer("ascii1987", &a);
+        assert_eq!(
+            a.code_reason(),
+            ("30".into(), "FORMAT_ERROR".into()),
+            "{name}"
+        );
+    }
+    let v: Json = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/../shared/vectors/malformed/a_unknown_mti_0600.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let framed = hex::decode(v["framed_hex"].as_str().unwrap()).unwrap();
+    let a = exchange(&mut c, false, &framed[2..]).await;
+    let a = answer("ascii1987", &a);
+    assert_eq!(a.mti, 610);
+    assert_eq!(
+        a.code_reason(),
+        ("40".into(), "FUNCTION_NOT_SUPPORTED".into())
+    );
+    // Still usable: an echo.
+    let echo = json!({"mti": "0800", "fields": {"7": "1125093015", "11": "000009", "70": "301"}});
+    let a = exchange(&mut c, false, &encode("ascii1987", &echo)).await;
+    let a = answer("ascii1987", &a);
+    assert_eq!(
+        (a.mti, a.code.as_str(), a.network_code),
+        (810, "00", Some(301))
+    );
+    gw.stop().await;
+}
+
+fn vector(dir: &str, name: &str) -> Json {
+    serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/../shared/vectors/{dir}/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+fn vector_message(dir: &str, name: &str) -> Vec<u8> {
+    let bytes = hex::decode(vector(dir, name)["hex"].as_str().unwrap()).unwrap();
+    if dir == "cup_bcd" {
+        bytes[11..].to_vec()
+    } else {
+        bytes
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cup_terminal_signs_on_then_its_maced_sale_is_approved_with_a_valid_mac() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[2]).await;
+    let a = exchange(&mut c, true, &vector_message("cup_bcd", "signon_0800")).await;
+    let a = answer("cup_pos", &a);
+    assert_eq!(a.mti, 810);
+    assert_eq!(a.code.as_str(), "00");
+    assert_eq!(
+        a.batch.unwrap(),
+        123,
+        "sign-on answers the batch number in 60.2"
+    );
+
+    let a_bytes = exchange(&mut c, true, &vector_message("cup_bcd", "sale_0200")).await;
+    let a = answer("cup_pos", &a_bytes);
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    assert_eq!(
+        a.mac_ok,
+        Some(true),
+        "approvals on a MAC link carry a valid MAC"
+    );
+
+    // The same sale with its last MAC character changed: A0, no MAC on the decline.
+    let v: Json = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/../shared/vectors/malformed/c_mac_wrong.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let framed = hex::decode(v["framed_hex"].as_str().unwrap()).unwrap();
+    let a_bytes = exchange(&mut c, true, &framed[13..]).await;
+    let a = answer("cup_pos", &a_bytes);
+    assert_eq!(a.code_reason(), ("A0".into(), "MAC_INVALID".into()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cup_message_with_a_mac_on_a_link_without_key_is_answered_a0() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[1]).await;
+    let a = exchange(&mut c, true, &vector_message("cup_bcd", "sale_0200")).await;
+    let a = answer("cup_pos", &a);
+    assert_eq!(a.code_reason(), ("A0".into(), "MAC_INVALID".into()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cup_refund_advice_follows_the_sale_and_overdraw_is_refused_64() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[1]).await;
+    let signon = exchange(&mut c, true, &vector_message("cup_bcd", "signon_0800")).await;
+    assert_eq!(answer("cup_pos", &signon).code, "00");
+    // The vectors' sale without its MAC (this listener has no key).
+    let mut sale = vector("cup_bcd", "sale_0200");
+    sale["fields"].as_object_mut().unwrap().remove("64");
+    let a_bytes = exchange(&mut c, true, &encode("cup_pos", &sale)).await;
+    let a = answer("cup_pos", &a_bytes);
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    let rrn = a.rrn.clone().unwrap();
+    // Refund advice 0220 of 3000 against the sale (batch 123, trace 45).
+    let mut refund = vector("cup_bcd", "refund_0220");
+    let f = refund["fields"].as_object_mut().unwrap();
+    f.remove("64");
+    f.insert("37".into(), json!(rrn));
+    let mmdd = now_mmdd_local_plus8();
+    f.insert("61".into(), json!(format!("000123000045{mmdd}")));
+    let a = answer(
+        "cup_pos",
+        &exchange(&mut c, true, &encode("cup_pos", &refund)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    // A refund above what is left (10000 - 3000): 64.
+    let mut over = refund.clone();
+    over["fields"]["11"] = json!("000053");
+    over["fields"]["4"] = json!("000000008000");
+    let a_bytes = exchange(&mut c, true, &encode("cup_pos", &over)).await;
+    let a = answer("cup_pos", &a_bytes);
+    assert_eq!(
+        a.code_reason(),
+        ("64".into(), "AMOUNT_EXCEEDS_REMAINING".into())
+    );
+    gw.stop().await;
+}
+
+/// Today's MMDD in the cup merchant's time zone (+08:00), as a terminal would send in 61.3.
+fn now_mmdd_local_plus8() -> String {
+    let secs = refundgate::clock::Clock::now_unix_s(&SystemClock) as u64 + 8 * 3600;
+    let days = (secs / 86_400) as i64;
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{m:02}{d:02}")
+}
