@@ -100,7 +100,7 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
 }
 
 fn start(setup: &Setup) -> Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_refundgate"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refundgate"))
         .args(["serve", "--config"])
         .arg(setup.dir.path().join("refundgate.toml"))
         .stdout(Stdio::null())
@@ -114,6 +114,8 @@ fn start(setup: &Setup) -> Child {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("gateway did not become ready");
 }
 
@@ -394,7 +396,7 @@ fn acknowledged_approvals_survive_kill_9_and_limits_hold() {
                 rt.spawn(drive(
                     Arc::clone(&setup),
                     Arc::clone(&model),
-                    seed ^ (i + 1) * 0x2545_f491,
+                    seed ^ ((i + 1) * 0x2545_f491),
                 ))
             })
             .collect();
