@@ -325,6 +325,15 @@ async fn verify(setup: &Setup, model: &Mutex<Model>, cycle: usize) {
     } else {
         approved.len().saturating_sub(400)
     };
+    for (doc, _) in &approved[from..] {
+        // A different request reusing the key of a remembered approval gets 94; a forgotten
+        // one would be decided anew. This probe moves nothing.
+        let mut probe = doc.clone();
+        let amount: u64 = doc["fields"]["4"].as_str().unwrap().parse().unwrap();
+        probe["fields"]["4"] = json!(format!("{:012}", amount + 1));
+        let (code, _) = ask(&mut c, &probe).await.expect("answer");
+        assert_eq!(code, "94", "acknowledged approval forgotten after kill -9: {doc}");
+    }
     for (doc, rrn) in &approved[from..] {
         let (code, got_rrn) = ask(&mut c, doc).await.expect("answer");
         assert_eq!(
