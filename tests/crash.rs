@@ -332,7 +332,10 @@ async fn verify(setup: &Setup, model: &Mutex<Model>, cycle: usize) {
         let amount: u64 = doc["fields"]["4"].as_str().unwrap().parse().unwrap();
         probe["fields"]["4"] = json!(format!("{:012}", amount + 1));
         let (code, _) = ask(&mut c, &probe).await.expect("answer");
-        assert_eq!(code, "94", "acknowledged approval forgotten after kill -9: {doc}");
+        assert_eq!(
+            code, "94",
+            "acknowledged approval forgotten after kill -9: {doc}"
+        );
     }
     for (doc, rrn) in &approved[from..] {
         let (code, got_rrn) = ask(&mut c, doc).await.expect("answer");
@@ -428,4 +431,119 @@ fn acknowledged_approvals_survive_kill_9_and_limits_hold() {
         "crash test: {cycles} kill -9 cycles, {approved} approvals acknowledged, all recovered ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The independent client (pyiso8583 + Python's ssl) talks to the real binary; skipped with a
+/// printed reason when Python or pyiso8583 is absent (CI installs it, see `.ci/run`).
+#[test]
+fn an_independent_pyiso8583_client_gets_its_sale_and_refund_approved() {
+    let python = std::env::var("REFUNDGATE_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let setup = setup();
+    std::fs::write(setup.dir.path().join("ca.pem"), pem(&setup.cert)).unwrap();
+    let child = start(&setup);
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/interop/pyiso_client.py"
+        ))
+        .arg("127.0.0.1")
+        .arg(setup.listener.port().to_string())
+        .arg(setup.dir.path().join("ca.pem"))
+        .output();
+    kill(child);
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot run {python}: {e}");
+            return;
+        }
+    };
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(77) {
+        eprintln!("SKIPPED: {python} has no pyiso8583 ({})", text.trim());
+        return;
+    }
+    assert!(out.status.success(), "pyiso8583 client failed:\n{text}");
+    assert!(text.contains("refund: 0210 00"), "{text}");
+}
+
+/// SIGTERM with requests in flight: every one of them is answered before the process exits.
+#[test]
+fn sigterm_answers_every_request_in_flight_before_exit() {
+    let setup = Arc::new(setup());
+    let mut child = start(&setup);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = rt.block_on(async {
+        let mut c = connect(&setup).await.unwrap();
+        let docs: Vec<Json> = (0..8)
+            .map(|_| request("0200", "000000", 1200, &[]))
+            .collect();
+        for d in &docs {
+            let mut out = BytesMut::new();
+            json::from_json(&iso8583::ASCII1987, d, &mut out).unwrap();
+            c.feed(Frame::Message {
+                tpdu: None,
+                header: None,
+                body: Bytes::from(out.to_vec()),
+            })
+            .await
+            .unwrap();
+        }
+        c.flush().await.unwrap();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut codes = Vec::new();
+        while let Ok(Some(Ok(Frame::Message { body, .. }))) =
+            tokio::time::timeout(Duration::from_secs(10), c.next()).await
+        {
+            let m = iso8583::decode(&iso8583::ASCII1987, &body).unwrap();
+            codes.push(m.response_code().unwrap_or("").to_string());
+        }
+        codes
+    });
+    let status = child.wait().unwrap();
+    assert_eq!(answers, vec!["00"; 8], "every request in flight answered");
+    assert!(status.success(), "graceful exit: {status:?}");
+}
+
+fn pem(cert: &CertificateDer<'_>) -> String {
+    use std::fmt::Write as _;
+    let b64 = base64_encode(cert.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        let _ = writeln!(out, "{}", String::from_utf8_lossy(chunk));
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
 }
