@@ -3,7 +3,7 @@
 //! Both are derived from the request, so a repeat (0201) that reaches the stored answer gets
 //! the same RRN and auth code without the ledger storing them: RRN = DE12 local time
 //! `hhmmss` + DE11 STAN, as many acquirers build it (unique per terminal and day, because the
-//! STAN is); the auth code is a hash of RRN, terminal and merchant in base 36.
+//! STAN is); the auth code is a hash of RRN, STAN, terminal and merchant in base 36.
 
 /// The RRN (DE37, n12 as an12) of a sale: `hhmmss` of DE12 (or of `now` when absent) + STAN.
 pub fn rrn(local_time_hhmmss: u32, stan: u32) -> [u8; 12] {
@@ -17,10 +17,10 @@ pub fn rrn(local_time_hhmmss: u32, stan: u32) -> [u8; 12] {
 }
 
 /// The authorisation code (DE38, an6) of an approval.
-pub fn auth_code(rrn: &[u8], terminal: &[u8], merchant: &[u8]) -> [u8; 6] {
+pub fn auth_code(rrn: &[u8], stan: &[u8], terminal: &[u8], merchant: &[u8]) -> [u8; 6] {
     const DIGITS: &[u8; 36] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in rrn.iter().chain(terminal).chain(merchant) {
+    for &b in rrn.iter().chain(stan).chain(terminal).chain(merchant) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

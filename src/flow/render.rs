@@ -49,6 +49,7 @@ pub(super) fn response(
         }
         auth = ids::auth_code(
             &rrn_bytes,
+            req.field_bytes(11).unwrap_or(&[]),
             req.terminal().unwrap_or("").as_bytes(),
             req.merchant().unwrap_or("").as_bytes(),
         );
