@@ -37,11 +37,9 @@ impl Ledger {
         out.extend_from_slice(MAGIC);
         let w = &mut Writer(out);
         w.u8(EVENT_VERSION);
-        let mut slots: Vec<u32> = self.slots.values().copied().collect();
-        slots.sort_unstable();
-        w.u64(slots.len() as u64);
-        for slot in slots {
-            if let Some(book) = self.books.get(&slot) {
+        w.u64(self.order.len() as u64);
+        for id in &self.order {
+            if let Some(book) = self.books.get(id) {
                 write_book(w, &book);
             }
         }
@@ -66,14 +64,9 @@ impl Ledger {
         let n = count(r)?;
         for _ in 0..n {
             let id: super::MerchantId = r.id()?;
-            let slot = ledger
-                .slots
-                .get(id.as_str())
-                .copied()
-                .ok_or_else(|| RestoreError::UnknownMerchant(id.as_str().to_string()))?;
             let mut book = ledger
                 .books
-                .get_mut(&slot)
+                .get_mut(&id)
                 .ok_or_else(|| RestoreError::UnknownMerchant(id.as_str().to_string()))?;
             read_book(r, &mut book)?;
         }
