@@ -938,9 +938,18 @@ fn refund_above_available_funds_after_settlement_is_declined_51() {
     assert_eq!(d.figures.remaining, Some(1000));
     ok(&l, &s.refund(3, 1000), T0);
     assert_eq!(l.funds("M").unwrap().available, 0);
-    // A new sale backs refunds again.
+    // A new sale backs refunds again, and so does a top-up of the reserve.
     ok(&l, &sale(4, 700), T0);
     ok(&l, &s.refund(5, 700), T0);
+    declined(
+        &l,
+        &s.refund(6, 500),
+        T0,
+        Reason::BALANCE_INSUFFICIENT,
+        "51",
+    );
+    l.top_up("M", 500, T0).unwrap();
+    ok(&l, &s.refund(7, 500), T0);
 }
 
 #[test]
@@ -1311,6 +1320,7 @@ enum Step {
     ReverseRefund(usize),
     Repeat(usize),
     Settle,
+    TopUp(u64),
     Tick(i64),
 }
 
@@ -1323,6 +1333,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..40).prop_map(Step::ReverseRefund),
         1 => (0usize..40).prop_map(Step::Repeat),
         1 => Just(Step::Settle),
+        1 => (1u64..5000).prop_map(Step::TopUp),
         2 => (0i64..40_000).prop_map(Step::Tick),
     ]
 }
@@ -1361,6 +1372,10 @@ fn run_history(l: &Ledger, steps: &[Step]) -> Vec<LedgerEvent> {
             }
             Step::Settle => {
                 events.push(l.settle("M", now).unwrap().1);
+                None
+            }
+            Step::TopUp(a) => {
+                events.push(l.top_up("M", *a, now).unwrap());
                 None
             }
             Step::Tick(s) => {
@@ -1408,6 +1423,38 @@ proptest! {
     fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = LedgerEvent::decode(&bytes);
     }
+}
+
+#[test]
+fn every_kind_of_event_round_trips_and_replays() {
+    let l = ledger_with("");
+    let mut events = vec![
+        l.sign_on("C", "C1", T0).unwrap().1,
+        l.top_up("M", 10, T0).unwrap(),
+    ];
+    let s = sale(1, 2500);
+    let res = l.reserve(&s.req(), T0).unwrap();
+    events.push(l.decline(res, Reason::HOST_TIMEOUT).1);
+    events.push(l.begin_cutover("M", T0).unwrap());
+    events.push(l.settle("M", T0).unwrap().1);
+    let replay = ledger_with("");
+    for e in &events {
+        let mut bytes = Vec::new();
+        e.encode(&mut bytes);
+        assert_eq!(&LedgerEvent::decode(&bytes).unwrap(), e);
+        bytes.push(0);
+        assert!(
+            LedgerEvent::decode(&bytes).is_err(),
+            "trailing byte accepted"
+        );
+        replay.apply(e).unwrap();
+    }
+    assert_eq!(state(&replay), state(&l));
+    let d = l.decide(&s.refund(2, 100).req(), T0);
+    assert_eq!(
+        (d.reason, d.de39(Dialect::CupPos)),
+        (Reason::ORIGINAL_NOT_APPROVED, "12")
+    );
 }
 
 #[test]

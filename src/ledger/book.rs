@@ -862,6 +862,10 @@ impl Book {
                 self.cutover = true;
                 Decision::bare(Reason::APPROVED)
             }
+            EventBody::TopUp { amount } => {
+                self.reserve = self.reserve.saturating_add(*amount);
+                Decision::bare(Reason::APPROVED)
+            }
             EventBody::Settle {
                 payout,
                 reserve_used,

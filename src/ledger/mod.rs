@@ -14,6 +14,32 @@
 //! Durability: every committed change is a [`LedgerEvent`]; [`Ledger::apply`] replays it to
 //! the same state (stored answers for repeats included); [`Ledger::snapshot`] /
 //! [`Ledger::restore`] bound replay time.
+//!
+//! # Choices where DOMAIN.md is silent
+//!
+//! - Sign-on and DE60.2 batch checks apply to `cup_pos` terminals only; an ascii terminal is
+//!   known once it is in the merchant file. Sign-on returns the terminal's current batch;
+//!   settlement moves every terminal of the merchant to the next batch, so a terminal that
+//!   keeps the old batch gets 77 and signs on again.
+//! - Originals are looked up on the request's terminal (DE90 STAN + DE7, or DE61 batch +
+//!   trace) and then by RRN across the merchant's terminals; a void must come from the sale's
+//!   terminal (otherwise `USE_REFUND`).
+//! - A void of a partly refunded sale is `VOID_AMOUNT_MISMATCH` (64): the void amount is the
+//!   original amount, which is more than is left. Voids need funds (row 13) like refunds but
+//!   do not count against refund limits; the terminal `refund_enabled` switch covers refunds
+//!   only, the merchant's `void_enabled` covers voids.
+//! - `same_day_refund = "use_void"` declines any refund of a sale from the same local day
+//!   and open batch, partial ones included.
+//! - `BALANCE_PENDING` when sales still in flight (reserved, not committed) would cover the
+//!   refund; `BALANCE_INSUFFICIENT` otherwise.
+//! - Settlement pays out `unsettled − refunds_committed` minus what backs debits in flight;
+//!   refunds beyond sales come out of the reserve. A reversal of a settled sale takes its
+//!   amount from the reserve.
+//! - A reversal that arrives before its original (or for one never seen) leaves a tombstone,
+//!   so the original can never apply later (`REVERSED_BEFORE_COMMIT`, 22, if it does arrive).
+//! - Declines are stored for repeats in memory only (they moved nothing); transient ones
+//!   (96, 90, `BALANCE_PENDING`, 94) are not stored, so a retry is decided anew.
+//! - A terminal 0500 settlement (`Operation::Settlement`) is not idempotent by key.
 
 // `Decision` (~130 bytes, `Copy`) is the declined answer itself; boxing it would allocate on
 // every decline of the hot path, so the large `Err` is deliberate.
@@ -308,6 +334,26 @@ impl Ledger {
         };
         let d = book.apply(now, &event.body);
         Ok((d, event))
+    }
+
+    /// Adds `amount` to the merchant's prefunded reserve; returns the event to journal.
+    pub fn top_up(
+        &self,
+        merchant: &str,
+        amount: u64,
+        now: UnixSeconds,
+    ) -> Result<LedgerEvent, Refused> {
+        if amount == 0 || amount > money::AMOUNT_MINOR_MAX {
+            return Err(Refused(Reason::INVALID_AMOUNT));
+        }
+        let mut book = self.book_mut(merchant)?;
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body: EventBody::TopUp { amount },
+        };
+        book.apply(now, &event.body);
+        Ok(event)
     }
 
     /// The merchant's funds.
