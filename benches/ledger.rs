@@ -20,6 +20,8 @@ use refundgate::ledger::*;
 struct Counting;
 
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+/// Committed-refund loops count declines here; they should stay at zero.
+static DECLINED: AtomicIsize = AtomicIsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -136,17 +138,27 @@ fn ids(m: usize, t: usize) -> Ids {
     }
 }
 
-/// A hot merchant with one big sale to refund against.
+/// A hot merchant with big sales to refund against.
 fn hot() -> (Ledger, Ids) {
     let l = Ledger::new(&merchants(1, TERMINALS), PanKey::new(&[7; 16]));
-    let id = ids(0, 0);
-    assert!(l.decide(&sale(&id, 1, 999_999_999_999), NOW).is_approved());
-    (l, id)
+    // One big sale per terminal, so refunds from every terminal find an original.
+    for t in 0..TERMINALS {
+        assert!(l
+            .decide(&sale(&ids(0, t), 1, 999_999_999_999), NOW)
+            .is_approved());
+    }
+    (l, ids(0, 0))
 }
 
 /// `iters` committed refunds on a fresh hot merchant; unique keys over 64 terminals. With one
 /// thread it runs on the caller's thread.
 fn committed_refunds(iters: u64, threads: u64) -> Duration {
+    committed_refunds_cpu(iters, threads).0
+}
+
+/// [`committed_refunds`] plus, on one thread, the on-CPU nanoseconds of the loop (the
+/// ledger's teardown excluded).
+fn committed_refunds_cpu(iters: u64, threads: u64) -> (Duration, Option<u64>) {
     let (l, _) = hot();
     let l = Arc::new(l);
     let per = iters.div_ceil(threads);
@@ -156,13 +168,19 @@ fn committed_refunds(iters: u64, threads: u64) -> Duration {
             let n = th * per + i + 2;
             let id = &local[(n % TERMINALS as u64) as usize];
             let stan = (n / TERMINALS as u64 % 999_000) as u32 + 2;
-            black_box(l.decide(&refund(id, stan, 1, 1), NOW));
+            let d = l.decide(&refund(id, stan, 1, 1), NOW);
+            debug_assert!(d.is_approved(), "{d:?}");
+            if !d.is_approved() {
+                DECLINED.fetch_add(1, Ordering::Relaxed);
+            }
+            black_box(d);
         }
     };
-    let start = Instant::now();
+    let (cpu0, start) = (cpu_ns(), Instant::now());
     if threads == 1 {
         work(&l, 0);
-        return start.elapsed();
+        let wall = start.elapsed();
+        return (wall, cpu_ns().zip(cpu0).map(|(b, a)| b - a));
     }
     let handles: Vec<_> = (0..threads)
         .map(|th| {
@@ -173,7 +191,7 @@ fn committed_refunds(iters: u64, threads: u64) -> Duration {
     for h in handles {
         h.join().unwrap();
     }
-    start.elapsed()
+    (start.elapsed(), None)
 }
 
 fn bench(c: &mut Criterion) {
@@ -241,10 +259,12 @@ fn throughput_one_thread() {
     let (wall, cpu) = (t0.elapsed(), cpu_ns().zip(cpu0).map(|(b, a)| b - a));
     report("reserve+release", n, wall, cpu);
     // Committed decisions (reserve + commit), a new key each (runs on this thread).
-    let cpu0 = cpu_ns();
-    let wall = committed_refunds(n, 1);
-    let cpu = cpu_ns().zip(cpu0).map(|(b, a)| b - a);
+    let (wall, cpu) = committed_refunds_cpu(n, 1);
     report("decide+commit", n, wall, cpu);
+    println!(
+        "declined in the committed loops: {}",
+        DECLINED.load(Ordering::Relaxed)
+    );
 }
 
 fn report(what: &str, n: u64, wall: Duration, cpu: Option<u64>) {

@@ -13,7 +13,7 @@ use super::counters::{over, Bucket, Held};
 use super::decision::{Decision, Figures, Operation, OriginalRef, Request};
 use super::event::{AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord};
 use super::hash::FastMap;
-use super::idempotency::{pack_key, FullAnswer, Stored};
+use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
 use super::merchants::{MerchantConfig, Policy, SameDayRefund};
 use super::money::{rrn_key, LocalDate, MaskedPan, AMOUNT_MINOR_MAX};
 use super::originals::{Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
@@ -89,6 +89,8 @@ pub(crate) struct Book {
     pub answers: FastMap<u64, Stored>,
     pub answers_prune_len: usize,
     pub reversal_noops: u64,
+    /// Entries of kind tombstone (derived; lets the common case skip a lookup).
+    pub tombstones: u32,
     // In flight; never journaled.
     pub pending_sales: u64,
     pub pending_debits: u64,
@@ -139,6 +141,7 @@ impl Book {
             answers: FastMap::default(),
             answers_prune_len: 1024,
             reversal_noops: 0,
+            tombstones: 0,
             pending_sales: 0,
             pending_debits: 0,
             held_day: Held::default(),
@@ -151,7 +154,13 @@ impl Book {
     }
 
     pub fn term_index(&self, id: &str) -> Option<u16> {
-        self.term_ix.get(&TerminalId::new(id)?).copied()
+        let id = TerminalId::new(id)?;
+        // A scan of a few inline ids stays in one or two cache lines; the map is for big fleets.
+        if self.terms.len() <= 8 {
+            let i = self.terms.iter().position(|t| t.id == id)?;
+            return u16::try_from(i).ok();
+        }
+        self.term_ix.get(&id).copied()
     }
 
     /// `reserve + unsettled − committed − pending debits`, never below zero.
@@ -365,7 +374,7 @@ impl Book {
             );
         }
         let today = ctx.today;
-        let same_day = p.utc_offset.local(sale.at).day == today.day && sale.epoch == self.epoch;
+        let same_day = p.utc_offset.day(sale.at) == today.day && sale.epoch == self.epoch;
         if p.same_day_refund == SameDayRefund::UseVoid && same_day {
             return fail(Reason::USE_VOID, figs);
         }
@@ -526,7 +535,7 @@ impl Book {
         let sale = self.entries[idx as usize];
         let p = &self.policy;
         // Row 9: same day, open batch, same terminal.
-        let same_day = p.utc_offset.local(sale.at).day == ctx.today.day;
+        let same_day = p.utc_offset.day(sale.at) == ctx.today.day;
         let t = &self.terms[usize::from(term)];
         let open_batch =
             sale.epoch == self.epoch && (req.dialect != Dialect::CupPos || sale.batch == t.batch);
@@ -714,6 +723,7 @@ impl Book {
         if let Some(s) = self.answers.get(&key) {
             return Some(match s {
                 Stored::Sale { fingerprint, idx } => (*fingerprint, self.sale_decision(*idx)),
+                Stored::Refund(a) => (a.fingerprint, self.refund_decision(a)),
                 Stored::Full(a) => (a.fingerprint, a.decision),
             });
         }
@@ -751,6 +761,22 @@ impl Book {
                 decision: *d,
             },
         );
+    }
+
+    fn refund_decision(&self, a: &RefundAnswer) -> Decision {
+        let refund = self.entries.get(a.idx as usize);
+        let sale = refund.and_then(|r| self.entries.get(r.link as usize));
+        Decision::new(
+            Reason::APPROVED,
+            Figures {
+                amount: refund.map_or(0, |e| e.amount),
+                currency: self.policy.currency,
+                original_amount: sale.map(|e| e.amount),
+                original_remaining: Some(a.original_remaining),
+                day_allowance_remaining: a.day_allowance,
+                ..Figures::default()
+            },
+        )
     }
 
     fn sale_decision(&self, idx: u32) -> Decision {
@@ -801,6 +827,7 @@ impl Book {
         self.answers.retain(|_, s| {
             let at = match s {
                 Stored::Sale { idx, .. } => entries.get(*idx as usize).map_or(0, |e| e.at),
+                Stored::Refund(a) => entries.get(a.idx as usize).map_or(0, |e| e.at),
                 Stored::Full(a) => a.at,
             };
             now.saturating_sub(at) < ANSWER_RETENTION_S
@@ -818,6 +845,29 @@ impl Book {
     /// Applies one committed change; returns the answer it stands for. Deterministic: the same
     /// events in the same order give the same state, whether live or replayed.
     pub fn apply(&mut self, at: UnixSeconds, body: &EventBody) -> Decision {
+        self.apply_event(at, body, false)
+    }
+
+    /// [`Book::apply`] for the event of a reservation that is being committed: its key was
+    /// held in flight since the check, so no stored answer can exist and the lookup is skipped.
+    pub fn commit(&mut self, at: UnixSeconds, body: &EventBody) -> Decision {
+        self.apply_event(at, body, true)
+    }
+
+    fn apply_event(&mut self, at: UnixSeconds, body: &EventBody, fresh: bool) -> Decision {
+        if !fresh {
+            let answer = match body {
+                EventBody::Sale { answer, .. }
+                | EventBody::Refund { answer, .. }
+                | EventBody::Void { answer, .. }
+                | EventBody::Reversal { answer, .. } => Some(answer),
+                _ => None,
+            };
+            // The same event applied twice (a replayed journal overlapping a snapshot).
+            if let Some(d) = answer.and_then(|a| self.already(a)) {
+                return d;
+            }
+        }
         match body {
             EventBody::Sale { answer, txn } => self.apply_sale(at, answer, txn),
             EventBody::Refund {
@@ -922,6 +972,9 @@ impl Book {
 
     /// The entry with `key` if a reversal got there first.
     fn tombstoned(&self, key: &TxnKey) -> bool {
+        if self.tombstones == 0 {
+            return false;
+        }
         self.ref_key(key)
             .and_then(|k| self.by_ref.get(&k))
             .and_then(|&i| self.entries.get(i as usize))
@@ -938,6 +991,9 @@ impl Book {
         link: u32,
     ) -> u32 {
         let idx = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        if kind == Kind::Tombstone {
+            self.tombstones = self.tombstones.saturating_add(1);
+        }
         self.entries.push(Entry {
             amount: txn.amount,
             refunded: 0,
@@ -961,9 +1017,6 @@ impl Book {
     }
 
     fn apply_sale(&mut self, at: UnixSeconds, answer: &AnswerKey, txn: &TxnRecord) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let Some(key) = self.ref_key(&txn.key) else {
             return Decision::bare(Reason::INTERNAL_ERROR);
         };
@@ -1006,9 +1059,6 @@ impl Book {
         txn: &TxnRecord,
         original: &TxnKey,
     ) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let base = Figures {
             amount: txn.amount,
             currency: self.policy.currency,
@@ -1029,7 +1079,7 @@ impl Book {
             return self.finish(at, answer, Decision::new(r, base));
         };
         let local = self.policy.utc_offset.local(at);
-        self.push_entry(
+        let idx = self.push_entry(
             at,
             txn,
             key,
@@ -1060,7 +1110,16 @@ impl Book {
                 .map(|m| m.saturating_sub(self.day.in_period(local.day).0)),
             ..base
         };
-        self.finish(at, answer, Decision::new(Reason::APPROVED, figs))
+        if let Some(k) = self.answer_key(answer) {
+            let stored = RefundAnswer {
+                fingerprint: answer.fingerprint,
+                idx,
+                original_remaining: remaining,
+                day_allowance: figs.day_allowance_remaining,
+            };
+            self.store_answer(k, Stored::Refund(Box::new(stored)), at);
+        }
+        Decision::new(Reason::APPROVED, figs)
     }
 
     fn apply_void(
@@ -1070,9 +1129,6 @@ impl Book {
         txn: &TxnRecord,
         original: &TxnKey,
     ) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let base = Figures {
             amount: txn.amount,
             currency: self.policy.currency,
@@ -1124,9 +1180,6 @@ impl Book {
     }
 
     fn apply_reversal(&mut self, at: UnixSeconds, answer: &AnswerKey, target: &TxnKey) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let Some(key) = self.ref_key(target) else {
             return self.finish(at, answer, Decision::bare(Reason::INTERNAL_ERROR));
         };

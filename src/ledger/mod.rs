@@ -216,7 +216,7 @@ impl Ledger {
             return Decision::bare(Reason::INTERNAL_ERROR);
         };
         book.release(&r.hold);
-        book.apply(r.event.at, &r.event.body)
+        book.commit(r.event.at, &r.event.body)
     }
 
     /// Gives a reservation back without an answer (timeout, store failure): a retry is

@@ -9,7 +9,7 @@
 use super::book::{Book, Term};
 use super::counters::Bucket;
 use super::event::{DecodeError, Reader, Writer, EVENT_VERSION};
-use super::idempotency::{FullAnswer, Stored};
+use super::idempotency::{FullAnswer, RefundAnswer, Stored};
 use super::money::{CardType, MaskedPan, PanKey};
 use super::originals::{Entry, Kind, OriginalState, RefKey};
 use super::{Ledger, MerchantSet};
@@ -143,6 +143,13 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
                 w.0.extend_from_slice(&fingerprint.to_le_bytes());
                 w.u64(u64::from(*idx));
             }
+            Stored::Refund(a) => {
+                w.u8(2);
+                w.0.extend_from_slice(&a.fingerprint.to_le_bytes());
+                w.u64(u64::from(a.idx));
+                w.u64(a.original_remaining);
+                w.opt(a.day_allowance);
+            }
             Stored::Full(a) => {
                 w.u8(1);
                 w.0.extend_from_slice(&a.fingerprint.to_le_bytes());
@@ -235,6 +242,9 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
     b.entries = Vec::with_capacity(usize::try_from(ne).unwrap_or(0));
     for i in 0..ne {
         let e = read_entry(r)?;
+        if e.kind == Kind::Tombstone {
+            b.tombstones = b.tombstones.saturating_add(1);
+        }
         b.by_ref.insert(
             e.key,
             u32::try_from(i).map_err(|_| DecodeError::Invalid("index"))?,
@@ -256,6 +266,12 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
                 fingerprint: r.fixed_u64()?,
                 at: r.i64()?,
                 decision: r.decision()?,
+            })),
+            2 => Stored::Refund(Box::new(RefundAnswer {
+                fingerprint: r.fixed_u64()?,
+                idx: r.u32()?,
+                original_remaining: r.u64()?,
+                day_allowance: r.opt()?,
             })),
             _ => return Err(DecodeError::Invalid("answer tag").into()),
         };
