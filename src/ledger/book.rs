@@ -9,14 +9,13 @@
 // every decline of the hot path, so the large `Err` is deliberate.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
-
 use super::counters::{over, Bucket, Held};
 use super::decision::{Decision, Figures, Operation, OriginalRef, Request};
 use super::event::{AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord};
-use super::idempotency::{pack_key, FullAnswer, Stored};
+use super::hash::FastMap;
+use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
 use super::merchants::{MerchantConfig, Policy, SameDayRefund};
-use super::money::{rrn_key, MaskedPan, AMOUNT_MINOR_MAX};
+use super::money::{rrn_key, LocalDate, MaskedPan, AMOUNT_MINOR_MAX};
 use super::originals::{Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
 use super::reason::{Dialect, Reason};
 use super::MerchantId;
@@ -62,6 +61,8 @@ pub(crate) struct RefundHold {
 /// Context of one check that the book cannot know itself.
 pub(crate) struct Ctx {
     pub now: UnixSeconds,
+    /// `now` in the merchant's calendar.
+    pub today: LocalDate,
     pub pan_hash: u64,
     pub store_ok: bool,
 }
@@ -72,6 +73,7 @@ pub(crate) struct Book {
     pub id: MerchantId,
     pub policy: Policy,
     pub terms: Vec<Term>,
+    pub term_ix: FastMap<TerminalId, u16>,
     // Durable.
     pub epoch: u32,
     pub cutover: bool,
@@ -80,22 +82,24 @@ pub(crate) struct Book {
     pub committed: u64,
     pub day: Bucket,
     pub month: Bucket,
-    pub cards: HashMap<u64, Bucket>,
+    pub cards: FastMap<u64, Bucket>,
     pub entries: Vec<Entry>,
-    pub by_ref: HashMap<RefKey, u32>,
-    pub by_rrn: HashMap<u64, u32>,
-    pub answers: HashMap<u64, Stored>,
+    pub by_ref: FastMap<RefKey, u32>,
+    pub by_rrn: FastMap<u64, u32>,
+    pub answers: FastMap<u64, Stored>,
     pub answers_prune_len: usize,
     pub reversal_noops: u64,
+    /// Entries of kind tombstone (derived; lets the common case skip a lookup).
+    pub tombstones: u32,
     // In flight; never journaled.
     pub pending_sales: u64,
     pub pending_debits: u64,
     pub held_day: Held,
     pub held_month: Held,
-    pub held_cards: HashMap<u64, Held>,
-    pub held_originals: HashMap<u32, (u64, u32)>,
-    pub inflight: HashMap<u64, u64>,
-    pub declines: HashMap<u64, FullAnswer>,
+    pub held_cards: FastMap<u64, Held>,
+    pub held_originals: FastMap<u32, (u64, u32)>,
+    pub inflight: FastMap<u64, u64>,
+    pub declines: FastMap<u64, FullAnswer>,
 }
 
 type Checked = Result<(EventBody, Hold), Decision>;
@@ -114,7 +118,12 @@ impl Book {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
+        let mut term_ix = FastMap::default();
+        for (i, t) in terms.iter().enumerate() {
+            term_ix.insert(t.id, u16::try_from(i).ok()?);
+        }
         Some(Book {
+            term_ix,
             id: MerchantId::new(&cfg.id)?,
             reserve: cfg.policy.reserve,
             policy: cfg.policy.clone(),
@@ -125,27 +134,33 @@ impl Book {
             committed: 0,
             day: Bucket::default(),
             month: Bucket::default(),
-            cards: HashMap::new(),
+            cards: FastMap::default(),
             entries: Vec::new(),
-            by_ref: HashMap::new(),
-            by_rrn: HashMap::new(),
-            answers: HashMap::new(),
+            by_ref: FastMap::default(),
+            by_rrn: FastMap::default(),
+            answers: FastMap::default(),
             answers_prune_len: 1024,
             reversal_noops: 0,
+            tombstones: 0,
             pending_sales: 0,
             pending_debits: 0,
             held_day: Held::default(),
             held_month: Held::default(),
-            held_cards: HashMap::new(),
-            held_originals: HashMap::new(),
-            inflight: HashMap::new(),
-            declines: HashMap::new(),
+            held_cards: FastMap::default(),
+            held_originals: FastMap::default(),
+            inflight: FastMap::default(),
+            declines: FastMap::default(),
         })
     }
 
     pub fn term_index(&self, id: &str) -> Option<u16> {
-        let i = self.terms.iter().position(|t| t.id.as_str() == id)?;
-        u16::try_from(i).ok()
+        let id = TerminalId::new(id)?;
+        // A scan of a few inline ids stays in one or two cache lines; the map is for big fleets.
+        if self.terms.len() <= 8 {
+            let i = self.terms.iter().position(|t| t.id == id)?;
+            return u16::try_from(i).ok();
+        }
+        self.term_ix.get(&id).copied()
     }
 
     /// `reserve + unsettled − committed − pending debits`, never below zero.
@@ -183,7 +198,7 @@ impl Book {
                 Decision::bare(Reason::DUPLICATE)
             });
         }
-        if self.inflight.contains_key(&key) {
+        if !self.inflight.is_empty() && self.inflight.contains_key(&key) {
             return Err(Decision::bare(Reason::DUPLICATE));
         }
         // Row 5: store and cut-over.
@@ -303,11 +318,11 @@ impl Book {
             return Err(Decision::new(Reason::ORIGINAL_NOT_FOUND, base));
         };
         let e = self.entries[idx as usize];
-        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        let held = self.held_of(idx);
         let figs = Figures {
             original_amount: Some(e.amount),
             original_remaining: Some(e.remaining().saturating_sub(held.0)),
-            day_allowance_remaining: self.day_allowance(ctx.now),
+            day_allowance_remaining: self.day_allowance(ctx.today),
             ..base
         };
         if e.pan_hash != ctx.pan_hash {
@@ -358,13 +373,13 @@ impl Book {
                 },
             );
         }
-        let today = p.utc_offset.local(ctx.now);
-        let same_day = p.utc_offset.local(sale.at).day == today.day && sale.epoch == self.epoch;
+        let today = ctx.today;
+        let same_day = p.utc_offset.day(sale.at) == today.day && sale.epoch == self.epoch;
         if p.same_day_refund == SameDayRefund::UseVoid && same_day {
             return fail(Reason::USE_VOID, figs);
         }
         // Row 10: amount against the original.
-        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        let held = self.held_of(idx);
         let refundable = sale.remaining().saturating_sub(held.0);
         if amount > refundable {
             return fail(Reason::AMOUNT_EXCEEDS_REMAINING, figs);
@@ -416,8 +431,8 @@ impl Book {
         let p = &self.policy;
         let sale = &self.entries[idx as usize];
         let amount = req.amount_minor;
-        let today = p.utc_offset.local(ctx.now);
-        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        let today = ctx.today;
+        let held = self.held_of(idx);
         let limit = |r: Reason, (limit, used, remaining): (u64, u64, u64)| {
             Decision::new(
                 r,
@@ -520,7 +535,7 @@ impl Book {
         let sale = self.entries[idx as usize];
         let p = &self.policy;
         // Row 9: same day, open batch, same terminal.
-        let same_day = p.utc_offset.local(sale.at).day == p.utc_offset.local(ctx.now).day;
+        let same_day = p.utc_offset.day(sale.at) == ctx.today.day;
         let t = &self.terms[usize::from(term)];
         let open_batch =
             sale.epoch == self.epoch && (req.dialect != Dialect::CupPos || sale.batch == t.batch);
@@ -528,7 +543,7 @@ impl Book {
             return Err(Decision::new(Reason::USE_REFUND, figs));
         }
         // Row 10: the full, untouched amount.
-        let held = self.held_originals.get(&idx).copied().unwrap_or((0, 0));
+        let held = self.held_of(idx);
         if req.amount_minor != sale.amount || sale.refunded > 0 || held.1 > 0 {
             return Err(Decision::new(Reason::VOID_AMOUNT_MISMATCH, figs));
         }
@@ -628,6 +643,14 @@ impl Book {
         }
     }
 
+    /// Refund amount and count in flight against the original at `idx`.
+    fn held_of(&self, idx: u32) -> (u64, u32) {
+        if self.held_originals.is_empty() {
+            return (0, 0);
+        }
+        self.held_originals.get(&idx).copied().unwrap_or((0, 0))
+    }
+
     fn day_used(&self, day: i32) -> (u64, u64) {
         let (a, c) = self.day.in_period(day);
         let (ha, hc) = self.held_day.in_period(day);
@@ -641,9 +664,9 @@ impl Book {
     }
 
     /// The merchant's refund amount left today, when a day limit is set.
-    pub fn day_allowance(&self, now: UnixSeconds) -> Option<u64> {
+    pub fn day_allowance(&self, today: LocalDate) -> Option<u64> {
         let max = self.policy.refund_day_amount_max?;
-        let (used, _) = self.day_used(self.policy.utc_offset.local(now).day);
+        let (used, _) = self.day_used(today.day);
         Some(max.saturating_sub(used))
     }
 
@@ -700,8 +723,12 @@ impl Book {
         if let Some(s) = self.answers.get(&key) {
             return Some(match s {
                 Stored::Sale { fingerprint, idx } => (*fingerprint, self.sale_decision(*idx)),
+                Stored::Refund(a) => (a.fingerprint, self.refund_decision(a)),
                 Stored::Full(a) => (a.fingerprint, a.decision),
             });
+        }
+        if self.declines.is_empty() {
+            return None;
         }
         self.declines.get(&key).map(|a| (a.fingerprint, a.decision))
     }
@@ -734,6 +761,22 @@ impl Book {
                 decision: *d,
             },
         );
+    }
+
+    fn refund_decision(&self, a: &RefundAnswer) -> Decision {
+        let refund = self.entries.get(a.idx as usize);
+        let sale = refund.and_then(|r| self.entries.get(r.link as usize));
+        Decision::new(
+            Reason::APPROVED,
+            Figures {
+                amount: refund.map_or(0, |e| e.amount),
+                currency: self.policy.currency,
+                original_amount: sale.map(|e| e.amount),
+                original_remaining: Some(a.original_remaining),
+                day_allowance_remaining: a.day_allowance,
+                ..Figures::default()
+            },
+        )
     }
 
     fn sale_decision(&self, idx: u32) -> Decision {
@@ -784,6 +827,7 @@ impl Book {
         self.answers.retain(|_, s| {
             let at = match s {
                 Stored::Sale { idx, .. } => entries.get(*idx as usize).map_or(0, |e| e.at),
+                Stored::Refund(a) => entries.get(a.idx as usize).map_or(0, |e| e.at),
                 Stored::Full(a) => a.at,
             };
             now.saturating_sub(at) < ANSWER_RETENTION_S
@@ -801,6 +845,29 @@ impl Book {
     /// Applies one committed change; returns the answer it stands for. Deterministic: the same
     /// events in the same order give the same state, whether live or replayed.
     pub fn apply(&mut self, at: UnixSeconds, body: &EventBody) -> Decision {
+        self.apply_event(at, body, false)
+    }
+
+    /// [`Book::apply`] for the event of a reservation that is being committed: its key was
+    /// held in flight since the check, so no stored answer can exist and the lookup is skipped.
+    pub fn commit(&mut self, at: UnixSeconds, body: &EventBody) -> Decision {
+        self.apply_event(at, body, true)
+    }
+
+    fn apply_event(&mut self, at: UnixSeconds, body: &EventBody, fresh: bool) -> Decision {
+        if !fresh {
+            let answer = match body {
+                EventBody::Sale { answer, .. }
+                | EventBody::Refund { answer, .. }
+                | EventBody::Void { answer, .. }
+                | EventBody::Reversal { answer, .. } => Some(answer),
+                _ => None,
+            };
+            // The same event applied twice (a replayed journal overlapping a snapshot).
+            if let Some(d) = answer.and_then(|a| self.already(a)) {
+                return d;
+            }
+        }
         match body {
             EventBody::Sale { answer, txn } => self.apply_sale(at, answer, txn),
             EventBody::Refund {
@@ -843,6 +910,10 @@ impl Book {
             }
             EventBody::CutoverBegin => {
                 self.cutover = true;
+                Decision::bare(Reason::APPROVED)
+            }
+            EventBody::TopUp { amount } => {
+                self.reserve = self.reserve.saturating_add(*amount);
                 Decision::bare(Reason::APPROVED)
             }
             EventBody::Settle {
@@ -901,6 +972,9 @@ impl Book {
 
     /// The entry with `key` if a reversal got there first.
     fn tombstoned(&self, key: &TxnKey) -> bool {
+        if self.tombstones == 0 {
+            return false;
+        }
         self.ref_key(key)
             .and_then(|k| self.by_ref.get(&k))
             .and_then(|&i| self.entries.get(i as usize))
@@ -917,6 +991,9 @@ impl Book {
         link: u32,
     ) -> u32 {
         let idx = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        if kind == Kind::Tombstone {
+            self.tombstones = self.tombstones.saturating_add(1);
+        }
         self.entries.push(Entry {
             amount: txn.amount,
             refunded: 0,
@@ -940,9 +1017,6 @@ impl Book {
     }
 
     fn apply_sale(&mut self, at: UnixSeconds, answer: &AnswerKey, txn: &TxnRecord) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let Some(key) = self.ref_key(&txn.key) else {
             return Decision::bare(Reason::INTERNAL_ERROR);
         };
@@ -985,9 +1059,6 @@ impl Book {
         txn: &TxnRecord,
         original: &TxnKey,
     ) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let base = Figures {
             amount: txn.amount,
             currency: self.policy.currency,
@@ -1008,7 +1079,7 @@ impl Book {
             return self.finish(at, answer, Decision::new(r, base));
         };
         let local = self.policy.utc_offset.local(at);
-        self.push_entry(
+        let idx = self.push_entry(
             at,
             txn,
             key,
@@ -1039,7 +1110,16 @@ impl Book {
                 .map(|m| m.saturating_sub(self.day.in_period(local.day).0)),
             ..base
         };
-        self.finish(at, answer, Decision::new(Reason::APPROVED, figs))
+        if let Some(k) = self.answer_key(answer) {
+            let stored = RefundAnswer {
+                fingerprint: answer.fingerprint,
+                idx,
+                original_remaining: remaining,
+                day_allowance: figs.day_allowance_remaining,
+            };
+            self.store_answer(k, Stored::Refund(Box::new(stored)), at);
+        }
+        Decision::new(Reason::APPROVED, figs)
     }
 
     fn apply_void(
@@ -1049,9 +1129,6 @@ impl Book {
         txn: &TxnRecord,
         original: &TxnKey,
     ) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let base = Figures {
             amount: txn.amount,
             currency: self.policy.currency,
@@ -1103,9 +1180,6 @@ impl Book {
     }
 
     fn apply_reversal(&mut self, at: UnixSeconds, answer: &AnswerKey, target: &TxnKey) -> Decision {
-        if let Some(d) = self.already(answer) {
-            return d;
-        }
         let Some(key) = self.ref_key(target) else {
             return self.finish(at, answer, Decision::bare(Reason::INTERNAL_ERROR));
         };

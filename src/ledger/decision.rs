@@ -170,6 +170,11 @@ impl Decision {
         response_code(self.reason, dialect)
     }
 
+    /// DE44 text: the reason code.
+    pub fn de44(&self) -> &'static str {
+        self.reason.as_str()
+    }
+
     /// DE54 text, or `None` when there is nothing to say (see [`format_de54`]).
     pub fn de54(&self) -> Option<String> {
         format_de54(&self.figures)

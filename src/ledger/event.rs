@@ -160,6 +160,11 @@ pub enum EventBody {
     },
     /// A cut-over started: requests get 90 until the settlement.
     CutoverBegin,
+    /// The merchant topped up its prefunded reserve.
+    TopUp {
+        /// Added to the reserve.
+        amount: u64,
+    },
     /// A settlement: `payout` of net unsettled sales paid out, `reserve_used` taken from the
     /// reserve when refunds exceeded sales; batches move on.
     Settle {
@@ -212,6 +217,7 @@ impl LedgerEvent {
             EventBody::SignOn { .. } => 6,
             EventBody::CutoverBegin => 7,
             EventBody::Settle { .. } => 8,
+            EventBody::TopUp { .. } => 9,
         };
         w.u8(tag);
         w.id(&self.merchant);
@@ -256,6 +262,7 @@ impl LedgerEvent {
             }
             EventBody::SignOn { terminal } => w.id(terminal),
             EventBody::CutoverBegin => {}
+            EventBody::TopUp { amount } => w.u64(*amount),
             EventBody::Settle {
                 payout,
                 reserve_used,
@@ -310,6 +317,7 @@ impl LedgerEvent {
                 payout: r.u64()?,
                 reserve_used: r.u64()?,
             },
+            9 => EventBody::TopUp { amount: r.u64()? },
             _ => return Err(DecodeError::Invalid("event tag")),
         };
         r.end()?;

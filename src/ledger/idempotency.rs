@@ -19,8 +19,21 @@ pub(crate) fn pack_key(term: u16, stan: u32, mmdd: u16, class: u8) -> u64 {
 pub(crate) enum Stored {
     /// An approved sale; the decision is rebuilt from the entry at `idx`.
     Sale { fingerprint: u64, idx: u32 },
+    /// An approved refund; the decision is rebuilt from the refund entry at `idx`, its sale
+    /// and the two figures that changed with later requests.
+    Refund(Box<RefundAnswer>),
     /// Any other answer.
     Full(Box<FullAnswer>),
+}
+
+/// The part of an approved refund's answer that the entries do not hold (40 bytes boxed
+/// instead of ~150 for a full decision).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RefundAnswer {
+    pub fingerprint: u64,
+    pub idx: u32,
+    pub original_remaining: u64,
+    pub day_allowance: Option<u64>,
 }
 
 /// A boxed stored answer.
@@ -35,6 +48,7 @@ impl Stored {
     pub fn fingerprint(&self) -> u64 {
         match self {
             Stored::Sale { fingerprint, .. } => *fingerprint,
+            Stored::Refund(a) => a.fingerprint,
             Stored::Full(a) => a.fingerprint,
         }
     }

@@ -14,6 +14,32 @@
 //! Durability: every committed change is a [`LedgerEvent`]; [`Ledger::apply`] replays it to
 //! the same state (stored answers for repeats included); [`Ledger::snapshot`] /
 //! [`Ledger::restore`] bound replay time.
+//!
+//! # Choices where DOMAIN.md is silent
+//!
+//! - Sign-on and DE60.2 batch checks apply to `cup_pos` terminals only; an ascii terminal is
+//!   known once it is in the merchant file. Sign-on returns the terminal's current batch;
+//!   settlement moves every terminal of the merchant to the next batch, so a terminal that
+//!   keeps the old batch gets 77 and signs on again.
+//! - Originals are looked up on the request's terminal (DE90 STAN + DE7, or DE61 batch +
+//!   trace) and then by RRN across the merchant's terminals; a void must come from the sale's
+//!   terminal (otherwise `USE_REFUND`).
+//! - A void of a partly refunded sale is `VOID_AMOUNT_MISMATCH` (64): the void amount is the
+//!   original amount, which is more than is left. Voids need funds (row 13) like refunds but
+//!   do not count against refund limits; the terminal `refund_enabled` switch covers refunds
+//!   only, the merchant's `void_enabled` covers voids.
+//! - `same_day_refund = "use_void"` declines any refund of a sale from the same local day
+//!   and open batch, partial ones included.
+//! - `BALANCE_PENDING` when sales still in flight (reserved, not committed) would cover the
+//!   refund; `BALANCE_INSUFFICIENT` otherwise.
+//! - Settlement pays out `unsettled − refunds_committed` minus what backs debits in flight;
+//!   refunds beyond sales come out of the reserve. A reversal of a settled sale takes its
+//!   amount from the reserve.
+//! - A reversal that arrives before its original (or for one never seen) leaves a tombstone,
+//!   so the original can never apply later (`REVERSED_BEFORE_COMMIT`, 22, if it does arrive).
+//! - Declines are stored for repeats in memory only (they moved nothing); transient ones
+//!   (96, 90, `BALANCE_PENDING`, 94) are not stored, so a retry is decided anew.
+//! - A terminal 0500 settlement (`Operation::Settlement`) is not idempotent by key.
 
 // `Decision` (~130 bytes, `Copy`) is the declined answer itself; boxing it would allocate on
 // every decline of the hot path, so the large `Err` is deliberate.
@@ -23,6 +49,7 @@ mod book;
 pub mod counters;
 pub mod decision;
 pub mod event;
+pub mod hash;
 pub mod idempotency;
 pub mod merchants;
 pub mod money;
@@ -31,7 +58,6 @@ pub mod reason;
 mod snapshot;
 pub use snapshot::RestoreError;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use dashmap::DashMap;
@@ -48,8 +74,9 @@ pub use reason::{response_code, Dialect, Reason, ResponseCode};
 
 /// The in-memory ledger of every merchant of a [`MerchantSet`].
 pub struct Ledger {
-    slots: HashMap<Box<str>, u32>,
-    books: DashMap<u32, Book>,
+    /// Merchant ids in merchant-file order (snapshots follow it).
+    order: Vec<MerchantId>,
+    books: DashMap<MerchantId, Book, hash::FastState>,
     pan_key: PanKey,
     store_ok: AtomicBool,
 }
@@ -59,7 +86,6 @@ pub struct Ledger {
 #[must_use = "a reservation holds limits and funds until committed or released"]
 #[derive(Debug)]
 pub struct Reservation {
-    slot: u32,
     event: LedgerEvent,
     hold: Hold,
 }
@@ -132,17 +158,17 @@ pub struct Refused(pub Reason);
 impl Ledger {
     /// An empty ledger for `merchants`; PAN hashes use `pan_key`.
     pub fn new(merchants: &MerchantSet, pan_key: PanKey) -> Ledger {
-        let books = DashMap::new();
-        let mut slots = HashMap::new();
-        for (i, m) in merchants.merchants.iter().enumerate() {
-            let (Some(book), Ok(slot)) = (Book::new(m), u32::try_from(i)) else {
+        let books = DashMap::with_hasher(hash::FastState::default());
+        let mut order = Vec::with_capacity(merchants.merchants.len());
+        for m in &merchants.merchants {
+            let Some(book) = Book::new(m) else {
                 continue;
             };
-            slots.insert(m.id.clone().into_boxed_str(), slot);
-            books.insert(slot, book);
+            order.push(book.id);
+            books.insert(book.id, book);
         }
         Ledger {
-            slots,
+            order,
             books,
             pan_key,
             store_ok: AtomicBool::new(true),
@@ -162,42 +188,41 @@ impl Ledger {
         if !well_formed(req) {
             return Err(Decision::bare(Reason::FORMAT_ERROR));
         }
-        let Some(&slot) = self.slots.get(req.merchant) else {
-            return Err(Decision::bare(Reason::UNKNOWN_MERCHANT));
-        };
+        let unknown = Decision::bare(Reason::UNKNOWN_MERCHANT);
+        let id = MerchantId::new(req.merchant).ok_or(unknown)?;
+        let pan_hash = self.pan_key.hash(req.pan);
+        let store_ok = self.store_ok.load(Ordering::Relaxed);
+        let mut book = self.books.get_mut(&id).ok_or(unknown)?;
         let ctx = Ctx {
             now,
-            pan_hash: self.pan_key.hash(req.pan),
-            store_ok: self.store_ok.load(Ordering::Relaxed),
+            today: book.policy.utc_offset.local(now),
+            pan_hash,
+            store_ok,
         };
-        let mut book = self
-            .books
-            .get_mut(&slot)
-            .ok_or(Decision::bare(Reason::INTERNAL_ERROR))?;
         let (body, hold) = book.check(req, &ctx)?;
         let event = LedgerEvent {
             merchant: book.id,
             at: now,
             body,
         };
-        Ok(Reservation { slot, event, hold })
+        Ok(Reservation { event, hold })
     }
 
     /// Applies a reservation's event (after it was journaled) and returns the answer.
     /// The answer is usually an approval; it is a decline when a reversal of this very
     /// request, or a void or reversal of its original, was applied in between.
     pub fn commit(&self, r: Reservation) -> Decision {
-        let Some(mut book) = self.books.get_mut(&r.slot) else {
+        let Some(mut book) = self.books.get_mut(&r.event.merchant) else {
             return Decision::bare(Reason::INTERNAL_ERROR);
         };
         book.release(&r.hold);
-        book.apply(r.event.at, &r.event.body)
+        book.commit(r.event.at, &r.event.body)
     }
 
     /// Gives a reservation back without an answer (timeout, store failure): a retry is
     /// decided anew.
     pub fn release(&self, r: Reservation) {
-        if let Some(mut book) = self.books.get_mut(&r.slot) {
+        if let Some(mut book) = self.books.get_mut(&r.event.merchant) {
             book.release(&r.hold);
         }
     }
@@ -213,7 +238,7 @@ impl Ledger {
             EventBody::Reversal { answer, .. } => (Some(*answer), None, 0),
             _ => (None, None, 0),
         };
-        let Some(mut book) = self.books.get_mut(&r.slot) else {
+        let Some(mut book) = self.books.get_mut(&r.event.merchant) else {
             return (Decision::bare(Reason::INTERNAL_ERROR), r.event);
         };
         book.release(&r.hold);
@@ -251,11 +276,10 @@ impl Ledger {
 
     /// Replays one journaled event (restart). Events must be applied in journal order.
     pub fn apply(&self, event: &LedgerEvent) -> Result<Decision, Refused> {
-        let slot = self.slot(event.merchant.as_str())?;
         let mut book = self
             .books
-            .get_mut(&slot)
-            .ok_or(Refused(Reason::INTERNAL_ERROR))?;
+            .get_mut(&event.merchant)
+            .ok_or(Refused(Reason::UNKNOWN_MERCHANT))?;
         Ok(book.apply(event.at, &event.body))
     }
 
@@ -312,9 +336,29 @@ impl Ledger {
         Ok((d, event))
     }
 
+    /// Adds `amount` to the merchant's prefunded reserve; returns the event to journal.
+    pub fn top_up(
+        &self,
+        merchant: &str,
+        amount: u64,
+        now: UnixSeconds,
+    ) -> Result<LedgerEvent, Refused> {
+        if amount == 0 || amount > money::AMOUNT_MINOR_MAX {
+            return Err(Refused(Reason::INVALID_AMOUNT));
+        }
+        let mut book = self.book_mut(merchant)?;
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body: EventBody::TopUp { amount },
+        };
+        book.apply(now, &event.body);
+        Ok(event)
+    }
+
     /// The merchant's funds.
     pub fn funds(&self, merchant: &str) -> Option<Funds> {
-        let book = self.books.get(&self.slot(merchant).ok()?)?;
+        let book = self.books.get(&MerchantId::new(merchant)?)?;
         Some(Funds {
             reserve: book.reserve,
             unsettled_sales: book.unsettled,
@@ -327,7 +371,7 @@ impl Ledger {
 
     /// The merchant's committed refund usage for the local day and month of `now`.
     pub fn usage(&self, merchant: &str, now: UnixSeconds) -> Option<Usage> {
-        let book = self.books.get(&self.slot(merchant).ok()?)?;
+        let book = self.books.get(&MerchantId::new(merchant)?)?;
         let local = book.policy.utc_offset.local(now);
         let (day_amount, day_count) = book.day.in_period(local.day);
         let (month_amount, month_count) = book.month.in_period(local.month);
@@ -348,7 +392,7 @@ impl Ledger {
         terminal: &str,
         reference: OriginalRef<'_>,
     ) -> Option<OriginalView> {
-        let book = self.books.get(&self.slot(merchant).ok()?)?;
+        let book = self.books.get(&MerchantId::new(merchant)?)?;
         let idx = book.lookup(reference, book.term_index(terminal)?)?;
         let e = book.entries.get(idx as usize)?;
         Some(OriginalView {
@@ -372,28 +416,21 @@ impl Ledger {
         self.books.iter().map(|b| b.reversal_noops).sum()
     }
 
-    fn slot(&self, merchant: &str) -> Result<u32, Refused> {
-        self.slots
-            .get(merchant)
-            .copied()
-            .ok_or(Refused(Reason::UNKNOWN_MERCHANT))
-    }
-
     fn book_mut(
         &self,
         merchant: &str,
-    ) -> Result<dashmap::mapref::one::RefMut<'_, u32, Book>, Refused> {
-        let slot = self.slot(merchant)?;
+    ) -> Result<dashmap::mapref::one::RefMut<'_, MerchantId, Book>, Refused> {
+        let id = MerchantId::new(merchant).ok_or(Refused(Reason::UNKNOWN_MERCHANT))?;
         self.books
-            .get_mut(&slot)
-            .ok_or(Refused(Reason::INTERNAL_ERROR))
+            .get_mut(&id)
+            .ok_or(Refused(Reason::UNKNOWN_MERCHANT))
     }
 }
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger")
-            .field("merchants", &self.slots.len())
+            .field("merchants", &self.order.len())
             .field("store_ok", &self.store_ok.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }

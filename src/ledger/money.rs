@@ -103,12 +103,11 @@ impl MaskedPan {
         if !(12..=19).contains(&b.len()) || !b.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        let first6 = pan.get(..6)?.parse().ok()?;
-        let last4 = pan.get(b.len() - 4..)?.parse().ok()?;
+        let num = |d: &[u8]| d.iter().fold(0u32, |a, c| a * 10 + u32::from(c - b'0'));
         Some(MaskedPan {
-            first6,
-            last4,
-            len: u8::try_from(b.len()).ok()?,
+            first6: num(&b[..6]),
+            last4: u16::try_from(num(&b[b.len() - 4..])).ok()?,
+            len: b.len() as u8,
         })
     }
 
@@ -214,6 +213,14 @@ impl UtcOffset {
         UtcOffset(s)
     }
 
+    /// The merchant-local day number of `t` (cheaper than [`UtcOffset::local`]).
+    pub fn day(self, t: UnixSeconds) -> i32 {
+        let d = t
+            .saturating_add(i64::from(self.0))
+            .div_euclid(SECONDS_PER_DAY);
+        i32::try_from(d).unwrap_or(i32::MAX)
+    }
+
     /// The merchant-local calendar position of `now`.
     pub fn local(self, now: UnixSeconds) -> LocalDate {
         let local = now.saturating_add(i64::from(self.0));
@@ -291,6 +298,8 @@ mod tests {
         assert_eq!(plus8.local(t).mmdd, 201);
         assert_eq!(plus8.local(t - 1).mmdd, 131);
         assert_eq!(plus8.local(t).month, 2026 * 12 + 1);
+        assert_eq!(plus8.day(t), plus8.local(t).day);
+        assert_eq!(plus8.day(t - 1), plus8.local(t - 1).day);
         assert!(UtcOffset::parse("+15:00").is_none());
         assert!(UtcOffset::parse("08:00").is_none());
         assert_eq!(UtcOffset::parse("-05:30").unwrap().seconds(), -19_800);

@@ -9,7 +9,7 @@
 use super::book::{Book, Term};
 use super::counters::Bucket;
 use super::event::{DecodeError, Reader, Writer, EVENT_VERSION};
-use super::idempotency::{FullAnswer, Stored};
+use super::idempotency::{FullAnswer, RefundAnswer, Stored};
 use super::money::{CardType, MaskedPan, PanKey};
 use super::originals::{Entry, Kind, OriginalState, RefKey};
 use super::{Ledger, MerchantSet};
@@ -37,11 +37,9 @@ impl Ledger {
         out.extend_from_slice(MAGIC);
         let w = &mut Writer(out);
         w.u8(EVENT_VERSION);
-        let mut slots: Vec<u32> = self.slots.values().copied().collect();
-        slots.sort_unstable();
-        w.u64(slots.len() as u64);
-        for slot in slots {
-            if let Some(book) = self.books.get(&slot) {
+        w.u64(self.order.len() as u64);
+        for id in &self.order {
+            if let Some(book) = self.books.get(id) {
                 write_book(w, &book);
             }
         }
@@ -66,14 +64,9 @@ impl Ledger {
         let n = count(r)?;
         for _ in 0..n {
             let id: super::MerchantId = r.id()?;
-            let slot = ledger
-                .slots
-                .get(id.as_str())
-                .copied()
-                .ok_or_else(|| RestoreError::UnknownMerchant(id.as_str().to_string()))?;
             let mut book = ledger
                 .books
-                .get_mut(&slot)
+                .get_mut(&id)
                 .ok_or_else(|| RestoreError::UnknownMerchant(id.as_str().to_string()))?;
             read_book(r, &mut book)?;
         }
@@ -149,6 +142,13 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
                 w.u8(0);
                 w.0.extend_from_slice(&fingerprint.to_le_bytes());
                 w.u64(u64::from(*idx));
+            }
+            Stored::Refund(a) => {
+                w.u8(2);
+                w.0.extend_from_slice(&a.fingerprint.to_le_bytes());
+                w.u64(u64::from(a.idx));
+                w.u64(a.original_remaining);
+                w.opt(a.day_allowance);
             }
             Stored::Full(a) => {
                 w.u8(1);
@@ -242,6 +242,9 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
     b.entries = Vec::with_capacity(usize::try_from(ne).unwrap_or(0));
     for i in 0..ne {
         let e = read_entry(r)?;
+        if e.kind == Kind::Tombstone {
+            b.tombstones = b.tombstones.saturating_add(1);
+        }
         b.by_ref.insert(
             e.key,
             u32::try_from(i).map_err(|_| DecodeError::Invalid("index"))?,
@@ -263,6 +266,12 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
                 fingerprint: r.fixed_u64()?,
                 at: r.i64()?,
                 decision: r.decision()?,
+            })),
+            2 => Stored::Refund(Box::new(RefundAnswer {
+                fingerprint: r.fixed_u64()?,
+                idx: r.u32()?,
+                original_remaining: r.u64()?,
+                day_allowance: r.opt()?,
             })),
             _ => return Err(DecodeError::Invalid("answer tag").into()),
         };

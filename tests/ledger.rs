@@ -1,0 +1,1496 @@
+//! Behaviour of the merchant ledger: DOMAIN §5 rows 3–13 one test each, the sub-causes of the
+//! five merchant complaints, repeats, reversals, concurrency, and journal replay.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use refundgate::ledger::*;
+
+const KEY: [u8; 16] = *b"test-pan-key-16b";
+/// 2026-01-31T15:00:00Z = 23:00 on 31 January in +08:00: one hour before the merchant's day
+/// *and* month roll over while UTC stays on 31 January.
+const T0: i64 = 1_769_871_600;
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+const VISA: &str = "4761739001010119";
+const VISA2: &str = "4761739001010010";
+const AMEX: &str = "371449635398431";
+
+/// An ascii merchant "M" (+08:00, USD) with terminals T1 and T2 (refunds off), and a cup
+/// merchant "C" with terminal C1 in batch 7, both with `knobs` added.
+fn ledger_with(knobs: &str) -> Ledger {
+    Ledger::new(&set_with(knobs), PanKey::new(&KEY))
+}
+
+/// The merchant set of [`ledger_with`].
+fn set_with(knobs: &str) -> MerchantSet {
+    let toml = format!(
+        "[profiles.p]\nreserve = 1000000\nutc_offset = \"+08:00\"\ncurrency = 840\n\
+         [[merchants]]\nid = \"M\"\nprofile = \"p\"\nterminals = [{{ id = \"T1\" }}, {{ id = \"T2\", refund_enabled = false }}]\n{knobs}\n\
+         [[merchants]]\nid = \"C\"\nprofile = \"p\"\ncurrency = 156\nterminals = [{{ id = \"C1\", batch = 7 }}]\n{knobs}\n"
+    );
+    MerchantSet::from_toml_str(&toml).unwrap()
+}
+
+#[derive(Clone, Debug)]
+enum Orig {
+    Iso {
+        stan: u32,
+        transmission: u64,
+        rrn: Option<String>,
+    },
+    Cup {
+        batch: u32,
+        trace: u32,
+        date: Option<u16>,
+        rrn: Option<String>,
+    },
+}
+
+/// An owned request; `req()` borrows it the way the codec would.
+#[derive(Clone, Debug)]
+struct Msg {
+    dialect: Dialect,
+    op: Operation,
+    repeat: bool,
+    merchant: String,
+    terminal: String,
+    stan: u32,
+    mmdd: u16,
+    class: u8,
+    transmission: Option<u64>,
+    rrn: Option<String>,
+    batch: Option<u32>,
+    pan: String,
+    amount: u64,
+    currency: u16,
+    original: Option<Orig>,
+    fp: Option<u64>,
+}
+
+impl Msg {
+    fn req(&self) -> Request<'_> {
+        let original = self.original.as_ref().map(|o| match o {
+            Orig::Iso {
+                stan,
+                transmission,
+                rrn,
+            } => OriginalRef::Iso {
+                mti: 200,
+                stan: *stan,
+                transmission: *transmission,
+                rrn: rrn.as_deref(),
+            },
+            Orig::Cup {
+                batch,
+                trace,
+                date,
+                rrn,
+            } => OriginalRef::Cup {
+                batch: *batch,
+                trace: *trace,
+                date_mmdd: *date,
+                rrn: rrn.as_deref(),
+            },
+        });
+        let fp = self.fp.unwrap_or_else(|| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (
+                format!("{:?}", self.op),
+                self.stan,
+                self.amount,
+                &self.pan,
+                self.currency,
+            )
+                .hash(&mut h);
+            format!("{:?}", self.original).hash(&mut h);
+            h.finish()
+        });
+        Request {
+            dialect: self.dialect,
+            op: self.op,
+            repeat: self.repeat,
+            merchant: &self.merchant,
+            terminal: &self.terminal,
+            stan: self.stan,
+            local_date_mmdd: self.mmdd,
+            mti_class: self.class,
+            transmission: self.transmission,
+            rrn: self.rrn.as_deref(),
+            batch: self.batch,
+            pan: &self.pan,
+            amount_minor: self.amount,
+            currency: self.currency,
+            card_type: CardType::from_pan(&self.pan),
+            original,
+            body_fingerprint: fp,
+        }
+    }
+
+    /// A refund of this sale for `amount` with its own `stan`.
+    fn refund(&self, stan: u32, amount: u64) -> Msg {
+        self.child(Operation::Refund, stan, amount)
+    }
+
+    /// A void of this sale with its own `stan`.
+    fn void(&self, stan: u32) -> Msg {
+        self.child(Operation::Void, stan, self.amount)
+    }
+
+    /// A reversal of this message (ascii: new STAN, DE90 = this; cup: same STAN and batch).
+    fn reversal(&self, stan: u32) -> Msg {
+        let mut m = self.clone();
+        m.op = Operation::Reversal;
+        m.class = 4;
+        m.fp = None;
+        m.rrn = None;
+        match self.dialect {
+            Dialect::Ascii1987 => {
+                m.stan = stan;
+                m.transmission = Some(tx(stan));
+                m.original = Some(Orig::Iso {
+                    stan: self.stan,
+                    transmission: self.transmission.unwrap(),
+                    rrn: None,
+                });
+            }
+            Dialect::CupPos => {
+                m.original = match (&self.op, &self.original) {
+                    (Operation::Void, Some(o)) => Some(o.clone()),
+                    _ => None,
+                };
+            }
+        }
+        m
+    }
+
+    fn child(&self, op: Operation, stan: u32, amount: u64) -> Msg {
+        let mut m = self.clone();
+        m.op = op;
+        m.stan = stan;
+        m.amount = amount;
+        m.fp = None;
+        m.rrn = None;
+        match self.dialect {
+            Dialect::Ascii1987 => {
+                m.transmission = Some(tx(stan));
+                m.original = Some(Orig::Iso {
+                    stan: self.stan,
+                    transmission: self.transmission.unwrap(),
+                    rrn: self.rrn.clone(),
+                });
+            }
+            Dialect::CupPos => {
+                m.original = Some(Orig::Cup {
+                    batch: self.batch.unwrap(),
+                    trace: self.stan,
+                    date: None,
+                    rrn: self.rrn.clone(),
+                });
+            }
+        }
+        m
+    }
+
+    fn with(mut self, f: impl FnOnce(&mut Msg)) -> Msg {
+        f(&mut self);
+        self.fp = None;
+        self
+    }
+}
+
+/// A DE7 value unique per STAN (MMDD = 1121, then the STAN in hhmmss).
+fn tx(stan: u32) -> u64 {
+    1_121_000_000 + u64::from(stan % 1_000_000)
+}
+
+fn sale(stan: u32, amount: u64) -> Msg {
+    Msg {
+        dialect: Dialect::Ascii1987,
+        op: Operation::Sale,
+        repeat: false,
+        merchant: "M".into(),
+        terminal: "T1".into(),
+        stan,
+        mmdd: 1121,
+        class: 2,
+        transmission: Some(tx(stan)),
+        rrn: Some(format!("6332{stan:08}")),
+        batch: None,
+        pan: VISA.into(),
+        amount,
+        currency: 840,
+        original: None,
+        fp: None,
+    }
+}
+
+fn cup_sale(stan: u32, amount: u64) -> Msg {
+    Msg {
+        dialect: Dialect::CupPos,
+        merchant: "C".into(),
+        terminal: "C1".into(),
+        transmission: None,
+        batch: Some(7),
+        pan: "6222021234567890123".into(),
+        currency: 156,
+        rrn: Some(format!("1121{stan:08}")),
+        ..sale(stan, amount)
+    }
+}
+
+fn ok(l: &Ledger, m: &Msg, now: i64) -> Decision {
+    let d = l.decide(&m.req(), now);
+    assert!(d.is_approved(), "{:?} expected approval, got {:?}", m.op, d);
+    d
+}
+
+fn declined(l: &Ledger, m: &Msg, now: i64, reason: Reason, de39: &str) -> Decision {
+    let d = l.decide(&m.req(), now);
+    assert_eq!(d.reason, reason, "{d:?}");
+    assert_eq!(d.de39(m.dialect), de39);
+    d
+}
+
+fn state(l: &Ledger) -> Vec<u8> {
+    let mut v = Vec::new();
+    l.snapshot(&mut v);
+    v
+}
+
+fn usage(l: &Ledger, now: i64) -> Usage {
+    l.usage("M", now).unwrap()
+}
+
+// ---- Row 3: merchant, terminal, sign-on, batch ----
+
+#[test]
+fn refund_from_an_unknown_merchant_is_declined_03_and_changes_nothing() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let before = state(&l);
+    let r = s.refund(2, 1000).with(|m| m.merchant = "NOBODY".into());
+    declined(&l, &r, T0, Reason::UNKNOWN_MERCHANT, "03");
+    assert_eq!(state(&l), before);
+}
+
+#[test]
+fn refund_from_an_unknown_terminal_is_declined_03_ascii_and_97_cup() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let before = state(&l);
+    declined(
+        &l,
+        &s.refund(2, 100).with(|m| m.terminal = "T9".into()),
+        T0,
+        Reason::UNKNOWN_TERMINAL,
+        "03",
+    );
+    let c = cup_sale(1, 100).with(|m| m.terminal = "C9".into());
+    declined(&l, &c, T0, Reason::UNKNOWN_TERMINAL, "97");
+    assert_eq!(state(&l), before);
+}
+
+#[test]
+fn cup_sale_before_sign_on_is_declined_97_and_after_sign_on_approved() {
+    let l = ledger_with("");
+    declined(
+        &l,
+        &cup_sale(45, 10_000),
+        T0,
+        Reason::UNKNOWN_TERMINAL,
+        "97",
+    );
+    let (batch, _event) = l.sign_on("C", "C1", T0).unwrap();
+    assert_eq!(batch, 7);
+    ok(&l, &cup_sale(45, 10_000), T0);
+}
+
+#[test]
+fn cup_refund_with_a_stale_batch_after_settlement_is_declined_77() {
+    let l = ledger_with("");
+    l.sign_on("C", "C1", T0).unwrap();
+    let s = cup_sale(45, 10_000);
+    ok(&l, &s, T0);
+    l.settle("C", T0 + 60).unwrap();
+    let r = s.refund(52, 3000);
+    declined(&l, &r, T0 + 120, Reason::BATCH_MISMATCH, "77");
+    let (batch, _) = l.sign_on("C", "C1", T0 + 130).unwrap();
+    assert_eq!(batch, 8);
+    ok(&l, &r.with(|m| m.batch = Some(8)), T0 + 140);
+}
+
+// ---- Row 4: duplicates and repeats ----
+
+#[test]
+fn repeat_of_an_approved_refund_gets_the_stored_answer_and_moves_nothing() {
+    let l = ledger_with("refund_day_amount_max = 100000");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let r = s.refund(2, 1500);
+    let first = ok(&l, &r, T0);
+    assert_eq!(first.figures.original_remaining, Some(1000));
+    let after_first = state(&l);
+    let funds = l.funds("M").unwrap();
+    let rep = r.clone().with(|m| m.repeat = true);
+    let again = l.decide(&rep.req(), T0 + 30);
+    assert_eq!(again, first);
+    let identical = l.decide(&r.req(), T0 + 40);
+    assert_eq!(identical, first);
+    assert_eq!(state(&l), after_first);
+    assert_eq!(l.funds("M").unwrap(), funds);
+    assert_eq!(usage(&l, T0).day_count, 1);
+}
+
+#[test]
+fn a_different_request_reusing_a_key_is_declined_94_and_changes_nothing() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 500), T0);
+    let before = state(&l);
+    let other = s.refund(2, 700);
+    declined(&l, &other, T0 + 1, Reason::DUPLICATE, "94");
+    let repeat_with_other_body = other.with(|m| m.repeat = true);
+    declined(&l, &repeat_with_other_body, T0 + 2, Reason::DUPLICATE, "94");
+    assert_eq!(state(&l), before);
+}
+
+#[test]
+fn a_request_whose_twin_is_still_in_flight_is_declined_94() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let r = s.refund(2, 500);
+    let res = l.reserve(&r.req(), T0).unwrap();
+    declined(&l, &r, T0, Reason::DUPLICATE, "94");
+    assert!(l.commit(res).is_approved());
+    assert!(l.decide(&r.req(), T0).is_approved());
+}
+
+#[test]
+fn repeat_of_a_declined_refund_gets_the_same_decline() {
+    let l = ledger_with("refund_single_max = 1000");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let r = s.refund(2, 1500);
+    let d = declined(&l, &r, T0, Reason::SINGLE_REFUND_CAP, "61");
+    assert_eq!(l.decide(&r.clone().with(|m| m.repeat = true).req(), T0), d);
+}
+
+// ---- Row 5: store and cut-over ----
+
+#[test]
+fn refund_while_the_store_is_unavailable_is_declined_96_and_never_25_or_51() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    l.set_store_available(false);
+    let r = s.refund(2, 99_999_999);
+    declined(&l, &r, T0, Reason::STORE_UNAVAILABLE, "96");
+    l.set_store_available(true);
+    // Not stored as an answer: the retry is decided anew.
+    declined(&l, &r, T0, Reason::AMOUNT_EXCEEDS_REMAINING, "64");
+}
+
+#[test]
+fn refund_during_cutover_is_declined_90_until_the_settlement_ends_it() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    l.begin_cutover("M", T0).unwrap();
+    let r = s.refund(2, 100);
+    declined(&l, &r, T0, Reason::CUTOVER, "90");
+    let (d, _) = l.settle("M", T0 + 10).unwrap();
+    assert_eq!(d.figures.amount, 2500, "the unsettled sale is paid out");
+    ok(&l, &r, T0 + 20);
+}
+
+// ---- Row 6: amount ----
+
+#[test]
+fn zero_amount_refund_is_declined_13_and_changes_nothing() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let before = state(&l);
+    declined(&l, &s.refund(2, 0), T0, Reason::INVALID_AMOUNT, "13");
+    assert_eq!(state(&l), before);
+}
+
+#[test]
+fn refund_in_the_wrong_currency_is_declined_13_and_changes_nothing() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let before = state(&l);
+    declined(
+        &l,
+        &s.refund(2, 100).with(|m| m.currency = 978),
+        T0,
+        Reason::INVALID_AMOUNT,
+        "13",
+    );
+    assert_eq!(state(&l), before);
+    assert_eq!(l.funds("M").unwrap().refunds_reserved, 0);
+}
+
+// ---- Row 1 as the ledger sees it: malformed original reference ----
+
+#[test]
+fn refund_with_a_malformed_original_reference_is_declined_30_and_changes_nothing() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let before = state(&l);
+    let bad_de7 = s.refund(2, 100).with(|m| {
+        m.original = Some(Orig::Iso {
+            stan: 1,
+            transmission: 9_999_999_999,
+            rrn: None,
+        })
+    });
+    declined(&l, &bad_de7, T0, Reason::FORMAT_ERROR, "30");
+    let missing = s.refund(3, 100).with(|m| m.original = None);
+    declined(&l, &missing, T0, Reason::FORMAT_ERROR, "30");
+    let long_rrn = s.refund(4, 100).with(|m| {
+        m.original = Some(Orig::Iso {
+            stan: 1,
+            transmission: tx(1),
+            rrn: Some("1234567890123".into()),
+        })
+    });
+    declined(&l, &long_rrn, T0, Reason::FORMAT_ERROR, "30");
+    let cup_ref_on_ascii = s.refund(5, 100).with(|m| {
+        m.original = Some(Orig::Cup {
+            batch: 1,
+            trace: 1,
+            date: None,
+            rrn: None,
+        })
+    });
+    declined(&l, &cup_ref_on_ascii, T0, Reason::FORMAT_ERROR, "30");
+    assert_eq!(state(&l), before);
+}
+
+// ---- Row 7: original found ----
+
+#[test]
+fn refund_of_an_unknown_original_is_declined_25() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    let d = declined(&l, &s.refund(2, 100), T0, Reason::ORIGINAL_NOT_FOUND, "25");
+    assert_eq!(d.figures.original_amount, None);
+}
+
+#[test]
+fn refund_found_by_rrn_when_de90_does_not_match() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let r = s.refund(2, 100).with(|m| {
+        m.original = Some(Orig::Iso {
+            stan: 77,
+            transmission: tx(77),
+            rrn: s.rrn.clone(),
+        })
+    });
+    ok(&l, &r, T0);
+}
+
+#[test]
+fn cup_refund_with_a_wrong_original_date_is_declined_25() {
+    let l = ledger_with("");
+    l.sign_on("C", "C1", T0).unwrap();
+    let s = cup_sale(45, 10_000);
+    ok(&l, &s, T0); // local date 31 January (+08:00, 23:00)
+    let wrong = s.refund(52, 3000).with(|m| {
+        m.original = Some(Orig::Cup {
+            batch: 7,
+            trace: 45,
+            date: Some(201),
+            rrn: None,
+        })
+    });
+    declined(&l, &wrong, T0 + HOUR, Reason::ORIGINAL_NOT_FOUND, "25");
+    let right = s.refund(53, 3000).with(|m| {
+        m.original = Some(Orig::Cup {
+            batch: 7,
+            trace: 45,
+            date: Some(131),
+            rrn: None,
+        })
+    });
+    ok(&l, &right, T0 + HOUR);
+}
+
+// ---- Row 8: original consistent ----
+
+#[test]
+fn refund_with_another_card_is_declined_14() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    declined(
+        &l,
+        &s.refund(2, 100).with(|m| m.pan = VISA2.into()),
+        T0,
+        Reason::PAN_MISMATCH,
+        "14",
+    );
+}
+
+#[test]
+fn refund_of_a_sale_declined_upstream_is_declined_12() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    let res = l.reserve(&s.req(), T0).unwrap();
+    let (d, event) = l.decline(res, Reason::HOST_UNREACHABLE);
+    assert_eq!(d.de39(Dialect::Ascii1987), "91");
+    assert!(matches!(event.body, EventBody::Declined { .. }));
+    assert_eq!(l.funds("M").unwrap().sales_pending, 0);
+    let r = declined(
+        &l,
+        &s.refund(2, 100),
+        T0,
+        Reason::ORIGINAL_NOT_APPROVED,
+        "12",
+    );
+    assert_eq!(r.de44(), "ORIGINAL_NOT_APPROVED");
+}
+
+#[test]
+fn refund_of_a_voided_sale_is_declined_22() {
+    let l = ledger_with("");
+    let s = sale(1, 4200);
+    ok(&l, &s, T0);
+    ok(&l, &s.void(2), T0 + 60);
+    declined(
+        &l,
+        &s.refund(3, 100),
+        T0 + 120,
+        Reason::ORIGINAL_VOIDED,
+        "22",
+    );
+    declined(&l, &s.void(4), T0 + 120, Reason::ORIGINAL_VOIDED, "22");
+}
+
+#[test]
+fn refund_of_a_reversed_sale_is_declined_22() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    ok(&l, &s.reversal(9), T0 + 60);
+    declined(
+        &l,
+        &s.refund(3, 100),
+        T0 + 120,
+        Reason::ORIGINAL_REVERSED,
+        "22",
+    );
+    declined(&l, &s.void(4), T0 + 120, Reason::ORIGINAL_REVERSED, "22");
+}
+
+#[test]
+fn refund_of_a_refund_is_declined_40() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let r = s.refund(2, 1000);
+    ok(&l, &r, T0);
+    let rr = r.refund(3, 100);
+    declined(&l, &rr, T0, Reason::TYPE_NOT_REFUNDABLE, "40");
+}
+
+// ---- Row 9: right operation ----
+
+#[test]
+fn void_after_settlement_is_declined_12_use_refund() {
+    let l = ledger_with("");
+    let s = sale(1, 4200);
+    ok(&l, &s, T0 - 2 * HOUR);
+    l.settle("M", T0 - HOUR).unwrap();
+    declined(&l, &s.void(2), T0, Reason::USE_REFUND, "12");
+    ok(&l, &s.refund(3, 4200), T0);
+}
+
+#[test]
+fn void_on_the_next_merchant_local_day_is_declined_12_use_refund() {
+    let l = ledger_with("");
+    let a = sale(1, 4200);
+    let b = sale(2, 4200);
+    ok(&l, &a, T0 + 30 * 60); // 23:30 local
+    ok(&l, &b, T0 + 30 * 60);
+    ok(&l, &b.void(3), T0 + 59 * 60 + 59); // 23:59:59 local
+                                           // 00:00:00 local the next day, still 31 January in UTC.
+    declined(&l, &a.void(4), T0 + HOUR, Reason::USE_REFUND, "12");
+}
+
+#[test]
+fn refund_one_second_inside_the_window_is_approved_and_one_after_is_declined_12_or_cup_22() {
+    let l = ledger_with("refund_window_days = 30");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let edge = T0 + 30 * DAY;
+    let d = declined(
+        &l,
+        &s.refund(2, 100),
+        edge + 1,
+        Reason::REFUND_WINDOW_EXPIRED,
+        "12",
+    );
+    assert_eq!(d.figures.window_days, Some(30));
+    assert_eq!(d.de39(Dialect::CupPos), "22");
+    ok(&l, &s.refund(3, 100), edge - 1);
+    ok(&l, &s.refund(4, 100), edge);
+    // The same in the cup dialect.
+    l.sign_on("C", "C1", T0).unwrap();
+    let c = cup_sale(45, 10_000);
+    ok(&l, &c, T0);
+    declined(
+        &l,
+        &c.refund(52, 100),
+        edge + 1,
+        Reason::REFUND_WINDOW_EXPIRED,
+        "22",
+    );
+}
+
+#[test]
+fn same_day_refund_under_use_void_is_declined_12_and_allowed_after_local_midnight() {
+    let l = ledger_with("same_day_refund = \"use_void\"");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    declined(&l, &s.refund(2, 100), T0 + 59 * 60, Reason::USE_VOID, "12");
+    ok(&l, &s.refund(3, 100), T0 + HOUR);
+}
+
+// ---- Row 10: amount vs original ----
+
+#[test]
+fn void_for_a_different_amount_is_declined_64() {
+    let l = ledger_with("");
+    let s = sale(1, 4200);
+    ok(&l, &s, T0);
+    let d = declined(
+        &l,
+        &s.void(2).with(|m| m.amount = 4000),
+        T0,
+        Reason::VOID_AMOUNT_MISMATCH,
+        "64",
+    );
+    assert_eq!(d.figures.original_amount, Some(4200));
+}
+
+#[test]
+fn void_of_a_partly_refunded_sale_is_declined_64() {
+    let l = ledger_with("");
+    let s = sale(1, 4200);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 200), T0);
+    declined(&l, &s.void(3), T0, Reason::VOID_AMOUNT_MISMATCH, "64");
+}
+
+#[test]
+fn refund_above_what_is_left_on_the_original_is_declined_64_with_the_remainder() {
+    let l = ledger_with("refund_day_amount_max = 500000");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 1500), T0);
+    let d = declined(
+        &l,
+        &s.refund(3, 1001),
+        T0,
+        Reason::AMOUNT_EXCEEDS_REMAINING,
+        "64",
+    );
+    assert_eq!(d.figures.original_amount, Some(2500));
+    assert_eq!(d.figures.original_remaining, Some(1000));
+    assert_eq!(d.figures.day_allowance_remaining, Some(498_500));
+    assert_eq!(
+        d.de54().unwrap(),
+        "0090840C0000000010000091840C000000498500"
+    );
+    ok(&l, &s.refund(4, 1000), T0);
+}
+
+// ---- Row 11: permissions ----
+
+#[test]
+fn refund_on_a_terminal_disabled_for_refunds_is_declined_58() {
+    let l = ledger_with("");
+    let s = sale(1, 2500).with(|m| m.terminal = "T2".into());
+    ok(&l, &s, T0);
+    declined(
+        &l,
+        &s.refund(2, 100),
+        T0,
+        Reason::TERMINAL_NOT_PERMITTED,
+        "58",
+    );
+    ok(&l, &s.void(3), T0);
+}
+
+#[test]
+fn refund_and_void_at_a_merchant_without_them_are_declined_58() {
+    let l = ledger_with("refund_enabled = false\nvoid_enabled = false");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    declined(
+        &l,
+        &s.refund(2, 100),
+        T0,
+        Reason::TERMINAL_NOT_PERMITTED,
+        "58",
+    );
+    declined(&l, &s.void(3), T0, Reason::TERMINAL_NOT_PERMITTED, "58");
+}
+
+#[test]
+fn refund_to_a_denied_card_type_is_declined_57() {
+    let l = ledger_with("denied_card_types = [\"amex\"]");
+    let s = sale(1, 2500).with(|m| m.pan = AMEX.into());
+    ok(&l, &s, T0);
+    declined(&l, &s.refund(2, 100), T0, Reason::CARD_NOT_PERMITTED, "57");
+}
+
+// ---- Row 12: limits ----
+
+#[test]
+fn refund_over_the_single_refund_cap_is_declined_61() {
+    let l = ledger_with("refund_single_max = 1000");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let d = declined(&l, &s.refund(2, 1001), T0, Reason::SINGLE_REFUND_CAP, "61");
+    assert_eq!(
+        (d.figures.limit, d.figures.used, d.figures.remaining),
+        (Some(1000), Some(0), Some(1000))
+    );
+    ok(&l, &s.refund(3, 1000), T0);
+}
+
+#[test]
+fn refund_over_the_refundable_share_is_declined_61_not_51() {
+    let l = ledger_with("refundable_share_percent = 50");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 1000), T0);
+    let d = declined(&l, &s.refund(3, 251), T0, Reason::REFUNDABLE_SHARE, "61");
+    assert_eq!(
+        (d.figures.limit, d.figures.used, d.figures.remaining),
+        (Some(1250), Some(1000), Some(250))
+    );
+    ok(&l, &s.refund(4, 250), T0);
+}
+
+#[test]
+fn refunds_beyond_the_per_original_count_are_declined_65() {
+    let l = ledger_with("original_refund_count_max = 2");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 10), T0);
+    ok(&l, &s.refund(3, 10), T0);
+    let d = declined(
+        &l,
+        &s.refund(4, 10),
+        T0,
+        Reason::ORIGINAL_REFUND_COUNT,
+        "65",
+    );
+    assert_eq!(
+        (d.figures.limit, d.figures.used, d.figures.remaining),
+        (Some(2), Some(2), Some(0))
+    );
+}
+
+#[test]
+fn refund_over_the_card_daily_amount_is_declined_61_and_resets_at_local_midnight() {
+    let l = ledger_with("card_refund_day_amount_max = 1000");
+    let a = sale(1, 2500);
+    let b = sale(2, 2500);
+    ok(&l, &a, T0 - DAY);
+    ok(&l, &b, T0 - DAY);
+    ok(&l, &a.refund(3, 600), T0);
+    let d = declined(
+        &l,
+        &b.refund(4, 401),
+        T0 + 59 * 60,
+        Reason::CARD_DAY_AMOUNT,
+        "61",
+    );
+    assert_eq!(d.figures.remaining, Some(400));
+    // Another card is not affected.
+    let c = sale(5, 2500).with(|m| m.pan = VISA2.into());
+    ok(&l, &c, T0 - DAY);
+    ok(&l, &c.refund(6, 900), T0);
+    ok(&l, &b.refund(7, 1000), T0 + HOUR);
+}
+
+#[test]
+fn refunds_beyond_the_card_daily_count_are_declined_65() {
+    let l = ledger_with("card_refund_day_count_max = 2");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0 - DAY);
+    ok(&l, &s.refund(2, 10), T0);
+    ok(&l, &s.refund(3, 10), T0);
+    declined(&l, &s.refund(4, 10), T0, Reason::CARD_DAY_COUNT, "65");
+    ok(&l, &s.refund(5, 10), T0 + HOUR);
+}
+
+#[test]
+fn refund_over_the_merchant_daily_amount_is_declined_61_and_resets_at_local_midnight() {
+    let l = ledger_with("refund_day_amount_max = 5000");
+    let s = sale(1, 20_000);
+    ok(&l, &s, T0 - DAY);
+    ok(&l, &s.refund(2, 4000), T0);
+    let d = declined(
+        &l,
+        &s.refund(3, 1500),
+        T0 + 59 * 60 + 59,
+        Reason::MERCHANT_DAY_AMOUNT,
+        "61",
+    );
+    assert_eq!(
+        (d.figures.limit, d.figures.used, d.figures.remaining),
+        (Some(5000), Some(4000), Some(1000))
+    );
+    assert_eq!(d.figures.day_allowance_remaining, Some(1000));
+    assert_eq!(d.reason.as_str(), "MERCHANT_DAY_AMOUNT");
+    // 00:00:00 local on 1 February (16:00 UTC on 31 January): a new day.
+    ok(&l, &s.refund(4, 1500), T0 + HOUR);
+    assert_eq!(usage(&l, T0 + HOUR).day_amount, 1500);
+}
+
+#[test]
+fn refund_over_the_merchant_monthly_amount_is_declined_61_and_resets_with_the_local_month() {
+    let l = ledger_with("refund_month_amount_max = 3000");
+    let s = sale(1, 20_000);
+    ok(&l, &s, T0 - 10 * DAY);
+    ok(&l, &s.refund(2, 2000), T0 - 5 * DAY);
+    declined(
+        &l,
+        &s.refund(3, 1001),
+        T0,
+        Reason::MERCHANT_MONTH_AMOUNT,
+        "61",
+    );
+    ok(&l, &s.refund(4, 3000), T0 + HOUR);
+    assert_eq!(usage(&l, T0 + HOUR).month_amount, 3000);
+}
+
+#[test]
+fn refunds_beyond_the_merchant_daily_count_are_declined_65() {
+    let l = ledger_with("refund_day_count_max = 2");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0 - DAY);
+    ok(&l, &s.refund(2, 10), T0);
+    ok(&l, &s.refund(3, 10), T0);
+    let d = declined(&l, &s.refund(4, 10), T0, Reason::MERCHANT_DAY_COUNT, "65");
+    assert_eq!(
+        (d.figures.limit, d.figures.used, d.figures.remaining),
+        (Some(2), Some(2), Some(0))
+    );
+    ok(&l, &s.refund(5, 10), T0 + HOUR);
+}
+
+#[test]
+fn refunds_beyond_the_merchant_monthly_count_are_declined_65() {
+    let l = ledger_with("refund_month_count_max = 2");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0 - 10 * DAY);
+    ok(&l, &s.refund(2, 10), T0 - 3 * DAY);
+    ok(&l, &s.refund(3, 10), T0 - 2 * DAY);
+    declined(&l, &s.refund(4, 10), T0, Reason::MERCHANT_MONTH_COUNT, "65");
+    ok(&l, &s.refund(5, 10), T0 + HOUR);
+}
+
+#[test]
+fn limits_are_checked_in_domain_order() {
+    // Over both the single cap and the daily amount: the single cap decides.
+    let l = ledger_with("refund_single_max = 100\nrefund_day_amount_max = 50");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    declined(&l, &s.refund(2, 200), T0, Reason::SINGLE_REFUND_CAP, "61");
+    declined(&l, &s.refund(3, 60), T0, Reason::MERCHANT_DAY_AMOUNT, "61");
+}
+
+// ---- Row 13: funds ----
+
+#[test]
+fn refund_above_available_funds_after_settlement_is_declined_51() {
+    let l = ledger_with("reserve = 1000");
+    let s = sale(1, 5000);
+    ok(&l, &s, T0 - DAY);
+    l.settle("M", T0 - DAY + 60).unwrap();
+    assert_eq!(l.funds("M").unwrap().available, 1000);
+    let d = declined(
+        &l,
+        &s.refund(2, 1001),
+        T0,
+        Reason::BALANCE_INSUFFICIENT,
+        "51",
+    );
+    assert_eq!(d.figures.remaining, Some(1000));
+    ok(&l, &s.refund(3, 1000), T0);
+    assert_eq!(l.funds("M").unwrap().available, 0);
+    // A new sale backs refunds again, and so does a top-up of the reserve.
+    ok(&l, &sale(4, 700), T0);
+    ok(&l, &s.refund(5, 700), T0);
+    declined(
+        &l,
+        &s.refund(6, 500),
+        T0,
+        Reason::BALANCE_INSUFFICIENT,
+        "51",
+    );
+    l.top_up("M", 500, T0).unwrap();
+    ok(&l, &s.refund(7, 500), T0);
+}
+
+#[test]
+fn refund_covered_only_by_a_sale_in_flight_is_declined_51_pending() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 5000);
+    ok(&l, &s, T0 - DAY);
+    l.settle("M", T0 - DAY + 60).unwrap();
+    let pending = l.reserve(&sale(2, 3000).req(), T0).unwrap();
+    declined(&l, &s.refund(3, 2000), T0, Reason::BALANCE_PENDING, "51");
+    l.commit(pending);
+    ok(&l, &s.refund(4, 2000), T0);
+}
+
+// ---- Reversals (DOMAIN §9) ----
+
+#[test]
+fn reversal_of_a_refund_gives_the_limits_funds_and_remainder_back() {
+    let l = ledger_with("refund_day_count_max = 1");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let r = s.refund(2, 1500);
+    ok(&l, &r, T0);
+    let funds = l.funds("M").unwrap();
+    declined(&l, &s.refund(3, 100), T0, Reason::MERCHANT_DAY_COUNT, "65");
+    let rev = l.decide(&r.reversal(4).req(), T0 + 60);
+    assert_eq!(
+        (rev.reason, rev.de39(Dialect::Ascii1987)),
+        (Reason::REVERSAL_APPLIED, "00")
+    );
+    assert_eq!(l.funds("M").unwrap().available, funds.available + 1500);
+    assert_eq!(usage(&l, T0).day_count, 0);
+    let d = ok(&l, &s.refund(5, 2500), T0 + 120);
+    assert_eq!(d.figures.original_remaining, Some(0));
+}
+
+#[test]
+fn reversal_of_an_unknown_or_already_reversed_original_answers_00_and_is_counted() {
+    let l = ledger_with("");
+    let ghost = sale(1, 2500);
+    let d = l.decide(&ghost.reversal(2).req(), T0);
+    assert_eq!(
+        (d.reason, d.de39(Dialect::Ascii1987)),
+        (Reason::REVERSAL_NOTHING_TO_UNDO, "00")
+    );
+    assert_eq!(l.reversal_noops(), 1);
+    // The sale arriving late (its answer was lost) can never apply after its reversal.
+    let late = l.decide(&ghost.req(), T0 + 1);
+    assert_eq!(late.reason, Reason::REVERSED_BEFORE_COMMIT);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+    let s = sale(3, 2500);
+    ok(&l, &s, T0);
+    ok(&l, &s.reversal(4), T0);
+    ok(&l, &s.reversal(5), T0);
+    assert_eq!(l.reversal_noops(), 2);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+}
+
+#[test]
+fn reversal_of_a_void_restores_the_sale() {
+    let l = ledger_with("");
+    let s = sale(1, 4200);
+    ok(&l, &s, T0);
+    let v = s.void(2);
+    ok(&l, &v, T0);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+    ok(&l, &v.reversal(3), T0 + 60);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 4200);
+    let view = l
+        .original(
+            "M",
+            "T1",
+            OriginalRef::Iso {
+                mti: 200,
+                stan: 1,
+                transmission: tx(1),
+                rrn: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(view.state, OriginalState::Approved);
+    assert_eq!(view.pan.to_string(), "476173******0119");
+    ok(&l, &s.refund(4, 100), T0 + 120);
+}
+
+#[test]
+fn cup_reversals_match_by_terminal_stan_and_batch() {
+    let l = ledger_with("");
+    l.sign_on("C", "C1", T0).unwrap();
+    let s = cup_sale(45, 10_000);
+    ok(&l, &s, T0);
+    let s2 = cup_sale(46, 4200);
+    ok(&l, &s2, T0);
+    let v = s2.void(47);
+    ok(&l, &v, T0);
+    ok(&l, &v.reversal(0), T0 + 10);
+    ok(&l, &s.reversal(0), T0 + 10);
+    let f = l.funds("C").unwrap();
+    assert_eq!(f.unsettled_sales, 4200);
+    assert_eq!(l.reversal_noops(), 0);
+}
+
+#[test]
+fn a_reversal_racing_its_refund_leaves_a_consistent_state() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let r = s.refund(2, 1500);
+    let res = l.reserve(&r.req(), T0).unwrap();
+    // The terminal timed out and reversed while the refund was being journaled.
+    let rev = l.decide(&r.reversal(3).req(), T0 + 1);
+    assert!(rev.is_approved());
+    let late = l.commit(res);
+    assert_eq!(late.reason, Reason::REVERSED_BEFORE_COMMIT);
+    let f = l.funds("M").unwrap();
+    assert_eq!((f.refunds_committed, f.refunds_reserved), (0, 0));
+    assert_eq!(usage(&l, T0).day_count, 0);
+    ok(&l, &s.refund(4, 2500), T0 + 2);
+}
+
+// ---- The five merchant complaints: the codes of the other layers ----
+
+#[test]
+fn system_error_reasons_carry_their_codes_in_both_dialects() {
+    let cases = [
+        (Reason::INTERNAL_ERROR, "96", "96"),
+        (Reason::HOST_UNREACHABLE, "91", "91"),
+        (Reason::NO_ROUTE, "92", "92"),
+        (Reason::HOST_TIMEOUT, "91", "98"),
+        (Reason::CUTOVER, "90", "90"),
+        (Reason::FORMAT_ERROR, "30", "30"),
+        (Reason::MAC_INVALID, "63", "A0"),
+        (Reason::BATCH_MISMATCH, "77", "77"),
+        (Reason::DUPLICATE, "94", "94"),
+        (Reason::FUNCTION_NOT_SUPPORTED, "40", "40"),
+    ];
+    for (r, iso, cup) in cases {
+        assert_eq!(response_code(r, Dialect::Ascii1987), iso, "{r}");
+        assert_eq!(response_code(r, Dialect::CupPos), cup, "{r}");
+        assert_eq!(r.as_str().parse::<Reason>().unwrap(), r);
+    }
+}
+
+#[test]
+fn the_shared_vector_story_replays_sensibly_on_the_embedded_merchants() {
+    let l = Ledger::new(&MerchantSet::embedded().unwrap(), PanKey::new(&KEY));
+    // ascii1987: sale_0200 (2500), refund_0200 (1500 via DE90), sale2 (4200) and its void.
+    let s = Msg {
+        merchant: "MERCHANT 000001".into(),
+        terminal: "TERM0001".into(),
+        stan: 100,
+        transmission: Some(1_121_154_500),
+        rrn: Some("633209000123".into()),
+        ..sale(100, 2500)
+    };
+    ok(&l, &s, T0);
+    let r = s
+        .refund(123, 1500)
+        .with(|m| m.transmission = Some(1_122_093_015));
+    let d = ok(&l, &r, T0 + 3600);
+    assert_eq!(d.figures.original_remaining, Some(1000));
+    let s2 = Msg {
+        pan: VISA2.into(),
+        stan: 101,
+        transmission: Some(1_121_160_510),
+        rrn: Some("633209000124".into()),
+        ..s.clone().with(|m| m.amount = 4200)
+    };
+    ok(&l, &s2, T0);
+    let v = s2.void(102).with(|m| m.transmission = Some(1_121_170_000));
+    ok(&l, &v, T0 + 60);
+    ok(&l, &v.reversal(104), T0 + 90);
+    // cup_pos: sign-on gives batch 000123, sale 10000, refund 3000 by DE61 with date.
+    let (batch, _) = l.sign_on("898310048990001", "10000001", T0).unwrap();
+    assert_eq!(batch, 123);
+    let c = Msg {
+        merchant: "898310048990001".into(),
+        terminal: "10000001".into(),
+        batch: Some(123),
+        rrn: Some("112110000045".into()),
+        ..cup_sale(45, 10_000)
+    };
+    ok(&l, &c, T0);
+    let cr = c.refund(52, 3000).with(|m| {
+        m.original = Some(Orig::Cup {
+            batch: 123,
+            trace: 45,
+            date: Some(131),
+            rrn: Some("112110000045".into()),
+        })
+    });
+    ok(&l, &cr, T0 + HOUR);
+}
+
+// ---- Concurrency ----
+
+#[test]
+fn many_threads_refunding_one_original_never_exceed_any_bound() {
+    let l = Arc::new(ledger_with(
+        "reserve = 0\nrefund_day_amount_max = 300000\nrefund_day_count_max = 400\ncard_refund_day_count_max = 1000\nrefundable_share_percent = 80",
+    ));
+    let s = sale(1, 500_000);
+    ok(&l, &s, T0);
+    let stan = Arc::new(AtomicU64::new(10));
+    let approved_sum = Arc::new(AtomicU64::new(0));
+    let approved_n = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (l, s, stan, sum, n) = (
+                l.clone(),
+                s.clone(),
+                stan.clone(),
+                approved_sum.clone(),
+                approved_n.clone(),
+            );
+            std::thread::spawn(move || {
+                for i in 0..300u64 {
+                    let k = stan.fetch_add(1, Ordering::Relaxed) as u32;
+                    let amount = 100 + (i * 7919 + t * 104_729) % 3000;
+                    let m = s.refund(k, amount);
+                    match l.reserve(&m.req(), T0 + 10) {
+                        Ok(res) => {
+                            // Some callers fail to journal and release instead.
+                            if k % 13 == 0 {
+                                l.release(res);
+                            } else if l.commit(res).is_approved() {
+                                sum.fetch_add(amount, Ordering::Relaxed);
+                                n.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(d) => assert!(!d.is_approved()),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let sum = approved_sum.load(Ordering::Relaxed);
+    let n = approved_n.load(Ordering::Relaxed);
+    assert!(sum <= 300_000 && n <= 400, "{sum} {n}");
+    let u = usage(&l, T0 + 10);
+    assert_eq!((u.day_amount, u64::from(u.day_count)), (sum, n));
+    let view = l
+        .original(
+            "M",
+            "T1",
+            OriginalRef::Iso {
+                mti: 200,
+                stan: 1,
+                transmission: tx(1),
+                rrn: None,
+            },
+        )
+        .unwrap();
+    assert_eq!((view.refunded, u64::from(view.refund_count)), (sum, n));
+    let f = l.funds("M").unwrap();
+    assert_eq!(f.refunds_committed, sum);
+    assert_eq!(f.refunds_reserved, 0);
+    assert_eq!(f.available, 500_000 - sum);
+    assert!(sum > 250_000, "the limit should have been reached: {sum}");
+}
+
+#[test]
+fn many_threads_refunding_many_originals_never_overdraw_the_funds() {
+    let l = Arc::new(ledger_with("reserve = 5000"));
+    for i in 0..50 {
+        ok(&l, &sale(i + 1, 1000), T0);
+    }
+    l.settle("M", T0 + 1).unwrap();
+    // Only the 5000 reserve backs refunds now; 50 × 1000 are refundable in total.
+    let approved = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..6u32)
+        .map(|t| {
+            let (l, approved) = (l.clone(), approved.clone());
+            std::thread::spawn(move || {
+                for i in 0..50u32 {
+                    let s = sale(i + 1, 1000);
+                    let m = s.refund(1000 + t * 100 + i, 150 + u64::from(t));
+                    let d = l.decide(&m.req(), T0 + 5);
+                    if d.is_approved() {
+                        approved.fetch_add(m.amount, Ordering::Relaxed);
+                    } else {
+                        assert!(
+                            [
+                                Reason::BALANCE_INSUFFICIENT,
+                                Reason::AMOUNT_EXCEEDS_REMAINING
+                            ]
+                            .contains(&d.reason),
+                            "{d:?}"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let sum = approved.load(Ordering::Relaxed);
+    let f = l.funds("M").unwrap();
+    assert!(sum <= 5000);
+    assert_eq!(f.refunds_committed, sum);
+    assert_eq!(f.available, 5000 - sum);
+}
+
+#[test]
+fn reversals_racing_their_refunds_leave_every_sum_consistent() {
+    let l = Arc::new(ledger_with("reserve = 0"));
+    let s = sale(1, 1_000_000);
+    ok(&l, &s, T0);
+    let threads: Vec<_> = (0..4u32)
+        .map(|t| {
+            let (l, s) = (l.clone(), s.clone());
+            std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    let r = s.refund(10_000 + t * 1000 + i, 100);
+                    let rev = r.reversal(500_000 + t * 1000 + i);
+                    let reserved = l.reserve(&r.req(), T0);
+                    if i % 2 == 0 {
+                        l.decide(&rev.req(), T0);
+                        if let Ok(res) = reserved {
+                            l.commit(res);
+                        }
+                    } else {
+                        if let Ok(res) = reserved {
+                            l.commit(res);
+                        }
+                        l.decide(&rev.req(), T0);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Every refund was reversed, before or after it applied.
+    let f = l.funds("M").unwrap();
+    assert_eq!((f.refunds_committed, f.refunds_reserved), (0, 0));
+    let u = usage(&l, T0);
+    assert_eq!((u.day_amount, u.day_count), (0, 0));
+    let view = l
+        .original(
+            "M",
+            "T1",
+            OriginalRef::Iso {
+                mti: 200,
+                stan: 1,
+                transmission: tx(1),
+                rrn: None,
+            },
+        )
+        .unwrap();
+    assert_eq!((view.refunded, view.refund_count), (0, 0));
+}
+
+// ---- Durability ----
+
+/// One step of a random history.
+#[derive(Debug, Clone)]
+enum Step {
+    Sale(u64),
+    Refund(usize, u64),
+    Void(usize),
+    ReverseSale(usize),
+    ReverseRefund(usize),
+    Repeat(usize),
+    Settle,
+    TopUp(u64),
+    Tick(i64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (1u64..5000).prop_map(Step::Sale),
+        5 => (0usize..40, 1u64..3000).prop_map(|(i, a)| Step::Refund(i, a)),
+        1 => (0usize..40).prop_map(Step::Void),
+        1 => (0usize..40).prop_map(Step::ReverseSale),
+        1 => (0usize..40).prop_map(Step::ReverseRefund),
+        1 => (0usize..40).prop_map(Step::Repeat),
+        1 => Just(Step::Settle),
+        1 => (1u64..5000).prop_map(Step::TopUp),
+        2 => (0i64..40_000).prop_map(Step::Tick),
+    ]
+}
+
+/// Runs a history through reserve/commit, collecting every journaled event.
+fn run_history(l: &Ledger, steps: &[Step]) -> Vec<LedgerEvent> {
+    let mut events = Vec::new();
+    let (mut sales, mut refunds, mut sent): (Vec<Msg>, Vec<Msg>, Vec<Msg>) =
+        (vec![], vec![], vec![]);
+    let mut now = T0 - 12 * HOUR;
+    let mut stan = 1u32;
+    let (_, e) = l.sign_on("C", "C1", now).unwrap();
+    events.push(e);
+    for st in steps {
+        stan += 1;
+        let msg = match st {
+            Step::Sale(a) => {
+                let m = sale(stan, *a);
+                sales.push(m.clone());
+                Some(m)
+            }
+            Step::Refund(i, a) if !sales.is_empty() => {
+                let m = sales[i % sales.len()].refund(stan, *a);
+                refunds.push(m.clone());
+                Some(m)
+            }
+            Step::Void(i) if !sales.is_empty() => Some(sales[i % sales.len()].void(stan)),
+            Step::ReverseSale(i) if !sales.is_empty() => {
+                Some(sales[i % sales.len()].reversal(stan))
+            }
+            Step::ReverseRefund(i) if !refunds.is_empty() => {
+                Some(refunds[i % refunds.len()].reversal(stan))
+            }
+            Step::Repeat(i) if !sent.is_empty() => {
+                Some(sent[i % sent.len()].clone().with(|m| m.repeat = true))
+            }
+            Step::Settle => {
+                events.push(l.settle("M", now).unwrap().1);
+                None
+            }
+            Step::TopUp(a) => {
+                events.push(l.top_up("M", *a, now).unwrap());
+                None
+            }
+            Step::Tick(s) => {
+                now += s;
+                None
+            }
+            _ => None,
+        };
+        if let Some(m) = msg {
+            if let Ok(res) = l.reserve(&m.req(), now) {
+                events.push(res.event().clone());
+                l.commit(res);
+            }
+            sent.push(m);
+        }
+    }
+    events
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn replaying_the_journal_of_a_random_history_rebuilds_the_same_state(steps in proptest::collection::vec(step(), 1..120)) {
+        let live = ledger_with("refund_day_amount_max = 20000\nrefund_day_count_max = 12\noriginal_refund_count_max = 4\nrefundable_share_percent = 90");
+        let events = run_history(&live, &steps);
+        let replay = ledger_with("refund_day_amount_max = 20000\nrefund_day_count_max = 12\noriginal_refund_count_max = 4\nrefundable_share_percent = 90");
+        for e in &events {
+            let mut bytes = Vec::new();
+            e.encode(&mut bytes);
+            let back = LedgerEvent::decode(&bytes).unwrap();
+            prop_assert_eq!(&back, e);
+            replay.apply(&back).unwrap();
+        }
+        prop_assert_eq!(state(&replay), state(&live));
+        prop_assert_eq!(replay.funds("M"), live.funds("M"));
+        // Snapshot + restore gives the same state too.
+        let snap = state(&live);
+        let set = set_with("refund_day_amount_max = 20000\nrefund_day_count_max = 12\noriginal_refund_count_max = 4\nrefundable_share_percent = 90");
+        let restored = Ledger::restore(&set, PanKey::new(&KEY), &snap).unwrap();
+        prop_assert_eq!(state(&restored), snap);
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = LedgerEvent::decode(&bytes);
+    }
+}
+
+#[test]
+fn every_kind_of_event_round_trips_and_replays() {
+    let l = ledger_with("");
+    let mut events = vec![
+        l.sign_on("C", "C1", T0).unwrap().1,
+        l.top_up("M", 10, T0).unwrap(),
+    ];
+    let s = sale(1, 2500);
+    let res = l.reserve(&s.req(), T0).unwrap();
+    events.push(l.decline(res, Reason::HOST_TIMEOUT).1);
+    events.push(l.begin_cutover("M", T0).unwrap());
+    events.push(l.settle("M", T0).unwrap().1);
+    let replay = ledger_with("");
+    for e in &events {
+        let mut bytes = Vec::new();
+        e.encode(&mut bytes);
+        assert_eq!(&LedgerEvent::decode(&bytes).unwrap(), e);
+        bytes.push(0);
+        assert!(
+            LedgerEvent::decode(&bytes).is_err(),
+            "trailing byte accepted"
+        );
+        replay.apply(e).unwrap();
+    }
+    assert_eq!(state(&replay), state(&l));
+    let d = l.decide(&s.refund(2, 100).req(), T0);
+    assert_eq!(
+        (d.reason, d.de39(Dialect::CupPos)),
+        (Reason::ORIGINAL_NOT_APPROVED, "12")
+    );
+}
+
+#[test]
+fn events_never_carry_the_pan_in_clear() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    let res = l.reserve(&s.req(), T0).unwrap();
+    let mut bytes = Vec::new();
+    res.event().encode(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(!text.contains(VISA) && !text.contains("9001010119"));
+    assert!(!format!("{:?}", res.event()).contains(VISA));
+    assert!(!format!("{:?}", s.req()).contains(VISA));
+    l.commit(res);
+    let mut snap = Vec::new();
+    l.snapshot(&mut snap);
+    assert!(!String::from_utf8_lossy(&snap).contains(VISA));
+}
+
+#[test]
+fn repeats_after_a_restart_get_the_same_answer() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    let mut journal = Vec::new();
+    for m in [s.clone(), s.refund(2, 1500)] {
+        let res = l.reserve(&m.req(), T0).unwrap();
+        journal.push(res.event().clone());
+        l.commit(res);
+    }
+    let first = l.decide(&s.refund(2, 1500).req(), T0);
+    let restarted = ledger_with("");
+    for e in &journal {
+        restarted.apply(e).unwrap();
+    }
+    let r = s.refund(2, 1500).with(|m| m.repeat = true);
+    assert_eq!(restarted.decide(&r.req(), T0 + 60), first);
+    assert_eq!(restarted.decide(&s.req(), T0 + 60).reason, Reason::APPROVED);
+    assert_eq!(restarted.funds("M"), l.funds("M"));
+}
