@@ -136,7 +136,6 @@ impl Writer {
 
     /// Runs until every [`Journal`](super::Journal) sender is gone and the queue is drained.
     pub(crate) fn run(mut self) {
-        self.prepare_spare();
         let mut batch = Vec::with_capacity(self.config.batch_records_max);
         loop {
             let first = match self.carry.take() {
@@ -168,6 +167,11 @@ impl Writer {
                 batch.push(next);
             }
             self.commit(&mut batch);
+            if self.pos > self.active.size / 2 {
+                // Ahead of need, but not at start-up: 64 MiB of zeros being written back
+                // would slow the syncs of the first batches.
+                self.prepare_spare();
+            }
         }
         if let Some(pending) = self.pending.take() {
             // Let an in-flight preallocation finish so shutdown leaves whole files.
@@ -272,7 +276,6 @@ impl Writer {
             .push(closed);
         self.pos = SEGMENT_HEADER_BYTES as u64;
         self.dirty_end = self.pos;
-        self.prepare_spare();
         Ok(())
     }
 

@@ -79,6 +79,19 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     }
 }
 
+/// Splits the record at the start of `buf` into (seq, payload) by its length word alone,
+/// without checking the checksum: for replaying records the recovery scan already checked.
+pub fn frame(buf: &[u8]) -> Option<(u64, &[u8])> {
+    let len = u32_at(buf.get(..4)?, 0) as usize;
+    if len == 0 || len > PAYLOAD_BYTES_MAX {
+        return None;
+    }
+    let record = buf.get(..RECORD_HEADER_BYTES + len)?;
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&record[8..16]);
+    Some((u64::from_le_bytes(seq), &record[RECORD_HEADER_BYTES..]))
+}
+
 /// Whether a valid record with a sequence number above `seq_after` starts anywhere in `buf`.
 ///
 /// Recovery asks this about the bytes after the first bad record: valid records there mean
