@@ -612,3 +612,18 @@ fn unsafe_no_fsync_still_round_trips() {
     }
     assert_eq!(reopen(tmp.path(), options).1.len(), 50);
 }
+
+#[test]
+fn a_failed_batch_is_wiped_at_shutdown_when_storage_recovered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (options, faults) = faulty(1024 * 1024);
+    {
+        let (journal, _) = Journal::open(tmp.path(), options.clone()).unwrap();
+        assert_eq!(journal.append_blocking(payload(1)).unwrap(), 1);
+        faults.set_fail_syncs(true);
+        assert!(journal.append_blocking(payload(2)).is_err());
+        faults.set_fail_syncs(false);
+    }
+    let (_, records) = reopen(tmp.path(), options);
+    assert_eq!(records, vec![(1, payload(1))]);
+}

@@ -175,9 +175,20 @@ impl Journal {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let storage = Arc::clone(&options.storage);
+        let existed = storage.list(&dir).is_ok();
         storage
             .create_dir_all(&dir)
             .map_err(|e| JournalError::io("create directory", dir.clone(), e))?;
+        if !existed {
+            // The new directory's own entry must survive a crash too.
+            let parent = match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            storage
+                .sync_dir(parent)
+                .map_err(|e| JournalError::io("sync", parent.to_path_buf(), e))?;
+        }
         let mut scan = recovery::scan(&storage, &dir)?;
         probe_writable(&storage, &dir)?;
         let (start, closed) = prepare(&storage, &dir, &scan, &options)?;
@@ -235,7 +246,9 @@ impl Journal {
 
     /// Appends `payload`; resolves with its seq once it is durable (per [`Durability`]).
     ///
-    /// Waits while the queue is full. On [`StoreError`] the record is not acknowledged and
+    /// Waits while the queue is full. Dropping the future after the request was queued does
+    /// not withdraw it: the record may still become durable and be replayed.
+    /// On [`StoreError`] the record is not acknowledged and
     /// will not be replayed unless the storage persisted it despite reporting the failure
     /// and the process stopped before the next successful write (see `group_commit`).
     pub async fn append(&self, payload: Vec<u8>) -> Result<u64, StoreError> {

@@ -161,6 +161,26 @@ mod tests {
         assert!(matches!(decode(&out[..10]), Decoded::Invalid(_)));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = decode(&bytes);
+            let _ = frame(&bytes);
+            let _ = any_valid_record_after(&bytes, 0);
+        }
+
+        #[test]
+        fn any_payload_round_trips(seq in 1u64.., payload in proptest::collection::vec(proptest::num::u8::ANY, 1..300)) {
+            let mut out = Vec::new();
+            encode(seq, &payload, &mut out);
+            out.extend_from_slice(&[0; 8]);
+            let decoded = decode(&out);
+            let expected = Decoded::Record { seq, payload: &payload, encoded_len: encoded_len(payload.len()) };
+            proptest::prop_assert_eq!(decoded, expected);
+            proptest::prop_assert_eq!(frame(&out), Some((seq, payload.as_slice())));
+        }
+    }
+
     #[test]
     fn valid_records_are_found_after_garbage() {
         let mut out = vec![0xAB; 13];
