@@ -240,7 +240,9 @@ fn a_torn_tail_is_zeroed_and_appends_continue() {
     // The last record's second half never reached the disk; garbage sits in its payload.
     patch(&seg, fixed_offset(10) + 30, &[0u8; 36]);
     patch(&seg, fixed_offset(10) + 20, b"\xde\xad");
+    let before = dir_state(tmp.path());
     let report = verify(tmp.path()).unwrap();
+    assert_eq!(dir_state(tmp.path()), before, "verify changes nothing");
     let (path, offset, _) = report.torn_tail.clone().unwrap();
     assert_eq!((path, offset), (seg.clone(), fixed_offset(10)));
     assert_eq!(report.last_seq, Some(9));

@@ -89,17 +89,18 @@ pub enum Durability {
 /// Journal settings. `Options::default()` is the production setting.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// When an append is acknowledged.
+    /// When an append is acknowledged (default [`Durability::Fdatasync`]).
     pub durability: Durability,
-    /// Size of new segment files (existing ones keep theirs).
+    /// Size of new segment files, 4 KiB..=1 GiB (default 64 MiB); existing ones keep theirs.
     pub segment_bytes: u64,
-    /// Bound of the append queue.
+    /// Bound of the append queue (default [`QUEUE_CAPACITY_DEFAULT`]).
     pub queue_capacity: usize,
-    /// Most records per write + sync.
+    /// Most records per write + sync (default [`BATCH_RECORDS_DEFAULT_MAX`]); 1 turns group
+    /// commit off.
     pub batch_records_max: usize,
-    /// Most bytes per write + sync.
+    /// Most bytes per write + sync (default [`BATCH_BYTES_DEFAULT_MAX`]).
     pub batch_bytes_max: usize,
-    /// The file system, or a fault-injecting one in tests.
+    /// The file system ([`FsStorage`], default), or a fault-injecting one in tests.
     pub storage: Arc<dyn Storage>,
 }
 
