@@ -633,3 +633,16 @@ fn a_failed_batch_is_wiped_at_shutdown_when_storage_recovered() {
     let (_, records) = reopen(tmp.path(), options);
     assert_eq!(records, vec![(1, payload(1))]);
 }
+
+#[test]
+fn a_directory_is_opened_by_one_journal_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(tmp.path(), small()).unwrap();
+    let error = Journal::open(tmp.path(), small()).unwrap_err();
+    assert!(matches!(error, JournalError::Locked { .. }), "{error:?}");
+    assert_eq!(error.exit_code(), 74);
+    assert_eq!(journal.append_blocking(payload(1)).unwrap(), 1);
+    drop(journal);
+    let (journal, _) = Journal::open(tmp.path(), small()).unwrap();
+    assert_eq!(journal.append_blocking(payload(2)).unwrap(), 2);
+}

@@ -24,6 +24,7 @@
 //!   records ([`record`]) `len u32 | crc32c u32 | seq u64 | payload`; a zero length ends them.
 //! - `snapshot-NNNNNNNNNNNNNNNNNNNN.snap`: the caller's state as of a seq ([`snapshot`]).
 //! - `*.tmp`: interrupted preallocations or snapshot writes, removed at open.
+//! - `LOCK`: `flock`ed by the open journal, so a second process (or a second open) is refused.
 //!
 //! Seqs start at 1 and have no gaps. A missing directory is created at open (with its
 //! parents); [`verify`] never creates anything.
@@ -127,6 +128,8 @@ pub struct Journal {
     payload_max: usize,
     snapshot_seq: AtomicU64,
     snapshot_lock: Mutex<()>,
+    /// Held for the journal's life; declared last so it is released after the writer joined.
+    _lock: storage::DirLock,
 }
 
 impl Default for Options {
@@ -190,6 +193,13 @@ impl Journal {
                 .sync_dir(parent)
                 .map_err(|e| JournalError::io("sync", parent.to_path_buf(), e))?;
         }
+        // Refuse a foreign or other-version directory before creating even the lock file;
+        // then lock, and only then scan, so no other writer can change what the scan saw.
+        recovery::check_format(&storage, &dir)?;
+        let lock = storage.lock_dir(&dir).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => JournalError::Locked { path: dir.clone() },
+            _ => JournalError::io("lock", dir.join(storage::LOCK_FILE_NAME), e),
+        })?;
         let mut scan = recovery::scan(&storage, &dir)?;
         probe_writable(&storage, &dir)?;
         let (start, closed) = prepare(&storage, &dir, &scan, &options)?;
@@ -241,6 +251,7 @@ impl Journal {
             payload_max,
             snapshot_seq: AtomicU64::new(snapshot_seq),
             snapshot_lock: Mutex::new(()),
+            _lock: lock,
         };
         Ok((journal, recovered))
     }

@@ -180,8 +180,26 @@ impl std::fmt::Debug for Recovered {
     }
 }
 
-/// Scans `dir` without writing anything.
-pub(crate) fn scan(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Scan, JournalError> {
+/// Checks that every journal-named file in `dir` is ours and of this format version,
+/// reading headers only.
+pub(crate) fn check_format(storage: &Arc<dyn Storage>, dir: &Path) -> Result<(), JournalError> {
+    let files = list(storage, dir)?;
+    check_segment_headers(storage, &files.segments)?;
+    for (_, path) in &files.snapshots {
+        // Only foreign or other-version files fail here; damaged ones are skipped later.
+        let _ = snapshot::read(storage, path, true)?;
+    }
+    Ok(())
+}
+
+/// The journal files of a directory, sorted.
+struct Files {
+    segments: Vec<(u64, PathBuf)>,
+    snapshots: Vec<(u64, PathBuf)>,
+    stale: Vec<PathBuf>,
+}
+
+fn list(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Files, JournalError> {
     let names = storage
         .list(dir)
         .map_err(|e| JournalError::io("list", dir.to_path_buf(), e))?;
@@ -199,11 +217,21 @@ pub(crate) fn scan(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Scan, Journ
     }
     segments.sort();
     snapshots.sort();
-    check_segment_headers(storage, &segments)?;
-    for (_, path) in &snapshots {
-        // Only foreign or other-version files fail here; damaged ones are skipped below.
-        let _ = snapshot::read(storage, path, true)?;
-    }
+    Ok(Files {
+        segments,
+        snapshots,
+        stale,
+    })
+}
+
+/// Scans `dir` without writing anything.
+pub(crate) fn scan(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Scan, JournalError> {
+    check_format(storage, dir)?;
+    let Files {
+        segments,
+        snapshots,
+        stale,
+    } = list(storage, dir)?;
     let snapshot = newest_valid_snapshot(storage, &snapshots)?;
     let mut walk = Walk::new(snapshot.as_ref().map_or(0, |s| s.seq));
     let mut buf = Vec::new();
