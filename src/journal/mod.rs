@@ -10,7 +10,7 @@
 //! if let Some(snapshot) = recovered.take_snapshot() { /* ledger.restore(&snapshot.bytes) */ }
 //! recovered.replay(|seq, payload| { /* ledger.apply(seq, payload) */ })?;
 //! let seq = journal.append(b"event".to_vec()).await?; // resolves once durable
-//! if seq - journal.snapshot_seq() >= 100_000 {
+//! if journal.records_since_snapshot() >= 100_000 {
 //!     // let bytes = ledger.snapshot(); (state as of `seq`)
 //!     # let bytes = Vec::new();
 //!     journal.snapshot(seq, &bytes)?; // blocking: call from spawn_blocking in async code
@@ -25,6 +25,26 @@
 //! - `snapshot-NNNNNNNNNNNNNNNNNNNN.snap`: the caller's state as of a seq ([`snapshot`]).
 //! - `*.tmp`: interrupted preallocations or snapshot writes, removed at open.
 //! - `LOCK`: `flock`ed by the open journal, so a second process (or a second open) is refused.
+//!
+//! # Faults
+//!
+//! A failed write or sync fails every append of its batch with [`StoreError`] (answer 96)
+//! and acknowledges nothing. The journal stays on the same segment and offset: the next
+//! batch reuses the failed seqs, rewrites from the page boundary before the failed region
+//! (from a copy kept in memory, since after a failed `fdatasync` the page cache cannot be
+//! trusted to reach the disk) and zeroes whatever of the failed region its records do not
+//! cover, so replay returns exactly what was acknowledged. The writer does this again before
+//! rotating and at shutdown. Caveat: if the process dies while the storage is failing, bytes
+//! the storage persisted despite reporting failure may be replayed — the 96 answer means
+//! "outcome unknown", and the terminal's reversal settles it.
+//!
+//! # Recovery
+//!
+//! A bad record followed by nothing but zeros or garbage is a torn tail: zeroed at open
+//! with one warning. A bad record with any valid record after it, or a seq gap, refuses
+//! the open naming the file and byte offset. This is conservative: a torn multi-page batch
+//! whose later pages reached the disk before its earlier ones is refused too, rather than
+//! guessed about; `verify` shows where.
 //!
 //! Seqs start at 1 and have no gaps. A missing directory is created at open (with its
 //! parents); [`verify`] never creates anything.
@@ -333,6 +353,11 @@ impl Journal {
     /// The seq of the newest snapshot (0 if none): snapshot when `durable_seq()` is far past it.
     pub fn snapshot_seq(&self) -> u64 {
         self.snapshot_seq.load(Ordering::Acquire)
+    }
+
+    /// Durable records not yet covered by a snapshot: snapshot when this passes your bound.
+    pub fn records_since_snapshot(&self) -> u64 {
+        self.durable_seq().saturating_sub(self.snapshot_seq())
     }
 
     /// Batches written and synced so far (each one write + one `fdatasync`).
