@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use refundgate::journal::record;
 use refundgate::journal::segment::{self, SEGMENT_BYTES_DEFAULT};
-use refundgate::journal::{Journal, Options};
+use refundgate::journal::{Durability, Journal, Options};
 
 const PAYLOAD_BYTES: usize = 64;
 
@@ -48,10 +48,17 @@ impl Run {
 }
 
 /// `writers` tokio tasks append 64-byte payloads in a closed loop for `secs`.
-fn appends(dir: &Path, writers: usize, batch_records_max: usize, secs: u64) -> Run {
+fn appends(
+    dir: &Path,
+    writers: usize,
+    batch_records_max: usize,
+    durability: Durability,
+    secs: u64,
+) -> Run {
     let _ = fs::remove_dir_all(dir);
     let options = Options {
         batch_records_max,
+        durability,
         ..Options::default()
     };
     let (journal, _) = Journal::open(dir, options).unwrap();
@@ -169,23 +176,44 @@ fn main() {
     );
     // Group commit at each writer count, then one fdatasync per append (batch of 1) at the
     // first writer count and with a single writer.
-    let mut shapes: Vec<(String, usize, usize)> = writers
+    let mut shapes: Vec<(String, usize, usize, Durability)> = writers
         .iter()
-        .map(|&w| (format!("group commit, {w} writers"), w, 1024))
+        .map(|&w| {
+            (
+                format!("group commit, {w} writers"),
+                w,
+                1024,
+                Durability::Fdatasync,
+            )
+        })
         .collect();
+    let w0 = writers[0];
     shapes.push((
-        format!("fsync per append, {} writers", writers[0]),
-        writers[0],
+        format!("fsync per append, {w0} writers"),
+        w0,
         1,
+        Durability::Fdatasync,
     ));
-    shapes.push(("fsync per append, 1 writer".to_string(), 1, 1));
+    shapes.push((
+        "fsync per append, 1 writer".into(),
+        1,
+        1,
+        Durability::Fdatasync,
+    ));
+    // The journal's own capacity (channel, encode, pwrite, wakeups) with the disk taken out.
+    shapes.push((
+        format!("no fsync (unsafe), {w0} writers"),
+        w0,
+        1024,
+        Durability::UnsafeNoFsync,
+    ));
     let only_group = std::env::var_os("JOURNAL_BENCH_ONLY_GROUP").is_some();
     let mut rates = Vec::new();
-    for (name, writers, batch) in shapes
+    for (name, writers, batch, durability) in shapes
         .into_iter()
-        .filter(|(_, _, batch)| secs > 0 && (!only_group || *batch > 1))
+        .filter(|(_, _, batch, _)| secs > 0 && (!only_group || *batch > 1))
     {
-        let mut run = appends(&dir.join("appends"), writers, batch, secs);
+        let mut run = appends(&dir.join("appends"), writers, batch, durability, secs);
         let (p50, p99) = (run.percentile(0.5), run.percentile(0.99));
         println!(
             "{:<34} {:>12.0} {:>10.0} {:>10.1} {:>9} {:>9}",
@@ -198,8 +226,8 @@ fn main() {
         );
         rates.push(run.per_sec());
     }
-    if !only_group && rates.len() >= 3 {
-        let (per_append_n, per_append_1) = (rates[rates.len() - 2], rates[rates.len() - 1]);
+    if !only_group && rates.len() >= 4 {
+        let (per_append_n, per_append_1) = (rates[rates.len() - 3], rates[rates.len() - 2]);
         println!(
             "ratio group commit / fsync per append ({} writers): {:.1}x; / 1 writer: {:.1}x",
             writers[0],
