@@ -39,6 +39,12 @@ pub enum JournalError {
         #[source]
         source: io::Error,
     },
+    /// Another open journal (this process or another) holds the directory's lock.
+    #[error("journal: {path} is locked by another running journal; refusing to open it twice")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A file named like a journal file does not start with the journal's magic.
     #[error("journal: {path} is not a refundgate journal file; nothing was changed")]
     NotJournal {

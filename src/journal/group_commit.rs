@@ -102,6 +102,8 @@ pub(crate) struct Writer {
     next_index: u64,
     buf: Vec<u8>,
     carry: Option<Request>,
+    /// Batches failed in a row (0 while the storage works).
+    failing_batches: u64,
 }
 
 impl Writer {
@@ -131,12 +133,12 @@ impl Writer {
             next_index: start.next_index,
             buf: Vec::new(),
             carry: None,
+            failing_batches: 0,
         }
     }
 
     /// Runs until every [`Journal`](super::Journal) sender is gone and the queue is drained.
     pub(crate) fn run(mut self) {
-        self.prepare_spare();
         let mut batch = Vec::with_capacity(self.config.batch_records_max);
         loop {
             let first = match self.carry.take() {
@@ -168,6 +170,17 @@ impl Writer {
                 batch.push(next);
             }
             self.commit(&mut batch);
+            if self.pos > self.active.size / 2 {
+                // Ahead of need, but not at start-up: 64 MiB of zeros being written back
+                // would slow the syncs of the first batches.
+                self.prepare_spare();
+            }
+        }
+        if self.rewrite || self.dirty_end > self.pos {
+            // Wipe a failed region at shutdown too, so a clean restart cannot replay appends
+            // that were answered as failed. If the storage is still failing, recovery's
+            // caveat applies (see `Journal::append`).
+            let _ = self.write(&[]);
         }
         if let Some(pending) = self.pending.take() {
             // Let an in-flight preallocation finish so shutdown leaves whole files.
@@ -179,6 +192,13 @@ impl Writer {
         let first_seq = self.next_seq;
         match self.write(batch) {
             Ok(()) => {
+                if self.failing_batches > 0 {
+                    tracing::info!(
+                        failed_batches = self.failing_batches,
+                        "journal storage recovered; failed region rewritten"
+                    );
+                    self.failing_batches = 0;
+                }
                 for (i, request) in batch.drain(..).enumerate() {
                     // A waiter that gave up (dropped its future) is simply not told.
                     let _ = request.done.send(Ok(first_seq + i as u64));
@@ -191,15 +211,19 @@ impl Writer {
         }
     }
 
-    fn fail(&self, requests: Vec<Request>, error: &io::Error) {
+    fn fail(&mut self, requests: Vec<Request>, error: &io::Error) {
         self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            segment = %self.active.path.display(),
-            offset = self.pos,
-            records = requests.len(),
-            error = %error,
-            "journal write failed; appends in this batch answered as store unavailable"
-        );
+        if self.failing_batches == 0 {
+            // Once per outage, not once per batch: a dead disk must not flood the log.
+            tracing::warn!(
+                segment = %self.active.path.display(),
+                offset = self.pos,
+                records = requests.len(),
+                error = %error,
+                "journal write failed; appends answered as store unavailable until it recovers"
+            );
+        }
+        self.failing_batches += 1;
         let error =
             StoreError::Unavailable(Arc::new(io::Error::new(error.kind(), error.to_string())));
         for request in requests {
@@ -272,13 +296,18 @@ impl Writer {
             .push(closed);
         self.pos = SEGMENT_HEADER_BYTES as u64;
         self.dirty_end = self.pos;
-        self.prepare_spare();
         Ok(())
     }
 
     fn take_spare(&mut self) -> io::Result<Segment> {
         if let Some(spare) = self.spares.pop_front() {
             return Ok(spare);
+        }
+        if self.rewrite || self.dirty_end > self.pos {
+            // Wipe a failed region at shutdown too, so a clean restart cannot replay appends
+            // that were answered as failed. If the storage is still failing, recovery's
+            // caveat applies (see `Journal::append`).
+            let _ = self.write(&[]);
         }
         if let Some(pending) = self.pending.take() {
             return pending

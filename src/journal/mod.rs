@@ -10,7 +10,7 @@
 //! if let Some(snapshot) = recovered.take_snapshot() { /* ledger.restore(&snapshot.bytes) */ }
 //! recovered.replay(|seq, payload| { /* ledger.apply(seq, payload) */ })?;
 //! let seq = journal.append(b"event".to_vec()).await?; // resolves once durable
-//! if seq - journal.snapshot_seq() >= 100_000 {
+//! if journal.records_since_snapshot() >= 100_000 {
 //!     // let bytes = ledger.snapshot(); (state as of `seq`)
 //!     # let bytes = Vec::new();
 //!     journal.snapshot(seq, &bytes)?; // blocking: call from spawn_blocking in async code
@@ -24,6 +24,27 @@
 //!   records ([`record`]) `len u32 | crc32c u32 | seq u64 | payload`; a zero length ends them.
 //! - `snapshot-NNNNNNNNNNNNNNNNNNNN.snap`: the caller's state as of a seq ([`snapshot`]).
 //! - `*.tmp`: interrupted preallocations or snapshot writes, removed at open.
+//! - `LOCK`: `flock`ed by the open journal, so a second process (or a second open) is refused.
+//!
+//! # Faults
+//!
+//! A failed write or sync fails every append of its batch with [`StoreError`] (answer 96)
+//! and acknowledges nothing. The journal stays on the same segment and offset: the next
+//! batch reuses the failed seqs, rewrites from the page boundary before the failed region
+//! (from a copy kept in memory, since after a failed `fdatasync` the page cache cannot be
+//! trusted to reach the disk) and zeroes whatever of the failed region its records do not
+//! cover, so replay returns exactly what was acknowledged. The writer does this again before
+//! rotating and at shutdown. Caveat: if the process dies while the storage is failing, bytes
+//! the storage persisted despite reporting failure may be replayed — the 96 answer means
+//! "outcome unknown", and the terminal's reversal settles it.
+//!
+//! # Recovery
+//!
+//! A bad record followed by nothing but zeros or garbage is a torn tail: zeroed at open
+//! with one warning. A bad record with any valid record after it, or a seq gap, refuses
+//! the open naming the file and byte offset. This is conservative: a torn multi-page batch
+//! whose later pages reached the disk before its earlier ones is refused too, rather than
+//! guessed about; `verify` shows where.
 //!
 //! Seqs start at 1 and have no gaps. A missing directory is created at open (with its
 //! parents); [`verify`] never creates anything.
@@ -89,17 +110,18 @@ pub enum Durability {
 /// Journal settings. `Options::default()` is the production setting.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// When an append is acknowledged.
+    /// When an append is acknowledged (default [`Durability::Fdatasync`]).
     pub durability: Durability,
-    /// Size of new segment files (existing ones keep theirs).
+    /// Size of new segment files, 4 KiB..=1 GiB (default 64 MiB); existing ones keep theirs.
     pub segment_bytes: u64,
-    /// Bound of the append queue.
+    /// Bound of the append queue (default [`QUEUE_CAPACITY_DEFAULT`]).
     pub queue_capacity: usize,
-    /// Most records per write + sync.
+    /// Most records per write + sync (default [`BATCH_RECORDS_DEFAULT_MAX`]); 1 turns group
+    /// commit off.
     pub batch_records_max: usize,
-    /// Most bytes per write + sync.
+    /// Most bytes per write + sync (default [`BATCH_BYTES_DEFAULT_MAX`]).
     pub batch_bytes_max: usize,
-    /// The file system, or a fault-injecting one in tests.
+    /// The file system ([`FsStorage`], default), or a fault-injecting one in tests.
     pub storage: Arc<dyn Storage>,
 }
 
@@ -126,6 +148,8 @@ pub struct Journal {
     payload_max: usize,
     snapshot_seq: AtomicU64,
     snapshot_lock: Mutex<()>,
+    /// Held for the journal's life; declared last so it is released after the writer joined.
+    _lock: storage::DirLock,
 }
 
 impl Default for Options {
@@ -175,9 +199,27 @@ impl Journal {
         options.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let storage = Arc::clone(&options.storage);
+        let existed = storage.list(&dir).is_ok();
         storage
             .create_dir_all(&dir)
             .map_err(|e| JournalError::io("create directory", dir.clone(), e))?;
+        if !existed {
+            // The new directory's own entry must survive a crash too.
+            let parent = match dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            storage
+                .sync_dir(parent)
+                .map_err(|e| JournalError::io("sync", parent.to_path_buf(), e))?;
+        }
+        // Refuse a foreign or other-version directory before creating even the lock file;
+        // then lock, and only then scan, so no other writer can change what the scan saw.
+        recovery::check_format(&storage, &dir)?;
+        let lock = storage.lock_dir(&dir).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => JournalError::Locked { path: dir.clone() },
+            _ => JournalError::io("lock", dir.join(storage::LOCK_FILE_NAME), e),
+        })?;
         let mut scan = recovery::scan(&storage, &dir)?;
         probe_writable(&storage, &dir)?;
         let (start, closed) = prepare(&storage, &dir, &scan, &options)?;
@@ -229,13 +271,16 @@ impl Journal {
             payload_max,
             snapshot_seq: AtomicU64::new(snapshot_seq),
             snapshot_lock: Mutex::new(()),
+            _lock: lock,
         };
         Ok((journal, recovered))
     }
 
     /// Appends `payload`; resolves with its seq once it is durable (per [`Durability`]).
     ///
-    /// Waits while the queue is full. On [`StoreError`] the record is not acknowledged and
+    /// Waits while the queue is full. Dropping the future after the request was queued does
+    /// not withdraw it: the record may still become durable and be replayed.
+    /// On [`StoreError`] the record is not acknowledged and
     /// will not be replayed unless the storage persisted it despite reporting the failure
     /// and the process stopped before the next successful write (see `group_commit`).
     pub async fn append(&self, payload: Vec<u8>) -> Result<u64, StoreError> {
@@ -308,6 +353,11 @@ impl Journal {
     /// The seq of the newest snapshot (0 if none): snapshot when `durable_seq()` is far past it.
     pub fn snapshot_seq(&self) -> u64 {
         self.snapshot_seq.load(Ordering::Acquire)
+    }
+
+    /// Durable records not yet covered by a snapshot: snapshot when this passes your bound.
+    pub fn records_since_snapshot(&self) -> u64 {
+        self.durable_seq().saturating_sub(self.snapshot_seq())
     }
 
     /// Batches written and synced so far (each one write + one `fdatasync`).

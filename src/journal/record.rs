@@ -79,6 +79,19 @@ pub fn decode(buf: &[u8]) -> Decoded<'_> {
     }
 }
 
+/// Splits the record at the start of `buf` into (seq, payload) by its length word alone,
+/// without checking the checksum: for replaying records the recovery scan already checked.
+pub fn frame(buf: &[u8]) -> Option<(u64, &[u8])> {
+    let len = u32_at(buf.get(..4)?, 0) as usize;
+    if len == 0 || len > PAYLOAD_BYTES_MAX {
+        return None;
+    }
+    let record = buf.get(..RECORD_HEADER_BYTES + len)?;
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&record[8..16]);
+    Some((u64::from_le_bytes(seq), &record[RECORD_HEADER_BYTES..]))
+}
+
 /// Whether a valid record with a sequence number above `seq_after` starts anywhere in `buf`.
 ///
 /// Recovery asks this about the bytes after the first bad record: valid records there mean
@@ -146,6 +159,26 @@ mod tests {
         encode(1, b"payload", &mut out);
         assert!(matches!(decode(&out[..out.len() - 1]), Decoded::Invalid(_)));
         assert!(matches!(decode(&out[..10]), Decoded::Invalid(_)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_any_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = decode(&bytes);
+            let _ = frame(&bytes);
+            let _ = any_valid_record_after(&bytes, 0);
+        }
+
+        #[test]
+        fn any_payload_round_trips(seq in 1u64.., payload in proptest::collection::vec(proptest::num::u8::ANY, 1..300)) {
+            let mut out = Vec::new();
+            encode(seq, &payload, &mut out);
+            out.extend_from_slice(&[0; 8]);
+            let decoded = decode(&out);
+            let expected = Decoded::Record { seq, payload: &payload, encoded_len: encoded_len(payload.len()) };
+            proptest::prop_assert_eq!(decoded, expected);
+            proptest::prop_assert_eq!(frame(&out), Some((seq, payload.as_slice())));
+        }
     }
 
     #[test]

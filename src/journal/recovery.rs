@@ -136,10 +136,12 @@ impl Recovered {
     /// returns how many it applied.
     ///
     /// Call it once, right after open and before appending or snapshotting. The records
-    /// were validated at open; they are checked again as they are read.
+    /// were validated (checksums included) at open; here their framing and seq order are
+    /// checked again as they are read.
     pub fn replay(&self, mut apply: impl FnMut(u64, &[u8])) -> Result<u64, JournalError> {
         let mut buf = Vec::new();
         let mut applied = 0;
+        let mut expected = self.after_seq + 1;
         for segment in &self.segments {
             if segment.last_seq.is_none_or(|last| last <= self.after_seq) {
                 continue;
@@ -147,23 +149,20 @@ impl Recovered {
             read_whole(&self.storage, &segment.path, segment.end, &mut buf)?;
             let mut off = SEGMENT_HEADER_BYTES;
             while off < buf.len() {
-                let Decoded::Record {
-                    seq,
-                    payload,
-                    encoded_len,
-                } = record::decode(&buf[off..])
-                else {
-                    return Err(JournalError::Corrupt {
-                        path: segment.path.clone(),
-                        offset: off as u64,
-                        reason: "record changed after it was validated at open",
-                    });
+                // Checksums were verified by the scan at open; here only the framing and the
+                // seq order are rechecked, so a file changed since then is still caught.
+                let Some((seq, payload)) = record::frame(&buf[off..]) else {
+                    return Err(changed(&segment.path, off));
                 };
                 if seq > self.after_seq {
+                    if seq != expected {
+                        return Err(changed(&segment.path, off));
+                    }
                     apply(seq, payload);
                     applied += 1;
+                    expected += 1;
                 }
-                off += encoded_len;
+                off += record::encoded_len(payload.len());
             }
         }
         Ok(applied)
@@ -181,8 +180,26 @@ impl std::fmt::Debug for Recovered {
     }
 }
 
-/// Scans `dir` without writing anything.
-pub(crate) fn scan(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Scan, JournalError> {
+/// Checks that every journal-named file in `dir` is ours and of this format version,
+/// reading headers only.
+pub(crate) fn check_format(storage: &Arc<dyn Storage>, dir: &Path) -> Result<(), JournalError> {
+    let files = list(storage, dir)?;
+    check_segment_headers(storage, &files.segments)?;
+    for (_, path) in &files.snapshots {
+        // Only foreign or other-version files fail here; damaged ones are skipped later.
+        let _ = snapshot::read(storage, path, true)?;
+    }
+    Ok(())
+}
+
+/// The journal files of a directory, sorted.
+struct Files {
+    segments: Vec<(u64, PathBuf)>,
+    snapshots: Vec<(u64, PathBuf)>,
+    stale: Vec<PathBuf>,
+}
+
+fn list(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Files, JournalError> {
     let names = storage
         .list(dir)
         .map_err(|e| JournalError::io("list", dir.to_path_buf(), e))?;
@@ -200,11 +217,21 @@ pub(crate) fn scan(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Scan, Journ
     }
     segments.sort();
     snapshots.sort();
-    check_segment_headers(storage, &segments)?;
-    for (_, path) in &snapshots {
-        // Only foreign or other-version files fail here; damaged ones are skipped below.
-        let _ = snapshot::read(storage, path, true)?;
-    }
+    Ok(Files {
+        segments,
+        snapshots,
+        stale,
+    })
+}
+
+/// Scans `dir` without writing anything.
+pub(crate) fn scan(storage: &Arc<dyn Storage>, dir: &Path) -> Result<Scan, JournalError> {
+    check_format(storage, dir)?;
+    let Files {
+        segments,
+        snapshots,
+        stale,
+    } = list(storage, dir)?;
     let snapshot = newest_valid_snapshot(storage, &snapshots)?;
     let mut walk = Walk::new(snapshot.as_ref().map_or(0, |s| s.seq));
     let mut buf = Vec::new();
@@ -400,13 +427,21 @@ fn read_whole(
         ));
     }
     let len = size.min(limit) as usize;
-    buf.clear();
+    // Resizing a reused buffer zeroes only what it grows by; the read overwrites the rest.
     buf.resize(len, 0);
     let n = file.read_at(buf, 0).map_err(io("read"))?;
     if n != len {
         return Err(corrupt(path, n as u64, "segment shorter than expected"));
     }
     Ok(size)
+}
+
+fn changed(path: &Path, offset: usize) -> JournalError {
+    corrupt(
+        path,
+        offset as u64,
+        "record changed after it was validated at open",
+    )
 }
 
 fn corrupt(path: &Path, offset: u64, reason: &'static str) -> JournalError {

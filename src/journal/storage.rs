@@ -25,6 +25,18 @@ pub trait Storage: fmt::Debug + Send + Sync + 'static {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes the directory entries of `dir` (creations, renames, removals) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive advisory lock on `dir` (file `LOCK`, `flock`) for as long as the
+    /// guard lives; fails with [`io::ErrorKind::WouldBlock`] if another journal holds it.
+    fn lock_dir(&self, dir: &Path) -> io::Result<DirLock>;
+}
+
+/// The name of the lock file in a journal directory.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+
+/// Holds a journal directory's lock until dropped.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
 }
 
 /// An open file with positioned I/O.
@@ -115,6 +127,17 @@ impl Storage for FsStorage {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<DirLock> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK_FILE_NAME))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+        Ok(DirLock { _file: file })
     }
 }
 
@@ -255,6 +278,11 @@ impl Storage for FaultyStorage {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         FsStorage.sync_dir(dir)
+    }
+
+    fn lock_dir(&self, dir: &Path) -> io::Result<DirLock> {
+        self.faults.check_writable()?;
+        FsStorage.lock_dir(dir)
     }
 }
 
