@@ -29,6 +29,8 @@ addr = "127.0.0.1:9583"
 dir = "data/journal"
 # "fdatasync" (an approval is sent only once durable) or "unsafe_no_fsync" (tests, benchmarks).
 durability = "fdatasync"
+# Write a ledger snapshot after this many journal records (bounds start-up replay).
+snapshot_every_records = 1000000
 
 [log]
 # "plain" or "json".
@@ -110,6 +112,9 @@ pub struct JournalConfig {
     pub dir: PathBuf,
     /// Whether an approval waits for `fdatasync`.
     pub durability: Durability,
+    /// A ledger snapshot is written once this many records were journaled since the last
+    /// one, so that start-up replays at most about this many records.
+    pub snapshot_every_records: u64,
 }
 
 /// `journal.durability`.
@@ -403,6 +408,7 @@ impl Default for JournalConfig {
         Self {
             dir: PathBuf::from("data/journal"),
             durability: Durability::Fdatasync,
+            snapshot_every_records: 1_000_000,
         }
     }
 }

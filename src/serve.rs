@@ -206,6 +206,37 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// How often the snapshot task looks at the journal.
+const SNAPSHOT_CHECK_MS: u64 = 500;
+
+/// Writes a ledger snapshot whenever `every` records were journaled since the last one.
+async fn snapshot_loop(gateway: Arc<Gateway>, journal: Arc<Journal>, every: u64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(SNAPSHOT_CHECK_MS));
+    loop {
+        tick.tick().await;
+        if journal.records_since_snapshot() < every {
+            continue;
+        }
+        let Some((seq, bytes)) = gateway.snapshot().await else {
+            return;
+        };
+        let j = Arc::clone(&journal);
+        let size = bytes.len();
+        match tokio::task::spawn_blocking(move || j.snapshot(seq, &bytes)).await {
+            Ok(Ok(report)) => tracing::info!(
+                seq,
+                bytes = size,
+                segments_removed = report.segments_removed,
+                "ledger snapshot written"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(seq, error = %e, "ledger snapshot failed; replay stays longer")
+            }
+            Err(e) => tracing::warn!(error = %e, "ledger snapshot task failed"),
+        }
+    }
+}
+
 /// Runs `serve` to completion and returns the process exit code.
 pub fn run(args: &ServeArgs) -> ExitCode {
     let log = Config::load(args.config.as_deref())
@@ -234,12 +265,20 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_IOERR);
         }
     };
+    let snapshot_every = prepared.config.journal.snapshot_every_records.max(1);
     let result = runtime.block_on(async move {
         let server = Server::bind(prepared.config).await?;
         server.readiness().set_merchants_loaded(true);
-        server
-            .run(prepared.gateway, server::shutdown::signal())
-            .await
+        let snapshots = tokio::spawn(snapshot_loop(
+            Arc::clone(&prepared.gateway),
+            Arc::clone(&prepared.journal),
+            snapshot_every,
+        ));
+        let result = server
+            .run(Arc::clone(&prepared.gateway), server::shutdown::signal())
+            .await;
+        snapshots.abort();
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,6 +81,7 @@ addr = "{admin}"
 [journal]
 dir = "{d}/journal"
 durability = "fdatasync"
+snapshot_every_records = 300
 [log]
 filter = "warn"
 [[listeners]]
@@ -421,6 +422,15 @@ fn acknowledged_approvals_survive_kill_9_and_limits_hold() {
     let child = start(&setup);
     rt.block_on(verify(&setup, &model, 0));
     kill(child);
+    let snapshots = std::fs::read_dir(setup.dir.path().join("journal"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+        .count();
+    assert!(
+        snapshots >= 1,
+        "recoveries must have gone through snapshots + tail replay"
+    );
     let m = model.lock().unwrap();
     let approved = m.approved.len();
     assert!(

@@ -39,13 +39,12 @@ mod tests {
     #[test]
     fn rrn_is_local_time_and_stan() {
         assert_eq!(&rrn(154_500, 100), b"154500000100");
-        assert_eq!(
-            auth_code(b"154500000100", b"T1", b"M1"),
-            auth_code(b"154500000100", b"T1", b"M1")
-        );
+        let a = auth_code(b"154500000100", b"000100", b"T1", b"M1");
+        assert_eq!(a, auth_code(b"154500000100", b"000100", b"T1", b"M1"));
         assert_ne!(
-            auth_code(b"154500000100", b"T1", b"M1"),
-            auth_code(b"154500000101", b"T1", b"M1")
+            a,
+            auth_code(b"154500000100", b"000101", b"T1", b"M1"),
+            "a refund of the sale gets its own code"
         );
     }
 }

@@ -71,6 +71,9 @@ pub enum Outcome {
 /// The decision engine behind every listener.
 pub struct Gateway {
     ledger: Arc<Ledger>,
+    /// Held shared from a journal append until its commit, exclusively while a snapshot is
+    /// taken: a snapshot then holds exactly the records up to the journal's durable seq.
+    commit_gate: tokio::sync::RwLock<()>,
     journal: Option<Arc<Journal>>,
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
@@ -97,10 +100,23 @@ impl Gateway {
     ) -> Gateway {
         Gateway {
             ledger,
+            commit_gate: tokio::sync::RwLock::new(()),
             journal,
             clock,
             links,
         }
+    }
+
+    /// Takes a consistent snapshot of the ledger: waits for every journaled change to be
+    /// committed, then returns the journal seq it covers and the ledger's bytes. Requests
+    /// wait for the gate only while the ledger is serialised.
+    pub async fn snapshot(&self) -> Option<(u64, Vec<u8>)> {
+        let journal = self.journal.as_ref()?;
+        let _exclusive = self.commit_gate.write().await;
+        let seq = journal.durable_seq();
+        let mut bytes = Vec::with_capacity(1 << 20);
+        self.ledger.snapshot(&mut bytes);
+        Some((seq, bytes))
     }
 
     /// The ledger, for admin calls and tests.
@@ -210,6 +226,7 @@ impl Gateway {
             Ok(r) => r,
             Err(d) => return self.answer(l, msg, kind, &d, rrn),
         };
+        let _gate = self.commit_gate.read().await;
         if let Err(e) = self.journal_event(reservation.event()).await {
             tracing::warn!(error = %e, "journal append failed; answering 96");
             self.ledger.release(reservation);
@@ -249,6 +266,7 @@ impl Gateway {
                 None,
             );
         };
+        let _gate = self.commit_gate.read().await;
         match self.ledger.sign_on(merchant, terminal, now) {
             Ok((batch, event)) => {
                 if self.journal_event(&event).await.is_err() {
@@ -279,6 +297,7 @@ impl Gateway {
                 None,
             );
         };
+        let _gate = self.commit_gate.read().await;
         match self.ledger.settle(merchant, now) {
             Ok((d, event)) => {
                 if self.journal_event(&event).await.is_err() {
