@@ -49,6 +49,10 @@ impl Running {
 
 /// Starts the gateway: listener 0 ascii1987, 1 cup_pos, 2 cup_pos with a MAC key.
 async fn start() -> Running {
+    start_with(journal::Options::default()).await
+}
+
+async fn start_with(options: journal::Options) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -65,8 +69,7 @@ async fn start() -> Running {
     ];
     let merchants = MerchantSet::embedded().unwrap();
     let ledger = Ledger::new(&merchants, PanKey::new(&[7; 16]));
-    let (journal, _) =
-        Journal::open(dir.path().join("journal"), journal::Options::default()).unwrap();
+    let (journal, _) = Journal::open(dir.path().join("journal"), options).unwrap();
     let mut mac_link = Link::plain(Dialect::CupPos);
     mac_link.mac = Some(MacKey::from_hex(MacAlgorithm::CupPosEcb, MAK).unwrap());
     let links = vec![
@@ -545,4 +548,50 @@ fn now_mmdd_local_plus8() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     format!("{m:02}{d:02}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_failure_answers_96_acknowledges_nothing_and_recovers_with_the_storage() {
+    let (storage, faults) = journal::FaultyStorage::new();
+    let options = journal::Options {
+        storage: Arc::new(storage),
+        ..journal::Options::default()
+    };
+    let gw = start_with(options).await;
+    let mut c = connect(&gw.listeners[0]).await;
+    faults.set_fail_syncs(true);
+    let sale = ascii("0200", "000000", 2500, 41, &[]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    assert_eq!(a.code_reason(), ("96".into(), "STORE_UNAVAILABLE".into()));
+    faults.set_fail_writes(true);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    assert_eq!(a.code_reason(), ("96".into(), "STORE_UNAVAILABLE".into()));
+    // The storage is back: the same sale (nothing of it was kept) is approved now.
+    faults.set_fail_syncs(false);
+    faults.set_fail_writes(false);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    // And a refund of it passes: the ledger holds the sale exactly once.
+    let refund = ascii(
+        "0200",
+        "200000",
+        2500,
+        42,
+        &[("37", a.rrn.clone().unwrap()), ("90", de90(&sale))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &refund)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    gw.stop().await;
 }
