@@ -885,23 +885,7 @@ impl Book {
                 answer,
                 decision,
                 sale,
-            } => {
-                if let Some(txn) = sale {
-                    if let Some(k) = self.ref_key(&txn.key) {
-                        if !self.by_ref.contains_key(&k) {
-                            self.push_entry(
-                                at,
-                                txn,
-                                k,
-                                Kind::Sale,
-                                OriginalState::NotApproved,
-                                NO_LINK,
-                            );
-                        }
-                    }
-                }
-                self.finish(at, answer, *decision)
-            }
+            } => self.apply_declined(at, answer, *decision, sale.as_ref()),
             EventBody::SignOn { terminal } => {
                 if let Some(i) = self.term_index(terminal.as_str()) {
                     self.terms[usize::from(i)].signed_on = true;
@@ -919,29 +903,46 @@ impl Book {
             EventBody::Settle {
                 payout,
                 reserve_used,
-            } => {
-                let left = self
-                    .unsettled
-                    .saturating_sub(self.committed)
-                    .saturating_sub(*payout);
-                self.unsettled = left;
-                self.committed = 0;
-                self.reserve = self.reserve.saturating_sub(*reserve_used);
-                self.epoch = self.epoch.saturating_add(1);
-                self.cutover = false;
-                for t in &mut self.terms {
-                    t.batch = if t.batch >= 999_999 { 1 } else { t.batch + 1 };
+            } => self.apply_settle(*payout, *reserve_used),
+        }
+    }
+
+    fn apply_declined(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        decision: Decision,
+        sale: Option<&TxnRecord>,
+    ) -> Decision {
+        if let Some(txn) = sale {
+            if let Some(k) = self.ref_key(&txn.key) {
+                if !self.by_ref.contains_key(&k) {
+                    self.push_entry(at, txn, k, Kind::Sale, OriginalState::NotApproved, NO_LINK);
                 }
-                Decision::new(
-                    Reason::APPROVED,
-                    Figures {
-                        amount: *payout,
-                        currency: self.policy.currency,
-                        ..Figures::default()
-                    },
-                )
             }
         }
+        self.finish(at, answer, decision)
+    }
+
+    /// Pays out, closes the epoch (originals become settled), ends a cut-over, moves batches.
+    fn apply_settle(&mut self, payout: u64, reserve_used: u64) -> Decision {
+        self.unsettled = self
+            .unsettled
+            .saturating_sub(self.committed)
+            .saturating_sub(payout);
+        self.committed = 0;
+        self.reserve = self.reserve.saturating_sub(reserve_used);
+        self.epoch = self.epoch.saturating_add(1);
+        self.cutover = false;
+        for t in &mut self.terms {
+            t.batch = if t.batch >= 999_999 { 1 } else { t.batch + 1 };
+        }
+        let figures = Figures {
+            amount: payout,
+            currency: self.policy.currency,
+            ..Figures::default()
+        };
+        Decision::new(Reason::APPROVED, figures)
     }
 
     /// Stores `decision` as the answer to `answer` and returns it.
