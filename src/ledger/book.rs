@@ -63,6 +63,8 @@ pub(crate) struct Ctx {
     pub now: UnixSeconds,
     /// `now` in the merchant's calendar.
     pub today: LocalDate,
+    /// The request's PAN, masked (default when the operation carries none).
+    pub pan: MaskedPan,
     pub pan_hash: u64,
     pub store_ok: bool,
 }
@@ -296,9 +298,9 @@ impl Book {
             key: self.txn_key(own_key(req, term)),
             rrn: req
                 .rrn
-                .and_then(rrn_key)
-                .filter(|_| req.op == Operation::Sale),
-            pan: MaskedPan::new(req.pan).unwrap_or_default(),
+                .filter(|_| req.op == Operation::Sale)
+                .and_then(rrn_key),
+            pan: ctx.pan,
             pan_hash: ctx.pan_hash,
             card: req.card_type,
             amount: req.amount_minor,
