@@ -964,6 +964,36 @@ fn refund_covered_only_by_a_sale_in_flight_is_declined_51_pending() {
     ok(&l, &s.refund(4, 2000), T0);
 }
 
+#[test]
+fn settlement_pays_out_sales_but_keeps_back_what_backs_a_refund_in_flight() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 5000);
+    ok(&l, &s, T0);
+    let res = l.reserve(&s.refund(2, 2000).req(), T0).unwrap();
+    let (d, _) = l.settle("M", T0 + 1).unwrap();
+    assert_eq!(d.figures.amount, 3000);
+    assert!(l.commit(res).is_approved());
+    let f = l.funds("M").unwrap();
+    assert_eq!(
+        (f.available, f.unsettled_sales, f.refunds_committed),
+        (0, 2000, 2000)
+    );
+    let view = l
+        .original(
+            "M",
+            "T1",
+            OriginalRef::Iso {
+                mti: 200,
+                stan: 1,
+                transmission: tx(1),
+                rrn: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(view.state, OriginalState::Settled);
+    assert_eq!(view.refunded, 2000);
+}
+
 // ---- Reversals (DOMAIN §9) ----
 
 #[test]

@@ -63,6 +63,8 @@ pub(crate) struct Ctx {
     pub now: UnixSeconds,
     /// `now` in the merchant's calendar.
     pub today: LocalDate,
+    /// The request's PAN, masked (default when the operation carries none).
+    pub pan: MaskedPan,
     pub pan_hash: u64,
     pub store_ok: bool,
 }
@@ -296,9 +298,9 @@ impl Book {
             key: self.txn_key(own_key(req, term)),
             rrn: req
                 .rrn
-                .and_then(rrn_key)
-                .filter(|_| req.op == Operation::Sale),
-            pan: MaskedPan::new(req.pan).unwrap_or_default(),
+                .filter(|_| req.op == Operation::Sale)
+                .and_then(rrn_key),
+            pan: ctx.pan,
             pan_hash: ctx.pan_hash,
             card: req.card_type,
             amount: req.amount_minor,
@@ -885,23 +887,7 @@ impl Book {
                 answer,
                 decision,
                 sale,
-            } => {
-                if let Some(txn) = sale {
-                    if let Some(k) = self.ref_key(&txn.key) {
-                        if !self.by_ref.contains_key(&k) {
-                            self.push_entry(
-                                at,
-                                txn,
-                                k,
-                                Kind::Sale,
-                                OriginalState::NotApproved,
-                                NO_LINK,
-                            );
-                        }
-                    }
-                }
-                self.finish(at, answer, *decision)
-            }
+            } => self.apply_declined(at, answer, *decision, sale.as_ref()),
             EventBody::SignOn { terminal } => {
                 if let Some(i) = self.term_index(terminal.as_str()) {
                     self.terms[usize::from(i)].signed_on = true;
@@ -919,29 +905,46 @@ impl Book {
             EventBody::Settle {
                 payout,
                 reserve_used,
-            } => {
-                let left = self
-                    .unsettled
-                    .saturating_sub(self.committed)
-                    .saturating_sub(*payout);
-                self.unsettled = left;
-                self.committed = 0;
-                self.reserve = self.reserve.saturating_sub(*reserve_used);
-                self.epoch = self.epoch.saturating_add(1);
-                self.cutover = false;
-                for t in &mut self.terms {
-                    t.batch = if t.batch >= 999_999 { 1 } else { t.batch + 1 };
+            } => self.apply_settle(*payout, *reserve_used),
+        }
+    }
+
+    fn apply_declined(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        decision: Decision,
+        sale: Option<&TxnRecord>,
+    ) -> Decision {
+        if let Some(txn) = sale {
+            if let Some(k) = self.ref_key(&txn.key) {
+                if !self.by_ref.contains_key(&k) {
+                    self.push_entry(at, txn, k, Kind::Sale, OriginalState::NotApproved, NO_LINK);
                 }
-                Decision::new(
-                    Reason::APPROVED,
-                    Figures {
-                        amount: *payout,
-                        currency: self.policy.currency,
-                        ..Figures::default()
-                    },
-                )
             }
         }
+        self.finish(at, answer, decision)
+    }
+
+    /// Pays out, closes the epoch (originals become settled), ends a cut-over, moves batches.
+    fn apply_settle(&mut self, payout: u64, reserve_used: u64) -> Decision {
+        self.unsettled = self
+            .unsettled
+            .saturating_sub(self.committed)
+            .saturating_sub(payout);
+        self.committed = 0;
+        self.reserve = self.reserve.saturating_sub(reserve_used);
+        self.epoch = self.epoch.saturating_add(1);
+        self.cutover = false;
+        for t in &mut self.terms {
+            t.batch = if t.batch >= 999_999 { 1 } else { t.batch + 1 };
+        }
+        let figures = Figures {
+            amount: payout,
+            currency: self.policy.currency,
+            ..Figures::default()
+        };
+        Decision::new(Reason::APPROVED, figures)
     }
 
     /// Stores `decision` as the answer to `answer` and returns it.
@@ -1098,7 +1101,9 @@ impl Book {
             .entry(txn.pan_hash)
             .or_default()
             .add(local.day, txn.amount);
-        if self.cards.len() > 4096 {
+        // Past days' card counters are history; drop them each time the map doubles past 4096
+        // (a function of the state alone, so replay prunes at the same moments).
+        if self.cards.len() >= 4096 && self.cards.len().is_power_of_two() {
             self.cards.retain(|_, b| b.period >= local.day);
         }
         let figs = Figures {

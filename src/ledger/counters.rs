@@ -63,17 +63,21 @@ impl Held {
         }
     }
 
-    /// Reserves one refund of `amount` in `period`.
+    /// Reserves one refund of `amount` in `period`. A period older than the held one (a
+    /// caller's `now` that went backwards) is not held: dropping the newer holds would let
+    /// concurrent requests of the current period past their limit.
     pub fn hold(&mut self, period: i32, amount: u64) {
-        if period != self.period {
+        if period > self.period {
             *self = Held {
                 period,
                 amount: 0,
                 count: 0,
             };
         }
-        self.amount = self.amount.saturating_add(amount);
-        self.count = self.count.saturating_add(1);
+        if period == self.period {
+            self.amount = self.amount.saturating_add(amount);
+            self.count = self.count.saturating_add(1);
+        }
     }
 
     /// Releases a reservation made in `period` (no-op once the period rolled).
@@ -110,6 +114,18 @@ mod tests {
         assert_eq!(b.in_period(11), (1, 1));
         b.give_back(11, 1);
         assert_eq!(b.in_period(11), (0, 0));
+    }
+
+    #[test]
+    fn holds_of_an_older_period_never_drop_the_current_ones() {
+        let mut h = Held::default();
+        h.hold(11, 5);
+        h.hold(10, 7);
+        assert_eq!(h.in_period(11), (5, 1));
+        h.release(10, 7);
+        assert_eq!(h.in_period(11), (5, 1));
+        h.release(11, 5);
+        assert_eq!(h.in_period(11), (0, 0));
     }
 
     #[test]

@@ -364,6 +364,13 @@ fn resolve(at: &str, base: &Knobs, over: &Knobs) -> Result<Policy, ConfigError> 
             }
         }
     }
+    if let Some(n) = pick!(original_refund_count_max) {
+        if n > u32::from(u16::MAX) {
+            return Err(ConfigError(format!(
+                "{at}.original_refund_count_max: {n} is over 65535"
+            )));
+        }
+    }
     let window = pick!(refund_window_days).unwrap_or(d.refund_window_days);
     if window > 3650 {
         return Err(ConfigError(format!(

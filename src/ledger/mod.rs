@@ -185,7 +185,8 @@ impl Ledger {
     /// 3–13 and, when it passes, reserves what it needs. A repeat or identical
     /// retransmission gets its stored answer as `Err` (and moves nothing).
     pub fn reserve(&self, req: &Request<'_>, now: UnixSeconds) -> Result<Reservation, Decision> {
-        if !well_formed(req) {
+        let pan = MaskedPan::new(req.pan);
+        if !well_formed(req, pan.is_some()) {
             return Err(Decision::bare(Reason::FORMAT_ERROR));
         }
         let unknown = Decision::bare(Reason::UNKNOWN_MERCHANT);
@@ -196,6 +197,7 @@ impl Ledger {
         let ctx = Ctx {
             now,
             today: book.policy.utc_offset.local(now),
+            pan: pan.unwrap_or_default(),
             pan_hash,
             store_ok,
         };
@@ -438,7 +440,7 @@ impl std::fmt::Debug for Ledger {
 
 /// Row 1 as far as the ledger can see it: digits, lengths and the references each operation
 /// needs. The codec has already rejected what it can; this guards the ledger's own keys.
-fn well_formed(req: &Request<'_>) -> bool {
+fn well_formed(req: &Request<'_>, pan_ok: bool) -> bool {
     const N6: u32 = 999_999;
     let mmdd_ok = |d: u16| (1..=12).contains(&(d / 100)) && (1..=31).contains(&(d % 100));
     let de7_ok = |t: u64| t <= 1_231_235_959 && mmdd_ok(u16::try_from(t / 1_000_000).unwrap_or(0));
@@ -474,7 +476,6 @@ fn well_formed(req: &Request<'_>) -> bool {
         ) => batch <= N6 && trace <= N6 && date_mmdd.is_none_or(mmdd_ok) && rrn_ok(rrn),
         _ => false,
     };
-    let pan_ok = MaskedPan::new(req.pan).is_some();
     match req.op {
         Operation::Sale => own_key && pan_ok,
         Operation::Refund | Operation::Void => own_key && pan_ok && original_ok,
