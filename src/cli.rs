@@ -49,6 +49,33 @@ pub struct ExplainArgs {
     /// Print JSON instead of two sentences.
     #[arg(long)]
     pub json: bool,
+    /// The requested amount, minor units.
+    #[arg(long)]
+    pub amount: Option<u64>,
+    /// Currency (ISO 4217 numeric) of the amounts.
+    #[arg(long, default_value_t = 0)]
+    pub currency: u16,
+    /// The limit that decided.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// How much of the limit was already used.
+    #[arg(long)]
+    pub used: Option<u64>,
+    /// What was left of the limit before this request.
+    #[arg(long)]
+    pub remaining: Option<u64>,
+    /// The refund window in days.
+    #[arg(long)]
+    pub window_days: Option<u32>,
+    /// The original sale's amount.
+    #[arg(long)]
+    pub original_amount: Option<u64>,
+    /// Still refundable on the original.
+    #[arg(long)]
+    pub original_remaining: Option<u64>,
+    /// The merchant's refund allowance left today.
+    #[arg(long)]
+    pub day_allowance_remaining: Option<u64>,
 }
 
 /// `journal` subcommands.
@@ -220,7 +247,23 @@ fn encode(args: &EncodeArgs) -> CliResult {
 }
 
 fn explain(args: &ExplainArgs) -> CliResult {
-    let text = crate::explain::run_explain(&args.reason, args.json)
+    let figures = crate::ledger::Figures {
+        amount: args.amount.unwrap_or(0),
+        currency: args.currency,
+        limit: args.limit,
+        used: args.used,
+        remaining: args.remaining,
+        window_days: args.window_days,
+        original_amount: args.original_amount,
+        original_remaining: args.original_remaining,
+        day_allowance_remaining: args.day_allowance_remaining,
+    };
+    let none = crate::ledger::Figures {
+        currency: args.currency,
+        ..Default::default()
+    };
+    let given = (figures != none).then_some(&figures);
+    let text = crate::explain::run_explain_with(&args.reason, given, args.json)
         .map_err(|e| (EXIT_DATAERR, e.to_string()))?;
     println!("{text}");
     Ok(())

@@ -62,12 +62,22 @@ pub fn explain_reason(reason: Reason, figures: Option<&Figures>) -> Explanation 
 
 /// `refundgate explain REASON [--json]`: the generic sentences of a reason, as text or JSON.
 pub fn run_explain(reason: &str, json: bool) -> Result<String, ExplainError> {
+    run_explain_with(reason, None, json)
+}
+
+/// `refundgate explain REASON [figures] [--json]`: the sentences of a reason with the figures
+/// that decided it (limit, used, remaining, window, original amount), as text or JSON.
+pub fn run_explain_with(
+    reason: &str,
+    figures: Option<&Figures>,
+    json: bool,
+) -> Result<String, ExplainError> {
     let r: Reason = reason
         .trim()
         .to_ascii_uppercase()
         .parse()
         .map_err(|_| ExplainError::UnknownReason(reason.chars().take(40).collect()))?;
-    let e = explain_reason(r, None);
+    let e = explain_reason(r, figures);
     if json {
         serde_json::to_string_pretty(&e).map_err(|err| ExplainError::Json(err.to_string()))
     } else {
