@@ -6,17 +6,15 @@ use super::mti::Mti;
 use super::sensitive::Pan;
 use super::spec::{Encoding, FieldSpec, Kind, Pad, Spec};
 
-/// Where one element's content sits in the message.
+/// Where one element's content sits in the message. Four bytes, so a whole [`Message`] stays
+/// small to initialise and move: the content byte count and the prefix offset follow from the
+/// element's spec (`FieldSpec::content_bytes`, `LengthEncoding::prefix_bytes`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Span {
     /// Offset of the content (after the length prefix).
     pub start: u16,
-    /// Content bytes.
-    pub len: u16,
     /// Content length units (digits for BCD numerics, else bytes).
     pub units: u16,
-    /// Offset of the element including its length prefix.
-    pub prefix_start: u16,
 }
 
 /// A decoded ISO 8583 message borrowing every element from the frame; no copies, no heap.
@@ -162,9 +160,10 @@ impl<'a> Message<'a> {
         }
         let spec = self.spec.field(n)?;
         let s = self.spans[n];
+        let start = usize::from(s.start);
         let bytes = self
             .bytes
-            .get(usize::from(s.start)..usize::from(s.start) + usize::from(s.len))?;
+            .get(start..start + spec.content_bytes(usize::from(s.units)))?;
         Some(FieldRef {
             spec,
             bytes,
@@ -316,7 +315,8 @@ impl<'a> Message<'a> {
     pub fn mac(&self) -> Option<(&'a [u8], &'a [u8])> {
         let n = if self.has(128) { 128 } else { 64 };
         let f = self.field(n)?;
-        let mab = self.bytes.get(..usize::from(self.spans[n].prefix_start))?;
+        let prefix = f.spec.length_encoding.prefix_bytes(f.spec.prefix);
+        let mab = self.bytes.get(..usize::from(self.spans[n].start).checked_sub(prefix)?)?;
         Some((mab, f.bytes))
     }
 }
