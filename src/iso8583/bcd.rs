@@ -155,6 +155,36 @@ fn non_bcd_nibbles(x: u64) -> u64 {
     ((lo + 0x06 * ONES) | (hi + 0x06 * ONES)) & (0xf0 * ONES)
 }
 
+/// A byte of 0x80 where the byte of `x` is non-zero, else 0.
+#[inline(always)]
+fn nonzero_bytes(x: u64) -> u64 {
+    (((x & (0x7f * ONES)) + 0x7f * ONES) | x) & (0x80 * ONES)
+}
+
+/// Eight hex characters (any case; `chars` is exactly eight bytes) as the number they write,
+/// first character most significant; `None` if one is not a hex digit. A word at a time.
+#[inline]
+pub(crate) fn hex_word(chars: &[u8]) -> Option<u32> {
+    let x = word(chars);
+    // Per byte: non-zero unless a digit; non-zero unless a letter A-F / a-f (case folded).
+    let not_digit = non_digit_bytes(x);
+    let folded = x & (0xdf * ONES);
+    let low = folded & (0x0f * ONES);
+    let not_letter = ((folded & (0xf0 * ONES)) ^ (0x40 * ONES))
+        | ((low + 0x09 * ONES) & (0xf0 * ONES))
+        | (((low + 0x0f * ONES) & (0x10 * ONES)) ^ (0x10 * ONES));
+    if nonzero_bytes(not_digit) & nonzero_bytes(not_letter) != 0 {
+        return None;
+    }
+    // Nibble per byte: the low four bits, plus 9 for letters (bit 0x40 set).
+    let nibbles = (x & (0x0f * ONES)) + ((x >> 6) & ONES) * 9;
+    // Pack: byte pairs into 16-bit lanes (first << 4 | second), then lanes into 32 bits.
+    let pairs = ((nibbles & 0x00ff_00ff_00ff_00ff) << 4) | ((nibbles >> 8) & 0x00ff_00ff_00ff_00ff);
+    let quads = (pairs | pairs >> 8) & 0x0000_ffff_0000_ffff;
+    let packed = (quads | quads >> 16) as u32;
+    Some(packed.swap_bytes())
+}
+
 /// Whether every byte is an ASCII digit; eight bytes at a time.
 #[inline]
 pub fn all_ascii_digits(bytes: &[u8]) -> bool {
@@ -282,6 +312,29 @@ mod tests {
                         assert_eq!(valid_bcd(&v, units, left_pad, false), slow, "{v:02x?} {units}");
                         assert_eq!(all_bcd_digits(&v, units, left_pad), slow.is_ok(), "{v:02x?} {units}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hex_words_agree_with_a_table() {
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let slow = |w: &[u8]| {
+            w.iter()
+                .try_fold(0u32, |v, &c| nibble(c).map(|n| v << 4 | u32::from(n)))
+        };
+        for base in [b"F238048a", b"00000040", b"9aBcDeF1", b"ffffffff"] {
+            for i in 0..8 {
+                for c in 0..=255u8 {
+                    let mut w = base.to_vec();
+                    w[i] = c;
+                    assert_eq!(hex_word(&w), slow(&w), "{w:?}");
                 }
             }
         }

@@ -5,7 +5,7 @@ use nom::bytes::complete::take;
 use nom::error::{ErrorKind, ParseError};
 use nom::{IResult, Parser};
 
-use super::bcd::{all_ascii_digits, ascii_number, bcd_number, valid_bcd, BcdFault};
+use super::bcd::{all_ascii_digits, ascii_number, bcd_number, hex_word, valid_bcd, BcdFault};
 use super::error::{DecodeError, Element, Fault};
 use super::message::{Message, Span};
 use super::mti::Mti;
@@ -63,36 +63,13 @@ fn mti_bcd(input: &[u8]) -> PResult<'_, Mti> {
     }
 }
 
-/// Hex character to nibble; 0x80 for anything else.
-const HEX_VALUE: [u8; 256] = {
-    let mut t = [0x80u8; 256];
-    let mut c = 0;
-    while c < 256 {
-        t[c] = match c as u8 {
-            b @ b'0'..=b'9' => b - b'0',
-            b @ b'A'..=b'F' => b - b'A' + 10,
-            b @ b'a'..=b'f' => b - b'a' + 10,
-            _ => 0x80,
-        };
-        c += 1;
-    }
-    t
-};
-
 /// One bitmap as 16 hex characters (any case).
 fn bitmap_hex(input: &[u8]) -> PResult<'_, u64> {
     let (rest, chars) = take(16usize).parse(input)?;
-    let mut v = 0u64;
-    let mut bad = 0u8;
-    for &c in chars {
-        let nibble = HEX_VALUE[usize::from(c)];
-        bad |= nibble;
-        v = v << 4 | u64::from(nibble & 0x0f);
+    match (hex_word(&chars[..8]), hex_word(&chars[8..])) {
+        (Some(hi), Some(lo)) => Ok((rest, u64::from(hi) << 32 | u64::from(lo))),
+        _ => fail(input, Fault::NotHex),
     }
-    if bad & 0x80 != 0 {
-        return fail(input, Fault::NotHex);
-    }
-    Ok((rest, v))
 }
 
 /// One bitmap as 8 raw bytes.
