@@ -4,18 +4,8 @@
 use super::bcd::Digits;
 use super::mti::Mti;
 use super::sensitive::Pan;
-use super::spec::{Encoding, FieldSpec, Kind, Pad, Spec};
-
-/// Where one element's content sits in the message. Four bytes, so a whole [`Message`] stays
-/// small to initialise and move: the content byte count and the prefix offset follow from the
-/// element's spec (`FieldSpec::content_bytes`, `LengthEncoding::prefix_bytes`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Span {
-    /// Offset of the content (after the length prefix).
-    pub start: u16,
-    /// Content length units (digits for BCD numerics, else bytes).
-    pub units: u16,
-}
+use super::parse::prefix_units;
+use super::spec::{Encoding, FieldSpec, Kind, Pad, Prefix, Spec};
 
 /// A decoded ISO 8583 message borrowing every element from the frame; no copies, no heap.
 #[derive(Clone)]
@@ -25,7 +15,10 @@ pub struct Message<'a> {
     pub(crate) mti: Mti,
     /// Bit `127 - (n - 1)` set when element `n` is present (bit 127 = secondary bitmap).
     pub(crate) present: u128,
-    pub(crate) spans: [Span; 129],
+    /// Offset of element `n`'s content (after its length prefix), valid when it is present.
+    /// Two bytes each, so a whole message stays small to initialise and move: the length
+    /// follows from the spec (fixed) or the prefix just before the content (variable).
+    pub(crate) starts: [u16; 129],
 }
 
 /// One element as it sits in the message.
@@ -159,15 +152,19 @@ impl<'a> Message<'a> {
             return None;
         }
         let spec = self.spec.field(n)?;
-        let s = self.spans[n];
-        let start = usize::from(s.start);
-        let bytes = self
-            .bytes
-            .get(start..start + spec.content_bytes(usize::from(s.units)))?;
+        let start = usize::from(self.starts[n]);
+        let units = match spec.prefix {
+            Prefix::Fixed => usize::from(spec.max),
+            prefix => {
+                let prefix_start = start.checked_sub(spec.length_encoding.prefix_bytes(prefix))?;
+                prefix_units(spec, self.bytes.get(prefix_start..start)?)?
+            }
+        };
+        let bytes = self.bytes.get(start..start + spec.content_bytes(units))?;
         Some(FieldRef {
             spec,
             bytes,
-            units: s.units,
+            units: units as u16,
         })
     }
 
@@ -316,7 +313,7 @@ impl<'a> Message<'a> {
         let n = if self.has(128) { 128 } else { 64 };
         let f = self.field(n)?;
         let prefix = f.spec.length_encoding.prefix_bytes(f.spec.prefix);
-        let mab = self.bytes.get(..usize::from(self.spans[n].start).checked_sub(prefix)?)?;
+        let mab = self.bytes.get(..usize::from(self.starts[n]).checked_sub(prefix)?)?;
         Some((mab, f.bytes))
     }
 }

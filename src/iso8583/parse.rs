@@ -7,7 +7,7 @@ use nom::{IResult, Parser};
 
 use super::bcd::{all_ascii_digits, ascii_number, bcd_number, hex_word, valid_bcd, BcdFault};
 use super::error::{DecodeError, Element, Fault};
-use super::message::{Message, Span};
+use super::message::Message;
 use super::mti::Mti;
 use super::spec::{BitmapEncoding, Encoding, FieldSpec, Kind, LengthEncoding, MtiEncoding, Pad, Prefix, Spec};
 
@@ -82,6 +82,16 @@ fn bitmap_binary(input: &[u8]) -> PResult<'_, u64> {
     Ok((rest, v))
 }
 
+/// The length, in units, that the prefix bytes `raw` of a variable element say.
+#[inline(always)]
+pub(crate) fn prefix_units(spec: &FieldSpec, raw: &[u8]) -> Option<usize> {
+    match spec.length_encoding {
+        LengthEncoding::Ascii => ascii_number(raw),
+        LengthEncoding::Bcd => bcd_number(raw),
+        LengthEncoding::Binary => Some(raw.iter().fold(0usize, |v, &b| v << 8 | usize::from(b))),
+    }
+}
+
 /// Locates the element starting at `pos`: its content offset and length units. A fault is
 /// reported at the prefix for a bad or too long length, at the content when it is cut short.
 #[inline(always)]
@@ -93,12 +103,7 @@ fn element(bytes: &[u8], pos: usize, spec: &FieldSpec) -> Result<(usize, usize),
         let Some(raw) = bytes.get(pos..pos + prefix_bytes) else {
             return Err((pos, Fault::Truncated));
         };
-        let units = match spec.length_encoding {
-            LengthEncoding::Ascii => ascii_number(raw),
-            LengthEncoding::Bcd => bcd_number(raw),
-            LengthEncoding::Binary => Some(raw.iter().fold(0usize, |v, &b| v << 8 | usize::from(b))),
-        };
-        match units {
+        match prefix_units(spec, raw) {
             None => return Err((pos, Fault::BadLength)),
             Some(u) if u > usize::from(spec.max) => return Err((pos, Fault::LengthOverMax)),
             Some(u) => (pos + prefix_bytes, u),
@@ -150,8 +155,9 @@ fn check_content(spec: &FieldSpec, bytes: &[u8], units: usize) -> Result<(), (us
 
 /// Decodes a whole message (MTI onward). Every element must be valid and nothing may follow
 /// the last one.
+#[inline]
 pub fn decode<'a>(spec: &'a Spec, bytes: &'a [u8]) -> Result<Message<'a>, DecodeError> {
-    // Built in the result itself, so the message is not copied on the way out.
+    // Built in the result itself (and inlined), so the message is not copied on the way out.
     let mut out = Ok(Message::empty(spec, bytes));
     if let Ok(msg) = &mut out {
         if let Some(e) = fill(msg) {
@@ -179,7 +185,7 @@ impl<'a> Message<'a> {
             bytes,
             mti: Mti(0),
             present: 0,
-            spans: [Span::default(); 129],
+            starts: [0; 129],
         }
     }
 }
@@ -269,10 +275,7 @@ fn fill(msg: &mut Message<'_>) -> Option<DecodeError> {
                 continue;
             }
             read[half] |= bit;
-            msg.spans[n] = Span {
-                start: start as u16,
-                units: units as u16,
-            };
+            msg.starts[n] = start as u16;
         }
     }
     msg.present = u128::from(read[0]) << 64 | u128::from(read[1]);
