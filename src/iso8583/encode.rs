@@ -3,6 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
+use super::bcd::all_ascii_digits;
 use super::error::{Element, EncodeError, Fault};
 use super::message::{FieldRef, Message};
 use super::mti::Mti;
@@ -31,6 +32,7 @@ pub struct FieldList<'a, const N: usize> {
 }
 
 impl<const N: usize> Default for FieldList<'_, N> {
+    #[inline]
     fn default() -> Self {
         FieldList {
             items: [(0, Value::Number(0)); N],
@@ -41,12 +43,27 @@ impl<const N: usize> Default for FieldList<'_, N> {
 
 impl<'a, const N: usize> FieldList<'a, N> {
     /// An empty list.
+    #[inline]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Sets element `n`, replacing an earlier value. Fails when the list is full.
+    #[inline]
     pub fn set(&mut self, n: u8, value: Value<'a>) -> Result<(), EncodeError> {
+        // Elements usually come in ascending order: append without searching.
+        let ascending = self.len == 0 || self.items[self.len - 1].0 < n;
+        if (2..=128).contains(&n) && self.len < N && ascending {
+            self.items[self.len] = (n, value);
+            self.len += 1;
+            return Ok(());
+        }
+        self.insert(n, value)
+    }
+
+    /// [`FieldList::set`] for an element out of order, already present, or not allowed.
+    #[inline(never)]
+    fn insert(&mut self, n: u8, value: Value<'a>) -> Result<(), EncodeError> {
         let full = EncodeError {
             element: Element::Field(n),
             fault: Fault::BadValue,
@@ -69,6 +86,7 @@ impl<'a, const N: usize> FieldList<'a, N> {
     }
 
     /// Copies element `n` from `msg` when it is present.
+    #[inline]
     pub fn echo(&mut self, msg: &Message<'a>, n: u8) -> Result<(), EncodeError> {
         match msg.field(usize::from(n)) {
             Some(f) => self.set(n, Value::Wire(f)),
@@ -85,6 +103,7 @@ impl<'a, const N: usize> FieldList<'a, N> {
     }
 
     /// The elements, ascending.
+    #[inline]
     pub fn as_slice(&self) -> &[(u8, Value<'a>)] {
         &self.items[..self.len]
     }
@@ -97,7 +116,8 @@ pub fn encode(
     fields: &[(u8, Value<'_>)],
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    let mut bitmap = 0u128;
+    // Elements 1..=64 in map[0], 65..=128 in map[1], element 1 + i at bit 63 - i % 64.
+    let mut map = [0u64; 2];
     let mut last = 1u8;
     for &(n, _) in fields {
         if n <= last || n > 128 {
@@ -107,11 +127,12 @@ pub fn encode(
             });
         }
         last = n;
-        bitmap |= 1u128 << (128 - usize::from(n));
+        let i = usize::from(n - 1);
+        map[i / 64] |= 1u64 << (63 - i % 64);
     }
-    let secondary = bitmap as u64 != 0;
+    let secondary = map[1] != 0;
     if secondary {
-        bitmap |= 1u128 << 127;
+        map[0] |= 1 << 63;
     }
     match spec.mti {
         MtiEncoding::Ascii => out.put_slice(&mti.to_ascii()),
@@ -121,9 +142,9 @@ pub fn encode(
             out.put_u8((d[2] - b'0') << 4 | (d[3] - b'0'));
         }
     }
-    put_bitmap(spec, (bitmap >> 64) as u64, out);
+    put_bitmap(spec, map[0], out);
     if secondary {
-        put_bitmap(spec, bitmap as u64, out);
+        put_bitmap(spec, map[1], out);
     }
     for &(n, value) in fields {
         let err = |fault| EncodeError {
@@ -136,20 +157,33 @@ pub fn encode(
     Ok(())
 }
 
+#[inline]
 fn put_bitmap(spec: &Spec, v: u64, out: &mut BytesMut) {
     match spec.bitmap {
         BitmapEncoding::Binary => out.put_u64(v),
         BitmapEncoding::Hex => {
-            const HEX: &[u8; 16] = b"0123456789ABCDEF";
-            let mut buf = [0u8; 16];
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = HEX[(v >> (60 - 4 * i) & 0xf) as usize];
-            }
-            out.put_slice(&buf);
+            out.put_slice(&hex8((v >> 32) as u32));
+            out.put_slice(&hex8(v as u32));
         }
     }
 }
 
+/// The eight upper-case hex characters of `v`, most significant first, computed a word at a
+/// time: each nibble is spread into its own byte, then `0`–`9` / `A`–`F` added per byte.
+#[inline(always)]
+fn hex8(v: u32) -> [u8; 8] {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut x = u64::from(v);
+    x = (x | x << 16) & 0x0000_ffff_0000_ffff;
+    x = (x | x << 8) & 0x00ff_00ff_00ff_00ff;
+    x = (x | x << 4) & (0x0f * ONES);
+    // Byte k (from the least significant) now holds nibble k of v. Letters get 7 more than
+    // digits ('A' - '9' - 1); x + 6 reaches 16 exactly for the nibbles 10..=15.
+    let letters = ((x + 0x06 * ONES) >> 4) & ONES;
+    (x + 0x30 * ONES + letters * 7).to_be_bytes()
+}
+
+#[inline(always)]
 fn put_field(fs: &FieldSpec, value: Value<'_>, out: &mut BytesMut) -> Result<(), Fault> {
     match value {
         Value::Wire(f) => {
@@ -191,6 +225,7 @@ fn put_field(fs: &FieldSpec, value: Value<'_>, out: &mut BytesMut) -> Result<(),
     }
 }
 
+#[inline(always)]
 fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault> {
     let units = text.len();
     if units > usize::from(fs.max) {
@@ -200,7 +235,7 @@ fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault
         return Err(Fault::BadValue);
     }
     match (fs.encoding, fs.kind) {
-        (Encoding::Ascii, Kind::Numeric) if !text.iter().all(u8::is_ascii_digit) => {
+        (Encoding::Ascii, Kind::Numeric) if !all_ascii_digits(text) => {
             return Err(Fault::NotNumeric)
         }
         (Encoding::Ascii, Kind::Binary) if !text.iter().all(u8::is_ascii_hexdigit) => {
@@ -213,6 +248,12 @@ fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault
         out.put_slice(text);
         return Ok(());
     }
+    put_bcd(fs, text, out)
+}
+
+/// Packs `text` (digits, or track separators for `z`) two digits a byte.
+fn put_bcd(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault> {
+    let units = text.len();
     let track = fs.kind == Kind::Track;
     let nibble = |c: u8| -> Result<u8, Fault> {
         match c {
@@ -243,6 +284,7 @@ fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault
     Ok(())
 }
 
+#[inline(always)]
 fn put_prefix(fs: &FieldSpec, units: usize, out: &mut BytesMut) -> Result<(), Fault> {
     let digits = fs.prefix.digits();
     if digits == 0 {

@@ -3,21 +3,9 @@
 
 use super::bcd::Digits;
 use super::mti::Mti;
+use super::parse::prefix_units;
 use super::sensitive::Pan;
-use super::spec::{Encoding, FieldSpec, Kind, Pad, Spec};
-
-/// Where one element's content sits in the message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Span {
-    /// Offset of the content (after the length prefix).
-    pub start: u16,
-    /// Content bytes.
-    pub len: u16,
-    /// Content length units (digits for BCD numerics, else bytes).
-    pub units: u16,
-    /// Offset of the element including its length prefix.
-    pub prefix_start: u16,
-}
+use super::spec::{Encoding, FieldSpec, Kind, Pad, Prefix, Spec};
 
 /// A decoded ISO 8583 message borrowing every element from the frame; no copies, no heap.
 #[derive(Clone)]
@@ -27,7 +15,10 @@ pub struct Message<'a> {
     pub(crate) mti: Mti,
     /// Bit `127 - (n - 1)` set when element `n` is present (bit 127 = secondary bitmap).
     pub(crate) present: u128,
-    pub(crate) spans: [Span; 129],
+    /// Offset of element `n`'s content (after its length prefix), valid when it is present.
+    /// Two bytes each, so a whole message stays small to initialise and move: the length
+    /// follows from the spec (fixed) or the prefix just before the content (variable).
+    pub(crate) starts: [u16; 129],
 }
 
 /// One element as it sits in the message.
@@ -161,14 +152,19 @@ impl<'a> Message<'a> {
             return None;
         }
         let spec = self.spec.field(n)?;
-        let s = self.spans[n];
-        let bytes = self
-            .bytes
-            .get(usize::from(s.start)..usize::from(s.start) + usize::from(s.len))?;
+        let start = usize::from(self.starts[n]);
+        let units = match spec.prefix {
+            Prefix::Fixed => usize::from(spec.max),
+            prefix => {
+                let prefix_start = start.checked_sub(spec.length_encoding.prefix_bytes(prefix))?;
+                prefix_units(spec, self.bytes.get(prefix_start..start)?)?
+            }
+        };
+        let bytes = self.bytes.get(start..start + spec.content_bytes(units))?;
         Some(FieldRef {
             spec,
             bytes,
-            units: s.units,
+            units: units as u16,
         })
     }
 
@@ -316,7 +312,10 @@ impl<'a> Message<'a> {
     pub fn mac(&self) -> Option<(&'a [u8], &'a [u8])> {
         let n = if self.has(128) { 128 } else { 64 };
         let f = self.field(n)?;
-        let mab = self.bytes.get(..usize::from(self.spans[n].prefix_start))?;
+        let prefix = f.spec.length_encoding.prefix_bytes(f.spec.prefix);
+        let mab = self
+            .bytes
+            .get(..usize::from(self.starts[n]).checked_sub(prefix)?)?;
         Some((mab, f.bytes))
     }
 }

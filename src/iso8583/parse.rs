@@ -1,12 +1,13 @@
-//! The decoder: nom 8 `complete` parsers, one small parser per element, over a whole message.
+//! The decoder: nom 8 `complete` parsers for the MTI and bitmaps, then a walk over the elements
+//! by offset (one bounds check per element, digit checks eight bytes at a time).
 
 use nom::bytes::complete::take;
 use nom::error::{ErrorKind, ParseError};
 use nom::{IResult, Parser};
 
-use super::bcd::{ascii_number, bcd_number, valid_bcd, BcdFault};
+use super::bcd::{all_ascii_digits, ascii_number, bcd_number, hex_word, valid_bcd, BcdFault};
 use super::error::{DecodeError, Element, Fault};
-use super::message::{Message, Span};
+use super::message::Message;
 use super::mti::Mti;
 use super::spec::{
     BitmapEncoding, Encoding, FieldSpec, Kind, LengthEncoding, MtiEncoding, Pad, Prefix, Spec,
@@ -67,17 +68,10 @@ fn mti_bcd(input: &[u8]) -> PResult<'_, Mti> {
 /// One bitmap as 16 hex characters (any case).
 fn bitmap_hex(input: &[u8]) -> PResult<'_, u64> {
     let (rest, chars) = take(16usize).parse(input)?;
-    let mut v = 0u64;
-    for &c in chars {
-        let nibble = match c {
-            b'0'..=b'9' => c - b'0',
-            b'A'..=b'F' => c - b'A' + 10,
-            b'a'..=b'f' => c - b'a' + 10,
-            _ => return fail(input, Fault::NotHex),
-        };
-        v = v << 4 | u64::from(nibble);
+    match (hex_word(&chars[..8]), hex_word(&chars[8..])) {
+        (Some(hi), Some(lo)) => Ok((rest, u64::from(hi) << 32 | u64::from(lo))),
+        _ => fail(input, Fault::NotHex),
     }
-    Ok((rest, v))
 }
 
 /// One bitmap as 8 raw bytes.
@@ -90,36 +84,52 @@ fn bitmap_binary(input: &[u8]) -> PResult<'_, u64> {
     Ok((rest, v))
 }
 
-/// A length prefix, checked against the element's maximum.
-fn length_prefix<'a>(input: &'a [u8], spec: &FieldSpec) -> PResult<'a, usize> {
-    if spec.prefix == Prefix::Fixed {
-        return Ok((input, usize::from(spec.max)));
-    }
-    let (rest, raw) = take(spec.length_encoding.prefix_bytes(spec.prefix)).parse(input)?;
-    let units = match spec.length_encoding {
+/// The length, in units, that the prefix bytes `raw` of a variable element say.
+#[inline(always)]
+pub(crate) fn prefix_units(spec: &FieldSpec, raw: &[u8]) -> Option<usize> {
+    match spec.length_encoding {
         LengthEncoding::Ascii => ascii_number(raw),
         LengthEncoding::Bcd => bcd_number(raw),
         LengthEncoding::Binary => Some(raw.iter().fold(0usize, |v, &b| v << 8 | usize::from(b))),
-    };
-    match units {
-        None => fail(input, Fault::BadLength),
-        Some(u) if u > usize::from(spec.max) => fail(input, Fault::LengthOverMax),
-        Some(u) => Ok((rest, u)),
     }
 }
 
-/// The content of an element of `units` length units.
-fn content<'a>(input: &'a [u8], spec: &FieldSpec, units: usize) -> PResult<'a, &'a [u8]> {
-    take(spec.content_bytes(units)).parse(input)
+/// Locates the element starting at `pos`: its content offset and length units. A fault is
+/// reported at the prefix for a bad or too long length, at the content when it is cut short.
+#[inline(always)]
+fn element(bytes: &[u8], pos: usize, spec: &FieldSpec) -> Result<(usize, usize), (usize, Fault)> {
+    let (start, units) = if spec.prefix == Prefix::Fixed {
+        (pos, usize::from(spec.max))
+    } else {
+        let prefix_bytes = spec.length_encoding.prefix_bytes(spec.prefix);
+        let Some(raw) = bytes.get(pos..pos + prefix_bytes) else {
+            return Err((pos, Fault::Truncated));
+        };
+        match prefix_units(spec, raw) {
+            None => return Err((pos, Fault::BadLength)),
+            Some(u) if u > usize::from(spec.max) => return Err((pos, Fault::LengthOverMax)),
+            Some(u) => (pos + prefix_bytes, u),
+        }
+    };
+    if bytes.len() - start < spec.content_bytes(units) {
+        return Err((start, Fault::Truncated));
+    }
+    Ok((start, units))
 }
 
 /// Checks an element's content against its kind; returns the offset within it of the fault.
+#[inline(always)]
 fn check_content(spec: &FieldSpec, bytes: &[u8], units: usize) -> Result<(), (usize, Fault)> {
     match (spec.encoding, spec.kind) {
-        (Encoding::Ascii, Kind::Numeric) => match bytes.iter().position(|b| !b.is_ascii_digit()) {
-            Some(i) => Err((i, Fault::NotNumeric)),
-            None => Ok(()),
-        },
+        (Encoding::Ascii, Kind::Numeric) => {
+            if all_ascii_digits(bytes) {
+                return Ok(());
+            }
+            match bytes.iter().position(|b| !b.is_ascii_digit()) {
+                Some(i) => Err((i, Fault::NotNumeric)),
+                None => Ok(()),
+            }
+        }
         (Encoding::Ascii, Kind::Track) => {
             match bytes
                 .iter()
@@ -149,38 +159,57 @@ fn check_content(spec: &FieldSpec, bytes: &[u8], units: usize) -> Result<(), (us
 
 /// Decodes a whole message (MTI onward). Every element must be valid and nothing may follow
 /// the last one.
+#[inline]
 pub fn decode<'a>(spec: &'a Spec, bytes: &'a [u8]) -> Result<Message<'a>, DecodeError> {
-    let (msg, err) = decode_partial(spec, bytes);
-    match err {
-        None => Ok(msg),
-        Some(e) => Err(e),
+    // Built in the result itself (and inlined), so the message is not copied on the way out.
+    let mut out = Ok(Message::empty(spec, bytes));
+    if let Ok(msg) = &mut out {
+        if let Some(e) = fill(msg) {
+            out = Err(e);
+        }
     }
+    out
 }
 
 /// Decodes as much as can be read. The message holds every element that was read and valid;
 /// the error, if any, is the first fault found. A content fault does not stop reading (so the
 /// STAN can still be located); a structural fault does.
 pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Option<DecodeError>) {
-    let mut msg = Message {
-        spec,
-        bytes,
-        mti: Mti(0),
-        present: 0,
-        spans: [Span::default(); 129],
-    };
+    let mut out = (Message::empty(spec, bytes), None);
+    out.1 = fill(&mut out.0);
+    out
+}
+
+impl<'a> Message<'a> {
+    /// No MTI, no elements: what [`fill`] starts from.
+    #[inline(always)]
+    fn empty(spec: &'a Spec, bytes: &'a [u8]) -> Message<'a> {
+        Message {
+            spec,
+            bytes,
+            mti: Mti(0),
+            present: 0,
+            starts: [0; 129],
+        }
+    }
+}
+
+/// Reads `msg.bytes` with `msg.spec` into the empty `msg`; returns the first fault.
+fn fill(msg: &mut Message<'_>) -> Option<DecodeError> {
+    let (spec, bytes) = (msg.spec, msg.bytes);
     let total = bytes.len();
     let at = |remaining: usize| total - remaining;
-    let err = |element, offset, fault, mti, stan| {
+    let err = |element, offset, fault, mti| {
         Some(DecodeError {
             element,
             offset,
             fault,
             mti,
-            stan,
+            stan: None,
         })
     };
     if total > usize::from(u16::MAX) {
-        return (msg, err(Element::Mti, 0, Fault::TooLong, None, None));
+        return err(Element::Mti, 0, Fault::TooLong, None);
     }
     let mti = match spec.mti {
         MtiEncoding::Ascii => mti_ascii(bytes),
@@ -188,7 +217,7 @@ pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Opti
     };
     let (mut input, mti) = match mti {
         Ok(v) => v,
-        Err(e) => return (msg, err(Element::Mti, 0, pfault(&e).fault, None, None)),
+        Err(e) => return err(Element::Mti, 0, pfault(&e).fault, None),
     };
     msg.mti = mti;
     let bitmap = |i| match spec.bitmap {
@@ -198,106 +227,86 @@ pub fn decode_partial<'a>(spec: &'a Spec, bytes: &'a [u8]) -> (Message<'a>, Opti
     let (rest, primary) = match bitmap(input) {
         Ok(v) => v,
         Err(e) => {
-            return (
-                msg,
-                err(
-                    Element::Bitmap(1),
-                    at(input.len()),
-                    pfault(&e).fault,
-                    Some(mti),
-                    None,
-                ),
+            return err(
+                Element::Bitmap(1),
+                at(input.len()),
+                pfault(&e).fault,
+                Some(mti),
             )
         }
     };
     input = rest;
-    let mut present = u128::from(primary) << 64;
+    let mut secondary = 0u64;
     if primary & (1 << 63) != 0 {
-        let (rest, secondary) = match bitmap(input) {
+        let (rest, bits) = match bitmap(input) {
             Ok(v) => v,
             Err(e) => {
-                return (
-                    msg,
-                    err(
-                        Element::Bitmap(2),
-                        at(input.len()),
-                        pfault(&e).fault,
-                        Some(mti),
-                        None,
-                    ),
+                return err(
+                    Element::Bitmap(2),
+                    at(input.len()),
+                    pfault(&e).fault,
+                    Some(mti),
                 )
             }
         };
         input = rest;
-        present |= u128::from(secondary);
+        secondary = bits;
     }
+    // The STAN of an error is the message's STAN as far as it was read: `msg.stan()` when the
+    // error is returned (DE11 is in `msg` once it was read and valid).
     let mut first: Option<DecodeError> = None;
-    let mut stan: Option<u32> = None;
-    let mut bits = present & !(1u128 << 127);
-    while bits != 0 {
-        let n = bits.leading_zeros() as usize + 1;
-        bits &= !(1u128 << (128 - n));
-        let element = Element::Field(n as u8);
-        let prefix_start = at(input.len());
-        let Some(fs) = spec.field(n) else {
-            let e = first.unwrap_or(DecodeError {
-                element,
-                offset: prefix_start,
-                fault: Fault::NotInSpec,
+    let mut pos = at(input.len());
+    // Elements 2..=64 from the primary bitmap, then 65..=128 from the secondary, each bitmap
+    // walked from its top bit down; `read` collects the bits of the elements read and valid.
+    let mut read = [primary & (1 << 63), 0u64];
+    for (half, mut bits) in [primary & !(1 << 63), secondary].into_iter().enumerate() {
+        while bits != 0 {
+            let zeros = bits.leading_zeros() as usize;
+            let n = 64 * half + zeros + 1;
+            let bit = 1u64 << (63 - zeros);
+            bits ^= bit;
+            let element_at = |offset, fault| DecodeError {
+                element: Element::Field(n as u8),
+                offset,
+                fault,
                 mti: Some(mti),
-                stan,
-            });
-            return (msg, Some(DecodeError { stan, ..e }));
-        };
-        let parsed = length_prefix(input, fs).and_then(|(rest, units)| {
-            content(rest, fs, units).map(|(rest, value)| (rest, units, value))
-        });
-        let (rest, units, value) = match parsed {
-            Ok(v) => v,
-            Err(e) => {
-                let f = pfault(&e);
-                let e = first.unwrap_or(DecodeError {
-                    element,
-                    offset: at(f.remaining),
-                    fault: f.fault,
-                    mti: Some(mti),
-                    stan,
-                });
-                return (msg, Some(DecodeError { stan, ..e }));
+                stan: None,
+            };
+            let found = match spec.field(n) {
+                Some(fs) => element(bytes, pos, fs).map(|v| (fs, v)),
+                None => Err((pos, Fault::NotInSpec)),
+            };
+            let (fs, (start, units)) = match found {
+                Ok(v) => v,
+                Err((offset, fault)) => {
+                    let e = first.unwrap_or(element_at(offset, fault));
+                    msg.present = u128::from(read[0]) << 64 | u128::from(read[1]);
+                    return Some(DecodeError {
+                        stan: msg.stan(),
+                        ..e
+                    });
+                }
+            };
+            let end = start + fs.content_bytes(units);
+            pos = end;
+            if let Err((i, fault)) = check_content(fs, &bytes[start..end], units) {
+                if first.is_none() {
+                    first = Some(element_at(start + i, fault));
+                }
+                continue;
             }
-        };
-        let start = at(rest.len()) - value.len();
-        input = rest;
-        if let Err((i, fault)) = check_content(fs, value, units) {
-            if first.is_none() {
-                first = err(element, start + i, fault, Some(mti), None);
-            }
-            continue;
-        }
-        msg.present |= 1u128 << (128 - n);
-        msg.spans[n] = Span {
-            start: start as u16,
-            len: value.len() as u16,
-            units: units as u16,
-            prefix_start: prefix_start as u16,
-        };
-        if n == 11 {
-            stan = msg.stan();
+            read[half] |= bit;
+            msg.starts[n] = start as u16;
         }
     }
-    if present & (1u128 << 127) != 0 {
-        msg.present |= 1u128 << 127;
+    msg.present = u128::from(read[0]) << 64 | u128::from(read[1]);
+    if first.is_none() && pos != total {
+        first = err(Element::Trailer, pos, Fault::TrailingBytes, Some(mti));
     }
-    if first.is_none() && !input.is_empty() {
-        first = err(
-            Element::Trailer,
-            at(input.len()),
-            Fault::TrailingBytes,
-            Some(mti),
-            stan,
-        );
-    }
-    (msg, first.map(|e| DecodeError { stan, ..e }))
+    first.map(|e| DecodeError {
+        stan: msg.stan(),
+        ..e
+    })
 }
 
 fn pfault(e: &nom::Err<PFault>) -> PFault {
