@@ -34,6 +34,8 @@ pub enum Command {
     Encode(EncodeArgs),
     /// Run the gateway (embedded defaults without --config).
     Serve(crate::serve::ServeArgs),
+    /// Replay a scenario against a gateway over TLS and verify every answer.
+    Load(crate::load::LoadArgs),
     /// Explain a decline reason in English and Chinese.
     Explain(ExplainArgs),
     /// Journal tools.
@@ -126,6 +128,7 @@ pub fn run() -> ExitCode {
         Command::Decode(args) => decode(&args),
         Command::Encode(args) => encode(&args),
         Command::Serve(args) => return crate::serve::run(&args),
+        Command::Load(args) => return crate::load::run_blocking(args),
         Command::Explain(args) => explain(&args),
         Command::Journal(JournalCommand::Verify { dir }) => verify(&dir),
     };

@@ -14,6 +14,7 @@
 //! - [`telemetry`]: logging and Prometheus metrics.
 //! - [`cli`]: the command line (`decode`, `encode`, `serve`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
+//! - [`load`]: the load generator (`refundgate load`): scenario replay over TLS, every answer verified.
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod iso8583;
 pub mod journal;
 pub mod ledger;
 pub mod limits;
+pub mod load;
 pub mod mac;
 pub mod serve;
 pub mod server;

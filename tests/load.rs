@@ -1,0 +1,265 @@
+//! The load generator against a small in-process TLS responder that answers like
+//! `ceiling serve` (response MTI, DE 3, 4, 11, 12, 13, 37, 41, 42 echoed, DE38 and DE39 added),
+//! in both dialects. The integrator points the same kind of test at the real gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures::{SinkExt, StreamExt};
+use refundgate::iso8583::{self, FieldList, Value};
+use refundgate::load::{self, Dialect, LoadArgs, LoadError};
+use rustls::pki_types::PrivateKeyDer;
+use tokio::net::TcpListener;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+/// A running responder: its address and the PEM of its self-signed certificate.
+struct Responder {
+    addr: std::net::SocketAddr,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a responder on 127.0.0.1:0 answering every request with DE39 `code`.
+async fn responder(dialect: Dialect, code: &'static str) -> Responder {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let codec = LengthDelimitedCodec::builder()
+                    .length_field_length(2)
+                    .new_codec();
+                let mut framed = Framed::new(tls, codec);
+                let mut rrn = 0u64;
+                while let Some(Ok(frame)) = framed.next().await {
+                    rrn += 1;
+                    let Some(answer) = answer(dialect, &frame, code, rrn) else {
+                        return;
+                    };
+                    if framed.send(answer.freeze()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Responder {
+        addr,
+        ca,
+        _dir: dir,
+    }
+}
+
+/// The answer to one request frame body, like the ceiling's (plus DE60 for `cup_pos`, so a
+/// sign-on answer carries the batch).
+fn answer(dialect: Dialect, frame: &[u8], code: &'static str, rrn: u64) -> Option<BytesMut> {
+    let head = dialect.head_bytes();
+    let msg = iso8583::decode(dialect.spec(), frame.get(head..)?).ok()?;
+    let mut f: FieldList<'_, 32> = FieldList::new();
+    for n in [3, 4, 11, 12, 13, 37, 41, 42, 60] {
+        f.echo(&msg, n).ok()?;
+    }
+    let rrn_text = format!("{rrn:012}");
+    if !msg.has(37) {
+        f.set(37, Value::Text(rrn_text.as_bytes())).ok()?;
+    }
+    if msg.mti().class() == 2 {
+        f.set(38, Value::Text(b"000001")).ok()?;
+    }
+    f.set(39, Value::Text(code.as_bytes())).ok()?;
+    let mut out = BytesMut::new();
+    if dialect == Dialect::CupPos {
+        out.extend_from_slice(&hex::decode("6000000003603100310000").ok()?);
+    }
+    iso8583::encode(dialect.spec(), msg.mti().response(), f.as_slice(), &mut out).ok()?;
+    Some(out)
+}
+
+fn write_scenario(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const ASCII_SCENARIO: &str = r#"
+dialect = "ascii1987"
+
+[[session]]
+name = "sale"
+weight = 3
+[[session.step]]
+name = "sale"
+mti = "0200"
+expect = { code = "00" }
+fields = { 2 = "4761739001010119", 3 = "000000", 4 = "000000002500", 7 = "{de7}", 11 = "{stan}", 12 = "{time}", 13 = "{date}", 41 = "TERM0001", 42 = "MERCHANT 000001", 49 = "840" }
+
+[[session]]
+name = "sale-refund-void"
+[[session.step]]
+name = "sale"
+mti = "0200"
+expect = { code = "00" }
+fields = { 2 = "4761739001010119", 3 = "000000", 4 = "000000002500", 7 = "{de7}", 11 = "{stan}", 41 = "TERM0001", 42 = "MERCHANT 000001", 49 = "840" }
+[[session.step]]
+name = "refund"
+mti = "0200"
+expect = { code = "00" }
+fields = { 3 = "200000", 4 = "000000001500", 7 = "{de7}", 11 = "{stan}", 37 = "{sale.ans.37}", 41 = "TERM0001", 42 = "MERCHANT 000001", 90 = "0200{sale.req.11}{sale.req.7}0000001234500000000000" }
+[[session.step]]
+name = "repeat"
+mti = "0201"
+copy = "refund"
+expect = { code = "00" }
+"#;
+
+fn args(r: &Responder, scenario: PathBuf) -> LoadArgs {
+    let mut a = LoadArgs::new(r.addr.to_string(), scenario);
+    a.ca = Some(r.ca.clone());
+    a.server_name = Some("localhost".into());
+    a.timeout = 5.0;
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_of_a_correct_responder_is_verified() {
+    let r = responder(Dialect::Ascii1987, "00").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(&r, write_scenario(dir.path(), "s.toml", ASCII_SCENARIO));
+    a.connections = 2;
+    a.in_flight = 4;
+    a.count = Some(300);
+    let report = load::run(a).await.unwrap();
+    assert_eq!(report.mismatches, 0, "{report}");
+    assert_eq!(report.sent, 300, "{report}");
+    assert_eq!(report.answered, 300, "{report}");
+    assert_eq!(report.verified, 300, "{report}");
+    assert_eq!(report.codes.get("00"), Some(&300));
+    assert!(report.sessions_completed > 0);
+    assert!(report.is_clean(), "{report}");
+    assert!(report.latency_us.max >= report.latency_us.p50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_response_code_is_counted_as_a_mismatch() {
+    let r = responder(Dialect::Ascii1987, "05").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(&r, write_scenario(dir.path(), "s.toml", ASCII_SCENARIO));
+    a.in_flight = 2;
+    a.count = Some(40);
+    let report = load::run(a).await.unwrap();
+    assert_eq!(report.answered, 40, "{report}");
+    assert_eq!(report.mismatches, 40, "{report}");
+    assert_eq!(report.verified, 0);
+    assert_eq!(report.codes.get("05"), Some(&40));
+    let first = &report.mismatch_examples[0];
+    assert_eq!(first.what, "DE39");
+    assert!(
+        first.expected.contains("DE39 00") && first.got.contains("DE39 05"),
+        "{first:?}"
+    );
+    assert!(!report.is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cup_pos_sessions_use_the_batch_of_the_setup_sign_on() {
+    let r = responder(Dialect::CupPos, "00").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"
+        dialect = "cup_pos"
+        utc_offset = "+08:00"
+        [[setup]]
+        name = "signon"
+        mti = "0800"
+        expect = { code = "00" }
+        fields = { 11 = "{stan}", 41 = "10000001", 42 = "898310048990001", 60 = "00000123001" }
+        [[session]]
+        name = "sale-refund"
+        [[session.step]]
+        name = "sale"
+        mti = "0200"
+        expect = { code = "00" }
+        fields = { 2 = "6222021234567890123", 3 = "000000", 4 = "000000010000", 11 = "{stan}", 22 = "021", 41 = "10000001", 42 = "898310048990001", 49 = "156", 60 = "22{signon.ans.60[2..8]}000" }
+        [[session.step]]
+        name = "refund"
+        mti = "0220"
+        expect = { code = "00", mti = "0230" }
+        fields = { 2 = "{sale.req.2}", 3 = "200000", 4 = "000000003000", 11 = "{stan}", 37 = "{sale.ans.37}", 41 = "10000001", 42 = "898310048990001", 49 = "156", 60 = "25{signon.ans.60[2..8]}000", 61 = "{sale.req.60[2..8]}{sale.req.11}{date}" }
+    "#;
+    let mut a = args(&r, write_scenario(dir.path(), "cup.toml", text));
+    a.dialect = Some(Dialect::CupPos);
+    a.in_flight = 3;
+    a.count = Some(60);
+    let report = load::run(a).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.sessions_completed, 30, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_sends_at_the_rate_asked() {
+    let r = responder(Dialect::Ascii1987, "00").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(&r, write_scenario(dir.path(), "s.toml", ASCII_SCENARIO));
+    a.connections = 2;
+    a.rate = Some(200.0);
+    a.duration = Some(1.0);
+    let report = load::run(a).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert!((150..=230).contains(&report.sent), "{report}");
+    assert_eq!(report.mode, "open");
+}
+
+#[tokio::test]
+async fn a_remote_target_is_refused_without_allow_remote() {
+    let mut a = LoadArgs::new("192.0.2.1:8583", "fixtures/replay/ceiling-echo.toml");
+    a.insecure_skip_verify = true;
+    let e = load::run(a).await.unwrap_err();
+    assert!(
+        matches!(e, LoadError::Usage(ref m) if m.contains("--allow-remote")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_is_verified_unless_told_otherwise() {
+    let a = LoadArgs::new("127.0.0.1:1", "fixtures/replay/ceiling-echo.toml");
+    let e = load::run(a).await.unwrap_err();
+    assert!(
+        matches!(e, LoadError::Usage(ref m) if m.contains("--insecure-skip-verify")),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), load::EXIT_USAGE);
+}
+
+#[tokio::test]
+async fn nobody_listening_is_a_connect_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let mut a = LoadArgs::new(addr.to_string(), "fixtures/replay/ceiling-echo.toml");
+    a.insecure_skip_verify = true;
+    let e = load::run(a).await.unwrap_err();
+    assert_eq!(e.exit_code(), load::EXIT_UNAVAILABLE, "{e}");
+}
