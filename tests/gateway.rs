@@ -383,15 +383,7 @@ async fn malformed_and_unsupported_messages_get_30_and_40_and_the_connection_sta
         "a_truncated_mid_field",
         "a_extra_trailing_bytes",
     ] {
-        let v: Json = serde_json::from_str(
-            &std::fs::read_to_string(format!(
-                "{}/../shared/vectors/malformed/{name}.json",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .unwrap(),
-        )
-        .unwrap();
-        let framed = hex::decode(v["framed_hex"].as_str().unwrap()).unwrap();
+        let framed = malformed_frame(name);
         let a = exchange(&mut c, false, &framed[2..]).await;
         let a = answer("ascii1987", &a);
         assert_eq!(
@@ -400,15 +392,7 @@ async fn malformed_and_unsupported_messages_get_30_and_40_and_the_connection_sta
             "{name}"
         );
     }
-    let v: Json = serde_json::from_str(
-        &std::fs::read_to_string(format!(
-            "{}/../shared/vectors/malformed/a_unknown_mti_0600.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let framed = hex::decode(v["framed_hex"].as_str().unwrap()).unwrap();
+    let framed = malformed_frame("a_unknown_mti_0600");
     let a = exchange(&mut c, false, &framed[2..]).await;
     let a = answer("ascii1987", &a);
     assert_eq!(a.mti, 610);
@@ -425,6 +409,12 @@ async fn malformed_and_unsupported_messages_get_30_and_40_and_the_connection_sta
         (810, "00", Some(301))
     );
     gw.stop().await;
+}
+
+/// The framed bytes (length prefix included) of a malformed shared vector.
+fn malformed_frame(name: &str) -> Vec<u8> {
+    let v = vector("malformed", name);
+    hex::decode(v["framed_hex"].as_str().unwrap()).unwrap()
 }
 
 fn vector(dir: &str, name: &str) -> Json {
@@ -471,15 +461,7 @@ async fn cup_terminal_signs_on_then_its_maced_sale_is_approved_with_a_valid_mac(
     );
 
     // The same sale with its last MAC character changed: A0, no MAC on the decline.
-    let v: Json = serde_json::from_str(
-        &std::fs::read_to_string(format!(
-            "{}/../shared/vectors/malformed/c_mac_wrong.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let framed = hex::decode(v["framed_hex"].as_str().unwrap()).unwrap();
+    let framed = malformed_frame("c_mac_wrong");
     let a_bytes = exchange(&mut c, true, &framed[13..]).await;
     let a = answer("cup_pos", &a_bytes);
     assert_eq!(a.code_reason(), ("A0".into(), "MAC_INVALID".into()));
