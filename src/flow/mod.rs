@@ -173,10 +173,11 @@ impl Gateway {
             reason,
         );
         telemetry::record_decision_seconds(dialect_label(l.dialect), micros as f64 / 1e6);
+        let masked = msg.pan().map(|p| p.masked());
         tracing::info!(
             dialect = l.spec.name(),
             mti = %msg.mti(),
-            pan = %msg.pan().map(|p| p.masked()).map_or_else(String::new, |m| m.to_string()),
+            pan = masked.as_ref().map_or("", |m| m.as_str()),
             stan = msg.stan().unwrap_or(0),
             terminal = msg.terminal().unwrap_or(""),
             code,
