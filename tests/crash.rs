@@ -100,7 +100,7 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     }
 }
 
-fn start(setup: &Setup) -> Child {
+fn start(setup: &Setup) -> Gateway {
     let mut child = Command::new(env!("CARGO_BIN_EXE_refundgate"))
         .args(["serve", "--config"])
         .arg(setup.dir.path().join("refundgate.toml"))
@@ -111,7 +111,7 @@ fn start(setup: &Setup) -> Child {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if ready(setup.admin) {
-            return child;
+            return Gateway(child);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -375,9 +375,18 @@ async fn verify(setup: &Setup, model: &Mutex<Model>, cycle: usize) {
     }
 }
 
-fn kill(mut child: Child) {
-    let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+/// The running binary; killed (SIGKILL) when dropped, so a failing test leaves no process.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kill(child: Gateway) {
+    drop(child); // SIGKILL
 }
 
 #[test]
@@ -506,7 +515,7 @@ fn sigterm_answers_every_request_in_flight_before_exit() {
         c.flush().await.unwrap();
         let status = Command::new("kill")
             .arg("-TERM")
-            .arg(child.id().to_string())
+            .arg(child.0.id().to_string())
             .status()
             .unwrap();
         assert!(status.success());
@@ -519,7 +528,7 @@ fn sigterm_answers_every_request_in_flight_before_exit() {
         }
         codes
     });
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(answers, vec!["00"; 8], "every request in flight answered");
     assert!(status.success(), "graceful exit: {status:?}");
 }
