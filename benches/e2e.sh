@@ -13,10 +13,14 @@
 #   DURATION=5                seconds per run
 #   CEILING_PORT=18583        GATEWAY_PORT=18584
 #   GATEWAY_SCENARIO=fixtures/replay/mixed-day-ascii1987.toml
-#   SERVE_DURABLE_ARGS / SERVE_VOLATILE_ARGS: extra `refundgate serve` arguments; the defaults
-#     below are a guess at the gateway's flags (`--listen`, `--data-dir`, `--durability`) and
-#     must follow src/cli.rs once `serve` exists.
-#   GATEWAY_CA=FILE           verify the gateway's certificate (default: --insecure-skip-verify)
+#   ADMIN_PORT=18585          the gateway's admin HTTP port
+#   GATEWAY=target/release/refundgate   the gateway binary to measure
+#   GATEWAY_LOG=warn          the gateway's log filter during the runs
+#   GATEWAY_CA=FILE           verify the gateway's certificate (default: --insecure-skip-verify;
+#                             the gateway makes a self-signed certificate at start)
+# The gateway runs `refundgate serve --config` with a configuration written here: one ascii1987
+# listener, the embedded merchant set, journal.durability "fdatasync" then "unsafe_no_fsync".
+# Its runs are chained with --stan-start so no STAN repeats within the gateway's duplicate window.
 #   PERF=0                    skip perf even when it is installed
 set -euo pipefail
 
@@ -24,6 +28,9 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 CEILING_PORT=${CEILING_PORT:-18583}
 GATEWAY_PORT=${GATEWAY_PORT:-18584}
+ADMIN_PORT=${ADMIN_PORT:-18585}
+GATEWAY_LOG=${GATEWAY_LOG:-warn}
+STAN_NEXT=1
 GATEWAY_SCENARIO=${GATEWAY_SCENARIO:-fixtures/replay/mixed-day-ascii1987.toml}
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/refundgate-e2e.XXXXXX")
 JOURNAL=$(mktemp -d "${TMPDIR:-/tmp}/refundgate-journal.XXXXXX")
@@ -62,9 +69,10 @@ cargo build --release --locked --bins --example load
 say "building ceiling (release)"
 CARGO_TARGET_DIR=target/ceiling cargo build --release --locked --manifest-path ../shared/bench/ceiling/Cargo.toml
 CEILING=target/ceiling/release/ceiling
-GATEWAY=target/release/refundgate
-if "$GATEWAY" load --help >/dev/null 2>&1; then
-    LOAD=("$GATEWAY" load)
+SELF=target/release/refundgate
+GATEWAY=${GATEWAY:-$SELF}
+if "$SELF" load --help >/dev/null 2>&1; then
+    LOAD=("$SELF" load)
 else
     say "refundgate has no 'load' subcommand yet: using target/release/examples/load"
     LOAD=(target/release/examples/load)
@@ -84,6 +92,12 @@ run() {
     fi
     jq -r '"   \(.throughput_per_s|floor)/s  p50 \(.latency_us.p50) us  p99 \(.latency_us.p99) us  mismatches \(.mismatches)  errors \(.errors.connect + .errors.io + .errors.timeouts + .errors.lost)"' \
         "$OUT/$name.json" >&2 || true
+}
+
+# run_gw: run, continuing the STAN sequence of the previous gateway run.
+run_gw() {
+    run "$@" --stan-start "$STAN_NEXT"
+    STAN_NEXT=$(jq -r '.stan_next // 1' "$OUT/$1.json" 2>/dev/null || echo 1)
 }
 
 tput_of() { jq -r '.throughput_per_s' "$OUT/$1.json" 2>/dev/null || echo 0; }
@@ -112,42 +126,50 @@ fi
 TLS_ARGS=(--insecure-skip-verify)
 [ -n "${GATEWAY_CA:-}" ] && TLS_ARGS=(--ca "$GATEWAY_CA" --server-name localhost)
 
-gateway_runs() { # label serve-args...
-    local label=$1
-    shift
-    say "starting refundgate serve ($label): $*"
-    "$GATEWAY" serve "$@" 2>"$OUT/gateway-$label.log" &
+gateway_runs() { # label journal-dir durability
+    local label=$1 dir=$2 durability=$3
+    mkdir -p "$dir"
+    cat >"$OUT/gateway-$label.toml" <<EOF
+[admin]
+addr = "127.0.0.1:$ADMIN_PORT"
+[journal]
+dir = "$dir"
+durability = "$durability"
+[log]
+filter = "$GATEWAY_LOG"
+[[listeners]]
+addr = "127.0.0.1:$GATEWAY_PORT"
+dialect = "ascii1987"
+framing = "binary2"
+EOF
+    say "starting refundgate serve ($label): journal $dir, durability $durability"
+    "$GATEWAY" serve --config "$OUT/gateway-$label.toml" >"$OUT/gateway-$label.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     wait_port "$GATEWAY_PORT" "$pid" || { say "gateway ($label) did not start; see $OUT/gateway-$label.log"; return 0; }
-    run "gw-$label-256x1" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 256 1 --closed "${TLS_ARGS[@]}"
+    run_gw "gw-$label-256x1" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 256 1 --closed "${TLS_ARGS[@]}"
     if [ "${PERF:-1}" != 0 ] && command -v perf >/dev/null 2>&1; then
         say "perf stat + perf record on the gateway during the 64x8 run ($label)"
         perf stat -p "$pid" -o "$OUT/perf-stat-$label.txt" -- sleep "$DURATION" 2>/dev/null &
         local stat_pid=$!
         perf record -g -p "$pid" -o "$OUT/perf-$label.data" -- sleep "$DURATION" >/dev/null 2>&1 &
         local rec_pid=$!
-        run "gw-$label-64x8" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --closed "${TLS_ARGS[@]}"
+        run_gw "gw-$label-64x8" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --closed "${TLS_ARGS[@]}"
         wait "$stat_pid" 2>/dev/null || say "perf stat failed (permissions? kernel.perf_event_paranoid)"
         wait "$rec_pid" 2>/dev/null || say "perf record failed (permissions? kernel.perf_event_paranoid)"
         [ -s "$OUT/perf-stat-$label.txt" ] && cat "$OUT/perf-stat-$label.txt" >&2
         [ -s "$OUT/perf-$label.data" ] && say "perf report -i $OUT/perf-$label.data"
     else
         if [ "${PERF:-1}" != 0 ]; then say "perf is not installed: no profile of the gateway"; fi
-        run "gw-$label-64x8" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --closed "${TLS_ARGS[@]}"
+        run_gw "gw-$label-64x8" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --closed "${TLS_ARGS[@]}"
     fi
-    run "gw-$label-open" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --rate "$RATE" "${TLS_ARGS[@]}"
+    run_gw "gw-$label-open" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --rate "$RATE" "${TLS_ARGS[@]}"
     stop "$pid"
 }
 
 if [ "$HAVE_SERVE" = 1 ]; then
-    # shellcheck disable=SC2206 # word splitting of the override is the point
-    DURABLE=(${SERVE_DURABLE_ARGS:---listen 127.0.0.1:$GATEWAY_PORT --data-dir $JOURNAL --durability on})
-    # shellcheck disable=SC2206
-    VOLATILE=(${SERVE_VOLATILE_ARGS:---listen 127.0.0.1:$GATEWAY_PORT --data-dir $JOURNAL/volatile --durability off})
-    mkdir -p "$JOURNAL/volatile"
-    gateway_runs durable "${DURABLE[@]}"
-    gateway_runs volatile "${VOLATILE[@]}"
+    gateway_runs durable "$JOURNAL" fdatasync
+    gateway_runs volatile "$JOURNAL/volatile" unsafe_no_fsync
 fi
 
 # --- table ------------------------------------------------------------------------------------

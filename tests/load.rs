@@ -218,6 +218,35 @@ async fn cup_pos_sessions_use_the_batch_of_the_setup_sign_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_sign_on_stops_the_run_before_the_load() {
+    let r = responder(Dialect::CupPos, "05").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"
+        dialect = "cup_pos"
+        [[setup]]
+        name = "signon"
+        mti = "0800"
+        expect = { code = "00" }
+        fields = { 11 = "{stan}", 41 = "10000001", 42 = "898310048990001", 60 = "00000123001" }
+        [[session]]
+        name = "sale"
+        [[session.step]]
+        name = "sale"
+        mti = "0200"
+        expect = { code = "00" }
+        fields = { 3 = "000000", 4 = "000000010000", 11 = "{stan}", 41 = "10000001", 60 = "22{signon.ans.60[2..8]}000" }
+    "#;
+    let mut a = args(&r, write_scenario(dir.path(), "cup.toml", text));
+    a.count = Some(10);
+    let e = load::run(a).await.unwrap_err();
+    assert!(
+        matches!(e, LoadError::Setup(ref m) if m.contains("DE39 05")),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), load::EXIT_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_sends_at_the_rate_asked() {
     let r = responder(Dialect::Ascii1987, "00").await;
     let dir = tempfile::tempdir().unwrap();

@@ -391,7 +391,10 @@ struct Conn<'s> {
     /// Open loop: index of the next request to send.
     next_k: u64,
     last_answer: Option<Instant>,
+    /// Setup mode: every setup step was answered as expected.
     setup_done: bool,
+    /// Setup mode: the setup finished, well or not (a failed setup is not retried).
+    setup_over: bool,
     /// Answers and mismatches not yet added to the shared progress counters.
     unpublished: (u64, u64),
 }
@@ -420,6 +423,7 @@ impl<'s> Conn<'s> {
             next_k: 0,
             last_answer: None,
             setup_done: false,
+            setup_over: false,
             unpublished: (0, 0),
         };
         for _ in 0..slots {
@@ -468,7 +472,7 @@ impl<'s> Conn<'s> {
 
     fn stopping(&self, now: Instant, deadline: Instant) -> bool {
         match self.mode {
-            Mode::Setup => self.setup_done,
+            Mode::Setup => self.setup_over,
             Mode::Load => now >= deadline || self.shared.exhausted.load(Ordering::Relaxed),
         }
     }
@@ -572,7 +576,7 @@ impl<'s> Conn<'s> {
         self.stamp
             .refresh(SystemClock.now_unix_s(), self.shared.scenario.utc_offset_s);
         for i in 0..self.slots.len() {
-            if self.slots[i].busy || (self.mode == Mode::Setup && self.setup_done) {
+            if self.slots[i].busy || (self.mode == Mode::Setup && self.setup_over) {
                 continue;
             }
             let intended = match self.next_due() {
@@ -702,6 +706,7 @@ impl<'s> Conn<'s> {
                 tally.sessions_completed += 1;
                 if self.mode == Mode::Setup {
                     self.setup_done = true;
+                    self.setup_over = true;
                     return Ok(());
                 }
                 self.next_session(p.slot);
@@ -710,6 +715,7 @@ impl<'s> Conn<'s> {
             self.unpublished.1 += 1;
             tally.sessions_aborted += 1;
             if self.mode == Mode::Setup {
+                self.setup_over = true;
                 return Ok(());
             }
             self.next_session(p.slot);
@@ -733,10 +739,11 @@ impl<'s> Conn<'s> {
         tally.sessions_aborted += self.slots.iter().filter(|s| s.step > 0 || s.busy).count() as u64;
         if let Some(iv) = self.shared.interval_ns {
             if !self.shared.exhausted.load(Ordering::Relaxed) && iv > 0 {
+                // Requests k with k * iv < span were due before the end of the run.
                 let span = deadline
                     .saturating_duration_since(self.schedule_start)
                     .as_nanos();
-                let due = (span / u128::from(iv)) as u64 + u64::from(span > 0);
+                let due = span.div_ceil(u128::from(iv)) as u64;
                 tally.backlog_unsent += due.saturating_sub(self.next_k);
             }
         }

@@ -5,6 +5,19 @@
 //! - [`client`]: one task per connection, pipelined requests, in-order answer matching.
 //! - [`report`]: counters, the HdrHistogram and the printed / JSON report.
 //!
+//! ```text
+//! refundgate load --target 127.0.0.1:18583 --scenario fixtures/replay/ceiling-echo.toml \
+//!     --connections 64 --in-flight 8 [--closed | --rate 5000] [--duration 10 | --count N] \
+//!     [--json] [--ca gateway.pem [--server-name localhost] | --insecure-skip-verify] \
+//!     [--dialect ascii1987|cup_pos] [--timeout 10] [--allow-remote] [--quiet] [--threads N]
+//!     [--stan-start N]
+//! ```
+//!
+//! Each answer is checked against its step: response MTI (request MTI + 10 unless the step
+//! says otherwise), DE11 equal to the request's, DE39 among the step's codes, DE44 when the
+//! step sets `reason`, and the fields later steps of the session refer to. A mismatch cuts the
+//! session short (its later steps would refer to a wrong answer) and is counted.
+//!
 //! The integrator adds the subcommand with `Load(refundgate::load::LoadArgs)` in the
 //! `Command` enum and `Command::Load(args) => return refundgate::load::run_blocking(args)`.
 
@@ -116,12 +129,16 @@ pub struct LoadArgs {
     /// Worker threads of the generator's runtime (default: the number of cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// First STAN (1..=999999; default: random). Chain runs against one gateway with the
+    /// report's `stan_next` so no STAN repeats within the gateway's duplicate window.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=999_999))]
+    pub stan_start: Option<u32>,
 }
 
 impl LoadArgs {
-    /// Arguments with every default: one connection, one request in flight, closed loop,
-    /// 10 s, certificate verified against `--ca` (which the caller must then set, or set
-    /// `insecure_skip_verify`).
+    /// Arguments for a library caller (a test): one connection, one request in flight,
+    /// closed loop, 10 s, no progress output, certificate verified against `ca` (which the
+    /// caller must then set, or set `insecure_skip_verify`).
     pub fn new(target: impl Into<String>, scenario: impl Into<PathBuf>) -> LoadArgs {
         LoadArgs {
             target: target.into(),
@@ -141,6 +158,7 @@ impl LoadArgs {
             allow_remote: false,
             quiet: true,
             threads: None,
+            stan_start: None,
         }
     }
 }
@@ -200,7 +218,7 @@ pub async fn run(args: LoadArgs) -> Result<Report, LoadError> {
     let mut shared = Shared {
         scenario: scenario.clone(),
         setup_values: Vec::new(),
-        ids: Ids::new(),
+        ids: Ids::new(args.stan_start),
         connector: TlsConnector::from(config),
         addr,
         server_name,
@@ -543,5 +561,7 @@ fn report(
         first_error,
         backlog_unsent: get(|t| t.backlog_unsent),
         stan_reused: shared.ids.stans_used() > scenario::STAN_SPACE,
+        stan_first: shared.ids.stan_first(),
+        stan_next: shared.ids.stan_after(),
     }
 }

@@ -62,6 +62,10 @@ pub struct Report {
     pub backlog_unsent: u64,
     /// More requests than STANs (999 999): some STANs were reused within the run.
     pub stan_reused: bool,
+    /// The run's first STAN.
+    pub stan_first: u32,
+    /// The STAN a following run should start at (`--stan-start`) to avoid reusing any.
+    pub stan_next: u32,
 }
 
 /// Latency percentiles in microseconds.

@@ -195,11 +195,16 @@ pub(crate) struct Ids {
 
 impl Ids {
     /// Counters starting at random points, so two runs on one day are unlikely to reuse a
-    /// STAN (the duplicate key is terminal + STAN + date, DOMAIN §6).
-    pub fn new() -> Self {
+    /// STAN (the duplicate key is terminal + STAN + date, DOMAIN §6); `stan_first` (1..=999999)
+    /// fixes the first STAN instead, so a harness can chain runs without overlap.
+    pub fn new(stan_first: Option<u32>) -> Self {
+        let stan_base = match stan_first {
+            Some(first) => u64::from(first.clamp(1, STAN_SPACE as u32)) - 1,
+            None => rand::random::<u64>() % STAN_SPACE,
+        };
         Ids {
             stan_next: AtomicU64::new(0),
-            stan_base: rand::random::<u64>() % STAN_SPACE,
+            stan_base,
             rrn_next: AtomicU64::new(0),
             rrn_base: rand::random::<u64>() % 10_000_000,
         }
@@ -214,6 +219,16 @@ impl Ids {
     /// How many STANs were handed out (more than [`STAN_SPACE`] means some repeated).
     pub fn stans_used(&self) -> u64 {
         self.stan_next.load(Ordering::Relaxed)
+    }
+
+    /// The first STAN of the run.
+    pub fn stan_first(&self) -> u32 {
+        (self.stan_base + 1) as u32
+    }
+
+    /// The STAN the next run should start at to follow this one without overlap.
+    pub fn stan_after(&self) -> u32 {
+        ((self.stan_base + self.stans_used()) % STAN_SPACE + 1) as u32
     }
 
     fn rrn_serial(&self) -> u64 {
@@ -1032,11 +1047,13 @@ mod tests {
 
     #[test]
     fn stans_stay_in_range_and_differ() {
-        let ids = Ids::new();
+        let ids = Ids::new(None);
         let a = ids.stan();
         let b = ids.stan();
         assert!((1..=999_999).contains(&a) && (1..=999_999).contains(&b));
         assert_ne!(a, b);
+        let ids = Ids::new(Some(999_999));
+        assert_eq!((ids.stan(), ids.stan(), ids.stan_after()), (999_999, 1, 2));
     }
 
     #[test]
@@ -1090,7 +1107,7 @@ mod tests {
         "#;
         let sc = Scenario::from_toml("x", text).unwrap();
         let session = &sc.sessions[0];
-        let ids = Ids::new();
+        let ids = Ids::new(None);
         let stamp = Stamp::at(1_795_618_903, 0);
         let mut values = vec![Vec::new(); session.captures.len()];
         let (mut scratch, mut rendered, mut out) =
