@@ -65,18 +65,13 @@ stop() { # pid
 
 # --- build ------------------------------------------------------------------------------------
 say "building refundgate (release)"
-cargo build --release --locked --bins --example load
+cargo build --release --locked --bins
 say "building ceiling (release)"
 CARGO_TARGET_DIR=target/ceiling cargo build --release --locked --manifest-path ../shared/bench/ceiling/Cargo.toml
 CEILING=target/ceiling/release/ceiling
 SELF=target/release/refundgate
 GATEWAY=${GATEWAY:-$SELF}
-if "$SELF" load --help >/dev/null 2>&1; then
-    LOAD=("$SELF" load)
-else
-    say "refundgate has no 'load' subcommand yet: using target/release/examples/load"
-    LOAD=(target/release/examples/load)
-fi
+LOAD=("$SELF" load)
 
 # run NAME TARGET_PORT SCENARIO CONNECTIONS IN_FLIGHT [extra load args...]
 # Writes $OUT/NAME.json; a non-clean run is reported, not fatal.
