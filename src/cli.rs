@@ -39,6 +39,8 @@ pub enum Command {
     /// Journal tools.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Run a stand-in bank host over TLS (approves by default; faults by flag or admin HTTP).
+    Host(crate::host_sim::HostArgs),
 }
 
 /// Arguments of `explain`.
@@ -101,6 +103,7 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => return crate::serve::run(&args),
         Command::Explain(args) => explain(&args),
         Command::Journal(JournalCommand::Verify { dir }) => verify(&dir),
+        Command::Host(args) => return crate::host_sim::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

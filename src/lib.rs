@@ -12,7 +12,8 @@
 //! - [`server`]: TLS listeners, connections (pipelining, limits, shutdown), admin HTTP.
 //! - [`config`]: the gateway's configuration, read once and validated before any bind.
 //! - [`telemetry`]: logging and Prometheus metrics.
-//! - [`cli`]: the command line (`decode`, `encode`, `serve`, …).
+//! - [`host_sim`]: `refundgate host`, a stand-in bank host with run-time fault controls.
+//! - [`cli`]: the command line (`decode`, `encode`, `serve`, `host`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
 pub mod cli;
 pub mod clock;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod explain;
 pub mod flow;
 pub mod frame;
+pub mod host_sim;
 pub mod iso8583;
 pub mod journal;
 pub mod ledger;
