@@ -12,6 +12,7 @@
 //! - [`server`]: TLS listeners, connections (pipelining, limits, shutdown), admin HTTP.
 //! - [`config`]: the gateway's configuration, read once and validated before any bind.
 //! - [`telemetry`]: logging and Prometheus metrics.
+//! - [`upstream`]: multiplexed TLS links to bank hosts, routing, persistent store-and-forward.
 //! - [`host_sim`]: `refundgate host`, a stand-in bank host with run-time fault controls.
 //! - [`cli`]: the command line (`decode`, `encode`, `serve`, `host`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
@@ -30,3 +31,4 @@ pub mod mac;
 pub mod serve;
 pub mod server;
 pub mod telemetry;
+pub mod upstream;

@@ -65,3 +65,26 @@ const _: () = assert!(FRAME_BYTES_MIN <= FRAME_BYTES_DEFAULT_MAX);
 const _: () = assert!(SHUTDOWN_GRACE_DEFAULT_MS <= TIMEOUT_HARD_MAX_MS);
 const _: () = assert!(IDLE_TIMEOUT_DEFAULT_MS <= TIMEOUT_HARD_MAX_MS);
 const _: () = assert!(HANDSHAKE_TIMEOUT_DEFAULT_MS <= TIMEOUT_HARD_MAX_MS);
+
+/// Default `upstreams[].timeout_ms` (DOMAIN §8): well below a terminal's ~60 s, so the terminal
+/// gets 91/98 before it gives up.
+pub const UPSTREAM_TIMEOUT_DEFAULT_MS: u64 = 30_000;
+/// A terminal's own timeout (about 60 s, DOMAIN §1); the upstream budget must stay below it.
+pub const TERMINAL_TIMEOUT_MS: u64 = 60_000;
+/// Default `upstreams[].max_pending`: requests in flight on one link.
+pub const UPSTREAM_PENDING_DEFAULT_MAX: usize = 1024;
+/// Largest `upstreams[].max_pending`.
+pub const UPSTREAM_PENDING_HARD_MAX: usize = 65_536;
+/// Default `upstreams[].echo_interval_ms`.
+pub const UPSTREAM_ECHO_INTERVAL_DEFAULT_MS: u64 = 30_000;
+/// Most `[[upstreams]]`.
+pub const UPSTREAMS_MAX: usize = 32;
+/// Most addresses of one upstream.
+pub const UPSTREAM_ADDRS_MAX: usize = 8;
+/// Largest `saf.max_retries`.
+pub const SAF_RETRIES_HARD_MAX: u32 = 10_000;
+/// Largest `saf.expiry_s` (30 days).
+pub const SAF_EXPIRY_HARD_MAX_S: u64 = 30 * 86_400;
+
+const _: () = assert!(UPSTREAM_TIMEOUT_DEFAULT_MS < TERMINAL_TIMEOUT_MS);
+const _: () = assert!(UPSTREAM_PENDING_DEFAULT_MAX <= UPSTREAM_PENDING_HARD_MAX);

@@ -1,4 +1,5 @@
-//! The upstream side over real TLS on 127.0.0.1:0: the host simulator.
+//! The upstream side over real TLS on 127.0.0.1:0: the host simulator, multiplexed links,
+//! routing from the gateway's flows, timeouts, reversals and store-and-forward.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::HashSet;
@@ -270,6 +271,680 @@ mod host {
             answered += 1;
         }
         assert_eq!(answered, 2);
+        host.stop().await;
+    }
+}
+
+// === the gateway with upstreams ===
+
+use refundgate::clock::{Clock, SystemClock};
+use refundgate::flow::Gateway;
+use refundgate::host_sim::pem_of;
+use refundgate::serve::{self, ServeArgs};
+use refundgate::server::{ListenerInfo, Server};
+use refundgate::upstream::store_forward::run_list;
+use refundgate::upstream::{saf_dir, Upstreams};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const CUP_MERCHANT: &str = "898310048990001";
+
+struct Gw {
+    listeners: Vec<Arc<ListenerInfo>>,
+    gateway: Arc<Gateway>,
+    upstreams: Arc<Upstreams>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gw {
+    /// Stops the server, then the links and the SAF worker, and drops everything that holds
+    /// the journals, as a process exit would.
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(WAIT, &mut self.task).await;
+        self.upstreams.shutdown().await;
+        drop(self.gateway);
+        drop(self.upstreams);
+        // Let aborted tasks release their handles on the journals.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    fn link_up(&self, name: &str) -> bool {
+        self.upstreams.link(name).is_some_and(|l| l.is_up())
+    }
+
+    async fn wait_link_up(&self, name: &str) {
+        wait_until(|| self.link_up(name), "link up").await;
+    }
+}
+
+async fn wait_until(mut ok: impl FnMut() -> bool, what: &str) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Setup {
+    dir: PathBuf,
+    ascii_addrs: Vec<SocketAddr>,
+    cup_addrs: Vec<SocketAddr>,
+    cert: CertificateDer<'static>,
+    timeout_ms: u64,
+    max_pending: usize,
+}
+
+impl Setup {
+    fn new(dir: &Path, host: &RunningHost) -> Setup {
+        Setup {
+            dir: dir.to_path_buf(),
+            ascii_addrs: vec![host.listeners[0].addr],
+            cup_addrs: vec![host.listeners[1].addr],
+            cert: host.cert.clone(),
+            timeout_ms: 300,
+            max_pending: 64,
+        }
+    }
+
+    fn config_toml(&self) -> String {
+        let ca = self.dir.join("host-ca.pem");
+        std::fs::write(&ca, pem_of(&self.cert)).unwrap();
+        let list = |a: &[SocketAddr]| {
+            a.iter()
+                .map(|x| format!("\"{x}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let upstream = |name: &str, dialect: &str, addrs: &[SocketAddr]| {
+            format!(
+                r#"
+[[upstreams]]
+name = "{name}"
+addrs = [{}]
+dialect = "{dialect}"
+timeout_ms = {}
+max_pending = {}
+echo_interval_ms = 2000
+reconnect_min_ms = 20
+reconnect_max_ms = 200
+tls = {{ ca = "{}" }}
+"#,
+                list(addrs),
+                self.timeout_ms,
+                self.max_pending,
+                ca.display()
+            )
+        };
+        format!(
+            r#"
+[admin]
+addr = "127.0.0.1:0"
+[journal]
+dir = "{}"
+[[listeners]]
+addr = "127.0.0.1:0"
+dialect = "ascii1987"
+[[listeners]]
+addr = "127.0.0.1:0"
+dialect = "cup_pos"
+{}{}
+[routes]
+merchants = {{ "MERCHANT 000001" = "bank", "{CUP_MERCHANT}" = "bank_cup" }}
+[saf]
+max_retries = 100
+retry_min_ms = 50
+retry_max_ms = 200
+"#,
+            self.dir.join("journal").display(),
+            upstream("bank", "ascii1987", &self.ascii_addrs),
+            upstream("bank_cup", "cup_pos", &self.cup_addrs),
+        )
+    }
+
+    /// Starts the gateway through `serve::prepare` (config file, journal recovery, SAF
+    /// recovery), as `refundgate serve` does.
+    async fn start(&self) -> Gw {
+        let path = self.dir.join("refundgate.toml");
+        std::fs::write(&path, self.config_toml()).unwrap();
+        let prepared = serve::prepare(&ServeArgs {
+            config: Some(path),
+            merchants: None,
+            journal_dir: None,
+        })
+        .map_err(|e| e.message)
+        .unwrap();
+        let server = Server::bind(prepared.config).await.unwrap();
+        server.readiness().set_merchants_loaded(true);
+        let listeners = server.listeners();
+        let upstreams = Arc::new(prepared.upstreams.unwrap().start());
+        let gateway = Arc::new(prepared.gateway.with_upstreams(Arc::clone(&upstreams)));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let g = Arc::clone(&gateway);
+        let task = tokio::spawn(async move {
+            let _ = server
+                .run(g, async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Gw {
+            listeners,
+            gateway,
+            upstreams,
+            stop: Some(stop),
+            task,
+        }
+    }
+}
+
+async fn terminal(info: &ListenerInfo) -> Client {
+    connect_raw(info.addr, &info.cert_der, info.dialect.has_cup_header()).await
+}
+
+async fn exchange(c: &mut Client, cup: bool, body: Vec<u8>) -> Bytes {
+    c.send(frame(cup, body)).await.unwrap();
+    next_body(c).await
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    code: String,
+    reason: String,
+    rrn: Option<String>,
+    stan: Option<u32>,
+}
+
+fn answer(dialect: &str, bytes: &[u8]) -> Answer {
+    let m = decode(dialect, bytes);
+    Answer {
+        code: m.response_code().unwrap_or("").to_string(),
+        reason: m.reason().unwrap_or("").to_string(),
+        rrn: m.rrn().map(str::to_string),
+        stan: m.stan(),
+    }
+}
+
+fn now_de7() -> (String, String, String) {
+    let secs = SystemClock.now_unix_s();
+    let days = secs.div_euclid(86_400);
+    let z = days + 719_468;
+    let doe = z - z.div_euclid(146_097) * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let s = secs.rem_euclid(86_400);
+    let hhmmss = format!("{:02}{:02}{:02}", s / 3600, s % 3600 / 60, s % 60);
+    let mmdd = format!("{m:02}{d:02}");
+    (mmdd.clone(), hhmmss.clone(), format!("{mmdd}{hhmmss}"))
+}
+
+fn ascii_msg(mti: &str, pc: &str, amount: u64, stan: u32, extra: &[(&str, String)]) -> Json {
+    let (mmdd, hhmmss, de7) = now_de7();
+    let mut fields = json!({
+        "2": "4761739001010119", "3": pc, "4": format!("{amount:012}"), "7": de7,
+        "11": format!("{stan:06}"), "12": hhmmss, "13": mmdd, "22": "051", "25": "00",
+        "41": "TERM0001", "42": "MERCHANT 000001", "49": "840"
+    });
+    for (k, v) in extra {
+        fields[*k] = Json::String(v.clone());
+    }
+    json!({ "mti": mti, "fields": fields })
+}
+
+fn de90(sale: &Json) -> String {
+    let f = &sale["fields"];
+    format!(
+        "0200{}{}{:022}",
+        f["11"].as_str().unwrap(),
+        f["7"].as_str().unwrap(),
+        0
+    )
+}
+
+async fn ascii_sale(c: &mut Client, stan: u32, amount: u64) -> (Json, Answer) {
+    let sale = ascii_msg("0200", "000000", amount, stan, &[]);
+    let a = answer(
+        "ascii1987",
+        &exchange(c, false, encode("ascii1987", &sale)).await,
+    );
+    (sale, a)
+}
+
+async fn ascii_refund(c: &mut Client, sale: &Json, rrn: &str, stan: u32, amount: u64) -> Answer {
+    let refund = ascii_msg(
+        "0200",
+        "200000",
+        amount,
+        stan,
+        &[("37", rrn.to_string()), ("90", de90(sale))],
+    );
+    answer(
+        "ascii1987",
+        &exchange(c, false, encode("ascii1987", &refund)).await,
+    )
+}
+
+fn cup_vector(name: &str) -> Json {
+    let mut v: Json = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/../shared/vectors/cup_bcd/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    v["fields"].as_object_mut().unwrap().remove("64");
+    v
+}
+
+fn ok(a: &Answer) -> (&str, &str) {
+    (a.code.as_str(), a.reason.as_str())
+}
+
+mod forwarding {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routed_sale_and_refund_are_approved_by_the_host_end_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let gw = Setup::new(dir.path(), &host).start().await;
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (sale, a) = ascii_sale(&mut c, 1, 10_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let a = ascii_refund(&mut c, &sale, a.rrn.as_deref().unwrap(), 2, 4_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let stats = host.control.stats();
+        assert_eq!((stats.financial, stats.approved), (2, 2));
+        assert!(stats.sign_ons >= 2, "both links signed on: {stats:?}");
+        // A merchant without a route is decided locally: the host sees nothing of it.
+        let mut local = ascii_msg("0200", "000000", 500, 3, &[]);
+        local["fields"]["42"] = json!("MERCHANT 000002");
+        local["fields"]["41"] = json!("TERM0101");
+        let a = answer(
+            "ascii1987",
+            &exchange(&mut c, false, encode("ascii1987", &local)).await,
+        );
+        assert_eq!(a.code, "00");
+        assert_eq!(host.control.stats().financial, 2);
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host_decline_is_passed_through_and_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let gw = Setup::new(dir.path(), &host).start().await;
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (sale, a) = ascii_sale(&mut c, 1, 10_000).await;
+        assert_eq!(a.code, "00");
+        let rrn = a.rrn.unwrap();
+        host.control
+            .set_faults(Faults {
+                decline: Some("N7".into()),
+                ..Faults::default()
+            })
+            .unwrap();
+        let a = ascii_refund(&mut c, &sale, &rrn, 2, 10_000).await;
+        assert_eq!(ok(&a), ("N7", "HOST_DECLINED"), "the host's own code");
+        let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+        assert_eq!((funds.refunds_committed, funds.refunds_reserved), (0, 0));
+        host.control.set_faults(Faults::default()).unwrap();
+        // Nothing was committed: the full remainder can still be refunded.
+        let a = ascii_refund(&mut c, &sale, &rrn, 3, 10_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+        assert_eq!(funds.refunds_committed, 10_000);
+        // A declined sale is remembered as declined.
+        host.control
+            .set_faults(Faults {
+                decline: Some("05".into()),
+                ..Faults::default()
+            })
+            .unwrap();
+        let (_, a) = ascii_sale(&mut c, 4, 777).await;
+        assert_eq!(ok(&a), ("05", "HOST_DECLINED"));
+        assert_eq!(
+            gw.gateway
+                .ledger()
+                .funds("MERCHANT 000001")
+                .unwrap()
+                .unsettled_sales,
+            10_000
+        );
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host_down_at_start_answers_91_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.ascii_addrs = vec![closed_port().await];
+        let gw = setup.start().await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let started = Instant::now();
+        let (_, a) = ascii_sale(&mut c, 1, 1_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_UNREACHABLE"));
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+        assert_eq!((funds.unsettled_sales, funds.sales_pending), (0, 0));
+        assert!(
+            gw.upstreams.saf().pending().is_empty(),
+            "never sent: nothing to reverse"
+        );
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failover_to_the_second_address_when_the_first_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.ascii_addrs = vec![closed_port().await, host.listeners[0].addr];
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (_, a) = ascii_sale(&mut c, 1, 1_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        assert_eq!(host.control.stats().approved, 1);
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_pending_map_answers_91_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            latency_ms: 200,
+            ..Faults::default()
+        })
+        .await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.max_pending = 1;
+        setup.timeout_ms = 1000;
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        let mut c1 = terminal(&gw.listeners[0]).await;
+        let mut c2 = terminal(&gw.listeners[0]).await;
+        let first = tokio::spawn(async move { ascii_sale(&mut c1, 1, 1_000).await.1 });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let (_, second) = ascii_sale(&mut c2, 2, 1_000).await;
+        assert_eq!(ok(&second), ("91", "HOST_UNREACHABLE"));
+        assert!(started.elapsed() < Duration::from_millis(150));
+        assert_eq!(first.await.unwrap().code, "00");
+        gw.stop().await;
+        host.stop().await;
+    }
+}
+
+/// A local port nothing listens on (connections are refused).
+async fn closed_port() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+mod timeouts {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_host_gets_91_then_exactly_one_delivered_reversal_once_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            latency_ms: 700,
+            ..Faults::default()
+        })
+        .await;
+        let gw = Setup::new(dir.path(), &host).start().await;
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let started = Instant::now();
+        let (_, a) = ascii_sale(&mut c, 1, 1_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_TIMEOUT"));
+        assert!(started.elapsed() < Duration::from_millis(600));
+        // The reversal was queued (durably) before the terminal got its 91.
+        let pending = gw.upstreams.saf().pending();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].key.mti, pending[0].key.stan), (400, 1));
+        let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+        assert_eq!((funds.unsettled_sales, funds.sales_pending), (0, 0));
+        host.control.set_faults(Faults::default()).unwrap();
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        assert_eq!(gw.upstreams.saf().delivered_total(), 1);
+        // Let any answer still on the way arrive; nothing else is sent.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let stats = host.control.stats();
+        assert_eq!(stats.reversals.len(), 1, "{stats:?}");
+        assert_eq!(
+            (
+                stats.reversals[0].terminal.as_str(),
+                stats.reversals[0].stan
+            ),
+            ("TERM0001", 1)
+        );
+        assert!((1..=3).contains(&stats.reversals[0].answered), "{stats:?}");
+        assert_eq!(gw.upstreams.saf().delivered_total(), 1);
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_cup_host_gets_98_and_its_reversal_is_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            latency_ms: 700,
+            ..Faults::default()
+        })
+        .await;
+        let gw = Setup::new(dir.path(), &host).start().await;
+        gw.wait_link_up("bank_cup").await;
+        let mut c = terminal(&gw.listeners[1]).await;
+        let signon = encode("cup_pos", &cup_vector("signon_0800"));
+        assert_eq!(
+            answer("cup_pos", &exchange(&mut c, true, signon).await).code,
+            "00"
+        );
+        let sale = encode("cup_pos", &cup_vector("sale_0200"));
+        let a = answer("cup_pos", &exchange(&mut c, true, sale).await);
+        assert_eq!(ok(&a), ("98", "HOST_TIMEOUT"));
+        host.control.set_faults(Faults::default()).unwrap();
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        assert_eq!(host.control.reversals_answered("10000001", 45).min(1), 1);
+        assert_eq!(gw.upstreams.saf().delivered_total(), 1);
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_answer_is_never_delivered_as_a_match_and_its_request_is_reversed() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            latency_ms: 500,
+            ..Faults::default()
+        })
+        .await;
+        let gw = Setup::new(dir.path(), &host).start().await;
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (sale, a) = ascii_sale(&mut c, 1, 1_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_TIMEOUT"));
+        host.control.set_faults(Faults::default()).unwrap();
+        // The terminal retries the very same sale at once, while the host's (approving) answer
+        // to the first send is still on its way: it must not be taken for this one's.
+        let a = answer(
+            "ascii1987",
+            &exchange(&mut c, false, encode("ascii1987", &sale)).await,
+        );
+        assert_eq!(ok(&a), ("91", "HOST_UNREACHABLE"), "key quarantined");
+        let link = gw.upstreams.link("bank").unwrap();
+        wait_until(|| link.late_answers() >= 1, "the late answer").await;
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        assert!(host.control.reversals_answered("TERM0001", 1) >= 1);
+        let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+        assert_eq!((funds.unsettled_sales, funds.sales_pending), (0, 0));
+        // Once the late answer arrived the key is free again: a new sale with it goes through.
+        let (_, a) = ascii_sale(&mut c, 1, 1_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        gw.stop().await;
+        host.stop().await;
+    }
+}
+
+mod faults {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host_dropping_a_fifth_of_requests_leaves_exact_sums_and_one_reversal_per_lost_sale() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            drop_percent: 20,
+            ..Faults::default()
+        })
+        .await;
+        let gw = Setup::new(dir.path(), &host).start().await;
+        gw.wait_link_up("bank").await;
+        const SALES: u32 = 60;
+        const AMOUNT: u64 = 1_000;
+        let mut tasks = Vec::new();
+        for t in 0..4u32 {
+            let info = Arc::clone(&gw.listeners[0]);
+            tasks.push(tokio::spawn(async move {
+                let mut c = terminal(&info).await;
+                for stan in (1..=SALES).filter(|s| s % 4 == t) {
+                    c.feed(frame(
+                        false,
+                        encode("ascii1987", &ascii_msg("0200", "000000", AMOUNT, stan, &[])),
+                    ))
+                    .await
+                    .unwrap();
+                }
+                c.flush().await.unwrap();
+                let mut answers = Vec::new();
+                for _ in (1..=SALES).filter(|s| s % 4 == t) {
+                    answers.push(answer("ascii1987", &next_body(&mut c).await));
+                }
+                answers
+            }));
+        }
+        let mut approved = HashSet::new();
+        let mut failed = HashSet::new();
+        for t in tasks {
+            for a in t.await.unwrap() {
+                match ok(&a) {
+                    ("00", "APPROVED") => approved.insert(a.stan.unwrap()),
+                    ("91", "HOST_TIMEOUT") => failed.insert(a.stan.unwrap()),
+                    other => panic!("unexpected answer {other:?}"),
+                };
+            }
+        }
+        assert_eq!(approved.len() + failed.len(), SALES as usize);
+        assert!(!failed.is_empty(), "20 % drops over {SALES} sales");
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "every reversal delivered",
+        )
+        .await;
+        let stats = host.control.stats();
+        let reversed: HashSet<u32> = stats
+            .reversals
+            .iter()
+            .filter(|r| r.answered > 0)
+            .map(|r| r.stan)
+            .collect();
+        assert_eq!(
+            reversed, failed,
+            "exactly the unanswered sales are reversed"
+        );
+        for r in &stats.reversals {
+            assert_eq!(r.answered, 1, "one accepted reversal each: {r:?}");
+        }
+        assert_eq!(gw.upstreams.saf().delivered_total(), failed.len() as u64);
+        let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+        assert_eq!(funds.unsettled_sales, approved.len() as u64 * AMOUNT);
+        assert_eq!(
+            (funds.sales_pending, funds.refunds_reserved),
+            (0, 0),
+            "no leaked reservation"
+        );
+        gw.stop().await;
+        host.stop().await;
+    }
+}
+
+mod store_and_forward {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_reversals_survive_a_restart_and_are_delivered_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A host that swallows everything: the sale times out, its reversal cannot be delivered.
+        let host = start_host(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .await;
+        let setup = Setup::new(dir.path(), &host);
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (_, a) = ascii_sale(&mut c, 7, 1_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_TIMEOUT"));
+        assert_eq!(gw.upstreams.saf().pending().len(), 1);
+        drop(c);
+        gw.stop().await;
+        let listed = run_list(&saf_dir(&dir.path().join("journal"))).unwrap();
+        assert!(listed.starts_with("pending 1 dead_letters 0"), "{listed}");
+        assert!(
+            listed.contains("mti=0400 terminal=TERM0001 stan=000007"),
+            "{listed}"
+        );
+
+        host.control.set_faults(Faults::default()).unwrap();
+        let gw = setup.start().await;
+        assert_eq!(
+            gw.upstreams.saf().pending().len(),
+            1,
+            "recovered from the SAF journal"
+        );
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        assert_eq!(host.control.reversals_answered("TERM0001", 7), 1);
+        gw.stop().await;
+        let listed = run_list(&saf_dir(&dir.path().join("journal"))).unwrap();
+        assert!(listed.starts_with("pending 0 dead_letters 0"), "{listed}");
         host.stop().await;
     }
 }

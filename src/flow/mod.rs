@@ -24,6 +24,7 @@ use crate::ledger::{
 use crate::mac::{self, MacKey};
 use crate::server::{Dispatch, Handled, RequestCtx};
 use crate::telemetry;
+use crate::upstream::{Upstreams, Verdict};
 pub use classify::{classify, Kind, Shape};
 
 /// How one listener's messages are read and protected.
@@ -74,6 +75,7 @@ pub struct Gateway {
     journal: Option<Arc<Journal>>,
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
+    upstreams: Option<Arc<Upstreams>>,
 }
 
 /// What the gateway tells the log and metrics about one request.
@@ -100,7 +102,14 @@ impl Gateway {
             journal,
             clock,
             links,
+            upstreams: None,
         }
+    }
+
+    /// The same gateway forwarding routed merchants' requests to `upstreams` (DOMAIN §8).
+    pub fn with_upstreams(mut self, upstreams: Arc<Upstreams>) -> Gateway {
+        self.upstreams = Some(upstreams);
+        self
     }
 
     /// The ledger, for admin calls and tests.
@@ -210,6 +219,10 @@ impl Gateway {
             Ok(r) => r,
             Err(d) => return self.answer(l, msg, kind, &d, rrn),
         };
+        let reservation = match self.forward(l, msg, kind, reservation).await {
+            Ok(r) => r,
+            Err(answered) => return answered,
+        };
         if let Err(e) = self.journal_event(reservation.event()).await {
             tracing::warn!(error = %e, "journal append failed; answering 96");
             self.ledger.release(reservation);
@@ -223,6 +236,38 @@ impl Gateway {
         }
         let d = self.ledger.commit(reservation);
         self.answer(l, msg, kind, &d, rrn)
+    }
+
+    /// DOMAIN §5 row 14: a routed merchant's request goes to its host between reserve and
+    /// commit. `Ok` gives the reservation back to commit; `Err` is the answer (the
+    /// reservation released or declined). The logic is in [`crate::upstream`].
+    async fn forward(
+        &self,
+        l: &Link,
+        msg: &Message<'_>,
+        kind: Kind,
+        r: ledger::Reservation,
+    ) -> Result<ledger::Reservation, (BytesMut, Decision)> {
+        let Some(upstreams) = &self.upstreams else {
+            return Ok(r);
+        };
+        let reason = match upstreams.forward(l.dialect, msg, kind).await {
+            Verdict::Local | Verdict::Approved => return Ok(r),
+            Verdict::Declined(code) => {
+                let (d, event) = self.ledger.decline(r, Reason::HOST_DECLINED);
+                if let Err(e) = self.journal_event(&event).await {
+                    tracing::warn!(error = %e, "journal append of a host decline failed");
+                }
+                let mut out = BytesMut::with_capacity(256);
+                render::host_declined(l, msg, kind, &d, &code, &mut out);
+                return Err((out, d));
+            }
+            Verdict::Unreachable => Reason::HOST_UNREACHABLE,
+            Verdict::Timeout => Reason::HOST_TIMEOUT,
+            Verdict::NoRoute => Reason::NO_ROUTE,
+        };
+        self.ledger.release(r);
+        Err(self.answer(l, msg, kind, &Decision::bare(reason), None))
     }
 
     async fn journal_event(&self, event: &LedgerEvent) -> Result<(), String> {
