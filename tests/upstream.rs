@@ -336,6 +336,7 @@ struct Setup {
     cert: CertificateDer<'static>,
     timeout_ms: u64,
     max_pending: usize,
+    max_retries: u32,
 }
 
 impl Setup {
@@ -347,6 +348,7 @@ impl Setup {
             cert: host.cert.clone(),
             timeout_ms: 300,
             max_pending: 64,
+            max_retries: 100,
         }
     }
 
@@ -395,13 +397,14 @@ dialect = "cup_pos"
 [routes]
 merchants = {{ "MERCHANT 000001" = "bank", "{CUP_MERCHANT}" = "bank_cup" }}
 [saf]
-max_retries = 100
+max_retries = {}
 retry_min_ms = 50
 retry_max_ms = 200
 "#,
             self.dir.join("journal").display(),
             upstream("bank", "ascii1987", &self.ascii_addrs),
             upstream("bank_cup", "cup_pos", &self.cup_addrs),
+            self.max_retries,
         )
     }
 
@@ -785,7 +788,7 @@ mod timeouts {
     async fn a_late_answer_is_never_delivered_as_a_match_and_its_request_is_reversed() {
         let dir = tempfile::tempdir().unwrap();
         let host = start_host(Faults {
-            latency_ms: 500,
+            latency_ms: 1500,
             ..Faults::default()
         })
         .await;
@@ -945,6 +948,158 @@ mod store_and_forward {
         gw.stop().await;
         let listed = run_list(&saf_dir(&dir.path().join("journal"))).unwrap();
         assert!(listed.starts_with("pending 0 dead_letters 0"), "{listed}");
+        host.stop().await;
+    }
+}
+
+mod more {
+    use super::*;
+    use refundgate::config::Dialect as CfgDialect;
+    use refundgate::flow::{Link as FlowLink, Outcome};
+    use refundgate::journal::Durability;
+    use refundgate::ledger::{Dialect, Ledger, MerchantSet, PanKey};
+    use refundgate::upstream::route::{client_tls_trusting, Routes};
+    use refundgate::upstream::{LinkConfig, SafOptions, StoreForward};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_the_host_never_accepts_is_dead_lettered_and_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.max_retries = 2;
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        host.control
+            .set_faults(Faults {
+                drop_percent: 100,
+                ..Faults::default()
+            })
+            .unwrap();
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (_, a) = ascii_sale(&mut c, 3, 1_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_TIMEOUT"));
+        wait_until(|| gw.upstreams.saf().dead_total() == 1, "dead letter").await;
+        assert!(gw.upstreams.saf().pending().is_empty());
+        let dead = gw.upstreams.saf().dead_letters();
+        assert_eq!((dead[0].attempts, dead[0].entry.key.stan), (2, 3));
+        gw.stop().await;
+        let listed = run_list(&saf_dir(&dir.path().join("journal"))).unwrap();
+        assert!(listed.starts_with("pending 0 dead_letters 1"), "{listed}");
+        assert!(
+            listed.contains("stan=000003")
+                && listed.contains("reason=retries_exhausted attempts=2"),
+            "{listed}"
+        );
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_closed_by_the_host_fails_its_requests_at_once_and_reverses_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.timeout_ms = 5_000;
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        // The connection carried the sign-on; the next request closes it unanswered.
+        host.control
+            .set_faults(Faults {
+                close_after: Some(1),
+                ..Faults::default()
+            })
+            .unwrap();
+        let mut c = terminal(&gw.listeners[0]).await;
+        let started = Instant::now();
+        let (_, a) = ascii_sale(&mut c, 5, 1_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_TIMEOUT"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        host.control.set_faults(Faults::default()).unwrap();
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        assert_eq!(host.control.reversals_answered("TERM0001", 5), 1);
+        gw.wait_link_up("bank").await;
+        let (_, a) = ascii_sale(&mut c, 6, 1_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"), "reconnected");
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_route_to_no_link_or_to_another_dialect_answers_92() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let saf = StoreForward::open(
+            &dir.path().join("saf"),
+            SafOptions {
+                max_retries: 3,
+                expiry_s: 60,
+                retry_min: Duration::from_millis(50),
+                retry_max: Duration::from_millis(100),
+                durability: Durability::UnsafeNoFsync,
+            },
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let link = LinkConfig {
+            name: Arc::from("cup_bank"),
+            addrs: vec![host.listeners[1].addr],
+            dialect: CfgDialect::CupPos,
+            framing: Framing::Binary2,
+            tls: Arc::new(client_tls_trusting(std::slice::from_ref(&host.cert)).unwrap()),
+            server_name: None,
+            timeout: Duration::from_millis(300),
+            max_pending: 8,
+            echo_interval: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(100),
+        };
+        let routes = Routes::new(
+            [
+                ("MERCHANT 000001", "cup_bank"),
+                ("MERCHANT 000002", "nowhere"),
+            ],
+            None,
+        );
+        let upstreams = Arc::new(Upstreams::start(vec![link], routes, Arc::new(saf)));
+        let ledger = Ledger::new(&MerchantSet::embedded().unwrap(), PanKey::new(&[7; 16]));
+        let gateway = Gateway::new(
+            Arc::new(ledger),
+            None,
+            Arc::new(SystemClock),
+            vec![FlowLink::plain(Dialect::Ascii1987)],
+        )
+        .with_upstreams(Arc::clone(&upstreams));
+        wait_until(
+            || upstreams.link("cup_bank").is_some_and(|l| l.is_up()),
+            "link up",
+        )
+        .await;
+        let mut other = ascii_msg("0200", "000000", 500, 2, &[]);
+        other["fields"]["42"] = json!("MERCHANT 000002");
+        other["fields"]["41"] = json!("TERM0101");
+        for (msg, why) in [
+            (
+                ascii_msg("0200", "000000", 500, 1, &[]),
+                "an upstream of another dialect",
+            ),
+            (other, "a route naming no link"),
+        ] {
+            let (outcome, _) = gateway.handle(0, &encode("ascii1987", &msg)).await;
+            let Outcome::Reply(bytes) = outcome else {
+                panic!("no answer")
+            };
+            let a = answer("ascii1987", &bytes);
+            assert_eq!(ok(&a), ("92", "NO_ROUTE"), "{why}");
+        }
+        assert_eq!(host.control.stats().financial, 0);
+        upstreams.shutdown().await;
         host.stop().await;
     }
 }

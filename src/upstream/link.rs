@@ -13,8 +13,8 @@
 //! unanswered, and reconnects with exponential backoff and jitter. While no connection is up
 //! requests fail at once with [`LinkError::Down`].
 //!
-//! A connection that breaks leaves its pending requests to time out: whether the host saw
-//! them is unknown, so the caller treats them like any other timeout (and reverses).
+//! When a connection breaks its pending requests fail at once as timeouts: whether the host
+//! saw them is unknown, so the caller treats them like any other timeout (and reverses).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -99,7 +99,7 @@ pub enum LinkError {
     /// The pending map is full (never sent): 91 `HOST_UNREACHABLE`.
     #[error("too many requests in flight")]
     Full,
-    /// A request with the same key is in flight (never sent).
+    /// A request with the same key is in flight, or timed out and is quarantined (never sent).
     #[error("a request with the same key is in flight")]
     Busy,
     /// Sent, no answer within the timeout: the host may or may not have acted on it.
@@ -472,6 +472,11 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     failed_rounds = 0;
                     let why = session(&shared, conn, &mut stop).await;
                     shared.set_up(None);
+                    // Their answers cannot come any more: fail them now as timeouts (the host
+                    // may have acted on them) instead of letting each wait out its budget.
+                    if let Ok(mut p) = shared.pending.lock() {
+                        p.clear();
+                    }
                     tracing::warn!(upstream = %shared.config.name, %addr, reason = why, "upstream link down");
                     break;
                 }

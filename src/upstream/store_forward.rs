@@ -12,6 +12,13 @@
 //!
 //! Records (payloads of the SAF journal): `1 id created dialect upstream body` (added),
 //! `2 id` (delivered), `3 id reason at attempts` (dead letter). Replay rebuilds the queue.
+//! Every [`SAF_SNAPSHOT_RECORDS`] records the worker snapshots the live queue (pending entries
+//! and kept dead letters, as the same records) so the journal's old segments are removed and
+//! replay stays short. Appends hold a shared gate and the snapshot the exclusive one, so the
+//! snapshot's seq covers exactly the records it folds in.
+//!
+//! Send counts are not journaled: after a restart an entry gets `max_retries` sends again
+//! (its age still bounds it through `expiry_s`).
 //!
 //! Stored reversals carry no PAN, track or PIN data: the host matches them by DE90 (ascii) or
 //! DE41 + DE11 + DE60/61 (cup), so nothing card-sensitive reaches the SAF files (DOMAIN §10).
@@ -22,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, RwLock};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -42,6 +49,12 @@ pub const SAF_IN_FLIGHT_MAX: usize = 64;
 pub const SAF_BODY_BYTES_MAX: usize = 4096;
 /// Size of the SAF journal's segment files (it holds only reversals and advices).
 pub const SAF_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// Records appended between two snapshots of the queue.
+pub const SAF_SNAPSHOT_RECORDS: u64 = 4096;
+/// Version tag at the start of a SAF snapshot.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SAF1";
+
+const _: () = assert!(SAF_IN_FLIGHT_MAX <= SAF_PENDING_MAX);
 
 /// `refundgate_saf_pending`: entries waiting for an accepted answer.
 pub const SAF_PENDING: &str = "refundgate_saf_pending";
@@ -120,7 +133,10 @@ pub enum SafError {
 
 /// The queue: journal, in-memory index, worker wake-up.
 pub struct StoreForward {
-    journal: Journal,
+    journal: Arc<Journal>,
+    /// Shared by appends (append + apply), exclusive for a snapshot.
+    gate: RwLock<()>,
+    since_snapshot: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
     notify: Notify,
     options: SafOptions,
@@ -135,6 +151,7 @@ struct State {
     delivered_total: u64,
     next_id: u64,
     reserved: usize,
+    recovering: bool,
 }
 
 struct Slot {
@@ -173,23 +190,35 @@ impl StoreForward {
             segment_bytes: SAF_SEGMENT_BYTES,
             ..journal::Options::default()
         };
-        let (journal, recovered) = Journal::open(dir, journal_options)?;
+        let (journal, mut recovered) = Journal::open(dir, journal_options)?;
         let mut state = State {
             next_id: 1,
+            recovering: true,
             ..State::default()
         };
         let now = Instant::now();
+        if let Some(snapshot) = recovered.take_snapshot() {
+            if !state.restore(&snapshot.bytes, now) {
+                tracing::warn!(
+                    seq = snapshot.seq,
+                    "unreadable store-and-forward snapshot; entries in it are lost"
+                );
+            }
+        }
         recovered.replay(|seq, payload| match Record::decode(payload) {
             Some(record) => state.apply(record, now),
             None => tracing::warn!(seq, "unreadable store-and-forward record skipped"),
         })?;
+        state.recovering = false;
         tracing::info!(
             pending = state.pending.len(),
             dead_letters = state.dead_total,
             "store-and-forward queue recovered"
         );
         let saf = StoreForward {
-            journal,
+            journal: Arc::new(journal),
+            gate: RwLock::new(()),
+            since_snapshot: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(state),
             notify: Notify::new(),
             options,
@@ -235,21 +264,9 @@ impl StoreForward {
             key,
             body,
         };
-        let mut payload = Vec::with_capacity(32 + entry.body.len());
-        Record::Add(entry.clone()).encode(&mut payload);
-        let appended = self.journal.append(payload).await;
-        {
-            let mut s = self.lock();
-            s.reserved -= 1;
-            if let Err(e) = appended {
-                return Err(SafError::Store(e.to_string()));
-            }
-            s.apply(Record::Add(entry), Instant::now());
-            if let Some(slot) = s.pending.get_mut(&id) {
-                slot.repeat = false;
-            }
-        }
-        self.publish();
+        let appended = self.append_apply(Record::Add(entry)).await;
+        self.lock().reserved -= 1;
+        appended.map_err(SafError::Store)?;
         self.notify.notify_one();
         Ok(id)
     }
@@ -286,6 +303,7 @@ impl StoreForward {
     ) {
         let mut tasks = JoinSet::new();
         loop {
+            self.compact_if_due().await;
             let wake = self.start_due(&links, &mut tasks);
             tokio::select! {
                 _ = stop.changed() => break,
@@ -389,13 +407,9 @@ impl StoreForward {
     }
 
     async fn delivered(&self, id: u64) {
-        if self.record(Record::Done { id }).await {
-            let mut s = self.lock();
-            s.apply(Record::Done { id }, Instant::now());
-            s.delivered_total += 1;
-            drop(s);
+        if self.append_apply(Record::Done { id }).await.is_ok() {
+            self.lock().delivered_total += 1;
             metrics::counter!(SAF_DELIVERED_TOTAL).increment(1);
-            self.publish();
         } else {
             // Not recorded: send it again later (the host treats a repeat as a no-op).
             self.retry(id, true);
@@ -410,38 +424,59 @@ impl StoreForward {
             at_s,
             attempts,
         };
-        if self.record(record).await {
-            self.lock().apply(
-                Record::Dead {
-                    id,
-                    reason,
-                    at_s,
-                    attempts,
-                },
-                Instant::now(),
-            );
+        if self.append_apply(record).await.is_ok() {
             tracing::error!(
                 id,
                 ?reason,
                 attempts,
                 "store-and-forward entry dead-lettered"
             );
-            self.publish();
         } else {
             self.retry(id, false);
         }
     }
 
-    async fn record(&self, record: Record) -> bool {
-        let mut payload = Vec::with_capacity(32);
+    /// Journals `record` (durably) and then applies it, under the shared gate.
+    async fn append_apply(&self, record: Record) -> Result<(), String> {
+        let mut payload = Vec::with_capacity(64);
         record.encode(&mut payload);
-        match self.journal.append(payload).await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "store-and-forward journal write failed");
-                false
+        let _gate = self.gate.read().await;
+        if let Err(e) = self.journal.append(payload).await {
+            tracing::warn!(error = %e, "store-and-forward journal write failed");
+            return Err(e.to_string());
+        }
+        self.lock().apply(record, Instant::now());
+        self.since_snapshot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish();
+        Ok(())
+    }
+
+    async fn compact_if_due(&self) {
+        let since = self
+            .since_snapshot
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if since >= SAF_SNAPSHOT_RECORDS {
+            if let Err(e) = self.compact().await {
+                tracing::warn!(error = %e, "store-and-forward snapshot failed; retried later");
             }
         }
+    }
+
+    /// Snapshots the queue and lets the journal drop the segments the snapshot covers.
+    pub async fn compact(&self) -> Result<(), String> {
+        let _gate = self.gate.write().await;
+        // No append is in flight: every durable record is applied, and nothing else is.
+        let seq = self.journal.durable_seq();
+        let bytes = self.lock().snapshot();
+        let journal = Arc::clone(&self.journal);
+        tokio::task::spawn_blocking(move || journal.snapshot(seq, &bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.since_snapshot
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn publish(&self) {
@@ -483,7 +518,7 @@ impl State {
                         attempts: 0,
                         tries: 0,
                         // Recovered entries may have been sent before the restart.
-                        repeat: true,
+                        repeat: self.recovering,
                         next_at: now,
                         in_flight: false,
                     },
@@ -513,6 +548,62 @@ impl State {
                 });
             }
         }
+    }
+}
+
+impl State {
+    /// The live queue as a snapshot: header, then the records that rebuild it.
+    fn snapshot(&self) -> Vec<u8> {
+        let mut records: Vec<Record> = Vec::with_capacity(self.pending.len() + 2 * self.dead.len());
+        for d in &self.dead {
+            records.push(Record::Add(d.entry.clone()));
+            records.push(Record::Dead {
+                id: d.entry.id,
+                reason: d.reason,
+                at_s: d.at_s,
+                attempts: d.attempts,
+            });
+        }
+        records.extend(self.pending.values().map(|s| Record::Add(s.entry.clone())));
+        let mut out = Vec::with_capacity(64 + 128 * records.len());
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&self.next_id.to_be_bytes());
+        out.extend_from_slice(&self.dead_total.to_be_bytes());
+        let mut buf = Vec::with_capacity(256);
+        for r in &records {
+            buf.clear();
+            r.encode(&mut buf);
+            out.extend_from_slice(&u32::try_from(buf.len()).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+
+    /// Rebuilds the queue from [`State::snapshot`] bytes; false when they are unreadable.
+    fn restore(&mut self, bytes: &[u8], now: Instant) -> bool {
+        let mut r = Reader(bytes);
+        if r.take(4) != Some(SNAPSHOT_MAGIC.as_slice()) {
+            return false;
+        }
+        let (Some(next_id), Some(dead_total)) = (r.u64(), r.u64()) else {
+            return false;
+        };
+        while !r.0.is_empty() {
+            let Some(len) = r
+                .take(4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+            else {
+                return false;
+            };
+            let Some(record) = r.take(len as usize).and_then(Record::decode) else {
+                return false;
+            };
+            self.apply(record, now);
+        }
+        self.next_id = self.next_id.max(next_id);
+        self.dead_total = self.dead_total.max(dead_total);
+        true
     }
 }
 
@@ -738,6 +829,70 @@ mod tests {
             &mark_repeat(Dialect::CupPos, &Bytes::from_static(&[0x04, 0x00, 0xff]))[..],
             &[0x04, 0x01, 0xff]
         );
+    }
+
+    fn reversal(stan: u32) -> (Key, Bytes) {
+        use crate::iso8583::{FieldList, Mti, Value};
+        let mut fields: FieldList<'_, 8> = FieldList::new();
+        fields.set(3, Value::Number(0)).unwrap();
+        fields.set(4, Value::Number(1000)).unwrap();
+        fields.set(7, Value::Number(1_125_093_015)).unwrap();
+        fields.set(11, Value::Number(u64::from(stan))).unwrap();
+        fields.set(41, Value::Text(b"TERM0001")).unwrap();
+        fields.set(42, Value::Text(b"MERCHANT 000001")).unwrap();
+        fields.set(49, Value::Number(840)).unwrap();
+        let spec = super::super::spec_of(Dialect::Ascii1987);
+        let mut out = bytes::BytesMut::new();
+        iso8583::encode(spec, Mti(200), fields.as_slice(), &mut out).unwrap();
+        let msg = iso8583::decode(spec, &out).unwrap();
+        super::super::reversal_of(Dialect::Ascii1987, &msg).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_keeps_pending_entries_and_dead_letters_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || SafOptions {
+            max_retries: 1,
+            expiry_s: 3600,
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            durability: journal::Durability::UnsafeNoFsync,
+        };
+        let clock = || Arc::new(crate::clock::SystemClock);
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        for stan in 1..=5 {
+            let (key, body) = reversal(stan);
+            saf.enqueue("bank", Dialect::Ascii1987, key, body)
+                .await
+                .unwrap();
+        }
+        let (key, body) = reversal(1);
+        let again = saf.enqueue("bank", Dialect::Ascii1987, key, body).await;
+        assert_eq!(again.unwrap(), saf.pending()[0].id, "not queued twice");
+        let ids: Vec<u64> = saf.pending().iter().map(|e| e.id).collect();
+        saf.delivered(ids[0]).await;
+        saf.give_up(ids[1], DeadReason::Expired, 0).await;
+        saf.compact().await.unwrap();
+        let (key, body) = reversal(6);
+        let last = saf
+            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .await
+            .unwrap();
+        drop(saf);
+
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let stans: Vec<u32> = saf.pending().iter().map(|e| e.key.stan).collect();
+        assert_eq!(stans, [3, 4, 5, 6]);
+        assert_eq!(saf.dead_total(), 1);
+        assert_eq!(saf.dead_letters()[0].entry.key.stan, 2);
+        assert_eq!(saf.dead_letters()[0].reason, DeadReason::Expired);
+        let (key, body) = reversal(7);
+        let next = saf
+            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .await
+            .unwrap();
+        assert!(next > last, "ids stay unique across snapshot and restart");
+        assert!(saf.pending().iter().all(|e| e.key.mti == 400));
     }
 
     #[test]
