@@ -337,6 +337,7 @@ struct Setup {
     timeout_ms: u64,
     max_pending: usize,
     max_retries: u32,
+    durability: &'static str,
 }
 
 impl Setup {
@@ -349,6 +350,7 @@ impl Setup {
             timeout_ms: 300,
             max_pending: 64,
             max_retries: 100,
+            durability: "fdatasync",
         }
     }
 
@@ -387,6 +389,7 @@ tls = {{ ca = "{}" }}
 addr = "127.0.0.1:0"
 [journal]
 dir = "{}"
+durability = "{}"
 [[listeners]]
 addr = "127.0.0.1:0"
 dialect = "ascii1987"
@@ -402,6 +405,7 @@ retry_min_ms = 50
 retry_max_ms = 200
 "#,
             self.dir.join("journal").display(),
+            self.durability,
             upstream("bank", "ascii1987", &self.ascii_addrs),
             upstream("bank_cup", "cup_pos", &self.cup_addrs),
             self.max_retries,
@@ -1032,6 +1036,55 @@ mod more {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sale_reversed_while_at_the_host_is_declined_and_reversed_at_the_host_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.timeout_ms = 3_000;
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        host.control
+            .set_faults(Faults {
+                latency_ms: 600,
+                ..Faults::default()
+            })
+            .unwrap();
+        let info = Arc::clone(&gw.listeners[0]);
+        let sale = ascii_msg("0200", "000000", 1_000, 9, &[]);
+        let body = encode("ascii1987", &sale);
+        let in_flight = tokio::spawn(async move {
+            let mut c = terminal(&info).await;
+            answer("ascii1987", &exchange(&mut c, false, body).await)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The terminal gives up on the sale and reverses it while the host still holds it.
+        let mut c = terminal(&gw.listeners[0]).await;
+        // Its own STAN 10; DE90 names the sale (STAN 9).
+        let reversal = ascii_msg("0400", "000000", 1_000, 10, &[("90", de90(&sale))]);
+        let a = answer(
+            "ascii1987",
+            &exchange(&mut c, false, encode("ascii1987", &reversal)).await,
+        );
+        assert_eq!(a.code, "00");
+        let a = in_flight.await.unwrap();
+        assert_eq!(ok(&a), ("22", "REVERSED_BEFORE_COMMIT"));
+        host.control.set_faults(Faults::default()).unwrap();
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        // The terminal's reversal went to the host, and so did the switch's own reversal of
+        // the sale the host approved but the switch answered 22.
+        assert_eq!(host.control.reversals_answered("TERM0001", 10), 1);
+        assert_eq!(host.control.reversals_answered("TERM0001", 9), 1);
+        let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+        assert_eq!((funds.unsettled_sales, funds.sales_pending), (0, 0));
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_route_to_no_link_or_to_another_dialect_answers_92() {
         let dir = tempfile::tempdir().unwrap();
         let host = start_host(Faults::default()).await;
@@ -1100,6 +1153,98 @@ mod more {
         }
         assert_eq!(host.control.stats().financial, 0);
         upstreams.shutdown().await;
+        host.stop().await;
+    }
+}
+
+mod bench {
+    use super::*;
+
+    /// `clients` terminals, each sending `per_client` sales one after the other; returns
+    /// decisions per second and the p50 / p99 round trip seen by the terminals.
+    async fn load(
+        info: &Arc<ListenerInfo>,
+        merchant: &'static str,
+        terminal_id: &'static str,
+        stan_base: u32,
+        clients: u32,
+        per_client: u32,
+    ) -> (f64, Duration, Duration) {
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for k in 0..clients {
+            let info = Arc::clone(info);
+            tasks.push(tokio::spawn(async move {
+                let bodies: Vec<Vec<u8>> = (0..per_client)
+                    .map(|i| {
+                        let mut m = ascii_msg(
+                            "0200",
+                            "000000",
+                            100,
+                            stan_base + k * per_client + i + 1,
+                            &[],
+                        );
+                        m["fields"]["42"] = json!(merchant);
+                        m["fields"]["41"] = json!(terminal_id);
+                        encode("ascii1987", &m)
+                    })
+                    .collect();
+                let mut c = terminal(&info).await;
+                let mut rtts = Vec::with_capacity(bodies.len());
+                for body in bodies {
+                    let t0 = Instant::now();
+                    let a = exchange(&mut c, false, body).await;
+                    rtts.push(t0.elapsed());
+                    assert_eq!(decode("ascii1987", &a).response_code(), Some("00"));
+                }
+                rtts
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let wall = started.elapsed();
+        all.sort();
+        let pct = |p: usize| all[(all.len() * p / 100).min(all.len() - 1)];
+        (all.len() as f64 / wall.as_secs_f64(), pct(50), pct(99))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark: cargo test --release --test upstream bench -- --ignored --nocapture"]
+    async fn bench_forwarded_decisions_through_one_link_against_local_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.durability = "unsafe_no_fsync";
+        setup.max_pending = 1024;
+        setup.timeout_ms = 5_000;
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        let info = Arc::clone(&gw.listeners[0]);
+        // Warm up both paths (TLS sessions, allocations).
+        load(&info, "MERCHANT 000002", "TERM0101", 900_000, 4, 200).await;
+        let (clients, per_client) = (16, 2_000);
+        let local = load(&info, "MERCHANT 000002", "TERM0101", 0, clients, per_client).await;
+        let forwarded = load(&info, "MERCHANT 000001", "TERM0001", 0, clients, per_client).await;
+        println!(
+            "local:     {:.0} decisions/s, p50 {:?}, p99 {:?}",
+            local.0, local.1, local.2
+        );
+        println!(
+            "forwarded: {:.0} decisions/s, p50 {:?}, p99 {:?} (one link, zero-latency host)",
+            forwarded.0, forwarded.1, forwarded.2
+        );
+        println!(
+            "added by the hop: p50 {:?}, p99 {:?}",
+            forwarded.1.saturating_sub(local.1),
+            forwarded.2.saturating_sub(local.2)
+        );
+        assert_eq!(
+            host.control.stats().approved,
+            u64::from(clients * per_client)
+        );
+        gw.stop().await;
         host.stop().await;
     }
 }

@@ -219,13 +219,14 @@ impl Gateway {
             Ok(r) => r,
             Err(d) => return self.answer(l, msg, kind, &d, rrn),
         };
-        let reservation = match self.forward(l, msg, kind, reservation).await {
+        let (reservation, forwarded) = match self.forward(l, msg, kind, reservation).await {
             Ok(r) => r,
             Err(answered) => return answered,
         };
         if let Err(e) = self.journal_event(reservation.event()).await {
             tracing::warn!(error = %e, "journal append failed; answering 96");
             self.ledger.release(reservation);
+            self.reverse_forwarded(l, msg, forwarded).await;
             return self.answer(
                 l,
                 msg,
@@ -235,11 +236,15 @@ impl Gateway {
             );
         }
         let d = self.ledger.commit(reservation);
+        if !d.is_approved() {
+            self.reverse_forwarded(l, msg, forwarded).await;
+        }
         self.answer(l, msg, kind, &d, rrn)
     }
 
     /// DOMAIN §5 row 14: a routed merchant's request goes to its host between reserve and
-    /// commit. `Ok` gives the reservation back to commit; `Err` is the answer (the
+    /// commit. `Ok` gives the reservation back to commit, and whether the host approved it
+    /// (then a failure to commit must reverse it at the host); `Err` is the answer (the
     /// reservation released or declined). The logic is in [`crate::upstream`].
     async fn forward(
         &self,
@@ -247,12 +252,13 @@ impl Gateway {
         msg: &Message<'_>,
         kind: Kind,
         r: ledger::Reservation,
-    ) -> Result<ledger::Reservation, (BytesMut, Decision)> {
+    ) -> Result<(ledger::Reservation, bool), (BytesMut, Decision)> {
         let Some(upstreams) = &self.upstreams else {
-            return Ok(r);
+            return Ok((r, false));
         };
         let reason = match upstreams.forward(l.dialect, msg, kind).await {
-            Verdict::Local | Verdict::Approved => return Ok(r),
+            Verdict::Local => return Ok((r, false)),
+            Verdict::Approved => return Ok((r, true)),
             Verdict::Declined(code) => {
                 let (d, event) = self.ledger.decline(r, Reason::HOST_DECLINED);
                 if let Err(e) = self.journal_event(&event).await {
@@ -268,6 +274,14 @@ impl Gateway {
         };
         self.ledger.release(r);
         Err(self.answer(l, msg, kind, &Decision::bare(reason), None))
+    }
+
+    /// A request the host approved but that is not answered 00 (journal failure, or a decline
+    /// at commit) is reversed at the host through the SAF queue.
+    async fn reverse_forwarded(&self, l: &Link, msg: &Message<'_>, forwarded: bool) {
+        if let (true, Some(upstreams)) = (forwarded, &self.upstreams) {
+            upstreams.reverse(l.dialect, msg).await;
+        }
     }
 
     async fn journal_event(&self, event: &LedgerEvent) -> Result<(), String> {

@@ -237,7 +237,23 @@ impl Upstreams {
         verdict
     }
 
-    /// Queues the reversal of `msg` (which timed out) before its terminal is answered.
+    /// Queues the reversal of a request the host approved but the gateway did not (journal
+    /// failure, decline at commit); returns once it is durable (or logged as lost).
+    pub async fn reverse(&self, dialect: ledger::Dialect, msg: &Message<'_>) {
+        let Some(name) = msg.merchant().and_then(|m| self.routes.upstream_for(m)) else {
+            return;
+        };
+        if let Some(link) = self
+            .links
+            .get(name)
+            .filter(|l| same_dialect(l.dialect(), dialect))
+        {
+            self.queue_reversal(link, msg).await;
+        }
+    }
+
+    /// Queues the reversal of `msg` (timed out, or approved by the host and not by us) before
+    /// its terminal is answered.
     async fn queue_reversal(&self, link: &Link, msg: &Message<'_>) {
         let queued = match reversal_of(link.dialect(), msg) {
             Some((key, body)) => self
