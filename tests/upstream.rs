@@ -956,6 +956,87 @@ mod store_and_forward {
     }
 }
 
+mod crash {
+    use super::*;
+
+    /// Runs `refundgate serve` as a child process, kills it with SIGKILL right after a
+    /// terminal got 91 for a sale whose reversal is queued, and checks the entry is on disk
+    /// and delivered by the next start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_reversal_survives_kill_9_of_the_gateway() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .await;
+        let setup = Setup::new(dir.path(), &host);
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert_path, key_path) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+        std::fs::write(&cert_path, generated.cert.pem()).unwrap();
+        std::fs::write(&key_path, generated.signing_key.serialize_pem()).unwrap();
+        let port = closed_port().await;
+        let config = setup.config_toml().replacen(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"ascii1987\"",
+            &format!(
+                "[[listeners]]\naddr = \"{port}\"\ndialect = \"ascii1987\"\ntls = {{ cert = \"{}\", key = \"{}\" }}",
+                cert_path.display(),
+                key_path.display()
+            ),
+            1,
+        );
+        let config_path = dir.path().join("child.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("child.log")).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refundgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let cert = CertificateDer::from(generated.cert.der().to_vec());
+        let started = Instant::now();
+        let mut c = loop {
+            if let Ok(tcp) = TcpStream::connect(port).await {
+                drop(tcp);
+                break connect_raw(port, &cert, false).await;
+            }
+            assert!(started.elapsed() < WAIT, "gateway did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Until the link is signed on a sale is refused (91 HOST_UNREACHABLE, nothing queued).
+        let mut stan = 100;
+        loop {
+            stan += 1;
+            let (_, a) = ascii_sale(&mut c, stan, 1_000).await;
+            if a.reason == "HOST_TIMEOUT" {
+                break;
+            }
+            assert_eq!(ok(&a), ("91", "HOST_UNREACHABLE"));
+            assert!(started.elapsed() < WAIT, "link never came up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let listed = run_list(&saf_dir(&dir.path().join("journal"))).unwrap();
+        assert!(listed.starts_with("pending 1 "), "{listed}");
+        assert!(listed.contains(&format!("stan={stan:06}")), "{listed}");
+        host.control.set_faults(Faults::default()).unwrap();
+        let gw = setup.start().await;
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        assert_eq!(host.control.reversals_answered("TERM0001", stan), 1);
+        gw.stop().await;
+        host.stop().await;
+    }
+}
+
 mod more {
     use super::*;
     use refundgate::config::Dialect as CfgDialect;
