@@ -338,6 +338,7 @@ struct Setup {
     max_pending: usize,
     max_retries: u32,
     durability: &'static str,
+    echo_interval_ms: u64,
 }
 
 impl Setup {
@@ -351,6 +352,7 @@ impl Setup {
             max_pending: 64,
             max_retries: 100,
             durability: "fdatasync",
+            echo_interval_ms: 2_000,
         }
     }
 
@@ -372,7 +374,7 @@ addrs = [{}]
 dialect = "{dialect}"
 timeout_ms = {}
 max_pending = {}
-echo_interval_ms = 2000
+echo_interval_ms = {}
 reconnect_min_ms = 20
 reconnect_max_ms = 200
 tls = {{ ca = "{}" }}
@@ -380,6 +382,7 @@ tls = {{ ca = "{}" }}
                 list(addrs),
                 self.timeout_ms,
                 self.max_pending,
+                self.echo_interval_ms,
                 ca.display()
             )
         };
@@ -1039,6 +1042,37 @@ mod crash {
 
 mod more {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_link_echoes_and_one_whose_echo_goes_unanswered_reconnects() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let mut setup = Setup::new(dir.path(), &host);
+        setup.echo_interval_ms = 150;
+        let gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        let link = Arc::clone(gw.upstreams.link("bank").unwrap());
+        wait_until(|| host.control.stats().echoes >= 4, "echoes on idle links").await;
+        assert_eq!(link.connects(), 1, "answered echoes keep the link");
+        host.control
+            .set_faults(Faults {
+                no_echo: true,
+                ..Faults::default()
+            })
+            .unwrap();
+        wait_until(
+            || link.connects() >= 2,
+            "reconnect after an unanswered echo",
+        )
+        .await;
+        host.control.set_faults(Faults::default()).unwrap();
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (_, a) = ascii_sale(&mut c, 1, 1_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        gw.stop().await;
+        host.stop().await;
+    }
     use refundgate::config::Dialect as CfgDialect;
     use refundgate::flow::{Link as FlowLink, Outcome};
     use refundgate::journal::Durability;

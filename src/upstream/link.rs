@@ -128,6 +128,7 @@ struct Shared {
     outbox: Mutex<Option<mpsc::Sender<Bytes>>>,
     stan: AtomicU32,
     late: AtomicU64,
+    connects: AtomicU64,
 }
 
 /// How many request timeouts a timed-out key stays quarantined.
@@ -187,6 +188,7 @@ impl Link {
             outbox: Mutex::new(None),
             stan: AtomicU32::new(rand::random_range(1..900_000)),
             late: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(supervise(Arc::clone(&shared), stopped));
@@ -211,6 +213,11 @@ impl Link {
     /// Requests waiting for their answer.
     pub fn pending(&self) -> usize {
         self.shared.pending.lock().map_or(0, |p| p.len())
+    }
+
+    /// Connections established and signed on since start.
+    pub fn connects(&self) -> u64 {
+        self.shared.connects.load(Ordering::Relaxed)
     }
 
     /// Answers that arrived after their request had timed out (or matched nothing).
@@ -468,6 +475,7 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     tracing::info!(upstream = %shared.config.name, %addr, "upstream link up");
                     metrics::counter!(UPSTREAM_CONNECTS_TOTAL, "upstream" => shared.config.name.to_string())
                         .increment(1);
+                    shared.connects.fetch_add(1, Ordering::Relaxed);
                     served = true;
                     failed_rounds = 0;
                     let why = session(&shared, conn, &mut stop).await;
