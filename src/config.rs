@@ -553,6 +553,16 @@ impl UpstreamConfig {
                 return Err(error(key(k), format!("{v} is outside 1..={max_ms}")));
             }
         }
+        if self.timeout_ms >= limits::TERMINAL_TIMEOUT_MS {
+            return Err(error(
+                key("timeout_ms"),
+                format!(
+                    "{} must stay below the terminal's {} ms (DOMAIN §8)",
+                    self.timeout_ms,
+                    limits::TERMINAL_TIMEOUT_MS
+                ),
+            ));
+        }
         if self.reconnect_min_ms > self.reconnect_max_ms {
             return Err(error(key("reconnect_min_ms"), "above reconnect_max_ms"));
         }
@@ -924,6 +934,10 @@ max_retries = 3
             (
                 text.replace("max_retries = 3", "max_retries = 0"),
                 "saf.max_retries",
+            ),
+            (
+                text.replace("timeout_ms = 300", "timeout_ms = 60000"),
+                "upstreams[0].timeout_ms",
             ),
         ];
         for (bad, key) in cases {
