@@ -88,3 +88,26 @@ pub const SAF_EXPIRY_HARD_MAX_S: u64 = 30 * 86_400;
 
 const _: () = assert!(UPSTREAM_TIMEOUT_DEFAULT_MS < TERMINAL_TIMEOUT_MS);
 const _: () = assert!(UPSTREAM_PENDING_DEFAULT_MAX <= UPSTREAM_PENDING_HARD_MAX);
+
+/// Entries waiting at once; beyond it an enqueue fails (and is logged as an error).
+pub const SAF_PENDING_MAX: usize = 100_000;
+/// Dead letters kept in memory for `saf list` and the admin; older ones are only counted.
+pub const SAF_DEAD_LETTERS_KEPT_MAX: usize = 10_000;
+/// Entries sent at once by the worker.
+pub const SAF_IN_FLIGHT_MAX: usize = 64;
+/// Largest stored message.
+pub const SAF_BODY_BYTES_MAX: usize = 4096;
+/// Size of the SAF journal's segment files (it holds only reversals and advices).
+pub const SAF_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// Records appended between two snapshots of the queue.
+pub const SAF_SNAPSHOT_RECORDS: u64 = 4096;
+/// Largest frame read from or written to an upstream host.
+pub const UPSTREAM_FRAME_BYTES_MAX: usize = 8192;
+/// Longest a TCP connect plus TLS handshake to a host may take (also bounded by its timeout).
+pub const UPSTREAM_CONNECT_TIMEOUT_MAX_MS: u64 = 5_000;
+/// How many request timeouts a timed-out key stays quarantined on its link.
+pub const UPSTREAM_QUARANTINE_TIMEOUTS: u32 = 4;
+
+const _: () = assert!(SAF_IN_FLIGHT_MAX <= SAF_PENDING_MAX);
+const _: () = assert!(SAF_BODY_BYTES_MAX <= u16::MAX as usize);
+const _: () = assert!(UPSTREAM_FRAME_BYTES_MAX <= FRAME_BYTES_HARD_MAX);

@@ -35,6 +35,9 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use crate::config::Dialect;
 use crate::frame::{Frame, FrameCodec, Framing};
 use crate::iso8583::{self, FieldList, Message, Mti, Spec, Value};
+use crate::limits::{
+    UPSTREAM_CONNECT_TIMEOUT_MAX_MS, UPSTREAM_FRAME_BYTES_MAX, UPSTREAM_QUARANTINE_TIMEOUTS,
+};
 
 /// `refundgate_upstream_up{upstream}`: 1 while the link is connected and signed on.
 pub const UPSTREAM_UP: &str = "refundgate_upstream_up";
@@ -47,10 +50,6 @@ pub const UPSTREAM_CONNECTS_TOTAL: &str = "refundgate_upstream_connects_total";
 const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x00, 0x00, 0x00];
 /// `cup_pos` message header the switch sends upstream.
 const CUP_HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
-/// Largest frame read from or written to a host.
-const LINK_FRAME_BYTES_MAX: usize = 8192;
-/// Longest a TCP connect plus TLS handshake may take.
-const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(5);
 
 /// Everything one link needs; built from `[[upstreams]]` by [`super::Upstreams::start`].
 #[derive(Clone)]
@@ -122,7 +121,7 @@ struct Shared {
     spec: &'static Spec,
     pending: Mutex<HashMap<Key, oneshot::Sender<Bytes>>>,
     /// Keys of financial requests that timed out, until their late answer arrives or
-    /// [`QUARANTINE_TIMEOUTS`] timeouts pass: a new request with the same key is refused
+    /// [`UPSTREAM_QUARANTINE_TIMEOUTS`] timeouts pass: a new request with the same key is refused
     /// meanwhile, so the old answer can never be taken for the new request's.
     quarantine: Mutex<HashMap<Key, Instant>>,
     outbox: Mutex<Option<mpsc::Sender<Bytes>>>,
@@ -130,9 +129,6 @@ struct Shared {
     late: AtomicU64,
     connects: AtomicU64,
 }
-
-/// How many request timeouts a timed-out key stays quarantined.
-const QUARANTINE_TIMEOUTS: u32 = 4;
 
 // === impl Key ===
 
@@ -334,7 +330,10 @@ impl Shared {
                 q.remove(&oldest);
             }
         }
-        q.insert(key, now + self.config.timeout * QUARANTINE_TIMEOUTS);
+        q.insert(
+            key,
+            now + self.config.timeout * UPSTREAM_QUARANTINE_TIMEOUTS,
+        );
     }
 
     fn forget(&self, key: &Key) {
@@ -516,7 +515,10 @@ fn backoff(config: &LinkConfig, rounds: u32) -> Duration {
 }
 
 async fn connect(shared: &Shared, addr: SocketAddr) -> Result<Conn, String> {
-    let budget = shared.config.timeout.min(CONNECT_TIMEOUT_MAX);
+    let budget = shared
+        .config
+        .timeout
+        .min(Duration::from_millis(UPSTREAM_CONNECT_TIMEOUT_MAX_MS));
     let name = shared
         .config
         .server_name
@@ -545,7 +547,7 @@ async fn sign_on(shared: &Shared, conn: &mut Conn) -> Result<(), String> {
     let cup = shared.config.dialect.has_cup_header();
     let mut framed = tokio_util::codec::Framed::new(
         conn,
-        FrameCodec::new(shared.config.framing, cup, LINK_FRAME_BYTES_MAX),
+        FrameCodec::new(shared.config.framing, cup, UPSTREAM_FRAME_BYTES_MAX),
     );
     let exchange = async {
         framed
@@ -578,8 +580,8 @@ async fn session(
     let cup = shared.config.dialect.has_cup_header();
     let framing = shared.config.framing;
     let (r, w) = tokio::io::split(conn);
-    let mut reader = FramedRead::new(r, FrameCodec::new(framing, cup, LINK_FRAME_BYTES_MAX));
-    let mut writer = FramedWrite::new(w, FrameCodec::new(framing, cup, LINK_FRAME_BYTES_MAX));
+    let mut reader = FramedRead::new(r, FrameCodec::new(framing, cup, UPSTREAM_FRAME_BYTES_MAX));
+    let mut writer = FramedWrite::new(w, FrameCodec::new(framing, cup, UPSTREAM_FRAME_BYTES_MAX));
     let (tx, mut rx) = mpsc::channel::<Bytes>(shared.config.max_pending.max(1) + 4);
     shared.set_up(Some(tx.clone()));
     let mut last_heard = Instant::now();

@@ -38,23 +38,13 @@ use crate::clock::{Clock, UnixSeconds};
 use crate::config::Dialect;
 use crate::iso8583;
 use crate::journal::{self, Journal, JournalError};
+pub use crate::limits::{
+    SAF_BODY_BYTES_MAX, SAF_DEAD_LETTERS_KEPT_MAX, SAF_IN_FLIGHT_MAX, SAF_PENDING_MAX,
+    SAF_SEGMENT_BYTES, SAF_SNAPSHOT_RECORDS,
+};
 
-/// Entries waiting at once; beyond it an enqueue fails (and is logged as an error).
-pub const SAF_PENDING_MAX: usize = 100_000;
-/// Dead letters kept in memory for `saf list` and the admin; older ones are only counted.
-pub const SAF_DEAD_LETTERS_KEPT_MAX: usize = 10_000;
-/// Entries sent at once by the worker.
-pub const SAF_IN_FLIGHT_MAX: usize = 64;
-/// Largest stored message.
-pub const SAF_BODY_BYTES_MAX: usize = 4096;
-/// Size of the SAF journal's segment files (it holds only reversals and advices).
-pub const SAF_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-/// Records appended between two snapshots of the queue.
-pub const SAF_SNAPSHOT_RECORDS: u64 = 4096;
 /// Version tag at the start of a SAF snapshot.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SAF1";
-
-const _: () = assert!(SAF_IN_FLIGHT_MAX <= SAF_PENDING_MAX);
 
 /// `refundgate_saf_pending`: entries waiting for an accepted answer.
 pub const SAF_PENDING: &str = "refundgate_saf_pending";
