@@ -706,7 +706,7 @@ pub struct HostArgs {
     #[arg(long, value_parser = parse_dialect)]
     pub dialect: Vec<Dialect>,
     /// Fixed latency before each answer.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "latency_random")]
     pub latency_ms: Option<u64>,
     /// Random latency per answer, `A..B` milliseconds (answers come out of order).
     #[arg(long, value_parser = parse_range)]

@@ -1040,6 +1040,61 @@ mod crash {
     }
 }
 
+mod link {
+    use super::*;
+    use refundgate::upstream::route::client_tls_trusting;
+    use refundgate::upstream::{Key, Link, LinkConfig};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_requests_in_flight_on_one_link_each_get_their_own_answer_out_of_order() {
+        let host = start_host(Faults {
+            latency_ms: 1,
+            latency_max_ms: 80,
+            ..Faults::default()
+        })
+        .await;
+        let link = Arc::new(Link::start(LinkConfig {
+            name: Arc::from("bank"),
+            addrs: vec![host.listeners[0].addr],
+            dialect: ConfigDialect::Ascii1987,
+            framing: Framing::Binary2,
+            tls: Arc::new(client_tls_trusting(std::slice::from_ref(&host.cert)).unwrap()),
+            server_name: None,
+            timeout: Duration::from_secs(5),
+            max_pending: 256,
+            echo_interval: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(100),
+        }));
+        wait_until(|| link.is_up(), "link up").await;
+        let mut calls = Vec::new();
+        for stan in 1..=200u32 {
+            let link = Arc::clone(&link);
+            calls.push(tokio::spawn(async move {
+                let body = encode("ascii1987", &host_sale(stan));
+                let key = Key::of(&decode("ascii1987", &body)).unwrap();
+                let answer = link.call(key, Bytes::from(body)).await.unwrap();
+                let m = decode("ascii1987", &answer);
+                assert_eq!((m.mti().0, m.stan()), (210, Some(stan)), "its own answer");
+                Instant::now()
+            }));
+        }
+        let mut done = Vec::new();
+        for (i, c) in calls.into_iter().enumerate() {
+            done.push((c.await.unwrap(), i));
+        }
+        done.sort();
+        assert!(
+            done.windows(2).any(|w| w[0].1 > w[1].1),
+            "answers completed out of request order"
+        );
+        assert_eq!(link.pending(), 0);
+        assert_eq!(link.late_answers(), 0);
+        assert_eq!(link.connects(), 1, "one connection carried them all");
+        host.stop().await;
+    }
+}
+
 mod more {
     use super::*;
 
