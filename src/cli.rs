@@ -41,6 +41,11 @@ pub enum Command {
     /// Journal tools.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Store-and-forward tools.
+    #[command(subcommand)]
+    Saf(SafCommand),
+    /// Run a stand-in bank host over TLS (approves by default; faults by flag or admin HTTP).
+    Host(crate::host_sim::HostArgs),
 }
 
 /// Arguments of `explain`.
@@ -90,6 +95,17 @@ pub enum JournalCommand {
     },
 }
 
+/// `saf` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SafCommand {
+    /// List pending store-and-forward entries and dead letters.
+    List {
+        /// The gateway's journal directory (the queue is in its `saf` subdirectory).
+        #[arg(long, default_value = "data/journal")]
+        journal_dir: PathBuf,
+    },
+}
+
 /// Arguments of `decode`.
 #[derive(Debug, clap::Args)]
 pub struct DecodeArgs {
@@ -131,6 +147,8 @@ pub fn run() -> ExitCode {
         Command::Load(args) => return crate::load::run_blocking(args),
         Command::Explain(args) => explain(&args),
         Command::Journal(JournalCommand::Verify { dir }) => verify(&dir),
+        Command::Saf(SafCommand::List { journal_dir }) => saf_list(&journal_dir),
+        Command::Host(args) => return crate::host_sim::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,5 +293,12 @@ fn explain(args: &ExplainArgs) -> CliResult {
 fn verify(dir: &std::path::Path) -> CliResult {
     let text = crate::journal::run_verify(dir).map_err(|e| (e.exit_code() as u8, e.to_string()))?;
     println!("{text}");
+    Ok(())
+}
+
+fn saf_list(journal_dir: &std::path::Path) -> CliResult {
+    let dir = crate::upstream::saf_dir(journal_dir);
+    let text = crate::upstream::store_forward::run_list(&dir).map_err(|e| (EXIT_IOERR, e))?;
+    print!("{text}");
     Ok(())
 }

@@ -70,6 +70,38 @@ handshake_timeout_ms = 5000
 idle_timeout_ms = 60000
 # On SIGTERM/SIGINT: stop accepting, answer what is in flight within this, then close.
 shutdown_grace_ms = 5000
+
+# Upstream bank hosts (DOMAIN §8). None by default: every merchant is decided locally.
+# A routed merchant's sales, refunds and voids are approved only when the host approves them
+# (after refundgate's own checks passed); its reversals are queued for the host.
+# [[upstreams]]
+# name = "bank_a"                       # metric label and route target
+# addrs = ["10.0.0.1:9683", "10.0.0.2:9683"]   # priority order; the next on refusal
+# dialect = "ascii1987"                 # must be the dialect of the routed terminals
+# framing = "binary2"
+# timeout_ms = 30000                    # switch→host budget; below the terminal's ~60 s
+# max_pending = 1024                    # requests in flight on the link; beyond it 91
+# echo_interval_ms = 30000              # echo (0800/301) after this much quiet
+# reconnect_min_ms = 100                # reconnect backoff (doubles, ±25 % jitter)
+# reconnect_max_ms = 10000
+# server_name = "bank-a.example"        # checked against the host certificate; default: the IP
+# TLS: `ca` (PEM) is required unless `insecure_skip_verify = true` (only for the simulator's
+# self-signed certificate); cert + key present a client certificate (mTLS).
+# tls = { ca = "bank-a-ca.pem", cert = "client.pem", key = "client.key" }
+
+[routes]
+# Upstream of merchants not listed below; absent: they are decided locally.
+# default = "bank_a"
+# DE42 → upstream name.
+merchants = {}
+
+[saf]
+# Store-and-forward of reversals (<journal.dir>/saf): sends without an accepted answer before
+# an entry is dead-lettered, age after which it is, and the retry backoff.
+max_retries = 20
+expiry_s = 86400
+retry_min_ms = 1000
+retry_max_ms = 60000
 "#;
 
 /// The whole configuration of one refundgate process.
@@ -94,6 +126,97 @@ pub struct Config {
     /// Bounds of the server.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Upstream bank hosts.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Which upstream each merchant's requests go to.
+    #[serde(default)]
+    pub routes: RoutesConfig,
+    /// Store-and-forward of reversals.
+    #[serde(default)]
+    pub saf: SafConfig,
+}
+
+/// One `[[upstreams]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Name: route target and metric label.
+    pub name: String,
+    /// Addresses in priority order.
+    pub addrs: Vec<SocketAddr>,
+    /// Message dialect of the host.
+    #[serde(default = "default_dialect")]
+    pub dialect: Dialect,
+    /// Length header.
+    #[serde(default = "default_framing")]
+    pub framing: Framing,
+    /// TLS client settings.
+    #[serde(default)]
+    pub tls: UpstreamTlsConfig,
+    /// Name checked against the host's certificate; default: the address's IP.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// How long a forwarded request waits for its answer.
+    #[serde(default = "default_upstream_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Requests in flight on the link at once.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// Quiet time after which an echo is sent.
+    #[serde(default = "default_echo_interval_ms")]
+    pub echo_interval_ms: u64,
+    /// First reconnect delay.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+/// `tls = { ... }` of an upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA certificates the host's certificate must chain to.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain (mTLS).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM client private key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Accept any host certificate (the simulator's self-signed one). Dangerous: a
+    /// man-in-the-middle can read and answer everything.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// `[routes]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// Upstream of merchants not listed.
+    #[serde(default)]
+    pub default: Option<String>,
+    /// DE42 → upstream name.
+    #[serde(default)]
+    pub merchants: std::collections::BTreeMap<String, String>,
+}
+
+/// `[saf]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafConfig {
+    /// Sends without an accepted answer before an entry is dead-lettered.
+    pub max_retries: u32,
+    /// Age in seconds after which an entry is dead-lettered.
+    pub expiry_s: u64,
+    /// First retry delay.
+    pub retry_min_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
 }
 
 /// `[admin]`.
@@ -243,6 +366,9 @@ impl Default for Config {
             log: LogConfig::default(),
             listeners: default_listeners(),
             limits: LimitsConfig::default(),
+            upstreams: Vec::new(),
+            routes: RoutesConfig::default(),
+            saf: SafConfig::default(),
         }
     }
 }
@@ -315,7 +441,189 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(error("log.filter", e.to_string()));
         }
+        self.validate_upstreams()
+    }
+
+    /// `[[upstreams]]`, `[routes]` and `[saf]`: unique names, addresses, bounds, TLS files,
+    /// routes naming configured upstreams (a typo would otherwise answer 92 for a merchant).
+    fn validate_upstreams(&self) -> Result<(), ConfigError> {
+        if self.upstreams.len() > limits::UPSTREAMS_MAX {
+            return Err(error(
+                "upstreams",
+                format!("at most {} upstreams", limits::UPSTREAMS_MAX),
+            ));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            u.validate(i)?;
+            if self.upstreams[..i].iter().any(|o| o.name == u.name) {
+                return Err(error(
+                    format!("upstreams[{i}].name"),
+                    format!("{:?} is used twice", u.name),
+                ));
+            }
+        }
+        let known = |name: &str| self.upstreams.iter().any(|u| u.name == name);
+        if let Some(d) = self.routes.default.as_deref().filter(|d| !known(d)) {
+            return Err(error(
+                "routes.default",
+                format!("{d:?} names no [[upstreams]]"),
+            ));
+        }
+        for (merchant, name) in &self.routes.merchants {
+            if !known(name) {
+                return Err(error(
+                    format!("routes.merchants.{merchant}"),
+                    format!("{name:?} names no [[upstreams]]"),
+                ));
+            }
+        }
+        let s = &self.saf;
+        let max_ms = limits::TIMEOUT_HARD_MAX_MS;
+        if s.max_retries == 0 || s.max_retries > limits::SAF_RETRIES_HARD_MAX {
+            return Err(error(
+                "saf.max_retries",
+                format!(
+                    "{} is outside 1..={}",
+                    s.max_retries,
+                    limits::SAF_RETRIES_HARD_MAX
+                ),
+            ));
+        }
+        if s.expiry_s == 0 || s.expiry_s > limits::SAF_EXPIRY_HARD_MAX_S {
+            return Err(error(
+                "saf.expiry_s",
+                format!(
+                    "{} is outside 1..={}",
+                    s.expiry_s,
+                    limits::SAF_EXPIRY_HARD_MAX_S
+                ),
+            ));
+        }
+        if s.retry_min_ms == 0 || s.retry_min_ms > s.retry_max_ms || s.retry_max_ms > max_ms {
+            return Err(error(
+                "saf.retry_min_ms",
+                format!("need 1 <= retry_min_ms <= retry_max_ms <= {max_ms}"),
+            ));
+        }
         Ok(())
+    }
+}
+
+fn default_upstream_timeout_ms() -> u64 {
+    limits::UPSTREAM_TIMEOUT_DEFAULT_MS
+}
+
+fn default_max_pending() -> usize {
+    limits::UPSTREAM_PENDING_DEFAULT_MAX
+}
+
+fn default_echo_interval_ms() -> u64 {
+    limits::UPSTREAM_ECHO_INTERVAL_DEFAULT_MS
+}
+
+fn default_reconnect_min_ms() -> u64 {
+    100
+}
+
+fn default_reconnect_max_ms() -> u64 {
+    10_000
+}
+
+impl UpstreamConfig {
+    fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("upstreams[{index}].{k}");
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(error(key("name"), "1-64 characters of [A-Za-z0-9_-]"));
+        }
+        if self.addrs.is_empty() || self.addrs.len() > limits::UPSTREAM_ADDRS_MAX {
+            return Err(error(
+                key("addrs"),
+                format!("1 to {} addresses", limits::UPSTREAM_ADDRS_MAX),
+            ));
+        }
+        let max_ms = limits::TIMEOUT_HARD_MAX_MS;
+        for (k, v) in [
+            ("timeout_ms", self.timeout_ms),
+            ("echo_interval_ms", self.echo_interval_ms),
+            ("reconnect_min_ms", self.reconnect_min_ms),
+            ("reconnect_max_ms", self.reconnect_max_ms),
+        ] {
+            if v == 0 || v > max_ms {
+                return Err(error(key(k), format!("{v} is outside 1..={max_ms}")));
+            }
+        }
+        if self.timeout_ms >= limits::TERMINAL_TIMEOUT_MS {
+            return Err(error(
+                key("timeout_ms"),
+                format!(
+                    "{} must stay below the terminal's {} ms (DOMAIN §8)",
+                    self.timeout_ms,
+                    limits::TERMINAL_TIMEOUT_MS
+                ),
+            ));
+        }
+        if self.reconnect_min_ms > self.reconnect_max_ms {
+            return Err(error(key("reconnect_min_ms"), "above reconnect_max_ms"));
+        }
+        if self.max_pending == 0 || self.max_pending > limits::UPSTREAM_PENDING_HARD_MAX {
+            return Err(error(
+                key("max_pending"),
+                format!(
+                    "{} is outside 1..={}",
+                    self.max_pending,
+                    limits::UPSTREAM_PENDING_HARD_MAX
+                ),
+            ));
+        }
+        let tls = &self.tls;
+        match (&tls.ca, tls.insecure_skip_verify) {
+            (None, false) => {
+                return Err(error(
+                    key("tls.ca"),
+                    "set a CA, or insecure_skip_verify = true for a simulator",
+                ))
+            }
+            (Some(_), true) => {
+                return Err(error(
+                    key("tls.insecure_skip_verify"),
+                    "set either ca or insecure_skip_verify",
+                ))
+            }
+            _ => {}
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err(error(key("tls.cert"), "cert and key go together"));
+        }
+        for (name, path) in [
+            ("tls.ca", &tls.ca),
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+        ] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+                return Err(error(
+                    key(name),
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for SafConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 20,
+            expiry_s: 86_400,
+            retry_min_ms: 1_000,
+            retry_max_ms: 60_000,
+        }
     }
 }
 
@@ -581,6 +889,67 @@ max_frame_bytes = 65536
         assert_eq!(config.journal.durability, Durability::UnsafeNoFsync);
         let debug = format!("{config:?}");
         assert!(!debug.contains("0123456789ABCDEF"), "{debug}");
+    }
+
+    #[test]
+    fn upstreams_routes_and_saf_parse_and_routes_must_name_an_upstream() {
+        let text = r#"
+[[upstreams]]
+name = "bank_a"
+addrs = ["127.0.0.1:9683", "127.0.0.1:9685"]
+dialect = "cup_pos"
+timeout_ms = 300
+max_pending = 16
+tls = { insecure_skip_verify = true }
+[routes]
+default = "bank_a"
+merchants = { "MERCHANT 000001" = "bank_a" }
+[saf]
+max_retries = 3
+"#;
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(config.upstreams[0].addrs.len(), 2);
+        assert_eq!(config.upstreams[0].echo_interval_ms, 30_000);
+        assert_eq!(config.routes.default.as_deref(), Some("bank_a"));
+        assert_eq!(config.saf.max_retries, 3);
+        assert_eq!(config.saf.expiry_s, 86_400);
+        let cases = [
+            (
+                text.replace("default = \"bank_a\"", "default = \"nope\""),
+                "routes.default",
+            ),
+            (
+                text.replace("= \"bank_a\" }", "= \"nope\" }"),
+                "routes.merchants.MERCHANT 000001",
+            ),
+            (
+                text.replace(
+                    "insecure_skip_verify = true",
+                    "insecure_skip_verify = false",
+                ),
+                "upstreams[0].tls.ca",
+            ),
+            (
+                text.replace("max_pending = 16", "max_pending = 0"),
+                "upstreams[0].max_pending",
+            ),
+            (
+                text.replace("addrs = [", "addrs = [] #"),
+                "upstreams[0].addrs",
+            ),
+            (
+                text.replace("max_retries = 3", "max_retries = 0"),
+                "saf.max_retries",
+            ),
+            (
+                text.replace("timeout_ms = 300", "timeout_ms = 60000"),
+                "upstreams[0].timeout_ms",
+            ),
+        ];
+        for (bad, key) in cases {
+            let err = Config::from_toml(&bad).unwrap_err();
+            assert_eq!(err.key, key, "{bad} gave {err}");
+        }
     }
 
     #[test]

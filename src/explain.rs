@@ -223,6 +223,10 @@ fn sentence(r: Reason) -> (&'static str, &'static str) {
             "发卡方线路异常，请稍后重试。",
         ),
         Reason::HOST_TIMEOUT => ("The upstream host did not answer in time.", "发卡方超时。"),
+        Reason::HOST_DECLINED => (
+            "The upstream host declined the request; its response code is passed on.",
+            "发卡方拒绝交易，应答码为发卡方返回码。",
+        ),
         Reason::INTERNAL_ERROR => (
             "An internal error occurred; nothing was changed.",
             "系统内部错误，未做任何处理。",

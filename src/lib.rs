@@ -12,7 +12,9 @@
 //! - [`server`]: TLS listeners, connections (pipelining, limits, shutdown), admin HTTP.
 //! - [`config`]: the gateway's configuration, read once and validated before any bind.
 //! - [`telemetry`]: logging and Prometheus metrics.
-//! - [`cli`]: the command line (`decode`, `encode`, `serve`, …).
+//! - [`upstream`]: multiplexed TLS links to bank hosts, routing, persistent store-and-forward.
+//! - [`host_sim`]: `refundgate host`, a stand-in bank host with run-time fault controls.
+//! - [`cli`]: the command line (`decode`, `encode`, `serve`, `host`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
 //! - [`load`]: the load generator (`refundgate load`): scenario replay over TLS, every answer verified.
 pub mod cli;
@@ -21,6 +23,7 @@ pub mod config;
 pub mod explain;
 pub mod flow;
 pub mod frame;
+pub mod host_sim;
 pub mod iso8583;
 pub mod journal;
 pub mod ledger;
@@ -30,3 +33,4 @@ pub mod mac;
 pub mod serve;
 pub mod server;
 pub mod telemetry;
+pub mod upstream;

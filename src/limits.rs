@@ -65,3 +65,49 @@ const _: () = assert!(FRAME_BYTES_MIN <= FRAME_BYTES_DEFAULT_MAX);
 const _: () = assert!(SHUTDOWN_GRACE_DEFAULT_MS <= TIMEOUT_HARD_MAX_MS);
 const _: () = assert!(IDLE_TIMEOUT_DEFAULT_MS <= TIMEOUT_HARD_MAX_MS);
 const _: () = assert!(HANDSHAKE_TIMEOUT_DEFAULT_MS <= TIMEOUT_HARD_MAX_MS);
+
+/// Default `upstreams[].timeout_ms` (DOMAIN §8): well below a terminal's ~60 s, so the terminal
+/// gets 91/98 before it gives up.
+pub const UPSTREAM_TIMEOUT_DEFAULT_MS: u64 = 30_000;
+/// A terminal's own timeout (about 60 s, DOMAIN §1); the upstream budget must stay below it.
+pub const TERMINAL_TIMEOUT_MS: u64 = 60_000;
+/// Default `upstreams[].max_pending`: requests in flight on one link.
+pub const UPSTREAM_PENDING_DEFAULT_MAX: usize = 1024;
+/// Largest `upstreams[].max_pending`.
+pub const UPSTREAM_PENDING_HARD_MAX: usize = 65_536;
+/// Default `upstreams[].echo_interval_ms`.
+pub const UPSTREAM_ECHO_INTERVAL_DEFAULT_MS: u64 = 30_000;
+/// Most `[[upstreams]]`.
+pub const UPSTREAMS_MAX: usize = 32;
+/// Most addresses of one upstream.
+pub const UPSTREAM_ADDRS_MAX: usize = 8;
+/// Largest `saf.max_retries`.
+pub const SAF_RETRIES_HARD_MAX: u32 = 10_000;
+/// Largest `saf.expiry_s` (30 days).
+pub const SAF_EXPIRY_HARD_MAX_S: u64 = 30 * 86_400;
+
+const _: () = assert!(UPSTREAM_TIMEOUT_DEFAULT_MS < TERMINAL_TIMEOUT_MS);
+const _: () = assert!(UPSTREAM_PENDING_DEFAULT_MAX <= UPSTREAM_PENDING_HARD_MAX);
+
+/// Entries waiting at once; beyond it an enqueue fails (and is logged as an error).
+pub const SAF_PENDING_MAX: usize = 100_000;
+/// Dead letters kept in memory for `saf list` and the admin; older ones are only counted.
+pub const SAF_DEAD_LETTERS_KEPT_MAX: usize = 10_000;
+/// Entries sent at once by the worker.
+pub const SAF_IN_FLIGHT_MAX: usize = 64;
+/// Largest stored message.
+pub const SAF_BODY_BYTES_MAX: usize = 4096;
+/// Size of the SAF journal's segment files (it holds only reversals and advices).
+pub const SAF_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// Records appended between two snapshots of the queue.
+pub const SAF_SNAPSHOT_RECORDS: u64 = 4096;
+/// Largest frame read from or written to an upstream host.
+pub const UPSTREAM_FRAME_BYTES_MAX: usize = 8192;
+/// Longest a TCP connect plus TLS handshake to a host may take (also bounded by its timeout).
+pub const UPSTREAM_CONNECT_TIMEOUT_MAX_MS: u64 = 5_000;
+/// How many request timeouts a timed-out key stays quarantined on its link.
+pub const UPSTREAM_QUARANTINE_TIMEOUTS: u32 = 4;
+
+const _: () = assert!(SAF_IN_FLIGHT_MAX <= SAF_PENDING_MAX);
+const _: () = assert!(SAF_BODY_BYTES_MAX <= u16::MAX as usize);
+const _: () = assert!(UPSTREAM_FRAME_BYTES_MAX <= FRAME_BYTES_HARD_MAX);

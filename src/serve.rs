@@ -14,6 +14,7 @@ use crate::ledger::{Dialect, Ledger, LedgerEvent, MerchantSet, PanKey};
 use crate::mac::{MacAlgorithm, MacKey};
 use crate::server::{self, Server};
 use crate::telemetry;
+use crate::upstream;
 
 /// Arguments of `serve`.
 #[derive(Debug, clap::Args)]
@@ -49,10 +50,12 @@ fn usage(message: impl Into<String>) -> StartError {
 pub struct Prepared {
     /// The validated configuration.
     pub config: Config,
-    /// The decision engine.
-    pub gateway: Arc<Gateway>,
+    /// The decision engine (without its upstreams, which start inside the runtime).
+    pub gateway: Gateway,
     /// The open journal (kept alive for the process).
     pub journal: Arc<Journal>,
+    /// Upstream links and the recovered SAF queue, when `[[upstreams]]` are configured.
+    pub upstreams: Option<upstream::Plan>,
 }
 
 /// Loads configuration and merchants, opens and replays the journal.
@@ -139,10 +142,19 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         Arc::new(SystemClock),
         links,
     );
+    let upstreams =
+        upstream::Plan::from_config(&config, Arc::new(SystemClock)).map_err(|e| StartError {
+            code: match e {
+                upstream::PlanError::Config(_) => EXIT_USAGE,
+                upstream::PlanError::Store(_) => EXIT_IOERR,
+            },
+            message: e.to_string(),
+        })?;
     Ok(Prepared {
         config,
-        gateway: Arc::new(gateway),
+        gateway,
         journal,
+        upstreams,
     })
 }
 
@@ -269,16 +281,25 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     let result = runtime.block_on(async move {
         let server = Server::bind(prepared.config).await?;
         server.readiness().set_merchants_loaded(true);
+        let mut gateway = prepared.gateway;
+        let upstreams = prepared.upstreams.map(|plan| Arc::new(plan.start()));
+        if let Some(u) = &upstreams {
+            gateway = gateway.with_upstreams(Arc::clone(u));
+        }
+        let gateway = Arc::new(gateway);
         let snapshots = tokio::spawn(snapshot_loop(
-            Arc::clone(&prepared.gateway),
+            Arc::clone(&gateway),
             Arc::clone(&prepared.journal),
             snapshot_every,
         ));
-        let result = server
-            .run(Arc::clone(&prepared.gateway), server::shutdown::signal())
+        let served = server
+            .run(Arc::clone(&gateway), server::shutdown::signal())
             .await;
         snapshots.abort();
-        result
+        if let Some(u) = upstreams {
+            u.shutdown().await;
+        }
+        served
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

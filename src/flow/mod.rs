@@ -24,6 +24,7 @@ use crate::ledger::{
 use crate::mac::{self, MacKey};
 use crate::server::{Dispatch, Handled, RequestCtx};
 use crate::telemetry;
+use crate::upstream::{Upstreams, Verdict};
 pub use classify::{classify, Kind, Shape};
 
 /// How one listener's messages are read and protected.
@@ -77,6 +78,7 @@ pub struct Gateway {
     journal: Option<Arc<Journal>>,
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
+    upstreams: Option<Arc<Upstreams>>,
 }
 
 /// What the gateway tells the log and metrics about one request.
@@ -104,6 +106,7 @@ impl Gateway {
             journal,
             clock,
             links,
+            upstreams: None,
         }
     }
 
@@ -117,6 +120,12 @@ impl Gateway {
         let mut bytes = Vec::with_capacity(1 << 20);
         self.ledger.snapshot(&mut bytes);
         Some((seq, bytes))
+    }
+
+    /// The same gateway forwarding routed merchants' requests to `upstreams` (DOMAIN §8).
+    pub fn with_upstreams(mut self, upstreams: Arc<Upstreams>) -> Gateway {
+        self.upstreams = Some(upstreams);
+        self
     }
 
     /// The ledger, for admin calls and tests.
@@ -227,10 +236,15 @@ impl Gateway {
             Ok(r) => r,
             Err(d) => return self.answer(l, msg, kind, &d, rrn),
         };
+        let (reservation, forwarded) = match self.forward(l, msg, kind, reservation).await {
+            Ok(r) => r,
+            Err(answered) => return answered,
+        };
         let _gate = self.commit_gate.read().await;
         if let Err(e) = self.journal_event(reservation.event()).await {
             tracing::warn!(error = %e, "journal append failed; answering 96");
             self.ledger.release(reservation);
+            self.reverse_forwarded(l, msg, forwarded).await;
             return self.answer(
                 l,
                 msg,
@@ -240,7 +254,53 @@ impl Gateway {
             );
         }
         let d = self.ledger.commit(reservation);
+        if !d.is_approved() {
+            self.reverse_forwarded(l, msg, forwarded).await;
+        }
         self.answer(l, msg, kind, &d, rrn)
+    }
+
+    /// DOMAIN §5 row 14: a routed merchant's request goes to its host between reserve and
+    /// commit. `Ok` gives the reservation back to commit, and whether the host approved it
+    /// (then a failure to commit must reverse it at the host); `Err` is the answer (the
+    /// reservation released or declined). The logic is in [`crate::upstream`].
+    async fn forward(
+        &self,
+        l: &Link,
+        msg: &Message<'_>,
+        kind: Kind,
+        r: ledger::Reservation,
+    ) -> Result<(ledger::Reservation, bool), (BytesMut, Decision)> {
+        let Some(upstreams) = &self.upstreams else {
+            return Ok((r, false));
+        };
+        let reason = match upstreams.forward(l.dialect, msg, kind).await {
+            Verdict::Local => return Ok((r, false)),
+            Verdict::Approved => return Ok((r, true)),
+            Verdict::Declined(code) => {
+                let _gate = self.commit_gate.read().await;
+                let (d, event) = self.ledger.decline(r, Reason::HOST_DECLINED);
+                if let Err(e) = self.journal_event(&event).await {
+                    tracing::warn!(error = %e, "journal append of a host decline failed");
+                }
+                let mut out = BytesMut::with_capacity(256);
+                render::host_declined(l, msg, kind, &d, &code, &mut out);
+                return Err((out, d));
+            }
+            Verdict::Unreachable => Reason::HOST_UNREACHABLE,
+            Verdict::Timeout => Reason::HOST_TIMEOUT,
+            Verdict::NoRoute => Reason::NO_ROUTE,
+        };
+        self.ledger.release(r);
+        Err(self.answer(l, msg, kind, &Decision::bare(reason), None))
+    }
+
+    /// A request the host approved but that is not answered 00 (journal failure, or a decline
+    /// at commit) is reversed at the host through the SAF queue.
+    async fn reverse_forwarded(&self, l: &Link, msg: &Message<'_>, forwarded: bool) {
+        if let (true, Some(upstreams)) = (forwarded, &self.upstreams) {
+            upstreams.reverse(l.dialect, msg).await;
+        }
     }
 
     async fn journal_event(&self, event: &LedgerEvent) -> Result<(), String> {

@@ -23,6 +23,35 @@ pub(super) fn response(
     batch: Option<u32>,
     out: &mut BytesMut,
 ) {
+    let code = d.de39(l.dialect).as_bytes();
+    render(l, req, kind, d, code, sale_rrn, batch, out);
+}
+
+/// Writes the decline of `req` by an upstream host into `out`: DE39 is the host's `code`
+/// (the reason table cannot carry it), DE44 `HOST_DECLINED`.
+pub(super) fn host_declined(
+    l: &Link,
+    req: &Message<'_>,
+    kind: Kind,
+    d: &Decision,
+    code: &[u8; 2],
+    out: &mut BytesMut,
+) {
+    render(l, req, kind, d, code, None, None, out);
+}
+
+// One private renderer behind the two entry points; the arguments are the parts of a response.
+#[allow(clippy::too_many_arguments)]
+fn render(
+    l: &Link,
+    req: &Message<'_>,
+    kind: Kind,
+    d: &Decision,
+    code: &[u8],
+    sale_rrn: Option<[u8; 12]>,
+    batch: Option<u32>,
+    out: &mut BytesMut,
+) {
     let mut fields: FieldList<'_, 32> = FieldList::new();
     let echo = match (d.reason == Reason::FORMAT_ERROR, l.dialect) {
         (true, _) => ECHO_FORMAT_ERROR,
@@ -55,8 +84,7 @@ pub(super) fn response(
         );
         let _ = fields.set(38, Value::Text(&auth));
     }
-    let code = d.de39(l.dialect);
-    let _ = fields.set(39, Value::Text(code.as_bytes()));
+    let _ = fields.set(39, Value::Text(code));
     let reason = d.reason.as_str();
     let _ = fields.set(44, Value::Text(reason.as_bytes()));
     let de54 = if matches!(kind, Kind::Refund | Kind::Void) {

@@ -32,7 +32,7 @@ const fn row(name: &'static str, iso: &'static str, cup: &'static str) -> Row {
 }
 
 /// Indexed by `Reason.0`; the order follows DOMAIN §5 rows 1–14, then the two unnumbered rows.
-const TABLE: [Row; 42] = [
+const TABLE: [Row; 43] = [
     row("APPROVED", "00", "00"),
     row("FORMAT_ERROR", "30", "30"),
     row("MAC_INVALID", "63", "A0"),
@@ -76,6 +76,9 @@ const TABLE: [Row; 42] = [
     row("REVERSAL_NOTHING_TO_UNDO", "00", "00"),
     row("REVERSED_BEFORE_COMMIT", "22", "22"),
     row("REVERSAL_APPLIED", "00", "00"),
+    // Row 14, appended so journaled reason numbers stay stable. The host's own DE39 is what the
+    // terminal sees (the flow layer passes it through); 05 is the code when it is unknown.
+    row("HOST_DECLINED", "05", "05"),
 ];
 
 impl Reason {
@@ -163,6 +166,8 @@ impl Reason {
     pub const REVERSED_BEFORE_COMMIT: Reason = Reason(40);
     /// 00: a reversal undid its original.
     pub const REVERSAL_APPLIED: Reason = Reason(41);
+    /// Row 14: the upstream host declined; DE39 carries the host's code (05 when unknown).
+    pub const HOST_DECLINED: Reason = Reason(42);
 
     /// Every known reason, in table order.
     pub fn all() -> impl Iterator<Item = Reason> {

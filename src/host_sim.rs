@@ -1,0 +1,978 @@
+//! `refundgate host`: a stand-in bank host over TLS, for tests, demos and fault drills.
+//!
+//! It speaks both dialects (one listener per dialect), approves by default (echoing DE 3, 4,
+//! 11, 12, 13, 37, 41, 42 and adding DE 38 and DE 39 `00`), answers sign-on and echo, and
+//! applies reversals idempotently (the first reversal of a (DE41, DE11) applies, repeats are
+//! answered 00 again). Its [`Faults`] come from flags and can be changed at run time through a
+//! small admin endpoint:
+//!
+//! - `GET /faults` → the fault set as JSON; `POST /faults` with a JSON body replaces it (keys
+//!   left out mean "no fault"): `{"latency_ms":0,"latency_max_ms":0,"drop_percent":0,
+//!   "decline":null,"close_after":null,"no_echo":false}`.
+//! - `GET /stats` → counters and the reversals received per (DE41, DE11).
+//!
+//! Each request is answered by its own task after its latency, so with a random latency
+//! pipelined requests are answered out of order (what a multiplexed link must cope with).
+//! Everything is bounded: answers in flight per connection, connections, tracked reversal keys,
+//! admin bodies.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::config::{Dialect, TlsConfig};
+use crate::frame::{Frame, FrameCodec, Framing};
+use crate::iso8583::{self, FieldList, Message, Spec, Value};
+use crate::server::tls;
+
+/// Answers in flight on one host connection; requests beyond it wait to be read.
+pub const HOST_IN_FLIGHT_PER_CONNECTION_MAX: usize = 4096;
+/// Connections the host serves at once over all listeners.
+pub const HOST_CONNECTIONS_MAX: usize = 256;
+/// (DE41, DE11) keys whose reversals are tracked in the stats; more are only counted.
+pub const HOST_REVERSAL_KEYS_MAX: usize = 100_000;
+/// Largest admin request body (a fault set is a few dozen bytes).
+pub const HOST_ADMIN_BODY_BYTES_MAX: usize = 4096;
+/// Longest latency a fault set may ask for (one hour).
+pub const HOST_LATENCY_MAX_MS: u64 = 3_600_000;
+/// Largest frame the host reads or writes.
+const HOST_FRAME_BYTES_MAX: usize = 8192;
+/// Admin connections served at once.
+const HOST_ADMIN_CONNECTIONS_MAX: usize = 16;
+
+/// The faults the host injects; all off by default (an always-approving host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Delay before each answer to a financial request or reversal, in milliseconds (the lower
+    /// bound when `latency_max_ms` is larger). Sign-on and echo are answered at once (use
+    /// `no_echo` to fail liveness).
+    pub latency_ms: u64,
+    /// When above `latency_ms`, each answer waits a uniformly random delay in
+    /// `latency_ms..=latency_max_ms` (answers then come out of order).
+    pub latency_max_ms: u64,
+    /// Percentage (0–100) of requests silently dropped (never answered). Network management
+    /// is never dropped.
+    pub drop_percent: u8,
+    /// Answer financial requests (02xx) with this DE39 instead of `00`. Reversals are still
+    /// approved.
+    pub decline: Option<String>,
+    /// Close each connection after it has carried this many requests.
+    pub close_after: Option<u64>,
+    /// Leave echo tests (network code 301) unanswered.
+    pub no_echo: bool,
+}
+
+/// Counters of what the host received and answered, as `GET /stats` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Messages received (all kinds).
+    pub requests: u64,
+    /// Financial requests (02xx) received.
+    pub financial: u64,
+    /// Financial requests answered `00`.
+    pub approved: u64,
+    /// Financial requests answered with the `decline` code.
+    pub declined: u64,
+    /// Requests dropped by `drop_percent`.
+    pub dropped: u64,
+    /// Sign-ons answered.
+    pub sign_ons: u64,
+    /// Echo tests received.
+    pub echoes: u64,
+    /// Reversals (04xx) received.
+    pub reversals_received: u64,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections closed by `close_after`.
+    pub closed_by_fault: u64,
+    /// Reversals of keys beyond [`HOST_REVERSAL_KEYS_MAX`] (counted, not tracked).
+    pub reversals_untracked: u64,
+    /// Reversals per (DE41, DE11), sorted by key.
+    pub reversals: Vec<ReversalCount>,
+}
+
+/// Reversals the host received for one (DE41, DE11).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReversalCount {
+    /// DE41 of the reversal.
+    pub terminal: String,
+    /// DE11 of the reversal (the reversed request's STAN).
+    pub stan: u32,
+    /// Reversals and repeats received and answered (not dropped).
+    pub answered: u32,
+    /// Reversals dropped by `drop_percent`.
+    pub dropped: u32,
+}
+
+/// One listener of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostListener {
+    /// Address to bind (port 0: any free port).
+    pub addr: SocketAddr,
+    /// Dialect spoken on it.
+    pub dialect: Dialect,
+    /// Length header.
+    pub framing: Framing,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    /// One entry per listening socket.
+    pub listeners: Vec<HostListener>,
+    /// Admin HTTP address (`None`: no admin endpoint).
+    pub admin: Option<SocketAddr>,
+    /// The faults at start.
+    pub faults: Faults,
+}
+
+/// The run-time controls of a host: shared by the listeners, the admin endpoint and tests.
+#[derive(Debug, Clone)]
+pub struct HostControl(Arc<HostState>);
+
+#[derive(Debug)]
+struct HostState {
+    faults: Mutex<Faults>,
+    counters: Mutex<Stats>,
+    reversals: Mutex<HashMap<(String, u32), ReversalCount>>,
+    auth_seq: AtomicU64,
+}
+
+/// A host whose sockets are bound; [`Host::run`] serves them.
+pub struct Host {
+    listeners: Vec<(TcpListener, HostListener)>,
+    admin: Option<TcpListener>,
+    acceptor: TlsAcceptor,
+    cert_der: CertificateDer<'static>,
+    cert_sha256: String,
+    control: HostControl,
+}
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A socket could not be bound.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration could not be built.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The options are unusable.
+    #[error("{0}")]
+    Usage(String),
+}
+
+// === impl Faults ===
+
+impl Faults {
+    /// Checks the bounds serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.drop_percent > 100 {
+            return Err(format!("drop_percent {} is above 100", self.drop_percent));
+        }
+        if self.latency_ms.max(self.latency_max_ms) > HOST_LATENCY_MAX_MS {
+            return Err(format!("latency above {HOST_LATENCY_MAX_MS} ms"));
+        }
+        if let Some(code) = &self.decline {
+            if code.len() != 2 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(format!(
+                    "decline {code:?} is not a 2-character response code"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn latency(&self) -> Duration {
+        let ms = if self.latency_max_ms > self.latency_ms {
+            rand::random_range(self.latency_ms..=self.latency_max_ms)
+        } else {
+            self.latency_ms
+        };
+        Duration::from_millis(ms)
+    }
+
+    fn drops(&self) -> bool {
+        self.drop_percent > 0 && rand::random_range(0u8..100) < self.drop_percent
+    }
+}
+
+// === impl HostControl ===
+
+impl HostControl {
+    fn new(faults: Faults) -> HostControl {
+        HostControl(Arc::new(HostState {
+            faults: Mutex::new(faults),
+            counters: Mutex::new(Stats::default()),
+            reversals: Mutex::new(HashMap::new()),
+            auth_seq: AtomicU64::new(1),
+        }))
+    }
+
+    /// The current fault set.
+    pub fn faults(&self) -> Faults {
+        self.0.faults.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the fault set (it applies to requests read from now on).
+    pub fn set_faults(&self, faults: Faults) -> Result<(), String> {
+        faults.validate()?;
+        if let Ok(mut f) = self.0.faults.lock() {
+            *f = faults;
+        }
+        Ok(())
+    }
+
+    /// A copy of the counters, reversals sorted by (DE41, DE11).
+    pub fn stats(&self) -> Stats {
+        let mut stats = self
+            .0
+            .counters
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        if let Ok(map) = self.0.reversals.lock() {
+            stats.reversals = map.values().cloned().collect();
+        }
+        stats
+            .reversals
+            .sort_by(|a, b| (&a.terminal, a.stan).cmp(&(&b.terminal, b.stan)));
+        stats
+    }
+
+    /// Reversals answered for (`terminal`, `stan`).
+    pub fn reversals_answered(&self, terminal: &str, stan: u32) -> u32 {
+        self.0
+            .reversals
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(terminal.to_string(), stan)).map(|r| r.answered))
+            .unwrap_or(0)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Stats)) {
+        if let Ok(mut s) = self.0.counters.lock() {
+            f(&mut s);
+        }
+    }
+
+    fn count_reversal(&self, terminal: &str, stan: u32, dropped: bool) {
+        let Ok(mut map) = self.0.reversals.lock() else {
+            return;
+        };
+        let key = (terminal.to_string(), stan);
+        if !map.contains_key(&key) && map.len() >= HOST_REVERSAL_KEYS_MAX {
+            drop(map);
+            self.count(|s| s.reversals_untracked += 1);
+            return;
+        }
+        let entry = map.entry(key).or_insert_with(|| ReversalCount {
+            terminal: terminal.to_string(),
+            stan,
+            ..ReversalCount::default()
+        });
+        if dropped {
+            entry.dropped += 1;
+        } else {
+            entry.answered += 1;
+        }
+    }
+}
+
+// === impl Host ===
+
+impl Host {
+    /// Validates `options`, generates the self-signed certificate (its SHA-256 is logged) and
+    /// binds every socket.
+    pub async fn bind(options: HostOptions) -> Result<Host, HostError> {
+        options.faults.validate().map_err(HostError::Usage)?;
+        if options.listeners.is_empty() {
+            return Err(HostError::Usage("at least one listener is needed".into()));
+        }
+        let mut self_signed = None;
+        let tls = tls::listener_tls(&TlsConfig::default(), 0, &mut self_signed)
+            .map_err(|e| HostError::Tls(e.to_string()))?;
+        let mut listeners = Vec::with_capacity(options.listeners.len());
+        for l in &options.listeners {
+            let tcp = bind(l.addr).await?;
+            let addr = tcp.local_addr().map_err(|source| HostError::Bind {
+                addr: l.addr,
+                source,
+            })?;
+            tracing::info!(%addr, dialect = l.dialect.as_str(), cert_sha256 = %tls.cert_sha256, "host listening");
+            listeners.push((tcp, HostListener { addr, ..*l }));
+        }
+        let admin = match options.admin {
+            Some(addr) => {
+                let tcp = bind(addr).await?;
+                tracing::info!(addr = ?tcp.local_addr().ok(), "host admin http listening");
+                Some(tcp)
+            }
+            None => None,
+        };
+        Ok(Host {
+            listeners,
+            admin,
+            acceptor: tls.acceptor,
+            cert_der: tls.cert_der,
+            cert_sha256: tls.cert_sha256,
+            control: HostControl::new(options.faults),
+        })
+    }
+
+    /// The bound listeners (real ports), in option order.
+    pub fn listeners(&self) -> Vec<HostListener> {
+        self.listeners.iter().map(|(_, l)| *l).collect()
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// The certificate every listener presents (DER), for a client to trust.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.cert_der.clone()
+    }
+
+    /// Lower-case hex SHA-256 of [`Host::cert_der`].
+    pub fn cert_sha256(&self) -> &str {
+        &self.cert_sha256
+    }
+
+    /// The run-time controls (faults, stats).
+    pub fn control(&self) -> HostControl {
+        self.control.clone()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection at once (a host that
+    /// goes away does not drain).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(HOST_CONNECTIONS_MAX));
+        let mut tasks = JoinSet::new();
+        for (tcp, l) in self.listeners {
+            tasks.spawn(accept_loop(
+                tcp,
+                l,
+                self.acceptor.clone(),
+                self.control.clone(),
+                slots.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        if let Some(admin) = self.admin {
+            tasks.spawn(admin_loop(admin, self.control.clone(), stop_rx.clone()));
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        tasks.shutdown().await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, HostError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HostError::Bind { addr, source })
+}
+
+async fn accept_loop(
+    tcp: TcpListener,
+    l: HostListener,
+    acceptor: TlsAcceptor,
+    control: HostControl,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            a = tcp.accept() => a,
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // Too many connections: dropped at once.
+        };
+        control.count(|s| s.connections += 1);
+        let acceptor = acceptor.clone();
+        let control = control.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, l, acceptor, control).await;
+        });
+    }
+    conns.shutdown().await;
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    l: HostListener,
+    acceptor: TlsAcceptor,
+    control: HostControl,
+) {
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await;
+    let Ok(Ok(tls)) = handshake else {
+        return;
+    };
+    let cup = l.dialect.has_cup_header();
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FramedRead::new(r, FrameCodec::new(l.framing, cup, HOST_FRAME_BYTES_MAX));
+    let mut writer = FramedWrite::new(w, FrameCodec::new(l.framing, cup, HOST_FRAME_BYTES_MAX));
+    let (tx, mut rx) = mpsc::channel::<Frame>(64);
+    let in_flight = Arc::new(Semaphore::new(HOST_IN_FLIGHT_PER_CONNECTION_MAX));
+    let mut answers = JoinSet::new();
+    let spec = spec_of(l.dialect);
+    let mut carried = 0u64;
+    loop {
+        tokio::select! {
+            frame = reader.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                while answers.try_join_next().is_some() {}
+                carried += 1;
+                let faults = control.faults();
+                if faults.close_after.is_some_and(|n| carried > n) {
+                    // Answer what is in flight, then close without reading this one.
+                    control.count(|s| s.closed_by_fault += 1);
+                    drop(tx);
+                    let drain = async {
+                        while let Some(reply) = rx.recv().await {
+                            if writer.send(reply).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+                    break;
+                }
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let (tx, control) = (tx.clone(), control.clone());
+                answers.spawn(async move {
+                    let _permit = permit;
+                    if let Some(reply) = answer(spec, &frame, &faults, &control).await {
+                        let _ = tx.send(reply).await;
+                    }
+                });
+            }
+            Some(reply) = rx.recv() => {
+                if writer.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    answers.shutdown().await;
+}
+
+fn spec_of(dialect: Dialect) -> &'static Spec {
+    match dialect {
+        Dialect::Ascii1987 => &iso8583::ASCII1987,
+        Dialect::CupPos => &iso8583::CUP_POS,
+    }
+}
+
+/// Decides and renders the answer to one frame after its latency; `None`: no answer.
+async fn answer(
+    spec: &'static Spec,
+    frame: &Frame,
+    faults: &Faults,
+    control: &HostControl,
+) -> Option<Frame> {
+    let Frame::Message { body, .. } = frame else {
+        return None;
+    };
+    control.count(|s| s.requests += 1);
+    let msg = iso8583::decode(spec, body).ok()?;
+    let mti = msg.mti();
+    if !mti.is_request() {
+        return None;
+    }
+    let network = mti.class() == 8;
+    if !network && faults.drops() {
+        control.count(|s| s.dropped += 1);
+        if mti.class() == 4 {
+            control.count(|s| s.reversals_received += 1);
+            let (t, stan) = (msg.terminal().unwrap_or(""), msg.stan().unwrap_or(0));
+            control.count_reversal(t, stan, true);
+        }
+        return None;
+    }
+    let delay = if network {
+        Duration::ZERO
+    } else {
+        faults.latency()
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut out = BytesMut::with_capacity(256);
+    let rendered = match mti.class() {
+        8 => network_answer(&msg, faults, control, &mut out),
+        4 => {
+            control.count(|s| s.reversals_received += 1);
+            let (t, stan) = (msg.terminal().unwrap_or(""), msg.stan().unwrap_or(0));
+            control.count_reversal(t, stan, false);
+            financial_answer(&msg, "00", None, &mut out)
+        }
+        2 => {
+            control.count(|s| s.financial += 1);
+            let code = faults.decline.as_deref().unwrap_or("00");
+            if code == "00" {
+                control.count(|s| s.approved += 1);
+            } else {
+                control.count(|s| s.declined += 1);
+            }
+            let auth = control.0.auth_seq.fetch_add(1, Ordering::Relaxed) % 1_000_000;
+            financial_answer(&msg, code, Some(auth), &mut out)
+        }
+        _ => None,
+    };
+    rendered?;
+    Some(frame.reply(out.freeze()))
+}
+
+/// Sign-on and echo answers: DE 7, 11, 41, 42, 60, 70 echoed, DE39 `00`.
+fn network_answer(
+    msg: &Message<'_>,
+    faults: &Faults,
+    control: &HostControl,
+    out: &mut BytesMut,
+) -> Option<()> {
+    let code = msg
+        .network_code()
+        .or_else(|| msg.cup60().and_then(|c| c.network_code));
+    if code == Some(301) {
+        control.count(|s| s.echoes += 1);
+        if faults.no_echo {
+            return None;
+        }
+    } else {
+        control.count(|s| s.sign_ons += 1);
+    }
+    let mut fields: FieldList<'_, 12> = FieldList::new();
+    for n in [7, 11, 41, 42, 60, 70] {
+        fields.echo(msg, n).ok()?;
+    }
+    fields.set(39, Value::Text(b"00")).ok()?;
+    iso8583::encode(msg.spec(), msg.mti().response(), fields.as_slice(), out).ok()
+}
+
+/// Financial and reversal answers: DE 3, 4, 11, 12, 13, 37, 41, 42 echoed, DE38 on approval
+/// of a financial request, DE39 `code`.
+fn financial_answer(
+    msg: &Message<'_>,
+    code: &str,
+    auth: Option<u64>,
+    out: &mut BytesMut,
+) -> Option<()> {
+    let mut fields: FieldList<'_, 16> = FieldList::new();
+    for n in [3, 4, 11, 12, 13, 37, 41, 42] {
+        fields.echo(msg, n).ok()?;
+    }
+    let rrn = format!("{:012}", msg.stan().unwrap_or(0));
+    if !msg.has(37) {
+        fields.set(37, Value::Text(rrn.as_bytes())).ok()?;
+    }
+    let auth_text = auth.map(|a| format!("{a:06}"));
+    if let (Some(a), "00") = (&auth_text, code) {
+        fields.set(38, Value::Text(a.as_bytes())).ok()?;
+    }
+    fields.set(39, Value::Text(code.as_bytes())).ok()?;
+    iso8583::encode(msg.spec(), msg.mti().response(), fields.as_slice(), out).ok()
+}
+
+// === admin ===
+
+async fn admin_loop(tcp: TcpListener, control: HostControl, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(HOST_ADMIN_CONNECTIONS_MAX));
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            a = tcp.accept() => a,
+        };
+        while conns.try_join_next().is_some() {}
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let control = control.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let control = control.clone();
+                async move { Ok::<_, Infallible>(admin_respond(req, &control).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+    conns.shutdown().await;
+}
+
+async fn admin_respond(req: Request<Incoming>, control: &HostControl) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/faults") => json(StatusCode::OK, &control.faults()),
+        (&Method::GET, "/stats") => json(StatusCode::OK, &control.stats()),
+        (&Method::POST, "/faults") => {
+            let body = match Limited::new(req.into_body(), HOST_ADMIN_BODY_BYTES_MAX)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+            };
+            let faults: Faults = match serde_json::from_slice(&body) {
+                Ok(f) => f,
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            };
+            match control.set_faults(faults) {
+                Ok(()) => {
+                    tracing::info!(faults = ?control.faults(), "host faults changed");
+                    json(StatusCode::OK, &control.faults())
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+}
+
+// === command line ===
+
+/// Arguments of `refundgate host`.
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// A TOML file with `listeners`, `admin` and `[faults]`; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address of the first listener; further `--dialect`s listen on the following ports.
+    #[arg(long, default_value = "127.0.0.1:9683")]
+    pub addr: SocketAddr,
+    /// Dialect(s) to serve, one listener each: ascii1987, cup_pos (repeatable).
+    #[arg(long, value_parser = parse_dialect)]
+    pub dialect: Vec<Dialect>,
+    /// Fixed latency before each answer.
+    #[arg(long, conflicts_with = "latency_random")]
+    pub latency_ms: Option<u64>,
+    /// Random latency per answer, `A..B` milliseconds (answers come out of order).
+    #[arg(long, value_parser = parse_range)]
+    pub latency_random: Option<(u64, u64)>,
+    /// Percentage of requests left unanswered.
+    #[arg(long)]
+    pub drop_percent: Option<u8>,
+    /// Answer financial requests with this DE39 instead of 00.
+    #[arg(long)]
+    pub decline: Option<String>,
+    /// Close each connection after this many requests.
+    #[arg(long)]
+    pub close_after: Option<u64>,
+    /// Leave echo tests unanswered.
+    #[arg(long)]
+    pub no_echo: bool,
+    /// Admin HTTP address (`GET/POST /faults`, `GET /stats`).
+    #[arg(long, default_value = "127.0.0.1:9684")]
+    pub admin: SocketAddr,
+    /// Also write the self-signed certificate (PEM) here, for a gateway's `tls.ca`.
+    #[arg(long)]
+    pub cert_out: Option<PathBuf>,
+}
+
+/// `refundgate host --config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct HostFile {
+    listeners: Vec<HostFileListener>,
+    admin: Option<SocketAddr>,
+    faults: Faults,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostFileListener {
+    addr: SocketAddr,
+    dialect: Dialect,
+    #[serde(default = "binary2")]
+    framing: Framing,
+}
+
+fn binary2() -> Framing {
+    Framing::Binary2
+}
+
+fn parse_dialect(s: &str) -> Result<Dialect, String> {
+    match s {
+        "ascii1987" => Ok(Dialect::Ascii1987),
+        "cup_pos" => Ok(Dialect::CupPos),
+        other => Err(format!("unknown dialect {other:?} (ascii1987 or cup_pos)")),
+    }
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once("..").ok_or("expected A..B")?;
+    let a: u64 = a.trim().parse().map_err(|_| "A is not a number")?;
+    let b: u64 = b.trim().parse().map_err(|_| "B is not a number")?;
+    if a > b {
+        return Err("A is above B".into());
+    }
+    Ok((a, b))
+}
+
+impl HostArgs {
+    /// The options these arguments (and the `--config` file) ask for.
+    pub fn options(&self) -> Result<HostOptions, String> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                toml::from_str::<HostFile>(&text)
+                    .map_err(|e| format!("{}: {}", path.display(), e.message()))?
+            }
+            None => HostFile::default(),
+        };
+        let mut faults = file.faults;
+        if let Some(ms) = self.latency_ms {
+            faults.latency_ms = ms;
+            faults.latency_max_ms = 0;
+        }
+        if let Some((a, b)) = self.latency_random {
+            faults.latency_ms = a;
+            faults.latency_max_ms = b;
+        }
+        if let Some(p) = self.drop_percent {
+            faults.drop_percent = p;
+        }
+        if self.decline.is_some() {
+            faults.decline = self.decline.clone();
+        }
+        if self.close_after.is_some() {
+            faults.close_after = self.close_after;
+        }
+        faults.no_echo |= self.no_echo;
+        faults.validate()?;
+        let listeners = if !self.dialect.is_empty() || file.listeners.is_empty() {
+            let dialects = if self.dialect.is_empty() {
+                vec![Dialect::Ascii1987]
+            } else {
+                self.dialect.clone()
+            };
+            dialects
+                .iter()
+                .enumerate()
+                .map(|(i, &dialect)| {
+                    let mut addr = self.addr;
+                    if addr.port() != 0 {
+                        let port = u16::try_from(usize::from(addr.port()) + i)
+                            .map_err(|_| "port out of range".to_string())?;
+                        addr.set_port(port);
+                    }
+                    Ok(HostListener {
+                        addr,
+                        dialect,
+                        framing: Framing::Binary2,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?
+        } else {
+            file.listeners
+                .iter()
+                .map(|l| HostListener {
+                    addr: l.addr,
+                    dialect: l.dialect,
+                    framing: l.framing,
+                })
+                .collect()
+        };
+        let admin = file.admin.unwrap_or(self.admin);
+        if let Some(clash) = listeners
+            .iter()
+            .find(|l| l.addr == admin && admin.port() != 0)
+        {
+            return Err(format!(
+                "{} is both a listener and the admin address; pass --admin elsewhere",
+                clash.addr
+            ));
+        }
+        Ok(HostOptions {
+            listeners,
+            admin: Some(admin),
+            faults,
+        })
+    }
+}
+
+/// Runs `refundgate host` until SIGTERM/SIGINT and returns the exit code.
+pub fn run(args: &HostArgs) -> ExitCode {
+    if let Err(e) = crate::telemetry::init_logging(crate::config::LogFormat::Plain, "info") {
+        eprintln!("refundgate: logging: {e}");
+    }
+    let options = match args.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("refundgate: host: {e}");
+            return ExitCode::from(crate::cli::EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("refundgate: runtime: {e}");
+            return ExitCode::from(crate::cli::EXIT_IOERR);
+        }
+    };
+    runtime.block_on(async {
+        let host = match Host::bind(options).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("refundgate: host: {e}");
+                return ExitCode::from(71);
+            }
+        };
+        if let Some(path) = &args.cert_out {
+            let pem = pem_of(&host.cert_der());
+            if let Err(e) = std::fs::write(path, pem) {
+                eprintln!("refundgate: host: {}: {e}", path.display());
+                return ExitCode::from(crate::cli::EXIT_IOERR);
+            }
+        }
+        host.run(crate::server::shutdown::signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// A DER certificate as PEM text.
+pub fn pem_of(der: &[u8]) -> String {
+    use base64_lite::encode;
+    let b64 = encode(der);
+    let mut out = String::with_capacity(b64.len() + 64);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or(""));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Standard base64 with padding: enough for one PEM certificate, without a new dependency.
+mod base64_lite {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub(super) fn encode(bytes: &[u8]) -> String {
+        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                chunk.get(1).copied().unwrap_or(0),
+                chunk.get(2).copied().unwrap_or(0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, output) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_lite::encode(input.as_bytes()), output);
+        }
+    }
+
+    #[test]
+    fn fault_sets_are_bounded() {
+        let mut f = Faults {
+            drop_percent: 101,
+            ..Faults::default()
+        };
+        assert!(f.validate().is_err());
+        f.drop_percent = 20;
+        f.decline = Some("051".into());
+        assert!(f.validate().is_err());
+        f.decline = Some("05".into());
+        assert!(f.validate().is_ok());
+        let json: Faults = serde_json::from_str(r#"{"latency_ms": 5}"#).unwrap();
+        assert_eq!(json.latency_ms, 5);
+        assert!(serde_json::from_str::<Faults>(r#"{"bogus": 1}"#).is_err());
+    }
+
+    #[test]
+    fn latency_random_parses_a_range() {
+        assert_eq!(parse_range("5..50"), Ok((5, 50)));
+        assert!(parse_range("50..5").is_err());
+    }
+}

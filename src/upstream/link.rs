@@ -1,0 +1,660 @@
+//! One multiplexed TLS link to an upstream host (DOMAIN §8).
+//!
+//! Many requests are in flight on one connection; each answer is matched to its request by
+//! [`Key`] = (request MTI with the origin digit cleared, DE41, DE11). The pending map is bounded
+//! by `max_pending`: a request beyond it is refused at once ([`LinkError::Full`], answered 91)
+//! rather than queued. Each request waits at most `timeout`; an answer arriving after that finds
+//! no pending entry and is counted as late and dropped — never delivered as a match.
+//!
+//! A supervisor task owns the connection: it connects to the addresses in priority order
+//! (failing over to the next when one refuses or fails the TLS handshake or the sign-on),
+//! signs on (0800 / 001) before it lets requests through, sends an echo (0800 / 301) when the
+//! link has been quiet for `echo_interval` and drops the connection if the echo goes
+//! unanswered, and reconnects with exponential backoff and jitter. While no connection is up
+//! requests fail at once with [`LinkError::Down`].
+//!
+//! When a connection breaks its pending requests fail at once as timeouts: whether the host
+//! saw them is unknown, so the caller treats them like any other timeout (and reverses).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::config::Dialect;
+use crate::frame::{Frame, FrameCodec, Framing};
+use crate::iso8583::{self, FieldList, Message, Mti, Spec, Value};
+use crate::limits::{
+    UPSTREAM_CONNECT_TIMEOUT_MAX_MS, UPSTREAM_FRAME_BYTES_MAX, UPSTREAM_QUARANTINE_TIMEOUTS,
+};
+
+/// `refundgate_upstream_up{upstream}`: 1 while the link is connected and signed on.
+pub const UPSTREAM_UP: &str = "refundgate_upstream_up";
+/// `refundgate_upstream_late_answers_total{upstream}`: answers that matched no pending request.
+pub const UPSTREAM_LATE_ANSWERS_TOTAL: &str = "refundgate_upstream_late_answers_total";
+/// `refundgate_upstream_connects_total{upstream}`: connections established (signed on).
+pub const UPSTREAM_CONNECTS_TOTAL: &str = "refundgate_upstream_connects_total";
+
+/// TPDU the switch sends on `cup_pos` upstream links (destination 0000, source 0000).
+const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x00, 0x00, 0x00];
+/// `cup_pos` message header the switch sends upstream.
+const CUP_HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
+
+/// Everything one link needs; built from `[[upstreams]]` by [`super::Upstreams::start`].
+#[derive(Clone)]
+pub struct LinkConfig {
+    /// The upstream's name (metric label; bounded by configuration).
+    pub name: Arc<str>,
+    /// Addresses in priority order.
+    pub addrs: Vec<SocketAddr>,
+    /// Dialect spoken on the link.
+    pub dialect: Dialect,
+    /// Length header.
+    pub framing: Framing,
+    /// rustls client configuration (CA, client certificate).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Name checked against the host certificate; `None`: each address's IP.
+    pub server_name: Option<ServerName<'static>>,
+    /// How long a request waits for its answer.
+    pub timeout: Duration,
+    /// Most requests in flight at once.
+    pub max_pending: usize,
+    /// Quiet time after which an echo is sent.
+    pub echo_interval: Duration,
+    /// First reconnect delay; doubles per failed round up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+/// What identifies an answer's request: MTI (origin digit cleared), DE41, DE11.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// Request MTI with the origin digit cleared (0200, 0220, 0400, 0800, …).
+    pub mti: u16,
+    /// DE41, space-padded (spaces when absent).
+    pub terminal: [u8; 8],
+    /// DE11.
+    pub stan: u32,
+}
+
+/// Why a request got no answer from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// No connection is up (never sent): 91 `HOST_UNREACHABLE`.
+    #[error("link down")]
+    Down,
+    /// The pending map is full (never sent): 91 `HOST_UNREACHABLE`.
+    #[error("too many requests in flight")]
+    Full,
+    /// A request with the same key is in flight, or timed out and is quarantined (never sent).
+    #[error("a request with the same key is in flight")]
+    Busy,
+    /// Sent, no answer within the timeout: the host may or may not have acted on it.
+    #[error("no answer in time")]
+    Timeout,
+    /// The message has no readable MTI/DE11 (never sent).
+    #[error("message cannot be keyed")]
+    Unkeyed,
+}
+
+/// A running link; dropping it stops its supervisor and closes the connection.
+pub struct Link {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    config: LinkConfig,
+    spec: &'static Spec,
+    pending: Mutex<HashMap<Key, oneshot::Sender<Bytes>>>,
+    /// Keys of financial requests that timed out, until their late answer arrives or
+    /// [`UPSTREAM_QUARANTINE_TIMEOUTS`] timeouts pass: a new request with the same key is refused
+    /// meanwhile, so the old answer can never be taken for the new request's.
+    quarantine: Mutex<HashMap<Key, Instant>>,
+    outbox: Mutex<Option<mpsc::Sender<Bytes>>>,
+    stan: AtomicU32,
+    late: AtomicU64,
+    connects: AtomicU64,
+}
+
+// === impl Key ===
+
+impl Key {
+    /// The key of a request (or of the request an answer belongs to).
+    pub fn of(msg: &Message<'_>) -> Option<Key> {
+        let mti = msg.mti();
+        let stan = msg.stan()?;
+        let mut terminal = [b' '; 8];
+        if let Some(t) = msg.terminal() {
+            let n = t.len().min(8);
+            terminal[..n].copy_from_slice(&t.as_bytes()[..n]);
+        }
+        Some(Key {
+            mti: request_mti(mti),
+            terminal,
+            stan,
+        })
+    }
+
+    /// DE41 as text (trailing spaces trimmed).
+    pub fn terminal_str(&self) -> &str {
+        std::str::from_utf8(&self.terminal).unwrap_or("").trim_end()
+    }
+}
+
+/// The request MTI of a request or answer, origin digit cleared: 0201→0200, 0210→0200.
+pub fn request_mti(mti: Mti) -> u16 {
+    let tens = mti.0 / 10;
+    if tens % 2 == 1 {
+        (tens - 1) * 10
+    } else {
+        tens * 10
+    }
+}
+
+// === impl Link ===
+
+impl Link {
+    /// Starts the supervisor: it connects in the background; until it is signed on requests
+    /// fail with [`LinkError::Down`].
+    pub fn start(config: LinkConfig) -> Link {
+        let spec: &'static Spec = match config.dialect {
+            Dialect::Ascii1987 => &iso8583::ASCII1987,
+            Dialect::CupPos => &iso8583::CUP_POS,
+        };
+        metrics::gauge!(UPSTREAM_UP, "upstream" => config.name.to_string()).set(0.0);
+        let shared = Arc::new(Shared {
+            config,
+            spec,
+            pending: Mutex::new(HashMap::new()),
+            quarantine: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(None),
+            stan: AtomicU32::new(rand::random_range(1..900_000)),
+            late: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(supervise(Arc::clone(&shared), stopped));
+        Link { shared, stop, task }
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    /// The dialect spoken on the link.
+    pub fn dialect(&self) -> Dialect {
+        self.shared.config.dialect
+    }
+
+    /// Whether a connection is up and signed on.
+    pub fn is_up(&self) -> bool {
+        self.shared.outbox.lock().is_ok_and(|o| o.is_some())
+    }
+
+    /// Requests waiting for their answer.
+    pub fn pending(&self) -> usize {
+        self.shared.pending.lock().map_or(0, |p| p.len())
+    }
+
+    /// Connections established and signed on since start.
+    pub fn connects(&self) -> u64 {
+        self.shared.connects.load(Ordering::Relaxed)
+    }
+
+    /// Answers that arrived after their request had timed out (or matched nothing).
+    pub fn late_answers(&self) -> u64 {
+        self.shared.late.load(Ordering::Relaxed)
+    }
+
+    /// Sends `body` (MTI onward) and waits for the answer matched by `key`, at most the
+    /// link's timeout. After a timeout the key is quarantined (see [`LinkError::Busy`]) until
+    /// the late answer arrives, so it cannot be delivered to a later request with the same key.
+    pub async fn call(&self, key: Key, body: Bytes) -> Result<Bytes, LinkError> {
+        self.shared.call(key, body, true).await
+    }
+
+    /// [`Link::call`] for a message whose every send is the same request (a reversal and its
+    /// repeats): an answer to an earlier send is a valid answer, so no quarantine.
+    pub async fn call_repeatable(&self, key: Key, body: Bytes) -> Result<Bytes, LinkError> {
+        self.shared.call(key, body, false).await
+    }
+
+    /// Stops the supervisor and closes the connection; pending requests time out.
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("name", &self.shared.config.name)
+            .field("up", &self.is_up())
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    async fn call(&self, key: Key, body: Bytes, quarantine: bool) -> Result<Bytes, LinkError> {
+        if quarantine && self.quarantined(&key) {
+            return Err(LinkError::Busy);
+        }
+        let outbox = self
+            .outbox
+            .lock()
+            .ok()
+            .and_then(|o| o.clone())
+            .ok_or(LinkError::Down)?;
+        let (tx, mut rx) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().map_err(|_| LinkError::Down)?;
+            if pending.contains_key(&key) {
+                return Err(LinkError::Busy);
+            }
+            if pending.len() >= self.config.max_pending {
+                return Err(LinkError::Full);
+            }
+            pending.insert(key, tx);
+        }
+        // The outbox holds max_pending bodies, so with the map bounded it is never full; a
+        // closed one means the connection just went away before the request was written.
+        if outbox.try_send(body).is_err() {
+            self.forget(&key);
+            return Err(LinkError::Down);
+        }
+        match tokio::time::timeout(self.config.timeout, &mut rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(LinkError::Timeout),
+            Err(_) => {
+                self.forget(&key);
+                // The answer may have been matched between the timer and the removal.
+                let late = rx.try_recv().map_err(|_| LinkError::Timeout);
+                if late.is_err() && quarantine {
+                    self.quarantine(key);
+                }
+                late
+            }
+        }
+    }
+
+    fn quarantined(&self, key: &Key) -> bool {
+        let Ok(mut q) = self.quarantine.lock() else {
+            return true;
+        };
+        match q.get(key) {
+            Some(&until) if until > Instant::now() => true,
+            Some(_) => {
+                q.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Bounded like the pending map: when full, expired keys go first, then the oldest.
+    fn quarantine(&self, key: Key) {
+        let Ok(mut q) = self.quarantine.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if q.len() >= self.config.max_pending {
+            q.retain(|_, until| *until > now);
+        }
+        if q.len() >= self.config.max_pending {
+            if let Some(oldest) = q.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k) {
+                q.remove(&oldest);
+            }
+        }
+        q.insert(
+            key,
+            now + self.config.timeout * UPSTREAM_QUARANTINE_TIMEOUTS,
+        );
+    }
+
+    fn forget(&self, key: &Key) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(key);
+        }
+    }
+
+    /// Routes one answer read from the host to its waiting request, or counts it as late.
+    fn deliver(&self, body: Bytes) {
+        let Ok(msg) = iso8583::decode(self.spec, &body) else {
+            tracing::info!(upstream = %self.config.name, "undecodable answer from host dropped");
+            return;
+        };
+        if msg.mti().class() == 8 {
+            return; // Echo / sign-on answers only prove liveness.
+        }
+        let Some(key) = Key::of(&msg) else {
+            return;
+        };
+        let code = msg.response_code().unwrap_or("").to_string();
+        let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&key));
+        match waiter {
+            Some(tx) => {
+                if tx.send(body).is_err() {
+                    self.count_late(&key, &code);
+                }
+            }
+            None => self.count_late(&key, &code),
+        }
+    }
+
+    fn count_late(&self, key: &Key, code: &str) {
+        self.late.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut q) = self.quarantine.lock() {
+            q.remove(key);
+        }
+        metrics::counter!(UPSTREAM_LATE_ANSWERS_TOTAL, "upstream" => self.config.name.to_string())
+            .increment(1);
+        tracing::info!(
+            upstream = %self.config.name,
+            mti = key.mti,
+            terminal = key.terminal_str(),
+            stan = key.stan,
+            code,
+            "late answer from host dropped (its request already timed out and was reversed)"
+        );
+    }
+
+    fn next_stan(&self) -> u32 {
+        self.stan.fetch_add(1, Ordering::Relaxed) % 999_999 + 1
+    }
+
+    /// A sign-on (`001`) or echo (`301`) request of this link's dialect.
+    fn network_message(&self, code: u16) -> Option<(Key, Bytes)> {
+        let stan = self.next_stan();
+        let mut fields: FieldList<'_, 8> = FieldList::new();
+        let cup60 = format!("00000000{code:03}");
+        fields.set(11, Value::Number(u64::from(stan))).ok()?;
+        let mti = match self.config.dialect {
+            Dialect::Ascii1987 => {
+                fields.set(7, Value::Number(transmission_now())).ok()?;
+                fields.set(70, Value::Number(u64::from(code))).ok()?;
+                Mti(800)
+            }
+            Dialect::CupPos => {
+                fields.set(60, Value::Text(cup60.as_bytes())).ok()?;
+                if code == 301 {
+                    Mti(820)
+                } else {
+                    Mti(800)
+                }
+            }
+        };
+        let mut out = BytesMut::with_capacity(64);
+        iso8583::encode(self.spec, mti, fields.as_slice(), &mut out).ok()?;
+        let key = Key {
+            mti: mti.0,
+            terminal: [b' '; 8],
+            stan,
+        };
+        Some((key, out.freeze()))
+    }
+
+    fn frame(&self, body: Bytes) -> Frame {
+        let cup = self.config.dialect.has_cup_header();
+        Frame::Message {
+            tpdu: cup.then_some(CUP_TPDU),
+            header: cup.then_some(CUP_HEADER),
+            body,
+        }
+    }
+
+    fn set_up(&self, outbox: Option<mpsc::Sender<Bytes>>) {
+        let up = outbox.is_some();
+        if let Ok(mut o) = self.outbox.lock() {
+            *o = outbox;
+        }
+        metrics::gauge!(UPSTREAM_UP, "upstream" => self.config.name.to_string()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}
+
+/// DE7 (MMDDhhmmss, UTC) now.
+fn transmission_now() -> u64 {
+    use crate::clock::Clock;
+    let now = u64::try_from(crate::clock::SystemClock.now_unix_s()).unwrap_or(0);
+    let days = i64::try_from(now / 86_400).unwrap_or(0);
+    let z = days + 719_468;
+    let doe = z - z.div_euclid(146_097) * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let s = now % 86_400;
+    let mmdd = u64::try_from(m * 100 + d).unwrap_or(101);
+    mmdd * 1_000_000 + s / 3600 * 10_000 + s % 3600 / 60 * 100 + s % 60
+}
+
+// === the supervisor ===
+
+type Conn = TlsStream<TcpStream>;
+
+async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut failed_rounds = 0u32;
+    loop {
+        let mut served = false;
+        for &addr in &shared.config.addrs {
+            if *stop.borrow() {
+                return;
+            }
+            match connect(&shared, addr).await {
+                Ok(conn) => {
+                    tracing::info!(upstream = %shared.config.name, %addr, "upstream link up");
+                    metrics::counter!(UPSTREAM_CONNECTS_TOTAL, "upstream" => shared.config.name.to_string())
+                        .increment(1);
+                    shared.connects.fetch_add(1, Ordering::Relaxed);
+                    served = true;
+                    failed_rounds = 0;
+                    let why = session(&shared, conn, &mut stop).await;
+                    shared.set_up(None);
+                    // Their answers cannot come any more: fail them now as timeouts (the host
+                    // may have acted on them) instead of letting each wait out its budget.
+                    if let Ok(mut p) = shared.pending.lock() {
+                        p.clear();
+                    }
+                    tracing::warn!(upstream = %shared.config.name, %addr, reason = why, "upstream link down");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %shared.config.name, %addr, error = %e, "upstream connect failed; trying the next address");
+                }
+            }
+        }
+        if !served {
+            failed_rounds = failed_rounds.saturating_add(1);
+        }
+        let delay = backoff(&shared.config, failed_rounds);
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Reconnect delay after `rounds` failed rounds: `reconnect_min · 2^(rounds−1)`, capped, with
+/// ±25 % jitter so many switches do not reconnect in step.
+fn backoff(config: &LinkConfig, rounds: u32) -> Duration {
+    let base = config
+        .reconnect_min
+        .saturating_mul(1u32 << rounds.saturating_sub(1).min(16))
+        .min(config.reconnect_max);
+    let jitter = rand::random_range(0.75..1.25);
+    base.mul_f64(jitter)
+}
+
+async fn connect(shared: &Shared, addr: SocketAddr) -> Result<Conn, String> {
+    let budget = shared
+        .config
+        .timeout
+        .min(Duration::from_millis(UPSTREAM_CONNECT_TIMEOUT_MAX_MS));
+    let name = shared
+        .config
+        .server_name
+        .clone()
+        .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
+    let connecting = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        TlsConnector::from(Arc::clone(&shared.config.tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))
+    };
+    let mut conn = tokio::time::timeout(budget, connecting)
+        .await
+        .map_err(|_| "connect timed out".to_string())??;
+    sign_on(shared, &mut conn).await?;
+    Ok(conn)
+}
+
+/// Sends the sign-on and waits for its `00` answer before the link carries requests.
+async fn sign_on(shared: &Shared, conn: &mut Conn) -> Result<(), String> {
+    let (_, body) = shared
+        .network_message(1)
+        .ok_or_else(|| "cannot encode sign-on".to_string())?;
+    let cup = shared.config.dialect.has_cup_header();
+    let mut framed = tokio_util::codec::Framed::new(
+        conn,
+        FrameCodec::new(shared.config.framing, cup, UPSTREAM_FRAME_BYTES_MAX),
+    );
+    let exchange = async {
+        framed
+            .send(shared.frame(body))
+            .await
+            .map_err(|e| e.to_string())?;
+        match framed.next().await {
+            Some(Ok(Frame::Message { body, .. })) => Ok(body),
+            Some(Ok(_)) => Err("unexpected frame".to_string()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("closed during sign-on".to_string()),
+        }
+    };
+    let answer = tokio::time::timeout(shared.config.timeout, exchange)
+        .await
+        .map_err(|_| "sign-on timed out".to_string())??;
+    let msg = iso8583::decode(shared.spec, &answer).map_err(|e| e.to_string())?;
+    match msg.response_code() {
+        Some("00") => Ok(()),
+        other => Err(format!("sign-on refused ({})", other.unwrap_or("no DE39"))),
+    }
+}
+
+/// Serves one signed-on connection until it breaks, an echo goes unanswered, or stop.
+async fn session(
+    shared: &Arc<Shared>,
+    conn: Conn,
+    stop: &mut watch::Receiver<bool>,
+) -> &'static str {
+    let cup = shared.config.dialect.has_cup_header();
+    let framing = shared.config.framing;
+    let (r, w) = tokio::io::split(conn);
+    let mut reader = FramedRead::new(r, FrameCodec::new(framing, cup, UPSTREAM_FRAME_BYTES_MAX));
+    let mut writer = FramedWrite::new(w, FrameCodec::new(framing, cup, UPSTREAM_FRAME_BYTES_MAX));
+    let (tx, mut rx) = mpsc::channel::<Bytes>(shared.config.max_pending.max(1) + 4);
+    shared.set_up(Some(tx.clone()));
+    let mut last_heard = Instant::now();
+    let mut echo_deadline: Option<Instant> = None;
+    let mut tick = tokio::time::interval(shared.config.echo_interval.min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return "stopped",
+            frame = reader.next() => match frame {
+                Some(Ok(Frame::Message { body, .. })) => {
+                    last_heard = Instant::now();
+                    echo_deadline = None;
+                    shared.deliver(body);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return "read error",
+                None => return "closed by host",
+            },
+            Some(body) = rx.recv() => {
+                // Write what is queued in one flush.
+                if writer.feed(shared.frame(body)).await.is_err() {
+                    return "write error";
+                }
+                while let Ok(more) = rx.try_recv() {
+                    if writer.feed(shared.frame(more)).await.is_err() {
+                        return "write error";
+                    }
+                }
+                if writer.flush().await.is_err() {
+                    return "write error";
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if echo_deadline.is_some_and(|d| now >= d) {
+                    return "echo unanswered";
+                }
+                if echo_deadline.is_none() && now.duration_since(last_heard) >= shared.config.echo_interval {
+                    if let Some((_, body)) = shared.network_message(301) {
+                        if tx.try_send(body).is_ok() {
+                            echo_deadline = Some(now + shared.config.timeout);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_map_back_to_their_request_mti() {
+        for (answer, request) in [
+            (210, 200),
+            (200, 200),
+            (201, 200),
+            (230, 220),
+            (410, 400),
+            (401, 400),
+            (810, 800),
+            (830, 820),
+        ] {
+            assert_eq!(request_mti(Mti(answer)), request, "{answer}");
+        }
+    }
+
+    #[test]
+    fn transmission_time_is_mmddhhmmss() {
+        let t = transmission_now();
+        assert!((101_000_000..=1_231_235_959).contains(&t), "{t}");
+    }
+}

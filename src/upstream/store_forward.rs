@@ -1,0 +1,909 @@
+//! The persistent store-and-forward (SAF) queue of reversals and advices (DOMAIN §8, §9).
+//!
+//! Every entry is appended to its own [`Journal`] (`<journal dir>/saf`) and is durable before
+//! [`StoreForward::enqueue`] returns, so the terminal's 91/98 is sent only once the reversal
+//! behind it cannot be lost (kill -9 included). A worker ([`StoreForward::run`]) sends each
+//! entry on its upstream's link, the first time as queued (0400), afterwards marked as a repeat
+//! (0401; every entry recovered at start counts as possibly sent), with exponential backoff and
+//! jitter between tries, until the host answers `00` (or `25`: nothing to reverse). Then a
+//! completion record is journaled. An entry that was sent `max_retries` times without being
+//! accepted, or is older than `expiry_s`, moves to the dead-letter list (journaled too), counted
+//! in `refundgate_saf_dead_letters` and shown by `refundgate saf list`.
+//!
+//! Records (payloads of the SAF journal): `1 id created dialect upstream body` (added),
+//! `2 id` (delivered), `3 id reason at attempts` (dead letter). Replay rebuilds the queue.
+//! Every [`SAF_SNAPSHOT_RECORDS`] records the worker snapshots the live queue (pending entries
+//! and kept dead letters, as the same records) so the journal's old segments are removed and
+//! replay stays short. Appends hold a shared gate and the snapshot the exclusive one, so the
+//! snapshot's seq covers exactly the records it folds in.
+//!
+//! Send counts are not journaled: after a restart an entry gets `max_retries` sends again
+//! (its age still bounds it through `expiry_s`).
+//!
+//! Stored reversals carry no PAN, track or PIN data: the host matches them by DE90 (ascii) or
+//! DE41 + DE11 + DE60/61 (cup), so nothing card-sensitive reaches the SAF files (DOMAIN §10).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{watch, Notify, RwLock};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::link::{Key, Link, LinkError};
+use crate::clock::{Clock, UnixSeconds};
+use crate::config::Dialect;
+use crate::iso8583;
+use crate::journal::{self, Journal, JournalError};
+pub use crate::limits::{
+    SAF_BODY_BYTES_MAX, SAF_DEAD_LETTERS_KEPT_MAX, SAF_IN_FLIGHT_MAX, SAF_PENDING_MAX,
+    SAF_SEGMENT_BYTES, SAF_SNAPSHOT_RECORDS,
+};
+
+/// Version tag at the start of a SAF snapshot.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SAF1";
+
+/// `refundgate_saf_pending`: entries waiting for an accepted answer.
+pub const SAF_PENDING: &str = "refundgate_saf_pending";
+/// `refundgate_saf_dead_letters`: entries given up on (expired or retries exhausted).
+pub const SAF_DEAD_LETTERS: &str = "refundgate_saf_dead_letters";
+/// `refundgate_saf_delivered_total`: entries accepted by their host.
+pub const SAF_DELIVERED_TOTAL: &str = "refundgate_saf_delivered_total";
+
+/// How the queue retries.
+#[derive(Debug, Clone)]
+pub struct SafOptions {
+    /// Sends without an accepted answer before an entry is dead-lettered.
+    pub max_retries: u32,
+    /// Age after which an entry is dead-lettered.
+    pub expiry_s: i64,
+    /// First retry delay; doubles per try up to `retry_max`.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Journal durability (`Fdatasync` in production).
+    pub durability: journal::Durability,
+}
+
+/// One queued message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Queue-unique id (journal order).
+    pub id: u64,
+    /// The upstream it goes to.
+    pub upstream: String,
+    /// Dialect of `body`.
+    pub dialect: Dialect,
+    /// When it was queued (unix seconds).
+    pub created_s: i64,
+    /// What identifies its answer.
+    pub key: Key,
+    /// The message, MTI onward, as first sent (origin digit 0).
+    pub body: Bytes,
+}
+
+/// Why an entry was given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// Sent `max_retries` times without an accepted answer.
+    RetriesExhausted,
+    /// Older than `expiry_s`.
+    Expired,
+}
+
+/// An entry given up on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The entry.
+    pub entry: Entry,
+    /// Why.
+    pub reason: DeadReason,
+    /// When (unix seconds).
+    pub at_s: i64,
+    /// Times it was sent.
+    pub attempts: u32,
+}
+
+/// Why an entry could not be queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SafError {
+    /// The queue holds [`SAF_PENDING_MAX`] entries.
+    #[error("store-and-forward queue full")]
+    Full,
+    /// The message is larger than [`SAF_BODY_BYTES_MAX`].
+    #[error("message too large for the store-and-forward queue")]
+    TooLarge,
+    /// The SAF journal refused the write.
+    #[error("store-and-forward journal: {0}")]
+    Store(String),
+}
+
+/// The queue: journal, in-memory index, worker wake-up.
+pub struct StoreForward {
+    journal: Arc<Journal>,
+    /// Shared by appends (append + apply), exclusive for a snapshot.
+    gate: RwLock<()>,
+    since_snapshot: std::sync::atomic::AtomicU64,
+    state: Mutex<State>,
+    notify: Notify,
+    options: SafOptions,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: BTreeMap<u64, Slot>,
+    dead: VecDeque<DeadLetter>,
+    dead_total: u64,
+    delivered_total: u64,
+    next_id: u64,
+    reserved: usize,
+    recovering: bool,
+}
+
+struct Slot {
+    entry: Entry,
+    attempts: u32,
+    tries: u32,
+    repeat: bool,
+    next_at: Instant,
+    in_flight: bool,
+}
+
+enum Record {
+    Add(Entry),
+    Done {
+        id: u64,
+    },
+    Dead {
+        id: u64,
+        reason: DeadReason,
+        at_s: i64,
+        attempts: u32,
+    },
+}
+
+// === impl StoreForward ===
+
+impl StoreForward {
+    /// Opens (creating) the SAF journal in `dir` and rebuilds the queue from it.
+    pub fn open(
+        dir: &Path,
+        options: SafOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<StoreForward, JournalError> {
+        let journal_options = journal::Options {
+            durability: options.durability,
+            segment_bytes: SAF_SEGMENT_BYTES,
+            ..journal::Options::default()
+        };
+        let (journal, mut recovered) = Journal::open(dir, journal_options)?;
+        let mut state = State {
+            next_id: 1,
+            recovering: true,
+            ..State::default()
+        };
+        let now = Instant::now();
+        if let Some(snapshot) = recovered.take_snapshot() {
+            if !state.restore(&snapshot.bytes, now) {
+                tracing::warn!(
+                    seq = snapshot.seq,
+                    "unreadable store-and-forward snapshot; entries in it are lost"
+                );
+            }
+        }
+        recovered.replay(|seq, payload| match Record::decode(payload) {
+            Some(record) => state.apply(record, now),
+            None => tracing::warn!(seq, "unreadable store-and-forward record skipped"),
+        })?;
+        state.recovering = false;
+        tracing::info!(
+            pending = state.pending.len(),
+            dead_letters = state.dead_total,
+            "store-and-forward queue recovered"
+        );
+        let saf = StoreForward {
+            journal: Arc::new(journal),
+            gate: RwLock::new(()),
+            since_snapshot: std::sync::atomic::AtomicU64::new(0),
+            state: Mutex::new(state),
+            notify: Notify::new(),
+            options,
+            clock,
+        };
+        saf.publish();
+        Ok(saf)
+    }
+
+    /// Queues `body` for `upstream`; returns once the entry is durable. An entry with the same
+    /// upstream and key already waiting is not queued twice (its id is returned).
+    pub async fn enqueue(
+        &self,
+        upstream: &str,
+        dialect: Dialect,
+        key: Key,
+        body: Bytes,
+    ) -> Result<u64, SafError> {
+        if body.len() > SAF_BODY_BYTES_MAX || upstream.len() > usize::from(u8::MAX) {
+            return Err(SafError::TooLarge);
+        }
+        let id = {
+            let mut s = self.lock();
+            if let Some(slot) = s
+                .pending
+                .values()
+                .find(|x| x.entry.key == key && x.entry.upstream == upstream)
+            {
+                return Ok(slot.entry.id);
+            }
+            if s.pending.len() + s.reserved >= SAF_PENDING_MAX {
+                return Err(SafError::Full);
+            }
+            s.reserved += 1;
+            s.next_id += 1;
+            s.next_id - 1
+        };
+        let entry = Entry {
+            id,
+            upstream: upstream.to_string(),
+            dialect,
+            created_s: self.clock.now_unix_s(),
+            key,
+            body,
+        };
+        let appended = self.append_apply(Record::Add(entry)).await;
+        self.lock().reserved -= 1;
+        appended.map_err(SafError::Store)?;
+        self.notify.notify_one();
+        Ok(id)
+    }
+
+    /// Entries waiting, oldest first.
+    pub fn pending(&self) -> Vec<Entry> {
+        self.lock()
+            .pending
+            .values()
+            .map(|s| s.entry.clone())
+            .collect()
+    }
+
+    /// The dead letters kept in memory, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.lock().dead.iter().cloned().collect()
+    }
+
+    /// Dead letters ever recorded in this journal.
+    pub fn dead_total(&self) -> u64 {
+        self.lock().dead_total
+    }
+
+    /// Entries accepted by their host since start.
+    pub fn delivered_total(&self) -> u64 {
+        self.lock().delivered_total
+    }
+
+    /// Sends due entries on `links` until `stop` turns true.
+    pub async fn run(
+        self: Arc<Self>,
+        links: Arc<HashMap<String, Arc<Link>>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tasks = JoinSet::new();
+        loop {
+            self.compact_if_due().await;
+            let wake = self.start_due(&links, &mut tasks);
+            tokio::select! {
+                _ = stop.changed() => break,
+                () = self.notify.notified() => {}
+                () = tokio::time::sleep_until(wake) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tasks.shutdown().await;
+    }
+
+    /// Starts every due entry (within [`SAF_IN_FLIGHT_MAX`]); returns when to look again.
+    fn start_due(
+        self: &Arc<Self>,
+        links: &Arc<HashMap<String, Arc<Link>>>,
+        tasks: &mut JoinSet<()>,
+    ) -> Instant {
+        let now = Instant::now();
+        let mut wake = now + Duration::from_secs(1);
+        let mut due = Vec::new();
+        {
+            let mut s = self.lock();
+            let mut in_flight = s.pending.values().filter(|x| x.in_flight).count();
+            for slot in s.pending.values_mut() {
+                if slot.in_flight {
+                    continue;
+                }
+                if slot.next_at > now {
+                    wake = wake.min(slot.next_at);
+                    continue;
+                }
+                if in_flight >= SAF_IN_FLIGHT_MAX {
+                    break;
+                }
+                slot.in_flight = true;
+                in_flight += 1;
+                due.push((slot.entry.clone(), slot.attempts, slot.repeat));
+            }
+        }
+        for (entry, attempts, repeat) in due {
+            let link = links.get(&entry.upstream).cloned();
+            tasks.spawn(Arc::clone(self).attempt(link, entry, attempts, repeat));
+        }
+        wake
+    }
+
+    async fn attempt(
+        self: Arc<Self>,
+        link: Option<Arc<Link>>,
+        entry: Entry,
+        attempts: u32,
+        repeat: bool,
+    ) {
+        let now_s = self.clock.now_unix_s();
+        if now_s.saturating_sub(entry.created_s) >= self.options.expiry_s {
+            return self.give_up(entry.id, DeadReason::Expired, attempts).await;
+        }
+        if attempts >= self.options.max_retries {
+            return self
+                .give_up(entry.id, DeadReason::RetriesExhausted, attempts)
+                .await;
+        }
+        let Some(link) = link else {
+            return self.retry(entry.id, false);
+        };
+        let body = if repeat {
+            mark_repeat(entry.dialect, &entry.body)
+        } else {
+            entry.body.clone()
+        };
+        let sent = match link.call_repeatable(entry.key, body).await {
+            Ok(answer) if accepted(entry.dialect, &answer) => {
+                return self.delivered(entry.id).await;
+            }
+            Ok(_) | Err(LinkError::Timeout) => true,
+            Err(LinkError::Down | LinkError::Full | LinkError::Busy | LinkError::Unkeyed) => false,
+        };
+        self.retry(entry.id, sent);
+    }
+
+    fn retry(&self, id: u64, sent: bool) {
+        let mut s = self.lock();
+        if let Some(slot) = s.pending.get_mut(&id) {
+            slot.in_flight = false;
+            slot.tries = slot.tries.saturating_add(1);
+            if sent {
+                slot.attempts = slot.attempts.saturating_add(1);
+                slot.repeat = true;
+            }
+            slot.next_at = Instant::now() + self.backoff(slot.tries);
+        }
+    }
+
+    fn backoff(&self, tries: u32) -> Duration {
+        let base = self
+            .options
+            .retry_min
+            .saturating_mul(1u32 << tries.saturating_sub(1).min(16))
+            .min(self.options.retry_max);
+        base.mul_f64(rand::random_range(0.75..1.25))
+    }
+
+    async fn delivered(&self, id: u64) {
+        if self.append_apply(Record::Done { id }).await.is_ok() {
+            self.lock().delivered_total += 1;
+            metrics::counter!(SAF_DELIVERED_TOTAL).increment(1);
+        } else {
+            // Not recorded: send it again later (the host treats a repeat as a no-op).
+            self.retry(id, true);
+        }
+    }
+
+    async fn give_up(&self, id: u64, reason: DeadReason, attempts: u32) {
+        let at_s = self.clock.now_unix_s();
+        let record = Record::Dead {
+            id,
+            reason,
+            at_s,
+            attempts,
+        };
+        if self.append_apply(record).await.is_ok() {
+            tracing::error!(
+                id,
+                ?reason,
+                attempts,
+                "store-and-forward entry dead-lettered"
+            );
+        } else {
+            self.retry(id, false);
+        }
+    }
+
+    /// Journals `record` (durably) and then applies it, under the shared gate.
+    async fn append_apply(&self, record: Record) -> Result<(), String> {
+        let mut payload = Vec::with_capacity(64);
+        record.encode(&mut payload);
+        let _gate = self.gate.read().await;
+        if let Err(e) = self.journal.append(payload).await {
+            tracing::warn!(error = %e, "store-and-forward journal write failed");
+            return Err(e.to_string());
+        }
+        self.lock().apply(record, Instant::now());
+        self.since_snapshot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish();
+        Ok(())
+    }
+
+    async fn compact_if_due(&self) {
+        let since = self
+            .since_snapshot
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if since >= SAF_SNAPSHOT_RECORDS {
+            if let Err(e) = self.compact().await {
+                tracing::warn!(error = %e, "store-and-forward snapshot failed; retried later");
+            }
+        }
+    }
+
+    /// Snapshots the queue and lets the journal drop the segments the snapshot covers.
+    pub async fn compact(&self) -> Result<(), String> {
+        let _gate = self.gate.write().await;
+        // No append is in flight: every durable record is applied, and nothing else is.
+        let seq = self.journal.durable_seq();
+        let bytes = self.lock().snapshot();
+        let journal = Arc::clone(&self.journal);
+        tokio::task::spawn_blocking(move || journal.snapshot(seq, &bytes))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.since_snapshot
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let (pending, dead) = {
+            let s = self.lock();
+            (s.pending.len(), s.dead_total)
+        };
+        metrics::gauge!(SAF_PENDING).set(pending as f64);
+        metrics::gauge!(SAF_DEAD_LETTERS).set(dead as f64);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::fmt::Debug for StoreForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("StoreForward")
+            .field("pending", &s.pending.len())
+            .field("dead_total", &s.dead_total)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl State ===
+
+impl State {
+    fn apply(&mut self, record: Record, now: Instant) {
+        match record {
+            Record::Add(entry) => {
+                self.next_id = self.next_id.max(entry.id + 1);
+                self.pending.insert(
+                    entry.id,
+                    Slot {
+                        entry,
+                        attempts: 0,
+                        tries: 0,
+                        // Recovered entries may have been sent before the restart.
+                        repeat: self.recovering,
+                        next_at: now,
+                        in_flight: false,
+                    },
+                );
+            }
+            Record::Done { id } => {
+                self.pending.remove(&id);
+            }
+            Record::Dead {
+                id,
+                reason,
+                at_s,
+                attempts,
+            } => {
+                let Some(slot) = self.pending.remove(&id) else {
+                    return;
+                };
+                self.dead_total += 1;
+                if self.dead.len() >= SAF_DEAD_LETTERS_KEPT_MAX {
+                    self.dead.pop_front();
+                }
+                self.dead.push_back(DeadLetter {
+                    entry: slot.entry,
+                    reason,
+                    at_s,
+                    attempts,
+                });
+            }
+        }
+    }
+}
+
+impl State {
+    /// The live queue as a snapshot: header, then the records that rebuild it.
+    fn snapshot(&self) -> Vec<u8> {
+        let mut records: Vec<Record> = Vec::with_capacity(self.pending.len() + 2 * self.dead.len());
+        for d in &self.dead {
+            records.push(Record::Add(d.entry.clone()));
+            records.push(Record::Dead {
+                id: d.entry.id,
+                reason: d.reason,
+                at_s: d.at_s,
+                attempts: d.attempts,
+            });
+        }
+        records.extend(self.pending.values().map(|s| Record::Add(s.entry.clone())));
+        let mut out = Vec::with_capacity(64 + 128 * records.len());
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&self.next_id.to_be_bytes());
+        out.extend_from_slice(&self.dead_total.to_be_bytes());
+        let mut buf = Vec::with_capacity(256);
+        for r in &records {
+            buf.clear();
+            r.encode(&mut buf);
+            out.extend_from_slice(&u32::try_from(buf.len()).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+
+    /// Rebuilds the queue from [`State::snapshot`] bytes; false when they are unreadable.
+    fn restore(&mut self, bytes: &[u8], now: Instant) -> bool {
+        let mut r = Reader(bytes);
+        if r.take(4) != Some(SNAPSHOT_MAGIC.as_slice()) {
+            return false;
+        }
+        let (Some(next_id), Some(dead_total)) = (r.u64(), r.u64()) else {
+            return false;
+        };
+        while !r.0.is_empty() {
+            let Some(len) = r
+                .take(4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+            else {
+                return false;
+            };
+            let Some(record) = r.take(len as usize).and_then(Record::decode) else {
+                return false;
+            };
+            self.apply(record, now);
+        }
+        self.next_id = self.next_id.max(next_id);
+        self.dead_total = self.dead_total.max(dead_total);
+        true
+    }
+}
+
+// === records ===
+
+impl Record {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Record::Add(e) => {
+                out.push(1);
+                out.extend_from_slice(&e.id.to_be_bytes());
+                out.extend_from_slice(&e.created_s.to_be_bytes());
+                out.push(match e.dialect {
+                    Dialect::Ascii1987 => 0,
+                    Dialect::CupPos => 1,
+                });
+                out.push(u8::try_from(e.upstream.len()).unwrap_or(u8::MAX));
+                out.extend_from_slice(&e.upstream.as_bytes()[..e.upstream.len().min(255)]);
+                out.extend_from_slice(&u16::try_from(e.body.len()).unwrap_or(0).to_be_bytes());
+                out.extend_from_slice(&e.body);
+            }
+            Record::Done { id } => {
+                out.push(2);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            Record::Dead {
+                id,
+                reason,
+                at_s,
+                attempts,
+            } => {
+                out.push(3);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.push(match reason {
+                    DeadReason::RetriesExhausted => 1,
+                    DeadReason::Expired => 2,
+                });
+                out.extend_from_slice(&at_s.to_be_bytes());
+                out.extend_from_slice(&attempts.to_be_bytes());
+            }
+        }
+    }
+
+    fn decode(buf: &[u8]) -> Option<Record> {
+        let mut r = Reader(buf);
+        match r.u8()? {
+            1 => {
+                let id = r.u64()?;
+                let created_s = UnixSeconds::from_be_bytes(r.take(8)?.try_into().ok()?);
+                let dialect = match r.u8()? {
+                    0 => Dialect::Ascii1987,
+                    1 => Dialect::CupPos,
+                    _ => return None,
+                };
+                let ulen = usize::from(r.u8()?);
+                let upstream = std::str::from_utf8(r.take(ulen)?).ok()?.to_string();
+                let blen = usize::from(u16::from_be_bytes(r.take(2)?.try_into().ok()?));
+                let body = Bytes::copy_from_slice(r.take(blen)?);
+                let spec = super::spec_of(dialect);
+                let key = Key::of(&iso8583::decode(spec, &body).ok()?)?;
+                Some(Record::Add(Entry {
+                    id,
+                    upstream,
+                    dialect,
+                    created_s,
+                    key,
+                    body,
+                }))
+            }
+            2 => Some(Record::Done { id: r.u64()? }),
+            3 => {
+                let id = r.u64()?;
+                let reason = match r.u8()? {
+                    1 => DeadReason::RetriesExhausted,
+                    2 => DeadReason::Expired,
+                    _ => return None,
+                };
+                let at_s = i64::from_be_bytes(r.take(8)?.try_into().ok()?);
+                let attempts = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
+                Some(Record::Dead {
+                    id,
+                    reason,
+                    at_s,
+                    attempts,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// What `refundgate saf list` prints for the SAF journal in `dir`: pending entries, then dead
+/// letters, one line each (no card data is stored, so nothing needs masking).
+///
+/// The journal is read from a private copy, so this never writes to the directory of a
+/// running gateway (which may have appended after the copy was taken).
+pub fn run_list(dir: &Path) -> Result<String, String> {
+    if !dir.is_dir() {
+        return Err(format!("{}: no store-and-forward journal", dir.display()));
+    }
+    let unique: u64 = rand::random();
+    let copy = std::env::temp_dir().join(format!(
+        "refundgate-saf-{}-{unique:016x}",
+        std::process::id()
+    ));
+    let listed = copy_dir(dir, &copy)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let options = SafOptions {
+                max_retries: 1,
+                expiry_s: i64::MAX,
+                retry_min: Duration::from_secs(1),
+                retry_max: Duration::from_secs(1),
+                durability: journal::Durability::UnsafeNoFsync,
+            };
+            let saf = StoreForward::open(&copy, options, Arc::new(crate::clock::SystemClock))
+                .map_err(|e| e.to_string())?;
+            Ok(render_list(&saf))
+        });
+    let _ = std::fs::remove_dir_all(&copy);
+    listed.map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+fn render_list(saf: &StoreForward) -> String {
+    use std::fmt::Write;
+    let pending = saf.pending();
+    let dead = saf.dead_letters();
+    let mut out = format!(
+        "pending {} dead_letters {} (kept {})\n",
+        pending.len(),
+        saf.dead_total(),
+        dead.len()
+    );
+    let line = |out: &mut String, state: &str, e: &Entry, tail: &str| {
+        let _ = writeln!(
+            out,
+            "{state} id={} upstream={} mti={:04} terminal={} stan={:06} created={}{tail}",
+            e.id,
+            e.upstream,
+            e.key.mti,
+            e.key.terminal_str(),
+            e.key.stan,
+            e.created_s
+        );
+    };
+    for e in &pending {
+        line(&mut out, "pending", e, "");
+    }
+    for d in &dead {
+        let reason = match d.reason {
+            DeadReason::RetriesExhausted => "retries_exhausted",
+            DeadReason::Expired => "expired",
+        };
+        let tail = format!(" reason={reason} attempts={} at={}", d.attempts, d.at_s);
+        line(&mut out, "dead", &d.entry, &tail);
+    }
+    out
+}
+
+/// The same message with the MTI's origin digit set to 1 (0400 → 0401, 0220 → 0221).
+pub fn mark_repeat(dialect: Dialect, body: &Bytes) -> Bytes {
+    let mut out = body.to_vec();
+    match dialect {
+        Dialect::Ascii1987 if out.len() >= 4 && out[3] == b'0' => out[3] = b'1',
+        Dialect::CupPos if out.len() >= 2 && out[1] & 0x0f == 0 => out[1] |= 0x01,
+        _ => {}
+    }
+    Bytes::from(out)
+}
+
+/// Whether a host's answer ends an entry: `00`, or `25` (the host has nothing to reverse).
+fn accepted(dialect: Dialect, answer: &[u8]) -> bool {
+    iso8583::decode(super::spec_of(dialect), answer)
+        .ok()
+        .and_then(|m| m.response_code().map(|c| c == "00" || c == "25"))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_set_the_origin_digit_in_both_dialects() {
+        assert_eq!(
+            &mark_repeat(Dialect::Ascii1987, &Bytes::from_static(b"0400xyz"))[..],
+            b"0401xyz"
+        );
+        assert_eq!(
+            &mark_repeat(Dialect::CupPos, &Bytes::from_static(&[0x04, 0x00, 0xff]))[..],
+            &[0x04, 0x01, 0xff]
+        );
+    }
+
+    fn reversal(stan: u32) -> (Key, Bytes) {
+        use crate::iso8583::{FieldList, Mti, Value};
+        let mut fields: FieldList<'_, 8> = FieldList::new();
+        fields.set(3, Value::Number(0)).unwrap();
+        fields.set(4, Value::Number(1000)).unwrap();
+        fields.set(7, Value::Number(1_125_093_015)).unwrap();
+        fields.set(11, Value::Number(u64::from(stan))).unwrap();
+        fields.set(41, Value::Text(b"TERM0001")).unwrap();
+        fields.set(42, Value::Text(b"MERCHANT 000001")).unwrap();
+        fields.set(49, Value::Number(840)).unwrap();
+        let spec = super::super::spec_of(Dialect::Ascii1987);
+        let mut out = bytes::BytesMut::new();
+        iso8583::encode(spec, Mti(200), fields.as_slice(), &mut out).unwrap();
+        let msg = iso8583::decode(spec, &out).unwrap();
+        super::super::reversal_of(Dialect::Ascii1987, &msg).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_keeps_pending_entries_and_dead_letters_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || SafOptions {
+            max_retries: 1,
+            expiry_s: 3600,
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            durability: journal::Durability::UnsafeNoFsync,
+        };
+        let clock = || Arc::new(crate::clock::SystemClock);
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        for stan in 1..=5 {
+            let (key, body) = reversal(stan);
+            saf.enqueue("bank", Dialect::Ascii1987, key, body)
+                .await
+                .unwrap();
+        }
+        let (key, body) = reversal(1);
+        let again = saf.enqueue("bank", Dialect::Ascii1987, key, body).await;
+        assert_eq!(again.unwrap(), saf.pending()[0].id, "not queued twice");
+        let ids: Vec<u64> = saf.pending().iter().map(|e| e.id).collect();
+        saf.delivered(ids[0]).await;
+        saf.give_up(ids[1], DeadReason::Expired, 0).await;
+        saf.compact().await.unwrap();
+        let (key, body) = reversal(6);
+        let last = saf
+            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .await
+            .unwrap();
+        drop(saf);
+
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let stans: Vec<u32> = saf.pending().iter().map(|e| e.key.stan).collect();
+        assert_eq!(stans, [3, 4, 5, 6]);
+        assert_eq!(saf.dead_total(), 1);
+        assert_eq!(saf.dead_letters()[0].entry.key.stan, 2);
+        assert_eq!(saf.dead_letters()[0].reason, DeadReason::Expired);
+        let (key, body) = reversal(7);
+        let next = saf
+            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .await
+            .unwrap();
+        assert!(next > last, "ids stay unique across snapshot and restart");
+        assert!(saf.pending().iter().all(|e| e.key.mti == 400));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for r in [
+            Record::Done { id: 7 },
+            Record::Dead {
+                id: 9,
+                reason: DeadReason::Expired,
+                at_s: 1_700_000_000,
+                attempts: 3,
+            },
+        ] {
+            let mut buf = Vec::new();
+            r.encode(&mut buf);
+            let back = Record::decode(&buf).unwrap();
+            let mut again = Vec::new();
+            back.encode(&mut again);
+            assert_eq!(buf, again);
+        }
+        assert!(Record::decode(&[9]).is_none());
+        assert!(Record::decode(&[1, 0, 0]).is_none());
+    }
+}
