@@ -331,7 +331,7 @@ impl Writer {
         let (index, size) = (self.next_index, self.config.segment_bytes);
         let spawned = thread::Builder::new()
             .name("journal-prealloc".into())
-            .spawn(move || segment::create_segment(&storage, &dir, index, size));
+            .spawn(move || segment::create_segment_paced(&storage, &dir, index, size, true));
         match spawned {
             Ok(handle) => {
                 self.pending = Some(handle);

@@ -111,6 +111,23 @@ pub(crate) fn create_segment(
     index: u64,
     size: u64,
 ) -> io::Result<Segment> {
+    create_segment_paced(storage, dir, index, size, false)
+}
+
+/// Pause between zero chunks of a segment prepared in the background.
+const PACED_CHUNK_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Like [`create_segment`]; `paced` (a spare prepared while the writer is busy) syncs every
+/// zero chunk and pauses briefly, so 64 MiB of dirty zeros never sit in front of the
+/// writer's `fdatasync` calls. Unpaced, a spare made at half a segment once put a
+/// 125 ms p99 on open-loop answers.
+pub(crate) fn create_segment_paced(
+    storage: &Arc<dyn Storage>,
+    dir: &Path,
+    index: u64,
+    size: u64,
+    paced: bool,
+) -> io::Result<Segment> {
     let path = dir.join(segment_file_name(index));
     let tmp = dir.join(format!("{index:020}{SEGMENT_TMP_SUFFIX}"));
     match storage.remove(&tmp) {
@@ -124,6 +141,10 @@ pub(crate) fn create_segment(
         let n = (size - offset).min(ZERO_CHUNK_BYTES as u64) as usize;
         file.write_at(&zeros[..n], offset)?;
         offset += n as u64;
+        if paced {
+            file.sync_data()?;
+            std::thread::sleep(PACED_CHUNK_PAUSE);
+        }
     }
     file.write_at(&encode_header(index), 0)?;
     file.sync_all()?;
