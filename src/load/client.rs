@@ -101,7 +101,9 @@ pub(crate) fn tls_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<Client
     let config = if insecure {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(danger::AnyServerCertificate::new(provider)))
+            .with_custom_certificate_verifier(Arc::new(
+                crate::server::tls::danger::AnyServerCertificate::new(provider),
+            ))
             .with_no_client_auth()
     } else {
         let path =
@@ -124,74 +126,6 @@ pub(crate) fn tls_config(ca: Option<&Path>, insecure: bool) -> Result<Arc<Client
         builder.with_root_certificates(roots).with_no_client_auth()
     };
     Ok(Arc::new(config))
-}
-
-mod danger {
-    //! Accepting any server certificate: only behind `--insecure-skip-verify`, for test
-    //! responders such as `ceiling serve` whose certificate is made at start. Handshake
-    //! signatures are still checked, so the peer must hold the key of the certificate it shows.
-
-    use std::sync::Arc;
-
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::CryptoProvider;
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    use rustls::{DigitallySignedStruct, SignatureScheme};
-
-    /// A verifier that trusts every certificate chain.
-    #[derive(Debug)]
-    pub(super) struct AnyServerCertificate(Arc<CryptoProvider>);
-
-    impl AnyServerCertificate {
-        pub(super) fn new(provider: Arc<CryptoProvider>) -> Self {
-            AnyServerCertificate(provider)
-        }
-    }
-
-    impl ServerCertVerifier for AnyServerCertificate {
-        fn verify_server_cert(
-            &self,
-            _end_entity: &CertificateDer<'_>,
-            _intermediates: &[CertificateDer<'_>],
-            _server_name: &ServerName<'_>,
-            _ocsp_response: &[u8],
-            _now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
 }
 
 /// Opens one TCP + TLS connection, each phase bounded by the request timeout.

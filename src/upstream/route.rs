@@ -5,11 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{ring, CryptoProvider};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::crypto::ring;
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use super::link::LinkConfig;
 use crate::config::{RoutesConfig, UpstreamConfig};
@@ -106,7 +105,11 @@ fn client_tls(index: usize, u: &UpstreamConfig) -> Result<ClientConfig, String> 
         tracing::warn!(upstream = %u.name, "tls.insecure_skip_verify: the host's certificate is not checked");
         builder()?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServerCert(ring::default_provider())))
+            .with_custom_certificate_verifier(Arc::new(
+                crate::server::tls::danger::AnyServerCertificate::new(Arc::new(
+                    ring::default_provider(),
+                )),
+            ))
     } else {
         let ca = u.tls.ca.as_deref().ok_or_else(|| key("ca") + ": missing")?;
         let mut store = RootCertStore::empty();
@@ -137,56 +140,6 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{}: no certificate", path.display()));
     }
     Ok(certs)
-}
-
-/// `insecure_skip_verify`: any certificate is accepted, but the handshake signatures are still
-/// checked (so the peer holds the key of the certificate it showed).
-#[derive(Debug)]
-struct AnyServerCert(CryptoProvider);
-
-impl ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
