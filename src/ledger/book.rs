@@ -601,12 +601,12 @@ impl Book {
 
     fn hold_refund(&mut self, rh: &RefundHold) {
         self.pending_debits = self.pending_debits.saturating_add(rh.amount);
-        self.held_day.hold(rh.day, rh.amount);
-        self.held_month.hold(rh.month, rh.amount);
+        self.held_day.add(rh.day, rh.amount);
+        self.held_month.add(rh.month, rh.amount);
         self.held_cards
             .entry(rh.card)
             .or_default()
-            .hold(rh.day, rh.amount);
+            .add(rh.day, rh.amount);
         let h = self.held_originals.entry(rh.original).or_insert((0, 0));
         h.0 = h.0.saturating_add(rh.amount);
         h.1 = h.1.saturating_add(1);
@@ -620,10 +620,10 @@ impl Book {
         self.pending_sales = self.pending_sales.saturating_sub(hold.sale);
         self.pending_debits = self.pending_debits.saturating_sub(hold.debit);
         if let Some(rh) = hold.refund {
-            self.held_day.release(rh.day, rh.amount);
-            self.held_month.release(rh.month, rh.amount);
+            self.held_day.remove(rh.day, rh.amount);
+            self.held_month.remove(rh.month, rh.amount);
             if let Some(h) = self.held_cards.get_mut(&rh.card) {
-                h.release(rh.day, rh.amount);
+                h.remove(rh.day, rh.amount);
                 if h.count == 0 {
                     self.held_cards.remove(&rh.card);
                 }
@@ -1252,10 +1252,10 @@ impl Book {
         } else {
             self.reserve = self.reserve.saturating_add(refund.amount);
         }
-        self.day.give_back(local.day, refund.amount);
-        self.month.give_back(local.month, refund.amount);
+        self.day.remove(local.day, refund.amount);
+        self.month.remove(local.month, refund.amount);
         if let Some(b) = self.cards.get_mut(&refund.pan_hash) {
-            b.give_back(local.day, refund.amount);
+            b.remove(local.day, refund.amount);
         }
     }
 }

@@ -3,24 +3,22 @@
 //! Committed values ([`Bucket`]) change only through `apply` of a journaled event, so replay
 //! rebuilds them exactly; reservations in flight ([`Held`]) are kept apart and never journaled.
 
-/// Committed refunds of one period (a local day or month number).
+/// Refund amount and count of one period (a local day or month number). The same tally
+/// serves committed refunds ([`Bucket`]) and reservations in flight ([`Held`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Bucket {
+pub(crate) struct Tally {
     pub period: i32,
     pub amount: u64,
     pub count: u32,
 }
 
-/// Refunds reserved but not yet committed in one period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Held {
-    pub period: i32,
-    pub amount: u64,
-    pub count: u32,
-}
+/// Committed refunds of one period; changed only by `apply` of a journaled event.
+pub(crate) type Bucket = Tally;
+/// Refunds reserved but not yet committed in one period; never journaled.
+pub(crate) type Held = Tally;
 
-impl Bucket {
-    /// Committed amount and count in `period` (zero for a later period than the bucket's).
+impl Tally {
+    /// Amount and count in `period` (zero for another period than the tally's).
     pub fn in_period(&self, period: i32) -> (u64, u32) {
         if self.period == period {
             (self.amount, self.count)
@@ -29,10 +27,12 @@ impl Bucket {
         }
     }
 
-    /// Adds a committed refund of `period`; an older period than the bucket's is history.
+    /// Adds one refund of `amount` in `period`. A later period starts the tally afresh; an
+    /// older one (history, or a caller's `now` that went backwards) is not added: dropping the
+    /// newer values would let concurrent requests of the current period past their limit.
     pub fn add(&mut self, period: i32, amount: u64) {
         if period > self.period {
-            *self = Bucket {
+            *self = Tally {
                 period,
                 amount: 0,
                 count: 0,
@@ -44,44 +44,9 @@ impl Bucket {
         }
     }
 
-    /// Gives back a refund of `period` (its reversal).
-    pub fn give_back(&mut self, period: i32, amount: u64) {
-        if period == self.period {
-            self.amount = self.amount.saturating_sub(amount);
-            self.count = self.count.saturating_sub(1);
-        }
-    }
-}
-
-impl Held {
-    /// Reserved amount and count in `period`.
-    pub fn in_period(&self, period: i32) -> (u64, u32) {
-        if self.period == period {
-            (self.amount, self.count)
-        } else {
-            (0, 0)
-        }
-    }
-
-    /// Reserves one refund of `amount` in `period`. A period older than the held one (a
-    /// caller's `now` that went backwards) is not held: dropping the newer holds would let
-    /// concurrent requests of the current period past their limit.
-    pub fn hold(&mut self, period: i32, amount: u64) {
-        if period > self.period {
-            *self = Held {
-                period,
-                amount: 0,
-                count: 0,
-            };
-        }
-        if period == self.period {
-            self.amount = self.amount.saturating_add(amount);
-            self.count = self.count.saturating_add(1);
-        }
-    }
-
-    /// Releases a reservation made in `period` (no-op once the period rolled).
-    pub fn release(&mut self, period: i32, amount: u64) {
+    /// Takes one refund of `period` out again (its reversal, or a released reservation);
+    /// a no-op once the period rolled.
+    pub fn remove(&mut self, period: i32, amount: u64) {
         if period == self.period {
             self.amount = self.amount.saturating_sub(amount);
             self.count = self.count.saturating_sub(1);
@@ -112,19 +77,19 @@ mod tests {
         b.add(11, 1);
         assert_eq!(b.in_period(10), (0, 0));
         assert_eq!(b.in_period(11), (1, 1));
-        b.give_back(11, 1);
+        b.remove(11, 1);
         assert_eq!(b.in_period(11), (0, 0));
     }
 
     #[test]
     fn holds_of_an_older_period_never_drop_the_current_ones() {
         let mut h = Held::default();
-        h.hold(11, 5);
-        h.hold(10, 7);
+        h.add(11, 5);
+        h.add(10, 7);
         assert_eq!(h.in_period(11), (5, 1));
-        h.release(10, 7);
+        h.remove(10, 7);
         assert_eq!(h.in_period(11), (5, 1));
-        h.release(11, 5);
+        h.remove(11, 5);
         assert_eq!(h.in_period(11), (0, 0));
     }
 
