@@ -1062,24 +1062,9 @@ impl Book {
         txn: &TxnRecord,
         original: &TxnKey,
     ) -> Decision {
-        let base = Figures {
-            amount: txn.amount,
-            currency: self.policy.currency,
-            ..Figures::default()
-        };
-        if self.tombstoned(&txn.key) {
-            return self.finish(
-                at,
-                answer,
-                Decision::new(Reason::REVERSED_BEFORE_COMMIT, base),
-            );
-        }
-        let (Some(key), Ok(sale_idx)) = (self.ref_key(&txn.key), self.live_sale(original)) else {
-            let r = self
-                .live_sale(original)
-                .err()
-                .unwrap_or(Reason::INTERNAL_ERROR);
-            return self.finish(at, answer, Decision::new(r, base));
+        let (base, key, sale_idx) = match self.related_to_live_sale(at, answer, txn, original) {
+            Ok(found) => found,
+            Err(decided) => return decided,
         };
         let local = self.policy.utc_offset.local(at);
         let idx = self.push_entry(
@@ -1127,6 +1112,37 @@ impl Book {
         Decision::new(Reason::APPROVED, figs)
     }
 
+    /// What a refund and a void of `original` check first when applied: the request was not
+    /// reversed before it committed, and its original is a live sale. `Err` is the finished
+    /// answer; `Ok` gives the base figures, the request's key and the sale's index.
+    fn related_to_live_sale(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        txn: &TxnRecord,
+        original: &TxnKey,
+    ) -> Result<(Figures, RefKey, u32), Decision> {
+        let base = Figures {
+            amount: txn.amount,
+            currency: self.policy.currency,
+            ..Figures::default()
+        };
+        if self.tombstoned(&txn.key) {
+            return Err(self.finish(
+                at,
+                answer,
+                Decision::new(Reason::REVERSED_BEFORE_COMMIT, base),
+            ));
+        }
+        match (self.ref_key(&txn.key), self.live_sale(original)) {
+            (Some(key), Ok(sale_idx)) => Ok((base, key, sale_idx)),
+            (_, found) => {
+                let r = found.err().unwrap_or(Reason::INTERNAL_ERROR);
+                Err(self.finish(at, answer, Decision::new(r, base)))
+            }
+        }
+    }
+
     fn apply_void(
         &mut self,
         at: UnixSeconds,
@@ -1134,24 +1150,9 @@ impl Book {
         txn: &TxnRecord,
         original: &TxnKey,
     ) -> Decision {
-        let base = Figures {
-            amount: txn.amount,
-            currency: self.policy.currency,
-            ..Figures::default()
-        };
-        if self.tombstoned(&txn.key) {
-            return self.finish(
-                at,
-                answer,
-                Decision::new(Reason::REVERSED_BEFORE_COMMIT, base),
-            );
-        }
-        let (Some(key), Ok(sale_idx)) = (self.ref_key(&txn.key), self.live_sale(original)) else {
-            let r = self
-                .live_sale(original)
-                .err()
-                .unwrap_or(Reason::INTERNAL_ERROR);
-            return self.finish(at, answer, Decision::new(r, base));
+        let (base, key, sale_idx) = match self.related_to_live_sale(at, answer, txn, original) {
+            Ok(found) => found,
+            Err(decided) => return decided,
         };
         if self.entries[sale_idx as usize].refunded > 0 {
             return self.finish(
