@@ -26,6 +26,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
+mod common;
+use common::{ascii_request as ascii, de90};
+
 const WAIT: Duration = Duration::from_secs(10);
 const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x03, 0x00, 0x00];
 const CUP_HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
@@ -190,38 +193,6 @@ fn answer(dialect: &str, bytes: &[u8]) -> Answer {
         batch: m.cup60().map(|c| c.batch),
         mac_ok: m.mac().map(|(mab, v)| mac::verify(&key, mab, v)),
     }
-}
-
-fn now_fields() -> (String, String, String) {
-    let secs = refundgate::clock::Clock::now_unix_s(&SystemClock) as u64;
-    // DE7 is informational for the decision (the ledger keeps its own clock); keep it plausible.
-    let s = secs % 86_400;
-    let hhmmss = format!("{:02}{:02}{:02}", s / 3600, s % 3600 / 60, s % 60);
-    ("1125".into(), hhmmss.clone(), format!("1125{hhmmss}"))
-}
-
-fn ascii(mti: &str, pc: &str, amount: u64, stan: u32, extra: &[(&str, String)]) -> Json {
-    let (mmdd, hhmmss, de7) = now_fields();
-    let mut fields = json!({
-        "2": "4761739001010119", "3": pc, "4": format!("{amount:012}"), "7": de7,
-        "11": format!("{stan:06}"), "12": hhmmss, "13": mmdd, "22": "051", "25": "00",
-        "41": "TERM0001", "42": "MERCHANT 000001", "49": "840"
-    });
-    for (k, v) in extra {
-        fields[*k] = Json::String(v.clone());
-    }
-    json!({ "mti": mti, "fields": fields })
-}
-
-fn de90(sale: &Json) -> String {
-    let f = &sale["fields"];
-    format!(
-        "0200{}{}{:011}{:011}",
-        f["11"].as_str().unwrap(),
-        f["7"].as_str().unwrap(),
-        0,
-        0
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,22 +487,6 @@ async fn cup_refund_advice_follows_the_sale_and_overdraw_is_refused_64() {
     gw.stop().await;
 }
 
-/// Today's MMDD in the cup merchant's time zone (+08:00), as a terminal would send in 61.3.
-fn now_mmdd_local_plus8() -> String {
-    let secs = refundgate::clock::Clock::now_unix_s(&SystemClock) as u64 + 8 * 3600;
-    let days = (secs / 86_400) as i64;
-    // Civil-from-days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    format!("{m:02}{d:02}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_failure_answers_96_acknowledges_nothing_and_recovers_with_the_storage() {
     let (storage, faults) = journal::FaultyStorage::new();
@@ -576,4 +531,9 @@ async fn storage_failure_answers_96_acknowledges_nothing_and_recovers_with_the_s
     );
     assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
     gw.stop().await;
+}
+
+/// Today's MMDD in the cup merchant's time zone (+08:00), as a terminal would send in 61.3.
+fn now_mmdd_local_plus8() -> String {
+    common::mmdd(refundgate::clock::Clock::now_unix_s(&SystemClock) + 8 * 3600)
 }

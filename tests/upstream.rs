@@ -22,6 +22,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
+mod common;
+use common::{ascii_request as ascii_msg, de90};
+
 const WAIT: Duration = Duration::from_secs(10);
 const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x03, 0x00, 0x00];
 const CUP_HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
@@ -277,7 +280,7 @@ mod host {
 
 // === the gateway with upstreams ===
 
-use refundgate::clock::{Clock, SystemClock};
+use refundgate::clock::SystemClock;
 use refundgate::flow::Gateway;
 use refundgate::host_sim::pem_of;
 use refundgate::serve::{self, ServeArgs};
@@ -476,45 +479,6 @@ fn answer(dialect: &str, bytes: &[u8]) -> Answer {
         rrn: m.rrn().map(str::to_string),
         stan: m.stan(),
     }
-}
-
-fn now_de7() -> (String, String, String) {
-    let secs = SystemClock.now_unix_s();
-    let days = secs.div_euclid(86_400);
-    let z = days + 719_468;
-    let doe = z - z.div_euclid(146_097) * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let s = secs.rem_euclid(86_400);
-    let hhmmss = format!("{:02}{:02}{:02}", s / 3600, s % 3600 / 60, s % 60);
-    let mmdd = format!("{m:02}{d:02}");
-    (mmdd.clone(), hhmmss.clone(), format!("{mmdd}{hhmmss}"))
-}
-
-fn ascii_msg(mti: &str, pc: &str, amount: u64, stan: u32, extra: &[(&str, String)]) -> Json {
-    let (mmdd, hhmmss, de7) = now_de7();
-    let mut fields = json!({
-        "2": "4761739001010119", "3": pc, "4": format!("{amount:012}"), "7": de7,
-        "11": format!("{stan:06}"), "12": hhmmss, "13": mmdd, "22": "051", "25": "00",
-        "41": "TERM0001", "42": "MERCHANT 000001", "49": "840"
-    });
-    for (k, v) in extra {
-        fields[*k] = Json::String(v.clone());
-    }
-    json!({ "mti": mti, "fields": fields })
-}
-
-fn de90(sale: &Json) -> String {
-    let f = &sale["fields"];
-    format!(
-        "0200{}{}{:022}",
-        f["11"].as_str().unwrap(),
-        f["7"].as_str().unwrap(),
-        0
-    )
 }
 
 async fn ascii_sale(c: &mut Client, stan: u32, amount: u64) -> (Json, Answer) {

@@ -1,0 +1,59 @@
+//! Helpers shared by the behaviour tests that speak ascii1987 to a running gateway.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use refundgate::clock::{Clock, SystemClock};
+use serde_json::{json, Value as Json};
+
+/// MMDD of the UTC date at `unix_s` (civil-from-days, H. Hinnant).
+pub fn mmdd(unix_s: i64) -> String {
+    let z = unix_s.div_euclid(86_400) + 719_468;
+    let doe = z - z.div_euclid(146_097) * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{m:02}{d:02}")
+}
+
+/// Today's DE13 (MMDD), DE12 (hhmmss) and DE7 (MMDDhhmmss), UTC.
+pub fn now_de7() -> (String, String, String) {
+    let secs = SystemClock.now_unix_s();
+    let s = secs.rem_euclid(86_400);
+    let hhmmss = format!("{:02}{:02}{:02}", s / 3600, s % 3600 / 60, s % 60);
+    let mmdd = mmdd(secs);
+    (mmdd.clone(), hhmmss.clone(), format!("{mmdd}{hhmmss}"))
+}
+
+/// An ascii1987 request of the sample merchant's terminal TERM0001 (card 4761…0119), with
+/// `extra` elements set on top.
+pub fn ascii_request(
+    mti: &str,
+    pc: &str,
+    amount: u64,
+    stan: u32,
+    extra: &[(&str, String)],
+) -> Json {
+    let (mmdd, hhmmss, de7) = now_de7();
+    let mut fields = json!({
+        "2": "4761739001010119", "3": pc, "4": format!("{amount:012}"), "7": de7,
+        "11": format!("{stan:06}"), "12": hhmmss, "13": mmdd, "22": "051", "25": "00",
+        "41": "TERM0001", "42": "MERCHANT 000001", "49": "840"
+    });
+    for (k, v) in extra {
+        fields[*k] = Json::String(v.clone());
+    }
+    json!({ "mti": mti, "fields": fields })
+}
+
+/// DE90 naming `sale` (a request built by [`ascii_request`]): 0200 + its STAN + its DE7 +
+/// zero acquirer and forwarding ids.
+pub fn de90(sale: &Json) -> String {
+    let f = &sale["fields"];
+    format!(
+        "0200{}{}{:022}",
+        f["11"].as_str().unwrap(),
+        f["7"].as_str().unwrap(),
+        0
+    )
+}
