@@ -88,6 +88,10 @@ pub(crate) struct Shared {
     /// `(epoch, durable seq when it ended)` of the last failures.
     pub ended: Mutex<VecDeque<(u64, u64)>>,
     pub last_error: Mutex<Option<Arc<io::Error>>>,
+    /// Mirrors [`Queue::held`] for a lock-free look.
+    pub held: std::sync::atomic::AtomicBool,
+    /// Hold after a failure (`Options::hold_after_failure`, or set by the caller).
+    pub hold_mode: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -110,6 +114,8 @@ impl Shared {
             epoch: AtomicU64::new(0),
             ended: Mutex::new(VecDeque::new()),
             last_error: Mutex::new(None),
+            held: std::sync::atomic::AtomicBool::new(false),
+            hold_mode: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -181,7 +187,6 @@ pub(crate) struct WriterConfig {
     pub segment_bytes: u64,
     pub batch_records_max: usize,
     pub batch_bytes_max: u64,
-    pub hold_after_failure: bool,
 }
 
 /// Where the writer starts, as recovery left the directory.
@@ -375,8 +380,9 @@ impl Writer {
             let mut q = self.shared.lock_queue();
             q.pending.clear();
             q.next_seq = self.next_seq;
-            if self.config.hold_after_failure {
+            if self.shared.hold_mode.load(Ordering::Acquire) {
                 q.held = true;
+                self.shared.held.store(true, Ordering::Release);
             }
             let epoch = self.shared.epoch.load(Ordering::Acquire);
             let mut ended = self

@@ -85,7 +85,8 @@ use group_commit::{ClosedSegment, Request, Shared, Writer, WriterConfig, WriterS
 pub struct Ticket {
     /// The record's seq (journal order).
     pub seq: u64,
-    epoch: u64,
+    /// The failure epoch it was queued in ([`Journal::epoch`]).
+    pub epoch: u64,
 }
 use recovery::{Scan, SegmentScan};
 use segment::{Segment, SEGMENT_HEADER_BYTES};
@@ -247,8 +248,10 @@ impl Journal {
             segment_bytes: options.segment_bytes,
             batch_records_max: options.batch_records_max,
             batch_bytes_max: options.batch_bytes_max as u64,
-            hold_after_failure: options.hold_after_failure,
         };
+        shared
+            .hold_mode
+            .store(options.hold_after_failure, Ordering::Release);
         let writer = Writer::new(
             Arc::clone(&storage),
             dir.clone(),
@@ -367,9 +370,20 @@ impl Journal {
         }
     }
 
+    /// Turns [`Options::hold_after_failure`] on or off for this open journal.
+    pub fn set_hold_after_failure(&self, hold: bool) {
+        self.shared.hold_mode.store(hold, Ordering::Release);
+    }
+
     /// Whether appends are refused after a failure (`hold_after_failure`).
     pub fn is_held(&self) -> bool {
-        self.shared.lock_queue().held
+        self.shared.held.load(Ordering::Acquire)
+    }
+
+    /// The current failure epoch: read it before looking at state that a failure could
+    /// drop, and wait on `Ticket { seq, epoch }` for that state.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
     }
 
     /// After a failure: has the writer rewrite the failed region so the files hold exactly
@@ -394,7 +408,9 @@ impl Journal {
 
     /// Accepts appends again after [`scrub`](Self::scrub) (and the caller's rebuild).
     pub fn resume(&self) {
-        self.shared.lock_queue().held = false;
+        let mut q = self.shared.lock_queue();
+        q.held = false;
+        self.shared.held.store(false, Ordering::Release);
     }
 
     /// Reads the directory again as [`open`](Self::open) did: the newest snapshot and the

@@ -79,6 +79,8 @@ pub struct Ledger {
     books: DashMap<MerchantId, Book, hash::FastState>,
     pan_key: PanKey,
     store_ok: AtomicBool,
+    /// The set it was made from: a rebuild from the journal starts from it again.
+    merchants: MerchantSet,
 }
 
 /// A check that passed and holds its amounts and counts until [`Ledger::commit`] or
@@ -285,7 +287,14 @@ impl Ledger {
             books,
             pan_key,
             store_ok: AtomicBool::new(true),
+            merchants: merchants.clone(),
         }
+    }
+
+    /// The merchant set and PAN key this ledger was made with, to rebuild it from a
+    /// snapshot and the journal.
+    pub fn origin(&self) -> (&MerchantSet, PanKey) {
+        (&self.merchants, self.pan_key.clone())
     }
 
     /// Tells the ledger whether the journal can take writes; while not, requests get 96
