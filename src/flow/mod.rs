@@ -226,7 +226,10 @@ impl Gateway {
             }
             if journal.durable(*t).await.is_err() {
                 tracing::warn!("journal write failed; answering 96");
-                *d = Some(self.lost(l, body.as_ref(), d.as_ref().is_some_and(|d| d.forwarded)).await);
+                *d = Some(
+                    self.lost(l, body.as_ref(), d.as_ref().is_some_and(|d| d.forwarded))
+                        .await,
+                );
             }
         }
         let micros = started.elapsed().as_micros() as u64;
@@ -241,17 +244,17 @@ impl Gateway {
         let (msg, _) = iso8583::decode_partial(l.spec, body);
         self.reverse_forwarded(l, &msg, forwarded).await;
         let kind = classify(&msg, l.shape()).unwrap_or(Kind::Sale);
-        self.answer(l, &msg, kind, &Decision::bare(Reason::STORE_UNAVAILABLE), None)
+        self.answer(
+            l,
+            &msg,
+            kind,
+            &Decision::bare(Reason::STORE_UNAVAILABLE),
+            None,
+        )
     }
 
     /// Logs and counts one answered message.
-    fn finish(
-        &self,
-        l: &Link,
-        body: &[u8],
-        d: Option<Decided>,
-        micros: u64,
-    ) -> (Outcome, Summary) {
+    fn finish(&self, l: &Link, body: &[u8], d: Option<Decided>, micros: u64) -> (Outcome, Summary) {
         let Some(Decided { out, decision, .. }) = d else {
             return (
                 Outcome::Drop,
@@ -333,7 +336,13 @@ impl Gateway {
             return self.answer(l, msg, kind, &Decision::bare(Reason::APPROVED), None);
         }
         if !self.store_ready().await {
-            return self.answer(l, msg, kind, &Decision::bare(Reason::STORE_UNAVAILABLE), None);
+            return self.answer(
+                l,
+                msg,
+                kind,
+                &Decision::bare(Reason::STORE_UNAVAILABLE),
+                None,
+            );
         }
         if kind == Kind::SignOn {
             return self.sign_on(l, msg, now).await;
@@ -375,9 +384,10 @@ impl Gateway {
             Verdict::Declined(code) => {
                 let logged = {
                     let _gate = self.gate.read().await;
-                    self.ledger.decline_logged(reservation, Reason::HOST_DECLINED, |e| {
-                        self.enqueue(e, &mut ticket)
-                    })
+                    self.ledger
+                        .decline_logged(reservation, Reason::HOST_DECLINED, |e| {
+                            self.enqueue(e, &mut ticket)
+                        })
                 };
                 return match logged.decision() {
                     Some(d) => {
@@ -484,7 +494,10 @@ impl Gateway {
             return true;
         }
         let j = Arc::clone(journal);
-        if !matches!(tokio::task::spawn_blocking(move || j.scrub()).await, Ok(Ok(()))) {
+        if !matches!(
+            tokio::task::spawn_blocking(move || j.scrub()).await,
+            Ok(Ok(()))
+        ) {
             return false;
         }
         let _exclusive = self.gate.write().await;

@@ -179,9 +179,7 @@ impl<E> Logged<E> {
     /// The answer, whatever happened to the event (`None` when the journal refused it).
     pub fn decision(&self) -> Option<&Decision> {
         match self {
-            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => {
-                Some(decision)
-            }
+            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => Some(decision),
             Logged::Failed(_) => None,
         }
     }
