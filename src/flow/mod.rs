@@ -214,22 +214,29 @@ impl Gateway {
         for body in bodies {
             decided.push(self.decide_message(l, body.as_ref()).await);
         }
-        for (body, d) in bodies.iter().zip(decided.iter_mut()) {
-            let Some(Decided { wait: Some(t), .. }) = d else {
-                continue;
-            };
-            let Some(journal) = &self.journal else {
-                continue;
-            };
-            if journal.is_durable(*t) {
-                continue;
+        if let Some(journal) = &self.journal {
+            // One wait for the newest record of the batch covers the others of its epoch.
+            let newest = decided
+                .iter()
+                .filter_map(|d| d.as_ref().and_then(|d| d.wait))
+                .max_by_key(|t| (t.epoch, t.seq));
+            if let Some(t) = newest {
+                let _ = journal.durable(t).await;
             }
-            if journal.durable(*t).await.is_err() {
-                tracing::warn!("journal write failed; answering 96");
-                *d = Some(
-                    self.lost(l, body.as_ref(), d.as_ref().is_some_and(|d| d.forwarded))
-                        .await,
-                );
+            for (body, d) in bodies.iter().zip(decided.iter_mut()) {
+                let Some(Decided {
+                    wait: Some(t),
+                    forwarded,
+                    ..
+                }) = d
+                else {
+                    continue;
+                };
+                let forwarded = *forwarded;
+                if journal.durable(*t).await.is_err() {
+                    tracing::warn!("journal write failed; answering 96");
+                    *d = Some(self.lost(l, body.as_ref(), forwarded).await);
+                }
             }
         }
         let micros = started.elapsed().as_micros() as u64;
