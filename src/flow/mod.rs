@@ -102,6 +102,8 @@ struct Decided {
     wait: Option<Ticket>,
     /// The host approved it: if the record is lost, the host must be told (reversal).
     forwarded: bool,
+    /// The request's MTI (metrics label).
+    mti: u16,
 }
 
 /// Why a logged ledger call did not apply.
@@ -262,7 +264,10 @@ impl Gateway {
 
     /// Logs and counts one answered message.
     fn finish(&self, l: &Link, body: &[u8], d: Option<Decided>, micros: u64) -> (Outcome, Summary) {
-        let Some(Decided { out, decision, .. }) = d else {
+        let Some(Decided {
+            out, decision, mti, ..
+        }) = d
+        else {
             return (
                 Outcome::Drop,
                 Summary {
@@ -271,17 +276,13 @@ impl Gateway {
                 },
             );
         };
-        let (msg, _) = iso8583::decode_partial(l.spec, body);
         let code = decision.de39(l.dialect);
         let reason = decision.reason.as_str();
-        telemetry::record_request(
-            dialect_label(l.dialect),
-            mti_label(msg.mti().0),
-            code,
-            reason,
-        );
+        telemetry::record_request(dialect_label(l.dialect), mti_label(mti), code, reason);
         telemetry::record_decision_seconds(dialect_label(l.dialect), micros as f64 / 1e6);
         if tracing::enabled!(tracing::Level::INFO) {
+            // Decoded again only for the log line: nothing of it outlives the decision.
+            let (msg, _) = iso8583::decode_partial(l.spec, body);
             let masked = msg.pan().map(|p| p.masked());
             tracing::info!(
                 dialect = l.spec.name(),
@@ -406,6 +407,7 @@ impl Gateway {
                             decision: d,
                             wait: ticket,
                             forwarded: false,
+                            mti: msg.mti().0,
                         }
                     }
                     None => self.answer(
@@ -574,6 +576,7 @@ impl Gateway {
                     decision: d,
                     wait: ticket,
                     forwarded: false,
+                    mti: msg.mti().0,
                 }
             }
             Err(LogError::Refused(refused)) => {
@@ -649,6 +652,7 @@ impl Gateway {
             decision: *d,
             wait: None,
             forwarded: false,
+            mti: msg.mti().0,
         }
     }
 
