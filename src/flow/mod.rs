@@ -726,16 +726,9 @@ impl Gateway {
     }
 }
 
-/// MMDD of the UTC date at `now` (civil-from-days, H. Hinnant).
+/// MMDD of the UTC date at `now`.
 fn utc_mmdd(now: i64) -> u16 {
-    let z = now.div_euclid(86_400) + 719_468;
-    let doe = z - z.div_euclid(146_097) * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (m * 100 + d) as u16
+    crate::clock::mmdd_of(now)
 }
 
 /// The RRN a sale gets: DE12 `hhmmss` (or the UTC time of day) and the STAN.
