@@ -484,6 +484,50 @@ async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_co
     gw.stop().await;
 }
 
+/// DOMAIN §6: a repeat gets the stored answer, declines included, never a new decision; a
+/// different request reusing the key of a declined one gets 94.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_refund_keeps_its_answer_for_its_repeat_and_its_key() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    // The refund names a sale that does not exist yet: 25.
+    let sale = ascii("0200", "000000", 9000, 71, &[]);
+    let refund = ascii("0200", "200000", 3000, 72, &[("90", de90(&sale))]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &refund)).await,
+    );
+    assert_eq!(a.code_reason(), ("25".into(), "ORIGINAL_NOT_FOUND".into()));
+    // Then the sale arrives, so deciding the refund again would approve it.
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    let funds = gw.funds();
+    // The terminal's repeat (0201) gets the decline it may already have shown.
+    let mut repeat = refund.clone();
+    repeat["mti"] = json!("0201");
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &repeat)).await,
+    );
+    assert_eq!(
+        a.code_reason(),
+        ("25".into(), "ORIGINAL_NOT_FOUND".into()),
+        "a repeat of a declined refund was decided anew"
+    );
+    // A different refund reusing the declined one's key (terminal, STAN, date): 94.
+    let reuse = ascii("0200", "200000", 1000, 72, &[("90", de90(&sale))]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &reuse)).await,
+    );
+    assert_eq!(a.code_reason(), ("94".into(), "DUPLICATE".into()));
+    assert_eq!(gw.funds(), funds, "neither moved money");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_unsupported_messages_get_30_and_40_and_the_connection_stays_usable() {
     let gw = start().await;
