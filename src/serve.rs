@@ -91,6 +91,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     };
     let options = journal::Options {
         durability,
+        segment_bytes: config.journal.segment_bytes,
         ..journal::Options::default()
     };
     let (journal, mut recovered) = Journal::open(&config.journal.dir, options).map_err(io)?;
