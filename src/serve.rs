@@ -96,7 +96,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     };
     let (journal, mut recovered) = Journal::open(&config.journal.dir, options).map_err(io)?;
     let pan_key = pan_key(&config.journal.dir)?;
-    let (ledger, replayed) = crate::flow::recover_ledger(&merchants, pan_key, &mut recovered)
+    let (ledger, replayed) = crate::flow::recover_ledger(&merchants, pan_key, &mut recovered, None)
         .map_err(|e| StartError {
             code: EXIT_IOERR,
             message: format!("journal {}: {e}", config.journal.dir.display()),

@@ -531,7 +531,6 @@ async fn a_declined_refund_keeps_its_answer_for_its_repeat_and_its_key() {
 /// DOMAIN §6: stored answers survive restarts, declines included: a repeat after a restart
 /// gets the decline the terminal may already have shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: declines are not journaled yet, so a repeat after a restart is decided anew (00 instead of the stored 25)"]
 async fn a_declined_refund_keeps_its_answer_across_a_restart() {
     let gw = start().await;
     let mut c = connect(&gw.listeners[0]).await;

@@ -10,6 +10,7 @@ pub mod classify;
 pub mod ids;
 mod render;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,6 +79,8 @@ pub struct Gateway {
     gate: tokio::sync::RwLock<()>,
     /// One rebuild at a time after a failed journal write.
     recovering: tokio::sync::Mutex<()>,
+    /// The journal failure epoch the ledger was last rebuilt for.
+    rebuilt_epoch: AtomicU64,
     journal: Option<Arc<Journal>>,
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
@@ -142,6 +145,7 @@ impl Gateway {
             ledger,
             gate: tokio::sync::RwLock::new(()),
             recovering: tokio::sync::Mutex::new(()),
+            rebuilt_epoch: AtomicU64::new(0),
             journal,
             clock,
             links,
@@ -237,6 +241,8 @@ impl Gateway {
                 let forwarded = *forwarded;
                 if journal.durable(*t).await.is_err() {
                     tracing::warn!("journal write failed; answering 96");
+                    // Drop what the lost record changed before the 96 leaves.
+                    let _ = self.store_ready().await;
                     *d = Some(self.lost(l, body.as_ref(), forwarded).await);
                 }
             }
@@ -487,10 +493,12 @@ impl Gateway {
         decided
     }
 
-    /// After a failed journal write the journal holds: the first request to come along
-    /// rewrites the failed region and rebuilds the ledger from what is durable (snapshot +
-    /// records), dropping every change that was applied but never made durable, then lets
-    /// decisions through again. `false` while the storage still fails (answer 96).
+    /// After a failed journal write the journal holds. The ledger is rebuilt at once from what
+    /// is durable (snapshot + records up to the durable seq), dropping every change that was
+    /// applied but never made durable, so nothing answered 96 stays in it; then the failed
+    /// region is rewritten and decisions resume. `false` while the storage still fails
+    /// (answer 96). Called by every request while the journal holds, and by the batch whose
+    /// record was lost.
     async fn store_ready(&self) -> bool {
         let Some(journal) = &self.journal else {
             return true;
@@ -502,6 +510,10 @@ impl Gateway {
         if !journal.is_held() {
             return true;
         }
+        let epoch = journal.epoch();
+        if self.rebuilt_epoch.load(Ordering::Acquire) != epoch && self.rebuild(journal).await {
+            self.rebuilt_epoch.store(epoch, Ordering::Release);
+        }
         let j = Arc::clone(journal);
         if !matches!(
             tokio::task::spawn_blocking(move || j.scrub()).await,
@@ -509,22 +521,34 @@ impl Gateway {
         ) {
             return false;
         }
+        if self.rebuilt_epoch.load(Ordering::Acquire) != epoch {
+            if !self.rebuild(journal).await {
+                return false;
+            }
+            self.rebuilt_epoch.store(epoch, Ordering::Release);
+        }
+        journal.resume();
+        tracing::warn!("journal storage is back: decisions resume");
+        true
+    }
+
+    /// Replaces the ledger's durable state by a replay of the journal up to its durable seq.
+    async fn rebuild(&self, journal: &Arc<Journal>) -> bool {
         let _exclusive = self.gate.write().await;
         let j = Arc::clone(journal);
         let ledger = Arc::clone(&self.ledger);
         let rebuilt = tokio::task::spawn_blocking(move || {
             let mut recovered = j.reread().map_err(|e| e.to_string())?;
             let (merchants, pan_key) = ledger.origin();
-            recover_ledger(merchants, pan_key, &mut recovered)
+            recover_ledger(merchants, pan_key, &mut recovered, Some(j.durable_seq()))
         })
         .await;
         match rebuilt {
             Ok(Ok((rebuilt, replayed))) => {
                 self.ledger.adopt_durable(rebuilt);
-                journal.resume();
                 tracing::warn!(
                     replayed,
-                    "journal storage is back: ledger rebuilt from the journal, decisions resume"
+                    "journal write failed: ledger rebuilt from the durable journal"
                 );
                 true
             }
@@ -825,10 +849,12 @@ impl Dispatch for Gateway {
 
 /// Rebuilds the ledger of `merchants` from what the journal recovered: the newest snapshot,
 /// then every record after it in journal order. Returns the ledger and the records replayed.
+/// `up_to`: replay no record past this seq (records a failed write left behind).
 pub fn recover_ledger(
     merchants: &ledger::MerchantSet,
     pan_key: ledger::PanKey,
     recovered: &mut Recovered,
+    up_to: Option<u64>,
 ) -> Result<(Ledger, u64), String> {
     let ledger = match recovered.take_snapshot() {
         Some(snap) => Ledger::restore(merchants, pan_key, &snap.bytes)
@@ -838,7 +864,7 @@ pub fn recover_ledger(
     let mut bad: Option<String> = None;
     let replayed = recovered
         .replay(|seq, payload| {
-            if bad.is_some() {
+            if bad.is_some() || up_to.is_some_and(|last| seq > last) {
                 return;
             }
             match LedgerEvent::decode(payload) {
