@@ -59,12 +59,24 @@ framing = "binary2"
 
 [limits]
 # Connections held at once over all listeners; one more is accepted, closed and counted.
+# A connection takes its slot only once its TLS ClientHello has arrived.
 max_connections = 1024
+# Established connections from one source address (0 = no limit).
+max_connections_per_ip = 256
+# Sockets accepted but not yet admitted (waiting for their ClientHello), over all listeners;
+# when full the oldest is closed to make room, so silent sockets cannot lock terminals out.
+max_handshakes = 256
+# The same per source address: its oldest is closed (0 = no limit).
+max_handshakes_per_ip = 32
+# Loopback peers (a local TLS proxy: every terminal shows as 127.0.0.1) are exempt from the
+# two per-address limits.
+per_ip_exempt_loopback = true
 # Largest frame after the length header; never above 65536 (binary2 can say 65535 at most,
 # ascii4 and bcd2 9999).
 max_frame_bytes = 8192
 # Requests of one connection dispatched at once; answers still go out in request order.
 max_in_flight_per_connection = 8
+# Longest a new socket may take to send its ClientHello, and then to finish the handshake.
 handshake_timeout_ms = 5000
 # A connection with nothing in flight and no complete frame for this long is closed.
 idle_timeout_ms = 60000
@@ -333,6 +345,14 @@ pub struct MacConfig {
 pub struct LimitsConfig {
     /// Connections held at once over all listeners.
     pub max_connections: usize,
+    /// Established connections from one source address; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// Sockets waiting for their ClientHello; when full the oldest is evicted.
+    pub max_handshakes: usize,
+    /// Sockets of one source address waiting for their ClientHello; 0 = no limit.
+    pub max_handshakes_per_ip: usize,
+    /// Whether loopback peers are exempt from the per-address limits.
+    pub per_ip_exempt_loopback: bool,
     /// Largest frame after its length header.
     pub max_frame_bytes: usize,
     /// Requests of one connection dispatched at once.
@@ -803,6 +823,10 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: limits::CONNECTIONS_DEFAULT_MAX,
+            max_connections_per_ip: limits::CONNECTIONS_PER_IP_DEFAULT_MAX,
+            max_handshakes: limits::HANDSHAKES_DEFAULT_MAX,
+            max_handshakes_per_ip: limits::HANDSHAKES_PER_IP_DEFAULT_MAX,
+            per_ip_exempt_loopback: true,
             max_frame_bytes: limits::FRAME_BYTES_DEFAULT_MAX,
             max_in_flight_per_connection: limits::IN_FLIGHT_PER_CONNECTION_DEFAULT_MAX,
             handshake_timeout_ms: limits::HANDSHAKE_TIMEOUT_DEFAULT_MS,
@@ -830,6 +854,20 @@ impl LimitsConfig {
             wide(self.max_connections),
             1,
             wide(limits::CONNECTIONS_HARD_MAX),
+        )?;
+        let hard = wide(limits::CONNECTIONS_HARD_MAX);
+        range(
+            "max_connections_per_ip",
+            wide(self.max_connections_per_ip),
+            0,
+            hard,
+        )?;
+        range("max_handshakes", wide(self.max_handshakes), 1, hard)?;
+        range(
+            "max_handshakes_per_ip",
+            wide(self.max_handshakes_per_ip),
+            0,
+            hard,
         )?;
         range(
             "max_frame_bytes",

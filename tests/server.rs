@@ -404,6 +404,84 @@ async fn connections_over_the_limit_are_refused_while_the_others_keep_working() 
 }
 
 #[tokio::test]
+async fn a_full_handshake_budget_evicts_the_oldest_silent_socket_not_the_terminal() {
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    cfg.limits.max_handshakes = 4;
+    let running = start(cfg).await;
+    let info = &running.listeners[0];
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(info.addr).await.unwrap());
+    }
+    // A real client beyond the budget: the oldest silent socket makes room for it, and it
+    // holds no connection slot while it waited.
+    let mut client = framed_client(info).await;
+    client.send(request(info, b"0800")).await.unwrap();
+    assert_eq!(body_of(&next_frame(&mut client).await), b"R:0800");
+    assert!(closed_within(&mut silent[0], WAIT).await, "oldest evicted");
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(
+        sample(
+            &metrics,
+            "refundgate_connections_refused_total{cause=\"handshake_budget\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    drop(client);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn connections_per_source_address_are_limited() {
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    cfg.limits.max_connections_per_ip = 1;
+    cfg.limits.per_ip_exempt_loopback = false;
+    let running = start(cfg).await;
+    let info = &running.listeners[0];
+    let mut first = framed_client(info).await;
+    first.send(request(info, b"0800")).await.unwrap();
+    assert_eq!(body_of(&next_frame(&mut first).await), b"R:0800");
+    match tls_connect(info, None).await {
+        Err(_) => {}
+        Ok(mut tls) => {
+            let _ = tls.write_all(b"\x00\x040800").await;
+            assert!(
+                closed_within(&mut tls, WAIT).await,
+                "second connection served"
+            );
+        }
+    }
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(
+        sample(
+            &metrics,
+            "refundgate_connections_refused_total{cause=\"ip_connections\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // Once the first is gone, the address may connect again.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(tls) = tls_connect(info, None).await {
+            let mut again = Framed::new(tls, FrameCodec::new(info.framing, false, 8192));
+            if again.send(request(info, b"0800")).await.is_ok() {
+                if let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, again.next()).await {
+                    assert_eq!(body_of(&frame), b"R:0800");
+                    break;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "address never admitted again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn mtls_listener_requires_a_client_certificate_signed_by_its_ca() {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,

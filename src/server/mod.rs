@@ -2,7 +2,8 @@
 //!
 //! Shaped like mini-redis: a [`Server`] binds every socket first (so tests can bind
 //! `127.0.0.1:0` and read [`Server::local_addrs`]), then [`Server::run`] accepts on each
-//! listener (semaphore of `max_connections`, backoff on accept errors) and serves each
+//! listener (admission: handshake budget, `max_connections`, per-address limits; backoff on
+//! accept errors) and serves each
 //! connection in its own task until the `shutdown` future completes; then it stops accepting,
 //! lets connections answer what is in flight within `shutdown_grace_ms`, and returns.
 //!
@@ -10,11 +11,12 @@
 //! a [`Dispatch`] (the seam the integrator implements) and its [`Handled`] answer is framed
 //! back in request order.
 //!
-//! - `listener.rs`: accept loop, connection limit, drain.
+//! - `listener.rs`: accept loop, drain; `admission.rs`: handshake budget and connection limits.
 //! - `connection.rs`: TLS handshake, pipelined read loop, batched writes.
 //! - `tls.rs`: rustls configuration; `shutdown.rs`: the signal; `admin.rs`: `/metrics` etc.
 
 mod admin;
+mod admission;
 mod connection;
 mod listener;
 pub mod shutdown;
@@ -28,7 +30,6 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::config::{Config, ConfigError, Dialect, MacConfig};
 use crate::frame::Framing;
@@ -273,11 +274,11 @@ impl Server {
     ) -> Result<(), ServerError> {
         let limits = &self.config.limits;
         let (trigger, shutdown_rx) = shutdown::channel();
-        let connections = Arc::new(Semaphore::new(limits.max_connections));
+        let admission = admission::Admission::new(limits);
         let accepting = futures::future::join_all(self.listeners.into_iter().map(|l| {
             l.serve(
                 dispatch.clone(),
-                connections.clone(),
+                admission.clone(),
                 self.config.clone(),
                 shutdown_rx.clone(),
             )
