@@ -1057,6 +1057,56 @@ mod link {
         assert_eq!(link.connects(), 1, "one connection carried them all");
         host.stop().await;
     }
+
+    fn link_config(addrs: Vec<SocketAddr>, cert: &CertificateDer<'static>) -> LinkConfig {
+        LinkConfig {
+            name: Arc::from("bank"),
+            addrs,
+            dialect: ConfigDialect::Ascii1987,
+            framing: Framing::Binary2,
+            tls: Arc::new(client_tls_trusting(std::slice::from_ref(cert)).unwrap()),
+            server_name: None,
+            timeout: Duration::from_secs(5),
+            max_pending: 256,
+            echo_interval: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(100),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_terminal_id_and_stan_at_two_merchants_are_told_apart() {
+        // Both in flight at once: the host answers each after 200 ms.
+        let host = start_host(Faults {
+            latency_ms: 200,
+            ..Faults::default()
+        })
+        .await;
+        let link = Arc::new(Link::start(link_config(
+            vec![host.listeners[0].addr],
+            &host.cert,
+        )));
+        wait_until(|| link.is_up(), "link up").await;
+        let mut calls = Vec::new();
+        for merchant in ["MERCHANT 000001", "MERCHANT 000002"] {
+            let link = Arc::clone(&link);
+            calls.push(tokio::spawn(async move {
+                let mut sale = host_sale(7);
+                sale["fields"]["42"] = Json::String(merchant.to_string());
+                let body = encode("ascii1987", &sale);
+                let key = Key::of(&decode("ascii1987", &body)).unwrap();
+                let answer = link.call(key, Bytes::from(body)).await;
+                let answer = answer.unwrap_or_else(|e| panic!("{merchant}: {e}"));
+                let m = decode("ascii1987", &answer);
+                assert_eq!(m.merchant(), Some(merchant), "its own answer");
+            }));
+        }
+        for c in calls {
+            c.await.unwrap();
+        }
+        assert_eq!(link.late_answers(), 0);
+        host.stop().await;
+    }
 }
 
 mod more {

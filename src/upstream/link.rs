@@ -1,7 +1,9 @@
 //! One multiplexed TLS link to an upstream host (DOMAIN §8).
 //!
 //! Many requests are in flight on one connection; each answer is matched to its request by
-//! [`Key`] = (request MTI with the origin digit cleared, DE41, DE11). The pending map is bounded
+//! [`Key`] = (request MTI with the origin digit cleared, DE41, DE42, DE11): terminal ids are
+//! only unique within a merchant. An answer without DE42 (a host that does not echo it) is
+//! matched on (MTI, DE41, DE11) when exactly one pending request has them. The pending map is bounded
 //! by `max_pending`: a request beyond it is refused at once ([`LinkError::Full`], answered 91)
 //! rather than queued. Each request waits at most `timeout`; an answer arriving after that finds
 //! no pending entry and is counted as late and dropped — never delivered as a match.
@@ -78,13 +80,15 @@ pub struct LinkConfig {
     pub reconnect_max: Duration,
 }
 
-/// What identifies an answer's request: MTI (origin digit cleared), DE41, DE11.
+/// What identifies an answer's request: MTI (origin digit cleared), DE41, DE42, DE11.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
     /// Request MTI with the origin digit cleared (0200, 0220, 0400, 0800, …).
     pub mti: u16,
     /// DE41, space-padded (spaces when absent).
     pub terminal: [u8; 8],
+    /// DE42, space-padded (spaces when absent).
+    pub merchant: [u8; 15],
     /// DE11.
     pub stan: u32,
 }
@@ -142,11 +146,22 @@ impl Key {
             let n = t.len().min(8);
             terminal[..n].copy_from_slice(&t.as_bytes()[..n]);
         }
+        let mut merchant = [b' '; 15];
+        if let Some(m) = msg.merchant() {
+            let n = m.len().min(15);
+            merchant[..n].copy_from_slice(&m.as_bytes()[..n]);
+        }
         Some(Key {
             mti: request_mti(mti),
             terminal,
+            merchant,
             stan,
         })
+    }
+
+    /// Whether `other` names the same request apart from DE42.
+    fn same_but_merchant(&self, other: &Key) -> bool {
+        self.mti == other.mti && self.terminal == other.terminal && self.stan == other.stan
     }
 
     /// DE41 as text (trailing spaces trimmed).
@@ -355,7 +370,22 @@ impl Shared {
             return;
         };
         let code = msg.response_code().unwrap_or("").to_string();
-        let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&key));
+        let echoes_merchant = msg.has(42);
+        let waiter = self.pending.lock().ok().and_then(|mut p| {
+            if let Some(tx) = p.remove(&key) {
+                return Some(tx);
+            }
+            if echoes_merchant {
+                return None;
+            }
+            // No DE42 in the answer: only an unambiguous match is delivered.
+            let mut candidates = p.keys().filter(|k| k.same_but_merchant(&key));
+            let only = match (candidates.next(), candidates.next()) {
+                (Some(k), None) => *k,
+                _ => return None,
+            };
+            p.remove(&only)
+        });
         match waiter {
             Some(tx) => {
                 if tx.send(body).is_err() {
@@ -413,6 +443,7 @@ impl Shared {
         let key = Key {
             mti: mti.0,
             terminal: [b' '; 8],
+            merchant: [b' '; 15],
             stan,
         };
         Some((key, out.freeze()))
