@@ -24,6 +24,9 @@ const DOCUMENTED_DEFAULTS: &str = r#"# refundgate configuration: every option wi
 [admin]
 # /metrics (Prometheus), /healthz, /readyz over plain HTTP/1.1.
 addr = "127.0.0.1:9583"
+# Longest one admin connection may stay open (a client that pipelines and never reads
+# would otherwise hold one of the 16 admin slots for ever).
+connection_timeout_ms = 30000
 
 [journal]
 dir = "data/journal"
@@ -92,6 +95,10 @@ shutdown_grace_ms = 5000
 # dialect = "ascii1987"                 # must be the dialect of the routed terminals
 # framing = "binary2"
 # timeout_ms = 30000                    # switch→host budget; below the terminal's ~60 s
+# write_timeout_ms = 5000               # a write batch not done by then: host wedged, link dropped
+# read_timeout_ms = 30000               # nothing heard this long while a request is unanswered:
+#                                       #   link dropped (default: timeout_ms; an echo probes
+#                                       #   half-way, so a merely slow host keeps its link)
 # max_pending = 1024                    # requests in flight on the link; beyond it 91
 # echo_interval_ms = 30000              # echo (0800/301) after this much quiet
 # reconnect_min_ms = 100                # reconnect backoff (doubles, ±25 % jitter)
@@ -172,6 +179,13 @@ pub struct UpstreamConfig {
     /// How long a forwarded request waits for its answer.
     #[serde(default = "default_upstream_timeout_ms")]
     pub timeout_ms: u64,
+    /// Longest one batch of writes to the host may take before the link is dropped.
+    #[serde(default = "default_upstream_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Longest the link may hear nothing while something sent is unanswered; absent: the
+    /// same as `timeout_ms`.
+    #[serde(default)]
+    pub read_timeout_ms: Option<u64>,
     /// Requests in flight on the link at once.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
@@ -237,6 +251,9 @@ pub struct SafConfig {
 pub struct AdminConfig {
     /// Address of the admin HTTP server (plain HTTP; keep it on loopback or a private network).
     pub addr: SocketAddr,
+    /// Longest one admin connection may stay open, whatever it does.
+    #[serde(default = "default_admin_connection_timeout_ms")]
+    pub connection_timeout_ms: u64,
 }
 
 /// `[journal]`.
@@ -455,6 +472,13 @@ impl Config {
                 ));
             }
         }
+        let admin_ms = self.admin.connection_timeout_ms;
+        if admin_ms == 0 || admin_ms > limits::TIMEOUT_HARD_MAX_MS {
+            return Err(error(
+                "admin.connection_timeout_ms",
+                format!("{admin_ms} is outside 1..={}", limits::TIMEOUT_HARD_MAX_MS),
+            ));
+        }
         if self.journal.dir.as_os_str().is_empty() {
             return Err(error("journal.dir", "must not be empty"));
         }
@@ -533,6 +557,14 @@ fn default_upstream_timeout_ms() -> u64 {
     limits::UPSTREAM_TIMEOUT_DEFAULT_MS
 }
 
+fn default_admin_connection_timeout_ms() -> u64 {
+    limits::ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS
+}
+
+fn default_upstream_write_timeout_ms() -> u64 {
+    limits::UPSTREAM_WRITE_TIMEOUT_DEFAULT_MS
+}
+
 fn default_max_pending() -> usize {
     limits::UPSTREAM_PENDING_DEFAULT_MAX
 }
@@ -570,6 +602,11 @@ impl UpstreamConfig {
         let max_ms = limits::TIMEOUT_HARD_MAX_MS;
         for (k, v) in [
             ("timeout_ms", self.timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+            (
+                "read_timeout_ms",
+                self.read_timeout_ms.unwrap_or(self.timeout_ms),
+            ),
             ("echo_interval_ms", self.echo_interval_ms),
             ("reconnect_min_ms", self.reconnect_min_ms),
             ("reconnect_max_ms", self.reconnect_max_ms),
@@ -727,6 +764,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             addr: loopback(9583),
+            connection_timeout_ms: limits::ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS,
         }
     }
 }

@@ -66,6 +66,8 @@ pub const CLOSE_FLUSH_TIMEOUT_MS: u64 = 1_000;
 pub const LISTENERS_MAX: usize = 64;
 /// Most admin HTTP connections served at once (operators and one Prometheus).
 pub const ADMIN_CONNECTIONS_MAX: usize = 16;
+/// Default `admin.connection_timeout_ms`: longest one admin connection may stay open.
+pub const ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS: u64 = 30_000;
 /// How long an admin HTTP client may take to send its request headers.
 pub const ADMIN_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 /// Longest pause between retries of a failing `accept` (out of file descriptors and the like).
@@ -91,6 +93,9 @@ pub const TERMINAL_TIMEOUT_MS: u64 = 60_000;
 pub const UPSTREAM_PENDING_DEFAULT_MAX: usize = 1024;
 /// Largest `upstreams[].max_pending`.
 pub const UPSTREAM_PENDING_HARD_MAX: usize = 65_536;
+/// Default `upstreams[].write_timeout_ms`: a host whose receive window stays shut this long
+/// is not reading.
+pub const UPSTREAM_WRITE_TIMEOUT_DEFAULT_MS: u64 = 5_000;
 /// Default `upstreams[].echo_interval_ms`.
 pub const UPSTREAM_ECHO_INTERVAL_DEFAULT_MS: u64 = 30_000;
 /// Most `[[upstreams]]`.

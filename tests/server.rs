@@ -481,6 +481,50 @@ async fn connections_per_source_address_are_limited() {
     running.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_clients_that_pipeline_and_never_read_lose_their_slot_at_the_deadline() {
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    cfg.admin.connection_timeout_ms = 300;
+    let running = start(cfg).await;
+    let admin = running.admin;
+    // Every admin slot (16) held by a client that pipelines requests and reads nothing.
+    let mut hogs = Vec::new();
+    for _ in 0..16 {
+        let mut tcp = TcpStream::connect(admin).await.unwrap();
+        hogs.push(tokio::spawn(async move {
+            let batch = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+            let _ = tcp.write_all(batch.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(tcp);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // An operator still gets /healthz once the deadline freed the slots.
+    let started = std::time::Instant::now();
+    let mut served = false;
+    while started.elapsed() < Duration::from_millis(3 * 300 + 2000) {
+        let attempt = async {
+            let mut tcp = TcpStream::connect(admin).await.ok()?;
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut out = String::new();
+            tcp.read_to_string(&mut out).await.ok()?;
+            out.starts_with("HTTP/1.1 200").then_some(())
+        };
+        if let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "admin slots never freed");
+    for hog in hogs {
+        hog.abort();
+    }
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn mtls_listener_requires_a_client_certificate_signed_by_its_ca() {
     use rcgen::{

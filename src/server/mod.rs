@@ -283,7 +283,12 @@ impl Server {
                 shutdown_rx.clone(),
             )
         }));
-        let admin = admin::serve(self.admin, self.readiness.clone(), shutdown_rx);
+        let admin = admin::serve(
+            self.admin,
+            self.readiness.clone(),
+            Duration::from_millis(self.config.admin.connection_timeout_ms),
+            shutdown_rx,
+        );
         let serving = futures::future::join(accepting, admin);
         tokio::pin!(serving, shutdown);
         self.readiness.set_accepting(true);

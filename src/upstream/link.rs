@@ -15,6 +15,12 @@
 //! unanswered, and reconnects with exponential backoff and jitter. While no connection is up
 //! requests fail at once with [`LinkError::Down`].
 //!
+//! Deadlines: a batch of writes must complete within `write_timeout`, and once something was
+//! sent the host must send *something* back within `read_timeout` (half-way through, an echo
+//! probes it, so a host that is merely slow on one request answers the echo and keeps the
+//! link); otherwise the connection is dropped (marked down, reconnected, failing over to the next address). A host that stops
+//! reading therefore cannot stall the link while it still counts as up.
+//!
 //! When a connection breaks its pending requests fail at once as timeouts: whether the host
 //! saw them is unknown, so the caller treats them like any other timeout (and reverses).
 
@@ -70,6 +76,12 @@ pub struct LinkConfig {
     pub server_name: Option<ServerName<'static>>,
     /// How long a request waits for its answer.
     pub timeout: Duration,
+    /// Longest one batch of writes may take: a host whose receive window stays shut this long
+    /// is wedged, and the link is dropped.
+    pub write_timeout: Duration,
+    /// Longest the link may go without reading anything from the host while something it
+    /// sent is unanswered; then the link is dropped (reconnect, failover).
+    pub read_timeout: Duration,
     /// Most requests in flight at once.
     pub max_pending: usize,
     /// Quiet time after which an echo is sent.
@@ -351,6 +363,10 @@ impl Shared {
         );
     }
 
+    fn pending(&self) -> usize {
+        self.pending.lock().map_or(0, |p| p.len())
+    }
+
     fn forget(&self, key: &Key) {
         if let Ok(mut p) = self.pending.lock() {
             p.remove(key);
@@ -617,7 +633,14 @@ async fn session(
     shared.set_up(Some(tx.clone()));
     let mut last_heard = Instant::now();
     let mut echo_deadline: Option<Instant> = None;
-    let mut tick = tokio::time::interval(shared.config.echo_interval.min(Duration::from_secs(1)));
+    // Since when something written is waiting for the host to say anything at all.
+    let mut unanswered_since: Option<Instant> = None;
+    let period = shared
+        .config
+        .echo_interval
+        .min(shared.config.read_timeout / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = stop.changed() => return "stopped",
@@ -625,6 +648,8 @@ async fn session(
                 Some(Ok(Frame::Message { body, .. })) => {
                     last_heard = Instant::now();
                     echo_deadline = None;
+                    // Whatever else is pending now waits from this answer on.
+                    unanswered_since = (shared.pending() > 0).then_some(last_heard);
                     shared.deliver(body);
                 }
                 Some(Ok(_)) => {}
@@ -632,25 +657,34 @@ async fn session(
                 None => return "closed by host",
             },
             Some(body) = rx.recv() => {
-                // Write what is queued in one flush.
-                if writer.feed(shared.frame(body)).await.is_err() {
-                    return "write error";
-                }
-                while let Ok(more) = rx.try_recv() {
-                    if writer.feed(shared.frame(more)).await.is_err() {
-                        return "write error";
+                // Write what is queued in one flush, within the write deadline.
+                let batch = async {
+                    writer.feed(shared.frame(body)).await?;
+                    while let Ok(more) = rx.try_recv() {
+                        writer.feed(shared.frame(more)).await?;
                     }
+                    writer.flush().await
+                };
+                match tokio::time::timeout(shared.config.write_timeout, batch).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return "write error",
+                    Err(_) => return "write timed out (host not reading)",
                 }
-                if writer.flush().await.is_err() {
-                    return "write error";
-                }
+                unanswered_since.get_or_insert_with(Instant::now);
             }
             _ = tick.tick() => {
                 let now = Instant::now();
                 if echo_deadline.is_some_and(|d| now >= d) {
                     return "echo unanswered";
                 }
-                if echo_deadline.is_none() && now.duration_since(last_heard) >= shared.config.echo_interval {
+                let silent = unanswered_since.map(|t| now.duration_since(t));
+                if silent.is_some_and(|s| s >= shared.config.read_timeout) {
+                    return "read timed out (host silent)";
+                }
+                // Half-way through the read deadline, probe with an echo: a host that is
+                // only slow on a request answers it and keeps the link.
+                let probe = silent.is_some_and(|s| s >= shared.config.read_timeout / 2);
+                if echo_deadline.is_none() && (probe || now.duration_since(last_heard) >= shared.config.echo_interval) {
                     if let Some((_, body)) = shared.network_message(301) {
                         if tx.try_send(body).is_ok() {
                             echo_deadline = Some(now + shared.config.timeout);
