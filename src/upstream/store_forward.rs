@@ -739,7 +739,12 @@ pub fn run_list(dir: &Path) -> Result<String, String> {
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
+    use std::os::unix::fs::DirBuilderExt;
+    // Private like the original: the copy holds the same queued messages.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(crate::journal::storage::DIR_MODE)
+        .create(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         if entry.file_type()?.is_file() {
