@@ -114,6 +114,16 @@ shutdown_grace_ms = 5000
 # DE42 → upstream name.
 merchants = {}
 
+[security]
+# Keys protecting data at rest, kept outside journal.dir (a copy of the data directory alone
+# must not reveal card numbers). Created (random, 0600 in a 0700 directory) at first start
+# only while the data they protect is empty; refused when missing later, or when group or
+# others may read them. Default: a directory beside the journal, <journal.dir>-keys.
+# PAN hash key (16 bytes): PAN hashes in the ledger and journal.
+# pan_hash_key = "/etc/refundgate/keys/pan-hash.key"
+# AES-256-GCM key (32 bytes) of PANs store-and-forward keeps for queued messages.
+# saf_pan_key = "/etc/refundgate/keys/saf-pan.key"
+
 [saf]
 # Store-and-forward of reversals (<journal.dir>/saf): sends without an accepted answer before
 # an entry is dead-lettered, age after which it is, and the retry backoff.
@@ -154,6 +164,22 @@ pub struct Config {
     /// Store-and-forward of reversals.
     #[serde(default)]
     pub saf: SafConfig,
+    /// Key files and data-at-rest settings.
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// `[security]`: where the keys protecting data at rest live (outside `journal.dir`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Key of the PAN hashes (16 bytes); default `<journal.dir>-keys/pan-hash.key`.
+    #[serde(default)]
+    pub pan_hash_key: Option<PathBuf>,
+    /// AES-256-GCM key (32 bytes) of the PANs store-and-forward keeps for queued messages;
+    /// default `<journal.dir>-keys/saf-pan.key`.
+    #[serde(default)]
+    pub saf_pan_key: Option<PathBuf>,
 }
 
 /// One `[[upstreams]]` table.
@@ -406,6 +432,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             routes: RoutesConfig::default(),
             saf: SafConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -438,6 +465,31 @@ impl Config {
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The directory of the default key files: `<journal.dir>-keys`, beside (never inside)
+    /// the data directory.
+    pub fn default_key_dir(&self) -> PathBuf {
+        let dir: PathBuf = self.journal.dir.components().collect();
+        let mut name = dir.into_os_string();
+        name.push("-keys");
+        PathBuf::from(name)
+    }
+
+    /// Where the PAN hash key lives (`security.pan_hash_key` or its default).
+    pub fn pan_hash_key_path(&self) -> PathBuf {
+        self.security
+            .pan_hash_key
+            .clone()
+            .unwrap_or_else(|| self.default_key_dir().join("pan-hash.key"))
+    }
+
+    /// Where the store-and-forward PAN key lives (`security.saf_pan_key` or its default).
+    pub fn saf_pan_key_path(&self) -> PathBuf {
+        self.security
+            .saf_pan_key
+            .clone()
+            .unwrap_or_else(|| self.default_key_dir().join("saf-pan.key"))
     }
 
     /// Checks every relation serde cannot; the first failure names its key.
@@ -481,6 +533,20 @@ impl Config {
         }
         if self.journal.dir.as_os_str().is_empty() {
             return Err(error("journal.dir", "must not be empty"));
+        }
+        for (key, path) in [
+            ("security.pan_hash_key", self.pan_hash_key_path()),
+            ("security.saf_pan_key", self.saf_pan_key_path()),
+        ] {
+            if crate::at_rest::is_inside(&path, &self.journal.dir) {
+                return Err(error(
+                    key,
+                    format!(
+                        "{} is inside journal.dir: keys must live apart from the data they protect",
+                        path.display()
+                    ),
+                ));
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(error("log.filter", e.to_string()));

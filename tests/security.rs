@@ -22,6 +22,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
+mod common;
+use common::{ascii_request, de90};
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -265,4 +268,248 @@ fn fifty_silent_reconnecting_sockets_do_not_lock_out_a_real_terminal() {
     );
     assert!(timed_out >= 50.0, "handshake timeouts counted: {timed_out}");
     drop(gateway);
+}
+
+const PAN: &str = "4761739001010119";
+const TRACK2: &str = "4761739001010119=25121011000012345678";
+
+/// Paths with their permission bits.
+type Modes = Vec<(std::path::PathBuf, u32)>;
+
+/// Every file below `dir` (recursively), with its mode; directories' modes too.
+fn tree(dir: &std::path::Path) -> (Modes, Modes) {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        dirs.push((d.clone(), mode));
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else {
+                files.push((path, meta.permissions().mode() & 0o777));
+            }
+        }
+    }
+    (files, dirs)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn no_pan_or_track_data_in_clear_in_any_data_file_after_a_routed_timeout_and_reversal() {
+    use refundgate::config::Dialect as ConfigDialect;
+    use refundgate::host_sim::{Faults, Host, HostListener, HostOptions};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // A bank host that never answers: every routed request times out.
+    let host = rt
+        .block_on(Host::bind(HostOptions {
+            listeners: vec![HostListener {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                dialect: ConfigDialect::Ascii1987,
+                framing: Framing::Binary2,
+            }],
+            admin: None,
+            faults: Faults {
+                drop_percent: 100,
+                ..Faults::default()
+            },
+        }))
+        .unwrap();
+    let host_addr = host.listeners()[0].addr;
+    let (stop_host, host_stopped) = tokio::sync::oneshot::channel::<()>();
+    let host_task = rt.spawn(host.run(async move {
+        let _ = host_stopped.await;
+    }));
+    let setup = setup(&format!(
+        r#"
+[[upstreams]]
+name = "bank"
+addrs = ["{host_addr}"]
+dialect = "ascii1987"
+timeout_ms = 300
+reconnect_min_ms = 20
+reconnect_max_ms = 200
+tls = {{ insecure_skip_verify = true }}
+[routes]
+default = "bank"
+"#
+    ));
+    let gateway = start(&setup);
+    rt.block_on(async {
+        let mut c = None;
+        for _ in 0..100 {
+            if let Ok(client) = connect(&setup).await {
+                c = Some(client);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut c = c.expect("connected");
+        // Wait for the link (a sale before it is up is refused 91 HOST_UNREACHABLE without
+        // anything queued); then a sale with track 2 times out at the host...
+        let mut stan = 10;
+        let sale = loop {
+            stan += 1;
+            let sale = ascii_request("0200", "000000", 2_500, stan, &[("35", TRACK2.to_string())]);
+            let code = ask(&mut c, &sale).await.expect("answered");
+            assert_eq!(code, "91");
+            let saf = metric(setup.admin, "refundgate_saf_pending");
+            if saf >= 1.0 {
+                break sale;
+            }
+            assert!(stan < 200, "no reversal was ever queued");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // ...and the terminal sends a reversal of its own (another STAN, so it is not the
+        // queued one), with PAN and track 2: queued for the host as it came.
+        let before = metric(setup.admin, "refundgate_saf_pending");
+        let reversal = ascii_request(
+            "0400",
+            "000000",
+            2_500,
+            stan + 500,
+            &[("35", TRACK2.to_string()), ("90", de90(&sale))],
+        );
+        assert!(ask(&mut c, &reversal).await.is_some());
+        assert!(
+            metric(setup.admin, "refundgate_saf_pending") > before,
+            "terminal reversal queued"
+        );
+    });
+    drop(gateway);
+    let data = setup.dir.path().join("data/journal");
+    let (files, dirs) = tree(&data);
+    assert!(
+        files
+            .iter()
+            .any(|(p, _)| p.to_string_lossy().contains("saf")),
+        "the SAF journal is there: {files:?}"
+    );
+    for (path, mode) in &files {
+        let bytes = std::fs::read(path).unwrap();
+        assert!(
+            !contains(&bytes, PAN.as_bytes()),
+            "PAN in clear in {}",
+            path.display()
+        );
+        assert!(
+            !contains(&bytes, b"=2512101100"),
+            "track 2 in {}",
+            path.display()
+        );
+        assert_eq!(*mode, 0o600, "mode of {}", path.display());
+    }
+    for (path, mode) in &dirs {
+        assert_eq!(*mode, 0o700, "mode of {}", path.display());
+    }
+    // The keys live beside the data directory, not in it.
+    let keys = setup.dir.path().join("data/journal-keys");
+    let (key_files, _) = tree(&keys);
+    let mut names: Vec<_> = key_files
+        .iter()
+        .map(|(p, mode)| (p.file_name().unwrap().to_string_lossy().to_string(), *mode))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("pan-hash.key".to_string(), 0o600),
+            ("saf-pan.key".to_string(), 0o600)
+        ]
+    );
+    let _ = stop_host.send(());
+    let _ = rt.block_on(host_task);
+}
+
+/// Runs `serve` expecting it to refuse to start: (exit code, stderr).
+fn refused(setup: &Setup) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refundgate"))
+        .args(["serve", "--config"])
+        .arg(setup.dir.path().join("refundgate.toml"))
+        .current_dir(setup.dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started although it should have refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_pan_hash_key_is_never_silently_recreated_and_loose_modes_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let setup = setup("");
+    let gateway = start(&setup);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = connect(&setup).await.unwrap();
+        let sale = ascii_request("0200", "000000", 2_500, 1, &[]);
+        assert_eq!(ask(&mut c, &sale).await.as_deref(), Some("00"));
+    });
+    drop(gateway);
+    let journal = setup.dir.path().join("data/journal");
+    let key = setup.dir.path().join("data/journal-keys/pan-hash.key");
+    assert!(key.is_file() && !journal.join("pan-hash.key").exists());
+
+    // The journal has data: a missing key is refused, not recreated.
+    let saved = std::fs::read(&key).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    let (code, err) = refused(&setup);
+    assert_eq!(code, 74, "{err}");
+    assert!(
+        err.contains("security.pan_hash_key") && err.contains("journal already has records"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!key.exists(), "not recreated");
+
+    // A key left in the data directory by an earlier version is moved out of it.
+    std::fs::write(journal.join("pan-hash.key"), &saved).unwrap();
+    std::fs::set_permissions(
+        journal.join("pan-hash.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    drop(start(&setup));
+    assert_eq!(std::fs::read(&key).unwrap(), saved);
+    assert!(!journal.join("pan-hash.key").exists());
+
+    // A data directory others may enter is refused, naming it and the fix.
+    std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, err) = refused(&setup);
+    assert_eq!(code, 74, "{err}");
+    assert!(err.contains("0755") && err.contains("chmod"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o700)).unwrap();
+    drop(start(&setup));
 }
