@@ -50,7 +50,9 @@ dialect = "ascii1987"
 # or "bcd2" (2-byte BCD).
 framing = "binary2"
 # TLS: without cert/key a self-signed certificate (localhost, 127.0.0.1) is generated at start
-# and its SHA-256 fingerprint logged. client_ca set: clients must present a certificate it signed.
+# and its SHA-256 fingerprint logged; on a non-loopback address that is refused unless
+# `tls = { self_signed = true }` is written out. client_ca set: clients must present a
+# certificate it signed.
 # tls = { cert = "server.pem", key = "server.key", client_ca = "ca.pem" }
 # Optional MAC of this link, interpreted by the message layer (key never logged).
 # mac = { algorithm = "x919", key = "0123456789ABCDEFFEDCBA9876543210" }
@@ -369,6 +371,10 @@ pub struct TlsConfig {
     /// PEM CA certificates; when set, every client must present a certificate they signed.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// Accept the certificate generated at start on a non-loopback address (terminals cannot
+    /// verify it); without it such a listener needs `cert` and `key`.
+    #[serde(default)]
+    pub self_signed: bool,
 }
 
 /// `mac = { algorithm, key }` of a listener, kept opaque here: the message layer interprets
@@ -871,6 +877,26 @@ impl ListenerConfig {
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err(error(key("tls.key"), "cert is set but key is not")),
             (None, Some(_)) => return Err(error(key("tls.cert"), "key is set but cert is not")),
+            _ => {}
+        }
+        match (&self.tls.cert, self.tls.self_signed) {
+            (Some(_), true) => {
+                return Err(error(
+                    key("tls.self_signed"),
+                    "set either cert and key, or self_signed = true",
+                ))
+            }
+            (None, false) if !self.addr.ip().is_loopback() => {
+                return Err(error(
+                    key("tls"),
+                    format!(
+                        "no certificate for the non-loopback address {}: set cert and key, or \
+                         write tls = {{ self_signed = true }} to accept a generated certificate \
+                         terminals cannot verify",
+                        self.addr
+                    ),
+                ))
+            }
             _ => {}
         }
         for (name, path) in [

@@ -677,6 +677,33 @@ async fn bad_config_is_an_error_naming_the_key_before_anything_is_bound() {
 }
 
 #[tokio::test]
+async fn the_generated_certificate_is_refused_on_a_non_loopback_address() {
+    let cfg = config(vec![ListenerConfig::new(
+        "0.0.0.0:0".parse().unwrap(),
+        Dialect::Ascii1987,
+        Framing::Binary2,
+    )]);
+    let err = Server::bind(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("listeners[0].tls"), "{err}");
+    assert!(err.to_string().contains("self_signed = true"), "{err}");
+    assert_eq!(err.exit_code(), 64);
+    // Written out, it is accepted.
+    let mut cfg = config(vec![ListenerConfig::new(
+        "0.0.0.0:0".parse().unwrap(),
+        Dialect::Ascii1987,
+        Framing::Binary2,
+    )]);
+    cfg.listeners[0].tls.self_signed = true;
+    let running = start(cfg).await;
+    running.stop().await;
+    let both = Config::from_toml(
+        "[[listeners]]\naddr = \"0.0.0.0:8583\"\ntls = { cert = \"Cargo.toml\", key = \"Cargo.toml\", self_signed = true }\n",
+    )
+    .unwrap_err();
+    assert_eq!(both.key, "listeners[0].tls.self_signed");
+}
+
+#[tokio::test]
 async fn a_client_that_never_says_hello_is_closed_by_the_handshake_timeout() {
     let mut cfg = config(vec![listener(Dialect::CupPos, Framing::Binary2)]);
     cfg.limits.handshake_timeout_ms = 200;

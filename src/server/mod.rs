@@ -202,6 +202,13 @@ impl Server {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, lc) in config.listeners.iter().enumerate() {
             let tls = tls::listener_tls(&lc.tls, index, &mut self_signed)?;
+            if lc.tls.cert.is_none() && !lc.addr.ip().is_loopback() {
+                // Allowed only with tls.self_signed = true written out (config validation).
+                tracing::warn!(
+                    addr = %lc.addr,
+                    "listener on a non-loopback address presents a generated self-signed certificate (tls.self_signed = true)"
+                );
+            }
             let key = format!("listeners[{index}].addr");
             let tcp = bind(&key, lc.addr).await?;
             let addr = tcp.local_addr().map_err(|source| ServerError::Bind {
