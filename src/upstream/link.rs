@@ -717,6 +717,84 @@ mod tests {
         }
     }
 
+    fn shared() -> Shared {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        Shared {
+            config: LinkConfig {
+                name: Arc::from("bank"),
+                addrs: Vec::new(),
+                dialect: Dialect::Ascii1987,
+                framing: Framing::Binary2,
+                tls: Arc::new(tls),
+                server_name: None,
+                timeout: Duration::from_secs(1),
+                write_timeout: Duration::from_secs(1),
+                read_timeout: Duration::from_secs(1),
+                max_pending: 8,
+                echo_interval: Duration::from_secs(30),
+                reconnect_min: Duration::from_millis(10),
+                reconnect_max: Duration::from_millis(10),
+            },
+            spec: &iso8583::ASCII1987,
+            pending: Mutex::new(HashMap::new()),
+            quarantine: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(None),
+            stan: AtomicU32::new(1),
+            late: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        }
+    }
+
+    fn message(mti: u16, merchant: Option<&'static [u8]>) -> Bytes {
+        let mut fields: FieldList<'_, 4> = FieldList::new();
+        fields.set(11, Value::Number(7)).unwrap();
+        if mti % 100 >= 10 {
+            fields.set(39, Value::Text(b"00")).unwrap();
+        }
+        fields.set(41, Value::Text(b"TERM0001")).unwrap();
+        if let Some(m) = merchant {
+            fields.set(42, Value::Text(m)).unwrap();
+        }
+        let mut out = BytesMut::new();
+        iso8583::encode(&iso8583::ASCII1987, Mti(mti), fields.as_slice(), &mut out).unwrap();
+        out.freeze()
+    }
+
+    fn key_of(body: &[u8]) -> Key {
+        Key::of(&iso8583::decode(&iso8583::ASCII1987, body).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_answer_without_de42_matches_only_an_unambiguous_request() {
+        let link = shared();
+        let a = key_of(&message(200, Some(b"MERCHANT 000001")));
+        let b = key_of(&message(200, Some(b"MERCHANT 000002")));
+        assert_ne!(a, b, "DE42 is part of the key");
+        let (tx_a, mut rx_a) = oneshot::channel();
+        link.pending.lock().unwrap().insert(a, tx_a);
+        // One candidate: delivered.
+        link.deliver(message(210, None));
+        assert!(rx_a.try_recv().is_ok());
+        // Two candidates: neither gets it; counted as late.
+        let (tx_a, mut rx_a) = oneshot::channel();
+        let (tx_b, mut rx_b) = oneshot::channel();
+        link.pending.lock().unwrap().insert(a, tx_a);
+        link.pending.lock().unwrap().insert(b, tx_b);
+        link.deliver(message(210, None));
+        assert!(rx_a.try_recv().is_err() && rx_b.try_recv().is_err());
+        assert_eq!(link.late.load(Ordering::Relaxed), 1);
+        // With DE42 it goes to its own request only.
+        link.deliver(message(210, Some(b"MERCHANT 000002")));
+        assert!(rx_b.try_recv().is_ok());
+        assert!(rx_a.try_recv().is_err());
+    }
+
     #[test]
     fn transmission_time_is_mmddhhmmss() {
         let t = transmission_now();
