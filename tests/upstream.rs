@@ -1121,6 +1121,8 @@ mod link {
         config.tls = Arc::new(client_tls_trusting(&[a.cert.clone(), b.cert.clone()]).unwrap());
         config.timeout = Duration::from_millis(500);
         config.read_timeout = config.timeout;
+        config.name = Arc::from("wedged_reader");
+        let metrics = refundgate::telemetry::install_metrics().unwrap();
         let link = Arc::new(Link::start(config.clone()));
         wait_until(|| link.is_up(), "link up").await;
         assert_eq!(a.control.stats().sign_ons, 1, "the first address first");
@@ -1153,6 +1155,11 @@ mod link {
         let answer = link.call(key, Bytes::from(body)).await.unwrap();
         assert_eq!(decode("ascii1987", &answer).response_code(), Some("00"));
         assert_eq!(b.control.stats().approved, 1);
+        let text = metrics.render();
+        assert!(
+            text.contains("refundgate_upstream_disconnects_total{upstream=\"wedged_reader\",reason=\"read_timeout\"} 1"),
+            "{text}"
+        );
         a.stop().await;
         b.stop().await;
     }
@@ -1166,6 +1173,8 @@ mod link {
         config.read_timeout = Duration::from_secs(20);
         config.write_timeout = Duration::from_millis(WRITE_TIMEOUT_MS);
         config.max_pending = 2000;
+        config.name = Arc::from("wedged_writer");
+        let metrics = refundgate::telemetry::install_metrics().unwrap();
         let link = Arc::new(Link::start(config.clone()));
         wait_until(|| link.is_up(), "link up").await;
         host.control
@@ -1199,6 +1208,11 @@ mod link {
             started.elapsed()
         );
         assert_eq!(link.pending(), 0);
+        let text = metrics.render();
+        assert!(
+            text.contains("refundgate_upstream_disconnects_total{upstream=\"wedged_writer\",reason=\"write_timeout\"}"),
+            "{text}"
+        );
         host.stop().await;
     }
 }

@@ -53,6 +53,10 @@ pub const UPSTREAM_UP: &str = "refundgate_upstream_up";
 pub const UPSTREAM_LATE_ANSWERS_TOTAL: &str = "refundgate_upstream_late_answers_total";
 /// `refundgate_upstream_connects_total{upstream}`: connections established (signed on).
 pub const UPSTREAM_CONNECTS_TOTAL: &str = "refundgate_upstream_connects_total";
+/// `refundgate_upstream_disconnects_total{upstream,reason}`: signed-on connections dropped, by
+/// reason (`write_timeout`, `read_timeout`, `echo_unanswered`, `write_error`, `read_error`,
+/// `closed_by_host`, `stopped`).
+pub const UPSTREAM_DISCONNECTS_TOTAL: &str = "refundgate_upstream_disconnects_total";
 
 /// TPDU the switch sends on `cup_pos` upstream links (destination 0000, source 0000).
 const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x00, 0x00, 0x00];
@@ -531,6 +535,12 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     if let Ok(mut p) = shared.pending.lock() {
                         p.clear();
                     }
+                    metrics::counter!(
+                        UPSTREAM_DISCONNECTS_TOTAL,
+                        "upstream" => shared.config.name.to_string(),
+                        "reason" => reason_label(why)
+                    )
+                    .increment(1);
                     tracing::warn!(upstream = %shared.config.name, %addr, reason = why, "upstream link down");
                     break;
                 }
@@ -547,6 +557,19 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// The metric label of a [`session`] end.
+fn reason_label(why: &'static str) -> &'static str {
+    match why {
+        "write timed out (host not reading)" => "write_timeout",
+        "read timed out (host silent)" => "read_timeout",
+        "echo unanswered" => "echo_unanswered",
+        "write error" => "write_error",
+        "read error" => "read_error",
+        "closed by host" => "closed_by_host",
+        _ => "stopped",
     }
 }
 
