@@ -480,6 +480,18 @@ fn the_pan_hash_key_is_never_silently_recreated_and_loose_modes_are_refused() {
     let journal = setup.dir.path().join("data/journal");
     let key = setup.dir.path().join("data/journal-keys/pan-hash.key");
     assert!(key.is_file() && !journal.join("pan-hash.key").exists());
+    // The approved sale is journaled without its PAN in clear.
+    let (files, _) = tree(&journal);
+    assert!(!files.is_empty());
+    for (path, mode) in &files {
+        let bytes = std::fs::read(path).unwrap();
+        assert!(
+            !contains(&bytes, PAN.as_bytes()),
+            "PAN in clear in {}",
+            path.display()
+        );
+        assert_eq!(*mode, 0o600, "mode of {}", path.display());
+    }
 
     // The journal has data: a missing key is refused, not recreated.
     let saved = std::fs::read(&key).unwrap();
