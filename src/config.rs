@@ -34,6 +34,8 @@ dir = "data/journal"
 durability = "fdatasync"
 # Write a ledger snapshot after this many journal records (bounds start-up replay).
 snapshot_every_records = 1000000
+# Size of each journal segment file, preallocated when it is created (4096 ..= 1073741824).
+segment_bytes = 67108864
 
 [log]
 # "plain" or "json".
@@ -295,6 +297,8 @@ pub struct JournalConfig {
     /// A ledger snapshot is written once this many records were journaled since the last
     /// one, so that start-up replays at most about this many records.
     pub snapshot_every_records: u64,
+    /// Bytes of each segment file, preallocated at creation (tests use small ones).
+    pub segment_bytes: u64,
 }
 
 /// `journal.durability`.
@@ -553,6 +557,14 @@ impl Config {
                     ),
                 ));
             }
+        }
+        let segment =
+            crate::journal::segment::SEGMENT_BYTES_MIN..=crate::journal::segment::SEGMENT_BYTES_MAX;
+        if !segment.contains(&self.journal.segment_bytes) {
+            return Err(error(
+                "journal.segment_bytes",
+                format!("want {} ..= {}", segment.start(), segment.end()),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(error("log.filter", e.to_string()));
@@ -847,6 +859,7 @@ impl Default for JournalConfig {
             dir: PathBuf::from("data/journal"),
             durability: Durability::Fdatasync,
             snapshot_every_records: 1_000_000,
+            segment_bytes: crate::journal::segment::SEGMENT_BYTES_DEFAULT,
         }
     }
 }
@@ -1055,6 +1068,10 @@ max_frame_bytes = 65536
         assert_eq!(config.listeners.len(), 1);
         assert_eq!(config.listeners[0].framing, Framing::Bcd2);
         assert_eq!(config.journal.durability, Durability::UnsafeNoFsync);
+        let small = Config::from_toml("[journal]\nsegment_bytes = 65536\n").unwrap();
+        assert_eq!(small.journal.segment_bytes, 65536);
+        let err = Config::from_toml("[journal]\nsegment_bytes = 100\n").unwrap_err();
+        assert_eq!(err.key, "journal.segment_bytes");
         let debug = format!("{config:?}");
         assert!(!debug.contains("0123456789ABCDEF"), "{debug}");
     }

@@ -33,5 +33,6 @@ pub mod load;
 pub mod mac;
 pub mod serve;
 pub mod server;
+pub mod sim;
 pub mod telemetry;
 pub mod upstream;

@@ -13,7 +13,7 @@ use crate::clock::SystemClock;
 use crate::config::{self, Config};
 use crate::flow::{Gateway, Link};
 use crate::journal::{self, Journal};
-use crate::ledger::{Dialect, Ledger, LedgerEvent, MerchantSet, PanKey};
+use crate::ledger::{Dialect, MerchantSet, PanKey};
 use crate::mac::{MacAlgorithm, MacKey};
 use crate::server::{self, Server};
 use crate::telemetry;
@@ -94,6 +94,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     };
     let options = journal::Options {
         durability,
+        segment_bytes: config.journal.segment_bytes,
         ..journal::Options::default()
     };
     // DOMAIN §10: refuse a data directory others may read before touching it.
@@ -105,41 +106,11 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     let (journal, mut recovered) = Journal::open(&config.journal.dir, options).map_err(io)?;
     let empty = recovered.last_seq() == 0 && recovered.snapshot().is_none();
     let pan_key = pan_key(&config.pan_hash_key_path(), empty)?;
-    let ledger = match recovered.take_snapshot() {
-        Some(snap) => {
-            Ledger::restore(&merchants, pan_key, &snap.bytes).map_err(|e| StartError {
-                code: EXIT_IOERR,
-                message: format!(
-                    "journal {}: snapshot {}: {e}",
-                    config.journal.dir.display(),
-                    snap.seq
-                ),
-            })?
-        }
-        None => Ledger::new(&merchants, pan_key),
-    };
-    let mut bad: Option<String> = None;
-    let replayed = recovered
-        .replay(|seq, payload| {
-            if bad.is_some() {
-                return;
-            }
-            match LedgerEvent::decode(payload) {
-                Ok(event) => {
-                    if let Err(e) = ledger.apply(&event) {
-                        tracing::warn!(seq, error = %e, "journal event for a merchant no longer configured; skipped");
-                    }
-                }
-                Err(e) => bad = Some(format!("record {seq}: {e}")),
-            }
-        })
-        .map_err(io)?;
-    if let Some(b) = bad {
-        return Err(StartError {
+    let (ledger, replayed) = crate::flow::recover_ledger(&merchants, pan_key, &mut recovered, None)
+        .map_err(|e| StartError {
             code: EXIT_IOERR,
-            message: format!("journal {}: {b}", config.journal.dir.display()),
-        });
-    }
+            message: format!("journal {}: {e}", config.journal.dir.display()),
+        })?;
     tracing::info!(
         replayed,
         last_seq = recovered.last_seq(),
@@ -266,9 +237,13 @@ async fn snapshot_loop(gateway: Arc<Gateway>, journal: Arc<Journal>, every: u64)
         if journal.records_since_snapshot() < every {
             continue;
         }
-        let Some((seq, bytes)) = gateway.snapshot().await else {
-            return;
+        let Some((ticket, bytes)) = gateway.snapshot().await else {
+            continue;
         };
+        if journal.durable(ticket).await.is_err() {
+            continue;
+        }
+        let seq = ticket.seq;
         let j = Arc::clone(&journal);
         let size = bytes.len();
         match tokio::task::spawn_blocking(move || j.snapshot(seq, &bytes)).await {

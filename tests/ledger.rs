@@ -1524,3 +1524,136 @@ fn repeats_after_a_restart_get_the_same_answer() {
     assert_eq!(restarted.decide(&s.req(), T0 + 60).reason, Reason::APPROVED);
     assert_eq!(restarted.funds("M"), l.funds("M"));
 }
+
+/// One step of an interleaving: a decision in one go, or the two halves of a forwarded one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interleave {
+    Decide(usize),
+    Reserve(usize),
+    Commit(usize),
+    Settle,
+}
+
+/// A log that keeps the events in `j`, in order.
+fn log(j: &mut Vec<LedgerEvent>) -> impl FnOnce(&LedgerEvent) -> Result<u64, ()> + '_ {
+    move |e| {
+        j.push(e.clone());
+        Ok(j.len() as u64)
+    }
+}
+
+/// Replays `journal` into a fresh ledger of `set` and returns its snapshot.
+fn replayed_snapshot(set: &MerchantSet, journal: &[LedgerEvent]) -> Vec<u8> {
+    let fresh = Ledger::new(set, PanKey::new(&KEY));
+    for e in journal {
+        fresh.apply(e).unwrap();
+    }
+    let mut bytes = Vec::new();
+    fresh.snapshot(&mut bytes);
+    bytes
+}
+
+/// Conflicting requests in random interleavings of one-step decisions and of the
+/// reserve / host / commit split of a forwarded request (DOMAIN §7): after every step, the
+/// journal replayed into a fresh ledger equals the live ledger byte for byte, and at the end
+/// every request gets its stored answer on a repeat, declines included (§6).
+#[test]
+fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_conflicts() {
+    let set = set_with("");
+    for seed in 1..=300u64 {
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let l = Ledger::new(&set, PanKey::new(&KEY));
+        let mut journal: Vec<LedgerEvent> = Vec::new();
+        let s1 = sale(1, 10_000);
+        assert!(l
+            .decide_logged(&s1.req(), T0, log(&mut journal))
+            .decision()
+            .unwrap()
+            .is_approved());
+        let s2 = sale(2, 4_000);
+        let scenario = seed % 5;
+        let ops: Vec<Msg> = match scenario {
+            0 => vec![s1.refund(10, 10_000), s1.reversal(11)],
+            1 => vec![s1.void(10), s1.refund(11, 3_000)],
+            2 => vec![s2.clone(), s2.reversal(11)],
+            3 => vec![
+                s1.refund(10, 6_000),
+                s1.refund(11, 6_000),
+                s1.refund(12, 5_000),
+            ],
+            _ => vec![s1.void(10), s1.refund(11, 2_000)],
+        };
+        // Each op: one step, or reserve then commit; shuffled keeping reserve before commit.
+        let mut plan: Vec<Vec<Interleave>> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, _)| match next(2) {
+                0 => vec![Interleave::Decide(i)],
+                _ => vec![Interleave::Reserve(i), Interleave::Commit(i)],
+            })
+            .collect();
+        if scenario == 4 {
+            plan.push(vec![Interleave::Settle]);
+        }
+        let mut reserved: Vec<Option<Reservation>> = ops.iter().map(|_| None).collect();
+        let mut answers: Vec<Option<Decision>> = ops.iter().map(|_| None).collect();
+        let mut trace = Vec::new();
+        while plan.iter().any(|p| !p.is_empty()) {
+            let live: Vec<usize> = (0..plan.len()).filter(|&i| !plan[i].is_empty()).collect();
+            let pick = live[next(live.len())];
+            let step = plan[pick].remove(0);
+            trace.push(step);
+            match step {
+                Interleave::Decide(i) => {
+                    let logged = l.decide_logged(&ops[i].req(), T0 + 60, log(&mut journal));
+                    answers[i] = logged.decision().copied();
+                }
+                Interleave::Reserve(i) => {
+                    match l.reserve_logged(&ops[i].req(), T0 + 60, log(&mut journal)) {
+                        Ok(r) => reserved[i] = Some(r),
+                        Err(logged) => answers[i] = logged.decision().copied(),
+                    }
+                }
+                Interleave::Commit(i) => {
+                    if let Some(r) = reserved[i].take() {
+                        answers[i] = l.commit_logged(r, log(&mut journal)).decision().copied();
+                    }
+                }
+                Interleave::Settle => {
+                    l.settle_logged("M", T0 + 60, |e: &LedgerEvent| {
+                        journal.push(e.clone());
+                        Ok::<u64, Refused>(journal.len() as u64)
+                    })
+                    .unwrap();
+                }
+            }
+            let mut live_bytes = Vec::new();
+            l.snapshot(&mut live_bytes);
+            assert!(
+                live_bytes == replayed_snapshot(&set, &journal),
+                "seed {seed}: replay differs from the live ledger after {trace:?}"
+            );
+        }
+        for (i, op) in ops.iter().enumerate() {
+            let first = answers[i].unwrap_or_else(|| panic!("seed {seed}: op {i} unanswered"));
+            let again = op.clone().with(|m| m.repeat = true);
+            let logged = l.decide_logged(&again.req(), T0 + 120, log(&mut journal));
+            let repeated = *logged.decision().unwrap();
+            assert_eq!(
+                (repeated.reason, repeated.is_approved()),
+                (first.reason, first.is_approved()),
+                "seed {seed}: repeat of op {i} after {trace:?}"
+            );
+            assert!(
+                matches!(logged, Logged::Unlogged { .. }),
+                "seed {seed}: a repeat must move nothing"
+            );
+        }
+    }
+}

@@ -10,6 +10,7 @@ pub mod classify;
 pub mod ids;
 mod render;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use bytes::BytesMut;
 
 use crate::clock::Clock;
 use crate::iso8583::{self, Message, Spec};
-use crate::journal::Journal;
+use crate::journal::{Journal, Recovered, StoreError, Ticket};
 use crate::ledger::{
     self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason,
 };
@@ -72,9 +73,14 @@ pub enum Outcome {
 /// The decision engine behind every listener.
 pub struct Gateway {
     ledger: Arc<Ledger>,
-    /// Held shared from a journal append until its commit, exclusively while a snapshot is
-    /// taken: a snapshot then holds exactly the records up to the journal's durable seq.
-    commit_gate: tokio::sync::RwLock<()>,
+    /// Held shared while a decision is taken and its event enqueued (never across a wait for
+    /// the disk or a host), exclusively while a snapshot is serialised or the ledger is rebuilt
+    /// from the journal: a snapshot then covers exactly the records enqueued before it.
+    gate: tokio::sync::RwLock<()>,
+    /// One rebuild at a time after a failed journal write.
+    recovering: tokio::sync::Mutex<()>,
+    /// The journal failure epoch the ledger was last rebuilt for.
+    rebuilt_epoch: AtomicU64,
     journal: Option<Arc<Journal>>,
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
@@ -90,19 +96,56 @@ pub struct Summary {
     pub reason: &'static str,
 }
 
+/// A decided message: its answer, and what must happen before the answer may leave.
+struct Decided {
+    out: BytesMut,
+    decision: Decision,
+    /// The journal record the answer stands on (its own event, or the last event applied to
+    /// the merchant when it is a stored answer): the answer leaves once it is durable.
+    wait: Option<Ticket>,
+    /// The host approved it: if the record is lost, the host must be told (reversal).
+    forwarded: bool,
+    /// The request's MTI (metrics label).
+    mti: u16,
+}
+
+/// Why a logged ledger call did not apply.
+enum LogError {
+    Refused(ledger::Refused),
+    Store,
+}
+
+impl From<ledger::Refused> for LogError {
+    fn from(r: ledger::Refused) -> LogError {
+        LogError::Refused(r)
+    }
+}
+
+impl From<StoreError> for LogError {
+    fn from(_: StoreError) -> LogError {
+        LogError::Store
+    }
+}
+
 impl Gateway {
     /// A gateway deciding with `ledger`, journaling to `journal` (none: decisions are not
     /// durable, for tests and `unsafe` runs), reading time from `clock`, one [`Link`] per
-    /// listener index.
+    /// listener index. The journal is switched to `hold_after_failure`: a failed write is
+    /// followed by a rebuild of the ledger from what is durable before anything is decided.
     pub fn new(
         ledger: Arc<Ledger>,
         journal: Option<Arc<Journal>>,
         clock: Arc<dyn Clock>,
         links: Vec<Link>,
     ) -> Gateway {
+        if let Some(j) = &journal {
+            j.set_hold_after_failure(true);
+        }
         Gateway {
             ledger,
-            commit_gate: tokio::sync::RwLock::new(()),
+            gate: tokio::sync::RwLock::new(()),
+            recovering: tokio::sync::Mutex::new(()),
+            rebuilt_epoch: AtomicU64::new(0),
             journal,
             clock,
             links,
@@ -110,16 +153,19 @@ impl Gateway {
         }
     }
 
-    /// Takes a consistent snapshot of the ledger: waits for every journaled change to be
-    /// committed, then returns the journal seq it covers and the ledger's bytes. Requests
-    /// wait for the gate only while the ledger is serialised.
-    pub async fn snapshot(&self) -> Option<(u64, Vec<u8>)> {
+    /// Takes a consistent snapshot of the ledger: the ticket of the last record it covers
+    /// (wait for it to be durable before writing the snapshot) and the ledger's bytes.
+    /// Decisions wait for the gate only while the ledger is serialised.
+    pub async fn snapshot(&self) -> Option<(Ticket, Vec<u8>)> {
         let journal = self.journal.as_ref()?;
-        let _exclusive = self.commit_gate.write().await;
-        let seq = journal.durable_seq();
+        let _exclusive = self.gate.write().await;
+        if journal.is_held() {
+            return None;
+        }
+        let ticket = journal.last_ticket();
         let mut bytes = Vec::with_capacity(1 << 20);
         self.ledger.snapshot(&mut bytes);
-        Some((seq, bytes))
+        Some((ticket, bytes))
     }
 
     /// The same gateway forwarding routed merchants' requests to `upstreams` (DOMAIN §8).
@@ -135,67 +181,129 @@ impl Gateway {
 
     /// Decides one message received on listener `link` and renders the answer.
     pub async fn handle(&self, link: usize, body: &[u8]) -> (Outcome, Summary) {
+        let mut out = Vec::with_capacity(1);
+        self.handle_batch(link, std::slice::from_ref(&body), &mut out)
+            .await;
+        out.pop().unwrap_or((
+            Outcome::Drop,
+            Summary {
+                code: None,
+                reason: "INTERNAL_ERROR",
+            },
+        ))
+    }
+
+    /// Decides the messages of one read, in order, and pushes their answers to `out` once
+    /// every approval among them is durable: one wait for the journal per batch, not per
+    /// message.
+    pub async fn handle_batch<B: AsRef<[u8]>>(
+        &self,
+        link: usize,
+        bodies: &[B],
+        out: &mut Vec<(Outcome, Summary)>,
+    ) {
         let started = Instant::now();
         let Some(l) = self.links.get(link) else {
+            out.extend(bodies.iter().map(|_| {
+                (
+                    Outcome::Drop,
+                    Summary {
+                        code: None,
+                        reason: "INTERNAL_ERROR",
+                    },
+                )
+            }));
+            return;
+        };
+        let first = out.len();
+        let mut decided = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            decided.push(self.decide_message(l, body.as_ref()).await);
+        }
+        if let Some(journal) = &self.journal {
+            // One wait for the newest record of the batch covers the others of its epoch.
+            let newest = decided
+                .iter()
+                .filter_map(|d| d.as_ref().and_then(|d| d.wait))
+                .max_by_key(|t| (t.epoch, t.seq));
+            if let Some(t) = newest {
+                let _ = journal.durable(t).await;
+            }
+            for (body, d) in bodies.iter().zip(decided.iter_mut()) {
+                let Some(Decided {
+                    wait: Some(t),
+                    forwarded,
+                    ..
+                }) = d
+                else {
+                    continue;
+                };
+                let forwarded = *forwarded;
+                if journal.durable(*t).await.is_err() {
+                    tracing::warn!("journal write failed; answering 96");
+                    // Drop what the lost record changed before the 96 leaves.
+                    let _ = self.store_ready().await;
+                    *d = Some(self.lost(l, body.as_ref(), forwarded).await);
+                }
+            }
+        }
+        let micros = started.elapsed().as_micros() as u64;
+        for (body, d) in bodies.iter().zip(decided) {
+            out.push(self.finish(l, body.as_ref(), d, micros));
+        }
+        debug_assert_eq!(out.len() - first, bodies.len());
+    }
+
+    /// The answer of a message whose record the journal lost: 96, and the host told.
+    async fn lost(&self, l: &Link, body: &[u8], forwarded: bool) -> Decided {
+        let (msg, _) = iso8583::decode_partial(l.spec, body);
+        self.reverse_forwarded(l, &msg, forwarded).await;
+        let kind = classify(&msg, l.shape()).unwrap_or(Kind::Sale);
+        self.answer(
+            l,
+            &msg,
+            kind,
+            &Decision::bare(Reason::STORE_UNAVAILABLE),
+            None,
+        )
+    }
+
+    /// Logs and counts one answered message.
+    fn finish(&self, l: &Link, body: &[u8], d: Option<Decided>, micros: u64) -> (Outcome, Summary) {
+        let Some(Decided {
+            out, decision, mti, ..
+        }) = d
+        else {
             return (
                 Outcome::Drop,
                 Summary {
                     code: None,
-                    reason: "INTERNAL_ERROR",
+                    reason: "FORMAT_ERROR",
                 },
             );
         };
-        let (msg, err) = iso8583::decode_partial(l.spec, body);
-        let result = match err {
-            Some(e) if e.answerable() => {
-                tracing::info!(dialect = l.spec.name(), mti = %msg.mti(), stan = ?e.stan, error = %e, "message error");
-                telemetry::count_message_error(dialect_label(l.dialect));
-                self.answer(
-                    l,
-                    &msg,
-                    Kind::Sale,
-                    &Decision::bare(Reason::FORMAT_ERROR),
-                    None,
-                )
-            }
-            Some(e) => {
-                tracing::info!(dialect = l.spec.name(), error = %e, "message error, dropped");
-                telemetry::count_message_error(dialect_label(l.dialect));
-                return (
-                    Outcome::Drop,
-                    Summary {
-                        code: None,
-                        reason: "FORMAT_ERROR",
-                    },
-                );
-            }
-            None => self.decide(l, &msg).await,
-        };
-        let (bytes, decision) = result;
         let code = decision.de39(l.dialect);
         let reason = decision.reason.as_str();
-        let micros = started.elapsed().as_micros() as u64;
-        telemetry::record_request(
-            dialect_label(l.dialect),
-            mti_label(msg.mti().0),
-            code,
-            reason,
-        );
+        telemetry::record_request(dialect_label(l.dialect), mti_label(mti), code, reason);
         telemetry::record_decision_seconds(dialect_label(l.dialect), micros as f64 / 1e6);
-        let masked = msg.pan().map(|p| p.masked());
-        tracing::info!(
-            dialect = l.spec.name(),
-            mti = %msg.mti(),
-            pan = masked.as_ref().map_or("", |m| m.as_str()),
-            stan = msg.stan().unwrap_or(0),
-            terminal = msg.terminal().unwrap_or(""),
-            code,
-            reason,
-            us = micros,
-            "request"
-        );
+        if tracing::enabled!(tracing::Level::INFO) {
+            // Decoded again only for the log line: nothing of it outlives the decision.
+            let (msg, _) = iso8583::decode_partial(l.spec, body);
+            let masked = msg.pan().map(|p| p.masked());
+            tracing::info!(
+                dialect = l.spec.name(),
+                mti = %msg.mti(),
+                pan = masked.as_ref().map_or("", |m| m.as_str()),
+                stan = msg.stan().unwrap_or(0),
+                terminal = msg.terminal().unwrap_or(""),
+                code,
+                reason,
+                us = micros,
+                "request"
+            );
+        }
         (
-            Outcome::Reply(bytes),
+            Outcome::Reply(out),
             Summary {
                 code: Some(code),
                 reason,
@@ -203,7 +311,31 @@ impl Gateway {
         )
     }
 
-    async fn decide(&self, l: &Link, msg: &Message<'_>) -> (BytesMut, Decision) {
+    /// Decodes and decides one message; `None` when it cannot be answered (dropped).
+    async fn decide_message(&self, l: &Link, body: &[u8]) -> Option<Decided> {
+        let (msg, err) = iso8583::decode_partial(l.spec, body);
+        match err {
+            Some(e) if e.answerable() => {
+                tracing::info!(dialect = l.spec.name(), mti = %msg.mti(), stan = ?e.stan, error = %e, "message error");
+                telemetry::count_message_error(dialect_label(l.dialect));
+                Some(self.answer(
+                    l,
+                    &msg,
+                    Kind::Sale,
+                    &Decision::bare(Reason::FORMAT_ERROR),
+                    None,
+                ))
+            }
+            Some(e) => {
+                tracing::info!(dialect = l.spec.name(), error = %e, "message error, dropped");
+                telemetry::count_message_error(dialect_label(l.dialect));
+                None
+            }
+            None => Some(self.decide(l, &msg).await),
+        }
+    }
+
+    async fn decide(&self, l: &Link, msg: &Message<'_>) -> Decided {
         let Some(kind) = classify(msg, l.shape()) else {
             return self.answer(
                 l,
@@ -216,6 +348,15 @@ impl Gateway {
         let now = self.clock.now_unix_s();
         if matches!(kind, Kind::Echo | Kind::SignOff) {
             return self.answer(l, msg, kind, &Decision::bare(Reason::APPROVED), None);
+        }
+        if !self.store_ready().await {
+            return self.answer(
+                l,
+                msg,
+                kind,
+                &Decision::bare(Reason::STORE_UNAVAILABLE),
+                None,
+            );
         }
         if kind == Kind::SignOn {
             return self.sign_on(l, msg, now).await;
@@ -232,67 +373,194 @@ impl Gateway {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
         let rrn = (kind == Kind::Sale).then_some(rrn_buf);
-        let reservation = match self.ledger.reserve(&req, now) {
-            Ok(r) => r,
-            Err(d) => return self.answer(l, msg, kind, &d, rrn),
+        let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
+        let mut ticket = None;
+        let Some(upstreams) = &self.upstreams else {
+            let logged = {
+                let _gate = self.gate.read().await;
+                self.ledger
+                    .decide_logged(&req, now, |e| self.enqueue(e, &mut ticket))
+            };
+            return self.logged(l, msg, kind, logged, ticket, epoch, rrn);
         };
-        let (reservation, forwarded) = match self.forward(l, msg, kind, reservation).await {
-            Ok(r) => r,
-            Err(answered) => return answered,
+        let reservation = {
+            let _gate = self.gate.read().await;
+            self.ledger
+                .reserve_logged(&req, now, |e| self.enqueue(e, &mut ticket))
         };
-        let _gate = self.commit_gate.read().await;
-        if let Err(e) = self.journal_event(reservation.event()).await {
-            tracing::warn!(error = %e, "journal append failed; answering 96");
-            self.ledger.release(reservation);
-            self.reverse_forwarded(l, msg, forwarded).await;
-            return self.answer(
-                l,
-                msg,
-                kind,
-                &Decision::bare(Reason::STORE_UNAVAILABLE),
-                None,
-            );
+        let reservation = match reservation {
+            Ok(r) => r,
+            Err(logged) => return self.logged(l, msg, kind, logged, ticket, epoch, rrn),
+        };
+        let forwarded = match upstreams.forward(l.dialect, msg, kind).await {
+            Verdict::Local => false,
+            Verdict::Approved => true,
+            Verdict::Declined(code) => {
+                let logged = {
+                    let _gate = self.gate.read().await;
+                    self.ledger
+                        .decline_logged(reservation, Reason::HOST_DECLINED, |e| {
+                            self.enqueue(e, &mut ticket)
+                        })
+                };
+                return match logged.decision() {
+                    Some(d) => {
+                        let d = *d;
+                        let mut out = BytesMut::with_capacity(256);
+                        render::host_declined(l, msg, kind, &d, &code, &mut out);
+                        Decided {
+                            out,
+                            decision: d,
+                            wait: ticket,
+                            forwarded: false,
+                            mti: msg.mti().0,
+                        }
+                    }
+                    None => self.answer(
+                        l,
+                        msg,
+                        kind,
+                        &Decision::bare(Reason::STORE_UNAVAILABLE),
+                        None,
+                    ),
+                };
+            }
+            other => {
+                let reason = match other {
+                    Verdict::Timeout => Reason::HOST_TIMEOUT,
+                    Verdict::NoRoute => Reason::NO_ROUTE,
+                    _ => Reason::HOST_UNREACHABLE,
+                };
+                self.ledger.release(reservation);
+                return self.answer(l, msg, kind, &Decision::bare(reason), None);
+            }
+        };
+        let logged = {
+            let _gate = self.gate.read().await;
+            self.ledger
+                .commit_logged(reservation, |e| self.enqueue(e, &mut ticket))
+        };
+        let mut decided = self.logged(l, msg, kind, logged, ticket, epoch, rrn);
+        if forwarded {
+            if decided.decision.is_approved() {
+                decided.forwarded = true;
+            } else {
+                // The host approved what the gateway does not: reverse it there.
+                self.reverse_forwarded(l, msg, true).await;
+            }
         }
-        let d = self.ledger.commit(reservation);
-        if !d.is_approved() {
-            self.reverse_forwarded(l, msg, forwarded).await;
-        }
-        self.answer(l, msg, kind, &d, rrn)
+        decided
     }
 
-    /// DOMAIN §5 row 14: a routed merchant's request goes to its host between reserve and
-    /// commit. `Ok` gives the reservation back to commit, and whether the host approved it
-    /// (then a failure to commit must reverse it at the host); `Err` is the answer (the
-    /// reservation released or declined). The logic is in [`crate::upstream`].
-    async fn forward(
+    /// Encodes `event` and queues it in the journal (no wait): the ledger applies it right
+    /// after, under the same shard lock, so journal order is apply order.
+    fn enqueue(&self, event: &LedgerEvent, ticket: &mut Option<Ticket>) -> Result<u64, StoreError> {
+        let Some(journal) = &self.journal else {
+            return Ok(0);
+        };
+        let mut payload = Vec::with_capacity(128);
+        event.encode(&mut payload);
+        let t = journal.enqueue(payload)?;
+        *ticket = Some(t);
+        Ok(t.seq)
+    }
+
+    /// Renders what a logged ledger call decided, with the journal record it must wait for.
+    #[allow(clippy::too_many_arguments)]
+    fn logged(
         &self,
         l: &Link,
         msg: &Message<'_>,
         kind: Kind,
-        r: ledger::Reservation,
-    ) -> Result<(ledger::Reservation, bool), (BytesMut, Decision)> {
-        let Some(upstreams) = &self.upstreams else {
-            return Ok((r, false));
-        };
-        let reason = match upstreams.forward(l.dialect, msg, kind).await {
-            Verdict::Local => return Ok((r, false)),
-            Verdict::Approved => return Ok((r, true)),
-            Verdict::Declined(code) => {
-                let _gate = self.commit_gate.read().await;
-                let (d, event) = self.ledger.decline(r, Reason::HOST_DECLINED);
-                if let Err(e) = self.journal_event(&event).await {
-                    tracing::warn!(error = %e, "journal append of a host decline failed");
-                }
-                let mut out = BytesMut::with_capacity(256);
-                render::host_declined(l, msg, kind, &d, &code, &mut out);
-                return Err((out, d));
+        logged: ledger::Logged<StoreError>,
+        ticket: Option<Ticket>,
+        epoch: u64,
+        rrn: Option<[u8; 12]>,
+    ) -> Decided {
+        let (d, wait) = match logged {
+            ledger::Logged::Applied { decision, .. } => (decision, ticket),
+            ledger::Logged::Unlogged { decision, after } => {
+                let wait = (after > 0).then_some(Ticket { seq: after, epoch });
+                (decision, wait)
             }
-            Verdict::Unreachable => Reason::HOST_UNREACHABLE,
-            Verdict::Timeout => Reason::HOST_TIMEOUT,
-            Verdict::NoRoute => Reason::NO_ROUTE,
+            ledger::Logged::Failed(e) => {
+                tracing::warn!(error = %e, "journal refused the event; answering 96");
+                (Decision::bare(Reason::STORE_UNAVAILABLE), None)
+            }
         };
-        self.ledger.release(r);
-        Err(self.answer(l, msg, kind, &Decision::bare(reason), None))
+        let mut decided = self.answer(l, msg, kind, &d, rrn);
+        decided.wait = wait;
+        decided
+    }
+
+    /// After a failed journal write the journal holds. The ledger is rebuilt at once from what
+    /// is durable (snapshot + records up to the durable seq), dropping every change that was
+    /// applied but never made durable, so nothing answered 96 stays in it; then the failed
+    /// region is rewritten and decisions resume. `false` while the storage still fails
+    /// (answer 96). Called by every request while the journal holds, and by the batch whose
+    /// record was lost.
+    async fn store_ready(&self) -> bool {
+        let Some(journal) = &self.journal else {
+            return true;
+        };
+        if !journal.is_held() {
+            return true;
+        }
+        let _one = self.recovering.lock().await;
+        if !journal.is_held() {
+            return true;
+        }
+        let epoch = journal.epoch();
+        if self.rebuilt_epoch.load(Ordering::Acquire) != epoch && self.rebuild(journal).await {
+            self.rebuilt_epoch.store(epoch, Ordering::Release);
+        }
+        let j = Arc::clone(journal);
+        if !matches!(
+            tokio::task::spawn_blocking(move || j.scrub()).await,
+            Ok(Ok(()))
+        ) {
+            return false;
+        }
+        if self.rebuilt_epoch.load(Ordering::Acquire) != epoch {
+            if !self.rebuild(journal).await {
+                return false;
+            }
+            self.rebuilt_epoch.store(epoch, Ordering::Release);
+        }
+        journal.resume();
+        tracing::warn!("journal storage is back: decisions resume");
+        true
+    }
+
+    /// Replaces the ledger's durable state by a replay of the journal up to its durable seq.
+    async fn rebuild(&self, journal: &Arc<Journal>) -> bool {
+        let _exclusive = self.gate.write().await;
+        let j = Arc::clone(journal);
+        let ledger = Arc::clone(&self.ledger);
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            let mut recovered = j.reread().map_err(|e| e.to_string())?;
+            let (merchants, pan_key) = ledger.origin();
+            recover_ledger(merchants, pan_key, &mut recovered, Some(j.durable_seq()))
+        })
+        .await;
+        match rebuilt {
+            Ok(Ok((rebuilt, replayed))) => {
+                self.ledger.adopt_durable(rebuilt);
+                tracing::warn!(
+                    replayed,
+                    "journal write failed: ledger rebuilt from the durable journal"
+                );
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "ledger rebuild from the journal failed; answering 96");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ledger rebuild task failed; answering 96");
+                false
+            }
+        }
     }
 
     /// A request the host approved but that is not answered 00 (journal failure, or a decline
@@ -303,20 +571,7 @@ impl Gateway {
         }
     }
 
-    async fn journal_event(&self, event: &LedgerEvent) -> Result<(), String> {
-        let Some(journal) = &self.journal else {
-            return Ok(());
-        };
-        let mut payload = Vec::with_capacity(128);
-        event.encode(&mut payload);
-        journal
-            .append(payload)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
-    async fn sign_on(&self, l: &Link, msg: &Message<'_>, now: i64) -> (BytesMut, Decision) {
+    async fn sign_on(&self, l: &Link, msg: &Message<'_>, now: i64) -> Decided {
         let (Some(merchant), Some(terminal)) = (msg.merchant(), msg.terminal()) else {
             // ascii1987 sign-on of a host link carries no merchant: nothing to record.
             return self.answer(
@@ -327,28 +582,41 @@ impl Gateway {
                 None,
             );
         };
-        let _gate = self.commit_gate.read().await;
-        match self.ledger.sign_on(merchant, terminal, now) {
-            Ok((batch, event)) => {
-                if self.journal_event(&event).await.is_err() {
-                    return self.answer(
-                        l,
-                        msg,
-                        Kind::SignOn,
-                        &Decision::bare(Reason::STORE_UNAVAILABLE),
-                        None,
-                    );
-                }
+        let mut ticket = None;
+        let signed = {
+            let _gate = self.gate.read().await;
+            self.ledger
+                .sign_on_logged::<LogError>(merchant, terminal, now, |e| {
+                    Ok(self.enqueue(e, &mut ticket)?)
+                })
+        };
+        match signed {
+            Ok((batch, _)) => {
                 let mut out = BytesMut::with_capacity(256);
                 let d = Decision::bare(Reason::APPROVED);
                 render::response(l, msg, Kind::SignOn, &d, None, Some(batch), &mut out);
-                (out, d)
+                Decided {
+                    out,
+                    decision: d,
+                    wait: ticket,
+                    forwarded: false,
+                    mti: msg.mti().0,
+                }
             }
-            Err(refused) => self.answer(l, msg, Kind::SignOn, &Decision::bare(refused.0), None),
+            Err(LogError::Refused(refused)) => {
+                self.answer(l, msg, Kind::SignOn, &Decision::bare(refused.0), None)
+            }
+            Err(LogError::Store) => self.answer(
+                l,
+                msg,
+                Kind::SignOn,
+                &Decision::bare(Reason::STORE_UNAVAILABLE),
+                None,
+            ),
         }
     }
 
-    async fn settle(&self, l: &Link, msg: &Message<'_>, now: i64) -> (BytesMut, Decision) {
+    async fn settle(&self, l: &Link, msg: &Message<'_>, now: i64) -> Decided {
         let Some(merchant) = msg.merchant() else {
             return self.answer(
                 l,
@@ -358,21 +626,28 @@ impl Gateway {
                 None,
             );
         };
-        let _gate = self.commit_gate.read().await;
-        match self.ledger.settle(merchant, now) {
-            Ok((d, event)) => {
-                if self.journal_event(&event).await.is_err() {
-                    return self.answer(
-                        l,
-                        msg,
-                        Kind::Settlement,
-                        &Decision::bare(Reason::STORE_UNAVAILABLE),
-                        None,
-                    );
-                }
-                self.answer(l, msg, Kind::Settlement, &d, None)
+        let mut ticket = None;
+        let settled = {
+            let _gate = self.gate.read().await;
+            self.ledger
+                .settle_logged::<LogError>(merchant, now, |e| Ok(self.enqueue(e, &mut ticket)?))
+        };
+        match settled {
+            Ok((d, _)) => {
+                let mut decided = self.answer(l, msg, Kind::Settlement, &d, None);
+                decided.wait = ticket;
+                decided
             }
-            Err(refused) => self.answer(l, msg, Kind::Settlement, &Decision::bare(refused.0), None),
+            Err(LogError::Refused(refused)) => {
+                self.answer(l, msg, Kind::Settlement, &Decision::bare(refused.0), None)
+            }
+            Err(LogError::Store) => self.answer(
+                l,
+                msg,
+                Kind::Settlement,
+                &Decision::bare(Reason::STORE_UNAVAILABLE),
+                None,
+            ),
         }
     }
 
@@ -393,10 +668,16 @@ impl Gateway {
         kind: Kind,
         d: &Decision,
         rrn: Option<[u8; 12]>,
-    ) -> (BytesMut, Decision) {
+    ) -> Decided {
         let mut out = BytesMut::with_capacity(256);
         render::response(l, msg, kind, d, rrn, None, &mut out);
-        (out, *d)
+        Decided {
+            out,
+            decision: *d,
+            wait: None,
+            forwarded: false,
+            mti: msg.mti().0,
+        }
     }
 
     fn ledger_request<'m>(
@@ -469,16 +750,9 @@ impl Gateway {
     }
 }
 
-/// MMDD of the UTC date at `now` (civil-from-days, H. Hinnant).
+/// MMDD of the UTC date at `now`.
 fn utc_mmdd(now: i64) -> u16 {
-    let z = now.div_euclid(86_400) + 719_468;
-    let doe = z - z.div_euclid(146_097) * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (m * 100 + d) as u16
+    crate::clock::mmdd_of(now)
 }
 
 /// The RRN a sale gets: DE12 `hhmmss` (or the UTC time of day) and the STAN.
@@ -552,6 +826,60 @@ impl Dispatch for Gateway {
                 Outcome::Drop => Handled::Drop,
             }
         }
+    }
+
+    fn handle_batch(
+        &self,
+        ctx: &RequestCtx,
+        bodies: Vec<bytes::Bytes>,
+    ) -> impl std::future::Future<Output = Vec<Handled>> + Send {
+        let link = ctx.listener.index;
+        async move {
+            let mut out = Vec::with_capacity(bodies.len());
+            Gateway::handle_batch(self, link, &bodies, &mut out).await;
+            out.into_iter()
+                .map(|(outcome, _)| match outcome {
+                    Outcome::Reply(bytes) => Handled::Reply(bytes),
+                    Outcome::Drop => Handled::Drop,
+                })
+                .collect()
+        }
+    }
+}
+
+/// Rebuilds the ledger of `merchants` from what the journal recovered: the newest snapshot,
+/// then every record after it in journal order. Returns the ledger and the records replayed.
+/// `up_to`: replay no record past this seq (records a failed write left behind).
+pub fn recover_ledger(
+    merchants: &ledger::MerchantSet,
+    pan_key: ledger::PanKey,
+    recovered: &mut Recovered,
+    up_to: Option<u64>,
+) -> Result<(Ledger, u64), String> {
+    let ledger = match recovered.take_snapshot() {
+        Some(snap) => Ledger::restore(merchants, pan_key, &snap.bytes)
+            .map_err(|e| format!("snapshot {}: {e}", snap.seq))?,
+        None => Ledger::new(merchants, pan_key),
+    };
+    let mut bad: Option<String> = None;
+    let replayed = recovered
+        .replay(|seq, payload| {
+            if bad.is_some() || up_to.is_some_and(|last| seq > last) {
+                return;
+            }
+            match LedgerEvent::decode(payload) {
+                Ok(event) => {
+                    if let Err(e) = ledger.apply(&event) {
+                        tracing::warn!(seq, error = %e, "journal event for a merchant no longer configured; skipped");
+                    }
+                }
+                Err(e) => bad = Some(format!("record {seq}: {e}")),
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    match bad {
+        Some(b) => Err(b),
+        None => Ok((ledger, replayed)),
     }
 }
 

@@ -1,29 +1,40 @@
 //! The writer thread: group commit with one positioned write and one `fdatasync` per batch.
 //!
-//! Appenders put a [`Request`] on a bounded channel (a full channel makes them wait: that is
-//! the backpressure) and wait on a oneshot. The writer takes the first request, drains what
-//! else is queued (up to the batch limits and the room left in the segment), assigns seqs,
-//! encodes the batch into one buffer, writes it with one `pwrite`, calls `fdatasync` once,
-//! and only then completes every waiter.
+//! Appenders take their seq at once, under the queue's lock ([`Journal::enqueue`]), so a
+//! caller that enqueues under its own lock (the ledger's shard) gets the journal order it
+//! applied in. The writer sleeps on a condition variable only while the queue is empty; it
+//! takes everything queued in one swap, writes it in chunks (up to the batch limits and the
+//! room left in the segment) with one `pwrite` and one `fdatasync` each, publishes the new
+//! durable seq and wakes every waiter once per chunk ([`Journal::durable`]): no per-record
+//! channel, no per-record wake-up from this thread.
 //!
 //! # Faults
 //!
-//! If the write or the sync fails, every request of the batch gets [`StoreError::Unavailable`]
-//! and their seqs are not used: the next batch takes the same seqs and is written at the same
-//! offset. The failed bytes may be in the page cache or on disk, or neither, so the next write
-//! (records, or zeros if there are none) also covers the whole failed region, and starts at
-//! the page boundary before it with the bytes of that page kept in memory: nothing written
-//! before a failed sync is trusted to be on disk until a later sync covering it succeeds.
-//! Before moving to a new segment the failed region is zeroed and synced the same way.
+//! If the write or the sync fails, every record not yet durable — the failed chunk, the rest
+//! of the batch and everything queued behind it — is dropped: their waiters get
+//! [`StoreError::Unavailable`] (their failure epoch has ended below their seq), and the next
+//! record takes the first failed seq again and is written at the same offset. The failed bytes
+//! may be in the page cache or on disk, or neither, so the next write (records, or zeros if
+//! there are none) also covers the whole failed region, and starts at the page boundary before
+//! it with the bytes of that page kept in memory: nothing written before a failed sync is
+//! trusted to be on disk until a later sync covering it succeeds. Before moving to a new
+//! segment the failed region is zeroed and synced the same way.
+//!
+//! With `hold_after_failure`, the journal then refuses appends until the caller has
+//! [`scrub`](super::Journal::scrub)bed the failed region, rebuilt its state from what is
+//! durable, and [`resume`](super::Journal::resume)d: a caller that applies before the record is
+//! durable (the ledger) must drop what it applied on top of the failed records first.
+//!
+//! [`Journal::enqueue`]: super::Journal::enqueue
+//! [`Journal::durable`]: super::Journal::durable
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
 use std::thread::{self, JoinHandle};
-
-use tokio::sync::{mpsc, oneshot};
 
 use super::record;
 use super::segment::{self, Segment, SEGMENT_HEADER_BYTES};
@@ -34,14 +45,31 @@ use super::{Durability, StoreError};
 /// rewritten from this boundary).
 pub(crate) const PAGE_BYTES: u64 = 4096;
 
-/// One pending append.
+/// Failure epochs remembered for late waiters.
+const ENDED_EPOCHS_KEPT: usize = 64;
+
+/// One queued append.
 pub(crate) struct Request {
+    pub seq: u64,
     pub payload: Vec<u8>,
-    pub done: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+/// The append queue, under [`Shared::queue`].
+pub(crate) struct Queue {
+    pub pending: Vec<Request>,
+    /// The seq the next enqueued record gets.
+    pub next_seq: u64,
+    /// After a failure with `hold_after_failure`: appends refused until resumed.
+    pub held: bool,
+    /// The journal is being dropped: drain and stop.
+    pub closing: bool,
+    /// The writer waits on [`Shared::wake`].
+    pub idle: bool,
+    /// A scrub asked for by [`Journal::scrub`](super::Journal::scrub).
+    pub scrub: Option<std::sync::mpsc::Sender<io::Result<()>>>,
 }
 
 /// State the writer shares with [`Journal`](super::Journal).
-#[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// The last seq acknowledged as durable.
     pub durable_seq: AtomicU64,
@@ -51,6 +79,151 @@ pub(crate) struct Shared {
     pub failed_batches: AtomicU64,
     /// Segments the writer has left, oldest first; snapshots delete the covered ones.
     pub closed: Mutex<Vec<ClosedSegment>>,
+    pub queue: Mutex<Queue>,
+    /// Wakes the writer.
+    pub wake: Condvar,
+    /// Wakes waiters whenever the durable seq moves or a failure ends an epoch.
+    pub moved: tokio::sync::Notify,
+    /// Bumped (under the queue lock) by every failure that dropped records.
+    pub epoch: AtomicU64,
+    /// `(epoch, durable seq when it ended)` of the last failures.
+    pub ended: Mutex<VecDeque<(u64, u64)>>,
+    pub last_error: Mutex<Option<Arc<io::Error>>>,
+    /// Mirrors [`Queue::held`] for a lock-free look.
+    pub held: std::sync::atomic::AtomicBool,
+    /// Hold after a failure (`Options::hold_after_failure`, or set by the caller).
+    pub hold_mode: std::sync::atomic::AtomicBool,
+    /// Tasks waiting for a seq to be durable, by seq: the writer wakes exactly those its
+    /// chunk covered (all of them when a failure ends the epoch).
+    pub waiters: Mutex<BTreeMap<u64, Vec<Waker>>>,
+}
+
+impl Shared {
+    pub(crate) fn new(last_seq: u64, closed: Vec<ClosedSegment>) -> Shared {
+        Shared {
+            durable_seq: AtomicU64::new(last_seq),
+            batches: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            closed: Mutex::new(closed),
+            queue: Mutex::new(Queue {
+                pending: Vec::new(),
+                next_seq: last_seq + 1,
+                held: false,
+                closing: false,
+                idle: false,
+                scrub: None,
+            }),
+            wake: Condvar::new(),
+            moved: tokio::sync::Notify::new(),
+            epoch: AtomicU64::new(0),
+            ended: Mutex::new(VecDeque::new()),
+            last_error: Mutex::new(None),
+            held: std::sync::atomic::AtomicBool::new(false),
+            hold_mode: std::sync::atomic::AtomicBool::new(false),
+            waiters: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock_waiters(&self) -> MutexGuard<'_, BTreeMap<u64, Vec<Waker>>> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers `waker` for `seq` of `epoch` unless its outcome is known already (checked
+    /// again under the waiters' lock, so a wake-up cannot be missed).
+    pub(crate) fn register(
+        &self,
+        seq: u64,
+        epoch: u64,
+        waker: &Waker,
+    ) -> Option<Result<u64, StoreError>> {
+        if let Some(done) = self.status(seq, epoch) {
+            return Some(done);
+        }
+        let mut waiters = self.lock_waiters();
+        if let Some(done) = self.status(seq, epoch) {
+            return Some(done);
+        }
+        let slot = waiters.entry(seq).or_default();
+        if !slot.iter().any(|w| w.will_wake(waker)) {
+            slot.push(waker.clone());
+        }
+        None
+    }
+
+    /// Wakes the waiters of every seq up to the durable one (`all`: every waiter).
+    pub(crate) fn wake_durable(&self, all: bool) {
+        let ready = {
+            let mut waiters = self.lock_waiters();
+            if waiters.is_empty() {
+                return;
+            }
+            if all {
+                std::mem::take(&mut *waiters)
+            } else {
+                let durable = self.durable_seq.load(Ordering::Acquire);
+                let later = waiters.split_off(&durable.saturating_add(1));
+                std::mem::replace(&mut *waiters, later)
+            }
+        };
+        for waker in ready.into_values().flatten() {
+            waker.wake();
+        }
+    }
+
+    pub(crate) fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The error a dropped record's waiter gets.
+    pub(crate) fn unavailable(&self) -> StoreError {
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        StoreError::Unavailable(
+            last.unwrap_or_else(|| Arc::new(io::Error::other("journal write failed"))),
+        )
+    }
+
+    /// Whether the record `seq` queued in `epoch` is durable (`Some(Ok)`), was dropped by a
+    /// failure (`Some(Err)`), or is still pending (`None`).
+    pub(crate) fn status(&self, seq: u64, epoch: u64) -> Option<Result<u64, StoreError>> {
+        loop {
+            let before = self.epoch.load(Ordering::Acquire);
+            let durable = self.durable_seq.load(Ordering::Acquire);
+            if self.epoch.load(Ordering::Acquire) != before {
+                continue;
+            }
+            if epoch == before {
+                return (durable >= seq).then_some(Ok(seq));
+            }
+            let end = self
+                .ended
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .find(|(e, _)| *e == epoch)
+                .map(|(_, end)| *end);
+            return Some(match end {
+                Some(end) if seq <= end => Ok(seq),
+                _ => Err(self.unavailable()),
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("durable_seq", &self.durable_seq)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A segment no longer written to.
@@ -86,7 +259,6 @@ pub(crate) struct Writer {
     storage: Arc<dyn Storage>,
     dir: PathBuf,
     config: WriterConfig,
-    rx: mpsc::Receiver<Request>,
     shared: Arc<Shared>,
     active: Segment,
     active_last_seq: Option<u64>,
@@ -101,9 +273,14 @@ pub(crate) struct Writer {
     pending: Option<JoinHandle<io::Result<Segment>>>,
     next_index: u64,
     buf: Vec<u8>,
-    carry: Option<Request>,
     /// Batches failed in a row (0 while the storage works).
     failing_batches: u64,
+}
+
+enum Work {
+    Batch,
+    Scrub(std::sync::mpsc::Sender<io::Result<()>>),
+    Exit,
 }
 
 impl Writer {
@@ -111,7 +288,6 @@ impl Writer {
         storage: Arc<dyn Storage>,
         dir: PathBuf,
         config: WriterConfig,
-        rx: mpsc::Receiver<Request>,
         shared: Arc<Shared>,
         start: WriterStart,
     ) -> Self {
@@ -119,7 +295,6 @@ impl Writer {
             storage,
             dir,
             config,
-            rx,
             shared,
             active: start.active,
             active_last_seq: start.active_last_seq,
@@ -132,48 +307,50 @@ impl Writer {
             pending: None,
             next_index: start.next_index,
             buf: Vec::new(),
-            carry: None,
             failing_batches: 0,
         }
     }
 
-    /// Runs until every [`Journal`](super::Journal) sender is gone and the queue is drained.
+    /// Runs until the [`Journal`](super::Journal) closes and the queue is drained.
     pub(crate) fn run(mut self) {
-        let mut batch = Vec::with_capacity(self.config.batch_records_max);
+        let mut taken: Vec<Request> = Vec::with_capacity(self.config.batch_records_max);
         loop {
-            let first = match self.carry.take() {
-                Some(request) => request,
-                None => match self.rx.blocking_recv() {
-                    Some(request) => request,
-                    None => break,
-                },
+            let work = {
+                let mut q = self.shared.lock_queue();
+                loop {
+                    if let Some(done) = q.scrub.take() {
+                        break Work::Scrub(done);
+                    }
+                    if !q.pending.is_empty() {
+                        std::mem::swap(&mut q.pending, &mut taken);
+                        break Work::Batch;
+                    }
+                    if q.closing {
+                        break Work::Exit;
+                    }
+                    q.idle = true;
+                    q = self
+                        .shared
+                        .wake
+                        .wait(q)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    q.idle = false;
+                }
             };
-            let need = record::encoded_len(first.payload.len()) as u64;
-            if self.pos + need > self.active.size {
-                if let Err(error) = self.rotate() {
-                    self.fail(vec![first], &error);
-                    continue;
+            match work {
+                Work::Exit => break,
+                Work::Scrub(done) => {
+                    let result = if self.rewrite || self.dirty_end > self.pos {
+                        self.write(&[])
+                    } else {
+                        Ok(())
+                    };
+                    let _ = done.send(result);
                 }
-            }
-            let mut bytes = need;
-            batch.push(first);
-            while batch.len() < self.config.batch_records_max {
-                let Ok(next) = self.rx.try_recv() else { break };
-                let n = record::encoded_len(next.payload.len()) as u64;
-                if self.pos + bytes + n > self.active.size
-                    || bytes + n > self.config.batch_bytes_max
-                {
-                    self.carry = Some(next);
-                    break;
+                Work::Batch => {
+                    self.write_taken(&taken);
+                    taken.clear();
                 }
-                bytes += n;
-                batch.push(next);
-            }
-            self.commit(&mut batch);
-            if self.pos > self.active.size / 2 {
-                // Ahead of need, but not at start-up: 64 MiB of zeros being written back
-                // would slow the syncs of the first batches.
-                self.prepare_spare();
             }
         }
         if self.rewrite || self.dirty_end > self.pos {
@@ -188,47 +365,93 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: &mut Vec<Request>) {
-        let first_seq = self.next_seq;
-        match self.write(batch) {
-            Ok(()) => {
-                if self.failing_batches > 0 {
-                    tracing::info!(
-                        failed_batches = self.failing_batches,
-                        "journal storage recovered; failed region rewritten"
-                    );
-                    self.failing_batches = 0;
-                }
-                for (i, request) in batch.drain(..).enumerate() {
-                    // A waiter that gave up (dropped its future) is simply not told.
-                    let _ = request.done.send(Ok(first_seq + i as u64));
+    /// Writes `taken` in chunks that fit the batch limits and the segment; stops at the first
+    /// failure (which drops the rest).
+    fn write_taken(&mut self, taken: &[Request]) {
+        let mut i = 0;
+        while i < taken.len() {
+            let need = record::encoded_len(taken[i].payload.len()) as u64;
+            if self.pos + need > self.active.size {
+                if let Err(error) = self.rotate() {
+                    self.fail(&error);
+                    return;
                 }
             }
-            Err(error) => {
-                let failed = std::mem::take(batch);
-                self.fail(failed, &error);
+            let mut bytes = need;
+            let mut j = i + 1;
+            while j < taken.len() && j - i < self.config.batch_records_max {
+                let n = record::encoded_len(taken[j].payload.len()) as u64;
+                if self.pos + bytes + n > self.active.size
+                    || bytes + n > self.config.batch_bytes_max
+                {
+                    break;
+                }
+                bytes += n;
+                j += 1;
+            }
+            if let Err(error) = self.write(&taken[i..j]) {
+                self.fail(&error);
+                return;
+            }
+            if self.failing_batches > 0 {
+                tracing::info!(
+                    failed_batches = self.failing_batches,
+                    "journal storage recovered; failed region rewritten"
+                );
+                self.failing_batches = 0;
+            }
+            self.shared.wake_durable(false);
+            self.shared.moved.notify_waiters();
+            i = j;
+            if self.pos > self.active.size / 2 {
+                // Ahead of need, but not at start-up: 64 MiB of zeros being written back
+                // would slow the syncs of the first batches.
+                self.prepare_spare();
             }
         }
     }
 
-    fn fail(&mut self, requests: Vec<Request>, error: &io::Error) {
+    /// Drops every record not yet durable and ends the failure epoch.
+    fn fail(&mut self, error: &io::Error) {
         self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
         if self.failing_batches == 0 {
             // Once per outage, not once per batch: a dead disk must not flood the log.
             tracing::warn!(
                 segment = %self.active.path.display(),
                 offset = self.pos,
-                records = requests.len(),
                 error = %error,
                 "journal write failed; appends answered as store unavailable until it recovers"
             );
         }
         self.failing_batches += 1;
-        let error =
-            StoreError::Unavailable(Arc::new(io::Error::new(error.kind(), error.to_string())));
-        for request in requests {
-            let _ = request.done.send(Err(error.clone()));
+        let error = Arc::new(io::Error::new(error.kind(), error.to_string()));
+        *self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+        {
+            let mut q = self.shared.lock_queue();
+            q.pending.clear();
+            q.next_seq = self.next_seq;
+            if self.shared.hold_mode.load(Ordering::Acquire) {
+                q.held = true;
+                self.shared.held.store(true, Ordering::Release);
+            }
+            let epoch = self.shared.epoch.load(Ordering::Acquire);
+            let mut ended = self
+                .shared
+                .ended
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            ended.push_back((epoch, self.shared.durable_seq.load(Ordering::Acquire)));
+            if ended.len() > ENDED_EPOCHS_KEPT {
+                ended.pop_front();
+            }
+            self.shared.epoch.store(epoch + 1, Ordering::Release);
         }
+        self.shared.wake_durable(true);
+        self.shared.moved.notify_waiters();
     }
 
     /// Writes `batch` (possibly empty, to scrub a failed region) at `pos` and syncs it.
@@ -242,6 +465,7 @@ impl Writer {
         };
         let mut seq = self.next_seq;
         for request in batch {
+            debug_assert_eq!(request.seq, seq, "records are written in seq order");
             record::encode(seq, &request.payload, &mut self.buf);
             seq += 1;
         }

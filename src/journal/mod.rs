@@ -71,8 +71,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use tokio::sync::{mpsc, oneshot};
-
 pub use error::{JournalError, StoreError, EXIT_IOERR, EXIT_SOFTWARE, EXIT_USAGE};
 pub use recovery::Recovered;
 pub use snapshot::Snapshot;
@@ -80,6 +78,16 @@ pub use storage::{Faults, FaultyStorage, FsStorage, Storage, StorageFile};
 pub use verify::{run_verify, verify, verify_with, VerifyReport};
 
 use group_commit::{ClosedSegment, Request, Shared, Writer, WriterConfig, WriterStart, PAGE_BYTES};
+
+/// A record handed to [`Journal::enqueue`]: its seq, and the failure epoch it was queued in
+/// (a failure drops every record not yet durable; seqs are then given out again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The record's seq (journal order).
+    pub seq: u64,
+    /// The failure epoch it was queued in ([`Journal::epoch`]).
+    pub epoch: u64,
+}
 use recovery::{Scan, SegmentScan};
 use segment::{Segment, SEGMENT_HEADER_BYTES};
 
@@ -123,6 +131,10 @@ pub struct Options {
     pub batch_bytes_max: usize,
     /// The file system ([`FsStorage`], default), or a fault-injecting one in tests.
     pub storage: Arc<dyn Storage>,
+    /// After a failed write, refuse appends until [`Journal::scrub`] and [`Journal::resume`]
+    /// (default false: the next append simply retries). For callers that apply a record
+    /// before it is durable and must rebuild their state from the journal after a failure.
+    pub hold_after_failure: bool,
 }
 
 /// What a snapshot did.
@@ -140,7 +152,7 @@ pub struct SnapshotReport {
 ///
 /// Dropping it drains the queue (every queued append is completed) and joins the writer.
 pub struct Journal {
-    sender: Option<mpsc::Sender<Request>>,
+    queue_capacity: usize,
     writer: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     storage: Arc<dyn Storage>,
@@ -161,6 +173,7 @@ impl Default for Options {
             batch_records_max: BATCH_RECORDS_DEFAULT_MAX,
             batch_bytes_max: BATCH_BYTES_DEFAULT_MAX,
             storage: Arc::new(FsStorage),
+            hold_after_failure: false,
         }
     }
 }
@@ -229,23 +242,20 @@ impl Journal {
                 - record::RECORD_HEADER_BYTES,
         );
         let recovered = Recovered::new(Arc::clone(&storage), &mut scan);
-        let shared = Arc::new(Shared {
-            durable_seq: AtomicU64::new(scan.last_seq),
-            closed: Mutex::new(closed),
-            ..Shared::default()
-        });
-        let (sender, receiver) = mpsc::channel(options.queue_capacity);
+        let shared = Arc::new(Shared::new(scan.last_seq, closed));
         let config = WriterConfig {
             durability: options.durability,
             segment_bytes: options.segment_bytes,
             batch_records_max: options.batch_records_max,
             batch_bytes_max: options.batch_bytes_max as u64,
         };
+        shared
+            .hold_mode
+            .store(options.hold_after_failure, Ordering::Release);
         let writer = Writer::new(
             Arc::clone(&storage),
             dir.clone(),
             config,
-            receiver,
             Arc::clone(&shared),
             start,
         );
@@ -263,7 +273,7 @@ impl Journal {
             "journal open"
         );
         let journal = Journal {
-            sender: Some(sender),
+            queue_capacity: options.queue_capacity,
             writer: Some(writer),
             shared,
             storage,
@@ -278,31 +288,136 @@ impl Journal {
 
     /// Appends `payload`; resolves with its seq once it is durable (per [`Durability`]).
     ///
-    /// Waits while the queue is full. Dropping the future after the request was queued does
-    /// not withdraw it: the record may still become durable and be replayed.
-    /// On [`StoreError`] the record is not acknowledged and
-    /// will not be replayed unless the storage persisted it despite reporting the failure
-    /// and the process stopped before the next successful write (see `group_commit`).
+    /// Waits while more than `queue_capacity` records are queued. Dropping the future after
+    /// the record was queued does not withdraw it: it may still become durable and be
+    /// replayed. On [`StoreError`] the record is not acknowledged and will not be replayed
+    /// unless the storage persisted it despite reporting the failure and the process stopped
+    /// before the next successful write (see `group_commit`).
     pub async fn append(&self, payload: Vec<u8>) -> Result<u64, StoreError> {
         self.check_payload(&payload)?;
-        let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
-        let (done, outcome) = oneshot::channel();
-        sender
-            .send(Request { payload, done })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        outcome.await.map_err(|_| StoreError::Closed)?
+        loop {
+            let moved = self.shared.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.shared.lock_queue().pending.len() < self.queue_capacity {
+                break;
+            }
+            moved.await;
+        }
+        let ticket = self.enqueue(payload)?;
+        self.durable(ticket).await
     }
 
-    /// [`append`](Self::append) for threads outside an async runtime (panics inside one).
+    /// [`append`](Self::append) for threads outside an async runtime.
     pub fn append_blocking(&self, payload: Vec<u8>) -> Result<u64, StoreError> {
+        futures::executor::block_on(self.append(payload))
+    }
+
+    /// Queues `payload` at once, without waiting, and returns its [`Ticket`]: records are
+    /// written in the order they were enqueued, so a caller that enqueues under its own lock
+    /// journals in the order it applies. Wait for durability with [`durable`](Self::durable).
+    ///
+    /// Refused while the journal holds after a failure (`hold_after_failure`) and once it
+    /// is closing.
+    pub fn enqueue(&self, payload: Vec<u8>) -> Result<Ticket, StoreError> {
         self.check_payload(&payload)?;
-        let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
-        let (done, outcome) = oneshot::channel();
-        sender
-            .blocking_send(Request { payload, done })
-            .map_err(|_| StoreError::Closed)?;
-        outcome.blocking_recv().map_err(|_| StoreError::Closed)?
+        let mut q = self.shared.lock_queue();
+        if q.closing {
+            return Err(StoreError::Closed);
+        }
+        if q.held {
+            drop(q);
+            return Err(self.shared.unavailable());
+        }
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        q.pending.push(Request { seq, payload });
+        let wake = q.idle;
+        drop(q);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(Ticket { seq, epoch })
+    }
+
+    /// Resolves once the record of `ticket` is durable (with its seq), or with
+    /// [`StoreError::Unavailable`] once a failure dropped it.
+    /// Only this waiter's task is woken, once the chunk holding its record is synced.
+    pub async fn durable(&self, ticket: Ticket) -> Result<u64, StoreError> {
+        std::future::poll_fn(|cx| {
+            match self.shared.register(ticket.seq, ticket.epoch, cx.waker()) {
+                Some(done) => std::task::Poll::Ready(done),
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Whether the record of `ticket` is durable already (no wait needed).
+    pub fn is_durable(&self, ticket: Ticket) -> bool {
+        matches!(self.shared.status(ticket.seq, ticket.epoch), Some(Ok(_)))
+    }
+
+    /// A ticket that is durable once everything enqueued so far is: for answers that
+    /// depend on state that may not be durable yet (a stored answer found in memory).
+    pub fn last_ticket(&self) -> Ticket {
+        let q = self.shared.lock_queue();
+        Ticket {
+            seq: q.next_seq - 1,
+            epoch: self.shared.epoch.load(Ordering::Acquire),
+        }
+    }
+
+    /// Turns [`Options::hold_after_failure`] on or off for this open journal.
+    pub fn set_hold_after_failure(&self, hold: bool) {
+        self.shared.hold_mode.store(hold, Ordering::Release);
+    }
+
+    /// Whether appends are refused after a failure (`hold_after_failure`).
+    pub fn is_held(&self) -> bool {
+        self.shared.held.load(Ordering::Acquire)
+    }
+
+    /// The current failure epoch: read it before looking at state that a failure could
+    /// drop, and wait on `Ticket { seq, epoch }` for that state.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
+    /// After a failure: has the writer rewrite the failed region so the files hold exactly
+    /// the durable records (blocking; call from `spawn_blocking`). Fails while the storage
+    /// still fails.
+    pub fn scrub(&self) -> Result<(), StoreError> {
+        let (done, result) = std::sync::mpsc::channel();
+        {
+            let mut q = self.shared.lock_queue();
+            if q.closing {
+                return Err(StoreError::Closed);
+            }
+            q.scrub = Some(done);
+        }
+        self.shared.wake.notify_one();
+        match result.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(Arc::new(e))),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Accepts appends again after [`scrub`](Self::scrub) (and the caller's rebuild).
+    pub fn resume(&self) {
+        let mut q = self.shared.lock_queue();
+        q.held = false;
+        self.shared.held.store(false, Ordering::Release);
+    }
+
+    /// Reads the directory again as [`open`](Self::open) did: the newest snapshot and the
+    /// records after it, for a caller that rebuilds its state after a failure. Call it after
+    /// a successful [`scrub`](Self::scrub), while nothing is being appended.
+    pub fn reread(&self) -> Result<Recovered, JournalError> {
+        let mut scan = recovery::scan(&self.storage, &self.dir)?;
+        Ok(Recovered::new(Arc::clone(&self.storage), &mut scan))
     }
 
     /// Writes a snapshot of the caller's state as of `seq` (which must be durable), then
@@ -436,8 +551,9 @@ impl Journal {
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        // Closing the channel lets the writer drain the queue and return.
-        drop(self.sender.take());
+        // The writer drains the queue, then returns.
+        self.shared.lock_queue().closing = true;
+        self.shared.wake.notify_one();
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
                 tracing::error!("journal writer thread panicked");

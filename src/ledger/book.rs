@@ -102,9 +102,32 @@ pub(crate) struct Book {
     pub held_originals: FastMap<u32, (u64, u32)>,
     pub inflight: FastMap<u64, u64>,
     pub declines: FastMap<u64, FullAnswer>,
+    /// Journal position of the last event applied here (0 when all of them came from replay):
+    /// a stored answer found here is sent only once this position is durable.
+    pub last_logged: u64,
 }
 
 type Checked = Result<(EventBody, Hold), Decision>;
+
+/// Transient refusals are not answers: a retry after the condition clears is decided anew.
+const TRANSIENT: [Reason; 5] = [
+    Reason::STORE_UNAVAILABLE,
+    Reason::CUTOVER,
+    Reason::DUPLICATE,
+    Reason::INTERNAL_ERROR,
+    Reason::BALANCE_PENDING,
+];
+
+/// Why [`Book::check`] did not reserve.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The stored answer of a repeat or identical retransmission (moves nothing).
+    Stored(Decision),
+    /// A refusal that is not remembered (rows 3–5, transient conditions).
+    Bare(Decision),
+    /// A decline remembered for repeats: journal it as `Declined`, then apply it.
+    Decline(Decision, AnswerKey),
+}
 
 impl Book {
     pub fn new(cfg: &MerchantConfig) -> Option<Book> {
@@ -152,6 +175,7 @@ impl Book {
             held_originals: FastMap::default(),
             inflight: FastMap::default(),
             declines: FastMap::default(),
+            last_logged: 0,
         })
     }
 
@@ -174,52 +198,53 @@ impl Book {
     }
 
     /// Rows 3–13 of DOMAIN §5, in order. On success the reservation is already held.
-    pub fn check(&mut self, req: &Request<'_>, ctx: &Ctx) -> Checked {
+    pub fn check(&mut self, req: &Request<'_>, ctx: &Ctx) -> Result<(EventBody, Hold), Refusal> {
+        let bare = |r: Reason| Refusal::Bare(Decision::bare(r));
         // Row 3: terminal known, signed on, batch.
         let term = self
             .term_index(req.terminal)
-            .ok_or(Decision::bare(Reason::UNKNOWN_TERMINAL))?;
+            .ok_or(bare(Reason::UNKNOWN_TERMINAL))?;
         let t = &self.terms[usize::from(term)];
         if req.dialect == Dialect::CupPos && req.op != Operation::Settlement {
             if !t.signed_on {
-                return Err(Decision::bare(Reason::UNKNOWN_TERMINAL));
+                return Err(bare(Reason::UNKNOWN_TERMINAL));
             }
             if req.batch != Some(t.batch) {
-                return Err(Decision::bare(Reason::BATCH_MISMATCH));
+                return Err(bare(Reason::BATCH_MISMATCH));
             }
         }
         if req.op == Operation::Settlement {
-            return self.check_settlement(ctx);
+            return self.check_settlement(ctx).map_err(Refusal::Bare);
         }
         // Row 4: duplicates and repeats.
         let key = pack_key(term, req.stan, req.local_date_mmdd, req.mti_class);
         if let Some(stored) = self.stored(key) {
             return Err(if stored.0 == req.body_fingerprint {
-                stored.1
+                Refusal::Stored(stored.1)
             } else {
-                Decision::bare(Reason::DUPLICATE)
+                bare(Reason::DUPLICATE)
             });
         }
         if !self.inflight.is_empty() && self.inflight.contains_key(&key) {
-            return Err(Decision::bare(Reason::DUPLICATE));
+            return Err(bare(Reason::DUPLICATE));
         }
         // Row 5: store and cut-over.
         if !ctx.store_ok {
-            return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+            return Err(bare(Reason::STORE_UNAVAILABLE));
         }
         if self.cutover {
-            return Err(Decision::bare(Reason::CUTOVER));
+            return Err(bare(Reason::CUTOVER));
         }
         if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX {
-            return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+            return Err(bare(Reason::STORE_UNAVAILABLE));
         }
         if self.answers.len() >= ANSWERS_PER_MERCHANT_MAX {
             self.prune_answers(ctx.now);
             if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX {
-                return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+                return Err(bare(Reason::STORE_UNAVAILABLE));
             }
             if self.answers.len() >= ANSWERS_PER_MERCHANT_MAX {
-                return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+                return Err(bare(Reason::STORE_UNAVAILABLE));
             }
         }
         let answer = AnswerKey {
@@ -229,17 +254,36 @@ impl Book {
             class: req.mti_class,
             fingerprint: req.body_fingerprint,
         };
-        let result = self.check_operation(req, ctx, term, answer);
-        match &result {
-            Ok(_) => {
+        match self.check_operation(req, ctx, term, answer) {
+            Ok((body, mut hold)) => {
                 self.inflight.insert(key, req.body_fingerprint);
+                hold.key = Some(key);
+                Ok((body, hold))
             }
-            Err(d) => self.remember_decline(key, req.body_fingerprint, ctx.now, d),
+            Err(d) if TRANSIENT.contains(&d.reason) => Err(Refusal::Bare(d)),
+            Err(d) => Err(Refusal::Decline(d, answer)),
         }
-        result.map(|(body, mut hold)| {
-            hold.key = Some(key);
-            (body, hold)
-        })
+    }
+
+    /// For callers without a journal: remembers a decline in memory only (a repeat gets it
+    /// until a restart).
+    pub fn remember_unlogged(&mut self, answer: &AnswerKey, now: UnixSeconds, d: &Decision) {
+        if let Some(key) = self.answer_key(answer) {
+            self.remember_decline(key, answer.fingerprint, now, d);
+        }
+    }
+
+    /// Moves the reservations in flight of `old` (the same merchant's book before a rebuild
+    /// from the journal) into this one.
+    pub fn carry_inflight(&mut self, old: &mut Book) {
+        self.pending_sales = old.pending_sales;
+        self.pending_debits = old.pending_debits;
+        self.held_day = std::mem::take(&mut old.held_day);
+        self.held_month = std::mem::take(&mut old.held_month);
+        self.held_cards = std::mem::take(&mut old.held_cards);
+        self.held_originals = std::mem::take(&mut old.held_originals);
+        self.inflight = std::mem::take(&mut old.inflight);
+        self.declines = std::mem::take(&mut old.declines);
     }
 
     /// Rows 6–13 for one operation.
@@ -736,17 +780,6 @@ impl Book {
     }
 
     fn remember_decline(&mut self, key: u64, fingerprint: u64, now: UnixSeconds, d: &Decision) {
-        // Transient refusals are not answers: a retry after the condition clears is decided anew.
-        let transient = [
-            Reason::STORE_UNAVAILABLE,
-            Reason::CUTOVER,
-            Reason::DUPLICATE,
-            Reason::INTERNAL_ERROR,
-            Reason::BALANCE_PENDING,
-        ];
-        if transient.contains(&d.reason) {
-            return;
-        }
         if self.declines.len() >= DECLINES_PER_MERCHANT_MAX {
             self.declines
                 .retain(|_, a| now.saturating_sub(a.at) < ANSWER_RETENTION_S);

@@ -63,7 +63,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use dashmap::DashMap;
 
 use crate::clock::UnixSeconds;
-use book::{Book, Ctx, Hold};
+use book::{Book, Ctx, Hold, Refusal};
 
 pub use decision::{format_de54, Decision, Figures, Operation, OriginalRef, Request};
 pub use event::{DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId};
@@ -79,6 +79,8 @@ pub struct Ledger {
     books: DashMap<MerchantId, Book, hash::FastState>,
     pan_key: PanKey,
     store_ok: AtomicBool,
+    /// The set it was made from: a rebuild from the journal starts from it again.
+    merchants: MerchantSet,
 }
 
 /// A check that passed and holds its amounts and counts until [`Ledger::commit`] or
@@ -150,6 +152,117 @@ pub struct OriginalView {
     pub batch: u32,
 }
 
+/// What a logged decision did.
+#[derive(Debug)]
+pub enum Logged<E> {
+    /// Nothing was journaled or applied: a stored answer, or a refusal that is not
+    /// remembered. Send it once the journal is durable up to `after` (0: at once) — a stored
+    /// answer may stand for an event not yet synced.
+    Unlogged {
+        /// The answer.
+        decision: Decision,
+        /// Journal position the answer depends on.
+        after: u64,
+    },
+    /// The event went to the journal at `seq` and was applied; send once `seq` is durable.
+    Applied {
+        /// The answer.
+        decision: Decision,
+        /// The event's journal position.
+        seq: u64,
+    },
+    /// The journal refused the event: nothing was applied (answer 96).
+    Failed(E),
+}
+
+impl<E> Logged<E> {
+    /// The answer, whatever happened to the event (`None` when the journal refused it).
+    pub fn decision(&self) -> Option<&Decision> {
+        match self {
+            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => Some(decision),
+            Logged::Failed(_) => None,
+        }
+    }
+}
+
+impl Logged<std::convert::Infallible> {
+    fn widen<E>(self) -> Logged<E> {
+        match self {
+            Logged::Unlogged { decision, after } => Logged::Unlogged { decision, after },
+            Logged::Applied { decision, seq } => Logged::Applied { decision, seq },
+            Logged::Failed(never) => match never {},
+        }
+    }
+}
+
+type BookRef<'a> = dashmap::mapref::one::RefMut<'a, MerchantId, Book>;
+
+fn reservation(book: &Book, now: UnixSeconds, body: EventBody, hold: Hold) -> Reservation {
+    Reservation {
+        event: LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body,
+        },
+        hold,
+    }
+}
+
+/// The log of callers without a journal.
+fn unlogged(_: &LedgerEvent) -> Result<u64, std::convert::Infallible> {
+    Ok(0)
+}
+
+/// Hands `event` to `log` and applies it if `log` took it (`fresh`: the event of a
+/// reservation whose key was held, so no stored answer can exist).
+fn apply_logged<E>(
+    book: &mut Book,
+    event: &LedgerEvent,
+    fresh: bool,
+    log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+) -> Logged<E> {
+    match log(event) {
+        Ok(seq) => {
+            book.last_logged = seq;
+            let decision = if fresh {
+                book.commit(event.at, &event.body)
+            } else {
+                book.apply(event.at, &event.body)
+            };
+            Logged::Applied { decision, seq }
+        }
+        Err(e) => Logged::Failed(e),
+    }
+}
+
+/// What a refused check answers; a decline to remember is journaled and applied.
+fn refused<E>(
+    book: &mut Book,
+    refusal: Refusal,
+    now: UnixSeconds,
+    log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+) -> Logged<E> {
+    match refusal {
+        Refusal::Stored(decision) => Logged::Unlogged {
+            decision,
+            after: book.last_logged,
+        },
+        Refusal::Bare(decision) => Logged::Unlogged { decision, after: 0 },
+        Refusal::Decline(decision, answer) => {
+            let event = LedgerEvent {
+                merchant: book.id,
+                at: now,
+                body: EventBody::Declined {
+                    answer,
+                    decision,
+                    sale: None,
+                },
+            };
+            apply_logged(book, &event, false, log)
+        }
+    }
+}
+
 /// A library call named a merchant or terminal the set does not have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -172,7 +285,14 @@ impl Ledger {
             books,
             pan_key,
             store_ok: AtomicBool::new(true),
+            merchants: merchants.clone(),
         }
+    }
+
+    /// The merchant set and PAN key this ledger was made with, to rebuild it from a
+    /// snapshot and the journal.
+    pub fn origin(&self) -> (&MerchantSet, PanKey) {
+        (&self.merchants, self.pan_key.clone())
     }
 
     /// Tells the ledger whether the journal can take writes; while not, requests get 96
@@ -183,17 +303,86 @@ impl Ledger {
 
     /// Checks `req` in the order of DOMAIN §5 rows 1 (what the ledger can see of it) and
     /// 3–13 and, when it passes, reserves what it needs. A repeat or identical
-    /// retransmission gets its stored answer as `Err` (and moves nothing).
+    /// retransmission gets its stored answer as `Err` (and moves nothing). A decline is
+    /// remembered in memory only: callers with a journal use [`Ledger::reserve_logged`].
     pub fn reserve(&self, req: &Request<'_>, now: UnixSeconds) -> Result<Reservation, Decision> {
+        let (mut book, ctx) = self.book_for(req, now).map_err(|refused| match refused {
+            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => decision,
+            Logged::Failed(never) => match never {},
+        })?;
+        match book.check(req, &ctx) {
+            Ok((body, hold)) => Ok(reservation(&book, now, body, hold)),
+            Err(Refusal::Stored(d) | Refusal::Bare(d)) => Err(d),
+            Err(Refusal::Decline(d, answer)) => {
+                book.remember_unlogged(&answer, now, &d);
+                Err(d)
+            }
+        }
+    }
+
+    /// [`Ledger::reserve`] for callers with a journal: a decline to remember is handed to
+    /// `log` and applied (as `Declined`) under the merchant's shard, in journal order.
+    pub fn reserve_logged<E>(
+        &self,
+        req: &Request<'_>,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Result<Reservation, Logged<E>> {
+        let (mut book, ctx) = self.book_for(req, now).map_err(Logged::widen)?;
+        match book.check(req, &ctx) {
+            Ok((body, hold)) => Ok(reservation(&book, now, body, hold)),
+            Err(refusal) => Err(refused(&mut book, refusal, now, log)),
+        }
+    }
+
+    /// Decides `req` and applies the outcome in one step under the merchant's shard: the
+    /// event (an approval, or a decline to remember for repeats) goes to `log` first, and is
+    /// applied only if `log` took it. So the ledger changes in exactly the order of the
+    /// journal, and replay rebuilds the live state (DOMAIN §7).
+    pub fn decide_logged<E>(
+        &self,
+        req: &Request<'_>,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
+        let (mut book, ctx) = match self.book_for(req, now) {
+            Ok(b) => b,
+            Err(refusal) => return refusal.widen(),
+        };
+        match book.check(req, &ctx) {
+            Ok((body, hold)) => {
+                book.release(&hold);
+                let event = LedgerEvent {
+                    merchant: book.id,
+                    at: now,
+                    body,
+                };
+                apply_logged(&mut book, &event, true, log)
+            }
+            Err(refusal) => refused(&mut book, refusal, now, log),
+        }
+    }
+
+    fn book_for(
+        &self,
+        req: &Request<'_>,
+        now: UnixSeconds,
+    ) -> Result<(BookRef<'_>, Ctx), Logged<std::convert::Infallible>> {
+        let bare = |r: Reason| Logged::Unlogged {
+            decision: Decision::bare(r),
+            after: 0,
+        };
         let pan = MaskedPan::new(req.pan);
         if !well_formed(req, pan.is_some()) {
-            return Err(Decision::bare(Reason::FORMAT_ERROR));
+            return Err(bare(Reason::FORMAT_ERROR));
         }
-        let unknown = Decision::bare(Reason::UNKNOWN_MERCHANT);
-        let id = MerchantId::new(req.merchant).ok_or(unknown)?;
+        let id = MerchantId::new(req.merchant).ok_or(bare(Reason::UNKNOWN_MERCHANT))?;
         let pan_hash = self.pan_key.hash(req.pan);
         let store_ok = self.store_ok.load(Ordering::Relaxed);
-        let mut book = self.books.get_mut(&id).ok_or(unknown)?;
+        let book = self
+            .books
+            .get_mut(&id)
+            .ok_or(bare(Reason::UNKNOWN_MERCHANT))?;
         let ctx = Ctx {
             now,
             today: book.policy.utc_offset.local(now),
@@ -201,24 +390,34 @@ impl Ledger {
             pan_hash,
             store_ok,
         };
-        let (body, hold) = book.check(req, &ctx)?;
-        let event = LedgerEvent {
-            merchant: book.id,
-            at: now,
-            body,
-        };
-        Ok(Reservation { event, hold })
+        Ok((book, ctx))
     }
 
     /// Applies a reservation's event (after it was journaled) and returns the answer.
     /// The answer is usually an approval; it is a decline when a reversal of this very
     /// request, or a void or reversal of its original, was applied in between.
     pub fn commit(&self, r: Reservation) -> Decision {
+        match self.commit_logged(r, unlogged) {
+            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => decision,
+            Logged::Failed(never) => match never {},
+        }
+    }
+
+    /// Gives the reservation's holds back, hands its event to `log` and, if `log` took it,
+    /// applies it — all under the merchant's shard, so in journal order.
+    pub fn commit_logged<E>(
+        &self,
+        r: Reservation,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
         let Some(mut book) = self.books.get_mut(&r.event.merchant) else {
-            return Decision::bare(Reason::INTERNAL_ERROR);
+            return Logged::Unlogged {
+                decision: Decision::bare(Reason::INTERNAL_ERROR),
+                after: 0,
+            };
         };
         book.release(&r.hold);
-        book.commit(r.event.at, &r.event.body)
+        apply_logged(&mut book, &r.event, true, log)
     }
 
     /// Gives a reservation back without an answer (timeout, store failure): a retry is
@@ -230,8 +429,32 @@ impl Ledger {
     }
 
     /// Gives a reservation back and answers `reason` (e.g. an upstream decline); a declined
-    /// sale is remembered so that a refund of it gets 12. Returns the event to journal.
+    /// sale is remembered so that a refund of it gets 12. Returns the event applied.
     pub fn decline(&self, r: Reservation, reason: Reason) -> (Decision, LedgerEvent) {
+        let mut applied = None;
+        let logged = self.decline_logged(r, reason, |e| {
+            applied = Some(e.clone());
+            Ok::<u64, std::convert::Infallible>(0)
+        });
+        let d = match logged {
+            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => decision,
+            Logged::Failed(never) => match never {},
+        };
+        let event = applied.unwrap_or(LedgerEvent {
+            merchant: MerchantId::default(),
+            at: 0,
+            body: EventBody::CutoverBegin,
+        });
+        (d, event)
+    }
+
+    /// [`Ledger::decline`], journaling the decline through `log` before applying it.
+    pub fn decline_logged<E>(
+        &self,
+        r: Reservation,
+        reason: Reason,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
         let (answer, sale, amount) = match &r.event.body {
             EventBody::Sale { answer, txn } => (Some(*answer), Some(*txn), txn.amount),
             EventBody::Refund { answer, txn, .. } | EventBody::Void { answer, txn, .. } => {
@@ -241,7 +464,10 @@ impl Ledger {
             _ => (None, None, 0),
         };
         let Some(mut book) = self.books.get_mut(&r.event.merchant) else {
-            return (Decision::bare(Reason::INTERNAL_ERROR), r.event);
+            return Logged::Unlogged {
+                decision: Decision::bare(Reason::INTERNAL_ERROR),
+                after: 0,
+            };
         };
         book.release(&r.hold);
         let decision = Decision::new(
@@ -253,7 +479,7 @@ impl Ledger {
             },
         );
         let Some(answer) = answer else {
-            return (decision, r.event);
+            return Logged::Unlogged { decision, after: 0 };
         };
         let event = LedgerEvent {
             merchant: r.event.merchant,
@@ -264,8 +490,7 @@ impl Ledger {
                 sale,
             },
         };
-        let d = book.apply(event.at, &event.body);
-        (d, event)
+        apply_logged(&mut book, &event, false, log)
     }
 
     /// [`Ledger::reserve`] then [`Ledger::commit`], for callers without I/O.
@@ -285,6 +510,18 @@ impl Ledger {
         Ok(book.apply(event.at, &event.body))
     }
 
+    /// Takes the durable state of every merchant from `rebuilt` (this ledger's merchants
+    /// replayed from the journal after a failed write), keeping the reservations in flight.
+    /// Call it while nothing is being journaled.
+    pub fn adopt_durable(&self, rebuilt: Ledger) {
+        for (id, mut fresh) in rebuilt.books {
+            if let Some(mut book) = self.books.get_mut(&id) {
+                fresh.carry_inflight(&mut book);
+                *book = fresh;
+            }
+        }
+    }
+
     /// Signs a `cup_pos` terminal on and returns its current batch number (DE60.2 of the
     /// 0810) with the event to journal.
     pub fn sign_on(
@@ -293,6 +530,23 @@ impl Ledger {
         terminal: &str,
         now: UnixSeconds,
     ) -> Result<(u32, LedgerEvent), Refused> {
+        let mut applied = None;
+        let (batch, _) = self.sign_on_logged(merchant, terminal, now, |e| {
+            applied = Some(e.clone());
+            Ok::<u64, Refused>(0)
+        })?;
+        Ok((batch, applied.ok_or(Refused(Reason::INTERNAL_ERROR))?))
+    }
+
+    /// [`Ledger::sign_on`], journaling through `log` before the terminal is marked signed
+    /// on. `Err` is the refusal (unknown terminal) or `log`'s error.
+    pub fn sign_on_logged<E: From<Refused>>(
+        &self,
+        merchant: &str,
+        terminal: &str,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Result<(u32, u64), E> {
         let mut book = self.book_mut(merchant)?;
         let t = book
             .term_index(terminal)
@@ -304,20 +558,16 @@ impl Ledger {
                 terminal: book.terms[usize::from(t)].id,
             },
         };
+        let seq = log(&event)?;
+        book.last_logged = seq;
         book.apply(now, &event.body);
-        Ok((book.terms[usize::from(t)].batch, event))
+        Ok((book.terms[usize::from(t)].batch, seq))
     }
 
     /// Starts a cut-over: the merchant's requests get 90 until [`Ledger::settle`].
     pub fn begin_cutover(&self, merchant: &str, now: UnixSeconds) -> Result<LedgerEvent, Refused> {
-        let mut book = self.book_mut(merchant)?;
-        let event = LedgerEvent {
-            merchant: book.id,
-            at: now,
-            body: EventBody::CutoverBegin,
-        };
-        book.apply(now, &event.body);
-        Ok(event)
+        self.mutate(merchant, now, |_| EventBody::CutoverBegin)
+            .map(|(_, e)| e)
     }
 
     /// Settles the merchant: pays unsettled sales out (net of refunds, keeping what backs
@@ -328,14 +578,17 @@ impl Ledger {
         merchant: &str,
         now: UnixSeconds,
     ) -> Result<(Decision, LedgerEvent), Refused> {
-        let mut book = self.book_mut(merchant)?;
-        let event = LedgerEvent {
-            merchant: book.id,
-            at: now,
-            body: book.settle_body(),
-        };
-        let d = book.apply(now, &event.body);
-        Ok((d, event))
+        self.mutate(merchant, now, Book::settle_body)
+    }
+
+    /// [`Ledger::settle`], journaling through `log` before the settlement takes effect.
+    pub fn settle_logged<E: From<Refused>>(
+        &self,
+        merchant: &str,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Result<(Decision, u64), E> {
+        self.mutate_logged(merchant, now, Book::settle_body, log)
     }
 
     /// Adds `amount` to the merchant's prefunded reserve; returns the event to journal.
@@ -348,14 +601,42 @@ impl Ledger {
         if amount == 0 || amount > money::AMOUNT_MINOR_MAX {
             return Err(Refused(Reason::INVALID_AMOUNT));
         }
+        self.mutate(merchant, now, |_| EventBody::TopUp { amount })
+            .map(|(_, e)| e)
+    }
+
+    fn mutate(
+        &self,
+        merchant: &str,
+        now: UnixSeconds,
+        body: impl FnOnce(&Book) -> EventBody,
+    ) -> Result<(Decision, LedgerEvent), Refused> {
+        let mut applied = None;
+        let (d, _) = self.mutate_logged(merchant, now, body, |e| {
+            applied = Some(e.clone());
+            Ok::<u64, Refused>(0)
+        })?;
+        Ok((d, applied.ok_or(Refused(Reason::INTERNAL_ERROR))?))
+    }
+
+    /// An event made from the book's state, handed to `log`, then applied: under the shard.
+    fn mutate_logged<E: From<Refused>>(
+        &self,
+        merchant: &str,
+        now: UnixSeconds,
+        body: impl FnOnce(&Book) -> EventBody,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Result<(Decision, u64), E> {
         let mut book = self.book_mut(merchant)?;
         let event = LedgerEvent {
             merchant: book.id,
             at: now,
-            body: EventBody::TopUp { amount },
+            body: body(&book),
         };
-        book.apply(now, &event.body);
-        Ok(event)
+        let seq = log(&event)?;
+        book.last_logged = seq;
+        let d = book.apply(now, &event.body);
+        Ok((d, seq))
     }
 
     /// The merchant's funds.

@@ -1,10 +1,11 @@
 //! One connection: TLS handshake, then a pipelined, batched read/dispatch/write loop.
 //!
 //! Reading: every complete frame already received is taken at once (up to
-//! `max_in_flight_per_connection`) and dispatched; the dispatch futures run concurrently in a
-//! `FuturesOrdered`, so answers come out in request order. Writing: all answers that are ready
-//! are encoded into the write buffer, then flushed once, so a burst of pipelined requests costs
-//! one TLS write rather than one per answer.
+//! `max_in_flight_per_connection` frames in flight) and dispatched as one batch
+//! ([`Dispatch::handle_batch`]: decided in order, one wait for the journal); batches run
+//! concurrently in a `FuturesOrdered`, so answers come out in request order. Writing: all
+//! answers that are ready are encoded into the write buffer, then flushed once, so a burst of
+//! pipelined requests costs one TLS write rather than one per answer.
 //!
 //! Ends: EOF or a framing error stop reading and the answers in flight are still sent
 //! (bounded); an idle timeout closes at once; shutdown stops reading and sends what is in
@@ -60,7 +61,7 @@ enum End {
 
 enum Event {
     Shutdown,
-    Answer(Option<Option<Frame>>),
+    Answer(Option<Vec<Option<Frame>>>),
     Read(Option<Result<Frame, FrameError>>),
     Idle,
 }
@@ -150,6 +151,8 @@ impl<'a, D: Dispatch> Handler<'a, D> {
         let idle = Duration::from_millis(limits.idle_timeout_ms);
         let (ctx, dispatch) = (self.ctx, self.dispatch);
         let mut in_flight = FuturesOrdered::new();
+        // Frames dispatched and not yet answered (batches hold several).
+        let mut frames = 0usize;
         let idle_sleep = tokio::time::sleep(idle);
         tokio::pin!(idle_sleep);
         let end = loop {
@@ -157,7 +160,7 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                 biased;
                 () = shutdown.recv() => Event::Shutdown,
                 answer = in_flight.next(), if !in_flight.is_empty() => Event::Answer(answer),
-                read = self.framed.next(), if in_flight.len() < max_in_flight => Event::Read(read),
+                read = self.framed.next(), if frames < max_in_flight => Event::Read(read),
                 () = &mut idle_sleep, if in_flight.is_empty() => Event::Idle,
             };
             match event {
@@ -169,22 +172,24 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                 }
                 Event::Answer(None) => {}
                 Event::Answer(Some(first)) => {
-                    if let Err(end) = self.write_ready(first, &mut in_flight, idle).await {
-                        break end;
+                    match self.write_ready(first, &mut in_flight, idle).await {
+                        Ok(answered) => frames = frames.saturating_sub(answered),
+                        Err(end) => break end,
                     }
                     idle_sleep.as_mut().reset(Instant::now() + idle);
                 }
                 Event::Read(read) => {
                     let mut read = read;
-                    // Take every frame already buffered, not only the first, so their answers
-                    // can share one write.
+                    // Take every frame already buffered, not only the first: they are decided
+                    // as one batch and their answers share one write.
+                    let mut batch = Vec::new();
                     let stop = loop {
                         match read {
                             None => break Some(End::Eof),
                             Some(Err(e)) => break Some(self.framing_error(&e)),
-                            Some(Ok(frame)) => in_flight.push_back(process(dispatch, ctx, frame)),
+                            Some(Ok(frame)) => batch.push(frame),
                         }
-                        if in_flight.len() >= max_in_flight {
+                        if frames + batch.len() >= max_in_flight {
                             break None;
                         }
                         match self.framed.next().now_or_never() {
@@ -192,6 +197,10 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                             None => break None,
                         }
                     };
+                    if !batch.is_empty() {
+                        frames += batch.len();
+                        in_flight.push_back(process(dispatch, ctx, batch));
+                    }
                     idle_sleep.as_mut().reset(Instant::now() + idle);
                     if let Some(end) = stop {
                         break end;
@@ -210,25 +219,33 @@ impl<'a, D: Dispatch> Handler<'a, D> {
         end
     }
 
-    /// Writes `first` and every other answer already complete, then flushes once. Bounded by
-    /// the idle timeout: a peer that stops reading does not hold the connection forever.
+    /// Writes the answers of `first` and of every other batch already complete, then flushes
+    /// once; returns how many frames were answered. Bounded by the idle timeout: a peer that
+    /// stops reading does not hold the connection forever.
     async fn write_ready<F>(
         &mut self,
-        first: Option<Frame>,
+        first: Vec<Option<Frame>>,
         in_flight: &mut FuturesOrdered<F>,
         limit: Duration,
-    ) -> Result<(), End>
+    ) -> Result<usize, End>
     where
-        F: std::future::Future<Output = Option<Frame>>,
+        F: std::future::Future<Output = Vec<Option<Frame>>>,
     {
         let written = tokio::time::timeout(limit, async {
-            self.feed(first).await?;
-            while let Some(Some(answer)) = in_flight.next().now_or_never() {
+            let mut answered = first.len();
+            for answer in first {
                 self.feed(answer).await?;
+            }
+            while let Some(Some(batch)) = in_flight.next().now_or_never() {
+                answered += batch.len();
+                for answer in batch {
+                    self.feed(answer).await?;
+                }
             }
             SinkExt::<Frame>::flush(&mut self.framed)
                 .await
-                .map_err(|_| End::Broken)
+                .map_err(|_| End::Broken)?;
+            Ok(answered)
         })
         .await;
         written.unwrap_or(Err(End::Broken))
@@ -255,13 +272,15 @@ impl<'a, D: Dispatch> Handler<'a, D> {
     /// Sends the answers still in flight, each as soon as it is ready, within `grace`.
     async fn drain<F>(&mut self, in_flight: &mut FuturesOrdered<F>, grace: Duration)
     where
-        F: std::future::Future<Output = Option<Frame>>,
+        F: std::future::Future<Output = Vec<Option<Frame>>>,
     {
         let left = in_flight.len();
         let drained = tokio::time::timeout(grace, async {
-            // Not a hot path: flush each answer as soon as it is ready.
-            while let Some(answer) = in_flight.next().await {
-                self.feed(answer).await?;
+            // Not a hot path: flush each batch's answers as soon as they are ready.
+            while let Some(batch) = in_flight.next().await {
+                for answer in batch {
+                    self.feed(answer).await?;
+                }
                 SinkExt::<Frame>::flush(&mut self.framed)
                     .await
                     .map_err(|_| End::Broken)?;
@@ -301,26 +320,46 @@ impl<'a, D: Dispatch> Handler<'a, D> {
     }
 }
 
-/// Turns one frame into its answer (or none).
-async fn process<D: Dispatch>(dispatch: &D, ctx: &RequestCtx, frame: Frame) -> Option<Frame> {
-    match frame {
-        Frame::KeepAlive => Some(Frame::KeepAlive),
-        Frame::Undersized { len } => {
-            telemetry::count_message_error(ctx.listener.dialect.as_str());
-            tracing::debug!(
-                conn = ctx.connection_id,
-                len,
-                "frame shorter than TPDU + header: dropped"
-            );
-            None
+/// Turns the frames of one read into their answers (or none each), in order: the messages
+/// go to the dispatch as one batch.
+async fn process<D: Dispatch>(
+    dispatch: &D,
+    ctx: &RequestCtx,
+    frames: Vec<Frame>,
+) -> Vec<Option<Frame>> {
+    let mut bodies = Vec::with_capacity(frames.len());
+    for frame in &frames {
+        if let Frame::Message { body, .. } = frame {
+            bodies.push(body.clone());
         }
-        Frame::Message { tpdu, header, body } => match dispatch.handle(ctx, body).await {
-            Handled::Reply(reply) => Some(Frame::Message {
-                tpdu: tpdu.map(swap_tpdu),
-                header,
-                body: reply.freeze(),
-            }),
-            Handled::Drop => None,
-        },
     }
+    let mut handled = if bodies.is_empty() {
+        Vec::new()
+    } else {
+        dispatch.handle_batch(ctx, bodies).await
+    }
+    .into_iter();
+    frames
+        .into_iter()
+        .map(|frame| match frame {
+            Frame::KeepAlive => Some(Frame::KeepAlive),
+            Frame::Undersized { len } => {
+                telemetry::count_message_error(ctx.listener.dialect.as_str());
+                tracing::debug!(
+                    conn = ctx.connection_id,
+                    len,
+                    "frame shorter than TPDU + header: dropped"
+                );
+                None
+            }
+            Frame::Message { tpdu, header, .. } => match handled.next() {
+                Some(Handled::Reply(reply)) => Some(Frame::Message {
+                    tpdu: tpdu.map(swap_tpdu),
+                    header,
+                    body: reply.freeze(),
+                }),
+                Some(Handled::Drop) | None => None,
+            },
+        })
+        .collect()
 }

@@ -108,6 +108,23 @@ pub enum Handled {
 pub trait Dispatch: Send + Sync + 'static {
     /// Decides the answer to one message (async: an approval waits for its journal sync).
     fn handle(&self, ctx: &RequestCtx, body: bytes::Bytes) -> impl Future<Output = Handled> + Send;
+
+    /// Decides the messages of one read, in order, one answer each: an implementation can
+    /// decide them all and wait for the journal once. By default, one [`Dispatch::handle`]
+    /// after the other.
+    fn handle_batch(
+        &self,
+        ctx: &RequestCtx,
+        bodies: Vec<bytes::Bytes>,
+    ) -> impl Future<Output = Vec<Handled>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(bodies.len());
+            for body in bodies {
+                out.push(self.handle(ctx, body).await);
+            }
+            out
+        }
+    }
 }
 
 /// `/readyz` state: ready once the merchants are loaded (set by the integrator) and the
