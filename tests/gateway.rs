@@ -122,8 +122,20 @@ async fn start_with(options: journal::Options) -> Running {
     let merchants = MerchantSet::embedded().unwrap();
     let ledger = Ledger::new(&merchants, PanKey::new(&PAN_KEY));
     let journal_dir = dir.path().join("journal");
-    std::fs::create_dir_all(&journal_dir).unwrap();
-    std::fs::write(journal_dir.join("pan-hash.key"), PAN_KEY).unwrap();
+    // Data 0700, the PAN hash key beside it (DOMAIN §10), as `serve` wants them on restart.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&journal_dir)
+            .unwrap();
+        let keys = dir.path().join("journal-keys");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&keys)
+            .unwrap();
+        refundgate::at_rest::write_new_private(&keys.join("pan-hash.key"), &PAN_KEY).unwrap();
+    }
     let options = journal::Options {
         segment_bytes: SEGMENT_BYTES,
         ..options

@@ -704,3 +704,27 @@ fn a_directory_is_opened_by_one_journal_at_a_time() {
     let (journal, _) = Journal::open(tmp.path(), small()).unwrap();
     assert_eq!(journal.append_blocking(payload(2)).unwrap(), 2);
 }
+
+#[test]
+fn journal_files_are_created_0600_in_0700_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data/journal");
+    {
+        let (journal, _) = Journal::open(&dir, small()).unwrap();
+        for i in 1..=300 {
+            journal.append_blocking(payload(i)).unwrap();
+        }
+        journal.snapshot(300, b"snapshot bytes").unwrap();
+    }
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "journal directory");
+    assert_eq!(mode(dir.parent().unwrap()), 0o700, "created parent");
+    let mut files = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    assert!(files >= 3, "segments, snapshot and lock checked");
+}

@@ -382,7 +382,7 @@ const FRAMING_ASCII: &str = "refundgate_framing_errors_total{dialect=\"ascii1987
 const FRAMING_CUP: &str = "refundgate_framing_errors_total{dialect=\"cup_pos\"}";
 const HANDSHAKE_ASCII: &str = "refundgate_tls_handshake_failures_total{dialect=\"ascii1987\"}";
 const HANDSHAKE_CUP: &str = "refundgate_tls_handshake_failures_total{dialect=\"cup_pos\"}";
-const REFUSED: &str = "refundgate_connections_refused_total";
+const REFUSED: &str = "refundgate_connections_refused_total{cause=\"max_connections\"}";
 const OPEN_ASCII: &str = "refundgate_connections_open{dialect=\"ascii1987\"}";
 
 #[tokio::test]
@@ -476,6 +476,128 @@ async fn connections_over_the_limit_are_refused_while_the_others_keep_working() 
     assert_eq!(refused, 1.0, "the third connection is counted as refused");
     drop(first);
     drop(second);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_handshake_budget_evicts_the_oldest_silent_socket_not_the_terminal() {
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    cfg.limits.max_handshakes = 4;
+    let running = start(cfg).await;
+    let info = &running.listeners[0];
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(info.addr).await.unwrap());
+    }
+    // A real client beyond the budget: the oldest silent socket makes room for it, and it
+    // holds no connection slot while it waited.
+    let mut client = framed_client(info).await;
+    client.send(request(info, b"0800")).await.unwrap();
+    assert_eq!(body_of(&next_frame(&mut client).await), b"R:0800");
+    assert!(closed_within(&mut silent[0], WAIT).await, "oldest evicted");
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(
+        sample(
+            &metrics,
+            "refundgate_connections_refused_total{cause=\"handshake_budget\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    drop(client);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn connections_per_source_address_are_limited() {
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    cfg.limits.max_connections_per_ip = 1;
+    cfg.limits.per_ip_exempt_loopback = false;
+    let running = start(cfg).await;
+    let info = &running.listeners[0];
+    let mut first = framed_client(info).await;
+    first.send(request(info, b"0800")).await.unwrap();
+    assert_eq!(body_of(&next_frame(&mut first).await), b"R:0800");
+    match tls_connect(info, None).await {
+        Err(_) => {}
+        Ok(mut tls) => {
+            let _ = tls.write_all(b"\x00\x040800").await;
+            assert!(
+                closed_within(&mut tls, WAIT).await,
+                "second connection served"
+            );
+        }
+    }
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(
+        sample(
+            &metrics,
+            "refundgate_connections_refused_total{cause=\"ip_connections\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // Once the first is gone, the address may connect again.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(tls) = tls_connect(info, None).await {
+            let mut again = Framed::new(tls, FrameCodec::new(info.framing, false, 8192));
+            if again.send(request(info, b"0800")).await.is_ok() {
+                if let Ok(Some(Ok(frame))) = tokio::time::timeout(WAIT, again.next()).await {
+                    assert_eq!(body_of(&frame), b"R:0800");
+                    break;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "address never admitted again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_clients_that_pipeline_and_never_read_lose_their_slot_at_the_deadline() {
+    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    cfg.admin.connection_timeout_ms = 300;
+    let running = start(cfg).await;
+    let admin = running.admin;
+    // Every admin slot (16) held by a client that pipelines requests and reads nothing.
+    let mut hogs = Vec::new();
+    for _ in 0..16 {
+        let mut tcp = TcpStream::connect(admin).await.unwrap();
+        hogs.push(tokio::spawn(async move {
+            let batch = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+            let _ = tcp.write_all(batch.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(tcp);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // An operator still gets /healthz once the deadline freed the slots.
+    let started = std::time::Instant::now();
+    let mut served = false;
+    while started.elapsed() < Duration::from_millis(3 * 300 + 2000) {
+        let attempt = async {
+            let mut tcp = TcpStream::connect(admin).await.ok()?;
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut out = String::new();
+            tcp.read_to_string(&mut out).await.ok()?;
+            out.starts_with("HTTP/1.1 200").then_some(())
+        };
+        if let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(500), attempt).await {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "admin slots never freed");
+    for hog in hogs {
+        hog.abort();
+    }
     running.stop().await;
 }
 
@@ -634,6 +756,33 @@ async fn bad_config_is_an_error_naming_the_key_before_anything_is_bound() {
 
     let err = Config::from_toml("[limits]\nmax_in_flight_per_connection = 0\n").unwrap_err();
     assert_eq!(err.key, "limits.max_in_flight_per_connection");
+}
+
+#[tokio::test]
+async fn the_generated_certificate_is_refused_on_a_non_loopback_address() {
+    let cfg = config(vec![ListenerConfig::new(
+        "0.0.0.0:0".parse().unwrap(),
+        Dialect::Ascii1987,
+        Framing::Binary2,
+    )]);
+    let err = Server::bind(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("listeners[0].tls"), "{err}");
+    assert!(err.to_string().contains("self_signed = true"), "{err}");
+    assert_eq!(err.exit_code(), 64);
+    // Written out, it is accepted.
+    let mut cfg = config(vec![ListenerConfig::new(
+        "0.0.0.0:0".parse().unwrap(),
+        Dialect::Ascii1987,
+        Framing::Binary2,
+    )]);
+    cfg.listeners[0].tls.self_signed = true;
+    let running = start(cfg).await;
+    running.stop().await;
+    let both = Config::from_toml(
+        "[[listeners]]\naddr = \"0.0.0.0:8583\"\ntls = { cert = \"Cargo.toml\", key = \"Cargo.toml\", self_signed = true }\n",
+    )
+    .unwrap_err();
+    assert_eq!(both.key, "listeners[0].tls.self_signed");
 }
 
 #[tokio::test]

@@ -1023,6 +1023,7 @@ mod crash {
 
 mod link {
     use super::*;
+    const WRITE_TIMEOUT_MS: u64 = 300;
     use refundgate::upstream::route::client_tls_trusting;
     use refundgate::upstream::{Key, Link, LinkConfig};
 
@@ -1042,6 +1043,8 @@ mod link {
             tls: Arc::new(client_tls_trusting(std::slice::from_ref(&host.cert)).unwrap()),
             server_name: None,
             timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
             max_pending: 256,
             echo_interval: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(20),
@@ -1072,6 +1075,161 @@ mod link {
         assert_eq!(link.pending(), 0);
         assert_eq!(link.late_answers(), 0);
         assert_eq!(link.connects(), 1, "one connection carried them all");
+        host.stop().await;
+    }
+
+    fn link_config(addrs: Vec<SocketAddr>, cert: &CertificateDer<'static>) -> LinkConfig {
+        LinkConfig {
+            name: Arc::from("bank"),
+            addrs,
+            dialect: ConfigDialect::Ascii1987,
+            framing: Framing::Binary2,
+            tls: Arc::new(client_tls_trusting(std::slice::from_ref(cert)).unwrap()),
+            server_name: None,
+            timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            max_pending: 256,
+            echo_interval: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(100),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_terminal_id_and_stan_at_two_merchants_are_told_apart() {
+        // Both in flight at once: the host answers each after 200 ms.
+        let host = start_host(Faults {
+            latency_ms: 200,
+            ..Faults::default()
+        })
+        .await;
+        let link = Arc::new(Link::start(link_config(
+            vec![host.listeners[0].addr],
+            &host.cert,
+        )));
+        wait_until(|| link.is_up(), "link up").await;
+        let mut calls = Vec::new();
+        for merchant in ["MERCHANT 000001", "MERCHANT 000002"] {
+            let link = Arc::clone(&link);
+            calls.push(tokio::spawn(async move {
+                let mut sale = host_sale(7);
+                sale["fields"]["42"] = Json::String(merchant.to_string());
+                let body = encode("ascii1987", &sale);
+                let key = Key::of(&decode("ascii1987", &body)).unwrap();
+                let answer = link.call(key, Bytes::from(body)).await;
+                let answer = answer.unwrap_or_else(|e| panic!("{merchant}: {e}"));
+                let m = decode("ascii1987", &answer);
+                assert_eq!(m.merchant(), Some(merchant), "its own answer");
+            }));
+        }
+        for c in calls {
+            c.await.unwrap();
+        }
+        assert_eq!(link.late_answers(), 0);
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_that_stops_reading_is_marked_down_within_its_deadline_and_fails_over() {
+        let a = start_host(Faults::default()).await;
+        let b = start_host(Faults::default()).await;
+        let mut config = link_config(vec![a.listeners[0].addr, b.listeners[0].addr], &a.cert);
+        config.tls = Arc::new(client_tls_trusting(&[a.cert.clone(), b.cert.clone()]).unwrap());
+        config.timeout = Duration::from_millis(500);
+        config.read_timeout = config.timeout;
+        config.name = Arc::from("wedged_reader");
+        let metrics = refundgate::telemetry::install_metrics().unwrap();
+        let link = Arc::new(Link::start(config.clone()));
+        wait_until(|| link.is_up(), "link up").await;
+        assert_eq!(a.control.stats().sign_ons, 1, "the first address first");
+        a.control
+            .set_faults(Faults {
+                stop_reading: true,
+                ..Faults::default()
+            })
+            .unwrap();
+        let stalled = Instant::now();
+        let body = encode("ascii1987", &host_sale(1));
+        let key = Key::of(&decode("ascii1987", &body)).unwrap();
+        assert!(link.call(key, Bytes::from(body)).await.is_err());
+        // Down within the read deadline (= timeout by default), a failed sign-on on the
+        // wedged host (timeout), then the second address.
+        wait_until(
+            || b.control.stats().sign_ons >= 1,
+            "failover to the second host",
+        )
+        .await;
+        let bound = 3 * (config.timeout * 2 + config.reconnect_max);
+        assert!(
+            stalled.elapsed() <= bound,
+            "{:?} > {bound:?}",
+            stalled.elapsed()
+        );
+        wait_until(|| link.is_up(), "link up again").await;
+        let body = encode("ascii1987", &host_sale(2));
+        let key = Key::of(&decode("ascii1987", &body)).unwrap();
+        let answer = link.call(key, Bytes::from(body)).await.unwrap();
+        assert_eq!(decode("ascii1987", &answer).response_code(), Some("00"));
+        assert_eq!(b.control.stats().approved, 1);
+        let text = metrics.render();
+        assert!(
+            text.contains("refundgate_upstream_disconnects_total{upstream=\"wedged_reader\",reason=\"read_timeout\"} 1"),
+            "{text}"
+        );
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_to_a_host_that_stops_reading_end_at_the_write_deadline() {
+        let host = start_host(Faults::default()).await;
+        let mut config = link_config(vec![host.listeners[0].addr], &host.cert);
+        // Requests and silence may last 20 s; a write that cannot go out only 300 ms.
+        config.timeout = Duration::from_secs(20);
+        config.read_timeout = Duration::from_secs(20);
+        config.write_timeout = Duration::from_millis(WRITE_TIMEOUT_MS);
+        config.max_pending = 2000;
+        config.name = Arc::from("wedged_writer");
+        let metrics = refundgate::telemetry::install_metrics().unwrap();
+        let link = Arc::new(Link::start(config.clone()));
+        wait_until(|| link.is_up(), "link up").await;
+        host.control
+            .set_faults(Faults {
+                stop_reading: true,
+                ..Faults::default()
+            })
+            .unwrap();
+        // Far more than the socket buffers hold (the host reads nothing).
+        let started = Instant::now();
+        let mut calls = Vec::new();
+        for stan in 1..=1500u32 {
+            let link = Arc::clone(&link);
+            calls.push(tokio::spawn(async move {
+                let key = Key {
+                    mti: 200,
+                    terminal: *b"TERM0001",
+                    merchant: *b"MERCHANT 000001",
+                    stan,
+                };
+                link.call(key, Bytes::from(vec![b'0'; 8000])).await
+            }));
+        }
+        for c in calls {
+            assert!(c.await.unwrap().is_err());
+        }
+        let bound = config.read_timeout / 2;
+        assert!(
+            started.elapsed() < bound,
+            "requests ended by the write deadline, not their own: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(link.pending(), 0);
+        let text = metrics.render();
+        assert!(
+            text.contains("refundgate_upstream_disconnects_total{upstream=\"wedged_writer\",reason=\"write_timeout\"}"),
+            "{text}"
+        );
         host.stop().await;
     }
 }
@@ -1266,6 +1424,8 @@ mod more {
             tls: Arc::new(client_tls_trusting(std::slice::from_ref(&host.cert)).unwrap()),
             server_name: None,
             timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
             max_pending: 8,
             echo_interval: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(20),
