@@ -122,7 +122,10 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         Some(Arc::clone(&journal)),
         Arc::new(SystemClock),
         links,
-    );
+    )
+    .with_request_deadline(std::time::Duration::from_millis(
+        config.limits.request_deadline_ms,
+    ));
     let upstreams =
         upstream::Plan::from_config(&config, Arc::new(SystemClock)).map_err(|e| StartError {
             code: match e {

@@ -33,6 +33,8 @@ pub const FRAMING_ERRORS_TOTAL: &str = "refundgate_framing_errors_total";
 pub const MESSAGE_ERRORS_TOTAL: &str = "refundgate_message_errors_total";
 /// `refundgate_idle_timeouts_total{dialect}`: connections closed for being idle.
 pub const IDLE_TIMEOUTS_TOTAL: &str = "refundgate_idle_timeouts_total";
+/// Counter: requests answered 96 because their record was not durable within the deadline.
+pub const REQUEST_DEADLINE_TOTAL: &str = "refundgate_request_deadline_exceeded_total";
 
 /// Buckets of [`DECISION_SECONDS`]: from a cached answer (sub-millisecond) through a group
 /// commit (milliseconds) to an upstream round trip (seconds).
@@ -117,6 +119,11 @@ pub fn record_request(
 /// Records how long one decision took.
 pub fn record_decision_seconds(dialect: &'static str, seconds: f64) {
     metrics::histogram!(DECISION_SECONDS, LABEL_DIALECT => dialect).record(seconds);
+}
+
+/// Counts one request answered 96 because its record was not durable within the deadline.
+pub fn count_request_deadline(dialect: &'static str) {
+    metrics::counter!(REQUEST_DEADLINE_TOTAL, LABEL_DIALECT => dialect).increment(1);
 }
 
 /// Counts one well-framed message that could not be used (DOMAIN §2).
