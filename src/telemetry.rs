@@ -4,10 +4,28 @@
 //! MTI, response code, reason: DOMAIN §10) and are `&'static str`, so recording a metric does
 //! not allocate on the request path. The Prometheus recorder is installed once per process
 //! ([`install_metrics`]) and rendered by the admin server's `/metrics`.
+//!
+//! Log lines never block a decision: [`init_logging`] formats each event in the calling task
+//! and hands the line to a writer thread over a bounded channel.
+//!
+//! - Lines below WARN (the per-request line at `info`, debug, trace) go through a **lossy**
+//!   channel of [`LOG_LINES_BUFFERED_MAX`] lines: when the writer falls behind, new lines are
+//!   dropped, never waited for, and counted in [`LOG_LINES_DROPPED_TOTAL`].
+//! - WARN and ERROR lines (storage trouble, skipped journal events, failed snapshots: the
+//!   audit-worthy ones, and rare) go through a second, **non-lossy** channel and writer thread:
+//!   none is dropped; a caller waits only if a flood of them filled that channel.
+//!
+//! Both writer threads write whole lines, a batch at a time, to stdout, so lines of the two
+//! never interleave within a line (their relative order is not kept). Colours (ANSI) only
+//! when stdout is a terminal and `NO_COLOR` is unset.
 
+use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Level;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 use crate::config::LogFormat;
 
@@ -29,6 +47,16 @@ pub const FRAMING_ERRORS_TOTAL: &str = "refundgate_framing_errors_total";
 pub const MESSAGE_ERRORS_TOTAL: &str = "refundgate_message_errors_total";
 /// `refundgate_idle_timeouts_total{dialect}`: connections closed for being idle.
 pub const IDLE_TIMEOUTS_TOTAL: &str = "refundgate_idle_timeouts_total";
+/// `refundgate_log_lines_dropped_total`: log lines below WARN dropped because the log writer
+/// fell behind (brought up to date whenever [`metrics_handle`] is asked for).
+pub const LOG_LINES_DROPPED_TOTAL: &str = "refundgate_log_lines_dropped_total";
+
+/// Lines below WARN waiting for the log writer at most; more are dropped and counted.
+pub const LOG_LINES_BUFFERED_MAX: usize = 65_536;
+/// WARN and ERROR lines waiting for their writer at most; a caller then waits (never drops).
+pub const AUDIT_LINES_BUFFERED_MAX: usize = 16_384;
+/// Bytes of whole lines a log writer thread gathers before one write to stdout.
+pub const LOG_WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 /// Buckets of [`DECISION_SECONDS`]: from a cached answer (sub-millisecond) through a group
 /// commit (milliseconds) to an upstream round trip (seconds).
@@ -52,21 +80,118 @@ pub enum TelemetryError {
 }
 
 static METRICS: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+/// Dropped-line counter of the installed lossy log writer.
+static LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Keeps the log writer threads alive; dropping it writes out the lines still buffered. Hold
+/// it until the process is about to exit.
+#[must_use = "dropping the guard stops the log writers"]
+#[derive(Debug)]
+pub struct LogGuard {
+    _lossy: WorkerGuard,
+    _audit: WorkerGuard,
+}
 
 /// Installs the global `tracing` subscriber: `format` lines, filtered by `RUST_LOG` when set,
-/// else by `filter`.
-pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
+/// else by `filter`, written off the request path (see the module documentation). Keep the
+/// returned guard alive until exit.
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<LogGuard, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => tracing_subscriber::EnvFilter::try_new(env),
         _ => tracing_subscriber::EnvFilter::try_new(filter),
     }
     .map_err(|e| TelemetryError::Filter(e.to_string()))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (lossy, lossy_guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_LINES_BUFFERED_MAX)
+        .thread_name("refundgate-log")
+        .finish(LineBatches::stdout());
+    let (audit, audit_guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(AUDIT_LINES_BUFFERED_MAX)
+        .thread_name("refundgate-log-audit")
+        .finish(LineBatches::stdout());
+    let drops = lossy.error_counter();
+    // WARN and ERROR to the writer that never drops, everything else to the lossy one.
+    let writer = audit
+        .with_max_level(Level::WARN)
+        .and(lossy.with_min_level(Level::INFO));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi_wanted(std::io::stdout().is_terminal()))
+        .with_writer(writer);
     let installed = match format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-    installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))
+    installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
+    let _ = LOG_DROPS.set(drops);
+    Ok(LogGuard {
+        _lossy: lossy_guard,
+        _audit: audit_guard,
+    })
+}
+
+/// Colour codes only for a terminal, and not when `NO_COLOR` is set (<https://no-color.org>).
+fn ansi_wanted(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Sets [`LOG_LINES_DROPPED_TOTAL`] from a lossy writer's counter.
+fn publish_dropped_lines(counter: &ErrorCounter) {
+    metrics::counter!(LOG_LINES_DROPPED_TOTAL).absolute(counter.dropped_lines() as u64);
+}
+
+/// The sink of a log writer thread: whole lines gathered, then written to stdout in one call
+/// (under stdout's lock), when the batch is full or the thread has drained its channel.
+struct LineBatches<W: Write> {
+    out: W,
+    batch: Vec<u8>,
+}
+
+impl LineBatches<std::io::Stdout> {
+    fn stdout() -> Self {
+        LineBatches::new(std::io::stdout())
+    }
+}
+
+impl<W: Write> LineBatches<W> {
+    fn new(out: W) -> Self {
+        LineBatches {
+            out,
+            batch: Vec::with_capacity(LOG_WRITE_BATCH_BYTES),
+        }
+    }
+
+    fn write_batch(&mut self) -> std::io::Result<()> {
+        if !self.batch.is_empty() {
+            let result = self.out.write_all(&self.batch);
+            // A failed write loses this batch rather than retrying it forever.
+            self.batch.clear();
+            result?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for LineBatches<W> {
+    /// The writer thread hands over one whole line per call.
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        if self.batch.len() + line.len() > LOG_WRITE_BATCH_BYTES {
+            self.write_batch()?;
+        }
+        if line.len() > LOG_WRITE_BATCH_BYTES {
+            self.out.write_all(line)?;
+        } else {
+            self.batch.extend_from_slice(line);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.write_batch()?;
+        self.out.flush()
+    }
 }
 
 /// Installs the Prometheus recorder on the first call and returns its handle; later calls
@@ -88,9 +213,15 @@ pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
         .map_err(TelemetryError::AlreadyInstalled)
 }
 
-/// The installed handle, if [`install_metrics`] succeeded.
+/// The installed handle, if [`install_metrics`] succeeded, with
+/// [`LOG_LINES_DROPPED_TOTAL`] brought up to date (the admin server asks for it before each
+/// `/metrics` render and every upkeep interval).
 pub fn metrics_handle() -> Option<PrometheusHandle> {
-    METRICS.get().and_then(|r| r.as_ref().ok()).cloned()
+    let handle = METRICS.get().and_then(|r| r.as_ref().ok()).cloned()?;
+    if let Some(drops) = LOG_DROPS.get() {
+        publish_dropped_lines(drops);
+    }
+    Some(handle)
 }
 
 /// Counts one request with its outcome; all labels from bounded sets.
@@ -183,6 +314,10 @@ fn describe_metrics() {
         "Well-framed messages that could not be used."
     );
     describe_counter!(IDLE_TIMEOUTS_TOTAL, "Connections closed for being idle.");
+    describe_counter!(
+        LOG_LINES_DROPPED_TOTAL,
+        "Log lines below WARN dropped because the log writer fell behind."
+    );
 }
 
 #[cfg(test)]
@@ -217,9 +352,92 @@ mod tests {
         let first = init_logging(LogFormat::Json, "info");
         let second = init_logging(LogFormat::Plain, "info");
         assert!(first.is_ok() || matches!(first, Err(TelemetryError::Filter(_))));
+        drop(first);
         assert!(matches!(
             second,
             Err(TelemetryError::AlreadyInstalled(_)) | Err(TelemetryError::Filter(_))
         ));
+    }
+
+    /// A sink that blocks until told to go on, then keeps every line.
+    struct Stuck {
+        go: std::sync::mpsc::Receiver<()>,
+        lines: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        waited: bool,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.waited {
+                let _ = self.go.recv();
+                self.waited = true;
+            }
+            self.lines.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_dropped_by_a_stuck_lossy_writer_are_counted_in_the_metric() {
+        let handle = install_metrics().unwrap();
+        let (go_tx, go) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Stuck {
+            go,
+            lines: lines.clone(),
+            waited: false,
+        };
+        let (mut writer, guard) = NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(4)
+            .finish(sink);
+        let counter = writer.error_counter();
+        // The writer thread takes at most one line and then waits; the channel holds 4.
+        for i in 0..100 {
+            // Never blocks: a full channel drops the line.
+            writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        let dropped = counter.dropped_lines();
+        assert!((95..=96).contains(&dropped), "dropped {dropped}");
+        publish_dropped_lines(&counter);
+        let text = handle.render();
+        assert!(
+            text.contains(&format!("{LOG_LINES_DROPPED_TOTAL} {dropped}")),
+            "{text}"
+        );
+        go_tx.send(()).unwrap();
+        drop(guard);
+        let kept = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        assert_eq!(kept + dropped, 100);
+    }
+
+    #[test]
+    fn line_batches_write_whole_lines_and_only_on_flush_or_when_full() {
+        let mut out = LineBatches::new(Vec::new());
+        out.write_all(b"one\n").unwrap();
+        out.write_all(b"two\n").unwrap();
+        assert!(out.out.is_empty());
+        out.flush().unwrap();
+        assert_eq!(out.out, b"one\ntwo\n");
+        let long = vec![b'x'; LOG_WRITE_BATCH_BYTES - 2];
+        out.write_all(&long).unwrap();
+        out.write_all(b"three\n").unwrap();
+        // The batch was written before the line that would not fit.
+        assert_eq!(out.out.len(), 8 + long.len());
+        out.flush().unwrap();
+        assert!(out.out.ends_with(b"three\n"));
+    }
+
+    #[test]
+    fn no_colours_off_a_terminal() {
+        assert!(!ansi_wanted(false));
     }
 }
