@@ -15,8 +15,9 @@
 //!   audit-worthy ones, and rare) go through a second, **non-lossy** channel and writer thread:
 //!   none is dropped; a caller waits only if a flood of them filled that channel.
 //!
-//! Both writer threads write whole lines, a batch at a time, to stdout, so lines of the two
-//! never interleave within a line (their relative order is not kept). Colours (ANSI) only
+//! Both writer threads write whole lines, a batch at a time (every few milliseconds under
+//! load, not per line), to stdout, so lines of the two never interleave within a line (their
+//! relative order is not kept). Colours (ANSI) only
 //! when stdout is a terminal and `NO_COLOR` is unset.
 
 use std::io::{IsTerminal, Write};
@@ -57,6 +58,9 @@ pub const LOG_LINES_BUFFERED_MAX: usize = 65_536;
 pub const AUDIT_LINES_BUFFERED_MAX: usize = 16_384;
 /// Bytes of whole lines a log writer thread gathers before one write to stdout.
 pub const LOG_WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// How long a log writer thread lets lines gather before writing a small batch: lines reach
+/// stdout at most about this much later.
+pub const LOG_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Buckets of [`DECISION_SECONDS`]: from a cached answer (sub-millisecond) through a group
 /// commit (milliseconds) to an upstream round trip (seconds).
@@ -118,6 +122,7 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<LogGuard, Telemet
         .and(lossy.with_min_level(Level::INFO));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_timer(UtcMicros)
         .with_ansi(ansi_wanted(std::io::stdout().is_terminal()))
         .with_writer(writer);
     let installed = match format {
@@ -130,6 +135,69 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<LogGuard, Telemet
         _lossy: lossy_guard,
         _audit: audit_guard,
     })
+}
+
+/// The fmt layer's timestamp (RFC 3339, UTC, microseconds: `2026-12-04T16:18:56.227651Z`, as
+/// `tracing_subscriber::fmt::time::SystemTime` writes it), with the date and time of the
+/// current second formatted once per second per thread instead of once per line.
+struct UtcMicros;
+
+impl tracing_subscriber::fmt::time::FormatTime for UtcMicros {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        thread_local! {
+            static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+        }
+        // Log timestamps only; decisions read time through clock::Clock.
+        #[allow(clippy::disallowed_methods)]
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = since.as_secs();
+        let (cached, mut text) = SECOND.get();
+        if cached != secs {
+            text = rfc3339_second(secs);
+            SECOND.set((secs, text));
+        }
+        let mut tail = *b".000000Z";
+        let mut micros = since.subsec_micros();
+        for b in tail[1..7].iter_mut().rev() {
+            *b = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        // Both are ASCII digits and punctuation.
+        w.write_str(std::str::from_utf8(&text).unwrap_or("????-??-??T??:??:??"))?;
+        w.write_str(std::str::from_utf8(&tail).unwrap_or(".??????Z"))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix second (UTC, proleptic Gregorian; Hinnant's
+/// `civil_from_days`).
+fn rfc3339_second(unix_s: u64) -> [u8; 19] {
+    let days = (unix_s / 86_400) as i64;
+    let rem = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = *b"0000-00-00T00:00:00";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for b in out[at..at + width].iter_mut().rev() {
+            *b = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year.clamp(0, 9999) as u64);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, rem / 3600);
+    put(14, 2, rem / 60 % 60);
+    put(17, 2, rem % 60);
+    out
 }
 
 /// Colour codes only for a terminal, and not when `NO_COLOR` is set (<https://no-color.org>).
@@ -188,7 +256,13 @@ impl<W: Write> Write for LineBatches<W> {
         Ok(line.len())
     }
 
+    /// Called by the writer thread each time it has drained its channel. Waiting a moment
+    /// first lets the next lines gather in the channel: under load the thread writes once
+    /// per [`LOG_FLUSH_DELAY`] instead of being woken (and calling write) per line.
     fn flush(&mut self) -> std::io::Result<()> {
+        if !self.batch.is_empty() && self.batch.len() < LOG_WRITE_BATCH_BYTES / 2 {
+            std::thread::sleep(LOG_FLUSH_DELAY);
+        }
         self.write_batch()?;
         self.out.flush()
     }
@@ -434,6 +508,13 @@ mod tests {
         assert_eq!(out.out.len(), 8 + long.len());
         out.flush().unwrap();
         assert!(out.out.ends_with(b"three\n"));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(&rfc3339_second(1_795_618_903), b"2026-11-25T15:01:43");
+        assert_eq!(&rfc3339_second(1_709_251_199), b"2024-02-29T23:59:59");
+        assert_eq!(&rfc3339_second(0), b"1970-01-01T00:00:00");
     }
 
     #[test]
