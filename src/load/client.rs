@@ -494,9 +494,15 @@ impl<'s> Conn<'s> {
                     Ok(n) => {
                         filled += n;
                         now = Instant::now();
-                        match self.answers(&mut rbuf, &mut filled, tally, now) {
-                            Ok(()) => {}
-                            Err(b) => break Err(b),
+                        if let Err(b) = self.answers(&mut rbuf, &mut filled, tally, now) {
+                            break Err(b);
+                        }
+                        // Reads that are always ready must not starve the tick (timeouts,
+                        // progress, the open-loop schedule).
+                        if now >= tick.deadline() {
+                            if let Err(b) = self.on_tick(&mut tick, tally, deadline) {
+                                break Err(b);
+                            }
                         }
                     }
                     Err(e) => break Err(Broken::Io(e.to_string())),
