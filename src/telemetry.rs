@@ -126,7 +126,7 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<LogGuard, Telemet
         .with_ansi(ansi_wanted(std::io::stdout().is_terminal()))
         .with_writer(writer);
     let installed = match format {
-        LogFormat::Plain => builder.try_init(),
+        LogFormat::Plain => builder.fmt_fields(PlainFields).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
     installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
@@ -198,6 +198,135 @@ fn rfc3339_second(unix_s: u64) -> [u8; 19] {
     put(14, 2, rem / 60 % 60);
     put(17, 2, rem % 60);
     out
+}
+
+/// The plain format's fields, byte for byte as `tracing_subscriber`'s `DefaultFields` writes
+/// them, with a short cut for the per-request line's fields: without colours, a string of
+/// printable ASCII with no `"` or `\\` is written as `name="value"` and an integer or bool
+/// as `name=value` directly, instead of through `Debug` and its escaping (which would give
+/// the same text). Everything else (the message, strings that need escaping, errors, other
+/// types, coloured output) goes to `DefaultVisitor`.
+struct PlainFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for PlainFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut v = PlainVisitor {
+            plain: !writer.has_ansi_escapes(),
+            writer,
+            is_empty: true,
+            result: Ok(()),
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct PlainVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    /// No colours: the short cuts apply.
+    plain: bool,
+    is_empty: bool,
+    result: std::fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    /// Whether `name` is written as is by `DefaultVisitor` (not the message, not a raw
+    /// identifier, not `log.` metadata, which it skips).
+    fn plain_name(&self, name: &str) -> bool {
+        self.plain && name != "message" && !name.starts_with("r#") && !name.starts_with("log.")
+    }
+
+    /// Writes ` name=` (no space before the first field).
+    fn start(&mut self, name: &str) -> std::fmt::Result {
+        if self.is_empty {
+            self.is_empty = false;
+        } else {
+            std::fmt::Write::write_char(&mut self.writer, ' ')?;
+        }
+        std::fmt::Write::write_str(&mut self.writer, name)?;
+        std::fmt::Write::write_char(&mut self.writer, '=')
+    }
+
+    fn direct(&mut self, name: &str, value: std::fmt::Arguments<'_>) {
+        self.result = self
+            .start(name)
+            .and_then(|()| std::fmt::Write::write_fmt(&mut self.writer, value));
+    }
+
+    fn default_visitor(
+        &mut self,
+        name: &str,
+        record: impl FnOnce(&mut tracing_subscriber::fmt::format::DefaultVisitor<'_>),
+    ) {
+        use tracing_subscriber::field::VisitOutput;
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let mut v = tracing_subscriber::fmt::format::DefaultVisitor::new(
+            self.writer.by_ref(),
+            self.is_empty,
+        );
+        record(&mut v);
+        self.result = v.finish();
+        self.is_empty = false;
+    }
+}
+
+impl tracing::field::Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        let printable = value
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        if printable && self.plain_name(name) {
+            self.direct(name, format_args!("\"{value}\""));
+        } else {
+            self.default_visitor(name, |v| v.record_str(field, value));
+        }
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if self.result.is_ok() && self.plain_name(field.name()) {
+            self.direct(field.name(), format_args!("{value}"));
+        } else {
+            self.default_visitor(field.name(), |v| v.record_u64(field, value));
+        }
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        if self.result.is_ok() && self.plain_name(field.name()) {
+            self.direct(field.name(), format_args!("{value}"));
+        } else {
+            self.default_visitor(field.name(), |v| v.record_i64(field, value));
+        }
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        if self.result.is_ok() && self.plain_name(field.name()) {
+            self.direct(field.name(), format_args!("{value}"));
+        } else {
+            self.default_visitor(field.name(), |v| v.record_bool(field, value));
+        }
+    }
+
+    fn record_error(
+        &mut self,
+        field: &tracing::field::Field,
+        value: &(dyn std::error::Error + 'static),
+    ) {
+        self.default_visitor(field.name(), |v| v.record_error(field, value));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.default_visitor(field.name(), |v| v.record_debug(field, value));
+    }
 }
 
 /// Colour codes only for a terminal, and not when `NO_COLOR` is set (<https://no-color.org>).
@@ -515,6 +644,65 @@ mod tests {
         assert_eq!(&rfc3339_second(1_795_618_903), b"2026-11-25T15:01:43");
         assert_eq!(&rfc3339_second(1_709_251_199), b"2024-02-29T23:59:59");
         assert_eq!(&rfc3339_second(0), b"1970-01-01T00:00:00");
+    }
+
+    /// Captures what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn emit_samples() {
+        let e = std::io::Error::other("disk \u{1b}[31mfull");
+        tracing::info!(
+            dialect = "ascii1987",
+            mti = %"0200",
+            pan = "476173******0119",
+            stan = 42u32,
+            terminal = "TERM\"0\u{1b}[2J1",
+            code = "00",
+            us = 1234u64,
+            delta = -5i64,
+            ok = true,
+            r#type = "x",
+            ratio = 0.5f64,
+            empty = "",
+            nested = ?Some("a b"),
+            "request"
+        );
+        tracing::warn!(error = %e, source = &e as &(dyn std::error::Error + 'static), "journal \n failed");
+        tracing::info!("message only {}", 7);
+    }
+
+    #[test]
+    fn plain_fields_write_what_the_default_fields_write() {
+        let (default, fast) = (Capture::default(), Capture::default());
+        let d = default.clone();
+        let sub = tracing_subscriber::fmt()
+            .without_time()
+            .with_ansi(false)
+            .with_writer(move || d.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, emit_samples);
+        let f = fast.clone();
+        let sub = tracing_subscriber::fmt()
+            .without_time()
+            .with_ansi(false)
+            .fmt_fields(PlainFields)
+            .with_writer(move || f.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, emit_samples);
+        let (a, b) = (default.0.lock().unwrap(), fast.0.lock().unwrap());
+        assert!(a.len() > 200, "{}", String::from_utf8_lossy(&a));
+        assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
     }
 
     #[test]
