@@ -7,8 +7,8 @@
 # Per round (ROUNDS, default 3; the table shows medians, then every round):
 #   1. `ceiling serve`, driven by `refundgate load` with fixtures/replay/ceiling-echo.toml:
 #      256 x 1 closed, 64 x 8 closed, open loop at RATE/s (default 5,000) over 64 connections;
-#      right after the 64 x 8 run, `ceiling load` 64 x 8 against the same server: the
-#      generator check (refundgate load / ceiling load).
+#      `ceiling load` 64 x 8 against the same server right before and right after the 64 x 8
+#      run: the generator check (refundgate load / mean of the two ceiling load runs).
 #   2. the gateway, release, on its embedded defaults (info logging, fdatasync journal; only
 #      the ports and the journal directory moved so it cannot clash with a running gateway),
 #      fresh journal, driven by the same client with the same traffic and shapes.
@@ -142,8 +142,13 @@ for r in $(seq "$ROUNDS"); do
     PIDS+=("$cpid")
     wait_port "$CEILING_PORT" "$cpid"
     run "r$r-ceiling-256x1" "$CEILING_PORT" "$SCENARIO" 256 1 --closed
+    # The generator check brackets refundgate load with ceiling load, so a machine whose load
+    # drifts during the round biases neither side: the ceiling is the mean of the two.
+    ceiling_load "r$r-ceilingload-64x8-before" "$CEILING_PORT" 64 8
     run "r$r-ceiling-64x8" "$CEILING_PORT" "$SCENARIO" 64 8 --closed
-    ceiling_load "r$r-ceilingload-64x8" "$CEILING_PORT" 64 8
+    ceiling_load "r$r-ceilingload-64x8-after" "$CEILING_PORT" 64 8
+    awk '{ s += $1; n++ } END { print (n ? s / n : 0) }' "$OUT/r$r-ceilingload-64x8-before.txt" \
+        "$OUT/r$r-ceilingload-64x8-after.txt" >"$OUT/r$r-ceilingload-64x8.txt"
     run "r$r-ceiling-open" "$CEILING_PORT" "$SCENARIO" 64 8 --rate "$RATE"
     stop "$cpid"
 
