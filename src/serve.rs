@@ -269,9 +269,14 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     let log = Config::load(args.config.as_deref())
         .map(|c| c.log)
         .unwrap_or_default();
-    if let Err(e) = telemetry::init_logging(log.format, &log.filter) {
-        eprintln!("refundgate: logging: {e}");
-    }
+    // Held until `run` returns: dropping it writes out the buffered log lines.
+    let _log_guard = match telemetry::init_logging(log.format, &log.filter) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            eprintln!("refundgate: logging: {e}");
+            None
+        }
+    };
     if let Err(e) = telemetry::install_metrics() {
         eprintln!("refundgate: metrics: {e}");
     }
