@@ -425,7 +425,8 @@ impl DesKey {
         let mut bytes = [0u8; DES_BLOCK_BYTES];
         rand::fill(&mut bytes[..]);
         for b in &mut bytes {
-            *b = (*b & 0xfe) | u8::from(b.count_ones() % 2 == 0);
+            let high = *b & 0xfe;
+            *b = high | u8::from(high.count_ones() % 2 == 0);
         }
         let key = DesKey(DesMaterial::Single(bytes));
         wipe(&mut bytes);
