@@ -1232,6 +1232,49 @@ max_retries = 3
     }
 
     #[test]
+    fn identities_name_exactly_one_certificate_and_some_terminal() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let listener = |ids: &str| {
+            format!(
+                "[[listeners]]\naddr = \"127.0.0.1:1\"\ntls = {{ client_ca = {:?} }}\nidentities = [{ids}]\n",
+                ca.display()
+            )
+        };
+        let ok = listener(
+            r#"{ sha256 = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89", merchant = "M", terminals = ["*"] }"#,
+        );
+        let config = Config::from_toml(&ok).unwrap();
+        assert_eq!(config.listeners[0].identities.len(), 1);
+        for (ids, key) in [
+            (
+                r#"{ subject = "CN=a", san = "a", merchant = "M", terminals = ["T"] }"#,
+                "listeners[0].identities[0].subject",
+            ),
+            (
+                r#"{ merchant = "M", terminals = ["T"] }"#,
+                "listeners[0].identities[0].subject",
+            ),
+            (
+                r#"{ sha256 = "abc", merchant = "M", terminals = ["T"] }"#,
+                "listeners[0].identities[0].sha256",
+            ),
+            (
+                r#"{ san = "a", merchant = "M", terminals = [] }"#,
+                "listeners[0].identities[0].terminals",
+            ),
+            (
+                r#"{ san = "a", merchant = " ", terminals = ["T"] }"#,
+                "listeners[0].identities[0].merchant",
+            ),
+        ] {
+            let err = Config::from_toml(&listener(ids)).unwrap_err();
+            assert_eq!(err.key, key, "{ids} gave {err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[limits]\nmax_frame_bytes = 70000\n", "limits.max_frame_bytes"),
@@ -1250,6 +1293,14 @@ max_retries = 3
             ("listeners = []\n", "listeners"),
             ("merchants = \"/nonexistent/m.toml\"\n", "merchants"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
+            (
+                "[security]\nterminal_keys = \"data/journal/tk.toml\"\n",
+                "security.terminal_keys",
+            ),
+            (
+                "[[listeners]]\naddr = \"127.0.0.1:1\"\nidentities = [{ subject = \"CN=a\", merchant = \"M\", terminals = [\"T\"] }]\n",
+                "listeners[0].identities",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err();

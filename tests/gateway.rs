@@ -1059,3 +1059,53 @@ async fn connect_as(
         .unwrap();
     Framed::new(tls, FrameCodec::new(info.framing, false, 8192))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_terminal_keys_from_a_private_file_and_refuses_a_loose_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let key_file = keys.join("terminal-keys.toml");
+    refundgate::at_rest::write_new_private(
+        &key_file,
+        format!(
+            "[[terminal]]\nmerchant = \"898310048990001\"\nterminal = \"10000001\"\ntmk = \"{TMK}\"\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let path = dir.path().join("refundgate.toml");
+    let toml = format!(
+        "[admin]\naddr = \"127.0.0.1:0\"\n\
+         [journal]\ndir = \"{}\"\nsegment_bytes = {SEGMENT_BYTES}\n\
+         [security]\nterminal_keys = \"{}\"\n\
+         [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"cup_pos\"\n",
+        dir.path().join("journal").display(),
+        key_file.display()
+    );
+    std::fs::write(&path, toml).unwrap();
+    let args = serve::ServeArgs {
+        config: Some(path),
+        merchants: None,
+        journal_dir: None,
+    };
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = serve::prepare(&args)
+        .err()
+        .expect("a key file others may read");
+    assert_eq!(refused.code, 74, "{}", refused.message);
+    assert!(refused.message.contains("chmod 600"), "{}", refused.message);
+    assert!(!refused.message.contains(TMK));
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let prepared = serve::prepare(&args).map_err(|e| e.message).unwrap();
+    let gw = serve_gateway(prepared.config, prepared.gateway, dir).await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let mak = sign_on_for_mak(&mut c).await;
+    let a = exchange(&mut c, true, &cup_maced(&cup_sale(201), &mak)).await;
+    assert_eq!(answer("cup_pos", &a).code.as_str(), "00");
+    gw.stop().await;
+}

@@ -810,7 +810,7 @@ impl Gateway {
         if self.sign_ons.admit(id, Instant::now()).allowed() {
             return true;
         }
-        metrics::counter!(SIGN_ONS_REFUSED_TOTAL, "dialect" => dialect_label(l.dialect))
+        metrics::counter!(SIGN_ONS_REFUSED_TOTAL, telemetry::LABEL_DIALECT => dialect_label(l.dialect))
             .increment(1);
         if let Some(suppressed) = bad_input_admitted() {
             tracing::warn!(
@@ -833,7 +833,7 @@ impl Gateway {
         if identities.permits(caller.cert.as_deref(), msg.merchant(), msg.terminal()) {
             return true;
         }
-        metrics::counter!(TERMINAL_NOT_PERMITTED_TOTAL, "dialect" => dialect_label(l.dialect))
+        metrics::counter!(TERMINAL_NOT_PERMITTED_TOTAL, telemetry::LABEL_DIALECT => dialect_label(l.dialect))
             .increment(1);
         if let Some(suppressed) = bad_input_admitted() {
             tracing::warn!(
