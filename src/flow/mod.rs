@@ -1103,6 +1103,71 @@ mod tests {
     use super::*;
 
     #[test]
+    fn repeated_bad_input_from_one_source_logs_one_line_per_interval() {
+        use std::io::Write;
+        use std::sync::Mutex;
+
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let merchants = ledger::MerchantSet::embedded().unwrap();
+        let ledger = Ledger::new(&merchants, ledger::PanKey::new(&[1; 16]));
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let gateway = Gateway::new(
+            Arc::new(ledger),
+            None,
+            clock,
+            vec![Link::plain(Dialect::Ascii1987)],
+        );
+        let doc = serde_json::json!({
+            "mti": "0200",
+            "fields": { "3": "000000", "4": "000000001000", "11": "000001" }
+        });
+        let mut bad = BytesMut::new();
+        iso8583::json::from_json(&iso8583::ASCII1987, &doc, &mut bad).unwrap();
+        // DE4 (just before the 6 digits of DE11) gets a letter: answerable, 30.
+        let at = bad.len() - 6 - 12;
+        bad[at] = b'X';
+
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let caller = Caller {
+            peer: Some("192.0.2.77".parse().unwrap()),
+            cert: None,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(async {
+                for _ in 0..20 {
+                    let (_, summary) = caller.clone().scope(gateway.handle(0, &bad)).await;
+                    assert_eq!(summary.code, Some("30"));
+                }
+            })
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged = text.matches("message error").count();
+        assert_eq!(logged, 1, "{text}");
+    }
+
+    #[test]
     fn utc_mmdd_follows_the_calendar() {
         assert_eq!(utc_mmdd(0), 101);
         assert_eq!(utc_mmdd(1_709_164_800), 229); // 2024-02-29
