@@ -143,5 +143,6 @@ pub const TERMINAL_KEYS_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 pub const SIGN_ONS_PER_TERMINAL_MAX: u32 = 5;
 /// Window of [`SIGN_ONS_PER_TERMINAL_MAX`].
 pub const SIGN_ON_INTERVAL_S: u64 = 60;
-/// Terminals whose sign-ons are counted at once (the map is bounded).
+/// Terminals whose sign-ons are counted at once; only configured terminals are counted, so
+/// a fleet up to this size never resets its limits.
 pub const SIGN_ON_TERMINALS_TRACKED_MAX: usize = 200_000;

@@ -802,11 +802,22 @@ impl Gateway {
 
     /// Sign-ons on a MAC link are limited per terminal: each rotates the working keys, so a
     /// flood would keep the terminal's MACs failing.
+    /// Only configured terminals are counted (the ledger refuses the others, and nothing of
+    /// theirs rotates), so made-up ids cannot fill the limiter's bounded map.
     fn sign_on_admitted(&self, l: &Link, msg: &Message<'_>) -> bool {
-        let id = (
-            msg.merchant().unwrap_or("").to_string(),
-            msg.terminal().unwrap_or("").to_string(),
-        );
+        let (Some(merchant), Some(terminal)) = (msg.merchant(), msg.terminal()) else {
+            return true;
+        };
+        let configured = self
+            .ledger
+            .origin()
+            .0
+            .merchant(merchant)
+            .is_some_and(|m| m.terminals.iter().any(|t| t.id == terminal));
+        if !configured {
+            return true;
+        }
+        let id = (merchant.to_string(), terminal.to_string());
         if self.sign_ons.admit(id, Instant::now()).allowed() {
             return true;
         }
