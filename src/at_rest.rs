@@ -106,6 +106,24 @@ fn normalise(path: &Path) -> PathBuf {
     out
 }
 
+/// Reads a key file that must exist and be private to its owner (no group or other bits),
+/// at most `bytes_max` long. `what` names it in errors (`security.terminal_keys`).
+pub fn read_private_file(path: &Path, bytes_max: u64, what: &str) -> Result<Vec<u8>, AtRestError> {
+    let err = |m: String| AtRestError(format!("{what} {}: {m}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if too_open(mode) {
+        return Err(err(format!(
+            "mode {mode:04o} lets group/others in; fix with: chmod 600 {}",
+            path.display()
+        )));
+    }
+    if meta.len() > bytes_max {
+        return Err(err(format!("larger than {bytes_max} bytes")));
+    }
+    std::fs::read(path).map_err(|e| err(e.to_string()))
+}
+
 /// Reads the `len`-byte key at `path`, or creates it (random, `0600`, in a `0700`
 /// directory) when it is missing and `may_create` says the data it protects is empty.
 /// `what` names the key in errors (`security.pan_hash_key`).

@@ -56,8 +56,14 @@ framing = "binary2"
 # `tls = { self_signed = true }` is written out. client_ca set: clients must present a
 # certificate it signed.
 # tls = { cert = "server.pem", key = "server.key", client_ca = "ca.pem" }
-# Optional MAC of this link, interpreted by the message layer (key never logged).
+# Optional MAC of this link, interpreted by the message layer (key never logged). On a
+# cup_pos link, terminals listed in security.terminal_keys get their own MAK at sign-on and
+# this key stays for the others.
 # mac = { algorithm = "x919", key = "0123456789ABCDEFFEDCBA9876543210" }
+# With client_ca: which merchant and terminal ids each client certificate may use, matched by
+# exactly one of subject (as `CN=…, O=…`), san (DNS, URI or e-mail) or sha256 (fingerprint,
+# hex). Any other DE41/DE42 on the connection answers 58 TERMINAL_NOT_PERMITTED. Empty: any.
+# identities = [{ subject = "CN=terminal 10000001", merchant = "898310048990001", terminals = ["10000001"] }]
 
 [[listeners]]
 addr = "127.0.0.1:8584"
@@ -130,6 +136,13 @@ merchants = {}
 # pan_hash_key = "/etc/refundgate/keys/pan-hash.key"
 # AES-256-GCM key (32 bytes) of PANs store-and-forward keeps for queued messages.
 # saf_pan_key = "/etc/refundgate/keys/saf-pan.key"
+# Terminal master keys (DOMAIN §11), 0600, outside journal.dir; never created. Absent: no
+# terminal has its own keys. A TOML file of
+#   [[terminal]]
+#   merchant = "898310048990001"
+#   terminal = "10000001"
+#   tmk = "11223344556677888877665544332211"   # 2-key 3DES, hex
+# terminal_keys = "/etc/refundgate/keys/terminal-keys.toml"
 
 [saf]
 # Store-and-forward of reversals (<journal.dir>/saf): sends without an accepted answer before
@@ -187,6 +200,9 @@ pub struct SecurityConfig {
     /// default `<journal.dir>-keys/saf-pan.key`.
     #[serde(default)]
     pub saf_pan_key: Option<PathBuf>,
+    /// File of terminal master keys (merchant + terminal id → TMK hex); none by default.
+    #[serde(default)]
+    pub terminal_keys: Option<PathBuf>,
 }
 
 /// One `[[upstreams]]` table.
@@ -352,6 +368,30 @@ pub struct ListenerConfig {
     /// MAC of this link; interpreted by the message layer.
     #[serde(default)]
     pub mac: Option<MacConfig>,
+    /// Which merchant and terminal ids each client certificate may use (needs `client_ca`);
+    /// empty: any.
+    #[serde(default)]
+    pub identities: Vec<IdentityConfig>,
+}
+
+/// One entry of a listener's `identities`: a client certificate, matched by exactly one of
+/// `subject`, `san` or `sha256`, and the ids it may use.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The certificate subject as rendered in logs: `CN=…, O=…`.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// A DNS name, URI or e-mail subject alternative name.
+    #[serde(default)]
+    pub san: Option<String>,
+    /// SHA-256 fingerprint of the certificate (hex, either case, `:` allowed).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// DE42 the certificate may send.
+    pub merchant: String,
+    /// DE41 values it may send; `["*"]`: any terminal of the merchant.
+    pub terminals: Vec<String>,
 }
 
 /// The ISO 8583 dialect of a listener (DOMAIN §2).
@@ -549,10 +589,14 @@ impl Config {
         if self.journal.dir.as_os_str().is_empty() {
             return Err(error("journal.dir", "must not be empty"));
         }
+        let terminal_keys = self.security.terminal_keys.clone().into_iter();
         for (key, path) in [
             ("security.pan_hash_key", self.pan_hash_key_path()),
             ("security.saf_pan_key", self.saf_pan_key_path()),
-        ] {
+        ]
+        .into_iter()
+        .chain(terminal_keys.map(|p| ("security.terminal_keys", p)))
+        {
             if crate::at_rest::is_inside(&path, &self.journal.dir) {
                 return Err(error(
                     key,
@@ -887,6 +931,7 @@ impl ListenerConfig {
             framing,
             tls: TlsConfig::default(),
             mac: None,
+            identities: Vec::new(),
         }
     }
 
@@ -931,12 +976,61 @@ impl ListenerConfig {
                 }
             }
         }
+        self.validate_identities(index)?;
         if let Some(mac) = &self.mac {
             if mac.algorithm.trim().is_empty() {
                 return Err(error(key("mac.algorithm"), "must not be empty"));
             }
             if mac.key.trim().is_empty() {
                 return Err(error(key("mac.key"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ListenerConfig {
+    /// `identities`: each names one certificate and at least one terminal, and only where
+    /// clients present certificates.
+    fn validate_identities(&self, index: usize) -> Result<(), ConfigError> {
+        if self.identities.len() > limits::IDENTITIES_MAX {
+            return Err(error(
+                format!("listeners[{index}].identities"),
+                format!("at most {} entries", limits::IDENTITIES_MAX),
+            ));
+        }
+        if !self.identities.is_empty() && self.tls.client_ca.is_none() {
+            return Err(error(
+                format!("listeners[{index}].identities"),
+                "needs tls.client_ca (identities are client certificates)",
+            ));
+        }
+        for (i, id) in self.identities.iter().enumerate() {
+            let key = |k: &str| format!("listeners[{index}].identities[{i}].{k}");
+            let matchers = [&id.subject, &id.san, &id.sha256]
+                .iter()
+                .filter(|m| m.is_some())
+                .count();
+            if matchers != 1 {
+                return Err(error(
+                    key("subject"),
+                    "set exactly one of subject, san or sha256",
+                ));
+            }
+            if let Some(fp) = &id.sha256 {
+                let digits = fp.chars().filter(|c| *c != ':').collect::<String>();
+                if digits.len() != 64 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(error(key("sha256"), "must be 64 hex digits"));
+                }
+            }
+            if id.merchant.trim().is_empty() {
+                return Err(error(key("merchant"), "must not be empty"));
+            }
+            if id.terminals.is_empty() || id.terminals.iter().any(|t| t.trim().is_empty()) {
+                return Err(error(
+                    key("terminals"),
+                    "name at least one terminal (\"*\": any), none empty",
+                ));
             }
         }
         Ok(())
@@ -1150,6 +1244,49 @@ max_retries = 3
     }
 
     #[test]
+    fn identities_name_exactly_one_certificate_and_some_terminal() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let listener = |ids: &str| {
+            format!(
+                "[[listeners]]\naddr = \"127.0.0.1:1\"\ntls = {{ client_ca = {:?} }}\nidentities = [{ids}]\n",
+                ca.display()
+            )
+        };
+        let ok = listener(
+            r#"{ sha256 = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89", merchant = "M", terminals = ["*"] }"#,
+        );
+        let config = Config::from_toml(&ok).unwrap();
+        assert_eq!(config.listeners[0].identities.len(), 1);
+        for (ids, key) in [
+            (
+                r#"{ subject = "CN=a", san = "a", merchant = "M", terminals = ["T"] }"#,
+                "listeners[0].identities[0].subject",
+            ),
+            (
+                r#"{ merchant = "M", terminals = ["T"] }"#,
+                "listeners[0].identities[0].subject",
+            ),
+            (
+                r#"{ sha256 = "abc", merchant = "M", terminals = ["T"] }"#,
+                "listeners[0].identities[0].sha256",
+            ),
+            (
+                r#"{ san = "a", merchant = "M", terminals = [] }"#,
+                "listeners[0].identities[0].terminals",
+            ),
+            (
+                r#"{ san = "a", merchant = " ", terminals = ["T"] }"#,
+                "listeners[0].identities[0].merchant",
+            ),
+        ] {
+            let err = Config::from_toml(&listener(ids)).unwrap_err();
+            assert_eq!(err.key, key, "{ids} gave {err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[limits]\nmax_frame_bytes = 70000\n", "limits.max_frame_bytes"),
@@ -1168,6 +1305,14 @@ max_retries = 3
             ("listeners = []\n", "listeners"),
             ("merchants = \"/nonexistent/m.toml\"\n", "merchants"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
+            (
+                "[security]\nterminal_keys = \"data/journal/tk.toml\"\n",
+                "security.terminal_keys",
+            ),
+            (
+                "[[listeners]]\naddr = \"127.0.0.1:1\"\nidentities = [{ subject = \"CN=a\", merchant = \"M\", terminals = [\"T\"] }]\n",
+                "listeners[0].identities",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err();

@@ -12,10 +12,12 @@
 //! - [`server`]: TLS listeners, connections (pipelining, limits, shutdown), admin HTTP.
 //! - [`config`]: the gateway's configuration, read once and validated before any bind.
 //! - [`telemetry`]: logging and Prometheus metrics.
+//! - [`terminal_keys`]: terminal master keys, sign-on working keys, client certificate identities.
 //! - [`upstream`]: multiplexed TLS links to bank hosts, routing, persistent store-and-forward.
 //! - [`host_sim`]: `refundgate host`, a stand-in bank host with run-time fault controls.
 //! - [`cli`]: the command line (`decode`, `encode`, `serve`, `host`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
+//! - [`ratelimit`]: fixed-window limits per key (bad-input log lines, sign-ons per terminal).
 //! - [`load`]: the load generator (`refundgate load`): scenario replay over TLS, every answer verified.
 pub mod at_rest;
 pub mod cli;
@@ -31,8 +33,10 @@ pub mod ledger;
 pub mod limits;
 pub mod load;
 pub mod mac;
+pub mod ratelimit;
 pub mod serve;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod terminal_keys;
 pub mod upstream;

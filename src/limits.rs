@@ -136,3 +136,17 @@ pub const UPSTREAM_QUARANTINE_TIMEOUTS: u32 = 4;
 const _: () = assert!(SAF_IN_FLIGHT_MAX <= SAF_PENDING_MAX);
 const _: () = assert!(SAF_BODY_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(UPSTREAM_FRAME_BYTES_MAX <= FRAME_BYTES_HARD_MAX);
+
+/// Entries of one listener's `identities` (client certificate → ids).
+pub const IDENTITIES_MAX: usize = 100_000;
+/// Terminals in `security.terminal_keys`.
+pub const TERMINAL_KEYS_MAX: usize = 100_000;
+/// Largest `security.terminal_keys` file read.
+pub const TERMINAL_KEYS_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Sign-ons one terminal may make per [`SIGN_ON_INTERVAL_S`] on a MAC link; more answer 58.
+pub const SIGN_ONS_PER_TERMINAL_MAX: u32 = 5;
+/// Window of [`SIGN_ONS_PER_TERMINAL_MAX`].
+pub const SIGN_ON_INTERVAL_S: u64 = 60;
+/// Terminals whose sign-ons are counted at once; only configured terminals are counted, so
+/// a fleet up to this size never resets its limits.
+pub const SIGN_ON_TERMINALS_TRACKED_MAX: usize = 200_000;

@@ -14,10 +14,9 @@
 //! characters, like the X9.19 MAC.
 //!
 //! Key bytes live in fixed-size arrays inside [`DesKey`] and [`MacKey`]; their `Debug` shows
-//! only the length and a key check value, errors never echo key material, and `Drop` overwrites
-//! the bytes. The overwrite is best effort: without `unsafe` or a new crate, the compiler is
-//! only discouraged (via [`std::hint::black_box`]) from removing it, and the ciphers' own key
-//! schedules are not wiped.
+//! only the length and a key check value, errors never echo key material, and `Drop` zeroises
+//! the bytes with the `zeroize` crate (volatile writes the compiler may not remove). The
+//! ciphers' own key schedules, built per call on the stack, are not wiped.
 
 use aes::Aes128;
 use cmac::{Cmac, Mac};
@@ -400,6 +399,51 @@ pub fn decrypt_cup_signon_keys(
     ))
 }
 
+/// Builds the DE62 of a CUP sign-on answer (0810) from fresh working keys: PIK under `tmk`
+/// (8) ‖ PIK check value (4) ‖ MAK under `tmk` (8) ‖ MAK check value (4), the layout
+/// [`decrypt_cup_signon_keys`] reads. `None` unless both keys are single-length.
+pub fn encrypt_cup_signon_keys(
+    tmk: &DesKey,
+    pik: &DesKey,
+    mak: &DesKey,
+) -> Option<[u8; SIGNON_DE62_BYTES]> {
+    let mut out = [0u8; SIGNON_DE62_BYTES];
+    for (part, key) in out.chunks_mut(SIGNON_DE62_BYTES / 2).zip([pik, mak]) {
+        let DesMaterial::Single(clear) = &key.0 else {
+            return None;
+        };
+        part[..DES_BLOCK_BYTES].copy_from_slice(&tmk.encrypt_block(*clear));
+        part[DES_BLOCK_BYTES..].copy_from_slice(&key.check_value());
+    }
+    Some(out)
+}
+
+impl DesKey {
+    /// A fresh single-length key from the operating system's CSPRNG, with odd parity in each
+    /// byte (the DES convention; the cipher ignores the parity bits).
+    pub fn random_single() -> DesKey {
+        let mut bytes = [0u8; DES_BLOCK_BYTES];
+        rand::fill(&mut bytes[..]);
+        for b in &mut bytes {
+            let high = *b & 0xfe;
+            *b = high | u8::from(high.count_ones() % 2 == 0);
+        }
+        let key = DesKey(DesMaterial::Single(bytes));
+        wipe(&mut bytes);
+        key
+    }
+}
+
+impl MacKey {
+    /// A CUP POS MAC key (the MAK delivered at sign-on) from a DES key.
+    pub fn cup_pos(key: DesKey) -> MacKey {
+        MacKey {
+            algorithm: MacAlgorithm::CupPosEcb,
+            material: MacMaterial::Des(key),
+        }
+    }
+}
+
 /// A DES key of 8, 16 or 24 bytes; `None` for any other length.
 fn des_key(bytes: &[u8]) -> Option<DesKey> {
     let material = match bytes.len() {
@@ -533,10 +577,9 @@ fn with_decoded_hex<T>(
     result
 }
 
-/// Overwrites key bytes with zeros; `black_box` keeps the optimiser from dropping the stores.
+/// Overwrites key bytes with zeros (volatile writes: not optimised away).
 fn wipe(bytes: &mut [u8]) {
-    bytes.fill(0);
-    std::hint::black_box(bytes);
+    zeroize::Zeroize::zeroize(bytes);
 }
 
 fn copy_array<const N: usize>(bytes: &[u8]) -> [u8; N] {
@@ -734,6 +777,39 @@ mod tests {
         assert_eq!(hex::encode_upper(xor_blocks(&mab)), "4D08F434464FE7BF");
         let tak = MacKey::from_bytes(MacAlgorithm::CupPosEcb, &clear).unwrap();
         assert_eq!(&compute(&tak, &mab), b"8A9E91B8");
+    }
+
+    #[test]
+    fn research_v9_tak_encrypted_under_the_tmk_gives_the_published_block() {
+        // The other direction of V9: what the gateway sends at sign-on.
+        let tmk = DesKey::from_hex("70F2A84CCBC2AE8625CBB0F2C22AB923").unwrap();
+        let tak = DesKey::from_hex("C24A8FB57AA20123").unwrap();
+        let pik = DesKey::random_single();
+        let de62 = encrypt_cup_signon_keys(&tmk, &pik, &tak).unwrap();
+        assert_eq!(hex::encode_upper(&de62[12..20]), "96D605EA176B7E9E");
+        assert_eq!(de62[20..], tak.check_value());
+        let (pik_back, mak) = decrypt_cup_signon_keys(&tmk, &de62).unwrap();
+        assert_eq!(pik_back.check_value(), pik.check_value());
+        assert_eq!(mak.check_value(), tak.check_value());
+        let mab = bytes(
+            "0200302004C020C0981100000000000000005100183402100006324392260009942820D131210112\
+             0084393136363838303134303030303030303030303030303031313536ACF46E73838A82F926000000\
+             00000000000822000001",
+        );
+        assert_eq!(&compute(&mak, &mab), b"8A9E91B8");
+    }
+
+    #[test]
+    fn random_keys_differ_have_odd_parity_and_only_single_length_keys_are_sent() {
+        let a = DesKey::random_single();
+        let b = DesKey::random_single();
+        assert_ne!(a.check_value(), b.check_value());
+        let DesMaterial::Single(bytes) = &a.0 else {
+            panic!("single length");
+        };
+        assert!(bytes.iter().all(|b| b.count_ones() % 2 == 1));
+        let tmk = DesKey::from_hex(CUP_TMK).unwrap();
+        assert!(encrypt_cup_signon_keys(&tmk, &a, &tmk).is_none());
     }
 
     #[test]

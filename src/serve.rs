@@ -17,6 +17,7 @@ use crate::ledger::{Dialect, MerchantSet, PanKey};
 use crate::mac::{MacAlgorithm, MacKey};
 use crate::server::{self, Server};
 use crate::telemetry;
+use crate::terminal_keys::{Identities, TerminalKeys};
 use crate::upstream;
 
 /// Arguments of `serve`.
@@ -125,7 +126,8 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     )
     .with_request_deadline(std::time::Duration::from_millis(
         config.limits.request_deadline_ms,
-    ));
+    ))
+    .with_terminal_keys(terminal_keys(&config)?);
     let upstreams =
         upstream::Plan::from_config(&config, Arc::new(SystemClock)).map_err(|e| StartError {
             code: match e {
@@ -148,6 +150,7 @@ fn link(i: usize, l: &config::ListenerConfig) -> Result<Link, StartError> {
         config::Dialect::CupPos => Dialect::CupPos,
     };
     let mut link = Link::plain(dialect);
+    link.identities = Identities::from_config(&l.identities);
     if let Some(mac) = &l.mac {
         let algorithm = match mac.algorithm.as_str() {
             "x919" | "ansi_x919" => MacAlgorithm::AnsiX919,
@@ -164,6 +167,19 @@ fn link(i: usize, l: &config::ListenerConfig) -> Result<Link, StartError> {
         link.mac = Some(key);
     }
     Ok(link)
+}
+
+/// The terminal master keys of `security.terminal_keys` (none when it is not set).
+fn terminal_keys(config: &Config) -> Result<TerminalKeys, StartError> {
+    let Some(path) = &config.security.terminal_keys else {
+        return Ok(TerminalKeys::empty());
+    };
+    let keys = TerminalKeys::load(path).map_err(|e| StartError {
+        code: EXIT_IOERR,
+        message: e.to_string(),
+    })?;
+    tracing::info!(terminals = keys.len(), "terminal master keys loaded");
+    Ok(keys)
 }
 
 /// The key of the PAN hashes kept in the ledger and journal, from `security.pan_hash_key`

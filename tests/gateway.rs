@@ -9,17 +9,20 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use refundgate::clock::SystemClock;
-use refundgate::config::{Config, Dialect as ConfigDialect, ListenerConfig, MacConfig};
+use refundgate::config::{
+    Config, Dialect as ConfigDialect, IdentityConfig, ListenerConfig, MacConfig, TlsConfig,
+};
 use refundgate::flow::{Gateway, Link};
 use refundgate::frame::{Frame, FrameCodec, Framing};
 use refundgate::iso8583::{self, json, Message};
 use refundgate::journal::{self, Journal};
 use refundgate::ledger::{Dialect, Funds, Ledger, MerchantSet, PanKey};
-use refundgate::mac::{self, MacAlgorithm, MacKey};
+use refundgate::mac::{self, DesKey, MacAlgorithm, MacKey};
 use refundgate::serve;
 use refundgate::server::{ListenerInfo, Server};
+use refundgate::terminal_keys::{Identities, TerminalKeys};
 use rustls::crypto::ring;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{json, Value as Json};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -863,5 +866,299 @@ async fn a_hung_disk_answers_96_within_the_request_deadline_and_keeps_the_connec
         &exchange(&mut c, false, &encode("ascii1987", &again)).await,
     );
     assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    gw.stop().await;
+}
+
+/// `doc` (a `cup_pos` message) with DE64 set to the CUP MAC under `key`: DE64 is the last
+/// element, so the MAB is everything before its 8 bytes.
+fn cup_maced(doc: &Json, key: &MacKey) -> Vec<u8> {
+    let mut doc = doc.clone();
+    doc["fields"]["64"] = json!("00000000");
+    let mut bytes = encode("cup_pos", &doc);
+    let n = bytes.len();
+    let value = mac::compute(key, &bytes[..n - 8]);
+    bytes[n - 8..].copy_from_slice(&value);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cup_sign_on_with_a_wrong_mac_on_a_mac_link_is_declined_a0() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[2]).await;
+    let wrong = MacKey::from_hex(MacAlgorithm::CupPosEcb, "FEDCBA9876543210").unwrap();
+    let signon = cup_maced(&vector("cup_bcd", "signon_0800"), &wrong);
+    let a = answer("cup_pos", &exchange(&mut c, true, &signon).await);
+    assert_eq!(a.code_reason(), ("A0".into(), "MAC_INVALID".into()));
+    // Under the link's key it is approved.
+    let right = MacKey::from_hex(MacAlgorithm::CupPosEcb, MAK).unwrap();
+    let signon = cup_maced(&vector("cup_bcd", "signon_0800"), &right);
+    let a = answer("cup_pos", &exchange(&mut c, true, &signon).await);
+    assert_eq!(a.code.as_str(), "00");
+    gw.stop().await;
+}
+
+/// Starts a gateway without a journal on `listeners` (MAC keys and identities as configured),
+/// with `keys` as the terminal master keys.
+async fn start_on(listeners: Vec<ListenerConfig>, keys: TerminalKeys) -> Running {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut config = Config::default();
+    config.admin.addr = "127.0.0.1:0".parse().unwrap();
+    let links = listeners
+        .iter()
+        .map(|l| {
+            let mut link = Link::plain(match l.dialect {
+                ConfigDialect::Ascii1987 => Dialect::Ascii1987,
+                ConfigDialect::CupPos => Dialect::CupPos,
+            });
+            link.mac = l
+                .mac
+                .as_ref()
+                .map(|m| MacKey::from_hex(MacAlgorithm::CupPosEcb, &m.key).unwrap());
+            link.identities = Identities::from_config(&l.identities);
+            link
+        })
+        .collect();
+    config.listeners = listeners;
+    let merchants = MerchantSet::embedded().unwrap();
+    let ledger = Ledger::new(&merchants, PanKey::new(&PAN_KEY));
+    let gateway =
+        Gateway::new(Arc::new(ledger), None, Arc::new(SystemClock), links).with_terminal_keys(keys);
+    serve_gateway(config, gateway, dir).await
+}
+
+/// The vectors' TMK of terminal 10000001 of merchant 898310048990001.
+const TMK: &str = "11223344556677888877665544332211";
+
+/// Signs on and returns the MAK recovered from DE62 under [`TMK`], checking the answer.
+async fn sign_on_for_mak(c: &mut Client) -> MacKey {
+    let bytes = exchange(c, true, &vector_message("cup_bcd", "signon_0800")).await;
+    let m = decode("cup_pos", &bytes);
+    assert_eq!(m.response_code(), Some("00"));
+    let de62 = m.field_bytes(62).expect("working keys in DE62");
+    assert_eq!(de62.len(), 24, "PIK 8 + check 4 + MAK 8 + check 4");
+    let tmk = DesKey::from_hex(TMK).unwrap();
+    // Decryption checks each key against the check value that follows it.
+    let (pik, mak) = mac::decrypt_cup_signon_keys(&tmk, de62).unwrap();
+    assert_eq!(de62[8..12], pik.check_value());
+    assert_eq!(de62[20..24], mak.check_value());
+    assert_eq!(
+        m.mac().map(|(mab, v)| mac::verify(&mak, mab, v)),
+        Some(true),
+        "the sign-on answer is MACed with the new MAK"
+    );
+    mak
+}
+
+fn cup_sale(stan: u32) -> Json {
+    let mut sale = vector("cup_bcd", "sale_0200");
+    sale["fields"]["11"] = json!(format!("{stan:06}"));
+    sale
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cup_sign_on_returns_working_keys_under_the_tmk_and_only_the_newest_mak_is_accepted() {
+    let mut keys = TerminalKeys::empty();
+    assert!(keys.insert(
+        "898310048990001",
+        "10000001",
+        DesKey::from_hex(TMK).unwrap()
+    ));
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut cup_mac = ListenerConfig::new(addr, ConfigDialect::CupPos, Framing::Binary2);
+    cup_mac.mac = Some(MacConfig {
+        algorithm: "cup_ecb".into(),
+        key: MAK.into(),
+    });
+    let gw = start_on(vec![cup_mac], keys).await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let link_key = MacKey::from_hex(MacAlgorithm::CupPosEcb, MAK).unwrap();
+    let code = |bytes: &[u8]| {
+        decode("cup_pos", bytes)
+            .response_code()
+            .unwrap()
+            .to_string()
+    };
+
+    // Before its first sign-on the terminal has no working key; the link's key is not its.
+    let a = exchange(&mut c, true, &cup_maced(&cup_sale(101), &link_key)).await;
+    assert_eq!(code(&a), "A0");
+
+    let first = sign_on_for_mak(&mut c).await;
+    let a = exchange(&mut c, true, &cup_maced(&cup_sale(102), &first)).await;
+    assert_eq!(code(&a), "00");
+    let m = decode("cup_pos", &a);
+    assert_eq!(
+        m.mac().map(|(mab, v)| mac::verify(&first, mab, v)),
+        Some(true),
+        "the approval carries a MAC under the terminal's MAK"
+    );
+
+    // A new sign-on rotates the keys: the old MAK (and the link's key) are refused.
+    let second = sign_on_for_mak(&mut c).await;
+    assert_ne!(first.check_value(), second.check_value());
+    let a = exchange(&mut c, true, &cup_maced(&cup_sale(103), &first)).await;
+    assert_eq!(code(&a), "A0");
+    let a = exchange(&mut c, true, &cup_maced(&cup_sale(104), &link_key)).await;
+    assert_eq!(code(&a), "A0");
+    let a = exchange(&mut c, true, &cup_maced(&cup_sale(105), &second)).await;
+    assert_eq!(code(&a), "00");
+
+    // Sign-on on a MAC link is rate-limited per terminal: 5 a minute, then 58.
+    for _ in 2..5 {
+        sign_on_for_mak(&mut c).await;
+    }
+    let a = exchange(&mut c, true, &vector_message("cup_bcd", "signon_0800")).await;
+    let a = answer("cup_pos", &a);
+    assert_eq!(
+        a.code_reason(),
+        ("58".into(), "TERMINAL_NOT_PERMITTED".into())
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_terminal_a_sending_as_terminal_b_gets_58() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "refundgate test CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["terminal-a.example".to_string()]).unwrap();
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "terminal A");
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut mtls = ListenerConfig::new(addr, ConfigDialect::Ascii1987, Framing::Binary2);
+    mtls.tls = TlsConfig {
+        client_ca: Some(ca_path),
+        ..TlsConfig::default()
+    };
+    mtls.identities = vec![IdentityConfig {
+        subject: Some("CN=terminal A".into()),
+        san: None,
+        sha256: None,
+        merchant: "MERCHANT 000001".into(),
+        terminals: vec!["TERM0001".into()],
+    }];
+    let gw = start_on(vec![mtls], TerminalKeys::empty()).await;
+    let identity = (
+        client_cert.der().clone(),
+        PrivateKeyDer::Pkcs8(client_key.serialize_der().into()),
+    );
+    let mut c = connect_as(&gw.listeners[0], Some(identity)).await;
+    let before = metric(
+        gw.admin,
+        "refundgate_terminal_not_permitted_total{dialect=\"ascii1987\"}",
+    )
+    .await;
+
+    let own = ascii("0200", "000000", 1_000, 1, &[]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &own)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    let other = ascii("0200", "000000", 1_000, 2, &[("41", "TERM0002".into())]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &other)).await,
+    );
+    assert_eq!(
+        a.code_reason(),
+        ("58".into(), "TERMINAL_NOT_PERMITTED".into())
+    );
+    let after = metric(
+        gw.admin,
+        "refundgate_terminal_not_permitted_total{dialect=\"ascii1987\"}",
+    )
+    .await;
+    assert!(after >= before + 1.0, "counted: {before} → {after}");
+    gw.stop().await;
+}
+
+async fn connect_as(
+    info: &ListenerInfo,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> Client {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(info.cert_der.clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
+    };
+    let tcp = TcpStream::connect(info.addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    Framed::new(tls, FrameCodec::new(info.framing, false, 8192))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_terminal_keys_from_a_private_file_and_refuses_a_loose_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let key_file = keys.join("terminal-keys.toml");
+    refundgate::at_rest::write_new_private(
+        &key_file,
+        format!(
+            "[[terminal]]\nmerchant = \"898310048990001\"\nterminal = \"10000001\"\ntmk = \"{TMK}\"\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let path = dir.path().join("refundgate.toml");
+    let toml = format!(
+        "[admin]\naddr = \"127.0.0.1:0\"\n\
+         [journal]\ndir = \"{}\"\nsegment_bytes = {SEGMENT_BYTES}\n\
+         [security]\nterminal_keys = \"{}\"\n\
+         [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"cup_pos\"\n",
+        dir.path().join("journal").display(),
+        key_file.display()
+    );
+    std::fs::write(&path, toml).unwrap();
+    let args = serve::ServeArgs {
+        config: Some(path),
+        merchants: None,
+        journal_dir: None,
+    };
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = serve::prepare(&args)
+        .err()
+        .expect("a key file others may read");
+    assert_eq!(refused.code, 74, "{}", refused.message);
+    assert!(refused.message.contains("chmod 600"), "{}", refused.message);
+    assert!(!refused.message.contains(TMK));
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let prepared = serve::prepare(&args).map_err(|e| e.message).unwrap();
+    let gw = serve_gateway(prepared.config, prepared.gateway, dir).await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let mak = sign_on_for_mak(&mut c).await;
+    let a = exchange(&mut c, true, &cup_maced(&cup_sale(201), &mak)).await;
+    assert_eq!(answer("cup_pos", &a).code.as_str(), "00");
     gw.stop().await;
 }

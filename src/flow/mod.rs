@@ -10,9 +10,10 @@ pub mod classify;
 pub mod ids;
 mod render;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
@@ -22,9 +23,13 @@ use crate::journal::{Journal, Recovered, StoreError, Ticket};
 use crate::ledger::{
     self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason,
 };
+use crate::limits;
 use crate::mac::{self, MacKey};
+use crate::ratelimit::{self, Admit, Limiter};
+use crate::server::tls::ClientCert;
 use crate::server::{Dispatch, Handled, RequestCtx};
 use crate::telemetry;
+use crate::terminal_keys::{Identities, TerminalKeys, TerminalMac};
 use crate::upstream::{Upstreams, Verdict};
 pub use classify::{classify, Kind, Shape};
 
@@ -35,8 +40,11 @@ pub struct Link {
     pub spec: &'static Spec,
     /// Which dialect it is (response codes differ).
     pub dialect: Dialect,
-    /// The MAC key of the link, when it uses MACs (DOMAIN §11).
+    /// The MAC key of the link, when it uses MACs (DOMAIN §11). On `cup_pos` links,
+    /// terminals with a master key use their own MAK instead.
     pub mac: Option<MacKey>,
+    /// Which ids each client certificate may use; `None`: any (DOMAIN §11, issue 18).
+    pub identities: Option<Identities>,
 }
 
 impl Link {
@@ -50,6 +58,7 @@ impl Link {
             spec,
             dialect,
             mac: None,
+            identities: None,
         }
     }
 
@@ -87,6 +96,61 @@ pub struct Gateway {
     upstreams: Option<Arc<Upstreams>>,
     /// Longest a batch waits for its records to be durable before answering 96.
     request_deadline: std::time::Duration,
+    /// Master and working keys of the terminals that have their own (DOMAIN §11).
+    terminal_keys: TerminalKeys,
+    /// Sign-ons per (merchant, terminal) on MAC links.
+    sign_ons: Limiter<(String, String)>,
+}
+
+/// Who sent the messages being decided: set by [`Dispatch`] for the duration of a batch, so
+/// the decision can check the client certificate against the link's identities and logs can
+/// be limited per source, without threading the connection through every call.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The peer's address.
+    pub peer: Option<IpAddr>,
+    /// The client certificate (mTLS listeners).
+    pub cert: Option<Arc<ClientCert>>,
+}
+
+tokio::task_local! {
+    static CALLER: Caller;
+}
+
+impl Caller {
+    /// The caller of a request arriving with `ctx`.
+    pub fn of(ctx: &RequestCtx) -> Caller {
+        Caller {
+            peer: Some(ctx.peer.ip()),
+            cert: ctx.client_cert.clone(),
+        }
+    }
+
+    /// Runs `f` (a call of [`Gateway::handle`] or [`Gateway::handle_batch`]) as this caller.
+    pub async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
+        CALLER.scope(self, f).await
+    }
+
+    /// The caller of the batch being decided (none outside [`Caller::scope`]).
+    fn current() -> Caller {
+        CALLER.try_with(Caller::clone).unwrap_or_default()
+    }
+}
+
+/// The MAC key of one message: the link's, or the terminal's own MAK.
+enum KeyRef<'a> {
+    Link(&'a MacKey),
+    Own(Arc<MacKey>),
+}
+
+impl std::ops::Deref for KeyRef<'_> {
+    type Target = MacKey;
+    fn deref(&self) -> &MacKey {
+        match self {
+            KeyRef::Link(k) => k,
+            KeyRef::Own(k) => k,
+        }
+    }
 }
 
 /// What the gateway tells the log and metrics about one request.
@@ -155,6 +219,12 @@ impl Gateway {
             request_deadline: std::time::Duration::from_millis(
                 crate::limits::REQUEST_DEADLINE_DEFAULT_MS,
             ),
+            terminal_keys: TerminalKeys::empty(),
+            sign_ons: Limiter::new(
+                limits::SIGN_ONS_PER_TERMINAL_MAX,
+                Duration::from_secs(limits::SIGN_ON_INTERVAL_S),
+                limits::SIGN_ON_TERMINALS_TRACKED_MAX,
+            ),
         }
     }
 
@@ -162,6 +232,13 @@ impl Gateway {
     /// durable within `deadline` (a hung disk): the connection and its slot are not held.
     pub fn with_request_deadline(mut self, deadline: std::time::Duration) -> Gateway {
         self.request_deadline = deadline;
+        self
+    }
+
+    /// The same gateway with per-terminal master keys: on `cup_pos` links those terminals get
+    /// fresh working keys at each sign-on and their MACs use their MAK (DOMAIN §11).
+    pub fn with_terminal_keys(mut self, keys: TerminalKeys) -> Gateway {
+        self.terminal_keys = keys;
         self
     }
 
@@ -341,7 +418,9 @@ impl Gateway {
         let (msg, err) = iso8583::decode_partial(l.spec, body);
         match err {
             Some(e) if e.answerable() => {
-                tracing::info!(dialect = l.spec.name(), mti = %msg.mti(), stan = ?e.stan, error = %e, "message error");
+                if let Some(suppressed) = bad_input_admitted() {
+                    tracing::info!(dialect = l.spec.name(), mti = %msg.mti(), stan = ?e.stan, error = %e, suppressed, "message error");
+                }
                 telemetry::count_message_error(dialect_label(l.dialect));
                 Some(self.answer(
                     l,
@@ -352,7 +431,9 @@ impl Gateway {
                 ))
             }
             Some(e) => {
-                tracing::info!(dialect = l.spec.name(), error = %e, "message error, dropped");
+                if let Some(suppressed) = bad_input_admitted() {
+                    tracing::info!(dialect = l.spec.name(), error = %e, suppressed, "message error, dropped");
+                }
                 telemetry::count_message_error(dialect_label(l.dialect));
                 None
             }
@@ -370,6 +451,15 @@ impl Gateway {
                 None,
             );
         };
+        if !self.identity_ok(l, msg) {
+            return self.answer(
+                l,
+                msg,
+                kind,
+                &Decision::bare(Reason::TERMINAL_NOT_PERMITTED),
+                None,
+            );
+        }
         let now = self.clock.now_unix_s();
         if matches!(kind, Kind::Echo | Kind::SignOff) {
             return self.answer(l, msg, kind, &Decision::bare(Reason::APPROVED), None);
@@ -597,6 +687,17 @@ impl Gateway {
     }
 
     async fn sign_on(&self, l: &Link, msg: &Message<'_>, now: i64) -> Decided {
+        // A sign-on carries no MAC when the terminal has no working key yet (its answer's keys
+        // are useless without the TMK); one that does carry a MAC must verify.
+        if msg.mac().is_some() && !self.mac_ok(l, msg) {
+            let d = Decision::bare(Reason::MAC_INVALID);
+            return self.answer(l, msg, Kind::SignOn, &d, None);
+        }
+        let keyed = self.keyed(l, msg);
+        if (l.mac.is_some() || keyed) && !self.sign_on_admitted(l, msg) {
+            let d = Decision::bare(Reason::TERMINAL_NOT_PERMITTED);
+            return self.answer(l, msg, Kind::SignOn, &d, None);
+        }
         let (Some(merchant), Some(terminal)) = (msg.merchant(), msg.terminal()) else {
             // ascii1987 sign-on of a host link carries no merchant: nothing to record.
             return self.answer(
@@ -619,7 +720,22 @@ impl Gateway {
             Ok((batch, _)) => {
                 let mut out = BytesMut::with_capacity(256);
                 let d = Decision::bare(Reason::APPROVED);
-                render::response(l, msg, Kind::SignOn, &d, None, Some(batch), &mut out);
+                // Fresh working keys, the old ones dead from here on; the answer carries them
+                // under the TMK and is MACed with the new MAK.
+                let working = keyed
+                    .then(|| self.terminal_keys.sign_on(merchant, terminal))
+                    .flatten();
+                let keys = match &working {
+                    Some(w) => render::Keys {
+                        mac: Some(&*w.mak),
+                        de62: Some(&w.de62[..]),
+                    },
+                    None => render::Keys {
+                        mac: l.mac.as_ref(),
+                        de62: None,
+                    },
+                };
+                render::response(l, msg, Kind::SignOn, &d, None, Some(batch), keys, &mut out);
                 Decided {
                     out,
                     decision: d,
@@ -676,14 +792,99 @@ impl Gateway {
         }
     }
 
+    /// Whether the message's MAC is what its terminal's key (or the link's) gives; a MAC
+    /// where there is no key, or none where there is one, fails (DOMAIN §11).
     fn mac_ok(&self, l: &Link, msg: &Message<'_>) -> bool {
         let present = msg.mac();
-        match (&l.mac, present) {
+        match (self.mac_key(l, msg), present) {
             (None, None) => true,
             (None, Some(_)) => false,
             (Some(_), None) => false,
-            (Some(key), Some((mab, value))) => mac::verify(key, mab, value),
+            (Some(key), Some((mab, value))) => mac::verify(&key, mab, value),
         }
+    }
+
+    /// The key of the message's MAC: on `cup_pos` links a terminal with a master key uses its
+    /// MAK (none before its first sign-on), any other the link's static key.
+    fn mac_key<'l>(&self, l: &'l Link, msg: &Message<'_>) -> Option<KeyRef<'l>> {
+        if l.dialect != Dialect::CupPos || self.terminal_keys.is_empty() {
+            return l.mac.as_ref().map(KeyRef::Link);
+        }
+        match self.terminal_keys.mac_key(msg.merchant(), msg.terminal()) {
+            TerminalMac::Link => l.mac.as_ref().map(KeyRef::Link),
+            TerminalMac::Own(mak) => mak.map(KeyRef::Own),
+        }
+    }
+
+    /// Whether the message comes from a terminal with its own master key on a `cup_pos` link.
+    fn keyed(&self, l: &Link, msg: &Message<'_>) -> bool {
+        l.dialect == Dialect::CupPos
+            && matches!(
+                self.terminal_keys.mac_key(msg.merchant(), msg.terminal()),
+                TerminalMac::Own(_)
+            )
+    }
+
+    /// Sign-ons on a MAC link are limited per terminal: each rotates the working keys, so a
+    /// flood would keep the terminal's MACs failing.
+    /// Only configured terminals are counted (the ledger refuses the others, and nothing of
+    /// theirs rotates), so made-up ids cannot fill the limiter's bounded map.
+    fn sign_on_admitted(&self, l: &Link, msg: &Message<'_>) -> bool {
+        let (Some(merchant), Some(terminal)) = (msg.merchant(), msg.terminal()) else {
+            return true;
+        };
+        let configured = self
+            .ledger
+            .origin()
+            .0
+            .merchant(merchant)
+            .is_some_and(|m| m.terminals.iter().any(|t| t.id == terminal));
+        if !configured {
+            return true;
+        }
+        let id = (merchant.to_string(), terminal.to_string());
+        if self.sign_ons.admit(id, Instant::now()).allowed() {
+            return true;
+        }
+        metrics::counter!(SIGN_ONS_REFUSED_TOTAL, telemetry::LABEL_DIALECT => dialect_label(l.dialect))
+            .increment(1);
+        if let Some(suppressed) = bad_input_admitted() {
+            tracing::warn!(
+                dialect = l.spec.name(),
+                terminal = msg.terminal().unwrap_or(""),
+                suppressed,
+                "sign-on rate limit: answering 58"
+            );
+        }
+        false
+    }
+
+    /// Whether the connection's client certificate may use the message's DE42/DE41 on this
+    /// link (always, on links without `identities`). Refusals are counted.
+    fn identity_ok(&self, l: &Link, msg: &Message<'_>) -> bool {
+        let Some(identities) = &l.identities else {
+            return true;
+        };
+        let caller = Caller::current();
+        if identities.permits(caller.cert.as_deref(), msg.merchant(), msg.terminal()) {
+            return true;
+        }
+        metrics::counter!(TERMINAL_NOT_PERMITTED_TOTAL, telemetry::LABEL_DIALECT => dialect_label(l.dialect))
+            .increment(1);
+        if let Some(suppressed) = bad_input_admitted() {
+            tracing::warn!(
+                dialect = l.spec.name(),
+                terminal = msg.terminal().unwrap_or(""),
+                subject = caller
+                    .cert
+                    .as_ref()
+                    .and_then(|c| c.subject.as_deref())
+                    .unwrap_or(""),
+                suppressed,
+                "client certificate may not use this terminal id: answering 58"
+            );
+        }
+        false
     }
 
     fn answer(
@@ -695,7 +896,12 @@ impl Gateway {
         rrn: Option<[u8; 12]>,
     ) -> Decided {
         let mut out = BytesMut::with_capacity(256);
-        render::response(l, msg, kind, d, rrn, None, &mut out);
+        let key = self.mac_key(l, msg);
+        let keys = render::Keys {
+            mac: key.as_deref(),
+            de62: None,
+        };
+        render::response(l, msg, kind, d, rrn, None, keys, &mut out);
         Decided {
             out,
             decision: *d,
@@ -775,6 +981,23 @@ impl Gateway {
     }
 }
 
+/// Sign-ons refused by the per-terminal rate limit (answered 58).
+pub const SIGN_ONS_REFUSED_TOTAL: &str = "refundgate_sign_ons_refused_total";
+/// Messages whose DE41/DE42 the connection's client certificate may not use (answered 58).
+pub const TERMINAL_NOT_PERMITTED_TOTAL: &str = "refundgate_terminal_not_permitted_total";
+
+/// Whether a line about bad input from the current caller may be logged now (one per source
+/// per interval); `Some(n)`: yes, `n` lines were left out since the last one.
+fn bad_input_admitted() -> Option<u64> {
+    let Some(peer) = Caller::current().peer else {
+        return Some(0);
+    };
+    match ratelimit::bad_input_log(peer, Instant::now()) {
+        Admit::Yes { suppressed } => Some(suppressed),
+        Admit::No => None,
+    }
+}
+
 /// MMDD of the UTC date at `now`.
 fn utc_mmdd(now: i64) -> u16 {
     crate::clock::mmdd_of(now)
@@ -845,8 +1068,9 @@ impl Dispatch for Gateway {
         body: bytes::Bytes,
     ) -> impl std::future::Future<Output = Handled> + Send {
         let link = ctx.listener.index;
+        let caller = Caller::of(ctx);
         async move {
-            match Gateway::handle(self, link, &body).await.0 {
+            match caller.scope(Gateway::handle(self, link, &body)).await.0 {
                 Outcome::Reply(bytes) => Handled::Reply(bytes),
                 Outcome::Drop => Handled::Drop,
             }
@@ -861,7 +1085,9 @@ impl Dispatch for Gateway {
         let link = ctx.listener.index;
         async move {
             let mut out = Vec::with_capacity(bodies.len());
-            Gateway::handle_batch(self, link, &bodies, &mut out).await;
+            Caller::of(ctx)
+                .scope(Gateway::handle_batch(self, link, &bodies, &mut out))
+                .await;
             out.into_iter()
                 .map(|(outcome, _)| match outcome {
                     Outcome::Reply(bytes) => Handled::Reply(bytes),
@@ -911,6 +1137,71 @@ pub fn recover_ledger(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_bad_input_from_one_source_logs_one_line_per_interval() {
+        use std::io::Write;
+        use std::sync::Mutex;
+
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        let merchants = ledger::MerchantSet::embedded().unwrap();
+        let ledger = Ledger::new(&merchants, ledger::PanKey::new(&[1; 16]));
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let gateway = Gateway::new(
+            Arc::new(ledger),
+            None,
+            clock,
+            vec![Link::plain(Dialect::Ascii1987)],
+        );
+        let doc = serde_json::json!({
+            "mti": "0200",
+            "fields": { "3": "000000", "4": "000000001000", "11": "000001" }
+        });
+        let mut bad = BytesMut::new();
+        iso8583::json::from_json(&iso8583::ASCII1987, &doc, &mut bad).unwrap();
+        // DE4 (just before the 6 digits of DE11) gets a letter: answerable, 30.
+        let at = bad.len() - 6 - 12;
+        bad[at] = b'X';
+
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let caller = Caller {
+            peer: Some("192.0.2.77".parse().unwrap()),
+            cert: None,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(async {
+                for _ in 0..20 {
+                    let (_, summary) = caller.clone().scope(gateway.handle(0, &bad)).await;
+                    assert_eq!(summary.code, Some("30"));
+                }
+            })
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let logged = text.matches("message error").count();
+        assert_eq!(logged, 1, "{text}");
+    }
 
     #[test]
     fn utc_mmdd_follows_the_calendar() {

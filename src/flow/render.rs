@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use super::{ids, Kind, Link};
 use crate::iso8583::{self, FieldList, Message, Value};
 use crate::ledger::{Decision, Dialect, Reason};
-use crate::mac;
+use crate::mac::{self, MacKey};
 
 /// Elements echoed from the request, per dialect.
 const ECHO_ASCII: &[u8] = &[3, 4, 7, 11, 12, 13, 37, 41, 42, 49, 70, 90];
@@ -13,7 +13,18 @@ const ECHO_CUP: &[u8] = &[3, 4, 11, 12, 13, 25, 37, 41, 42, 49, 60, 61];
 /// Elements echoed when the request was malformed: only what identifies it.
 const ECHO_FORMAT_ERROR: &[u8] = &[3, 11, 41, 42];
 
+/// The keys of one answer: the MAC key of the terminal (its MAK, or the link's key) and, for a
+/// sign-on, the working keys in DE62.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Keys<'a> {
+    /// Key of the MAC an approval carries; `None`: no MAC.
+    pub mac: Option<&'a MacKey>,
+    /// DE62 of a `cup_pos` sign-on answer (PIK and MAK under the TMK with check values).
+    pub de62: Option<&'a [u8]>,
+}
+
 /// Writes the response to `req` carrying `d` into `out`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn response(
     l: &Link,
     req: &Message<'_>,
@@ -21,10 +32,11 @@ pub(super) fn response(
     d: &Decision,
     sale_rrn: Option<[u8; 12]>,
     batch: Option<u32>,
+    keys: Keys<'_>,
     out: &mut BytesMut,
 ) {
     let code = d.de39(l.dialect).as_bytes();
-    render(l, req, kind, d, code, sale_rrn, batch, out);
+    render(l, req, kind, d, code, sale_rrn, batch, keys, out);
 }
 
 /// Writes the decline of `req` by an upstream host into `out`: DE39 is the host's `code`
@@ -37,7 +49,8 @@ pub(super) fn host_declined(
     code: &[u8; 2],
     out: &mut BytesMut,
 ) {
-    render(l, req, kind, d, code, None, None, out);
+    // A decline: no MAC, no keys.
+    render(l, req, kind, d, code, None, None, Keys::default(), out);
 }
 
 // One private renderer behind the two entry points; the arguments are the parts of a response.
@@ -50,6 +63,7 @@ fn render(
     code: &[u8],
     sale_rrn: Option<[u8; 12]>,
     batch: Option<u32>,
+    keys: Keys<'_>,
     out: &mut BytesMut,
 ) {
     let mut fields: FieldList<'_, 32> = FieldList::new();
@@ -100,7 +114,10 @@ fn render(
         de60 = cup_signon_60(b);
         let _ = fields.set(60, Value::Text(&de60));
     }
-    let mac_field = mac_field(l, approved, &fields);
+    if let (Some(de62), true) = (keys.de62, approved) {
+        let _ = fields.set(62, Value::Text(de62));
+    }
+    let mac_field = mac_field(keys.mac, approved, &fields);
     let placeholder = [b'0'; 16];
     if let Some((n, len)) = mac_field {
         let _ = fields.set(n, Value::Text(&placeholder[..len]));
@@ -115,7 +132,7 @@ fn render(
         let _ = iso8583::encode(l.spec, req.mti().response(), minimal.as_slice(), out);
         return;
     }
-    if let (Some((_, len)), Some(key)) = (mac_field, &l.mac) {
+    if let (Some((_, len)), Some(key)) = (mac_field, keys.mac) {
         let end = out.len();
         let value = mac::compute(key, &out[start..end - len]);
         if len == 16 {
@@ -128,8 +145,12 @@ fn render(
 
 /// Approvals on a MAC link carry a MAC (DE64, or DE128 when a secondary bitmap is present);
 /// declines do not (DOMAIN §11). Returns the element and its length in characters.
-fn mac_field(l: &Link, approved: bool, fields: &FieldList<'_, 32>) -> Option<(u8, usize)> {
-    let key = l.mac.as_ref()?;
+fn mac_field(
+    key: Option<&MacKey>,
+    approved: bool,
+    fields: &FieldList<'_, 32>,
+) -> Option<(u8, usize)> {
+    let key = key?;
     if !approved {
         return None;
     }

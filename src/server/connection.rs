@@ -103,12 +103,13 @@ pub(crate) async fn serve<D: Dispatch>(
     } = accepted;
     let dialect = info.dialect.as_str();
     let _open = telemetry::OpenConnection::new(dialect);
-    let client_cert_subject = tls
+    let client_cert = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .and_then(|leaf| tls::subject_of(leaf));
+        .map(|leaf| Arc::new(tls::client_cert(leaf)));
+    let client_cert_subject = client_cert.as_ref().and_then(|c| c.subject.clone());
     let codec = FrameCodec::new(
         info.framing,
         info.dialect.has_cup_header(),
@@ -119,6 +120,7 @@ pub(crate) async fn serve<D: Dispatch>(
         listener: info,
         peer,
         client_cert_subject,
+        client_cert,
         connection_id: id,
     };
     tracing::debug!(conn = id, %peer, listener = %ctx.listener.name, "connection open");
@@ -301,13 +303,20 @@ impl<'a, D: Dispatch> Handler<'a, D> {
             return End::Broken;
         }
         telemetry::count_framing_error(self.ctx.listener.dialect.as_str());
-        tracing::warn!(
-            conn = self.ctx.connection_id,
-            peer = %self.ctx.peer,
-            listener = %self.ctx.listener.name,
-            error = %e,
-            "framing error: closing the connection"
-        );
+        // One line per source per interval: a flood of bad frames must not flood the log.
+        let now = std::time::Instant::now();
+        if let crate::ratelimit::Admit::Yes { suppressed } =
+            crate::ratelimit::bad_input_log(self.ctx.peer.ip(), now)
+        {
+            tracing::warn!(
+                conn = self.ctx.connection_id,
+                peer = %self.ctx.peer,
+                listener = %self.ctx.listener.name,
+                error = %e,
+                suppressed,
+                "framing error: closing the connection"
+            );
+        }
         End::Framing
     }
 

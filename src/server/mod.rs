@@ -68,6 +68,9 @@ pub struct RequestCtx {
     pub peer: SocketAddr,
     /// The client certificate's subject (`CN=…, O=…`) on mTLS listeners.
     pub client_cert_subject: Option<String>,
+    /// Subject, alternative names and fingerprint of the client certificate on mTLS
+    /// listeners: what the listener's `identities` map is matched against.
+    pub client_cert: Option<Arc<tls::ClientCert>>,
     /// Process-unique number of the connection, for logs.
     pub connection_id: u64,
 }

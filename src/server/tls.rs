@@ -182,6 +182,75 @@ pub fn subject_of(cert_der: &[u8]) -> Option<String> {
     Some(out.chars().take(SUBJECT_CHARS_MAX).collect())
 }
 
+/// What a verified client certificate says about its holder: what a listener's identity map
+/// (`identities`) is matched against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The subject as [`subject_of`] renders it (`CN=…, O=…`).
+    pub subject: Option<String>,
+    /// Subject alternative names: DNS names, URIs and e-mail addresses, as written.
+    pub sans: Vec<String>,
+    /// Lower-case hex SHA-256 of the certificate's DER (its fingerprint).
+    pub sha256: String,
+}
+
+/// Most subject alternative names read from one client certificate.
+const SANS_MAX: usize = 16;
+
+/// The identity of a client certificate (DER), already verified by rustls.
+pub fn client_cert(cert_der: &[u8]) -> ClientCert {
+    ClientCert {
+        subject: subject_of(cert_der),
+        sans: sans_of(cert_der).unwrap_or_default(),
+        sha256: sha256_hex(cert_der),
+    }
+}
+
+/// The DNS, URI and e-mail subject alternative names of a DER certificate; `None` when the
+/// certificate cannot be walked.
+fn sans_of(cert_der: &[u8]) -> Option<Vec<String>> {
+    let (_, cert, _) = der_next(cert_der, 0x30)?;
+    let (_, mut tbs, _) = der_next(cert, 0x30)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = der_next(tbs, 0xa0)?.2;
+    }
+    for _ in 0..6 {
+        // serial, signature algorithm, issuer, validity, subject, subject public key info
+        tbs = der_any(tbs)?.2;
+    }
+    let mut out = Vec::new();
+    while !tbs.is_empty() {
+        let (tag, content, rest) = der_any(tbs)?;
+        tbs = rest;
+        if tag != 0xa3 {
+            continue; // issuer or subject unique id
+        }
+        let (_, mut extensions, _) = der_next(content, 0x30)?;
+        while !extensions.is_empty() {
+            let (_, extension, rest) = der_next(extensions, 0x30)?;
+            extensions = rest;
+            let (_, oid, mut value) = der_next(extension, 0x06)?;
+            if oid != [0x55, 0x1d, 0x11] {
+                continue;
+            }
+            if value.first() == Some(&0x01) {
+                value = der_any(value)?.2; // critical
+            }
+            let (_, octets, _) = der_next(value, 0x04)?;
+            let (_, mut names, _) = der_next(octets, 0x30)?;
+            while !names.is_empty() && out.len() < SANS_MAX {
+                let (tag, name, rest) = der_any(names)?;
+                names = rest;
+                // rfc822Name [1], dNSName [2], uniformResourceIdentifier [6]
+                if matches!(tag, 0x81 | 0x82 | 0x86) {
+                    out.push(String::from_utf8_lossy(name).into_owned());
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
 /// One DER element with the expected tag: (tag, content, rest).
 fn der_next(input: &[u8], tag: u8) -> Option<(u8, &[u8], &[u8])> {
     let element = der_any(input)?;
@@ -245,6 +314,9 @@ mod tests {
         let subject = subject_of(cert.der()).unwrap();
         assert!(subject.contains("CN=terminal 10000001"), "{subject}");
         assert!(subject.contains("O=Acme"), "{subject}");
+        let identity = client_cert(cert.der());
+        assert_eq!(identity.sans, vec!["t1".to_string()]);
+        assert_eq!(identity.sha256, sha256_hex(cert.der()));
         assert_eq!(subject_of(b"\x30\x03garbage"), None);
         assert_eq!(subject_of(b""), None);
     }
