@@ -222,7 +222,10 @@ async fn cup_pos_sessions_use_the_batch_of_the_setup_sign_on() {
     a.count = Some(60);
     let report = load::run(a).await.unwrap();
     assert!(report.is_clean(), "{report}");
-    assert_eq!(report.sessions_completed, 30, "{report}");
+    // --count counts requests: when the three slots claim the last of the 60 in an unlucky
+    // order, one two-step session is cut after its sale.
+    assert!((29..=30).contains(&report.sessions_completed), "{report}");
+    assert_eq!(report.verified, 60, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
