@@ -994,6 +994,187 @@ fn settlement_pays_out_sales_but_keeps_back_what_backs_a_refund_in_flight() {
     assert_eq!(view.refunded, 2000);
 }
 
+// ---- Settlement by terminal batch (DOMAIN §9a) ----
+
+/// A 0500 from `terminal` of merchant "M" (ascii) with its own `stan`.
+fn settlement(terminal: &str, stan: u32) -> Msg {
+    Msg {
+        op: Operation::Settlement,
+        class: 5,
+        terminal: terminal.into(),
+        pan: String::new(),
+        amount: 0,
+        currency: 0,
+        rrn: None,
+        ..sale(stan, 0)
+    }
+}
+
+fn totals(debits: (u64, u64), credits: (u64, u64)) -> BatchTotals {
+    BatchTotals {
+        debit_count: debits.0,
+        debit_amount: debits.1,
+        credit_count: credits.0,
+        credit_amount: credits.1,
+    }
+}
+
+fn settle(l: &Ledger, m: &Msg, t: Option<BatchTotals>, now: i64) -> Decision {
+    l.settle_batch(&m.req(), t, now)
+}
+
+#[test]
+fn settlement_by_an_unknown_or_absent_terminal_is_declined_03_or_cup_97_and_settles_nothing() {
+    let l = ledger_with("");
+    ok(&l, &sale(1, 2500), T0);
+    l.sign_on("M", "T1", T0).unwrap();
+    l.sign_on("C", "C1", T0).unwrap();
+    let before = state(&l);
+    for terminal in ["ZZZZ9999", ""] {
+        let d = settle(&l, &settlement(terminal, 90), None, T0 + 60);
+        assert_eq!(
+            (d.reason, d.de39(Dialect::Ascii1987)),
+            (Reason::UNKNOWN_TERMINAL, "03"),
+            "{terminal:?}"
+        );
+    }
+    let cup = settlement("C9", 91).with(|m| {
+        m.dialect = Dialect::CupPos;
+        m.merchant = "C".into();
+        m.batch = Some(7);
+        m.transmission = None;
+    });
+    let d = settle(&l, &cup, None, T0 + 60);
+    assert_eq!(
+        (d.reason, d.de39(Dialect::CupPos)),
+        (Reason::UNKNOWN_TERMINAL, "97")
+    );
+    let stranger = settlement("T1", 92).with(|m| m.merchant = "NOBODY".into());
+    let d = settle(&l, &stranger, None, T0 + 60);
+    assert_eq!(d.reason, Reason::UNKNOWN_MERCHANT);
+    assert_eq!(state(&l), before);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 2500);
+}
+
+#[test]
+fn settlement_before_sign_on_is_declined_03_and_after_it_closes_only_that_terminals_batch() {
+    let l = ledger_with("reserve = 0");
+    let s1 = sale(1, 5000);
+    ok(&l, &s1, T0);
+    let s2 = sale(2, 3000).with(|m| m.terminal = "T2".into());
+    ok(&l, &s2, T0);
+    declined(
+        &l,
+        &settlement("T1", 10),
+        T0 + 60,
+        Reason::UNKNOWN_TERMINAL,
+        "03",
+    );
+    l.sign_on("M", "T1", T0 + 61).unwrap();
+    let d = settle(&l, &settlement("T1", 11), None, T0 + 62);
+    assert!(d.is_approved(), "{d:?}");
+    assert_eq!(d.figures.amount, 5000, "T1's batch is paid out");
+    let f = l.funds("M").unwrap();
+    assert_eq!((f.unsettled_sales, f.available), (3000, 3000));
+    // T1's sale is settled: its void must be a refund; T2's batch is still open.
+    declined(&l, &s1.void(12), T0 + 63, Reason::USE_REFUND, "12");
+    ok(&l, &s2.void(13), T0 + 64);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+}
+
+#[test]
+fn settlement_with_wrong_totals_is_declined_95_and_the_batch_stays_open_until_they_agree() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 5000);
+    ok(&l, &s, T0);
+    ok(&l, &sale(2, 700), T0);
+    ok(&l, &s.refund(3, 1200), T0);
+    let v = sale(4, 900);
+    ok(&l, &v, T0);
+    ok(&l, &v.void(5), T0);
+    l.sign_on("M", "T1", T0).unwrap();
+    assert_eq!(
+        l.batch_totals("M", "T1"),
+        Some(totals((2, 5700), (1, 1200)))
+    );
+    let wrong = totals((2, 5700), (1, 1300));
+    let d = settle(&l, &settlement("T1", 20), Some(wrong), T0 + 60);
+    assert_eq!(
+        (
+            d.reason,
+            d.de39(Dialect::Ascii1987),
+            d.de39(Dialect::CupPos)
+        ),
+        (Reason::RECONCILE_ERROR, "95", "95")
+    );
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 5700);
+    // Still open: the same totals are still the gateway's, a same-day void still passes.
+    assert_eq!(
+        l.batch_totals("M", "T1"),
+        Some(totals((2, 5700), (1, 1200)))
+    );
+    let right = totals((2, 5700), (1, 1200));
+    let d = settle(&l, &settlement("T1", 21), Some(right), T0 + 120);
+    assert!(d.is_approved(), "{d:?}");
+    assert_eq!(d.figures.amount, 4500);
+    assert_eq!(l.batch_totals("M", "T1"), Some(BatchTotals::default()));
+    let f = l.funds("M").unwrap();
+    assert_eq!(
+        (f.unsettled_sales, f.refunds_committed, f.available),
+        (0, 0, 0)
+    );
+}
+
+#[test]
+fn repeat_of_a_settlement_gets_the_stored_answer_and_settles_nothing_more() {
+    let l = ledger_with("reserve = 0");
+    ok(&l, &sale(1, 5000), T0);
+    l.sign_on("M", "T1", T0).unwrap();
+    let first = settle(&l, &settlement("T1", 30), None, T0 + 60);
+    assert!(first.is_approved());
+    ok(&l, &sale(2, 800), T0 + 70);
+    let after = state(&l);
+    let again = settle(
+        &l,
+        &settlement("T1", 30).with(|m| m.repeat = true),
+        None,
+        T0 + 80,
+    );
+    assert_eq!(again, first);
+    assert_eq!(state(&l), after);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 800);
+}
+
+#[test]
+fn cup_settlement_with_a_stale_batch_is_declined_77_and_a_settled_terminal_signs_on_to_the_next() {
+    let l = ledger_with("");
+    l.sign_on("C", "C1", T0).unwrap();
+    let s = cup_sale(45, 10_000);
+    ok(&l, &s, T0);
+    let cup_settle = |stan: u32, batch: u32| {
+        settlement("C1", stan).with(|m| {
+            m.dialect = Dialect::CupPos;
+            m.merchant = "C".into();
+            m.batch = Some(batch);
+            m.transmission = None;
+        })
+    };
+    let d = settle(&l, &cup_settle(60, 6), None, T0 + 60);
+    assert_eq!(
+        (d.reason, d.de39(Dialect::CupPos)),
+        (Reason::BATCH_MISMATCH, "77")
+    );
+    let d = settle(
+        &l,
+        &cup_settle(61, 7),
+        Some(totals((1, 10_000), (0, 0))),
+        T0 + 61,
+    );
+    assert!(d.is_approved(), "{d:?}");
+    let (batch, _) = l.sign_on("C", "C1", T0 + 62).unwrap();
+    assert_eq!(batch, 8);
+}
+
 // ---- Reversals (DOMAIN §9) ----
 
 #[test]
@@ -1028,7 +1209,10 @@ fn reversal_of_an_unknown_or_already_reversed_original_answers_00_and_is_counted
     assert_eq!(l.reversal_noops(), 1);
     // The sale arriving late (its answer was lost) can never apply after its reversal.
     let late = l.decide(&ghost.req(), T0 + 1);
-    assert_eq!(late.reason, Reason::REVERSED_BEFORE_COMMIT);
+    assert_eq!(
+        (late.reason, late.de39(Dialect::Ascii1987)),
+        (Reason::ORIGINAL_REVERSED, "22")
+    );
     assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
     let s = sale(3, 2500);
     ok(&l, &s, T0);

@@ -582,39 +582,26 @@ impl Gateway {
         }
     }
 
+    /// A 0500 settles its terminal's open batch (DOMAIN §9a): decided by the ledger like any
+    /// request (row 3 terminal and sign-on, row 4 repeats), with the batch totals it carries.
     async fn settle(&self, l: &Link, msg: &Message<'_>, now: i64) -> Decided {
-        let Some(merchant) = msg.merchant() else {
-            return self.answer(
-                l,
-                msg,
-                Kind::Settlement,
-                &Decision::bare(Reason::FORMAT_ERROR),
-                None,
-            );
+        let kind = Kind::Settlement;
+        let Ok(totals) = batch_totals(msg, l.shape()) else {
+            return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
+        let mut pan_buf = [0u8; 19];
+        let rrn_buf = [b'0'; 12];
+        let Some(req) = self.ledger_request(l, msg, kind, now, &mut pan_buf, &rrn_buf) else {
+            return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
+        };
+        let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
         let mut ticket = None;
-        let settled = {
+        let logged = {
             let _gate = self.gate.read().await;
             self.ledger
-                .settle_logged::<LogError>(merchant, now, |e| Ok(self.enqueue(e, &mut ticket)?))
+                .settle_batch_logged(&req, totals, now, |e| self.enqueue(e, &mut ticket))
         };
-        match settled {
-            Ok((d, _)) => {
-                let mut decided = self.answer(l, msg, Kind::Settlement, &d, None);
-                decided.wait = ticket;
-                decided
-            }
-            Err(LogError::Refused(refused)) => {
-                self.answer(l, msg, Kind::Settlement, &Decision::bare(refused.0), None)
-            }
-            Err(LogError::Store) => self.answer(
-                l,
-                msg,
-                Kind::Settlement,
-                &Decision::bare(Reason::STORE_UNAVAILABLE),
-                None,
-            ),
-        }
+        self.logged(l, msg, kind, logged, ticket, epoch, None)
     }
 
     fn mac_ok(&self, l: &Link, msg: &Message<'_>) -> bool {
@@ -661,15 +648,23 @@ impl Gateway {
             Kind::Reversal => Operation::Reversal,
             _ => Operation::Settlement,
         };
-        let pan_digits = msg.pan()?.digits();
-        let n = pan_digits.len().min(19);
-        for (i, slot) in pan_buf.iter_mut().enumerate().take(n) {
-            *slot = pan_digits.char_at(i);
-        }
+        // A settlement names no card.
+        let n = match (msg.pan(), kind) {
+            (Some(p), _) => {
+                let pan_digits = p.digits();
+                let n = pan_digits.len().min(19);
+                for (i, slot) in pan_buf.iter_mut().enumerate().take(n) {
+                    *slot = pan_digits.char_at(i);
+                }
+                n
+            }
+            (None, Kind::Settlement) => 0,
+            (None, _) => return None,
+        };
         let pan = std::str::from_utf8(&pan_buf[..n]).ok()?;
         let shape = l.shape();
         let original = match (kind, shape) {
-            (Kind::Sale, _) => None,
+            (Kind::Sale | Kind::Settlement, _) => None,
             (_, Shape::Ascii) => msg.original_data().map(|od| OriginalRef::Iso {
                 mti: od.mti.0,
                 stan: od.stan,
@@ -698,7 +693,11 @@ impl Gateway {
             op,
             repeat: msg.mti().is_repeat(),
             merchant: msg.merchant()?,
-            terminal: msg.terminal()?,
+            // A 0500 without DE41 is from no configured terminal: row 3 answers it.
+            terminal: match kind {
+                Kind::Settlement => msg.terminal().unwrap_or(""),
+                _ => msg.terminal()?,
+            },
             stan: msg.stan()?,
             local_date_mmdd,
             mti_class: msg.mti().class(),
@@ -712,6 +711,52 @@ impl Gateway {
             original,
             body_fingerprint: fingerprint(msg),
         })
+    }
+}
+
+/// The batch totals a 0500 carries (DOMAIN §9a), `Ok(None)` when it carries none.
+/// ascii1987: DE 74 credits count, 76 debits count, 86 credits amount, 88 debits amount
+/// (an absent one of them is 0). cup_pos DE 48: domestic debit amount n12, count n3, credit
+/// amount n12, count n3, reconciliation code n1, then the same for foreign cards; the two
+/// are added (the gateway does not tell them apart). A DE 48 shorter than 30 digits is a
+/// format error.
+fn batch_totals(msg: &Message<'_>, shape: Shape) -> Result<Option<ledger::BatchTotals>, ()> {
+    match shape {
+        Shape::Ascii => {
+            if ![74, 76, 86, 88].iter().any(|&n| msg.has(n)) {
+                return Ok(None);
+            }
+            let get = |n: usize| match msg.field(n) {
+                None => Ok(0),
+                Some(_) => msg.number(n).ok_or(()),
+            };
+            Ok(Some(ledger::BatchTotals {
+                credit_count: get(74)?,
+                debit_count: get(76)?,
+                credit_amount: get(86)?,
+                debit_amount: get(88)?,
+            }))
+        }
+        Shape::Cup => {
+            let Some(d) = msg.digits(48) else {
+                return Ok(None);
+            };
+            if d.len() < 30 {
+                return Err(());
+            }
+            let mut t = ledger::BatchTotals::default();
+            for base in [0usize, 31] {
+                if base + 30 > d.len() {
+                    break;
+                }
+                let num = |a: usize, b: usize| d.number(base + a, base + b).ok_or(());
+                t.debit_amount = t.debit_amount.saturating_add(num(0, 12)?);
+                t.debit_count = t.debit_count.saturating_add(num(12, 15)?);
+                t.credit_amount = t.credit_amount.saturating_add(num(15, 27)?);
+                t.credit_count = t.credit_count.saturating_add(num(27, 30)?);
+            }
+            Ok(Some(t))
+        }
     }
 }
 
@@ -753,7 +798,8 @@ fn fingerprint(msg: &Message<'_>) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     };
     eat(&[msg.mti().class(), msg.mti().function()]);
-    for n in [2usize, 3, 4, 41, 42, 49, 61, 90] {
+    // 48 and 74/76/86/88: a 0500's batch totals (DOMAIN §9a).
+    for n in [2usize, 3, 4, 41, 42, 48, 49, 61, 74, 76, 86, 88, 90] {
         eat(msg.field_bytes(n).unwrap_or(&[]));
     }
     h

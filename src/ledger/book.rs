@@ -10,7 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 use super::counters::{over, Bucket, Held};
-use super::decision::{Decision, Figures, Operation, OriginalRef, Request};
+use super::decision::{BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
 use super::event::{AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord};
 use super::hash::FastMap;
 use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
@@ -34,6 +34,9 @@ pub(crate) struct Term {
     pub refund_enabled: bool,
     pub batch: u32,
     pub signed_on: bool,
+    /// Settlement epoch of the terminal's open batch: an entry of this terminal with an
+    /// older epoch is settled.
+    pub epoch: u32,
 }
 
 /// What a reservation holds, to be given back on commit or release.
@@ -67,6 +70,8 @@ pub(crate) struct Ctx {
     pub pan: MaskedPan,
     pub pan_hash: u64,
     pub store_ok: bool,
+    /// The batch totals a settlement request carries, if any.
+    pub totals: Option<BatchTotals>,
 }
 
 /// One merchant's state.
@@ -129,6 +134,18 @@ pub(crate) enum Refusal {
     Decline(Decision, AnswerKey),
 }
 
+impl Term {
+    /// Closes the open batch: the next batch number (999999 wraps to 1) and epoch.
+    pub fn next_batch(&mut self) {
+        self.batch = if self.batch >= 999_999 {
+            1
+        } else {
+            self.batch + 1
+        };
+        self.epoch = self.epoch.saturating_add(1);
+    }
+}
+
 impl Book {
     pub fn new(cfg: &MerchantConfig) -> Option<Book> {
         let terms = cfg
@@ -140,6 +157,7 @@ impl Book {
                     refund_enabled: t.refund_enabled,
                     batch: t.batch,
                     signed_on: false,
+                    epoch: 0,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -189,6 +207,16 @@ impl Book {
         self.term_ix.get(&id).copied()
     }
 
+    /// The settlement epoch of terminal `term`'s open batch.
+    pub fn term_epoch(&self, term: u16) -> u32 {
+        self.terms.get(usize::from(term)).map_or(0, |t| t.epoch)
+    }
+
+    /// True while `e` is in its terminal's open (unsettled) batch.
+    pub fn in_open_batch(&self, e: &Entry) -> bool {
+        e.epoch == self.term_epoch(e.key.term)
+    }
+
     /// `reserve + unsettled − committed − pending debits`, never below zero.
     pub fn available(&self) -> u64 {
         let a = i128::from(self.reserve) + i128::from(self.unsettled)
@@ -205,16 +233,16 @@ impl Book {
             .term_index(req.terminal)
             .ok_or(bare(Reason::UNKNOWN_TERMINAL))?;
         let t = &self.terms[usize::from(term)];
-        if req.dialect == Dialect::CupPos && req.op != Operation::Settlement {
+        // A settlement closes a batch (DOMAIN §9a): only a terminal that signed on may ask,
+        // whatever its dialect; cup terminals sign on before anything else.
+        let settlement = req.op == Operation::Settlement;
+        if req.dialect == Dialect::CupPos || settlement {
             if !t.signed_on {
                 return Err(bare(Reason::UNKNOWN_TERMINAL));
             }
-            if req.batch != Some(t.batch) {
+            if req.dialect == Dialect::CupPos && req.batch != Some(t.batch) {
                 return Err(bare(Reason::BATCH_MISMATCH));
             }
-        }
-        if req.op == Operation::Settlement {
-            return self.check_settlement(ctx).map_err(Refusal::Bare);
         }
         // Row 4: duplicates and repeats.
         let key = pack_key(term, req.stan, req.local_date_mmdd, req.mti_class);
@@ -299,6 +327,9 @@ impl Book {
             currency: self.policy.currency,
             ..Figures::default()
         };
+        if req.op == Operation::Settlement {
+            return self.check_settlement(ctx, term, answer);
+        }
         // Row 6: amount.
         if req.amount_minor == 0
             || req.amount_minor > AMOUNT_MINOR_MAX
@@ -307,7 +338,7 @@ impl Book {
             return Err(Decision::new(Reason::INVALID_AMOUNT, base));
         }
         match req.op {
-            Operation::Sale => Ok(self.hold_sale(req, ctx, term, answer)),
+            Operation::Sale => self.check_sale(req, ctx, term, answer, base),
             Operation::Refund => self.check_refund(req, ctx, term, answer, base),
             Operation::Void => self.check_void(req, ctx, term, answer, base),
             Operation::Reversal => Ok((
@@ -319,6 +350,24 @@ impl Book {
             )),
             Operation::Settlement => Err(Decision::bare(Reason::INTERNAL_ERROR)),
         }
+    }
+
+    /// A sale whose reversal came first is declined 22 (DOMAIN §9); otherwise it is held.
+    fn check_sale(
+        &mut self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        term: u16,
+        answer: AnswerKey,
+        base: Figures,
+    ) -> Checked {
+        if self.tombstones > 0 {
+            let own = self.txn_key(own_key(req, term));
+            if self.tombstoned(&own) {
+                return Err(Decision::new(Reason::ORIGINAL_REVERSED, base));
+            }
+        }
+        Ok(self.hold_sale(req, ctx, term, answer))
     }
 
     fn hold_sale(
@@ -420,7 +469,7 @@ impl Book {
             );
         }
         let today = ctx.today;
-        let same_day = p.utc_offset.day(sale.at) == today.day && sale.epoch == self.epoch;
+        let same_day = p.utc_offset.day(sale.at) == today.day && self.in_open_batch(&sale);
         if p.same_day_refund == SameDayRefund::UseVoid && same_day {
             return fail(Reason::USE_VOID, figs);
         }
@@ -584,7 +633,7 @@ impl Book {
         let same_day = p.utc_offset.day(sale.at) == ctx.today.day;
         let t = &self.terms[usize::from(term)];
         let open_batch =
-            sale.epoch == self.epoch && (req.dialect != Dialect::CupPos || sale.batch == t.batch);
+            self.in_open_batch(&sale) && (req.dialect != Dialect::CupPos || sale.batch == t.batch);
         if !same_day || !open_batch || sale.key.term != term {
             return Err(Decision::new(Reason::USE_REFUND, figs));
         }
@@ -618,11 +667,96 @@ impl Book {
         ))
     }
 
-    fn check_settlement(&mut self, ctx: &Ctx) -> Checked {
-        if !ctx.store_ok {
-            return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+    /// DOMAIN §9a: the terminal's open batch, its totals compared with the request's.
+    fn check_settlement(&mut self, ctx: &Ctx, term: u16, answer: AnswerKey) -> Checked {
+        let ours = self.batch_totals(term);
+        let figures = Figures {
+            amount: ours.debit_amount,
+            currency: self.policy.currency,
+            limit: Some(ours.debit_amount),
+            used: Some(ours.credit_amount),
+            ..Figures::default()
+        };
+        if ctx.totals.is_some_and(|theirs| theirs != ours) {
+            return Err(Decision::new(Reason::RECONCILE_ERROR, figures));
         }
-        Ok((self.settle_body(), Hold::default()))
+        let net = i128::from(ours.debit_amount) - i128::from(ours.credit_amount);
+        let (payout, reserve_used) = if net >= 0 {
+            // Keep back what backs debits in flight: never pay out below them.
+            let merchant_net = i128::from(self.unsettled)
+                - i128::from(self.committed)
+                - i128::from(self.pending_debits);
+            let payout = net.min(merchant_net.max(0));
+            (u64::try_from(payout).unwrap_or(0), 0)
+        } else {
+            (0, u64::try_from(-net).unwrap_or(u64::MAX))
+        };
+        Ok((
+            EventBody::SettleBatch {
+                answer,
+                payout,
+                reserve_used,
+            },
+            Hold::default(),
+        ))
+    }
+
+    /// The gateway's totals of terminal `term`'s open batch: approved sales (debits) and
+    /// approved refunds (credits) still standing; voided and reversed ones are out.
+    pub fn batch_totals(&self, term: u16) -> BatchTotals {
+        let epoch = self.term_epoch(term);
+        let mut t = BatchTotals::default();
+        for e in self.entries.iter() {
+            if e.key.term != term || e.epoch != epoch || e.state != OriginalState::Approved {
+                continue;
+            }
+            match e.kind {
+                Kind::Sale => {
+                    t.debit_count += 1;
+                    t.debit_amount = t.debit_amount.saturating_add(e.amount);
+                }
+                Kind::Refund => {
+                    t.credit_count += 1;
+                    t.credit_amount = t.credit_amount.saturating_add(e.amount);
+                }
+                Kind::Void | Kind::Tombstone => {}
+            }
+        }
+        t
+    }
+
+    /// Applies a terminal's settlement: its batch's sales less its refunds leave the funds
+    /// (`payout` paid out, or `reserve_used` taken from the reserve when refunds exceeded
+    /// sales), its originals become settled and the terminal moves to the next batch.
+    fn apply_settle_batch(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        payout: u64,
+        reserve_used: u64,
+    ) -> Decision {
+        let Some(term) = self.term_index(answer.terminal.as_str()) else {
+            return Decision::bare(Reason::INTERNAL_ERROR);
+        };
+        let totals = self.batch_totals(term);
+        let (sales, refunds) = (totals.debit_amount, totals.credit_amount);
+        let removed = if sales >= refunds {
+            refunds.saturating_add(payout.min(sales - refunds))
+        } else {
+            self.reserve = self.reserve.saturating_sub(reserve_used);
+            sales
+        };
+        self.unsettled = self.unsettled.saturating_sub(removed);
+        self.committed = self.committed.saturating_sub(refunds);
+        self.terms[usize::from(term)].next_batch();
+        let figures = Figures {
+            amount: payout,
+            currency: self.policy.currency,
+            limit: Some(totals.debit_amount),
+            used: Some(totals.credit_amount),
+            ..Figures::default()
+        };
+        self.finish(at, answer, Decision::new(Reason::APPROVED, figures))
     }
 
     /// The settlement to journal now: net unsettled sales are paid out, except what backs
@@ -895,7 +1029,8 @@ impl Book {
                 EventBody::Sale { answer, .. }
                 | EventBody::Refund { answer, .. }
                 | EventBody::Void { answer, .. }
-                | EventBody::Reversal { answer, .. } => Some(answer),
+                | EventBody::Reversal { answer, .. }
+                | EventBody::SettleBatch { answer, .. } => Some(answer),
                 _ => None,
             };
             // The same event applied twice (a replayed journal overlapping a snapshot).
@@ -939,6 +1074,11 @@ impl Book {
                 payout,
                 reserve_used,
             } => self.apply_settle(*payout, *reserve_used),
+            EventBody::SettleBatch {
+                answer,
+                payout,
+                reserve_used,
+            } => self.apply_settle_batch(at, answer, *payout, *reserve_used),
         }
     }
 
@@ -970,7 +1110,7 @@ impl Book {
         self.epoch = self.epoch.saturating_add(1);
         self.cutover = false;
         for t in &mut self.terms {
-            t.batch = if t.batch >= 999_999 { 1 } else { t.batch + 1 };
+            t.next_batch();
         }
         let figures = Figures {
             amount: payout,
@@ -1038,7 +1178,7 @@ impl Book {
             pan: txn.pan,
             key,
             link,
-            epoch: self.epoch,
+            epoch: self.term_epoch(key.term),
             batch: txn.batch,
             refund_count: 0,
             kind,
@@ -1197,8 +1337,9 @@ impl Book {
         self.push_entry(at, txn, key, Kind::Void, OriginalState::Approved, sale_idx);
         let sale = &mut self.entries[sale_idx as usize];
         sale.state = OriginalState::Voided;
-        let (amount, epoch) = (sale.amount, sale.epoch);
-        self.take_back_sale(amount, epoch);
+        let sale = *sale;
+        let amount = sale.amount;
+        self.take_back_sale(&sale);
         let figs = Figures {
             original_amount: Some(amount),
             original_remaining: Some(0),
@@ -1208,8 +1349,9 @@ impl Book {
     }
 
     /// Removes a sale's money from the funds (void or reversal of a sale).
-    fn take_back_sale(&mut self, amount: u64, epoch: u32) {
-        if epoch == self.epoch {
+    fn take_back_sale(&mut self, sale: &Entry) {
+        let amount = sale.amount;
+        if self.in_open_batch(sale) {
             let short = amount.saturating_sub(self.unsettled);
             self.unsettled = self.unsettled.saturating_sub(amount);
             self.reserve = self.reserve.saturating_sub(short);
@@ -1249,10 +1391,13 @@ impl Book {
         }
         self.entries[idx as usize].state = OriginalState::Reversed;
         match e.kind {
-            Kind::Sale => self.take_back_sale(e.amount, e.epoch),
+            Kind::Sale => self.take_back_sale(&e),
             Kind::Refund => self.give_back_refund(&e),
             Kind::Void => {
-                let epoch = self.epoch;
+                let epoch = self
+                    .entries
+                    .get(e.link as usize)
+                    .map_or(0, |s| self.term_epoch(s.key.term));
                 if let Some(sale) = self.entries.get_mut(e.link as usize) {
                     sale.state = OriginalState::Approved;
                     sale.epoch = epoch;
@@ -1281,7 +1426,7 @@ impl Book {
             sale.refunded = sale.refunded.saturating_sub(refund.amount);
             sale.refund_count = sale.refund_count.saturating_sub(1);
         }
-        if refund.epoch == self.epoch {
+        if self.in_open_batch(refund) {
             self.committed = self.committed.saturating_sub(refund.amount);
         } else {
             self.reserve = self.reserve.saturating_add(refund.amount);

@@ -19,7 +19,8 @@ pub enum Operation {
     /// A reversal of a sale, refund or void (ascii: DE90; cup: terminal + own STAN + DE60.2,
     /// plus DE61 for a void). Idempotent; always approved once rows 1–6 pass.
     Reversal,
-    /// A batch settlement (0500) from a terminal: same as [`super::Ledger::settle`].
+    /// A batch settlement (0500) of the terminal's open batch (DOMAIN §9a); see
+    /// [`super::Ledger::settle_batch_logged`].
     Settlement,
 }
 
@@ -106,6 +107,21 @@ impl fmt::Debug for Request<'_> {
             .field("original", &self.original)
             .finish_non_exhaustive()
     }
+}
+
+/// The totals of one terminal batch (DOMAIN §9a): ascii1987 DE 76/88 (debits) and 74/86
+/// (credits), `cup_pos` DE 48. Debits are approved sales still standing (not voided or
+/// reversed), credits approved refunds still standing; amounts in minor units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct BatchTotals {
+    /// Number of debits (sales).
+    pub debit_count: u64,
+    /// Amount of debits.
+    pub debit_amount: u64,
+    /// Number of credits (refunds).
+    pub credit_count: u64,
+    /// Amount of credits.
+    pub credit_amount: u64,
 }
 
 /// The numbers behind a decision, for DE54 and `explain`. Absent means "not relevant".

@@ -165,7 +165,18 @@ pub enum EventBody {
         /// Added to the reserve.
         amount: u64,
     },
-    /// A settlement: `payout` of net unsettled sales paid out, `reserve_used` taken from the
+    /// A terminal's settlement of its open batch (DOMAIN §9a): `payout` of the batch's net
+    /// sales paid out, or `reserve_used` taken from the reserve when its refunds exceeded its
+    /// sales; the terminal moves to the next batch.
+    SettleBatch {
+        /// The 0500 answered (its terminal is the one settled).
+        answer: AnswerKey,
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+    /// A settlement of the whole merchant: `payout` of net unsettled sales paid out, `reserve_used` taken from the
     /// reserve when refunds exceeded sales; batches move on.
     Settle {
         /// Paid out.
@@ -218,6 +229,7 @@ impl LedgerEvent {
             EventBody::CutoverBegin => 7,
             EventBody::Settle { .. } => 8,
             EventBody::TopUp { .. } => 9,
+            EventBody::SettleBatch { .. } => 10,
         };
         w.u8(tag);
         w.id(&self.merchant);
@@ -270,6 +282,15 @@ impl LedgerEvent {
                 w.u64(*payout);
                 w.u64(*reserve_used);
             }
+            EventBody::SettleBatch {
+                answer,
+                payout,
+                reserve_used,
+            } => {
+                w.answer(answer);
+                w.u64(*payout);
+                w.u64(*reserve_used);
+            }
         }
     }
 
@@ -318,6 +339,11 @@ impl LedgerEvent {
                 reserve_used: r.u64()?,
             },
             9 => EventBody::TopUp { amount: r.u64()? },
+            10 => EventBody::SettleBatch {
+                answer: r.answer()?,
+                payout: r.u64()?,
+                reserve_used: r.u64()?,
+            },
             _ => return Err(DecodeError::Invalid("event tag")),
         };
         r.end()?;

@@ -65,7 +65,7 @@ use dashmap::DashMap;
 use crate::clock::UnixSeconds;
 use book::{Book, Ctx, Hold, Refusal};
 
-pub use decision::{format_de54, Decision, Figures, Operation, OriginalRef, Request};
+pub use decision::{format_de54, BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
 pub use event::{DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId};
 pub use merchants::{ConfigError, MerchantConfig, MerchantSet, Policy, SameDayRefund};
 pub use money::{CardType, MaskedPan, PanKey};
@@ -345,10 +345,55 @@ impl Ledger {
         now: UnixSeconds,
         log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
     ) -> Logged<E> {
-        let (mut book, ctx) = match self.book_for(req, now) {
+        self.decide_with(req, None, now, log)
+    }
+
+    /// Settles the open batch of the request's terminal (a 0500, DOMAIN §9a) through `log`,
+    /// like [`Ledger::decide_logged`]: only a configured terminal that signed on may settle
+    /// (03 / CUP 97 otherwise; CUP 77 on a stale batch); when the request carries `totals`
+    /// that differ from the gateway's the answer is 95 `RECONCILE_ERROR` and the batch stays
+    /// open; a repeat gets the stored answer.
+    pub fn settle_batch_logged<E>(
+        &self,
+        req: &Request<'_>,
+        totals: Option<BatchTotals>,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
+        self.decide_with(req, totals, now, log)
+    }
+
+    /// [`Ledger::settle_batch_logged`] for callers without a journal.
+    pub fn settle_batch(
+        &self,
+        req: &Request<'_>,
+        totals: Option<BatchTotals>,
+        now: UnixSeconds,
+    ) -> Decision {
+        match self.decide_with(req, totals, now, unlogged) {
+            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => decision,
+            Logged::Failed(never) => match never {},
+        }
+    }
+
+    /// The gateway's totals of a terminal's open batch (DOMAIN §9a).
+    pub fn batch_totals(&self, merchant: &str, terminal: &str) -> Option<BatchTotals> {
+        let book = self.books.get(&MerchantId::new(merchant)?)?;
+        Some(book.batch_totals(book.term_index(terminal)?))
+    }
+
+    fn decide_with<E>(
+        &self,
+        req: &Request<'_>,
+        totals: Option<BatchTotals>,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
+        let (mut book, mut ctx) = match self.book_for(req, now) {
             Ok(b) => b,
             Err(refusal) => return refusal.widen(),
         };
+        ctx.totals = totals;
         match book.check(req, &ctx) {
             Ok((body, hold)) => {
                 book.release(&hold);
@@ -389,6 +434,7 @@ impl Ledger {
             pan: pan.unwrap_or_default(),
             pan_hash,
             store_ok,
+            totals: None,
         };
         Ok((book, ctx))
     }
@@ -682,7 +728,7 @@ impl Ledger {
             amount: e.amount,
             refunded: e.refunded,
             refund_count: e.refund_count,
-            state: e.state_at(book.epoch),
+            state: e.state_at(book.term_epoch(e.key.term)),
             pan: e.pan,
             card: e.card,
             batch: e.batch,

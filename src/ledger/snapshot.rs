@@ -1,7 +1,7 @@
 //! Snapshots: the durable state of every book in one deterministic byte string, so restart
 //! replays only the journal tail written after it.
 //!
-//! Layout (version [`EVENT_VERSION`]): magic `RGLS`, version, merchant count, then per
+//! Layout (version [`SNAPSHOT_VERSION`]): magic `RGLS`, version, merchant count, then per
 //! merchant its id, funds, counters, terminals, cards, entries, RRN index and stored
 //! answers, each map sorted by key so equal states give equal bytes. In-flight reservations
 //! are not part of it.
@@ -16,6 +16,10 @@ use super::{Ledger, MerchantSet};
 use crate::limits::SNAPSHOT_ITEMS_MAX;
 
 const MAGIC: &[u8; 4] = b"RGLS";
+
+/// Snapshot layout version. 2 added per-terminal settlement epochs, the entries' base index
+/// and the reconciliation list; version 1 snapshots (written before) still restore.
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// A snapshot that cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +40,7 @@ impl Ledger {
     pub fn snapshot(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(MAGIC);
         let w = &mut Writer(out);
-        w.u8(EVENT_VERSION);
+        w.u8(SNAPSHOT_VERSION);
         w.u64(self.order.len() as u64);
         for id in &self.order {
             if let Some(book) = self.books.get(id) {
@@ -58,7 +62,7 @@ impl Ledger {
             .ok_or(DecodeError::Invalid("magic"))?;
         let r = &mut Reader(body);
         let v = r.u8()?;
-        if v != EVENT_VERSION {
+        if v != EVENT_VERSION && v != SNAPSHOT_VERSION {
             return Err(DecodeError::Version(v).into());
         }
         let n = count(r)?;
@@ -68,7 +72,7 @@ impl Ledger {
                 .books
                 .get_mut(&id)
                 .ok_or_else(|| RestoreError::UnknownMerchant(id.as_str().to_string()))?;
-            read_book(r, &mut book)?;
+            read_book(r, &mut book, v)?;
         }
         r.end()?;
         Ok(ledger)
@@ -113,6 +117,7 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
         w.id(&t.id);
         w.u64(u64::from(t.batch));
         w.u8(u8::from(t.signed_on));
+        w.u64(u64::from(t.epoch));
     }
     let mut cards: Vec<_> = b.cards.iter().collect();
     cards.sort_unstable_by_key(|(k, _)| **k);
@@ -201,7 +206,7 @@ fn read_entry(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
     })
 }
 
-fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
+fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), RestoreError> {
     b.epoch = r.u32()?;
     b.cutover = r.u8()? != 0;
     b.reserve = r.u64()?;
@@ -218,6 +223,8 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
         let id = r.id()?;
         let batch = r.u32()?;
         let signed_on = r.u8()? != 0;
+        // Version 1 had one epoch for the whole merchant.
+        let epoch = if version >= 2 { r.u32()? } else { b.epoch };
         let refund_enabled = b
             .term_index(id.as_str())
             .is_some_and(|i| b.terms[usize::from(i)].refund_enabled);
@@ -226,6 +233,7 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
             refund_enabled,
             batch,
             signed_on,
+            epoch,
         });
     }
     let same =
