@@ -1223,6 +1223,83 @@ fn reversal_of_an_unknown_or_already_reversed_original_answers_00_and_is_counted
 }
 
 #[test]
+fn reversal_after_refund_answers_00_reversal_not_applied_and_the_funds_are_unchanged() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 10_000), T0 + 10);
+    let funds = l.funds("M").unwrap();
+    let d = l.decide(&s.reversal(3).req(), T0 + 20);
+    assert_eq!(
+        (
+            d.reason,
+            d.de39(Dialect::Ascii1987),
+            d.de39(Dialect::CupPos)
+        ),
+        (Reason::REVERSAL_NOT_APPLIED, "00", "00")
+    );
+    assert_eq!(
+        l.funds("M").unwrap(),
+        funds,
+        "nothing undone, nothing paid twice"
+    );
+    assert_eq!(usage(&l, T0 + 20).reversals_not_applied, 1);
+    let listed = l.reversals_not_applied("M");
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].amount, listed[0].refunded), (10_000, 10_000));
+    // Its repeat gets the same answer and counts nothing more.
+    let again = s.reversal(3).with(|m| m.repeat = true);
+    assert_eq!(
+        l.decide(&again.req(), T0 + 30).reason,
+        Reason::REVERSAL_NOT_APPLIED
+    );
+    assert_eq!(usage(&l, T0 + 30).reversals_not_applied, 1);
+    // The refund stays reversible: its reversal gives the refund back.
+    ok(&l, &s.refund(2, 10_000).reversal(4), T0 + 40);
+    assert_eq!(l.funds("M").unwrap().refunds_committed, 0);
+}
+
+#[test]
+fn reversal_after_void_answers_00_reversal_not_applied_and_the_sale_stays_voided() {
+    let l = ledger_with("");
+    let s = sale(1, 4200);
+    ok(&l, &s, T0);
+    ok(&l, &s.void(2), T0 + 10);
+    let funds = l.funds("M").unwrap();
+    let d = l.decide(&s.reversal(3).req(), T0 + 20);
+    assert_eq!(d.reason, Reason::REVERSAL_NOT_APPLIED);
+    assert_eq!(l.funds("M").unwrap(), funds);
+    let view = l
+        .original(
+            "M",
+            "T1",
+            OriginalRef::Iso {
+                mti: 200,
+                stan: 1,
+                transmission: tx(1),
+                rrn: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(view.state, OriginalState::Voided);
+}
+
+#[test]
+fn a_refund_naming_a_sale_only_a_reversal_ever_mentioned_is_declined_22_not_14() {
+    let l = ledger_with("");
+    let ghost = sale(1, 2500);
+    ok(&l, &ghost.reversal(2), T0);
+    declined(
+        &l,
+        &ghost.refund(3, 100),
+        T0 + 10,
+        Reason::ORIGINAL_REVERSED,
+        "22",
+    );
+    declined(&l, &ghost, T0 + 20, Reason::ORIGINAL_REVERSED, "22");
+}
+
+#[test]
 fn reversal_of_a_void_restores_the_sale() {
     let l = ledger_with("");
     let s = sale(1, 4200);
@@ -1716,6 +1793,8 @@ enum Interleave {
     Reserve(usize),
     Commit(usize),
     Settle,
+    /// A 0500 of T1's batch.
+    SettleBatch,
 }
 
 /// A log that keeps the events in `j`, in order.
@@ -1760,8 +1839,13 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
             .decision()
             .unwrap()
             .is_approved());
+        l.sign_on_logged("M", "T1", T0, |e: &LedgerEvent| {
+            journal.push(e.clone());
+            Ok::<u64, Refused>(journal.len() as u64)
+        })
+        .unwrap();
         let s2 = sale(2, 4_000);
-        let scenario = seed % 5;
+        let scenario = seed % 7;
         let ops: Vec<Msg> = match scenario {
             0 => vec![s1.refund(10, 10_000), s1.reversal(11)],
             1 => vec![s1.void(10), s1.refund(11, 3_000)],
@@ -1771,7 +1855,9 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
                 s1.refund(11, 6_000),
                 s1.refund(12, 5_000),
             ],
-            _ => vec![s1.void(10), s1.refund(11, 2_000)],
+            // A reversal of the sale racing its refunds: never money back twice.
+            5 => vec![s1.refund(10, 4_000), s1.reversal(11), s1.refund(12, 3_000)],
+            _ => vec![s1.void(10), s1.refund(11, 2_000), s2.clone()],
         };
         // Each op: one step, or reserve then commit; shuffled keeping reserve before commit.
         let mut plan: Vec<Vec<Interleave>> = ops
@@ -1784,6 +1870,9 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
             .collect();
         if scenario == 4 {
             plan.push(vec![Interleave::Settle]);
+        }
+        if scenario == 6 {
+            plan.push(vec![Interleave::SettleBatch]);
         }
         let mut reserved: Vec<Option<Reservation>> = ops.iter().map(|_| None).collect();
         let mut answers: Vec<Option<Decision>> = ops.iter().map(|_| None).collect();
@@ -1815,6 +1904,11 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
                         Ok::<u64, Refused>(journal.len() as u64)
                     })
                     .unwrap();
+                }
+                Interleave::SettleBatch => {
+                    let m = settlement("T1", 90);
+                    let d = l.settle_batch_logged(&m.req(), None, T0 + 60, log(&mut journal));
+                    assert!(d.decision().unwrap().is_approved(), "seed {seed}: {d:?}");
                 }
             }
             let mut live_bytes = Vec::new();

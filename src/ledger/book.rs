@@ -22,7 +22,7 @@ use super::MerchantId;
 use crate::clock::UnixSeconds;
 use crate::limits::{
     ANSWERS_PER_MERCHANT_MAX, ANSWER_RETENTION_S, DECLINES_PER_MERCHANT_MAX,
-    ORIGINALS_PER_MERCHANT_MAX,
+    ORIGINALS_PER_MERCHANT_MAX, RECONCILIATION_LIST_MAX,
 };
 
 const SECONDS_PER_DAY: i64 = 86_400;
@@ -96,6 +96,10 @@ pub(crate) struct Book {
     pub answers: FastMap<u64, Stored>,
     pub answers_prune_len: usize,
     pub reversal_noops: u64,
+    /// Reversals of sales that already had an approved refund or void (DOMAIN §9): nothing
+    /// was undone. The count, and the sales' entries (the newest ones) for reconciliation.
+    pub reversals_not_applied: u64,
+    pub not_applied: Vec<u32>,
     /// Entries of kind tombstone (derived; lets the common case skip a lookup).
     pub tombstones: u32,
     // In flight; never journaled.
@@ -184,6 +188,8 @@ impl Book {
             answers: FastMap::default(),
             answers_prune_len: 1024,
             reversal_noops: 0,
+            reversals_not_applied: 0,
+            not_applied: Vec::new(),
             tombstones: 0,
             pending_sales: 0,
             pending_debits: 0,
@@ -413,6 +419,10 @@ impl Book {
             return Err(Decision::new(Reason::ORIGINAL_NOT_FOUND, base));
         };
         let e = self.entries[idx as usize];
+        // Only a reversal ever named it (DOMAIN §9): reversed, whoever asks.
+        if e.kind == Kind::Tombstone {
+            return Err(Decision::new(Reason::ORIGINAL_REVERSED, base));
+        }
         let held = self.held_of(idx);
         let figs = Figures {
             original_amount: Some(e.amount),
@@ -1386,6 +1396,14 @@ impl Book {
             return self.noop(at, answer);
         };
         let e = self.entries[idx as usize];
+        // Never return money twice: a sale the card already got money back on (an approved
+        // refund, or a void) stays as it is, and the reversal is listed for reconciliation.
+        let refunded_or_voided = e.kind == Kind::Sale
+            && ((e.state == OriginalState::Approved && e.refund_count > 0)
+                || e.state == OriginalState::Voided);
+        if refunded_or_voided {
+            return self.not_applied(at, answer, idx, &e);
+        }
         if e.state != OriginalState::Approved {
             return self.noop(at, answer);
         }
@@ -1413,6 +1431,31 @@ impl Book {
             ..Figures::default()
         };
         self.finish(at, answer, Decision::new(Reason::REVERSAL_APPLIED, figs))
+    }
+
+    fn not_applied(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        idx: u32,
+        e: &Entry,
+    ) -> Decision {
+        self.reversals_not_applied = self.reversals_not_applied.saturating_add(1);
+        if self.not_applied.len() >= RECONCILIATION_LIST_MAX {
+            self.not_applied.remove(0);
+        }
+        self.not_applied.push(idx);
+        let figs = Figures {
+            amount: e.amount,
+            currency: self.policy.currency,
+            original_amount: Some(e.amount),
+            ..Figures::default()
+        };
+        self.finish(
+            at,
+            answer,
+            Decision::new(Reason::REVERSAL_NOT_APPLIED, figs),
+        )
     }
 
     fn noop(&mut self, at: UnixSeconds, answer: &AnswerKey) -> Decision {

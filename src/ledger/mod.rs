@@ -129,6 +129,9 @@ pub struct Usage {
     pub month_count: u32,
     /// Reversals answered 00 with nothing to undo (DOMAIN §9).
     pub reversal_noops: u64,
+    /// Reversals of sales that already had an approved refund or void: nothing was undone
+    /// (DOMAIN §9, `REVERSAL_NOT_APPLIED`).
+    pub reversals_not_applied: u64,
     /// Remembered transactions (sales, refunds, voids, tombstones).
     pub entries: usize,
 }
@@ -710,6 +713,7 @@ impl Ledger {
             month_amount,
             month_count,
             reversal_noops: book.reversal_noops,
+            reversals_not_applied: book.reversals_not_applied,
             entries: book.entries.len(),
         })
     }
@@ -738,6 +742,27 @@ impl Ledger {
     /// Remembered transactions over all merchants.
     pub fn entries(&self) -> usize {
         self.books.iter().map(|b| b.entries.len()).sum()
+    }
+
+    /// The sales whose reversal was not applied because they already had an approved refund
+    /// or void (DOMAIN §9), newest last: the list for reconciliation.
+    pub fn reversals_not_applied(&self, merchant: &str) -> Vec<OriginalView> {
+        let Some(book) = MerchantId::new(merchant).and_then(|id| self.books.get(&id)) else {
+            return Vec::new();
+        };
+        book.not_applied
+            .iter()
+            .filter_map(|&i| book.entries.get(i as usize))
+            .map(|e| OriginalView {
+                amount: e.amount,
+                refunded: e.refunded,
+                refund_count: e.refund_count,
+                state: e.state_at(book.term_epoch(e.key.term)),
+                pan: e.pan,
+                card: e.card,
+                batch: e.batch,
+            })
+            .collect()
     }
 
     /// Reversals answered 00 with nothing to undo, over all merchants (DOMAIN §9).

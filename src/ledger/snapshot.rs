@@ -111,6 +111,11 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
     write_bucket(w, &b.day);
     write_bucket(w, &b.month);
     w.u64(b.reversal_noops);
+    w.u64(b.reversals_not_applied);
+    w.u64(b.not_applied.len() as u64);
+    for i in &b.not_applied {
+        w.u64(u64::from(*i));
+    }
     w.u64(b.answers_prune_len as u64);
     w.u64(b.terms.len() as u64);
     for t in &b.terms {
@@ -215,6 +220,12 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
     b.day = read_bucket(r)?;
     b.month = read_bucket(r)?;
     b.reversal_noops = r.u64()?;
+    if version >= 2 {
+        b.reversals_not_applied = r.u64()?;
+        for _ in 0..count(r)? {
+            b.not_applied.push(r.u32()?);
+        }
+    }
     b.answers_prune_len =
         usize::try_from(r.u64()?).map_err(|_| DecodeError::Invalid("prune length"))?;
     let nt = count(r)?;
