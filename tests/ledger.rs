@@ -666,8 +666,60 @@ fn same_day_refund_under_use_void_is_declined_12_and_allowed_after_local_midnigh
     let l = ledger_with("same_day_refund = \"use_void\"");
     let s = sale(1, 2500);
     ok(&l, &s, T0);
-    declined(&l, &s.refund(2, 100), T0 + 59 * 60, Reason::USE_VOID, "12");
-    ok(&l, &s.refund(3, 100), T0 + HOUR);
+    let d = declined(&l, &s.refund(2, 2500), T0 + 59 * 60, Reason::USE_VOID, "12");
+    assert_eq!(d.figures.would_pass, Some(2499));
+    ok(&l, &s.refund(3, 2500), T0 + HOUR);
+}
+
+/// A merchant "U" with `same_day_refund = "use_void"` and two terminals that may refund.
+fn use_void_ledger(knobs: &str) -> Ledger {
+    let toml = format!(
+        "[[merchants]]\nid = \"U\"\nreserve = 100000\nutc_offset = \"+08:00\"\nsame_day_refund = \"use_void\"\n{knobs}\nterminals = [{{ id = \"T1\" }}, {{ id = \"T2\" }}]\n"
+    );
+    Ledger::new(
+        &MerchantSet::from_toml_str(&toml).unwrap(),
+        PanKey::new(&KEY),
+    )
+}
+
+#[test]
+fn use_void_is_answered_only_when_that_void_would_be_approved() {
+    let l = use_void_ledger("");
+    let s = sale(1, 2500).with(|m| m.merchant = "U".into());
+    ok(&l, &s, T0);
+    // From T2 a void would be USE_REFUND (not the sale's terminal): the refund is decided on
+    // its merits, so the merchant is never sent round in a circle.
+    let from_t2 = |m: Msg| m.with(|m| m.terminal = "T2".into());
+    declined(&l, &from_t2(s.void(2)), T0 + 10, Reason::USE_REFUND, "12");
+    ok(&l, &from_t2(s.refund(3, 2500)), T0 + 20);
+
+    // Partial same-day refunds pass: a void of that amount could not.
+    let s2 = sale(4, 3000).with(|m| m.merchant = "U".into());
+    ok(&l, &s2, T0);
+    ok(&l, &s2.refund(5, 1000), T0 + 30);
+    // ... and once partly refunded, no void can pass: the rest is a refund too.
+    ok(&l, &s2.refund(6, 2000), T0 + 40);
+
+    // The full amount from the sale's own terminal is told to void, and the void passes.
+    let s3 = sale(7, 4000).with(|m| m.merchant = "U".into());
+    ok(&l, &s3, T0);
+    declined(&l, &s3.refund(8, 4000), T0 + 50, Reason::USE_VOID, "12");
+    ok(&l, &s3.void(9), T0 + 60);
+}
+
+#[test]
+fn use_void_without_voids_enabled_lets_the_same_day_refund_through() {
+    let l = use_void_ledger("void_enabled = false");
+    let s = sale(1, 2500).with(|m| m.merchant = "U".into());
+    ok(&l, &s, T0);
+    declined(
+        &l,
+        &s.void(2),
+        T0 + 10,
+        Reason::TERMINAL_NOT_PERMITTED,
+        "58",
+    );
+    ok(&l, &s.refund(3, 2500), T0 + 20);
 }
 
 // ---- Row 10: amount vs original ----
@@ -714,9 +766,293 @@ fn refund_above_what_is_left_on_the_original_is_declined_64_with_the_remainder()
     assert_eq!(d.figures.day_allowance_remaining, Some(498_500));
     assert_eq!(
         d.de54().unwrap(),
-        "0090840C0000000010000091840C000000498500"
+        "0090840C0000000010000091840C0000004985000092840C000000001000"
     );
     ok(&l, &s.refund(4, 1000), T0);
+}
+
+// ---- DE54 (DOMAIN §5): 90 still refundable, 91 allowance, 92 what would pass ----
+
+#[test]
+fn with_a_50_percent_share_de54_says_20_00_left_and_20_01_is_declined_while_20_00_passes() {
+    let l = ledger_with("refundable_share_percent = 50\nreserve = 0");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    let d = ok(&l, &s.refund(2, 3_000), T0);
+    assert_eq!(
+        d.figures.original_remaining,
+        Some(2_000),
+        "90 after the refund"
+    );
+    assert_eq!(d.figures.would_pass, Some(2_000), "92 after the refund");
+    // 60.00: declined 61 and DE54 says what is left, not the sale amount.
+    let d = declined(&l, &s.refund(3, 6_000), T0, Reason::REFUNDABLE_SHARE, "61");
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(2_000), Some(2_000))
+    );
+    assert_eq!(
+        d.de54().unwrap(),
+        "0090840C0000000020000091840C0000000070000092840C000000002000"
+    );
+    declined(&l, &s.refund(4, 2_001), T0, Reason::REFUNDABLE_SHARE, "61");
+    let d = ok(&l, &s.refund(5, 2_000), T0);
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(0), Some(0))
+    );
+}
+
+#[test]
+fn de54_91_is_the_smallest_of_day_cap_month_cap_and_funds_and_is_there_without_caps() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    let d = ok(&l, &s.refund(2, 1_000), T0);
+    assert_eq!(d.figures.day_allowance_remaining, Some(9_000), "funds bind");
+    let l = ledger_with("refund_day_amount_max = 8000\nrefund_month_amount_max = 3000");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    let d = ok(&l, &s.refund(2, 1_000), T0);
+    assert_eq!(
+        d.figures.day_allowance_remaining,
+        Some(2_000),
+        "month cap binds"
+    );
+    let d = declined(
+        &l,
+        &s.refund(3, 2_500),
+        T0,
+        Reason::MERCHANT_MONTH_AMOUNT,
+        "61",
+    );
+    assert_eq!(
+        (d.figures.day_allowance_remaining, d.figures.would_pass),
+        (Some(2_000), Some(2_000))
+    );
+}
+
+#[test]
+fn de54_92_is_0_when_a_count_binds_and_every_found_original_answer_carries_de54() {
+    let l = ledger_with("original_refund_count_max = 1");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 1_000), T0);
+    let d = declined(&l, &s.refund(3, 1), T0, Reason::ORIGINAL_REFUND_COUNT, "65");
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(9_000), Some(0))
+    );
+    // Terminal not permitted (row 11), voided original (row 8): DE54 with 92 = 0.
+    let t2 = sale(4, 500).with(|m| m.terminal = "T2".into());
+    ok(&l, &t2, T0);
+    let d = declined(
+        &l,
+        &t2.refund(5, 100),
+        T0,
+        Reason::TERMINAL_NOT_PERMITTED,
+        "58",
+    );
+    assert_eq!(d.figures.would_pass, Some(0));
+    let v = sale(6, 700);
+    ok(&l, &v, T0);
+    ok(&l, &v.void(7), T0);
+    let d = declined(&l, &v.refund(8, 100), T0, Reason::ORIGINAL_VOIDED, "22");
+    assert!(d.de54().unwrap().contains("0090840C000000000000"));
+    assert_eq!(d.figures.would_pass, Some(0));
+}
+
+#[test]
+fn a_pan_mismatch_answer_discloses_nothing_of_the_other_cards_sale() {
+    let l = ledger_with("");
+    let s = sale(1, 123_456);
+    ok(&l, &s, T0);
+    let d = declined(
+        &l,
+        &s.refund(2, 100).with(|m| m.pan = VISA2.into()),
+        T0,
+        Reason::PAN_MISMATCH,
+        "14",
+    );
+    assert_eq!(d.de54(), None);
+    assert_eq!(d.figures.original_amount, None);
+}
+
+#[test]
+fn a_zero_amount_refund_of_a_found_original_carries_de54() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let d = declined(&l, &s.refund(2, 0), T0, Reason::INVALID_AMOUNT, "13");
+    assert_eq!(d.figures.would_pass, Some(2500));
+}
+
+#[test]
+fn a_host_decline_carries_de54_and_its_repeat_gets_the_hosts_code_even_after_a_restart() {
+    let l = ledger_with("");
+    let mut journal = Vec::new();
+    let s = sale(1, 2500);
+    l.decide_logged(&s.req(), T0, log(&mut journal));
+    let r = s.refund(2, 1000);
+    let res = l.reserve(&r.req(), T0).unwrap();
+    let d = *l
+        .decline_by_host_logged(res, *b"N7", log(&mut journal))
+        .decision()
+        .unwrap();
+    assert_eq!(
+        (d.reason, d.host_code()),
+        (Reason::HOST_DECLINED, Some(*b"N7"))
+    );
+    assert_eq!(d.figures.would_pass, Some(2500), "nothing was refunded");
+    let restarted = ledger_with("");
+    for e in &journal {
+        let mut bytes = Vec::new();
+        e.encode(&mut bytes);
+        restarted
+            .apply(&LedgerEvent::decode(&bytes).unwrap())
+            .unwrap();
+    }
+    let again = restarted.decide(&r.clone().with(|m| m.repeat = true).req(), T0 + 60);
+    assert_eq!(again, d);
+    assert_eq!(again.host_code(), Some(*b"N7"));
+}
+
+/// Knobs of the DE54 property test.
+#[derive(Debug, Clone)]
+struct Knobs {
+    share: u8,
+    single: Option<u64>,
+    card_day: Option<u64>,
+    card_count: Option<u32>,
+    day: Option<u64>,
+    month: Option<u64>,
+    day_count: Option<u32>,
+    original_count: Option<u32>,
+    reserve: u64,
+    use_void: bool,
+    void_enabled: bool,
+    t1_refunds: bool,
+}
+
+fn knobs() -> impl Strategy<Value = Knobs> {
+    (
+        (
+            prop_oneof![Just(100u8), 1u8..=100],
+            proptest::option::of(1u64..20_000),
+            proptest::option::of(1u64..30_000),
+            proptest::option::of(1u32..5),
+        ),
+        (
+            proptest::option::of(1u64..40_000),
+            proptest::option::of(1u64..60_000),
+            proptest::option::of(1u32..6),
+            proptest::option::of(1u32..4),
+        ),
+        (
+            0u64..30_000,
+            any::<bool>(),
+            any::<bool>(),
+            prop::bool::weighted(0.85),
+        ),
+    )
+        .prop_map(
+            |(
+                (share, single, card_day, card_count),
+                (day, month, day_count, original_count),
+                (reserve, use_void, void_enabled, t1_refunds),
+            )| Knobs {
+                share,
+                single,
+                card_day,
+                card_count,
+                day,
+                month,
+                day_count,
+                original_count,
+                reserve,
+                use_void,
+                void_enabled,
+                t1_refunds,
+            },
+        )
+}
+
+fn knob_ledger(k: &Knobs) -> Ledger {
+    let opt = |name: &str, v: Option<u64>| v.map_or(String::new(), |v| format!("{name} = {v}\n"));
+    let toml = format!(
+        "[[merchants]]\nid = \"M\"\nutc_offset = \"+08:00\"\nreserve = {}\nrefundable_share_percent = {}\nsame_day_refund = \"{}\"\nvoid_enabled = {}\n{}{}{}{}{}{}{}terminals = [{{ id = \"T1\", refund_enabled = {} }}, {{ id = \"T2\" }}]\n",
+        k.reserve,
+        k.share,
+        if k.use_void { "use_void" } else { "allow" },
+        k.void_enabled,
+        opt("refund_single_max", k.single),
+        opt("card_refund_day_amount_max", k.card_day),
+        opt("card_refund_day_count_max", k.card_count.map(u64::from)),
+        opt("refund_day_amount_max", k.day),
+        opt("refund_month_amount_max", k.month),
+        opt("refund_day_count_max", k.day_count.map(u64::from)),
+        opt("original_refund_count_max", k.original_count.map(u64::from)),
+        k.t1_refunds,
+    );
+    Ledger::new(
+        &MerchantSet::from_toml_str(&toml).unwrap(),
+        PanKey::new(&KEY),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// DE54 type 92 says exactly what would pass: a refund of that amount is approved and
+    /// one minor unit more is declined, whatever the limits, history and time.
+    #[test]
+    fn a_refund_of_exactly_the_de54_92_amount_is_approved_and_one_unit_more_is_declined(
+        k in knobs(),
+        amount in 1u64..20_000,
+        other in 0u64..20_000,
+        history in proptest::collection::vec((1u64..8_000, any::<bool>()), 0..5),
+        later in prop_oneof![Just(0i64), 1i64..HOUR * 2, DAY..DAY * 200],
+        settle_first in any::<bool>(),
+        from_t2 in any::<bool>(),
+    ) {
+        let l = knob_ledger(&k);
+        let s = sale(1, amount);
+        ok(&l, &s, T0);
+        if other > 0 {
+            ok(&l, &sale(2, other).with(|m| m.pan = VISA2.into()), T0);
+        }
+        let mut stan = 10;
+        for (a, same_card) in &history {
+            stan += 1;
+            let r = if *same_card {
+                s.refund(stan, *a)
+            } else {
+                sale(2, other.max(1)).with(|m| m.pan = VISA2.into()).refund(stan, *a)
+            };
+            let _ = l.decide(&r.req(), T0 + 60);
+        }
+        if settle_first {
+            l.settle("M", T0 + 90).unwrap();
+        }
+        let now = T0 + 120 + later;
+        let term = if from_t2 { "T2" } else { "T1" };
+        let mut probe = |amount: u64| {
+            stan += 1;
+            l.decide(&s.refund(stan, amount).with(|m| m.terminal = term.into()).req(), now)
+        };
+        let d = probe(999_999_999);
+        prop_assert!(!d.is_approved());
+        let x = d.figures.would_pass.unwrap_or_else(|| panic!("no DE54 92 on {d:?}"));
+        let over = probe(x + 1);
+        prop_assert!(!over.is_approved(), "92 = {x} but {} was approved", x + 1);
+        if x > 0 {
+            let at = probe(x);
+            prop_assert!(at.is_approved(), "92 = {x} but it was declined {:?}", at);
+            // After the approval its own DE54 92 is what the next probe finds.
+            let next = probe(999_999_999);
+            prop_assert_eq!(at.figures.would_pass, next.figures.would_pass);
+        }
+    }
 }
 
 // ---- Row 11: permissions ----

@@ -385,9 +385,7 @@ impl Gateway {
                 let logged = {
                     let _gate = self.gate.read().await;
                     self.ledger
-                        .decline_logged(reservation, Reason::HOST_DECLINED, |e| {
-                            self.enqueue(e, &mut ticket)
-                        })
+                        .decline_by_host_logged(reservation, code, |e| self.enqueue(e, &mut ticket))
                 };
                 return match logged.decision() {
                     Some(d) => {

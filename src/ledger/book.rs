@@ -15,7 +15,7 @@ use super::event::{AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord};
 use super::hash::FastMap;
 use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
 use super::merchants::{MerchantConfig, Policy, SameDayRefund};
-use super::money::{rrn_key, LocalDate, MaskedPan, AMOUNT_MINOR_MAX};
+use super::money::{rrn_key, CardType, LocalDate, MaskedPan, AMOUNT_MINOR_MAX};
 use super::originals::{Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
 use super::reason::{Dialect, Reason};
 use super::MerchantId;
@@ -59,6 +59,14 @@ pub(crate) struct RefundHold {
     pub card: u64,
     pub original: u32,
     pub amount: u64,
+}
+
+/// Who asks for a refund: the terminal, card and scheme that DE54 type 92 is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Who {
+    pub term: u16,
+    pub pan_hash: u64,
+    pub card: CardType,
 }
 
 /// Context of one check that the book cannot know itself.
@@ -341,7 +349,14 @@ impl Book {
             || req.amount_minor > AMOUNT_MINOR_MAX
             || req.currency != self.policy.currency
         {
-            return Err(Decision::new(Reason::INVALID_AMOUNT, base));
+            // A refund or void whose original is found carries DE54 even here (DOMAIN §5).
+            let figs = match req.op {
+                Operation::Refund | Operation::Void => self
+                    .original_for(req, ctx, term, base)
+                    .map_or_else(|d| d.figures, |(_, f)| f),
+                _ => base,
+            };
+            return Err(Decision::new(Reason::INVALID_AMOUNT, figs));
         }
         match req.op {
             Operation::Sale => self.check_sale(req, ctx, term, answer, base),
@@ -423,16 +438,16 @@ impl Book {
         if e.kind == Kind::Tombstone {
             return Err(Decision::new(Reason::ORIGINAL_REVERSED, base));
         }
-        let held = self.held_of(idx);
-        let figs = Figures {
-            original_amount: Some(e.amount),
-            original_remaining: Some(e.remaining().saturating_sub(held.0)),
-            day_allowance_remaining: self.day_allowance(ctx.today),
-            ..base
-        };
+        // Another card's amounts are never disclosed: no DE54 on a PAN mismatch.
         if e.pan_hash != ctx.pan_hash {
-            return Err(Decision::new(Reason::PAN_MISMATCH, figs));
+            return Err(Decision::new(Reason::PAN_MISMATCH, base));
         }
+        let who = Who {
+            term,
+            pan_hash: ctx.pan_hash,
+            card: req.card_type,
+        };
+        let figs = self.with_de54(base, idx, who, ctx.now, true);
         let reason = match e.state {
             OriginalState::NotApproved => Some(Reason::ORIGINAL_NOT_APPROVED),
             OriginalState::Voided => Some(Reason::ORIGINAL_VOIDED),
@@ -440,13 +455,7 @@ impl Book {
             OriginalState::Approved | OriginalState::Settled => None,
         };
         if let Some(r) = reason {
-            return Err(Decision::new(
-                r,
-                Figures {
-                    original_remaining: Some(0),
-                    ..figs
-                },
-            ));
+            return Err(Decision::new(r, figs));
         }
         if e.kind != Kind::Sale {
             return Err(Decision::new(Reason::TYPE_NOT_REFUNDABLE, figs));
@@ -479,8 +488,11 @@ impl Book {
             );
         }
         let today = ctx.today;
-        let same_day = p.utc_offset.day(sale.at) == today.day && self.in_open_batch(&sale);
-        if p.same_day_refund == SameDayRefund::UseVoid && same_day {
+        // USE_VOID only when that void would pass; otherwise the refund is decided on its merits.
+        if p.same_day_refund == SameDayRefund::UseVoid
+            && amount == sale.amount
+            && self.void_would_pass(idx, term, ctx.now, true)
+        {
             return fail(Reason::USE_VOID, figs);
         }
         // Row 10: amount against the original.
@@ -841,6 +853,192 @@ impl Book {
         self.held_originals.get(&idx).copied().unwrap_or((0, 0))
     }
 
+    /// `base` with DE54 for a refund of `original` by the card and terminal of `txn`, counting
+    /// reservations in flight (an upstream decline, after its own hold was given back).
+    pub fn de54_for(
+        &self,
+        base: Figures,
+        txn: &TxnRecord,
+        original: &TxnKey,
+        now: UnixSeconds,
+    ) -> Figures {
+        let idx = self
+            .ref_key(original)
+            .and_then(|k| self.by_ref.get(&k).copied());
+        let term = self.term_index(txn.key.terminal.as_str());
+        match (idx, term) {
+            (Some(idx), Some(term)) => {
+                let who = Who {
+                    term,
+                    pan_hash: txn.pan_hash,
+                    card: txn.card,
+                };
+                self.with_de54(base, idx, who, now, true)
+            }
+            _ => base,
+        }
+    }
+
+    /// Funds for a debit: live (less debits in flight) or durable.
+    fn funds(&self, live: bool) -> u64 {
+        if live {
+            return self.available();
+        }
+        let a = i128::from(self.reserve) + i128::from(self.unsettled) - i128::from(self.committed);
+        u64::try_from(a.max(0)).unwrap_or(u64::MAX)
+    }
+
+    /// The refundable share of the sale `e` less refunds approved (and, `live`, in flight).
+    fn share_left(&self, e: &Entry, held: u64) -> u64 {
+        let cap = u128::from(e.amount) * u128::from(self.policy.refundable_share_percent) / 100;
+        let cap = u64::try_from(cap).unwrap_or(u64::MAX);
+        cap.saturating_sub(e.refunded.saturating_add(held))
+    }
+
+    /// The merchant's refund allowance left now: the smallest of the day and month amount
+    /// caps' remainders and the funds (DE54 type 91).
+    fn allowance(&self, now: UnixSeconds, live: bool) -> u64 {
+        let p = &self.policy;
+        let today = p.utc_offset.local(now);
+        let (day, month) = if live {
+            (self.day_used(today.day).0, self.month_used(today.month).0)
+        } else {
+            (
+                self.day.in_period(today.day).0,
+                self.month.in_period(today.month).0,
+            )
+        };
+        let mut a = self.funds(live);
+        if let Some(m) = p.refund_day_amount_max {
+            a = a.min(m.saturating_sub(day));
+        }
+        if let Some(m) = p.refund_month_amount_max {
+            a = a.min(m.saturating_sub(month));
+        }
+        a
+    }
+
+    /// True when a void of the sale at `idx` from terminal `term` would be approved now
+    /// (DOMAIN §5 rows 9–13 for a void of the full amount).
+    fn void_would_pass(&self, idx: u32, term: u16, now: UnixSeconds, live: bool) -> bool {
+        let Some(sale) = self.entries.get(idx as usize) else {
+            return false;
+        };
+        let Some(t) = self.terms.get(usize::from(term)) else {
+            return false;
+        };
+        let p = &self.policy;
+        let cup = sale.key.tag & TAG_CUP != 0;
+        let held = if live { self.held_of(idx) } else { (0, 0) };
+        p.void_enabled
+            && sale.kind == Kind::Sale
+            && sale.state == OriginalState::Approved
+            && sale.key.term == term
+            && p.utc_offset.day(sale.at) == p.utc_offset.day(now)
+            && self.in_open_batch(sale)
+            && (!cup || sale.batch == t.batch)
+            && sale.refunded == 0
+            && held.1 == 0
+            && sale.amount <= self.funds(live)
+    }
+
+    /// `base` with DE54 for a refund of the sale at `idx` by `who` at `now` (DOMAIN §5):
+    /// 90 still refundable, 91 the merchant's allowance, 92 the largest refund that would be
+    /// approved. `live`: count reservations in flight (a check); without, the durable state
+    /// alone (an approval being applied, so that replay gives the same answer).
+    fn with_de54(
+        &self,
+        base: Figures,
+        idx: u32,
+        who: Who,
+        now: UnixSeconds,
+        live: bool,
+    ) -> Figures {
+        let Some(sale) = self.entries.get(idx as usize).copied() else {
+            return base;
+        };
+        let p = &self.policy;
+        let held = if live { self.held_of(idx) } else { (0, 0) };
+        let standing = sale.kind == Kind::Sale && sale.state == OriginalState::Approved;
+        let share = if standing {
+            self.share_left(&sale, held.0)
+        } else {
+            0
+        };
+        let allowance = self.allowance(now, live);
+        let today = p.utc_offset.local(now);
+        let card = self
+            .cards
+            .get(&who.pan_hash)
+            .map_or((0, 0), |b| b.in_period(today.day));
+        let card_held = if live {
+            self.held_cards
+                .get(&who.pan_hash)
+                .map_or((0, 0), |h| h.in_period(today.day))
+        } else {
+            (0, 0)
+        };
+        let (card_amount, card_count) = (
+            card.0.saturating_add(card_held.0),
+            u64::from(card.1) + u64::from(card_held.1),
+        );
+        let (day_count, month_count) = if live {
+            (self.day_used(today.day).1, self.month_used(today.month).1)
+        } else {
+            (
+                u64::from(self.day.in_period(today.day).1),
+                u64::from(self.month.in_period(today.month).1),
+            )
+        };
+        let reached = |max: Option<u32>, used: u64| max.is_some_and(|m| used >= u64::from(m));
+        let window_s = i64::from(p.refund_window_days) * SECONDS_PER_DAY;
+        let refund_enabled = self
+            .terms
+            .get(usize::from(who.term))
+            .is_some_and(|t| t.refund_enabled);
+        let blocked = !standing
+            || now.saturating_sub(sale.at) > window_s
+            || !p.refund_enabled
+            || !refund_enabled
+            || p.denied_card_types.contains(&who.card)
+            || reached(
+                p.original_refund_count_max,
+                u64::from(sale.refund_count) + u64::from(held.1),
+            )
+            || reached(p.card_refund_day_count_max, card_count)
+            || reached(p.refund_day_count_max, day_count)
+            || reached(p.refund_month_count_max, month_count);
+        let would_pass = if blocked {
+            0
+        } else {
+            let mut x = share
+                .min(sale.remaining().saturating_sub(held.0))
+                .min(allowance)
+                .min(AMOUNT_MINOR_MAX);
+            if let Some(m) = p.refund_single_max {
+                x = x.min(m);
+            }
+            if let Some(m) = p.card_refund_day_amount_max {
+                x = x.min(m.saturating_sub(card_amount));
+            }
+            // The full amount would be told to void instead (row 9): one unit less passes.
+            if p.same_day_refund == SameDayRefund::UseVoid
+                && x >= sale.amount
+                && self.void_would_pass(idx, who.term, now, live)
+            {
+                x = sale.amount.saturating_sub(1);
+            }
+            x
+        };
+        Figures {
+            original_amount: Some(sale.amount),
+            original_remaining: Some(share),
+            day_allowance_remaining: Some(allowance),
+            would_pass: Some(would_pass),
+            ..base
+        }
+    }
+
     fn day_used(&self, day: i32) -> (u64, u64) {
         let (a, c) = self.day.in_period(day);
         let (ha, hc) = self.held_day.in_period(day);
@@ -851,13 +1049,6 @@ impl Book {
         let (a, c) = self.month.in_period(month);
         let (ha, hc) = self.held_month.in_period(month);
         (a.saturating_add(ha), u64::from(c) + u64::from(hc))
-    }
-
-    /// The merchant's refund amount left today, when a day limit is set.
-    pub fn day_allowance(&self, today: LocalDate) -> Option<u64> {
-        let max = self.policy.refund_day_amount_max?;
-        let (used, _) = self.day_used(today.day);
-        Some(max.saturating_sub(used))
     }
 
     fn find_original(&self, req: &Request<'_>, term: u16) -> Option<u32> {
@@ -953,6 +1144,7 @@ impl Book {
                 original_amount: sale.map(|e| e.amount),
                 original_remaining: Some(a.original_remaining),
                 day_allowance_remaining: a.day_allowance,
+                would_pass: a.would_pass,
                 ..Figures::default()
             },
         )
@@ -1261,7 +1453,6 @@ impl Book {
         let sale = &mut self.entries[sale_idx as usize];
         sale.refunded = sale.refunded.saturating_add(txn.amount);
         sale.refund_count = sale.refund_count.saturating_add(1);
-        let (sale_amount, remaining) = (sale.amount, sale.remaining());
         self.committed = self.committed.saturating_add(txn.amount);
         self.day.add(local.day, txn.amount);
         self.month.add(local.month, txn.amount);
@@ -1274,21 +1465,20 @@ impl Book {
         if self.cards.len() >= 4096 && self.cards.len().is_power_of_two() {
             self.cards.retain(|_, b| b.period >= local.day);
         }
-        let figs = Figures {
-            original_amount: Some(sale_amount),
-            original_remaining: Some(remaining),
-            day_allowance_remaining: self
-                .policy
-                .refund_day_amount_max
-                .map(|m| m.saturating_sub(self.day.in_period(local.day).0)),
-            ..base
+        // The figures after this refund, from the durable state alone (replay gives the same).
+        let who = Who {
+            term: key.term,
+            pan_hash: txn.pan_hash,
+            card: txn.card,
         };
+        let figs = self.with_de54(base, sale_idx, who, at, false);
         if let Some(k) = self.answer_key(answer) {
             let stored = RefundAnswer {
                 fingerprint: answer.fingerprint,
                 idx,
-                original_remaining: remaining,
+                original_remaining: figs.original_remaining.unwrap_or(0),
                 day_allowance: figs.day_allowance_remaining,
+                would_pass: figs.would_pass,
             };
             self.store_answer(k, Stored::Refund(Box::new(stored)), at);
         }

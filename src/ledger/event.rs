@@ -11,8 +11,9 @@ use super::money::{CardType, MaskedPan};
 use super::reason::Reason;
 use crate::clock::UnixSeconds;
 
-/// Version byte written first in every event and snapshot.
-pub const EVENT_VERSION: u8 = 1;
+/// Version byte written first in every event. 2 added DE54 type 92 (`would_pass`) to the
+/// decisions a `Declined` event carries; version 1 events still decode.
+pub const EVENT_VERSION: u8 = 2;
 
 /// An ASCII identifier of at most `N` bytes, stored inline (DE42: 15, DE41: 8).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -298,7 +299,7 @@ impl LedgerEvent {
     pub fn decode(bytes: &[u8]) -> Result<LedgerEvent, DecodeError> {
         let r = &mut Reader(bytes);
         let v = r.u8()?;
-        if v != EVENT_VERSION {
+        if !(1..=EVENT_VERSION).contains(&v) {
             return Err(DecodeError::Version(v));
         }
         let tag = r.u8()?;
@@ -325,7 +326,7 @@ impl LedgerEvent {
             },
             5 => EventBody::Declined {
                 answer: r.answer()?,
-                decision: r.decision()?,
+                decision: r.decision_v(v)?,
                 sale: match r.u8()? {
                     0 => None,
                     1 => Some(r.txn()?),
@@ -422,6 +423,8 @@ impl Writer<'_> {
         self.opt(f.original_amount);
         self.opt(f.original_remaining);
         self.opt(f.day_allowance_remaining);
+        self.opt(f.would_pass);
+        self.opt(f.host_code.map(u64::from));
     }
 }
 
@@ -520,7 +523,8 @@ impl Reader<'_> {
         })
     }
 
-    pub fn decision(&mut self) -> Result<Decision, DecodeError> {
+    /// A decision as written by event/snapshot `version` (1 had no `would_pass`).
+    pub fn decision_v(&mut self, version: u8) -> Result<Decision, DecodeError> {
         let reason = Reason::from_u8(self.u8()?).ok_or(DecodeError::Invalid("reason"))?;
         let figures = Figures {
             amount: self.u64()?,
@@ -536,6 +540,15 @@ impl Reader<'_> {
             original_amount: self.opt()?,
             original_remaining: self.opt()?,
             day_allowance_remaining: self.opt()?,
+            would_pass: if version >= 2 { self.opt()? } else { None },
+            host_code: if version >= 2 {
+                self.opt()?
+                    .map(u16::try_from)
+                    .transpose()
+                    .map_err(|_| DecodeError::Invalid("host code"))?
+            } else {
+                None
+            },
         };
         Ok(Decision::new(reason, figures))
     }

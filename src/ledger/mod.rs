@@ -504,6 +504,33 @@ impl Ledger {
         reason: Reason,
         log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
     ) -> Logged<E> {
+        self.decline_with(r, reason, None, log)
+    }
+
+    /// An upstream host declined the reservation with DE39 `code` (DOMAIN §5 row 14): like
+    /// [`Ledger::decline_logged`] with `HOST_DECLINED`, and the host's code is kept with the
+    /// stored answer so that a repeat gets it again ([`Decision::host_code`]).
+    pub fn decline_by_host_logged<E>(
+        &self,
+        r: Reservation,
+        code: [u8; 2],
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
+        self.decline_with(
+            r,
+            Reason::HOST_DECLINED,
+            Some(u16::from_be_bytes(code)),
+            log,
+        )
+    }
+
+    fn decline_with<E>(
+        &self,
+        r: Reservation,
+        reason: Reason,
+        host_code: Option<u16>,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
         let (answer, sale, amount) = match &r.event.body {
             EventBody::Sale { answer, txn } => (Some(*answer), Some(*txn), txn.amount),
             EventBody::Refund { answer, txn, .. } | EventBody::Void { answer, txn, .. } => {
@@ -519,14 +546,20 @@ impl Ledger {
             };
         };
         book.release(&r.hold);
-        let decision = Decision::new(
-            reason,
-            Figures {
-                amount,
-                currency: book.policy.currency,
-                ..Figures::default()
-            },
-        );
+        let base = Figures {
+            amount,
+            currency: book.policy.currency,
+            host_code,
+            ..Figures::default()
+        };
+        // A refund or void declined upstream found its original: DE54 as for any decline.
+        let figures = match &r.event.body {
+            EventBody::Refund { txn, original, .. } | EventBody::Void { txn, original, .. } => {
+                book.de54_for(base, txn, original, r.event.at)
+            }
+            _ => base,
+        };
+        let decision = Decision::new(reason, figures);
         let Some(answer) = answer else {
             return Logged::Unlogged { decision, after: 0 };
         };

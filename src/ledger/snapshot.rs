@@ -8,7 +8,7 @@
 
 use super::book::{Book, Term};
 use super::counters::Bucket;
-use super::event::{DecodeError, Reader, Writer, EVENT_VERSION};
+use super::event::{DecodeError, Reader, Writer};
 use super::idempotency::{FullAnswer, RefundAnswer, Stored};
 use super::money::{CardType, MaskedPan, PanKey};
 use super::originals::{Entry, Kind, OriginalState, RefKey};
@@ -62,7 +62,7 @@ impl Ledger {
             .ok_or(DecodeError::Invalid("magic"))?;
         let r = &mut Reader(body);
         let v = r.u8()?;
-        if v != EVENT_VERSION && v != SNAPSHOT_VERSION {
+        if !(1..=SNAPSHOT_VERSION).contains(&v) {
             return Err(DecodeError::Version(v).into());
         }
         let n = count(r)?;
@@ -159,6 +159,7 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
                 w.u64(u64::from(a.idx));
                 w.u64(a.original_remaining);
                 w.opt(a.day_allowance);
+                w.opt(a.would_pass);
             }
             Stored::Full(a) => {
                 w.u8(1);
@@ -284,13 +285,14 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
             1 => Stored::Full(Box::new(FullAnswer {
                 fingerprint: r.fixed_u64()?,
                 at: r.i64()?,
-                decision: r.decision()?,
+                decision: r.decision_v(version)?,
             })),
             2 => Stored::Refund(Box::new(RefundAnswer {
                 fingerprint: r.fixed_u64()?,
                 idx: r.u32()?,
                 original_remaining: r.u64()?,
                 day_allowance: r.opt()?,
+                would_pass: if version >= 2 { r.opt()? } else { None },
             })),
             _ => return Err(DecodeError::Invalid("answer tag").into()),
         };
