@@ -2122,6 +2122,69 @@ fn repeats_after_a_restart_get_the_same_answer() {
     assert_eq!(restarted.funds("M"), l.funds("M"));
 }
 
+/// Steady traffic over 400 simulated days (the clock is the `now` passed in): originals past
+/// `refund_window_days` plus the retry horizon are forgotten, so the count stays flat, and
+/// the journal still replays to the live ledger (pruning is part of the durable state).
+#[test]
+fn originals_are_pruned_past_the_refund_window_and_retry_horizon_so_400_days_stay_flat() {
+    let set = set_with("refund_window_days = 30");
+    let l = Ledger::new(&set, PanKey::new(&KEY));
+    let mut journal = Vec::new();
+    let mut counts = Vec::new();
+    let mut stan = 0u32;
+    let mut last_sale = None;
+    for day in 0..400i64 {
+        let now = T0 + day * DAY;
+        for i in 0..10 {
+            stan += 1;
+            let s = sale(stan, 1_000);
+            let d = l.decide_logged(&s.req(), now + i * 60, log(&mut journal));
+            assert!(d.decision().unwrap().is_approved());
+            stan += 1;
+            let d = l.decide_logged(
+                &s.refund(stan, 100).req(),
+                now + i * 60 + 1,
+                log(&mut journal),
+            );
+            assert!(d.decision().unwrap().is_approved(), "{d:?}");
+            last_sale = Some(s);
+        }
+        if day % 7 == 0 {
+            l.settle_logged("M", now + 3_600, |e: &LedgerEvent| {
+                journal.push(e.clone());
+                Ok::<u64, Refused>(journal.len() as u64)
+            })
+            .unwrap();
+        }
+        counts.push(l.entries());
+    }
+    let per_day = 20;
+    let bound = (30 + 2) * per_day + 1;
+    let late = &counts[60..];
+    assert!(
+        late.iter().all(|&c| c <= bound),
+        "count grows: {:?}",
+        &counts[390..]
+    );
+    assert!(late.iter().max().unwrap() - late.iter().min().unwrap() <= per_day + 1);
+    // A refund of a sale still inside the window is found and passes.
+    let s = last_sale.unwrap();
+    stan += 1;
+    let d = l.decide_logged(
+        &s.refund(stan, 100).req(),
+        T0 + 400 * DAY,
+        log(&mut journal),
+    );
+    assert!(d.decision().unwrap().is_approved(), "{d:?}");
+    assert!(
+        state(&l) == replayed_snapshot(&set, &journal),
+        "replay differs"
+    );
+    let restored = Ledger::restore(&set, PanKey::new(&KEY), &state(&l)).unwrap();
+    assert!(state(&restored) == state(&l), "restore differs");
+    assert_eq!(restored.entries(), l.entries());
+}
+
 /// One step of an interleaving: a decision in one go, or the two halves of a forwarded one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Interleave {

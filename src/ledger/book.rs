@@ -16,7 +16,7 @@ use super::hash::FastMap;
 use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
 use super::merchants::{MerchantConfig, Policy, SameDayRefund};
 use super::money::{rrn_key, CardType, LocalDate, MaskedPan, AMOUNT_MINOR_MAX};
-use super::originals::{Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
+use super::originals::{Entries, Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
 use super::reason::{Dialect, Reason};
 use super::MerchantId;
 use crate::clock::UnixSeconds;
@@ -98,7 +98,7 @@ pub(crate) struct Book {
     pub day: Bucket,
     pub month: Bucket,
     pub cards: FastMap<u64, Bucket>,
-    pub entries: Vec<Entry>,
+    pub entries: Entries,
     pub by_ref: FastMap<RefKey, u32>,
     pub by_rrn: FastMap<u64, u32>,
     pub answers: FastMap<u64, Stored>,
@@ -190,7 +190,7 @@ impl Book {
             day: Bucket::default(),
             month: Bucket::default(),
             cards: FastMap::default(),
-            entries: Vec::new(),
+            entries: Entries::default(),
             by_ref: FastMap::default(),
             by_rrn: FastMap::default(),
             answers: FastMap::default(),
@@ -277,7 +277,8 @@ impl Book {
         if self.cutover {
             return Err(bare(Reason::CUTOVER));
         }
-        if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX {
+        if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX || self.entries.next_index() == NO_LINK
+        {
             return Err(bare(Reason::STORE_UNAVAILABLE));
         }
         if self.answers.len() >= ANSWERS_PER_MERCHANT_MAX {
@@ -1368,7 +1369,8 @@ impl Book {
         state: OriginalState,
         link: u32,
     ) -> u32 {
-        let idx = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        self.prune_originals(at);
+        let idx = self.entries.next_index();
         if kind == Kind::Tombstone {
             self.tombstones = self.tombstones.saturating_add(1);
         }
@@ -1392,6 +1394,33 @@ impl Book {
             self.by_rrn.insert(r, idx);
         }
         idx
+    }
+
+    /// Forgets the oldest transactions once they are past `refund_window_days` plus the
+    /// terminal's retry horizon (DOMAIN §6): nothing can refer to them any more (a refund is
+    /// out of its window, a repeat past its horizon), so memory stays bounded under steady
+    /// traffic. Runs as an entry is added, from the durable state alone (replay prunes alike).
+    fn prune_originals(&mut self, at: UnixSeconds) {
+        let keep = i64::from(self.policy.refund_window_days) * SECONDS_PER_DAY + ANSWER_RETENTION_S;
+        let horizon = at.saturating_sub(keep);
+        let mut pruned = false;
+        while self.entries.front().is_some_and(|e| e.at < horizon) {
+            let Some((idx, e)) = self.entries.pop_front() else {
+                break;
+            };
+            if self.by_ref.get(&e.key) == Some(&idx) {
+                self.by_ref.remove(&e.key);
+            }
+            if e.kind == Kind::Tombstone {
+                self.tombstones = self.tombstones.saturating_sub(1);
+            }
+            pruned = true;
+        }
+        // RRNs of forgotten entries (lookups skip them already): drop them in bulk.
+        if pruned && self.by_rrn.len() > 2 * self.entries.len() + 1024 {
+            let base = self.entries.base();
+            self.by_rrn.retain(|_, i| *i >= base);
+        }
     }
 
     fn apply_sale(&mut self, at: UnixSeconds, answer: &AnswerKey, txn: &TxnRecord) -> Decision {

@@ -11,7 +11,7 @@ use super::counters::Bucket;
 use super::event::{DecodeError, Reader, Writer};
 use super::idempotency::{FullAnswer, RefundAnswer, Stored};
 use super::money::{CardType, MaskedPan, PanKey};
-use super::originals::{Entry, Kind, OriginalState, RefKey};
+use super::originals::{Entries, Entry, Kind, OriginalState, RefKey};
 use super::{Ledger, MerchantSet};
 use crate::limits::SNAPSHOT_ITEMS_MAX;
 
@@ -131,11 +131,14 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
         w.0.extend_from_slice(&k.to_le_bytes());
         write_bucket(w, v);
     }
+    w.u64(u64::from(b.entries.base()));
     w.u64(b.entries.len() as u64);
-    for e in &b.entries {
+    for e in b.entries.iter() {
         write_entry(w, e);
     }
-    let mut rrns: Vec<_> = b.by_rrn.iter().collect();
+    // RRNs of pruned entries may linger until a bulk clean-up: never written.
+    let base = b.entries.base();
+    let mut rrns: Vec<_> = b.by_rrn.iter().filter(|(_, i)| **i >= base).collect();
     rrns.sort_unstable();
     w.u64(rrns.len() as u64);
     for (k, v) in rrns {
@@ -258,17 +261,20 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
         let k = r.fixed_u64()?;
         b.cards.insert(k, read_bucket(r)?);
     }
+    let base = if version >= 2 { r.u32()? } else { 0 };
     let ne = count(r)?;
-    b.entries = Vec::with_capacity(usize::try_from(ne).unwrap_or(0));
+    b.entries = Entries::starting_at(base);
+    b.entries.reserve(usize::try_from(ne).unwrap_or(0));
     for i in 0..ne {
         let e = read_entry(r)?;
         if e.kind == Kind::Tombstone {
             b.tombstones = b.tombstones.saturating_add(1);
         }
-        b.by_ref.insert(
-            e.key,
-            u32::try_from(i).map_err(|_| DecodeError::Invalid("index"))?,
-        );
+        let idx = u32::try_from(i)
+            .ok()
+            .and_then(|i| i.checked_add(base))
+            .ok_or(DecodeError::Invalid("index"))?;
+        b.by_ref.insert(e.key, idx);
         b.entries.push(e);
     }
     for _ in 0..count(r)? {
