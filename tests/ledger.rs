@@ -328,6 +328,23 @@ fn cup_refund_with_a_stale_batch_after_settlement_is_declined_77() {
 // ---- Row 4: duplicates and repeats ----
 
 #[test]
+fn a_cup_sale_without_a_date_is_keyed_on_the_merchant_local_date_not_utc() {
+    let l = ledger_with("");
+    l.sign_on("C", "C1", T0).unwrap();
+    // T0 + 1 h is 00:00 on 1 February in +08:00 while UTC is still 31 January.
+    let now = T0 + HOUR;
+    let undated = cup_sale(45, 10_000).with(|m| m.mmdd = 0);
+    ok(&l, &undated, now);
+    // Another request with the same STAN dated the local day reuses the key: 94.
+    let local = cup_sale(45, 20_000).with(|m| m.mmdd = 201);
+    declined(&l, &local, now, Reason::DUPLICATE, "94");
+    // Its repeat, undated like it, gets the stored answer.
+    let again = undated.clone().with(|m| m.repeat = true);
+    assert!(l.decide(&again.req(), now + 60).is_approved());
+    assert_eq!(l.funds("C").unwrap().unsettled_sales, 10_000);
+}
+
+#[test]
 fn repeat_of_an_approved_refund_gets_the_stored_answer_and_moves_nothing() {
     let l = ledger_with("refund_day_amount_max = 100000");
     let s = sale(1, 2500);

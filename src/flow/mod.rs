@@ -355,7 +355,7 @@ impl Gateway {
         }
         let mut pan_buf = [0u8; 19];
         let rrn_buf = sale_rrn(msg, now);
-        let Some(req) = self.ledger_request(l, msg, kind, now, &mut pan_buf, &rrn_buf) else {
+        let Some(req) = self.ledger_request(l, msg, kind, &mut pan_buf, &rrn_buf) else {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
         let rrn = (kind == Kind::Sale).then_some(rrn_buf);
@@ -589,7 +589,7 @@ impl Gateway {
         };
         let mut pan_buf = [0u8; 19];
         let rrn_buf = [b'0'; 12];
-        let Some(req) = self.ledger_request(l, msg, kind, now, &mut pan_buf, &rrn_buf) else {
+        let Some(req) = self.ledger_request(l, msg, kind, &mut pan_buf, &rrn_buf) else {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
         let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
@@ -635,7 +635,6 @@ impl Gateway {
         l: &Link,
         msg: &Message<'m>,
         kind: Kind,
-        now: i64,
         pan_buf: &'m mut [u8; 19],
         rrn_buf: &'m [u8; 12],
     ) -> Option<ledger::Request<'m>> {
@@ -681,11 +680,12 @@ impl Gateway {
         } else {
             msg.rrn()
         };
-        // DE13, else the date of DE7, else (cup sales carry neither) today's UTC date.
+        // DE13, else the date of DE7, else (cup sales carry neither) 0: the ledger keys it on
+        // the merchant-local date (DOMAIN §6).
         let local_date_mmdd = msg
             .local_date()
             .or_else(|| msg.transmission().map(|t| (t / 1_000_000) as u16))
-            .unwrap_or_else(|| utc_mmdd(now));
+            .unwrap_or(0);
         Some(ledger::Request {
             dialect: l.dialect,
             op,
@@ -756,18 +756,6 @@ fn batch_totals(msg: &Message<'_>, shape: Shape) -> Result<Option<ledger::BatchT
             Ok(Some(t))
         }
     }
-}
-
-/// MMDD of the UTC date at `now` (civil-from-days, H. Hinnant).
-fn utc_mmdd(now: i64) -> u16 {
-    let z = now.div_euclid(86_400) + 719_468;
-    let doe = z - z.div_euclid(146_097) * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (m * 100 + d) as u16
 }
 
 /// The RRN a sale gets: DE12 `hhmmss` (or the UTC time of day) and the STAN.
@@ -894,17 +882,5 @@ pub fn recover_ledger(
     match bad {
         Some(b) => Err(b),
         None => Ok((ledger, replayed)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_mmdd_follows_the_calendar() {
-        assert_eq!(utc_mmdd(0), 101);
-        assert_eq!(utc_mmdd(1_709_164_800), 229); // 2024-02-29
-        assert_eq!(utc_mmdd(1_798_761_599), 1231); // 2026-12-31 23:59:59
     }
 }

@@ -241,6 +241,18 @@ impl Book {
 
     /// Rows 3–13 of DOMAIN §5, in order. On success the reservation is already held.
     pub fn check(&mut self, req: &Request<'_>, ctx: &Ctx) -> Result<(EventBody, Hold), Refusal> {
+        // No date on the request (a cup sale carries neither DE13 nor DE7): the merchant's
+        // local date keys it (DOMAIN §6), not the UTC one.
+        let dated;
+        let req = if req.local_date_mmdd == 0 {
+            dated = Request {
+                local_date_mmdd: ctx.today.mmdd,
+                ..*req
+            };
+            &dated
+        } else {
+            req
+        };
         let bare = |r: Reason| Refusal::Bare(Decision::bare(r));
         // Row 3: terminal known, signed on, batch.
         let term = self

@@ -68,6 +68,7 @@ pub struct Request<'a> {
     /// DE11.
     pub stan: u32,
     /// DE13, or the MMDD of DE7 (idempotency key part).
+    /// 0 when the request carries neither: the merchant-local date of `now` is used.
     pub local_date_mmdd: u16,
     /// MTI class (idempotency key part): 2 for 02xx, 4 for 04xx, 5 for 05xx.
     pub mti_class: u8,

@@ -830,7 +830,9 @@ fn well_formed(req: &Request<'_>, pan_ok: bool) -> bool {
     let mmdd_ok = |d: u16| (1..=12).contains(&(d / 100)) && (1..=31).contains(&(d % 100));
     let de7_ok = |t: u64| t <= 1_231_235_959 && mmdd_ok(u16::try_from(t / 1_000_000).unwrap_or(0));
     let rrn_ok = |r: Option<&str>| r.is_none_or(|r| money::rrn_key(r).is_some());
-    if req.stan > N6 || !mmdd_ok(req.local_date_mmdd) || !rrn_ok(req.rrn) {
+    // 0: no date on the request, the merchant-local date is used.
+    let date_ok = req.local_date_mmdd == 0 || mmdd_ok(req.local_date_mmdd);
+    if req.stan > N6 || !date_ok || !rrn_ok(req.rrn) {
         return false;
     }
     if req.batch.is_some_and(|b| b > N6) || req.transmission.is_some_and(|t| !de7_ok(t)) {
