@@ -17,10 +17,11 @@
 //!
 //! # Choices where DOMAIN.md is silent
 //!
-//! - Sign-on and DE60.2 batch checks apply to `cup_pos` terminals only; an ascii terminal is
-//!   known once it is in the merchant file. Sign-on returns the terminal's current batch;
-//!   settlement moves every terminal of the merchant to the next batch, so a terminal that
-//!   keeps the old batch gets 77 and signs on again.
+//! - Sign-on and DE60.2 batch checks apply to `cup_pos` terminals; an ascii terminal is known
+//!   once it is in the merchant file, except for a 0500, which needs a sign-on in both
+//!   dialects (DOMAIN §9a). Sign-on returns the terminal's current batch; a terminal's 0500
+//!   moves that terminal (only) to its next batch, so a terminal that keeps the old batch gets
+//!   77 and signs on again. An operator's [`Ledger::settle`] moves every terminal.
 //! - Originals are looked up on the request's terminal (DE90 STAN + DE7, or DE61 batch +
 //!   trace) and then by RRN across the merchant's terminals; a void must come from the sale's
 //!   terminal (otherwise `USE_REFUND`).
@@ -28,18 +29,21 @@
 //!   original amount, which is more than is left. Voids need funds (row 13) like refunds but
 //!   do not count against refund limits; the terminal `refund_enabled` switch covers refunds
 //!   only, the merchant's `void_enabled` covers voids.
-//! - `same_day_refund = "use_void"` declines any refund of a sale from the same local day
-//!   and open batch, partial ones included.
+//! - `same_day_refund = "use_void"` answers `USE_VOID` only when a void of the same amount
+//!   from this terminal would be approved; otherwise the refund is decided on its merits.
 //! - `BALANCE_PENDING` when sales still in flight (reserved, not committed) would cover the
 //!   refund; `BALANCE_INSUFFICIENT` otherwise.
 //! - Settlement pays out `unsettled − refunds_committed` minus what backs debits in flight;
 //!   refunds beyond sales come out of the reserve. A reversal of a settled sale takes its
 //!   amount from the reserve.
 //! - A reversal that arrives before its original (or for one never seen) leaves a tombstone,
-//!   so the original can never apply later (`REVERSED_BEFORE_COMMIT`, 22, if it does arrive).
-//! - Declines are stored for repeats in memory only (they moved nothing); transient ones
-//!   (96, 90, `BALANCE_PENDING`, 94) are not stored, so a retry is decided anew.
-//! - A terminal 0500 settlement (`Operation::Settlement`) is not idempotent by key.
+//!   so the original can never apply later (22 `ORIGINAL_REVERSED` if it does arrive). A
+//!   reversal of a sale that already has an approved refund or void undoes nothing
+//!   (`REVERSAL_NOT_APPLIED`).
+//! - Declines are journaled (`Declined`) and stored for repeats; transient ones (96, 90,
+//!   `BALANCE_PENDING`, 94) are not stored, so a retry is decided anew.
+//! - A terminal 0500 settlement (`Operation::Settlement`) is idempotent by key like any request.
+//! - Entries older than `refund_window_days` plus the retry horizon are forgotten.
 
 // `Decision` (~130 bytes, `Copy`) is the declined answer itself; boxing it would allocate on
 // every decline of the hot path, so the large `Err` is deliberate.
