@@ -1964,6 +1964,8 @@ enum Step {
     ReverseRefund(usize),
     Repeat(usize),
     Settle,
+    /// A 0500 of T1's batch.
+    SettleBatch,
     TopUp(u64),
     Tick(i64),
 }
@@ -1977,6 +1979,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..40).prop_map(Step::ReverseRefund),
         1 => (0usize..40).prop_map(Step::Repeat),
         1 => Just(Step::Settle),
+        1 => Just(Step::SettleBatch),
         1 => (1u64..5000).prop_map(Step::TopUp),
         2 => (0i64..40_000).prop_map(Step::Tick),
     ]
@@ -1990,6 +1993,8 @@ fn run_history(l: &Ledger, steps: &[Step]) -> Vec<LedgerEvent> {
     let mut now = T0 - 12 * HOUR;
     let mut stan = 1u32;
     let (_, e) = l.sign_on("C", "C1", now).unwrap();
+    events.push(e);
+    let (_, e) = l.sign_on("M", "T1", now).unwrap();
     events.push(e);
     for st in steps {
         stan += 1;
@@ -2016,6 +2021,15 @@ fn run_history(l: &Ledger, steps: &[Step]) -> Vec<LedgerEvent> {
             }
             Step::Settle => {
                 events.push(l.settle("M", now).unwrap().1);
+                None
+            }
+            Step::SettleBatch => {
+                let m = settlement("T1", stan);
+                let logged = l.settle_batch_logged(&m.req(), None, now, |e: &LedgerEvent| {
+                    events.push(e.clone());
+                    Ok::<u64, ()>(events.len() as u64)
+                });
+                assert!(logged.decision().is_some());
                 None
             }
             Step::TopUp(a) => {
