@@ -188,6 +188,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// How often the scheduled cut-overs are looked at (DOMAIN §9a).
+const CUTOVER_CHECK_MS: u64 = 30_000;
+
+/// Runs the merchants' scheduled cut-overs as they fall due.
+async fn cutover_loop(gateway: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(CUTOVER_CHECK_MS));
+    loop {
+        tick.tick().await;
+        gateway.run_cutovers().await;
+    }
+}
+
 /// How often the snapshot task looks at the journal.
 const SNAPSHOT_CHECK_MS: u64 = 500;
 
@@ -266,10 +278,12 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             Arc::clone(&prepared.journal),
             snapshot_every,
         ));
+        let cutovers = tokio::spawn(cutover_loop(Arc::clone(&gateway)));
         let served = server
             .run(Arc::clone(&gateway), server::shutdown::signal())
             .await;
         snapshots.abort();
+        cutovers.abort();
         if let Some(u) = upstreams {
             u.shutdown().await;
         }

@@ -777,3 +777,44 @@ async fn cup_settlement_compares_the_de48_totals_and_closes_only_this_terminals_
     assert_eq!(a.code_reason(), ("77".into(), "BATCH_MISMATCH".into()));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_cut_over_runs_from_the_injected_clock_and_is_journaled_before_it_counts() {
+    use refundgate::clock::ManualClock;
+    let dir = tempfile::tempdir().unwrap();
+    let merchants = MerchantSet::from_toml_str(
+        "[[merchants]]\nid = \"MERCHANT 000001\"\nutc_offset = \"+00:00\"\ncutover_at = \"23:00\"\nterminals = [{ id = \"TERM0001\" }]\n",
+    )
+    .unwrap();
+    let ledger = Arc::new(Ledger::new(&merchants, PanKey::new(&[7; 16])));
+    let (journal, _) =
+        Journal::open(dir.path().join("journal"), journal::Options::default()).unwrap();
+    let journal = Arc::new(journal);
+    // 2026-11-25 22:59:00 UTC.
+    let clock = Arc::new(ManualClock::new(1_795_647_540));
+    let gateway = Gateway::new(
+        Arc::clone(&ledger),
+        Some(Arc::clone(&journal)),
+        clock.clone(),
+        vec![Link::plain(Dialect::Ascii1987)],
+    );
+    let sale = ascii("0200", "000000", 2500, 1, &[]);
+    let (outcome, summary) = gateway.handle(0, &encode("ascii1987", &sale)).await;
+    assert!(matches!(outcome, refundgate::flow::Outcome::Reply(_)));
+    assert_eq!(summary.code, Some("00"));
+    assert_eq!(gateway.run_cutovers().await, 0, "22:59: not yet");
+    clock.advance(60);
+    assert_eq!(gateway.run_cutovers().await, 1);
+    assert_eq!(gateway.run_cutovers().await, 0, "once a day");
+    assert_eq!(ledger.funds("MERCHANT 000001").unwrap().unsettled_sales, 0);
+    // The journal holds it: a ledger rebuilt from it has the batch settled too.
+    drop(gateway);
+    let mut recovered = journal.reread().unwrap();
+    let (rebuilt, _) =
+        refundgate::flow::recover_ledger(&merchants, PanKey::new(&[7; 16]), &mut recovered)
+            .unwrap();
+    assert_eq!(
+        rebuilt.funds("MERCHANT 000001"),
+        ledger.funds("MERCHANT 000001")
+    );
+}

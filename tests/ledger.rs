@@ -1528,6 +1528,44 @@ fn cup_settlement_with_a_stale_batch_is_declined_77_and_a_settled_terminal_signs
     assert_eq!(batch, 8);
 }
 
+#[test]
+fn a_scheduled_cut_over_settles_every_batch_once_a_local_day_journaled_before_it_applies() {
+    // 22:30 local in +08:00; T0 is 23:00 local.
+    let set = set_with("cutover_at = \"22:30\"\nreserve = 0");
+    let l = Ledger::new(&set, PanKey::new(&KEY));
+    let mut journal = Vec::new();
+    let s = sale(1, 5_000);
+    l.decide_logged(&s.req(), T0 - 2 * HOUR, log(&mut journal));
+    assert!(l.due_cutovers(T0 - HOUR).is_empty(), "21:00 local: not yet");
+    assert_eq!(l.due_cutovers(T0), vec!["M".to_string(), "C".to_string()]);
+    // A journal that refuses it: nothing happens, it stays due.
+    let refused = l.scheduled_cutover_logged("M", T0, |_: &LedgerEvent| {
+        Err(Refused(Reason::STORE_UNAVAILABLE))
+    });
+    assert!(refused.is_err());
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 5_000);
+    let (d, _) = l
+        .scheduled_cutover_logged("M", T0, |e: &LedgerEvent| {
+            journal.push(e.clone());
+            Ok::<u64, Refused>(journal.len() as u64)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.figures.amount, 5_000);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+    declined(&l, &s.void(2), T0 + 60, Reason::USE_REFUND, "12");
+    // Once per local day: not again until tomorrow's 22:30.
+    let again =
+        l.scheduled_cutover_logged("M", T0 + HOUR / 2, |_: &LedgerEvent| Ok::<u64, Refused>(0));
+    assert!(again.unwrap().is_none());
+    assert!(!l.due_cutovers(T0 + 20 * HOUR).contains(&"M".to_string()));
+    assert!(l.due_cutovers(T0 + DAY).contains(&"M".to_string()));
+    assert!(
+        state(&l) == replayed_snapshot(&set, &journal),
+        "replay differs"
+    );
+}
+
 // ---- Reversals (DOMAIN §9) ----
 
 #[test]

@@ -162,6 +162,49 @@ impl Gateway {
         Some((ticket, bytes))
     }
 
+    /// Runs the merchants' scheduled cut-overs that are due now (DOMAIN §9a): each settles
+    /// every terminal of its merchant and is journaled before it takes effect. Returns how
+    /// many ran, once they are durable.
+    pub async fn run_cutovers(&self) -> usize {
+        let now = self.clock.now_unix_s();
+        let mut ran = 0;
+        let mut last = None;
+        for merchant in self.ledger.due_cutovers(now) {
+            if !self.store_ready().await {
+                break;
+            }
+            let mut ticket = None;
+            let done = {
+                let _gate = self.gate.read().await;
+                self.ledger
+                    .scheduled_cutover_logged::<LogError>(&merchant, now, |e| {
+                        Ok(self.enqueue(e, &mut ticket)?)
+                    })
+            };
+            match done {
+                Ok(Some(_)) => {
+                    ran += 1;
+                    last = ticket.or(last);
+                    tracing::info!(
+                        merchant = merchant.as_str(),
+                        "scheduled cut-over settled every batch"
+                    );
+                }
+                Ok(None) => {}
+                Err(_) => tracing::warn!(
+                    merchant = merchant.as_str(),
+                    "scheduled cut-over not journaled; retried at the next check"
+                ),
+            }
+        }
+        if let (Some(t), Some(journal)) = (last, &self.journal) {
+            if journal.durable(t).await.is_err() {
+                tracing::warn!("journal write of a scheduled cut-over failed");
+            }
+        }
+        ran
+    }
+
     /// The same gateway forwarding routed merchants' requests to `upstreams` (DOMAIN §8).
     pub fn with_upstreams(mut self, upstreams: Arc<Upstreams>) -> Gateway {
         self.upstreams = Some(upstreams);

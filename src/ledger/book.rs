@@ -108,6 +108,8 @@ pub(crate) struct Book {
     /// was undone. The count, and the sales' entries (the newest ones) for reconciliation.
     pub reversals_not_applied: u64,
     pub not_applied: Vec<u32>,
+    /// Merchant-local day of the last scheduled cut-over (`i32::MIN`: none yet).
+    pub cutover_day: i32,
     /// Entries of kind tombstone (derived; lets the common case skip a lookup).
     pub tombstones: u32,
     // In flight; never journaled.
@@ -198,6 +200,7 @@ impl Book {
             reversal_noops: 0,
             reversals_not_applied: 0,
             not_applied: Vec::new(),
+            cutover_day: i32::MIN,
             tombstones: 0,
             pending_sales: 0,
             pending_debits: 0,
@@ -794,6 +797,15 @@ impl Book {
         self.finish(at, answer, Decision::new(Reason::APPROVED, figures))
     }
 
+    /// The merchant-local day whose scheduled cut-over is due at `now`, if any: the local
+    /// time of day has reached `cutover_at` and that day's cut-over has not run yet.
+    pub fn cutover_due(&self, now: UnixSeconds) -> Option<i32> {
+        let at = i64::from(self.policy.cutover_at?);
+        let local = now.saturating_add(i64::from(self.policy.utc_offset.seconds()));
+        let day = i32::try_from(local.div_euclid(SECONDS_PER_DAY)).ok()?;
+        (local.rem_euclid(SECONDS_PER_DAY) >= at && self.cutover_day < day).then_some(day)
+    }
+
     /// The settlement to journal now: net unsettled sales are paid out, except what backs
     /// debits in flight; refunds beyond sales come out of the reserve.
     pub fn settle_body(&self) -> EventBody {
@@ -1294,6 +1306,14 @@ impl Book {
                 payout,
                 reserve_used,
             } => self.apply_settle_batch(at, answer, *payout, *reserve_used),
+            EventBody::ScheduledCutover {
+                day,
+                payout,
+                reserve_used,
+            } => {
+                self.cutover_day = self.cutover_day.max(*day);
+                self.apply_settle(*payout, *reserve_used)
+            }
         }
     }
 

@@ -177,6 +177,16 @@ pub enum EventBody {
         /// Taken from the reserve.
         reserve_used: u64,
     },
+    /// The merchant's scheduled cut-over of local day `day` ran (DOMAIN §9a): a settlement of
+    /// the whole merchant, as [`EventBody::Settle`], that runs once a day.
+    ScheduledCutover {
+        /// Merchant-local day number (days since 1970-01-01).
+        day: i32,
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
     /// A settlement of the whole merchant: `payout` of net unsettled sales paid out, `reserve_used` taken from the
     /// reserve when refunds exceeded sales; batches move on.
     Settle {
@@ -231,6 +241,7 @@ impl LedgerEvent {
             EventBody::Settle { .. } => 8,
             EventBody::TopUp { .. } => 9,
             EventBody::SettleBatch { .. } => 10,
+            EventBody::ScheduledCutover { .. } => 11,
         };
         w.u8(tag);
         w.id(&self.merchant);
@@ -292,6 +303,15 @@ impl LedgerEvent {
                 w.u64(*payout);
                 w.u64(*reserve_used);
             }
+            EventBody::ScheduledCutover {
+                day,
+                payout,
+                reserve_used,
+            } => {
+                w.i64(i64::from(*day));
+                w.u64(*payout);
+                w.u64(*reserve_used);
+            }
         }
     }
 
@@ -342,6 +362,11 @@ impl LedgerEvent {
             9 => EventBody::TopUp { amount: r.u64()? },
             10 => EventBody::SettleBatch {
                 answer: r.answer()?,
+                payout: r.u64()?,
+                reserve_used: r.u64()?,
+            },
+            11 => EventBody::ScheduledCutover {
+                day: i32::try_from(r.i64()?).map_err(|_| DecodeError::Invalid("day"))?,
                 payout: r.u64()?,
                 reserve_used: r.u64()?,
             },

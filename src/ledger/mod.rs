@@ -677,6 +677,54 @@ impl Ledger {
         self.mutate_logged(merchant, now, Book::settle_body, log)
     }
 
+    /// The merchants whose scheduled cut-over (`cutover_at`, merchant-local) is due at `now`.
+    pub fn due_cutovers(&self, now: UnixSeconds) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|id| {
+                self.books
+                    .get(*id)
+                    .is_some_and(|b| b.cutover_due(now).is_some())
+            })
+            .map(|id| id.as_str().to_string())
+            .collect()
+    }
+
+    /// Runs `merchant`'s scheduled cut-over if it is due at `now` (DOMAIN §9a): a settlement
+    /// of every terminal, as [`Ledger::settle`], journaled through `log` before it takes
+    /// effect, once per merchant-local day. `Ok(None)` when it is not due.
+    pub fn scheduled_cutover_logged<E: From<Refused>>(
+        &self,
+        merchant: &str,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Result<Option<(Decision, u64)>, E> {
+        let mut book = self.book_mut(merchant)?;
+        let Some(day) = book.cutover_due(now) else {
+            return Ok(None);
+        };
+        let EventBody::Settle {
+            payout,
+            reserve_used,
+        } = book.settle_body()
+        else {
+            return Err(Refused(Reason::INTERNAL_ERROR).into());
+        };
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body: EventBody::ScheduledCutover {
+                day,
+                payout,
+                reserve_used,
+            },
+        };
+        let seq = log(&event)?;
+        book.last_logged = seq;
+        let d = book.apply(now, &event.body);
+        Ok(Some((d, seq)))
+    }
+
     /// Adds `amount` to the merchant's prefunded reserve; returns the event to journal.
     pub fn top_up(
         &self,

@@ -112,6 +112,7 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
     write_bucket(w, &b.month);
     w.u64(b.reversal_noops);
     w.u64(b.reversals_not_applied);
+    w.i64(i64::from(b.cutover_day));
     w.u64(b.not_applied.len() as u64);
     for i in &b.not_applied {
         w.u64(u64::from(*i));
@@ -226,6 +227,7 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
     b.reversal_noops = r.u64()?;
     if version >= 2 {
         b.reversals_not_applied = r.u64()?;
+        b.cutover_day = i32::try_from(r.i64()?).map_err(|_| DecodeError::Invalid("day"))?;
         for _ in 0..count(r)? {
             b.not_applied.push(r.u32()?);
         }
