@@ -818,3 +818,153 @@ async fn a_scheduled_cut_over_runs_from_the_injected_clock_and_is_journaled_befo
         ledger.funds("MERCHANT 000001")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_of_a_host_declined_refund_gets_the_hosts_code_again_with_de54() {
+    use refundgate::host_sim::{Faults, Host, HostListener, HostOptions};
+    use refundgate::serve::{self, ServeArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::bind(HostOptions {
+        listeners: vec![HostListener {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dialect: ConfigDialect::Ascii1987,
+            framing: Framing::Binary2,
+        }],
+        admin: None,
+        faults: Faults::default(),
+    })
+    .await
+    .unwrap();
+    let host_addr = host.listeners()[0].addr;
+    let control = host.control();
+    let (host_stop, host_stopped) = oneshot::channel::<()>();
+    let host_task = tokio::spawn(host.run(async move {
+        let _ = host_stopped.await;
+    }));
+    let config = format!(
+        "[admin]\naddr = \"127.0.0.1:0\"\n[journal]\ndir = \"{}\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"ascii1987\"\n\
+         [[upstreams]]\nname = \"bank\"\naddrs = [\"{host_addr}\"]\ndialect = \"ascii1987\"\nframing = \"binary2\"\ntimeout_ms = 5000\n\
+         tls = {{ insecure_skip_verify = true }}\n[routes]\nmerchants = {{ \"MERCHANT 000001\" = \"bank\" }}\n",
+        dir.path().join("journal").display()
+    );
+    let path = dir.path().join("refundgate.toml");
+    std::fs::write(&path, config).unwrap();
+    let prepared = serve::prepare(&ServeArgs {
+        config: Some(path),
+        merchants: None,
+        journal_dir: None,
+    })
+    .map_err(|e| e.message)
+    .unwrap();
+    let server = Server::bind(prepared.config).await.unwrap();
+    server.readiness().set_merchants_loaded(true);
+    let listeners = server.listeners();
+    let upstreams = Arc::new(prepared.upstreams.unwrap().start());
+    let gateway = Arc::new(prepared.gateway.with_upstreams(Arc::clone(&upstreams)));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = server
+            .run(gateway, async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let started = std::time::Instant::now();
+    while !upstreams.link("bank").is_some_and(|l| l.is_up()) {
+        assert!(started.elapsed() < WAIT, "link up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = connect(&listeners[0]).await;
+    let sale = ascii("0200", "000000", 10_000, 1, &[]);
+    let a = ascii_answer(&mut c, &sale).await;
+    assert_eq!(a.code, "00");
+    control
+        .set_faults(Faults {
+            decline: Some("N7".into()),
+            ..Faults::default()
+        })
+        .unwrap();
+    let refund = ascii(
+        "0200",
+        "200000",
+        4_000,
+        2,
+        &[("37", a.rrn.unwrap()), ("90", de90(&sale))],
+    );
+    let first = ascii_answer(&mut c, &refund).await;
+    assert_eq!(first.code_reason(), ("N7".into(), "HOST_DECLINED".into()));
+    let de54 = first.de54.clone().expect("the original was found: DE54");
+    assert!(de54.contains("0092840C000000010000"), "{de54}");
+    control.set_faults(Faults::default()).unwrap();
+    let mut repeat = refund.clone();
+    repeat["mti"] = json!("0201");
+    let again = ascii_answer(&mut c, &repeat).await;
+    assert_eq!(
+        again.code_reason(),
+        first.code_reason(),
+        "the host's code, not 05"
+    );
+    assert_eq!(again.de54, first.de54);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, task).await;
+    upstreams.shutdown().await;
+    let _ = host_stop.send(());
+    let _ = tokio::time::timeout(WAIT, host_task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_before_its_sale_makes_the_late_sale_and_a_refund_of_it_22() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let sale = ascii("0200", "000000", 2500, 1, &[]);
+    let reversal = ascii("0400", "000000", 2500, 2, &[("90", de90(&sale))]);
+    let a = ascii_answer(&mut c, &reversal).await;
+    assert_eq!(
+        a.code_reason(),
+        ("00".into(), "REVERSAL_NOTHING_TO_UNDO".into())
+    );
+    let a = ascii_answer(&mut c, &sale).await;
+    assert_eq!(a.code_reason(), ("22".into(), "ORIGINAL_REVERSED".into()));
+    let refund = ascii("0200", "200000", 100, 3, &[("90", de90(&sale))]);
+    let a = ascii_answer(&mut c, &refund).await;
+    assert_eq!(a.code_reason(), ("22".into(), "ORIGINAL_REVERSED".into()));
+    assert_eq!(
+        gw.gateway
+            .ledger()
+            .funds("MERCHANT 000001")
+            .unwrap()
+            .unsettled_sales,
+        0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_void_is_answered_when_the_whole_same_day_sale_could_be_voided_and_a_partial_refund_passes(
+) {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    // The "strict" merchant takes same-day refunds of a whole sale as voids.
+    let sale = strict("0200", "000000", 10_000, 1, &[]);
+    let a = ascii_answer(&mut c, &sale).await;
+    assert_eq!(a.code, "00");
+    let rrn = a.rrn.unwrap();
+    let refund = |stan: u32, amount: u64| {
+        strict(
+            "0200",
+            "200000",
+            amount,
+            stan,
+            &[("37", rrn.clone()), ("90", de90(&sale))],
+        )
+    };
+    // The whole sale from its own terminal, the same day: the void would pass, so USE_VOID,
+    // and DE54 92 says what a refund may be instead (its 50 % share).
+    let a = ascii_answer(&mut c, &refund(2, 10_000)).await;
+    assert_eq!(a.code_reason(), ("12".into(), "USE_VOID".into()));
+    assert!(a.de54.unwrap().contains("0092156C000000005000"));
+    // A partial refund cannot be a void: it is decided on its merits (on main: USE_VOID).
+    let a = ascii_answer(&mut c, &refund(3, 1_000)).await;
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    gw.stop().await;
+}
