@@ -46,6 +46,8 @@ pub enum Command {
     Saf(SafCommand),
     /// Run a stand-in bank host over TLS (approves by default; faults by flag or admin HTTP).
     Host(crate::host_sim::HostArgs),
+    /// Deterministic simulation of the decision core with crashes and disk faults.
+    Sim(crate::sim::SimArgs),
 }
 
 /// Arguments of `explain`.
@@ -152,6 +154,7 @@ pub fn run() -> ExitCode {
         Command::Journal(JournalCommand::Verify { dir }) => verify(&dir),
         Command::Saf(SafCommand::List { journal_dir }) => saf_list(&journal_dir),
         Command::Host(args) => return crate::host_sim::run(&args),
+        Command::Sim(args) => return crate::sim::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

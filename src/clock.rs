@@ -61,6 +61,19 @@ impl Clock for ManualClock {
     }
 }
 
+/// MMDD of the UTC date at `unix_s` (civil-from-days, H. Hinnant); pass a local time
+/// (`unix_s + offset`) for a local date.
+pub fn mmdd_of(unix_s: UnixSeconds) -> u16 {
+    let z = unix_s.div_euclid(86_400) + 719_468;
+    let doe = z - z.div_euclid(146_097) * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (m * 100 + d) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,9 @@ const DOCUMENTED_DEFAULTS: &str = r#"# refundgate configuration: every option wi
 [admin]
 # /metrics (Prometheus), /healthz, /readyz over plain HTTP/1.1.
 addr = "127.0.0.1:9583"
+# Longest one admin connection may stay open (a client that pipelines and never reads
+# would otherwise hold one of the 16 admin slots for ever).
+connection_timeout_ms = 30000
 
 [journal]
 dir = "data/journal"
@@ -31,6 +34,8 @@ dir = "data/journal"
 durability = "fdatasync"
 # Write a ledger snapshot after this many journal records (bounds start-up replay).
 snapshot_every_records = 1000000
+# Size of each journal segment file, preallocated when it is created (4096 ..= 1073741824).
+segment_bytes = 67108864
 
 [log]
 # "plain" or "json".
@@ -47,7 +52,9 @@ dialect = "ascii1987"
 # or "bcd2" (2-byte BCD).
 framing = "binary2"
 # TLS: without cert/key a self-signed certificate (localhost, 127.0.0.1) is generated at start
-# and its SHA-256 fingerprint logged. client_ca set: clients must present a certificate it signed.
+# and its SHA-256 fingerprint logged; on a non-loopback address that is refused unless
+# `tls = { self_signed = true }` is written out. client_ca set: clients must present a
+# certificate it signed.
 # tls = { cert = "server.pem", key = "server.key", client_ca = "ca.pem" }
 # Optional MAC of this link, interpreted by the message layer (key never logged).
 # mac = { algorithm = "x919", key = "0123456789ABCDEFFEDCBA9876543210" }
@@ -59,12 +66,24 @@ framing = "binary2"
 
 [limits]
 # Connections held at once over all listeners; one more is accepted, closed and counted.
+# A connection takes its slot only once its TLS ClientHello has arrived.
 max_connections = 1024
+# Established connections from one source address (0 = no limit).
+max_connections_per_ip = 256
+# Sockets accepted but not yet admitted (waiting for their ClientHello), over all listeners;
+# when full the oldest is closed to make room, so silent sockets cannot lock terminals out.
+max_handshakes = 256
+# The same per source address: its oldest is closed (0 = no limit).
+max_handshakes_per_ip = 32
+# Loopback peers (a local TLS proxy: every terminal shows as 127.0.0.1) are exempt from the
+# two per-address limits.
+per_ip_exempt_loopback = true
 # Largest frame after the length header; never above 65536 (binary2 can say 65535 at most,
 # ascii4 and bcd2 9999).
 max_frame_bytes = 8192
 # Requests of one connection dispatched at once; answers still go out in request order.
 max_in_flight_per_connection = 8
+# Longest a new socket may take to send its ClientHello, and then to finish the handshake.
 handshake_timeout_ms = 5000
 # A connection with nothing in flight and no complete frame for this long is closed.
 idle_timeout_ms = 60000
@@ -80,6 +99,10 @@ shutdown_grace_ms = 5000
 # dialect = "ascii1987"                 # must be the dialect of the routed terminals
 # framing = "binary2"
 # timeout_ms = 30000                    # switch→host budget; below the terminal's ~60 s
+# write_timeout_ms = 5000               # a write batch not done by then: host wedged, link dropped
+# read_timeout_ms = 30000               # nothing heard this long while a request is unanswered:
+#                                       #   link dropped (default: timeout_ms; an echo probes
+#                                       #   half-way, so a merely slow host keeps its link)
 # max_pending = 1024                    # requests in flight on the link; beyond it 91
 # echo_interval_ms = 30000              # echo (0800/301) after this much quiet
 # reconnect_min_ms = 100                # reconnect backoff (doubles, ±25 % jitter)
@@ -94,6 +117,16 @@ shutdown_grace_ms = 5000
 # default = "bank_a"
 # DE42 → upstream name.
 merchants = {}
+
+[security]
+# Keys protecting data at rest, kept outside journal.dir (a copy of the data directory alone
+# must not reveal card numbers). Created (random, 0600 in a 0700 directory) at first start
+# only while the data they protect is empty; refused when missing later, or when group or
+# others may read them. Default: a directory beside the journal, <journal.dir>-keys.
+# PAN hash key (16 bytes): PAN hashes in the ledger and journal.
+# pan_hash_key = "/etc/refundgate/keys/pan-hash.key"
+# AES-256-GCM key (32 bytes) of PANs store-and-forward keeps for queued messages.
+# saf_pan_key = "/etc/refundgate/keys/saf-pan.key"
 
 [saf]
 # Store-and-forward of reversals (<journal.dir>/saf): sends without an accepted answer before
@@ -135,6 +168,22 @@ pub struct Config {
     /// Store-and-forward of reversals.
     #[serde(default)]
     pub saf: SafConfig,
+    /// Key files and data-at-rest settings.
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// `[security]`: where the keys protecting data at rest live (outside `journal.dir`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Key of the PAN hashes (16 bytes); default `<journal.dir>-keys/pan-hash.key`.
+    #[serde(default)]
+    pub pan_hash_key: Option<PathBuf>,
+    /// AES-256-GCM key (32 bytes) of the PANs store-and-forward keeps for queued messages;
+    /// default `<journal.dir>-keys/saf-pan.key`.
+    #[serde(default)]
+    pub saf_pan_key: Option<PathBuf>,
 }
 
 /// One `[[upstreams]]` table.
@@ -160,6 +209,13 @@ pub struct UpstreamConfig {
     /// How long a forwarded request waits for its answer.
     #[serde(default = "default_upstream_timeout_ms")]
     pub timeout_ms: u64,
+    /// Longest one batch of writes to the host may take before the link is dropped.
+    #[serde(default = "default_upstream_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    /// Longest the link may hear nothing while something sent is unanswered; absent: the
+    /// same as `timeout_ms`.
+    #[serde(default)]
+    pub read_timeout_ms: Option<u64>,
     /// Requests in flight on the link at once.
     #[serde(default = "default_max_pending")]
     pub max_pending: usize,
@@ -225,6 +281,9 @@ pub struct SafConfig {
 pub struct AdminConfig {
     /// Address of the admin HTTP server (plain HTTP; keep it on loopback or a private network).
     pub addr: SocketAddr,
+    /// Longest one admin connection may stay open, whatever it does.
+    #[serde(default = "default_admin_connection_timeout_ms")]
+    pub connection_timeout_ms: u64,
 }
 
 /// `[journal]`.
@@ -238,6 +297,8 @@ pub struct JournalConfig {
     /// A ledger snapshot is written once this many records were journaled since the last
     /// one, so that start-up replays at most about this many records.
     pub snapshot_every_records: u64,
+    /// Bytes of each segment file, preallocated at creation (tests use small ones).
+    pub segment_bytes: u64,
 }
 
 /// `journal.durability`.
@@ -314,6 +375,10 @@ pub struct TlsConfig {
     /// PEM CA certificates; when set, every client must present a certificate they signed.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// Accept the certificate generated at start on a non-loopback address (terminals cannot
+    /// verify it); without it such a listener needs `cert` and `key`.
+    #[serde(default)]
+    pub self_signed: bool,
 }
 
 /// `mac = { algorithm, key }` of a listener, kept opaque here: the message layer interprets
@@ -333,6 +398,14 @@ pub struct MacConfig {
 pub struct LimitsConfig {
     /// Connections held at once over all listeners.
     pub max_connections: usize,
+    /// Established connections from one source address; 0 = no limit.
+    pub max_connections_per_ip: usize,
+    /// Sockets waiting for their ClientHello; when full the oldest is evicted.
+    pub max_handshakes: usize,
+    /// Sockets of one source address waiting for their ClientHello; 0 = no limit.
+    pub max_handshakes_per_ip: usize,
+    /// Whether loopback peers are exempt from the per-address limits.
+    pub per_ip_exempt_loopback: bool,
     /// Largest frame after its length header.
     pub max_frame_bytes: usize,
     /// Requests of one connection dispatched at once.
@@ -369,6 +442,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             routes: RoutesConfig::default(),
             saf: SafConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -403,6 +477,31 @@ impl Config {
         Ok(config)
     }
 
+    /// The directory of the default key files: `<journal.dir>-keys`, beside (never inside)
+    /// the data directory.
+    pub fn default_key_dir(&self) -> PathBuf {
+        let dir: PathBuf = self.journal.dir.components().collect();
+        let mut name = dir.into_os_string();
+        name.push("-keys");
+        PathBuf::from(name)
+    }
+
+    /// Where the PAN hash key lives (`security.pan_hash_key` or its default).
+    pub fn pan_hash_key_path(&self) -> PathBuf {
+        self.security
+            .pan_hash_key
+            .clone()
+            .unwrap_or_else(|| self.default_key_dir().join("pan-hash.key"))
+    }
+
+    /// Where the store-and-forward PAN key lives (`security.saf_pan_key` or its default).
+    pub fn saf_pan_key_path(&self) -> PathBuf {
+        self.security
+            .saf_pan_key
+            .clone()
+            .unwrap_or_else(|| self.default_key_dir().join("saf-pan.key"))
+    }
+
     /// Checks every relation serde cannot; the first failure names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.limits.validate()?;
@@ -435,8 +534,37 @@ impl Config {
                 ));
             }
         }
+        let admin_ms = self.admin.connection_timeout_ms;
+        if admin_ms == 0 || admin_ms > limits::TIMEOUT_HARD_MAX_MS {
+            return Err(error(
+                "admin.connection_timeout_ms",
+                format!("{admin_ms} is outside 1..={}", limits::TIMEOUT_HARD_MAX_MS),
+            ));
+        }
         if self.journal.dir.as_os_str().is_empty() {
             return Err(error("journal.dir", "must not be empty"));
+        }
+        for (key, path) in [
+            ("security.pan_hash_key", self.pan_hash_key_path()),
+            ("security.saf_pan_key", self.saf_pan_key_path()),
+        ] {
+            if crate::at_rest::is_inside(&path, &self.journal.dir) {
+                return Err(error(
+                    key,
+                    format!(
+                        "{} is inside journal.dir: keys must live apart from the data they protect",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let segment =
+            crate::journal::segment::SEGMENT_BYTES_MIN..=crate::journal::segment::SEGMENT_BYTES_MAX;
+        if !segment.contains(&self.journal.segment_bytes) {
+            return Err(error(
+                "journal.segment_bytes",
+                format!("want {} ..= {}", segment.start(), segment.end()),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(error("log.filter", e.to_string()));
@@ -513,6 +641,14 @@ fn default_upstream_timeout_ms() -> u64 {
     limits::UPSTREAM_TIMEOUT_DEFAULT_MS
 }
 
+fn default_admin_connection_timeout_ms() -> u64 {
+    limits::ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS
+}
+
+fn default_upstream_write_timeout_ms() -> u64 {
+    limits::UPSTREAM_WRITE_TIMEOUT_DEFAULT_MS
+}
+
 fn default_max_pending() -> usize {
     limits::UPSTREAM_PENDING_DEFAULT_MAX
 }
@@ -550,6 +686,11 @@ impl UpstreamConfig {
         let max_ms = limits::TIMEOUT_HARD_MAX_MS;
         for (k, v) in [
             ("timeout_ms", self.timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+            (
+                "read_timeout_ms",
+                self.read_timeout_ms.unwrap_or(self.timeout_ms),
+            ),
             ("echo_interval_ms", self.echo_interval_ms),
             ("reconnect_min_ms", self.reconnect_min_ms),
             ("reconnect_max_ms", self.reconnect_max_ms),
@@ -707,6 +848,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             addr: loopback(9583),
+            connection_timeout_ms: limits::ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS,
         }
     }
 }
@@ -717,6 +859,7 @@ impl Default for JournalConfig {
             dir: PathBuf::from("data/journal"),
             durability: Durability::Fdatasync,
             snapshot_every_records: 1_000_000,
+            segment_bytes: crate::journal::segment::SEGMENT_BYTES_DEFAULT,
         }
     }
 }
@@ -747,6 +890,26 @@ impl ListenerConfig {
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err(error(key("tls.key"), "cert is set but key is not")),
             (None, Some(_)) => return Err(error(key("tls.cert"), "key is set but cert is not")),
+            _ => {}
+        }
+        match (&self.tls.cert, self.tls.self_signed) {
+            (Some(_), true) => {
+                return Err(error(
+                    key("tls.self_signed"),
+                    "set either cert and key, or self_signed = true",
+                ))
+            }
+            (None, false) if !self.addr.ip().is_loopback() => {
+                return Err(error(
+                    key("tls"),
+                    format!(
+                        "no certificate for the non-loopback address {}: set cert and key, or \
+                         write tls = {{ self_signed = true }} to accept a generated certificate \
+                         terminals cannot verify",
+                        self.addr
+                    ),
+                ))
+            }
             _ => {}
         }
         for (name, path) in [
@@ -803,6 +966,10 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: limits::CONNECTIONS_DEFAULT_MAX,
+            max_connections_per_ip: limits::CONNECTIONS_PER_IP_DEFAULT_MAX,
+            max_handshakes: limits::HANDSHAKES_DEFAULT_MAX,
+            max_handshakes_per_ip: limits::HANDSHAKES_PER_IP_DEFAULT_MAX,
+            per_ip_exempt_loopback: true,
             max_frame_bytes: limits::FRAME_BYTES_DEFAULT_MAX,
             max_in_flight_per_connection: limits::IN_FLIGHT_PER_CONNECTION_DEFAULT_MAX,
             handshake_timeout_ms: limits::HANDSHAKE_TIMEOUT_DEFAULT_MS,
@@ -830,6 +997,20 @@ impl LimitsConfig {
             wide(self.max_connections),
             1,
             wide(limits::CONNECTIONS_HARD_MAX),
+        )?;
+        let hard = wide(limits::CONNECTIONS_HARD_MAX);
+        range(
+            "max_connections_per_ip",
+            wide(self.max_connections_per_ip),
+            0,
+            hard,
+        )?;
+        range("max_handshakes", wide(self.max_handshakes), 1, hard)?;
+        range(
+            "max_handshakes_per_ip",
+            wide(self.max_handshakes_per_ip),
+            0,
+            hard,
         )?;
         range(
             "max_frame_bytes",
@@ -887,6 +1068,10 @@ max_frame_bytes = 65536
         assert_eq!(config.listeners.len(), 1);
         assert_eq!(config.listeners[0].framing, Framing::Bcd2);
         assert_eq!(config.journal.durability, Durability::UnsafeNoFsync);
+        let small = Config::from_toml("[journal]\nsegment_bytes = 65536\n").unwrap();
+        assert_eq!(small.journal.segment_bytes, 65536);
+        let err = Config::from_toml("[journal]\nsegment_bytes = 100\n").unwrap_err();
+        assert_eq!(err.key, "journal.segment_bytes");
         let debug = format!("{config:?}");
         assert!(!debug.contains("0123456789ABCDEF"), "{debug}");
     }

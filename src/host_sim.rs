@@ -8,7 +8,7 @@
 //!
 //! - `GET /faults` → the fault set as JSON; `POST /faults` with a JSON body replaces it (keys
 //!   left out mean "no fault"): `{"latency_ms":0,"latency_max_ms":0,"drop_percent":0,
-//!   "decline":null,"close_after":null,"no_echo":false}`.
+//!   "decline":null,"close_after":null,"no_echo":false,"stop_reading":false}`.
 //! - `GET /stats` → counters and the reversals received per (DE41, DE11).
 //!
 //! Each request is answered by its own task after its latency, so with a random latency
@@ -56,6 +56,8 @@ pub const HOST_ADMIN_BODY_BYTES_MAX: usize = 4096;
 pub const HOST_LATENCY_MAX_MS: u64 = 3_600_000;
 /// Largest frame the host reads or writes.
 const HOST_FRAME_BYTES_MAX: usize = 8192;
+/// How often a connection that stopped reading looks at the faults again.
+const STOP_READING_RECHECK: Duration = Duration::from_millis(50);
 /// Admin connections served at once.
 const HOST_ADMIN_CONNECTIONS_MAX: usize = 16;
 
@@ -80,6 +82,9 @@ pub struct Faults {
     pub close_after: Option<u64>,
     /// Leave echo tests (network code 301) unanswered.
     pub no_echo: bool,
+    /// Stop reading from every connection (after its TLS handshake): the switch's writes
+    /// pile up in the socket buffers and nothing is answered, as with a wedged host.
+    pub stop_reading: bool,
 }
 
 /// Counters of what the host received and answered, as `GET /stats` shows them.
@@ -455,9 +460,15 @@ async fn serve_connection(
     let spec = spec_of(l.dialect);
     let mut carried = 0u64;
     loop {
+        let reading = !control.faults().stop_reading;
         tokio::select! {
-            frame = reader.next() => {
+            // Re-reads the faults while not reading, so reading resumes when they change.
+            () = tokio::time::sleep(STOP_READING_RECHECK), if !reading => {}
+            frame = reader.next(), if reading => {
                 let Some(Ok(frame)) = frame else { break };
+                if control.faults().stop_reading {
+                    continue; // Set while this frame was arriving: not read, as it were.
+                }
                 while answers.try_join_next().is_some() {}
                 carried += 1;
                 let faults = control.faults();

@@ -17,6 +17,7 @@
 //! - [`cli`]: the command line (`decode`, `encode`, `serve`, `host`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
 //! - [`load`]: the load generator (`refundgate load`): scenario replay over TLS, every answer verified.
+pub mod at_rest;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -32,5 +33,6 @@ pub mod load;
 pub mod mac;
 pub mod serve;
 pub mod server;
+pub mod sim;
 pub mod telemetry;
 pub mod upstream;

@@ -41,6 +41,20 @@ pub const IN_FLIGHT_PER_CONNECTION_HARD_MAX: usize = 1024;
 pub const IN_FLIGHT_PER_CONNECTION_DEFAULT_MAX: usize = 8;
 /// Smallest `limits.max_frame_bytes`: a `cup_pos` TPDU + header + MTI + bitmap must fit.
 pub const FRAME_BYTES_MIN: usize = 64;
+/// Default `limits.max_handshakes`: sockets accepted but not yet admitted to a connection
+/// slot; when full, the oldest is evicted.
+pub const HANDSHAKES_DEFAULT_MAX: usize = 256;
+/// Default `limits.max_handshakes_per_ip`: beyond it, that address's oldest is evicted.
+pub const HANDSHAKES_PER_IP_DEFAULT_MAX: usize = 32;
+/// Default `limits.max_connections_per_ip`: a site with many terminals behind one NAT address
+/// still fits, one address cannot take every slot.
+pub const CONNECTIONS_PER_IP_DEFAULT_MAX: usize = 256;
+/// TLS record content type of a handshake (the ClientHello's record).
+pub const TLS_HANDSHAKE_RECORD_TYPE: u8 = 0x16;
+/// Largest TLS record payload a ClientHello may arrive in (RFC 8446 §5.1: 2^14).
+pub const TLS_RECORD_PAYLOAD_MAX: usize = 16_384;
+/// Pause between two looks at a ClientHello that has arrived only in part.
+pub const CLIENT_HELLO_PEEK_INTERVAL_MS: u64 = 10;
 /// Default `limits.handshake_timeout_ms`.
 pub const HANDSHAKE_TIMEOUT_DEFAULT_MS: u64 = 5_000;
 /// Default `limits.idle_timeout_ms`: terminals send echoes more often than this.
@@ -55,6 +69,8 @@ pub const CLOSE_FLUSH_TIMEOUT_MS: u64 = 1_000;
 pub const LISTENERS_MAX: usize = 64;
 /// Most admin HTTP connections served at once (operators and one Prometheus).
 pub const ADMIN_CONNECTIONS_MAX: usize = 16;
+/// Default `admin.connection_timeout_ms`: longest one admin connection may stay open.
+pub const ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS: u64 = 30_000;
 /// How long an admin HTTP client may take to send its request headers.
 pub const ADMIN_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 /// Longest pause between retries of a failing `accept` (out of file descriptors and the like).
@@ -63,6 +79,8 @@ pub const ACCEPT_BACKOFF_MAX_MS: u64 = 1_000;
 pub const CONNECTION_READ_BUFFER_BYTES: usize = 8 * 1024;
 
 const _: () = assert!(CONNECTIONS_DEFAULT_MAX <= CONNECTIONS_HARD_MAX);
+const _: () = assert!(HANDSHAKES_DEFAULT_MAX <= CONNECTIONS_HARD_MAX);
+const _: () = assert!(CONNECTIONS_PER_IP_DEFAULT_MAX <= CONNECTIONS_DEFAULT_MAX);
 const _: () = assert!(IN_FLIGHT_PER_CONNECTION_DEFAULT_MAX <= IN_FLIGHT_PER_CONNECTION_HARD_MAX);
 const _: () = assert!(FRAME_BYTES_MIN <= FRAME_BYTES_DEFAULT_MAX);
 const _: () = assert!(SHUTDOWN_GRACE_DEFAULT_MS <= TIMEOUT_HARD_MAX_MS);
@@ -78,6 +96,9 @@ pub const TERMINAL_TIMEOUT_MS: u64 = 60_000;
 pub const UPSTREAM_PENDING_DEFAULT_MAX: usize = 1024;
 /// Largest `upstreams[].max_pending`.
 pub const UPSTREAM_PENDING_HARD_MAX: usize = 65_536;
+/// Default `upstreams[].write_timeout_ms`: a host whose receive window stays shut this long
+/// is not reading.
+pub const UPSTREAM_WRITE_TIMEOUT_DEFAULT_MS: u64 = 5_000;
 /// Default `upstreams[].echo_interval_ms`.
 pub const UPSTREAM_ECHO_INTERVAL_DEFAULT_MS: u64 = 30_000;
 /// Most `[[upstreams]]`.

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::os::unix::fs::DirBuilderExt;
+
+use crate::at_rest;
 use crate::cli::{EXIT_IOERR, EXIT_USAGE};
 use crate::clock::SystemClock;
 use crate::config::{self, Config};
@@ -91,11 +94,19 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     };
     let options = journal::Options {
         durability,
+        segment_bytes: config.journal.segment_bytes,
         ..journal::Options::default()
     };
+    // DOMAIN §10: refuse a data directory others may read before touching it.
+    at_rest::check_private_tree(&config.journal.dir).map_err(|e| StartError {
+        code: EXIT_IOERR,
+        message: format!("journal {}: {e}", config.journal.dir.display()),
+    })?;
+    move_legacy_pan_key(&config)?;
     let (journal, mut recovered) = Journal::open(&config.journal.dir, options).map_err(io)?;
-    let pan_key = pan_key(&config.journal.dir)?;
-    let (ledger, replayed) = crate::flow::recover_ledger(&merchants, pan_key, &mut recovered)
+    let empty = recovered.last_seq() == 0 && recovered.snapshot().is_none();
+    let pan_key = pan_key(&config.pan_hash_key_path(), empty)?;
+    let (ledger, replayed) = crate::flow::recover_ledger(&merchants, pan_key, &mut recovered, None)
         .map_err(|e| StartError {
             code: EXIT_IOERR,
             message: format!("journal {}: {e}", config.journal.dir.display()),
@@ -152,23 +163,21 @@ fn link(i: usize, l: &config::ListenerConfig) -> Result<Link, StartError> {
     Ok(link)
 }
 
-/// The key of the PAN hashes kept in the ledger and journal: created once per journal
-/// directory (random, mode 0600) so hashes stay comparable across restarts.
-fn pan_key(dir: &Path) -> Result<PanKey, StartError> {
-    let path = dir.join("pan-hash.key");
-    let io = |e: std::io::Error| StartError {
-        code: EXIT_IOERR,
-        message: format!("{}: {e}", path.display()),
+/// The key of the PAN hashes kept in the ledger and journal, from `security.pan_hash_key`
+/// (outside the journal directory). Created (random, 0600) only while the journal is empty:
+/// a new key for a journal with data would silently break card matching of older sales and
+/// reset per-card limits, so a missing key is refused then.
+fn pan_key(path: &Path, journal_empty: bool) -> Result<PanKey, StartError> {
+    let may_create = if journal_empty {
+        Ok(())
+    } else {
+        Err("the journal already has records".to_string())
     };
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key: [u8; 16] = rand::random();
-            write_private(&path, &key).map_err(io)?;
-            key.to_vec()
-        }
-        Err(e) => return Err(io(e)),
-    };
+    let bytes = at_rest::load_or_create_key(path, 16, may_create, "security.pan_hash_key")
+        .map_err(|e| StartError {
+            code: EXIT_IOERR,
+            message: e.to_string(),
+        })?;
     let key: [u8; 16] = bytes.as_slice().try_into().map_err(|_| StartError {
         code: EXIT_IOERR,
         message: format!("{}: expected 16 bytes", path.display()),
@@ -176,16 +185,42 @@ fn pan_key(dir: &Path) -> Result<PanKey, StartError> {
     Ok(PanKey::new(&key))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+/// Earlier versions kept the PAN hash key in the journal directory (`pan-hash.key`), beside
+/// the hashes it protects. Moves it to `security.pan_hash_key` when that does not exist yet;
+/// refuses to start while a copy stays in the data directory.
+fn move_legacy_pan_key(config: &Config) -> Result<(), StartError> {
+    let legacy = config.journal.dir.join(LEGACY_PAN_KEY_NAME);
+    if !legacy.exists() {
+        return Ok(());
+    }
+    let target = config.pan_hash_key_path();
+    let refuse = |why: String| {
+        StartError {
+        code: EXIT_IOERR,
+        message: format!(
+            "{}: a key inside the data directory ({why}); move it to {} (security.pan_hash_key) and start again",
+            legacy.display(),
+            target.display()
+        ),
+    }
+    };
+    if target.exists() {
+        return Err(refuse(format!("{} exists too", target.display())));
+    }
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(at_rest::DIR_MODE)
+            .create(parent)
+            .map_err(|e| refuse(e.to_string()))?;
+    }
+    std::fs::rename(&legacy, &target).map_err(|e| refuse(e.to_string()))?;
+    tracing::warn!(
+        from = %legacy.display(),
+        to = %target.display(),
+        "moved the PAN hash key out of the data directory"
+    );
+    Ok(())
 }
 
 /// How often the scheduled cut-overs are looked at (DOMAIN §9a).
@@ -199,6 +234,8 @@ async fn cutover_loop(gateway: Arc<Gateway>) {
         gateway.run_cutovers().await;
     }
 }
+/// Name of the PAN hash key inside the journal directory in earlier versions.
+const LEGACY_PAN_KEY_NAME: &str = "pan-hash.key";
 
 /// How often the snapshot task looks at the journal.
 const SNAPSHOT_CHECK_MS: u64 = 500;

@@ -18,9 +18,13 @@ pub const REQUESTS_TOTAL: &str = "refundgate_requests_total";
 pub const DECISION_SECONDS: &str = "refundgate_decision_seconds";
 /// `refundgate_connections_open{dialect}`: gauge of established (post-accept) connections.
 pub const CONNECTIONS_OPEN: &str = "refundgate_connections_open";
-/// `refundgate_connections_refused_total`: connections closed at once because
-/// `limits.max_connections` were open.
+/// `refundgate_connections_refused_total{cause}`: sockets closed by admission control, by
+/// cause: `max_connections`, `ip_connections`, `handshake_budget` (evicted as the oldest
+/// handshake), `ip_handshakes` (evicted as its address's oldest), `handshake_timeout`,
+/// `not_tls`.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "refundgate_connections_refused_total";
+/// `refundgate_handshakes_in_progress`: gauge of sockets in the handshake budget.
+pub const HANDSHAKES_IN_PROGRESS: &str = "refundgate_handshakes_in_progress";
 /// `refundgate_tls_handshake_failures_total{dialect}`: handshakes that failed or timed out.
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "refundgate_tls_handshake_failures_total";
 /// `refundgate_framing_errors_total{dialect}`: connections closed for a framing error.
@@ -132,8 +136,12 @@ pub(crate) fn count_idle_timeout(dialect: &'static str) {
     metrics::counter!(IDLE_TIMEOUTS_TOTAL, LABEL_DIALECT => dialect).increment(1);
 }
 
-pub(crate) fn count_refused() {
-    metrics::counter!(CONNECTIONS_REFUSED_TOTAL).increment(1);
+pub(crate) fn count_refused(cause: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED_TOTAL, "cause" => cause).increment(1);
+}
+
+pub(crate) fn handshakes_in_progress(delta: f64) {
+    metrics::gauge!(HANDSHAKES_IN_PROGRESS).increment(delta);
 }
 
 /// Keeps `refundgate_connections_open` right: up on creation, down on drop.
@@ -168,7 +176,11 @@ fn describe_metrics() {
     describe_gauge!(CONNECTIONS_OPEN, "Connections currently open.");
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
-        "Connections closed at once because max_connections were open."
+        "Sockets closed by admission control, by cause."
+    );
+    describe_gauge!(
+        HANDSHAKES_IN_PROGRESS,
+        "Sockets waiting in the handshake budget (no connection slot yet)."
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES_TOTAL,

@@ -14,8 +14,9 @@ use refundgate::flow::{Gateway, Link};
 use refundgate::frame::{Frame, FrameCodec, Framing};
 use refundgate::iso8583::{self, json, Message};
 use refundgate::journal::{self, Journal};
-use refundgate::ledger::{Dialect, Ledger, MerchantSet, PanKey};
+use refundgate::ledger::{Dialect, Funds, Ledger, MerchantSet, PanKey};
 use refundgate::mac::{self, MacAlgorithm, MacKey};
+use refundgate::serve;
 use refundgate::server::{ListenerInfo, Server};
 use rustls::crypto::ring;
 use rustls_pki_types::ServerName;
@@ -34,12 +35,18 @@ const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x03, 0x00, 0x00];
 const CUP_HEADER: [u8; 6] = [0x60, 0x31, 0x00, 0x31, 0x00, 0x00];
 const MAK: &str = "0123456789ABCDEF";
 
+/// Journal segments of the tests: small, so no test writes a 64 MiB zeroed segment.
+const SEGMENT_BYTES: u64 = 256 * 1024;
+/// The PAN-hash key of the tests, also written where `serve` looks for it on a restart.
+const PAN_KEY: [u8; 16] = [7; 16];
+
 struct Running {
     listeners: Vec<Arc<ListenerInfo>>,
+    admin: SocketAddr,
     gateway: Arc<Gateway>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
 }
 
 impl Running {
@@ -47,7 +54,48 @@ impl Running {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        let _ = tokio::time::timeout(WAIT, self.task).await;
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("the server stops within its grace")
+            .unwrap();
+        // Connection tasks may still hold the gateway (and so the journal's directory lock)
+        // for a moment after the server returned: wait until this is the last handle.
+        let started = std::time::Instant::now();
+        while Arc::strong_count(&self.gateway) > 1 {
+            assert!(started.elapsed() < WAIT, "the gateway is still held");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The sample merchant's funds as the ledger holds them now.
+    fn funds(&self) -> Funds {
+        self.gateway.ledger().funds("MERCHANT 000001").unwrap()
+    }
+
+    /// Stops this gateway and starts `refundgate serve`'s recovery (`serve::prepare`: journal
+    /// replay on the real file system) on the same journal directory, as a restart would.
+    async fn restart(self) -> Running {
+        let dir = Arc::clone(&self.dir);
+        self.stop().await;
+        let path = dir.path().join("refundgate.toml");
+        let mac = format!("mac = {{ algorithm = \"cup_ecb\", key = \"{MAK}\" }}");
+        let toml = format!(
+            "[admin]\naddr = \"127.0.0.1:0\"\n\
+             [journal]\ndir = \"{}\"\nsegment_bytes = {SEGMENT_BYTES}\n\
+             [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"ascii1987\"\n\
+             [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"cup_pos\"\n\
+             [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"cup_pos\"\n{mac}\n",
+            dir.path().join("journal").display()
+        );
+        std::fs::write(&path, toml).unwrap();
+        let prepared = serve::prepare(&serve::ServeArgs {
+            config: Some(path),
+            merchants: None,
+            journal_dir: None,
+        })
+        .map_err(|e| e.message)
+        .unwrap();
+        serve_gateway(prepared.config, prepared.gateway, dir).await
     }
 }
 
@@ -57,7 +105,7 @@ async fn start() -> Running {
 }
 
 async fn start_with(options: journal::Options) -> Running {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
     let mut config = Config::default();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     config.admin.addr = addr;
@@ -72,8 +120,27 @@ async fn start_with(options: journal::Options) -> Running {
         cup_mac,
     ];
     let merchants = MerchantSet::embedded().unwrap();
-    let ledger = Ledger::new(&merchants, PanKey::new(&[7; 16]));
-    let (journal, _) = Journal::open(dir.path().join("journal"), options).unwrap();
+    let ledger = Ledger::new(&merchants, PanKey::new(&PAN_KEY));
+    let journal_dir = dir.path().join("journal");
+    // Data 0700, the PAN hash key beside it (DOMAIN §10), as `serve` wants them on restart.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&journal_dir)
+            .unwrap();
+        let keys = dir.path().join("journal-keys");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&keys)
+            .unwrap();
+        refundgate::at_rest::write_new_private(&keys.join("pan-hash.key"), &PAN_KEY).unwrap();
+    }
+    let options = journal::Options {
+        segment_bytes: SEGMENT_BYTES,
+        ..options
+    };
+    let (journal, _) = Journal::open(&journal_dir, options).unwrap();
     let mut mac_link = Link::plain(Dialect::CupPos);
     mac_link.mac = Some(MacKey::from_hex(MacAlgorithm::CupPosEcb, MAK).unwrap());
     let links = vec![
@@ -87,26 +154,58 @@ async fn start_with(options: journal::Options) -> Running {
         Arc::new(SystemClock),
         links,
     );
+    serve_gateway(config, gateway, dir).await
+}
+
+async fn serve_gateway(config: Config, gateway: Gateway, dir: Arc<tempfile::TempDir>) -> Running {
     let server = Server::bind(config).await.unwrap();
     server.readiness().set_merchants_loaded(true);
     let listeners = server.listeners();
-    let (stop, stopped) = oneshot::channel::<()>();
+    let admin = server.admin_addr();
     let gateway = Arc::new(gateway);
-    let serving = Arc::clone(&gateway);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let g = Arc::clone(&gateway);
     let task = tokio::spawn(async move {
         let _ = server
-            .run(serving, async move {
+            .run(g, async move {
                 let _ = stopped.await;
             })
             .await;
     });
     Running {
         listeners,
+        admin,
         gateway,
         stop: Some(stop),
         task,
-        _dir: dir,
+        dir,
     }
+}
+
+/// The value of the `/metrics` sample `name` (labels included, as rendered), 0 when absent.
+async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The amount of the DE54 block of `amount_type` (90: still refundable on the original).
+fn de54_amount(de54: &str, amount_type: &str) -> Option<u64> {
+    de54.as_bytes()
+        .chunks(20)
+        .filter_map(|b| std::str::from_utf8(b).ok())
+        .find(|b| b.len() == 20 && &b[2..4] == amount_type)
+        .and_then(|b| b[8..].parse().ok())
 }
 
 type Client = Framed<TlsStream<TcpStream>, FrameCodec>;
@@ -235,6 +334,9 @@ async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_co
     );
 
     // 550000 is within what is left of the sale but over the single-refund cap of 500000.
+    // No other test of this binary declines 61 on ascii1987, so the counter moves by one.
+    const CAP_DECLINES: &str = "refundgate_requests_total{dialect=\"ascii1987\",mti=\"0200\",code=\"61\",reason=\"SINGLE_REFUND_CAP\"}";
+    let cap_declines = metric(gw.admin, CAP_DECLINES).await;
     let over = ascii(
         "0200",
         "200000",
@@ -247,6 +349,11 @@ async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_co
         &exchange(&mut c, false, &encode("ascii1987", &over)).await,
     );
     assert_eq!(a.code_reason(), ("61".into(), "SINGLE_REFUND_CAP".into()));
+    assert_eq!(
+        metric(gw.admin, CAP_DECLINES).await - cap_declines,
+        1.0,
+        "the decline is counted once with its code and reason"
+    );
 
     // More than is left of the sale: 64.
     let too_much = ascii(
@@ -299,8 +406,9 @@ async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_co
     );
     assert_eq!(a.reason, "ORIGINAL_VOIDED");
 
-    // Reversal of the first refund gives its amount back: the same refund passes again... and
-    // the repeat of the reversal is answered 00 again without moving anything.
+    // Reversal of the first refund gives its amount back to the merchant's funds and to the
+    // sale (DOMAIN §9). A bare 00 would prove nothing: an unknown original is answered 00 too.
+    let before = gw.funds();
     let mut reversal = ascii(
         "0400",
         "200000",
@@ -323,12 +431,50 @@ async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_co
     );
     assert_eq!(a.mti, 410);
     assert_eq!(a.code.as_str(), "00");
+    let reversed = gw.funds();
+    assert_eq!(
+        reversed.refunds_committed + 1500,
+        before.refunds_committed,
+        "the reversed refund no longer counts: {before:?} -> {reversed:?}"
+    );
+    assert_eq!(reversed.available, before.available + 1500);
+    // So the same amount can be refunded again, and the sale's remainder is back to 600000
+    // less this one refund only.
+    let again = ascii(
+        "0200",
+        "200000",
+        1500,
+        8,
+        &[("37", rrn.clone()), ("90", de90(&sale))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &again)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    let de54 = a.de54.clone().expect("refund answers carry DE54");
+    assert_eq!(
+        de54_amount(&de54, "90"),
+        Some(600_000 - 1500),
+        "DE54 {de54}"
+    );
+    let refunded_again = gw.funds();
+    assert_eq!(
+        refunded_again.refunds_committed, before.refunds_committed,
+        "{refunded_again:?}"
+    );
+    // The repeat of the reversal is answered 00 again and moves nothing.
     reversal["mti"] = json!("0401");
     let a = answer(
         "ascii1987",
         &exchange(&mut c, false, &encode("ascii1987", &reversal)).await,
     );
     assert_eq!(a.code.as_str(), "00");
+    assert_eq!(
+        gw.funds(),
+        refunded_again,
+        "a repeated reversal moves nothing"
+    );
 
     // Repeat of the sale (0201): same answer, same RRN, nothing moved.
     let mut repeat = sale.clone();
@@ -339,6 +485,7 @@ async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_co
     );
     assert_eq!(a.code.as_str(), "00");
     assert_eq!(a.rrn.as_deref(), Some(rrn.as_str()));
+    assert_eq!(gw.funds(), refunded_again, "a repeated sale moves nothing");
     // A different request reusing the sale's key: 94.
     let reuse = ascii("0200", "000000", 999, 1, &[]);
     let a = answer(
@@ -346,6 +493,87 @@ async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_co
         &exchange(&mut c, false, &encode("ascii1987", &reuse)).await,
     );
     assert_eq!(a.code_reason(), ("94".into(), "DUPLICATE".into()));
+    gw.stop().await;
+}
+
+/// DOMAIN §6: a repeat gets the stored answer, declines included, never a new decision; a
+/// different request reusing the key of a declined one gets 94.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_refund_keeps_its_answer_for_its_repeat_and_its_key() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    // The refund names a sale that does not exist yet: 25.
+    let sale = ascii("0200", "000000", 9000, 71, &[]);
+    let refund = ascii("0200", "200000", 3000, 72, &[("90", de90(&sale))]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &refund)).await,
+    );
+    assert_eq!(a.code_reason(), ("25".into(), "ORIGINAL_NOT_FOUND".into()));
+    // Then the sale arrives, so deciding the refund again would approve it.
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    let funds = gw.funds();
+    // The terminal's repeat (0201) gets the decline it may already have shown.
+    let mut repeat = refund.clone();
+    repeat["mti"] = json!("0201");
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &repeat)).await,
+    );
+    assert_eq!(
+        a.code_reason(),
+        ("25".into(), "ORIGINAL_NOT_FOUND".into()),
+        "a repeat of a declined refund was decided anew"
+    );
+    // A different refund reusing the declined one's key (terminal, STAN, date): 94.
+    let reuse = ascii("0200", "200000", 1000, 72, &[("90", de90(&sale))]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &reuse)).await,
+    );
+    assert_eq!(a.code_reason(), ("94".into(), "DUPLICATE".into()));
+    assert_eq!(gw.funds(), funds, "neither moved money");
+    gw.stop().await;
+}
+
+/// DOMAIN §6: stored answers survive restarts, declines included: a repeat after a restart
+/// gets the decline the terminal may already have shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_refund_keeps_its_answer_across_a_restart() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let sale = ascii("0200", "000000", 9000, 81, &[]);
+    let refund = ascii("0200", "200000", 3000, 82, &[("90", de90(&sale))]);
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &refund)).await,
+    );
+    assert_eq!(a.code_reason(), ("25".into(), "ORIGINAL_NOT_FOUND".into()));
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    assert_eq!(a.code.as_str(), "00");
+    drop(c);
+    let gw = gw.restart().await;
+    let funds = gw.funds();
+    let mut c = connect(&gw.listeners[0]).await;
+    let mut repeat = refund.clone();
+    repeat["mti"] = json!("0201");
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &repeat)).await,
+    );
+    assert_eq!(
+        a.code_reason(),
+        ("25".into(), "ORIGINAL_NOT_FOUND".into()),
+        "after a restart a repeat of a declined refund was decided anew"
+    );
+    assert_eq!(gw.funds(), funds, "the repeat moved money");
     gw.stop().await;
 }
 
@@ -499,6 +727,7 @@ async fn storage_failure_answers_96_acknowledges_nothing_and_recovers_with_the_s
         ..journal::Options::default()
     };
     let gw = start_with(options).await;
+    let initial = gw.funds();
     let mut c = connect(&gw.listeners[0]).await;
     faults.set_fail_syncs(true);
     let sale = ascii("0200", "000000", 2500, 41, &[]);
@@ -513,7 +742,8 @@ async fn storage_failure_answers_96_acknowledges_nothing_and_recovers_with_the_s
         &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
     );
     assert_eq!(a.code_reason(), ("96".into(), "STORE_UNAVAILABLE".into()));
-    // The storage is back: the same sale (nothing of it was kept) is approved now.
+    assert_eq!(gw.funds(), initial, "a 96 moved money");
+    // The storage is back: the same sale (nothing of it was kept) is approved now, once.
     faults.set_fail_syncs(false);
     faults.set_fail_writes(false);
     let a = answer(
@@ -521,19 +751,60 @@ async fn storage_failure_answers_96_acknowledges_nothing_and_recovers_with_the_s
         &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
     );
     assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
-    // And a refund of it passes: the ledger holds the sale exactly once.
+    let rrn = a.rrn.clone().unwrap();
+    let funds = gw.funds();
+    assert_eq!(
+        funds.unsettled_sales,
+        initial.unsettled_sales + 2500,
+        "the sale is held exactly once: {funds:?}"
+    );
+    // A refund of 1000 passes and leaves 1500 of the sale (DE54 type 90).
     let refund = ascii(
         "0200",
         "200000",
-        2500,
+        1000,
         42,
-        &[("37", a.rrn.clone().unwrap()), ("90", de90(&sale))],
+        &[("37", rrn.clone()), ("90", de90(&sale))],
     );
     let a = answer(
         "ascii1987",
         &exchange(&mut c, false, &encode("ascii1987", &refund)).await,
     );
     assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    assert_eq!(de54_amount(a.de54.as_deref().unwrap(), "90"), Some(1500));
+    let after = gw.funds();
+    assert_eq!(after.refunds_committed, initial.refunds_committed + 1000);
+
+    // After a restart (journal replayed on the real file system) the ledger is exactly what
+    // was acknowledged: the sale once, the refund once, nothing of the two 96s.
+    drop(c);
+    let gw = gw.restart().await;
+    assert_eq!(gw.funds(), after, "the ledger after replay");
+    let mut c = connect(&gw.listeners[0]).await;
+    let over = ascii(
+        "0200",
+        "200000",
+        1501,
+        43,
+        &[("37", rrn.clone()), ("90", de90(&sale))],
+    );
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &over)).await,
+    );
+    assert_eq!(
+        a.code_reason(),
+        ("64".into(), "AMOUNT_EXCEEDS_REMAINING".into())
+    );
+    let mut repeat = sale.clone();
+    repeat["mti"] = json!("0201");
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &repeat)).await,
+    );
+    assert_eq!(a.code.as_str(), "00");
+    assert_eq!(a.rrn.as_deref(), Some(rrn.as_str()));
+    assert_eq!(gw.funds(), after, "probes after the restart moved nothing");
     gw.stop().await;
 }
 
@@ -811,7 +1082,7 @@ async fn a_scheduled_cut_over_runs_from_the_injected_clock_and_is_journaled_befo
     drop(gateway);
     let mut recovered = journal.reread().unwrap();
     let (rebuilt, _) =
-        refundgate::flow::recover_ledger(&merchants, PanKey::new(&[7; 16]), &mut recovered)
+        refundgate::flow::recover_ledger(&merchants, PanKey::new(&[7; 16]), &mut recovered, None)
             .unwrap();
     assert_eq!(
         rebuilt.funds("MERCHANT 000001"),

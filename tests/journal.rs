@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use refundgate::journal::record::{self, RECORD_HEADER_BYTES};
 use refundgate::journal::segment::{self, SEGMENT_HEADER_BYTES};
+use refundgate::journal::storage::DirLock;
 use refundgate::journal::{
-    verify, Durability, Faults, FaultyStorage, Journal, JournalError, Options, StoreError,
+    verify, Durability, Faults, FaultyStorage, FsStorage, Journal, JournalError, Options, Storage,
+    StorageFile, StoreError,
 };
 
 const SMALL_SEGMENT_BYTES: u64 = 8192;
@@ -391,19 +393,75 @@ fn a_read_only_directory_is_a_clear_error() {
     );
     assert_eq!(dir_state(tmp.path()), before);
 
-    // With real permissions too, unless running as root (which ignores them).
-    use std::os::unix::fs::PermissionsExt;
-    let locked = tmp.path().join("locked");
-    fs::create_dir(&locked).unwrap();
-    fs::set_permissions(&locked, fs::Permissions::from_mode(0o555)).unwrap();
-    if fs::write(locked.join("probe"), b"").is_err() {
-        let error = Journal::open(&locked, medium()).unwrap_err();
-        assert!(
-            matches!(error, JournalError::NotWritable { .. }),
-            "{error:?}"
-        );
+    // A directory the process may not write to (EACCES, as with mode 0555 for a non-root
+    // user) is the same clear error. CI runs as root, which ignores permission bits, so the
+    // refusal comes from the storage seam rather than from chmod.
+    let denied = tmp.path().join("denied");
+    let options = Options {
+        storage: Arc::new(PermissionDenied),
+        ..medium()
+    };
+    let error = Journal::open(&denied, options).unwrap_err();
+    assert!(
+        matches!(error, JournalError::NotWritable { .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.exit_code(), 74);
+    assert!(!denied.exists(), "nothing created");
+    // And an existing directory that may not be written to.
+    fs::create_dir(&denied).unwrap();
+    let options = Options {
+        storage: Arc::new(PermissionDenied),
+        ..medium()
+    };
+    let error = Journal::open(&denied, options).unwrap_err();
+    assert!(
+        matches!(error, JournalError::NotWritable { .. }),
+        "{error:?}"
+    );
+    assert!(dir_state(&denied).is_empty(), "nothing written");
+}
+
+/// The real file system, except that every creation and writable open is refused with
+/// `PermissionDenied`, as in a directory without write permission.
+#[derive(Debug)]
+struct PermissionDenied;
+
+fn denied() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::PermissionDenied)
+}
+
+impl Storage for PermissionDenied {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        Err(denied())
     }
-    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        FsStorage.list(dir)
+    }
+    fn create(&self, _: &Path) -> std::io::Result<Box<dyn StorageFile>> {
+        Err(denied())
+    }
+    fn open(&self, path: &Path, writable: bool) -> std::io::Result<Box<dyn StorageFile>> {
+        if writable {
+            return Err(denied());
+        }
+        FsStorage.open(path, false)
+    }
+    fn rename(&self, _: &Path, _: &Path) -> std::io::Result<()> {
+        Err(denied())
+    }
+    fn remove(&self, _: &Path) -> std::io::Result<()> {
+        Err(denied())
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        FsStorage.sync_dir(dir)
+    }
+    fn lock_dir(&self, _: &Path) -> std::io::Result<DirLock> {
+        Err(denied())
+    }
 }
 
 #[test]
@@ -645,4 +703,28 @@ fn a_directory_is_opened_by_one_journal_at_a_time() {
     drop(journal);
     let (journal, _) = Journal::open(tmp.path(), small()).unwrap();
     assert_eq!(journal.append_blocking(payload(2)).unwrap(), 2);
+}
+
+#[test]
+fn journal_files_are_created_0600_in_0700_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data/journal");
+    {
+        let (journal, _) = Journal::open(&dir, small()).unwrap();
+        for i in 1..=300 {
+            journal.append_blocking(payload(i)).unwrap();
+        }
+        journal.snapshot(300, b"snapshot bytes").unwrap();
+    }
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "journal directory");
+    assert_eq!(mode(dir.parent().unwrap()), 0o700, "created parent");
+    let mut files = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    assert!(files >= 3, "segments, snapshot and lock checked");
 }

@@ -10,6 +10,7 @@ pub mod classify;
 pub mod ids;
 mod render;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,6 +79,8 @@ pub struct Gateway {
     gate: tokio::sync::RwLock<()>,
     /// One rebuild at a time after a failed journal write.
     recovering: tokio::sync::Mutex<()>,
+    /// The journal failure epoch the ledger was last rebuilt for.
+    rebuilt_epoch: AtomicU64,
     journal: Option<Arc<Journal>>,
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
@@ -102,6 +105,8 @@ struct Decided {
     wait: Option<Ticket>,
     /// The host approved it: if the record is lost, the host must be told (reversal).
     forwarded: bool,
+    /// The request's MTI (metrics label).
+    mti: u16,
 }
 
 /// Why a logged ledger call did not apply.
@@ -140,6 +145,7 @@ impl Gateway {
             ledger,
             gate: tokio::sync::RwLock::new(()),
             recovering: tokio::sync::Mutex::new(()),
+            rebuilt_epoch: AtomicU64::new(0),
             journal,
             clock,
             links,
@@ -257,22 +263,31 @@ impl Gateway {
         for body in bodies {
             decided.push(self.decide_message(l, body.as_ref()).await);
         }
-        for (body, d) in bodies.iter().zip(decided.iter_mut()) {
-            let Some(Decided { wait: Some(t), .. }) = d else {
-                continue;
-            };
-            let Some(journal) = &self.journal else {
-                continue;
-            };
-            if journal.is_durable(*t) {
-                continue;
+        if let Some(journal) = &self.journal {
+            // One wait for the newest record of the batch covers the others of its epoch.
+            let newest = decided
+                .iter()
+                .filter_map(|d| d.as_ref().and_then(|d| d.wait))
+                .max_by_key(|t| (t.epoch, t.seq));
+            if let Some(t) = newest {
+                let _ = journal.durable(t).await;
             }
-            if journal.durable(*t).await.is_err() {
-                tracing::warn!("journal write failed; answering 96");
-                *d = Some(
-                    self.lost(l, body.as_ref(), d.as_ref().is_some_and(|d| d.forwarded))
-                        .await,
-                );
+            for (body, d) in bodies.iter().zip(decided.iter_mut()) {
+                let Some(Decided {
+                    wait: Some(t),
+                    forwarded,
+                    ..
+                }) = d
+                else {
+                    continue;
+                };
+                let forwarded = *forwarded;
+                if journal.durable(*t).await.is_err() {
+                    tracing::warn!("journal write failed; answering 96");
+                    // Drop what the lost record changed before the 96 leaves.
+                    let _ = self.store_ready().await;
+                    *d = Some(self.lost(l, body.as_ref(), forwarded).await);
+                }
             }
         }
         let micros = started.elapsed().as_micros() as u64;
@@ -298,7 +313,10 @@ impl Gateway {
 
     /// Logs and counts one answered message.
     fn finish(&self, l: &Link, body: &[u8], d: Option<Decided>, micros: u64) -> (Outcome, Summary) {
-        let Some(Decided { out, decision, .. }) = d else {
+        let Some(Decided {
+            out, decision, mti, ..
+        }) = d
+        else {
             return (
                 Outcome::Drop,
                 Summary {
@@ -307,17 +325,13 @@ impl Gateway {
                 },
             );
         };
-        let (msg, _) = iso8583::decode_partial(l.spec, body);
         let code = decision.de39(l.dialect);
         let reason = decision.reason.as_str();
-        telemetry::record_request(
-            dialect_label(l.dialect),
-            mti_label(msg.mti().0),
-            code,
-            reason,
-        );
+        telemetry::record_request(dialect_label(l.dialect), mti_label(mti), code, reason);
         telemetry::record_decision_seconds(dialect_label(l.dialect), micros as f64 / 1e6);
         if tracing::enabled!(tracing::Level::INFO) {
+            // Decoded again only for the log line: nothing of it outlives the decision.
+            let (msg, _) = iso8583::decode_partial(l.spec, body);
             let masked = msg.pan().map(|p| p.masked());
             tracing::info!(
                 dialect = l.spec.name(),
@@ -440,6 +454,7 @@ impl Gateway {
                             decision: d,
                             wait: ticket,
                             forwarded: false,
+                            mti: msg.mti().0,
                         }
                     }
                     None => self.answer(
@@ -519,10 +534,12 @@ impl Gateway {
         decided
     }
 
-    /// After a failed journal write the journal holds: the first request to come along
-    /// rewrites the failed region and rebuilds the ledger from what is durable (snapshot +
-    /// records), dropping every change that was applied but never made durable, then lets
-    /// decisions through again. `false` while the storage still fails (answer 96).
+    /// After a failed journal write the journal holds. The ledger is rebuilt at once from what
+    /// is durable (snapshot + records up to the durable seq), dropping every change that was
+    /// applied but never made durable, so nothing answered 96 stays in it; then the failed
+    /// region is rewritten and decisions resume. `false` while the storage still fails
+    /// (answer 96). Called by every request while the journal holds, and by the batch whose
+    /// record was lost.
     async fn store_ready(&self) -> bool {
         let Some(journal) = &self.journal else {
             return true;
@@ -534,6 +551,10 @@ impl Gateway {
         if !journal.is_held() {
             return true;
         }
+        let epoch = journal.epoch();
+        if self.rebuilt_epoch.load(Ordering::Acquire) != epoch && self.rebuild(journal).await {
+            self.rebuilt_epoch.store(epoch, Ordering::Release);
+        }
         let j = Arc::clone(journal);
         if !matches!(
             tokio::task::spawn_blocking(move || j.scrub()).await,
@@ -541,22 +562,34 @@ impl Gateway {
         ) {
             return false;
         }
+        if self.rebuilt_epoch.load(Ordering::Acquire) != epoch {
+            if !self.rebuild(journal).await {
+                return false;
+            }
+            self.rebuilt_epoch.store(epoch, Ordering::Release);
+        }
+        journal.resume();
+        tracing::warn!("journal storage is back: decisions resume");
+        true
+    }
+
+    /// Replaces the ledger's durable state by a replay of the journal up to its durable seq.
+    async fn rebuild(&self, journal: &Arc<Journal>) -> bool {
         let _exclusive = self.gate.write().await;
         let j = Arc::clone(journal);
         let ledger = Arc::clone(&self.ledger);
         let rebuilt = tokio::task::spawn_blocking(move || {
             let mut recovered = j.reread().map_err(|e| e.to_string())?;
             let (merchants, pan_key) = ledger.origin();
-            recover_ledger(merchants, pan_key, &mut recovered)
+            recover_ledger(merchants, pan_key, &mut recovered, Some(j.durable_seq()))
         })
         .await;
         match rebuilt {
             Ok(Ok((rebuilt, replayed))) => {
                 self.ledger.adopt_durable(rebuilt);
-                journal.resume();
                 tracing::warn!(
                     replayed,
-                    "journal storage is back: ledger rebuilt from the journal, decisions resume"
+                    "journal write failed: ledger rebuilt from the durable journal"
                 );
                 true
             }
@@ -608,6 +641,7 @@ impl Gateway {
                     decision: d,
                     wait: ticket,
                     forwarded: false,
+                    mti: msg.mti().0,
                 }
             }
             Err(LogError::Refused(refused)) => {
@@ -670,6 +704,7 @@ impl Gateway {
             decision: *d,
             wait: None,
             forwarded: false,
+            mti: msg.mti().0,
         }
     }
 
@@ -896,10 +931,12 @@ impl Dispatch for Gateway {
 
 /// Rebuilds the ledger of `merchants` from what the journal recovered: the newest snapshot,
 /// then every record after it in journal order. Returns the ledger and the records replayed.
+/// `up_to`: replay no record past this seq (records a failed write left behind).
 pub fn recover_ledger(
     merchants: &ledger::MerchantSet,
     pan_key: ledger::PanKey,
     recovered: &mut Recovered,
+    up_to: Option<u64>,
 ) -> Result<(Ledger, u64), String> {
     let ledger = match recovered.take_snapshot() {
         Some(snap) => Ledger::restore(merchants, pan_key, &snap.bytes)
@@ -909,7 +946,7 @@ pub fn recover_ledger(
     let mut bad: Option<String> = None;
     let replayed = recovered
         .replay(|seq, payload| {
-            if bad.is_some() {
+            if bad.is_some() || up_to.is_some_and(|last| seq > last) {
                 return;
             }
             match LedgerEvent::decode(payload) {

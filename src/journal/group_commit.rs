@@ -28,11 +28,12 @@
 //! [`Journal::enqueue`]: super::Journal::enqueue
 //! [`Journal::durable`]: super::Journal::durable
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
 use std::thread::{self, JoinHandle};
 
 use super::record;
@@ -92,6 +93,9 @@ pub(crate) struct Shared {
     pub held: std::sync::atomic::AtomicBool,
     /// Hold after a failure (`Options::hold_after_failure`, or set by the caller).
     pub hold_mode: std::sync::atomic::AtomicBool,
+    /// Tasks waiting for a seq to be durable, by seq: the writer wakes exactly those its
+    /// chunk covered (all of them when a failure ends the epoch).
+    pub waiters: Mutex<BTreeMap<u64, Vec<Waker>>>,
 }
 
 impl Shared {
@@ -116,6 +120,55 @@ impl Shared {
             last_error: Mutex::new(None),
             held: std::sync::atomic::AtomicBool::new(false),
             hold_mode: std::sync::atomic::AtomicBool::new(false),
+            waiters: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock_waiters(&self) -> MutexGuard<'_, BTreeMap<u64, Vec<Waker>>> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers `waker` for `seq` of `epoch` unless its outcome is known already (checked
+    /// again under the waiters' lock, so a wake-up cannot be missed).
+    pub(crate) fn register(
+        &self,
+        seq: u64,
+        epoch: u64,
+        waker: &Waker,
+    ) -> Option<Result<u64, StoreError>> {
+        if let Some(done) = self.status(seq, epoch) {
+            return Some(done);
+        }
+        let mut waiters = self.lock_waiters();
+        if let Some(done) = self.status(seq, epoch) {
+            return Some(done);
+        }
+        let slot = waiters.entry(seq).or_default();
+        if !slot.iter().any(|w| w.will_wake(waker)) {
+            slot.push(waker.clone());
+        }
+        None
+    }
+
+    /// Wakes the waiters of every seq up to the durable one (`all`: every waiter).
+    pub(crate) fn wake_durable(&self, all: bool) {
+        let ready = {
+            let mut waiters = self.lock_waiters();
+            if waiters.is_empty() {
+                return;
+            }
+            if all {
+                std::mem::take(&mut *waiters)
+            } else {
+                let durable = self.durable_seq.load(Ordering::Acquire);
+                let later = waiters.split_off(&durable.saturating_add(1));
+                std::mem::replace(&mut *waiters, later)
+            }
+        };
+        for waker in ready.into_values().flatten() {
+            waker.wake();
         }
     }
 
@@ -347,6 +400,7 @@ impl Writer {
                 );
                 self.failing_batches = 0;
             }
+            self.shared.wake_durable(false);
             self.shared.moved.notify_waiters();
             i = j;
             if self.pos > self.active.size / 2 {
@@ -396,6 +450,7 @@ impl Writer {
             }
             self.shared.epoch.store(epoch + 1, Ordering::Release);
         }
+        self.shared.wake_durable(true);
         self.shared.moved.notify_waiters();
     }
 

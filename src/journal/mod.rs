@@ -343,16 +343,15 @@ impl Journal {
 
     /// Resolves once the record of `ticket` is durable (with its seq), or with
     /// [`StoreError::Unavailable`] once a failure dropped it.
+    /// Only this waiter's task is woken, once the chunk holding its record is synced.
     pub async fn durable(&self, ticket: Ticket) -> Result<u64, StoreError> {
-        loop {
-            let moved = self.shared.moved.notified();
-            tokio::pin!(moved);
-            moved.as_mut().enable();
-            if let Some(result) = self.shared.status(ticket.seq, ticket.epoch) {
-                return result;
+        std::future::poll_fn(|cx| {
+            match self.shared.register(ticket.seq, ticket.epoch, cx.waker()) {
+                Some(done) => std::task::Poll::Ready(done),
+                None => std::task::Poll::Pending,
             }
-            moved.await;
-        }
+        })
+        .await
     }
 
     /// Whether the record of `ticket` is durable already (no wait needed).

@@ -1,10 +1,13 @@
 //! The storage seam: every file operation the journal performs goes through [`Storage`], so
 //! tests can count syncs and inject write, sync and permission faults ([`FaultyStorage`]).
+//!
+//! Directories are created `0700` and files `0600` (DOMAIN §10: journal and queue files hold
+//! card data; only the gateway's user may read them).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -88,9 +91,30 @@ struct FaultyFile {
     faults: Arc<Faults>,
 }
 
+/// Mode of the directories the journal creates.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of the files the journal creates.
+pub const FILE_MODE: u32 = 0o600;
+
+fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
+fn create_private_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
 impl Storage for FsStorage {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        fs::create_dir_all(dir)
+        create_private_dir_all(dir)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -104,12 +128,7 @@ impl Storage for FsStorage {
     }
 
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
-        Ok(Box::new(FsFile(file)))
+        Ok(Box::new(FsFile(create_private_file(path)?)))
     }
 
     fn open(&self, path: &Path, writable: bool) -> io::Result<Box<dyn StorageFile>> {
@@ -135,6 +154,7 @@ impl Storage for FsStorage {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(FILE_MODE)
             .open(dir.join(LOCK_FILE_NAME))?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
         Ok(DirLock { _file: file })
@@ -235,7 +255,7 @@ impl Storage for FaultyStorage {
         if !dir.exists() {
             self.faults.check_writable()?;
         }
-        fs::create_dir_all(dir)
+        create_private_dir_all(dir)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -244,11 +264,7 @@ impl Storage for FaultyStorage {
 
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
         self.faults.check_writable()?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
+        let file = create_private_file(path)?;
         Ok(Box::new(FaultyFile {
             inner: FsFile(file),
             faults: Arc::clone(&self.faults),

@@ -2,7 +2,9 @@
 //!
 //! Plain HTTP meant for loopback or a private network. Bounded: at most
 //! [`limits::ADMIN_CONNECTIONS_MAX`] connections, request headers within
-//! [`limits::ADMIN_HEADER_READ_TIMEOUT_MS`], and every connection is aborted on shutdown.
+//! [`limits::ADMIN_HEADER_READ_TIMEOUT_MS`], each connection closed after
+//! `admin.connection_timeout_ms` whatever it is doing (a client that pipelines requests and
+//! never reads the answers cannot keep a slot), and every connection is aborted on shutdown.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,7 +27,12 @@ use crate::{limits, telemetry};
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Serves the admin endpoints until shutdown, then aborts open admin connections.
-pub(crate) async fn serve(listener: TcpListener, readiness: Readiness, mut shutdown: Shutdown) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    readiness: Readiness,
+    connection_timeout: Duration,
+    mut shutdown: Shutdown,
+) {
     let slots = Arc::new(Semaphore::new(limits::ADMIN_CONNECTIONS_MAX));
     let mut tasks = JoinSet::new();
     let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
@@ -61,13 +68,15 @@ pub(crate) async fn serve(listener: TcpListener, readiness: Readiness, mut shutd
                 let response = respond(&req, &readiness);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let served = hyper::server::conn::http1::Builder::new()
+            let serving = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_millis(limits::ADMIN_HEADER_READ_TIMEOUT_MS))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(error = %e, "admin connection ended");
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(connection_timeout, serving).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "admin connection ended"),
+                // Dropping the connection future closes the socket.
+                Err(_) => tracing::debug!("admin connection closed at its deadline"),
             }
         });
     }

@@ -1,14 +1,15 @@
-//! Accept loop of one listener: connection limit, backoff on accept errors, bounded drain.
+//! Accept loop of one listener: admission (handshake budget, connection limits, see
+//! `admission.rs`), backoff on accept errors, bounded drain.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use super::admission::{self, Admission, Refusal};
 use super::shutdown::Shutdown;
 use super::{connection, Dispatch, ListenerInfo};
 use crate::config::Config;
@@ -42,7 +43,7 @@ impl Listener {
     pub(crate) async fn serve<D: Dispatch>(
         self,
         dispatch: Arc<D>,
-        connections: Arc<Semaphore>,
+        admission: Arc<Admission>,
         config: Arc<Config>,
         mut shutdown: Shutdown,
     ) {
@@ -72,28 +73,25 @@ impl Listener {
             };
             // Reap finished connections so the set holds live ones only.
             while tasks.try_join_next().is_some() {}
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
-                // At the limit: accepted and closed at once, so the client sees an orderly
-                // close rather than a connect timeout, and existing connections are untouched.
-                telemetry::count_refused();
-                tracing::debug!(listener = %self.info.name, %peer, "refused: max_connections open");
-                drop(stream);
-                continue;
+            let ticket = match admission.begin_handshake(peer.ip()) {
+                Ok(ticket) => ticket,
+                Err(cause) => {
+                    refused(&self.info.name, peer, cause);
+                    drop(stream);
+                    continue;
+                }
             };
             let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
-            tasks.spawn(connection::serve(
-                connection::Accepted {
-                    stream,
-                    peer,
-                    id,
-                    info: self.info.clone(),
-                    acceptor: self.acceptor.clone(),
-                    config: config.clone(),
-                    shutdown: shutdown.clone(),
-                },
-                dispatch.clone(),
-                permit,
-            ));
+            let accepted = connection::Accepted {
+                stream,
+                peer,
+                id,
+                info: self.info.clone(),
+                acceptor: self.acceptor.clone(),
+                config: config.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(admit_and_serve(accepted, ticket, dispatch.clone()));
         }
         drop(self.tcp);
         let grace =
@@ -109,4 +107,46 @@ impl Listener {
             tasks.shutdown().await;
         }
     }
+}
+
+/// Waits in the handshake budget for the socket's ClientHello (bounded by the handshake
+/// timeout, eviction and shutdown), then takes a connection slot and serves the connection.
+async fn admit_and_serve<D: Dispatch>(
+    mut accepted: connection::Accepted,
+    mut ticket: admission::HandshakeTicket,
+    dispatch: Arc<D>,
+) {
+    let dialect = accepted.info.dialect.as_str();
+    let timeout = Duration::from_millis(accepted.config.limits.handshake_timeout_ms);
+    let hello = tokio::select! {
+        biased;
+        () = accepted.shutdown.recv() => return,
+        cause = ticket.evicted() => Err(cause),
+        hello = tokio::time::timeout(timeout, admission::client_hello_received(&accepted.stream)) => {
+            match hello {
+                Ok(Ok(true)) => Ok(()),
+                // Closed before saying hello: nothing to count.
+                Ok(Ok(false)) => return,
+                Ok(Err(cause)) => Err(cause),
+                Err(_) => Err(Refusal::HandshakeTimeout),
+            }
+        }
+    };
+    let admitted = hello.and_then(|()| ticket.admit());
+    let (permit, _place) = match admitted {
+        Ok(admitted) => admitted,
+        Err(cause) => {
+            if matches!(cause, Refusal::HandshakeTimeout | Refusal::NotTls) {
+                telemetry::count_handshake_failure(dialect);
+            }
+            refused(&accepted.info.name, accepted.peer, cause);
+            return;
+        }
+    };
+    connection::serve(accepted, dispatch, permit).await;
+}
+
+fn refused(listener: &str, peer: std::net::SocketAddr, cause: Refusal) {
+    telemetry::count_refused(cause.as_str());
+    tracing::debug!(listener, %peer, cause = cause.as_str(), "connection refused");
 }

@@ -2,7 +2,8 @@
 //!
 //! Shaped like mini-redis: a [`Server`] binds every socket first (so tests can bind
 //! `127.0.0.1:0` and read [`Server::local_addrs`]), then [`Server::run`] accepts on each
-//! listener (semaphore of `max_connections`, backoff on accept errors) and serves each
+//! listener (admission: handshake budget, `max_connections`, per-address limits; backoff on
+//! accept errors) and serves each
 //! connection in its own task until the `shutdown` future completes; then it stops accepting,
 //! lets connections answer what is in flight within `shutdown_grace_ms`, and returns.
 //!
@@ -10,11 +11,12 @@
 //! a [`Dispatch`] (the seam the integrator implements) and its [`Handled`] answer is framed
 //! back in request order.
 //!
-//! - `listener.rs`: accept loop, connection limit, drain.
+//! - `listener.rs`: accept loop, drain; `admission.rs`: handshake budget and connection limits.
 //! - `connection.rs`: TLS handshake, pipelined read loop, batched writes.
 //! - `tls.rs`: rustls configuration; `shutdown.rs`: the signal; `admin.rs`: `/metrics` etc.
 
 mod admin;
+mod admission;
 mod connection;
 mod listener;
 pub mod shutdown;
@@ -28,7 +30,6 @@ use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::config::{Config, ConfigError, Dialect, MacConfig};
 use crate::frame::Framing;
@@ -218,6 +219,13 @@ impl Server {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, lc) in config.listeners.iter().enumerate() {
             let tls = tls::listener_tls(&lc.tls, index, &mut self_signed)?;
+            if lc.tls.cert.is_none() && !lc.addr.ip().is_loopback() {
+                // Allowed only with tls.self_signed = true written out (config validation).
+                tracing::warn!(
+                    addr = %lc.addr,
+                    "listener on a non-loopback address presents a generated self-signed certificate (tls.self_signed = true)"
+                );
+            }
             let key = format!("listeners[{index}].addr");
             let tcp = bind(&key, lc.addr).await?;
             let addr = tcp.local_addr().map_err(|source| ServerError::Bind {
@@ -290,16 +298,21 @@ impl Server {
     ) -> Result<(), ServerError> {
         let limits = &self.config.limits;
         let (trigger, shutdown_rx) = shutdown::channel();
-        let connections = Arc::new(Semaphore::new(limits.max_connections));
+        let admission = admission::Admission::new(limits);
         let accepting = futures::future::join_all(self.listeners.into_iter().map(|l| {
             l.serve(
                 dispatch.clone(),
-                connections.clone(),
+                admission.clone(),
                 self.config.clone(),
                 shutdown_rx.clone(),
             )
         }));
-        let admin = admin::serve(self.admin, self.readiness.clone(), shutdown_rx);
+        let admin = admin::serve(
+            self.admin,
+            self.readiness.clone(),
+            Duration::from_millis(self.config.admin.connection_timeout_ms),
+            shutdown_rx,
+        );
         let serving = futures::future::join(accepting, admin);
         tokio::pin!(serving, shutdown);
         self.readiness.set_accepting(true);

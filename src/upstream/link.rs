@@ -1,7 +1,9 @@
 //! One multiplexed TLS link to an upstream host (DOMAIN §8).
 //!
 //! Many requests are in flight on one connection; each answer is matched to its request by
-//! [`Key`] = (request MTI with the origin digit cleared, DE41, DE11). The pending map is bounded
+//! [`Key`] = (request MTI with the origin digit cleared, DE41, DE42, DE11): terminal ids are
+//! only unique within a merchant. An answer without DE42 (a host that does not echo it) is
+//! matched on (MTI, DE41, DE11) when exactly one pending request has them. The pending map is bounded
 //! by `max_pending`: a request beyond it is refused at once ([`LinkError::Full`], answered 91)
 //! rather than queued. Each request waits at most `timeout`; an answer arriving after that finds
 //! no pending entry and is counted as late and dropped — never delivered as a match.
@@ -12,6 +14,12 @@
 //! link has been quiet for `echo_interval` and drops the connection if the echo goes
 //! unanswered, and reconnects with exponential backoff and jitter. While no connection is up
 //! requests fail at once with [`LinkError::Down`].
+//!
+//! Deadlines: a batch of writes must complete within `write_timeout`, and once something was
+//! sent the host must send *something* back within `read_timeout` (half-way through, an echo
+//! probes it, so a host that is merely slow on one request answers the echo and keeps the
+//! link); otherwise the connection is dropped (marked down, reconnected, failing over to the next address). A host that stops
+//! reading therefore cannot stall the link while it still counts as up.
 //!
 //! When a connection breaks its pending requests fail at once as timeouts: whether the host
 //! saw them is unknown, so the caller treats them like any other timeout (and reverses).
@@ -45,6 +53,10 @@ pub const UPSTREAM_UP: &str = "refundgate_upstream_up";
 pub const UPSTREAM_LATE_ANSWERS_TOTAL: &str = "refundgate_upstream_late_answers_total";
 /// `refundgate_upstream_connects_total{upstream}`: connections established (signed on).
 pub const UPSTREAM_CONNECTS_TOTAL: &str = "refundgate_upstream_connects_total";
+/// `refundgate_upstream_disconnects_total{upstream,reason}`: signed-on connections dropped, by
+/// reason (`write_timeout`, `read_timeout`, `echo_unanswered`, `write_error`, `read_error`,
+/// `closed_by_host`, `stopped`).
+pub const UPSTREAM_DISCONNECTS_TOTAL: &str = "refundgate_upstream_disconnects_total";
 
 /// TPDU the switch sends on `cup_pos` upstream links (destination 0000, source 0000).
 const CUP_TPDU: [u8; 5] = [0x60, 0x00, 0x00, 0x00, 0x00];
@@ -68,6 +80,12 @@ pub struct LinkConfig {
     pub server_name: Option<ServerName<'static>>,
     /// How long a request waits for its answer.
     pub timeout: Duration,
+    /// Longest one batch of writes may take: a host whose receive window stays shut this long
+    /// is wedged, and the link is dropped.
+    pub write_timeout: Duration,
+    /// Longest the link may go without reading anything from the host while something it
+    /// sent is unanswered; then the link is dropped (reconnect, failover).
+    pub read_timeout: Duration,
     /// Most requests in flight at once.
     pub max_pending: usize,
     /// Quiet time after which an echo is sent.
@@ -78,13 +96,15 @@ pub struct LinkConfig {
     pub reconnect_max: Duration,
 }
 
-/// What identifies an answer's request: MTI (origin digit cleared), DE41, DE11.
+/// What identifies an answer's request: MTI (origin digit cleared), DE41, DE42, DE11.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
     /// Request MTI with the origin digit cleared (0200, 0220, 0400, 0800, …).
     pub mti: u16,
     /// DE41, space-padded (spaces when absent).
     pub terminal: [u8; 8],
+    /// DE42, space-padded (spaces when absent).
+    pub merchant: [u8; 15],
     /// DE11.
     pub stan: u32,
 }
@@ -142,11 +162,22 @@ impl Key {
             let n = t.len().min(8);
             terminal[..n].copy_from_slice(&t.as_bytes()[..n]);
         }
+        let mut merchant = [b' '; 15];
+        if let Some(m) = msg.merchant() {
+            let n = m.len().min(15);
+            merchant[..n].copy_from_slice(&m.as_bytes()[..n]);
+        }
         Some(Key {
             mti: request_mti(mti),
             terminal,
+            merchant,
             stan,
         })
+    }
+
+    /// Whether `other` names the same request apart from DE42.
+    fn same_but_merchant(&self, other: &Key) -> bool {
+        self.mti == other.mti && self.terminal == other.terminal && self.stan == other.stan
     }
 
     /// DE41 as text (trailing spaces trimmed).
@@ -336,6 +367,10 @@ impl Shared {
         );
     }
 
+    fn pending(&self) -> usize {
+        self.pending.lock().map_or(0, |p| p.len())
+    }
+
     fn forget(&self, key: &Key) {
         if let Ok(mut p) = self.pending.lock() {
             p.remove(key);
@@ -355,7 +390,22 @@ impl Shared {
             return;
         };
         let code = msg.response_code().unwrap_or("").to_string();
-        let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&key));
+        let echoes_merchant = msg.has(42);
+        let waiter = self.pending.lock().ok().and_then(|mut p| {
+            if let Some(tx) = p.remove(&key) {
+                return Some(tx);
+            }
+            if echoes_merchant {
+                return None;
+            }
+            // No DE42 in the answer: only an unambiguous match is delivered.
+            let mut candidates = p.keys().filter(|k| k.same_but_merchant(&key));
+            let only = match (candidates.next(), candidates.next()) {
+                (Some(k), None) => *k,
+                _ => return None,
+            };
+            p.remove(&only)
+        });
         match waiter {
             Some(tx) => {
                 if tx.send(body).is_err() {
@@ -413,6 +463,7 @@ impl Shared {
         let key = Key {
             mti: mti.0,
             terminal: [b' '; 8],
+            merchant: [b' '; 15],
             stan,
         };
         Some((key, out.freeze()))
@@ -484,6 +535,12 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     if let Ok(mut p) = shared.pending.lock() {
                         p.clear();
                     }
+                    metrics::counter!(
+                        UPSTREAM_DISCONNECTS_TOTAL,
+                        "upstream" => shared.config.name.to_string(),
+                        "reason" => reason_label(why)
+                    )
+                    .increment(1);
                     tracing::warn!(upstream = %shared.config.name, %addr, reason = why, "upstream link down");
                     break;
                 }
@@ -500,6 +557,19 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// The metric label of a [`session`] end.
+fn reason_label(why: &'static str) -> &'static str {
+    match why {
+        "write timed out (host not reading)" => "write_timeout",
+        "read timed out (host silent)" => "read_timeout",
+        "echo unanswered" => "echo_unanswered",
+        "write error" => "write_error",
+        "read error" => "read_error",
+        "closed by host" => "closed_by_host",
+        _ => "stopped",
     }
 }
 
@@ -586,7 +656,14 @@ async fn session(
     shared.set_up(Some(tx.clone()));
     let mut last_heard = Instant::now();
     let mut echo_deadline: Option<Instant> = None;
-    let mut tick = tokio::time::interval(shared.config.echo_interval.min(Duration::from_secs(1)));
+    // Since when something written is waiting for the host to say anything at all.
+    let mut unanswered_since: Option<Instant> = None;
+    let period = shared
+        .config
+        .echo_interval
+        .min(shared.config.read_timeout / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = stop.changed() => return "stopped",
@@ -594,6 +671,8 @@ async fn session(
                 Some(Ok(Frame::Message { body, .. })) => {
                     last_heard = Instant::now();
                     echo_deadline = None;
+                    // Whatever else is pending now waits from this answer on.
+                    unanswered_since = (shared.pending() > 0).then_some(last_heard);
                     shared.deliver(body);
                 }
                 Some(Ok(_)) => {}
@@ -601,25 +680,34 @@ async fn session(
                 None => return "closed by host",
             },
             Some(body) = rx.recv() => {
-                // Write what is queued in one flush.
-                if writer.feed(shared.frame(body)).await.is_err() {
-                    return "write error";
-                }
-                while let Ok(more) = rx.try_recv() {
-                    if writer.feed(shared.frame(more)).await.is_err() {
-                        return "write error";
+                // Write what is queued in one flush, within the write deadline.
+                let batch = async {
+                    writer.feed(shared.frame(body)).await?;
+                    while let Ok(more) = rx.try_recv() {
+                        writer.feed(shared.frame(more)).await?;
                     }
+                    writer.flush().await
+                };
+                match tokio::time::timeout(shared.config.write_timeout, batch).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return "write error",
+                    Err(_) => return "write timed out (host not reading)",
                 }
-                if writer.flush().await.is_err() {
-                    return "write error";
-                }
+                unanswered_since.get_or_insert_with(Instant::now);
             }
             _ = tick.tick() => {
                 let now = Instant::now();
                 if echo_deadline.is_some_and(|d| now >= d) {
                     return "echo unanswered";
                 }
-                if echo_deadline.is_none() && now.duration_since(last_heard) >= shared.config.echo_interval {
+                let silent = unanswered_since.map(|t| now.duration_since(t));
+                if silent.is_some_and(|s| s >= shared.config.read_timeout) {
+                    return "read timed out (host silent)";
+                }
+                // Half-way through the read deadline, probe with an echo: a host that is
+                // only slow on a request answers it and keeps the link.
+                let probe = silent.is_some_and(|s| s >= shared.config.read_timeout / 2);
+                if echo_deadline.is_none() && (probe || now.duration_since(last_heard) >= shared.config.echo_interval) {
                     if let Some((_, body)) = shared.network_message(301) {
                         if tx.try_send(body).is_ok() {
                             echo_deadline = Some(now + shared.config.timeout);
@@ -650,6 +738,84 @@ mod tests {
         ] {
             assert_eq!(request_mti(Mti(answer)), request, "{answer}");
         }
+    }
+
+    fn shared() -> Shared {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        Shared {
+            config: LinkConfig {
+                name: Arc::from("bank"),
+                addrs: Vec::new(),
+                dialect: Dialect::Ascii1987,
+                framing: Framing::Binary2,
+                tls: Arc::new(tls),
+                server_name: None,
+                timeout: Duration::from_secs(1),
+                write_timeout: Duration::from_secs(1),
+                read_timeout: Duration::from_secs(1),
+                max_pending: 8,
+                echo_interval: Duration::from_secs(30),
+                reconnect_min: Duration::from_millis(10),
+                reconnect_max: Duration::from_millis(10),
+            },
+            spec: &iso8583::ASCII1987,
+            pending: Mutex::new(HashMap::new()),
+            quarantine: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(None),
+            stan: AtomicU32::new(1),
+            late: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        }
+    }
+
+    fn message(mti: u16, merchant: Option<&'static [u8]>) -> Bytes {
+        let mut fields: FieldList<'_, 4> = FieldList::new();
+        fields.set(11, Value::Number(7)).unwrap();
+        if mti % 100 >= 10 {
+            fields.set(39, Value::Text(b"00")).unwrap();
+        }
+        fields.set(41, Value::Text(b"TERM0001")).unwrap();
+        if let Some(m) = merchant {
+            fields.set(42, Value::Text(m)).unwrap();
+        }
+        let mut out = BytesMut::new();
+        iso8583::encode(&iso8583::ASCII1987, Mti(mti), fields.as_slice(), &mut out).unwrap();
+        out.freeze()
+    }
+
+    fn key_of(body: &[u8]) -> Key {
+        Key::of(&iso8583::decode(&iso8583::ASCII1987, body).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_answer_without_de42_matches_only_an_unambiguous_request() {
+        let link = shared();
+        let a = key_of(&message(200, Some(b"MERCHANT 000001")));
+        let b = key_of(&message(200, Some(b"MERCHANT 000002")));
+        assert_ne!(a, b, "DE42 is part of the key");
+        let (tx_a, mut rx_a) = oneshot::channel();
+        link.pending.lock().unwrap().insert(a, tx_a);
+        // One candidate: delivered.
+        link.deliver(message(210, None));
+        assert!(rx_a.try_recv().is_ok());
+        // Two candidates: neither gets it; counted as late.
+        let (tx_a, mut rx_a) = oneshot::channel();
+        let (tx_b, mut rx_b) = oneshot::channel();
+        link.pending.lock().unwrap().insert(a, tx_a);
+        link.pending.lock().unwrap().insert(b, tx_b);
+        link.deliver(message(210, None));
+        assert!(rx_a.try_recv().is_err() && rx_b.try_recv().is_err());
+        assert_eq!(link.late.load(Ordering::Relaxed), 1);
+        // With DE42 it goes to its own request only.
+        link.deliver(message(210, Some(b"MERCHANT 000002")));
+        assert!(rx_b.try_recv().is_ok());
+        assert!(rx_a.try_recv().is_err());
     }
 
     #[test]

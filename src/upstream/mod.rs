@@ -86,9 +86,25 @@ impl Plan {
             .collect::<Result<Vec<_>, _>>()
             .map_err(PlanError::Config)?;
         let dir = saf_dir(&config.journal.dir);
+        crate::at_rest::check_private_tree(&dir).map_err(|e| PlanError::Store(e.to_string()))?;
         let saf = StoreForward::open(&dir, saf_options(config), clock).map_err(|e| {
             PlanError::Store(format!("store-and-forward journal {}: {e}", dir.display()))
         })?;
+        // The key of the PANs queued messages keep: created only while none is kept.
+        let may_create = match saf.holds_sealed_pans() {
+            false => Ok(()),
+            true => Err("queued messages hold PANs sealed under it".to_string()),
+        };
+        let key = crate::at_rest::load_or_create_key(
+            &config.saf_pan_key_path(),
+            crate::at_rest::PanCipher::KEY_BYTES,
+            may_create,
+            "security.saf_pan_key",
+        )
+        .map_err(|e| PlanError::Store(e.to_string()))?;
+        let cipher = crate::at_rest::PanCipher::new(&key)
+            .ok_or_else(|| PlanError::Store("security.saf_pan_key: not a 32-byte key".into()))?;
+        saf.set_pan_cipher(cipher);
         Ok(Some(Plan {
             links,
             routes: Routes::from_config(&config.routes),

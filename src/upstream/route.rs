@@ -75,6 +75,8 @@ pub fn link_config(index: usize, u: &UpstreamConfig) -> Result<LinkConfig, Strin
         tls: Arc::new(client_tls(index, u)?),
         server_name,
         timeout: Duration::from_millis(u.timeout_ms),
+        write_timeout: Duration::from_millis(u.write_timeout_ms),
+        read_timeout: Duration::from_millis(u.read_timeout_ms.unwrap_or(u.timeout_ms)),
         max_pending: u.max_pending,
         echo_interval: Duration::from_millis(u.echo_interval_ms),
         reconnect_min: Duration::from_millis(u.reconnect_min_ms),

@@ -20,8 +20,12 @@
 //! Send counts are not journaled: after a restart an entry gets `max_retries` sends again
 //! (its age still bounds it through `expiry_s`).
 //!
-//! Stored reversals carry no PAN, track or PIN data: the host matches them by DE90 (ascii) or
-//! DE41 + DE11 + DE60/61 (cup), so nothing card-sensitive reaches the SAF files (DOMAIN §10).
+//! Stored messages keep only an allow-list of elements ([`KEPT_ASCII1987`], [`KEPT_CUP_POS`]):
+//! no track (35, 36, 45), PIN (52, 53), chip (55), key (62, 96) or MAC data reaches the SAF
+//! files (DOMAIN §10). A PAN (DE2) the message carried is kept only sealed with AES-256-GCM
+//! under the key set by [`StoreForward::set_pan_cipher`] (kept outside the data directory),
+//! bound to its entry, and put back into the message only when it is sent; without a cipher
+//! it is not kept at all. Record `4` is record `1` followed by the sealed PAN.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -42,6 +46,15 @@ pub use crate::limits::{
     SAF_BODY_BYTES_MAX, SAF_DEAD_LETTERS_KEPT_MAX, SAF_IN_FLIGHT_MAX, SAF_PENDING_MAX,
     SAF_SEGMENT_BYTES, SAF_SNAPSHOT_RECORDS,
 };
+
+/// Elements an `ascii1987` queued message keeps (besides DE2, sealed apart).
+pub const KEPT_ASCII1987: &[u8] = &[
+    3, 4, 7, 11, 12, 13, 22, 25, 32, 37, 38, 39, 41, 42, 49, 90, 95,
+];
+/// Elements a `cup_pos` queued message keeps (besides DE2, sealed apart).
+pub const KEPT_CUP_POS: &[u8] = &[
+    3, 4, 11, 12, 13, 22, 25, 32, 37, 38, 39, 41, 42, 49, 60, 61, 90,
+];
 
 /// Version tag at the start of a SAF snapshot.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SAF1";
@@ -81,8 +94,11 @@ pub struct Entry {
     pub created_s: i64,
     /// What identifies its answer.
     pub key: Key,
-    /// The message, MTI onward, as first sent (origin digit 0).
+    /// The message, MTI onward, as first sent (origin digit 0), reduced to the allow-listed
+    /// elements and without DE2.
     pub body: Bytes,
+    /// DE2 sealed with the SAF PAN key (nonce, ciphertext, tag), when the message had one.
+    pub sealed_pan: Option<Bytes>,
 }
 
 /// Why an entry was given up on.
@@ -131,6 +147,7 @@ pub struct StoreForward {
     notify: Notify,
     options: SafOptions,
     clock: Arc<dyn Clock>,
+    pan_cipher: std::sync::OnceLock<crate::at_rest::PanCipher>,
 }
 
 #[derive(Default)]
@@ -213,9 +230,23 @@ impl StoreForward {
             notify: Notify::new(),
             options,
             clock,
+            pan_cipher: std::sync::OnceLock::new(),
         };
         saf.publish();
         Ok(saf)
+    }
+
+    /// Sets the cipher of the PANs kept for queued messages (once; later calls are ignored).
+    /// Without one a message's PAN is not kept.
+    pub fn set_pan_cipher(&self, cipher: crate::at_rest::PanCipher) {
+        let _ = self.pan_cipher.set(cipher);
+    }
+
+    /// Whether any entry (pending or dead) holds a sealed PAN: its key must not change.
+    pub fn holds_sealed_pans(&self) -> bool {
+        let s = self.lock();
+        s.pending.values().any(|x| x.entry.sealed_pan.is_some())
+            || s.dead.iter().any(|d| d.entry.sealed_pan.is_some())
     }
 
     /// Queues `body` for `upstream`; returns once the entry is durable. An entry with the same
@@ -246,6 +277,14 @@ impl StoreForward {
             s.next_id += 1;
             s.next_id - 1
         };
+        let Some((body, pan)) = reduce(dialect, &body) else {
+            self.lock().reserved -= 1;
+            return Err(SafError::Store("message cannot be decoded".to_string()));
+        };
+        let sealed_pan = match (pan, self.pan_cipher.get()) {
+            (Some(pan), Some(cipher)) => cipher.seal(&pan, &pan_aad(id, upstream)).map(Bytes::from),
+            _ => None,
+        };
         let entry = Entry {
             id,
             upstream: upstream.to_string(),
@@ -253,6 +292,7 @@ impl StoreForward {
             created_s: self.clock.now_unix_s(),
             key,
             body,
+            sealed_pan,
         };
         let appended = self.append_apply(Record::Add(entry)).await;
         self.lock().reserved -= 1;
@@ -359,10 +399,11 @@ impl StoreForward {
         let Some(link) = link else {
             return self.retry(entry.id, false);
         };
+        let body = self.body_to_send(&entry);
         let body = if repeat {
-            mark_repeat(entry.dialect, &entry.body)
+            mark_repeat(entry.dialect, &body)
         } else {
-            entry.body.clone()
+            body
         };
         let sent = match link.call_repeatable(entry.key, body).await {
             Ok(answer) if accepted(entry.dialect, &answer) => {
@@ -372,6 +413,27 @@ impl StoreForward {
             Err(LinkError::Down | LinkError::Full | LinkError::Busy | LinkError::Unkeyed) => false,
         };
         self.retry(entry.id, sent);
+    }
+
+    /// The stored message with its PAN unsealed and put back, when it had one.
+    fn body_to_send(&self, entry: &Entry) -> Bytes {
+        let Some(sealed) = &entry.sealed_pan else {
+            return entry.body.clone();
+        };
+        let pan = self
+            .pan_cipher
+            .get()
+            .and_then(|c| c.open(sealed, &pan_aad(entry.id, &entry.upstream)));
+        match pan.and_then(|pan| with_pan(entry.dialect, &entry.body, &pan)) {
+            Some(body) => body,
+            None => {
+                tracing::warn!(
+                    id = entry.id,
+                    "sealed PAN of a queued message cannot be opened; sent without it"
+                );
+                entry.body.clone()
+            }
+        }
     }
 
     fn retry(&self, id: u64, sent: bool) {
@@ -603,7 +665,7 @@ impl Record {
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Record::Add(e) => {
-                out.push(1);
+                out.push(if e.sealed_pan.is_some() { 4 } else { 1 });
                 out.extend_from_slice(&e.id.to_be_bytes());
                 out.extend_from_slice(&e.created_s.to_be_bytes());
                 out.push(match e.dialect {
@@ -614,6 +676,10 @@ impl Record {
                 out.extend_from_slice(&e.upstream.as_bytes()[..e.upstream.len().min(255)]);
                 out.extend_from_slice(&u16::try_from(e.body.len()).unwrap_or(0).to_be_bytes());
                 out.extend_from_slice(&e.body);
+                if let Some(sealed) = &e.sealed_pan {
+                    out.push(u8::try_from(sealed.len()).unwrap_or(0));
+                    out.extend_from_slice(&sealed[..sealed.len().min(255)]);
+                }
             }
             Record::Done { id } => {
                 out.push(2);
@@ -640,7 +706,7 @@ impl Record {
     fn decode(buf: &[u8]) -> Option<Record> {
         let mut r = Reader(buf);
         match r.u8()? {
-            1 => {
+            tag @ (1 | 4) => {
                 let id = r.u64()?;
                 let created_s = UnixSeconds::from_be_bytes(r.take(8)?.try_into().ok()?);
                 let dialect = match r.u8()? {
@@ -654,6 +720,13 @@ impl Record {
                 let body = Bytes::copy_from_slice(r.take(blen)?);
                 let spec = super::spec_of(dialect);
                 let key = Key::of(&iso8583::decode(spec, &body).ok()?)?;
+                let sealed_pan = match tag {
+                    4 => {
+                        let n = usize::from(r.u8()?);
+                        Some(Bytes::copy_from_slice(r.take(n)?))
+                    }
+                    _ => None,
+                };
                 Some(Record::Add(Entry {
                     id,
                     upstream,
@@ -661,6 +734,7 @@ impl Record {
                     created_s,
                     key,
                     body,
+                    sealed_pan,
                 }))
             }
             2 => Some(Record::Done { id: r.u64()? }),
@@ -739,7 +813,12 @@ pub fn run_list(dir: &Path) -> Result<String, String> {
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
+    use std::os::unix::fs::DirBuilderExt;
+    // Private like the original: the copy holds the same queued messages.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(crate::journal::storage::DIR_MODE)
+        .create(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         if entry.file_type()?.is_file() {
@@ -783,6 +862,47 @@ fn render_list(saf: &StoreForward) -> String {
         line(&mut out, "dead", &d.entry, &tail);
     }
     out
+}
+
+/// Associated data binding a sealed PAN to its entry.
+fn pan_aad(id: u64, upstream: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(8 + upstream.len());
+    aad.extend_from_slice(&id.to_be_bytes());
+    aad.extend_from_slice(upstream.as_bytes());
+    aad
+}
+
+/// The message reduced to the allow-listed elements of its dialect, and its PAN (ASCII
+/// digits) apart; `None` when it does not decode.
+fn reduce(dialect: Dialect, body: &[u8]) -> Option<(Bytes, Option<Vec<u8>>)> {
+    let spec = super::spec_of(dialect);
+    let msg = iso8583::decode(spec, body).ok()?;
+    let kept = match dialect {
+        Dialect::Ascii1987 => KEPT_ASCII1987,
+        Dialect::CupPos => KEPT_CUP_POS,
+    };
+    let mut fields: iso8583::FieldList<'_, 32> = iso8583::FieldList::new();
+    for &n in kept {
+        fields.echo(&msg, n).ok()?;
+    }
+    let mut out = bytes::BytesMut::with_capacity(body.len());
+    iso8583::encode(spec, msg.mti(), fields.as_slice(), &mut out).ok()?;
+    let pan = msg.pan().map(|p| p.digits().chars().collect::<Vec<u8>>());
+    Some((out.freeze(), pan))
+}
+
+/// `body` (without DE2) with DE2 = `pan` put back.
+fn with_pan(dialect: Dialect, body: &[u8], pan: &[u8]) -> Option<Bytes> {
+    let spec = super::spec_of(dialect);
+    let msg = iso8583::decode(spec, body).ok()?;
+    let mut fields: iso8583::FieldList<'_, 33> = iso8583::FieldList::new();
+    fields.set(2, iso8583::Value::Text(pan)).ok()?;
+    for n in msg.present().filter(|&n| n > 2) {
+        fields.echo(&msg, n).ok()?;
+    }
+    let mut out = bytes::BytesMut::with_capacity(body.len() + 24);
+    iso8583::encode(spec, msg.mti(), fields.as_slice(), &mut out).ok()?;
+    Some(out.freeze())
 }
 
 /// The same message with the MTI's origin digit set to 1 (0400 → 0401, 0220 → 0221).
@@ -883,6 +1003,91 @@ mod tests {
             .unwrap();
         assert!(next > last, "ids stay unique across snapshot and restart");
         assert!(saf.pending().iter().all(|e| e.key.mti == 400));
+    }
+
+    /// A terminal's own reversal carrying PAN, track 2 and a PIN block.
+    fn terminal_reversal(stan: u32) -> (Key, Bytes) {
+        use crate::iso8583::{FieldList, Mti, Value};
+        let mut fields: FieldList<'_, 12> = FieldList::new();
+        fields.set(2, Value::Text(b"4761739001010119")).unwrap();
+        fields.set(3, Value::Number(0)).unwrap();
+        fields.set(4, Value::Number(1000)).unwrap();
+        fields.set(11, Value::Number(u64::from(stan))).unwrap();
+        fields
+            .set(35, Value::Text(b"4761739001010119=25121011000012345678"))
+            .unwrap();
+        fields.set(41, Value::Text(b"TERM0001")).unwrap();
+        fields.set(42, Value::Text(b"MERCHANT 000001")).unwrap();
+        fields.set(49, Value::Number(840)).unwrap();
+        fields.set(52, Value::Text(b"0123456789ABCDEF")).unwrap();
+        let spec = super::super::spec_of(Dialect::Ascii1987);
+        let mut out = bytes::BytesMut::new();
+        iso8583::encode(spec, Mti(400), fields.as_slice(), &mut out).unwrap();
+        let key = Key::of(&iso8583::decode(spec, &out).unwrap()).unwrap();
+        (key, out.freeze())
+    }
+
+    #[tokio::test]
+    async fn queued_messages_keep_allowed_elements_and_a_sealed_pan_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || SafOptions {
+            max_retries: 1,
+            expiry_s: 3600,
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            durability: journal::Durability::UnsafeNoFsync,
+        };
+        let clock = || Arc::new(crate::clock::SystemClock);
+        let cipher = || crate::at_rest::PanCipher::new(&[9; 32]).unwrap();
+        let spec = super::super::spec_of(Dialect::Ascii1987);
+        {
+            let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+            // Without a cipher the PAN is not kept at all.
+            let (key, body) = terminal_reversal(1);
+            saf.enqueue("bank", Dialect::Ascii1987, key, body)
+                .await
+                .unwrap();
+            saf.set_pan_cipher(cipher());
+            let (key, body) = terminal_reversal(2);
+            saf.enqueue("bank", Dialect::Ascii1987, key, body)
+                .await
+                .unwrap();
+            assert!(saf.holds_sealed_pans());
+        }
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            for secret in [&b"4761739001010119"[..], b"=2512", b"0123456789ABCDEF"] {
+                assert!(!bytes.windows(secret.len()).any(|w| w == secret));
+            }
+        }
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        saf.set_pan_cipher(cipher());
+        let pending = saf.pending();
+        assert_eq!(pending.len(), 2);
+        for e in &pending {
+            let stored = iso8583::decode(spec, &e.body).unwrap();
+            assert!(!stored.has(2) && !stored.has(35) && !stored.has(52));
+            assert_eq!(
+                (stored.stan(), stored.terminal()),
+                (Some(e.key.stan), Some("TERM0001"))
+            );
+        }
+        assert!(pending[0].sealed_pan.is_none());
+        let sent = saf.body_to_send(&pending[1]);
+        let sent = iso8583::decode(spec, &sent).unwrap();
+        assert_eq!(
+            sent.text(2),
+            Some("4761739001010119"),
+            "PAN put back to send"
+        );
+        assert!(!sent.has(35) && !sent.has(52));
+        // Under another key (or entry) the sealed PAN does not open: sent without it.
+        let other =
+            StoreForward::open(tempfile::tempdir().unwrap().path(), options(), clock()).unwrap();
+        other.set_pan_cipher(crate::at_rest::PanCipher::new(&[1; 32]).unwrap());
+        assert!(!iso8583::decode(spec, &other.body_to_send(&pending[1]))
+            .unwrap()
+            .has(2));
     }
 
     #[test]

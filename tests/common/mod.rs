@@ -57,3 +57,69 @@ pub fn de90(sale: &Json) -> String {
         0
     )
 }
+
+/// `refundgate serve` as a child process, with the addresses it bound (read back from its
+/// JSON log lines, so its configuration can say port 0). Killed (SIGKILL) when dropped, so a
+/// failing assert leaves no gateway running.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// The listeners' bound addresses, in configuration order.
+    pub listeners: Vec<std::net::SocketAddr>,
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `[log]` table `spawn_serve` needs in the configuration.
+pub const SERVE_LOG_TOML: &str =
+    "\n[log]\nformat = \"json\"\nfilter = \"warn,refundgate::server=info\"\n";
+
+/// Starts `refundgate serve --config config` and waits (up to 20 s) until it logged
+/// `listeners` bound listener addresses.
+pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refundgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut process = ServeProcess {
+        child,
+        listeners: Vec::new(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Reads the log to its end, so the child never blocks on a full pipe.
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Ok(v) = serde_json::from_str::<Json>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "listening" {
+                let bound = v["fields"]["listener"]
+                    .as_str()
+                    .and_then(|l| l.split_once('@'));
+                if let Some(addr) = bound.and_then(|(_, a)| a.parse().ok()) {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+    });
+    while process.listeners.len() < listeners {
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(addr) => process.listeners.push(addr),
+            Err(e) => panic!("refundgate serve did not log its listeners: {e}"),
+        }
+    }
+    process
+}

@@ -1,0 +1,902 @@
+//! `refundgate sim`: a deterministic simulation of the decision core (issue 17, after
+//! TigerBeetle's VOPR). One thread, one seed: the real [`Ledger`] decides a random workload
+//! of sales, refunds, voids, reversals, repeats, settlements, forwarded requests held across
+//! steps and bad requests, and journals through a simulated disk that syncs, fails syncs and
+//! crashes (losing unsynced records, or keeping some of them as a disk may) at any step.
+//!
+//! The simulated gateway does what `flow` does: decide and journal in one step under the
+//! merchant's shard (the logged ledger API), answer only once the record is synced, rebuild the
+//! ledger from what is durable after a failed sync, replay the journal after a crash.
+//!
+//! Invariants, checked as the run goes:
+//! - (a) no refund limit exceeded, recomputed from the acknowledged answers alone (per
+//!   original: the sale amount; per merchant-local day: amount and count caps);
+//! - (b) at every durable point and after every rebuild, replay(journal) equals the live ledger
+//!   byte for byte (snapshot encoding);
+//! - (c) a repeat of an acknowledged request gets the acknowledged answer, before and after
+//!   crashes;
+//! - (d) the refunds reserved in the ledger equal the forwarded refunds the simulation holds;
+//! - (e) nothing grows past what the workload made.
+//!
+//! A failing seed prints the last steps; the same seed reproduces it bit for bit. The
+//! [`Mutation`] switches re-introduce known bugs in the simulated gateway (never in the
+//! product's paths) to show that the invariants catch them.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+
+use crate::ledger::{
+    CardType, Decision, Dialect, Ledger, LedgerEvent, Logged, MerchantSet, Operation, OriginalRef,
+    PanKey, Reason, Request, Reservation,
+};
+
+/// A bug to re-introduce in the simulated gateway, to show the invariants have teeth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mutation {
+    /// The gateway as built.
+    #[default]
+    None,
+    /// Answers leave before their record is synced.
+    AckBeforeSync,
+    /// Declines are remembered in memory only, not journaled.
+    DeclinesNotJournaled,
+    /// A forwarded request's event is journaled when reserved but applied when the host
+    /// answers (wake-up order instead of journal order).
+    ApplyInWakeUpOrder,
+    /// A forwarded request that times out keeps its reservation.
+    HoldNotReleased,
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Steps run.
+    pub steps: u32,
+    /// Requests decided.
+    pub requests: u64,
+    /// Answers acknowledged (sent to the terminal).
+    pub acknowledged: u64,
+    /// Crashes and restarts.
+    pub crashes: u32,
+    /// Failed syncs followed by a rebuild.
+    pub sync_failures: u32,
+    /// Repeats checked against their acknowledged answer.
+    pub repeats_checked: u64,
+}
+
+/// A violated invariant.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The seed.
+    pub seed: u64,
+    /// The step at which it was found.
+    pub step: u32,
+    /// Which invariant.
+    pub invariant: &'static str,
+    /// What was seen.
+    pub detail: String,
+    /// The last steps before it.
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "seed {} step {}: invariant {} violated: {}",
+            self.seed, self.step, self.invariant, self.detail
+        )?;
+        writeln!(f, "last steps:")?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        write!(
+            f,
+            "replay: refundgate sim --seed {} --steps {}",
+            self.seed,
+            self.step + 1
+        )
+    }
+}
+
+const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+const DAY_CAP: u64 = 90_000;
+const DAY_COUNT_CAP: u32 = 8;
+const MERCHANTS: [&str; 2] = ["SIM MERCHANT 01", "SIM MERCHANT 02"];
+const TERMINALS: [&str; 2] = ["SIMT0001", "SIMT0002"];
+const PANS: [&str; 3] = ["4761739001010119", "5413330089020011", "4761739001010010"];
+const OFFSET_S: i64 = 8 * 3600;
+/// Answers older than this are not repeated (the ledger keeps them 25 h).
+const REPEAT_HORIZON_S: i64 = 20 * 3600;
+const TRACE_KEPT: usize = 40;
+
+fn merchant_set() -> Result<MerchantSet, String> {
+    let mut toml = format!(
+        "[profiles.sim]\nrefund_window_days = 30\nrefund_single_max = 40000\n\
+         refund_day_amount_max = {DAY_CAP}\nrefund_day_count_max = {DAY_COUNT_CAP}\n\
+         refund_month_amount_max = 400000\nrefund_month_count_max = 60\n\
+         card_refund_day_amount_max = 60000\ncard_refund_day_count_max = 5\n\
+         refundable_share_percent = 100\nsame_day_refund = \"allow\"\nreserve = 20000\n\
+         utc_offset = \"+08:00\"\ncurrency = 840\n"
+    );
+    for m in MERCHANTS {
+        let _ = write!(
+            toml,
+            "[[merchants]]\nid = \"{m}\"\nprofile = \"sim\"\nterminals = [{{ id = \"{}\" }}, {{ id = \"{}\" }}]\n",
+            TERMINALS[0], TERMINALS[1]
+        );
+    }
+    MerchantSet::from_toml_str(&toml).map_err(|e| e.to_string())
+}
+
+/// A request the simulated terminals send, owned.
+#[derive(Debug, Clone)]
+struct SimReq {
+    op: Operation,
+    merchant: usize,
+    terminal: usize,
+    stan: u32,
+    mmdd: u16,
+    transmission: u64,
+    rrn: Option<String>,
+    pan: &'static str,
+    amount: u64,
+    /// STAN, DE7 and RRN of the original.
+    original: Option<(u32, u64, Option<String>)>,
+    repeat: bool,
+}
+
+impl SimReq {
+    fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |v: u64| {
+            h ^= v;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        };
+        eat(self.op as u64);
+        eat(self.merchant as u64);
+        eat(self.terminal as u64);
+        eat(u64::from(self.stan));
+        eat(self.amount);
+        eat(self.pan.len() as u64 + u64::from(self.pan.as_bytes()[15 % self.pan.len()]));
+        if let Some((s, t, _)) = &self.original {
+            eat(u64::from(*s));
+            eat(*t);
+        }
+        h
+    }
+
+    fn req(&self) -> Request<'_> {
+        let class = if self.op == Operation::Reversal { 4 } else { 2 };
+        Request {
+            dialect: Dialect::Ascii1987,
+            op: self.op,
+            repeat: self.repeat,
+            merchant: MERCHANTS[self.merchant],
+            terminal: TERMINALS[self.terminal],
+            stan: self.stan,
+            local_date_mmdd: self.mmdd,
+            mti_class: class,
+            transmission: Some(self.transmission),
+            rrn: self.rrn.as_deref(),
+            batch: None,
+            pan: self.pan,
+            amount_minor: self.amount,
+            currency: 840,
+            card_type: CardType::from_pan(self.pan),
+            original: self
+                .original
+                .as_ref()
+                .map(|(stan, t, rrn)| OriginalRef::Iso {
+                    mti: 200,
+                    stan: *stan,
+                    transmission: *t,
+                    rrn: rrn.as_deref(),
+                }),
+            body_fingerprint: self.fingerprint(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:?} m{} t{} stan {} amount {}{}{}",
+            self.op,
+            self.merchant,
+            self.terminal,
+            self.stan,
+            self.amount,
+            self.original
+                .as_ref()
+                .map_or(String::new(), |(s, _, _)| format!(" of stan {s}")),
+            if self.repeat { " (repeat)" } else { "" }
+        )
+    }
+}
+
+/// An answer acknowledged to a terminal.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    req: usize,
+    at: i64,
+    decision: Decision,
+}
+
+/// An answer waiting for its record.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    req: usize,
+    at: i64,
+    decision: Decision,
+    /// Journal length that must be synced.
+    until: usize,
+}
+
+/// A forwarded request between reserve and the host's answer.
+struct Held {
+    req: usize,
+    reservation: Reservation,
+    due: u32,
+    /// When it was reserved.
+    at: i64,
+    /// `ApplyInWakeUpOrder`: already journaled at reserve time.
+    journaled: bool,
+}
+
+struct Sim {
+    seed: u64,
+    rng: u64,
+    mutation: Mutation,
+    set: MerchantSet,
+    ledger: Ledger,
+    /// The simulated disk: records written, and how many of them are synced.
+    written: Vec<LedgerEvent>,
+    synced: usize,
+    now: i64,
+    stan: u32,
+    reqs: Vec<SimReq>,
+    acked: Vec<Ack>,
+    waiting: Vec<Waiting>,
+    held: Vec<Held>,
+    /// Sales acknowledged as approved (request index).
+    sales: Vec<usize>,
+    trace: VecDeque<String>,
+    report: Report,
+    step: u32,
+}
+
+/// Runs `steps` steps of seed `seed`.
+pub fn run(seed: u64, steps: u32, mutation: Mutation) -> Result<Report, Failure> {
+    let set = merchant_set().map_err(|e| Failure {
+        seed,
+        step: 0,
+        invariant: "setup",
+        detail: e,
+        trace: Vec::new(),
+    })?;
+    let ledger = Ledger::new(&set, pan_key());
+    let mut sim = Sim {
+        seed,
+        rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d | 1,
+        mutation,
+        set,
+        ledger,
+        written: Vec::new(),
+        synced: 0,
+        now: T0,
+        stan: 0,
+        reqs: Vec::new(),
+        acked: Vec::new(),
+        waiting: Vec::new(),
+        held: Vec::new(),
+        sales: Vec::new(),
+        trace: VecDeque::new(),
+        report: Report::default(),
+        step: 0,
+    };
+    for step in 0..steps {
+        sim.step = step;
+        sim.one_step()?;
+        sim.report.steps = step + 1;
+    }
+    Ok(sim.report)
+}
+
+fn pan_key() -> PanKey {
+    PanKey::new(b"simulated-key-16")
+}
+
+impl Sim {
+    fn next(&mut self, n: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % n.max(1)
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() == TRACE_KEPT {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("#{} {line}", self.step));
+    }
+
+    fn fail(&self, invariant: &'static str, detail: String) -> Failure {
+        Failure {
+            seed: self.seed,
+            step: self.step,
+            invariant,
+            detail,
+            trace: self.trace.iter().cloned().collect(),
+        }
+    }
+
+    fn one_step(&mut self) -> Result<(), Failure> {
+        self.now += self.next(90) as i64;
+        if self.next(60) == 0 {
+            self.now += 5 * 3600;
+        }
+        self.resolve_held()?;
+        match self.next(100) {
+            0..=27 => self.sale(),
+            28..=47 => self.child(Operation::Refund),
+            48..=52 => self.child(Operation::Void),
+            53..=58 => self.child(Operation::Reversal),
+            59..=66 => self.repeat()?,
+            67..=72 => self.forward(),
+            73..=75 => self.bad(),
+            76..=78 => self.settle(),
+            79..=93 => self.sync()?,
+            94..=96 => self.failed_sync()?,
+            _ => self.crash()?,
+        }
+        self.check_limits()?;
+        self.check_holds()?;
+        if self.ledger.entries() > self.reqs.len() {
+            return Err(self.fail(
+                "e",
+                format!(
+                    "{} entries for {} requests",
+                    self.ledger.entries(),
+                    self.reqs.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn new_req(&mut self, op: Operation, merchant: usize) -> SimReq {
+        self.stan = self.stan % 999_998 + 1;
+        let local = self.now + OFFSET_S;
+        let secs = local.rem_euclid(86_400);
+        let mmdd = crate::clock::mmdd_of(local);
+        let hhmmss = (secs / 3600 * 10_000 + secs % 3600 / 60 * 100 + secs % 60) as u64;
+        SimReq {
+            op,
+            merchant,
+            terminal: self.next(2) as usize,
+            stan: self.stan,
+            mmdd,
+            transmission: u64::from(mmdd) * 1_000_000 + hhmmss,
+            rrn: None,
+            pan: PANS[self.next(3) as usize],
+            amount: 1 + self.next(30_000),
+            original: None,
+            repeat: false,
+        }
+    }
+
+    fn sale(&mut self) {
+        let m = self.next(2) as usize;
+        let mut r = self.new_req(Operation::Sale, m);
+        r.amount = 1_000 + self.next(29_000);
+        r.rrn = Some(format!("{:012}", u64::from(r.stan) * 7 + 100_000_000_000));
+        self.decide(r);
+    }
+
+    /// A refund, void or reversal of an acknowledged sale (or, rarely, of one never seen).
+    fn child(&mut self, op: Operation) {
+        if self.sales.is_empty() {
+            return self.sale();
+        }
+        let at = self.next(self.sales.len() as u64) as usize;
+        let pick = self.sales[at];
+        let sale = self.reqs[pick].clone();
+        let mut r = self.new_req(op, sale.merchant);
+        r.terminal = sale.terminal;
+        r.pan = sale.pan;
+        r.original = Some((sale.stan, sale.transmission, sale.rrn.clone()));
+        r.amount = match op {
+            Operation::Void => sale.amount,
+            Operation::Reversal => sale.amount,
+            _ => 1 + self.next(sale.amount + sale.amount / 4),
+        };
+        if op == Operation::Reversal && self.next(10) == 0 {
+            // A reversal of a sale that never arrived.
+            r.original = Some((
+                self.stan.wrapping_add(500_000) % 999_999,
+                sale.transmission,
+                None,
+            ));
+        }
+        self.decide(r);
+    }
+
+    fn bad(&mut self) {
+        let m = self.next(2) as usize;
+        let mut r = self.new_req(Operation::Sale, m);
+        r.amount = 0;
+        r.rrn = Some(format!("{:012}", u64::from(r.stan) * 7 + 100_000_000_000));
+        self.decide(r);
+    }
+
+    /// Decides `r` now, in one step, as the gateway does.
+    fn decide(&mut self, r: SimReq) {
+        let idx = self.reqs.len();
+        self.reqs.push(r);
+        self.report.requests += 1;
+        let now = self.now;
+        let req = self.reqs[idx].clone();
+        let logged = if self.mutation == Mutation::DeclinesNotJournaled {
+            match self.ledger.reserve(&req.req(), now) {
+                Ok(res) => {
+                    let written = &mut self.written;
+                    self.ledger.commit_logged(res, |e| {
+                        written.push(e.clone());
+                        Ok::<u64, ()>(written.len() as u64)
+                    })
+                }
+                Err(decision) => Logged::Unlogged { decision, after: 0 },
+            }
+        } else {
+            let written = &mut self.written;
+            self.ledger.decide_logged(&req.req(), now, |e| {
+                written.push(e.clone());
+                Ok::<u64, ()>(written.len() as u64)
+            })
+        };
+        self.answered(idx, logged);
+    }
+
+    /// Files the answer of request `idx` to be sent once its record is synced.
+    fn answered(&mut self, idx: usize, logged: Logged<()>) {
+        let at = self.now;
+        self.answered_at(idx, logged, at);
+    }
+
+    /// [`Sim::answered`] for a request decided at `at` (a forwarded one: when it was reserved,
+    /// which is the time its event carries).
+    fn answered_at(&mut self, idx: usize, logged: Logged<()>, at: i64) {
+        let (decision, until) = match logged {
+            Logged::Applied { decision, seq } => (decision, seq as usize),
+            Logged::Unlogged { decision, after } => (decision, after as usize),
+            Logged::Failed(()) => (Decision::bare(Reason::STORE_UNAVAILABLE), 0),
+        };
+        self.note(format!(
+            "{} -> {} {}",
+            self.reqs[idx].describe(),
+            decision.code.as_str(),
+            decision.reason.as_str()
+        ));
+        let w = Waiting {
+            req: idx,
+            at,
+            decision,
+            until,
+        };
+        if until <= self.synced || self.mutation == Mutation::AckBeforeSync {
+            self.acknowledge(w);
+        } else {
+            self.waiting.push(w);
+        }
+    }
+
+    fn acknowledge(&mut self, w: Waiting) {
+        self.report.acknowledged += 1;
+        let req = &self.reqs[w.req];
+        if req.op == Operation::Sale && w.decision.is_approved() && !req.repeat {
+            self.sales.push(w.req);
+        }
+        if !req.repeat && !transient(w.decision.reason) {
+            self.acked.push(Ack {
+                req: w.req,
+                at: w.at,
+                decision: w.decision,
+            });
+        }
+    }
+
+    /// A repeat of an acknowledged request: it must get the acknowledged answer (c).
+    fn repeat(&mut self) -> Result<(), Failure> {
+        let Some(ack) = self.recent_ack() else {
+            return Ok(());
+        };
+        self.check_repeat(ack, "c (live)")
+    }
+
+    fn recent_ack(&mut self) -> Option<Ack> {
+        let recent: Vec<Ack> = self
+            .acked
+            .iter()
+            .rev()
+            .take_while(|a| self.now - a.at < REPEAT_HORIZON_S)
+            .copied()
+            .collect();
+        if recent.is_empty() {
+            return None;
+        }
+        Some(recent[self.next(recent.len() as u64) as usize])
+    }
+
+    fn check_repeat(&mut self, ack: Ack, invariant: &'static str) -> Result<(), Failure> {
+        let mut again = self.reqs[ack.req].clone();
+        again.repeat = true;
+        let now = self.now;
+        let written = &mut self.written;
+        let logged = self.ledger.decide_logged(&again.req(), now, |e| {
+            written.push(e.clone());
+            Ok::<u64, ()>(written.len() as u64)
+        });
+        self.report.repeats_checked += 1;
+        let got = match &logged {
+            Logged::Unlogged { decision, .. } => *decision,
+            Logged::Applied { decision, .. } => {
+                return Err(self.fail(
+                    invariant,
+                    format!(
+                        "repeat of {} was decided again, its stored answer is gone: {} {} (acknowledged {} {})",
+                        self.reqs[ack.req].describe(),
+                        decision.code.as_str(),
+                        decision.reason.as_str(),
+                        ack.decision.code.as_str(),
+                        ack.decision.reason.as_str()
+                    ),
+                ))
+            }
+            Logged::Failed(()) => return Ok(()),
+        };
+        if got.reason != ack.decision.reason {
+            return Err(self.fail(
+                invariant,
+                format!(
+                    "repeat of {} answered {} {}, acknowledged {} {}",
+                    self.reqs[ack.req].describe(),
+                    got.code.as_str(),
+                    got.reason.as_str(),
+                    ack.decision.code.as_str(),
+                    ack.decision.reason.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A forwarded refund: reserved now, answered by the host some steps later.
+    fn forward(&mut self) {
+        if self.sales.is_empty() {
+            return self.sale();
+        }
+        let at = self.next(self.sales.len() as u64) as usize;
+        let pick = self.sales[at];
+        let sale = self.reqs[pick].clone();
+        let mut r = self.new_req(Operation::Refund, sale.merchant);
+        r.terminal = sale.terminal;
+        r.pan = sale.pan;
+        r.original = Some((sale.stan, sale.transmission, sale.rrn.clone()));
+        r.amount = 1 + self.next(sale.amount);
+        let idx = self.reqs.len();
+        self.reqs.push(r);
+        self.report.requests += 1;
+        let req = self.reqs[idx].clone();
+        let now = self.now;
+        let due = self.step + 1 + self.next(6) as u32;
+        let wake_up_order = self.mutation == Mutation::ApplyInWakeUpOrder;
+        let written = &mut self.written;
+        let reserved = self
+            .ledger
+            .reserve_logged(&req.req(), now, |e| {
+                written.push(e.clone());
+                Ok::<u64, ()>(written.len() as u64)
+            })
+            .map(|res| {
+                if wake_up_order {
+                    // The bug: journaled now, applied when the host answers.
+                    written.push(res.event().clone());
+                }
+                (res, wake_up_order)
+            });
+        match reserved {
+            Ok((reservation, journaled)) => {
+                self.note(format!("{} -> held until #{due}", req.describe()));
+                self.held.push(Held {
+                    req: idx,
+                    reservation,
+                    due,
+                    at: now,
+                    journaled,
+                });
+            }
+            Err(logged) => self.answered(idx, logged),
+        }
+    }
+
+    /// Host answers that are due: approve (commit) or time out (release, 91).
+    fn resolve_held(&mut self) -> Result<(), Failure> {
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].due > self.step {
+                i += 1;
+                continue;
+            }
+            let h = self.held.remove(i);
+            if self.next(4) == 0 {
+                let d = Decision::bare(Reason::HOST_TIMEOUT);
+                if self.mutation == Mutation::HoldNotReleased {
+                    // The bug: the reservation is dropped, its holds stay.
+                    drop(h.reservation);
+                } else {
+                    self.ledger.release(h.reservation);
+                }
+                self.answered_at(
+                    h.req,
+                    Logged::Unlogged {
+                        decision: d,
+                        after: 0,
+                    },
+                    h.at,
+                );
+                continue;
+            }
+            let logged = if h.journaled {
+                let d = self.ledger.commit(h.reservation);
+                Logged::Applied {
+                    decision: d,
+                    seq: self.written.len() as u64,
+                }
+            } else {
+                let written = &mut self.written;
+                self.ledger.commit_logged(h.reservation, |e| {
+                    written.push(e.clone());
+                    Ok::<u64, ()>(written.len() as u64)
+                })
+            };
+            self.answered_at(h.req, logged, h.at);
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self) {
+        let m = self.next(2) as usize;
+        let now = self.now;
+        let written = &mut self.written;
+        let settled = self.ledger.settle_logged(MERCHANTS[m], now, |e| {
+            written.push(e.clone());
+            Ok::<u64, crate::ledger::Refused>(written.len() as u64)
+        });
+        self.note(format!("settle m{m} -> {}", settled.is_ok()));
+    }
+
+    /// A durable point: everything written is synced, its answers leave.
+    fn sync(&mut self) -> Result<(), Failure> {
+        self.synced = self.written.len();
+        let (ready, later): (Vec<Waiting>, Vec<Waiting>) =
+            self.waiting.drain(..).partition(|w| w.until <= self.synced);
+        self.waiting = later;
+        let n = ready.len();
+        for w in ready {
+            self.acknowledge(w);
+        }
+        self.note(format!("sync {} records, {n} answers sent", self.synced));
+        self.check_replay("b (durable point)")
+    }
+
+    /// A sync that fails: the unsynced records are lost, their answers become 96, and the
+    /// ledger is rebuilt from what is durable (the gateway's hold-and-rebuild).
+    fn failed_sync(&mut self) -> Result<(), Failure> {
+        self.report.sync_failures += 1;
+        let lost = self.written.len() - self.synced;
+        self.written.truncate(self.synced);
+        let waiting = std::mem::take(&mut self.waiting);
+        let rebuilt = self.replayed()?;
+        self.ledger.adopt_durable(rebuilt);
+        self.note(format!("sync failed: {lost} records lost, ledger rebuilt"));
+        for w in waiting {
+            self.note(format!(
+                "{} -> 96 (record lost)",
+                self.reqs[w.req].describe()
+            ));
+        }
+        self.check_replay("b (after a rebuild)")
+    }
+
+    /// kill -9: unsynced records are lost (some may have reached the disk all the same),
+    /// nothing in flight is answered, the ledger is replayed from the journal.
+    fn crash(&mut self) -> Result<(), Failure> {
+        self.report.crashes += 1;
+        let unsynced = self.written.len() - self.synced;
+        let kept = self.next(unsynced as u64 + 1) as usize;
+        self.written.truncate(self.synced + kept);
+        self.synced = self.written.len();
+        self.waiting.clear();
+        // Forwarded requests in flight die with the process (their terminals reverse them).
+        self.held.clear();
+        self.ledger = self.replayed()?;
+        self.note(format!(
+            "crash: {unsynced} unsynced records, {kept} of them reached the disk; restarted"
+        ));
+        // (c) after the restart: every recent acknowledged answer is repeated.
+        let recent: Vec<Ack> = self
+            .acked
+            .iter()
+            .rev()
+            .take_while(|a| self.now - a.at < REPEAT_HORIZON_S)
+            .copied()
+            .collect();
+        for ack in recent {
+            self.check_repeat(ack, "c (after a crash)")?;
+        }
+        self.check_replay("b (after a crash)")
+    }
+
+    fn replayed(&self) -> Result<Ledger, Failure> {
+        let fresh = Ledger::new(&self.set, pan_key());
+        for e in &self.written {
+            fresh
+                .apply(e)
+                .map_err(|e| self.fail("replay", e.to_string()))?;
+        }
+        Ok(fresh)
+    }
+
+    fn check_replay(&self, invariant: &'static str) -> Result<(), Failure> {
+        let mut live = Vec::new();
+        self.ledger.snapshot(&mut live);
+        let mut replay = Vec::new();
+        self.replayed()?.snapshot(&mut replay);
+        if live != replay {
+            return Err(self.fail(
+                invariant,
+                format!(
+                    "replay of {} records differs from the live ledger ({} vs {} bytes)",
+                    self.written.len(),
+                    replay.len(),
+                    live.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// (a) limits recomputed from the acknowledged answers alone.
+    fn check_limits(&self) -> Result<(), Failure> {
+        let mut per_original: HashMap<(usize, u32), u64> = HashMap::new();
+        let mut per_day: HashMap<(usize, i64), (u64, u32)> = HashMap::new();
+        let mut sale_amount: HashMap<(usize, u32), u64> = HashMap::new();
+        for a in &self.acked {
+            let r = &self.reqs[a.req];
+            if r.op == Operation::Sale && a.decision.is_approved() {
+                sale_amount.insert((r.merchant, r.stan), r.amount);
+            }
+        }
+        for a in &self.acked {
+            let r = &self.reqs[a.req];
+            if r.op != Operation::Refund || !a.decision.is_approved() {
+                continue;
+            }
+            let Some((stan, _, _)) = r.original else {
+                continue;
+            };
+            let o = per_original.entry((r.merchant, stan)).or_default();
+            *o += r.amount;
+            let cap = sale_amount.get(&(r.merchant, stan)).copied().unwrap_or(0);
+            if *o > cap {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "refunds of m{} stan {stan} acknowledged {} > sale {cap}",
+                        r.merchant, *o
+                    ),
+                ));
+            }
+            let day = (a.at + OFFSET_S).div_euclid(86_400);
+            let d = per_day.entry((r.merchant, day)).or_default();
+            d.0 += r.amount;
+            d.1 += 1;
+            if d.0 > DAY_CAP || d.1 > DAY_COUNT_CAP {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{} day {day}: {} refunds for {} acknowledged (caps {DAY_COUNT_CAP}, {DAY_CAP})",
+                        r.merchant, d.1, d.0
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// (d) refunds reserved in the ledger = forwarded refunds held.
+    fn check_holds(&self) -> Result<(), Failure> {
+        for (m, id) in MERCHANTS.iter().enumerate() {
+            let held: u64 = self
+                .held
+                .iter()
+                .filter(|h| self.reqs[h.req].merchant == m)
+                .map(|h| self.reqs[h.req].amount)
+                .sum();
+            let reserved = self.ledger.funds(id).map_or(0, |f| f.refunds_reserved);
+            if reserved != held {
+                return Err(self.fail(
+                    "d",
+                    format!("m{m}: ledger holds {reserved} in reservations, the simulation {held}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refusals that are not answers to remember (a retry is decided anew).
+fn transient(r: Reason) -> bool {
+    [
+        Reason::STORE_UNAVAILABLE,
+        Reason::CUTOVER,
+        Reason::DUPLICATE,
+        Reason::INTERNAL_ERROR,
+        Reason::BALANCE_PENDING,
+        Reason::HOST_TIMEOUT,
+    ]
+    .contains(&r)
+}
+
+/// Arguments of `sim`.
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// First seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Seeds to run from `--seed` on.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: u64,
+    /// Steps per seed.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: u32,
+    /// Re-introduce a known bug (to see the invariants catch it).
+    #[arg(long, value_enum, default_value_t = Mutation::None)]
+    pub mutation: Mutation,
+}
+
+/// Runs `sim`; exit 0 when every seed held every invariant, 1 otherwise.
+pub fn main(args: &SimArgs) -> std::process::ExitCode {
+    let started = std::time::Instant::now();
+    let mut total = Report::default();
+    for seed in args.seed..args.seed.saturating_add(args.seeds) {
+        match run(seed, args.steps, args.mutation) {
+            Ok(r) => {
+                total.steps += r.steps;
+                total.requests += r.requests;
+                total.acknowledged += r.acknowledged;
+                total.crashes += r.crashes;
+                total.sync_failures += r.sync_failures;
+                total.repeats_checked += r.repeats_checked;
+            }
+            Err(f) => {
+                eprintln!("{f}");
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "sim: {} seeds from {} x {} steps: {} requests, {} answers acknowledged, {} crashes, {} failed syncs, {} repeats checked; all invariants held ({:.1} seeds/s)",
+        args.seeds,
+        args.seed,
+        args.steps,
+        total.requests,
+        total.acknowledged,
+        total.crashes,
+        total.sync_failures,
+        total.repeats_checked,
+        args.seeds as f64 / secs
+    );
+    std::process::ExitCode::SUCCESS
+}
