@@ -1239,3 +1239,23 @@ async fn use_void_is_answered_when_the_whole_same_day_sale_could_be_voided_and_a
     assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_without_a_valid_mac_on_a_mac_link_is_answered_a0_and_settles_nothing() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[2]).await;
+    let signon = exchange(&mut c, true, &vector_message("cup_bcd", "signon_0800")).await;
+    assert_eq!(answer("cup_pos", &signon).code, "00");
+    let a_bytes = exchange(&mut c, true, &vector_message("cup_bcd", "sale_0200")).await;
+    assert_eq!(answer("cup_pos", &a_bytes).code, "00");
+    let settle = json!({"mti": "0500", "fields": {"11": "000080", "41": "10000001",
+        "42": "898310048990001", "60": "00000123201"}});
+    let a = answer(
+        "cup_pos",
+        &exchange(&mut c, true, &encode("cup_pos", &settle)).await,
+    );
+    assert_eq!(a.code_reason(), ("A0".into(), "MAC_INVALID".into()));
+    let funds = gw.gateway.ledger().funds("898310048990001").unwrap();
+    assert!(funds.unsettled_sales > 0, "nothing was paid out");
+    gw.stop().await;
+}
