@@ -873,7 +873,12 @@ fn de54_92_is_0_when_a_count_binds_and_every_found_original_answer_carries_de54(
     assert_eq!(d.figures.would_pass, Some(0));
     let v = sale(6, 700);
     ok(&l, &v, T0);
-    ok(&l, &v.void(7), T0);
+    let d = ok(&l, &v.void(7), T0);
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(0), Some(0))
+    );
+    assert!(d.figures.day_allowance_remaining.is_some());
     let d = declined(&l, &v.refund(8, 100), T0, Reason::ORIGINAL_VOIDED, "22");
     assert!(d.de54().unwrap().contains("0090840C000000000000"));
     assert_eq!(d.figures.would_pass, Some(0));

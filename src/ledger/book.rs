@@ -922,9 +922,8 @@ impl Book {
 
     /// The merchant's refund allowance left now: the smallest of the day and month amount
     /// caps' remainders and the funds (DE54 type 91).
-    fn allowance(&self, now: UnixSeconds, live: bool) -> u64 {
+    fn allowance(&self, today: LocalDate, live: bool) -> u64 {
         let p = &self.policy;
-        let today = p.utc_offset.local(now);
         let (day, month) = if live {
             (self.day_used(today.day).0, self.month_used(today.month).0)
         } else {
@@ -990,8 +989,8 @@ impl Book {
         } else {
             0
         };
-        let allowance = self.allowance(now, live);
         let today = p.utc_offset.local(now);
+        let allowance = self.allowance(today, live);
         let card = self
             .cards
             .get(&who.pan_hash)
@@ -1599,13 +1598,14 @@ impl Book {
         let sale = &mut self.entries[sale_idx as usize];
         sale.state = OriginalState::Voided;
         let sale = *sale;
-        let amount = sale.amount;
         self.take_back_sale(&sale);
-        let figs = Figures {
-            original_amount: Some(amount),
-            original_remaining: Some(0),
-            ..base
+        // DE54 after the void (90 and 92 are 0 now), from the durable state alone.
+        let who = Who {
+            term: key.term,
+            pan_hash: txn.pan_hash,
+            card: txn.card,
         };
+        let figs = self.with_de54(base, sale_idx, who, at, false);
         self.finish(at, answer, Decision::new(Reason::APPROVED, figs))
     }
 
