@@ -2159,6 +2159,48 @@ fn every_kind_of_event_round_trips_and_replays() {
 }
 
 #[test]
+fn a_declined_event_written_by_version_1_still_decodes() {
+    let l = ledger_with("");
+    let mut journal = Vec::new();
+    let s = sale(1, 2500);
+    l.decide_logged(&s.req(), T0, log(&mut journal));
+    l.decide_logged(&s.refund(2, 9_999).req(), T0, log(&mut journal));
+    let declined = journal.last().unwrap().clone();
+    let EventBody::Declined { decision, .. } = &declined.body else {
+        panic!("{declined:?}")
+    };
+    // Version 1 wrote the decision without DE54 92 and the host code.
+    let v1_decision = Decision::new(
+        decision.reason,
+        Figures {
+            would_pass: None,
+            host_code: None,
+            ..decision.figures
+        },
+    );
+    let v1_event = LedgerEvent {
+        body: EventBody::Declined {
+            answer: match &declined.body {
+                EventBody::Declined { answer, .. } => *answer,
+                _ => unreachable!(),
+            },
+            decision: v1_decision,
+            sale: None,
+        },
+        ..declined.clone()
+    };
+    let mut bytes = Vec::new();
+    v1_event.encode(&mut bytes);
+    // v2 bytes end: would_pass flag 0, host code flag 0, sale flag 0; v1 had the last only.
+    assert_eq!(bytes[0], 2);
+    let n = bytes.len();
+    assert_eq!(&bytes[n - 3..], &[0, 0, 0]);
+    bytes.drain(n - 3..n - 1);
+    bytes[0] = 1;
+    assert_eq!(LedgerEvent::decode(&bytes).unwrap(), v1_event);
+}
+
+#[test]
 fn events_never_carry_the_pan_in_clear() {
     let l = ledger_with("");
     let s = sale(1, 2500);
