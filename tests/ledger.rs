@@ -1484,6 +1484,33 @@ fn settlement_with_wrong_totals_is_declined_95_and_the_batch_stays_open_until_th
 }
 
 #[test]
+fn sign_on_and_settlement_refused_by_the_journal_change_nothing() {
+    let l = ledger_with("reserve = 0");
+    ok(&l, &sale(1, 5000), T0);
+    let before = state(&l);
+    let refused = l.sign_on_logged("M", "T1", T0, |_: &LedgerEvent| {
+        Err(Refused(Reason::STORE_UNAVAILABLE))
+    });
+    assert!(refused.is_err());
+    assert_eq!(state(&l), before, "not signed on");
+    declined(
+        &l,
+        &settlement("T1", 40),
+        T0,
+        Reason::UNKNOWN_TERMINAL,
+        "03",
+    );
+    l.sign_on("M", "T1", T0).unwrap();
+    let before = state(&l);
+    let logged = l.settle_batch_logged(&settlement("T1", 41).req(), None, T0, |_: &LedgerEvent| {
+        Err::<u64, ()>(())
+    });
+    assert!(matches!(logged, Logged::Failed(())));
+    assert_eq!(state(&l), before, "nothing settled");
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 5000);
+}
+
+#[test]
 fn repeat_of_a_settlement_gets_the_stored_answer_and_settles_nothing_more() {
     let l = ledger_with("reserve = 0");
     ok(&l, &sale(1, 5000), T0);
