@@ -885,6 +885,22 @@ fn de54_92_is_0_when_a_count_binds_and_every_found_original_answer_carries_de54(
 }
 
 #[test]
+fn a_refund_whose_sale_was_reversed_while_it_was_at_the_host_is_declined_22_with_de54() {
+    let l = ledger_with("");
+    let s = sale(1, 5000);
+    ok(&l, &s, T0);
+    let res = l.reserve(&s.refund(2, 1000).req(), T0).unwrap();
+    ok(&l, &s.reversal(3), T0 + 1);
+    let d = l.commit(res);
+    assert_eq!(d.reason, Reason::ORIGINAL_REVERSED);
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(0), Some(0))
+    );
+    assert!(d.de54().is_some());
+}
+
+#[test]
 fn a_pan_mismatch_answer_discloses_nothing_of_the_other_cards_sale() {
     let l = ledger_with("");
     let s = sale(1, 123_456);

@@ -878,14 +878,16 @@ impl Book {
         self.held_originals.get(&idx).copied().unwrap_or((0, 0))
     }
 
-    /// `base` with DE54 for a refund of `original` by the card and terminal of `txn`, counting
-    /// reservations in flight (an upstream decline, after its own hold was given back).
+    /// `base` with DE54 for a refund of `original` by the card and terminal of `txn`; `live`:
+    /// counting reservations in flight (an upstream decline, after its own hold was given
+    /// back), else from the durable state alone (an event being applied).
     pub fn de54_for(
         &self,
         base: Figures,
         txn: &TxnRecord,
         original: &TxnKey,
         now: UnixSeconds,
+        live: bool,
     ) -> Figures {
         let idx = self
             .ref_key(original)
@@ -898,7 +900,7 @@ impl Book {
                     pan_hash: txn.pan_hash,
                     card: txn.card,
                 };
-                self.with_de54(base, idx, who, now, true)
+                self.with_de54(base, idx, who, now, live)
             }
             _ => base,
         }
@@ -1571,7 +1573,10 @@ impl Book {
             (Some(key), Ok(sale_idx)) => Ok((base, key, sale_idx)),
             (_, found) => {
                 let r = found.err().unwrap_or(Reason::INTERNAL_ERROR);
-                Err(self.finish(at, answer, Decision::new(r, base)))
+                // The original was found (voided or reversed meanwhile): DE54 as ever, from
+                // the durable state.
+                let figs = self.de54_for(base, txn, original, at, false);
+                Err(self.finish(at, answer, Decision::new(r, figs)))
             }
         }
     }

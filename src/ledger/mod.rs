@@ -559,7 +559,7 @@ impl Ledger {
         // A refund or void declined upstream found its original: DE54 as for any decline.
         let figures = match &r.event.body {
             EventBody::Refund { txn, original, .. } | EventBody::Void { txn, original, .. } => {
-                book.de54_for(base, txn, original, r.event.at)
+                book.de54_for(base, txn, original, r.event.at, true)
             }
             _ => base,
         };
