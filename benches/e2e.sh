@@ -1,39 +1,48 @@
 #!/usr/bin/env bash
-# End-to-end figures: the gateway read as ratios of `ceiling serve`, measured in one session on
-# this machine with the same load generator (../shared/bench/ceiling/README.md).
+# End-to-end figures, each read as a ratio against ../shared/bench/ceiling measured in the same
+# run on this machine (../shared/bench/ceiling/README.md). Runnable by hand; not run in CI.
 #
-#   benches/e2e.sh                 # from the project root or anywhere
+#   benches/e2e.sh                 # from the project root or anywhere; needs jq, bash, cargo
 #
-# Shapes: 256 connections x 1 in flight (closed loop), 64 x 8 (closed loop), then 64 x 8 in open
-# loop at 5 % of the ceiling's 64x8 figure (latency from the intended send time).
-# The ceiling is driven with fixtures/replay/ceiling-echo.toml (a plain sale: it approves
-# everything and cannot answer refunds with an RRN); the gateway with mixed-day-ascii1987.toml.
+# Per round (ROUNDS, default 3; the table shows medians, then every round):
+#   1. `ceiling serve`, driven by `refundgate load` with fixtures/replay/ceiling-echo.toml:
+#      256 x 1 closed, 64 x 8 closed, open loop at RATE/s (default 5,000) over 64 connections;
+#      `ceiling load` 64 x 8 against the same server right before and right after the 64 x 8
+#      run: the generator check (refundgate load / mean of the two ceiling load runs).
+#   2. the gateway, release, on its embedded defaults (info logging, fdatasync journal; only
+#      the ports and the journal directory moved so it cannot clash with a running gateway),
+#      fresh journal, driven by the same client with the same traffic and shapes.
+# Then `ceiling fsync --batch 1` on the gateway's journal directory (same file system as the
+# default data/journal: it lives under target/).
+#
+# Targets (issue 15): 256x1 >= 0.85, 64x8 >= 0.45 of ceiling serve; open-loop p99 <= ceiling
+# p99 + 2 x fsync batch-1 p99; generator >= 0.80 of ceiling load; 0 mismatches in every run.
 #
 # Environment (all optional):
-#   DURATION=5                seconds per run
-#   CEILING_PORT=18583        GATEWAY_PORT=18584
-#   GATEWAY_SCENARIO=fixtures/replay/mixed-day-ascii1987.toml
-#   ADMIN_PORT=18585          the gateway's admin HTTP port
+#   ROUNDS=3  DURATION=5 (seconds per run)  RATE=5000 (open loop, requests/s in total)
+#   CEILING_PORT=18583  GATEWAY_PORT=18584  ADMIN_PORT=18585   (GATEWAY_PORT+10: cup_pos)
 #   GATEWAY=target/release/refundgate   the gateway binary to measure
-#   GATEWAY_LOG=warn          the gateway's log filter during the runs
-#   GATEWAY_CA=FILE           verify the gateway's certificate (default: --insecure-skip-verify;
-#                             the gateway makes a self-signed certificate at start)
-# The gateway runs `refundgate serve --config` with a configuration written here: one ascii1987
-# listener, the embedded merchant set, journal.durability "fdatasync" then "unsafe_no_fsync".
-# Its runs are chained with --stan-start so no STAN repeats within the gateway's duplicate window.
-#   PERF=0                    skip perf even when it is installed
+#   GATEWAY_LOG=info                    its log filter (the default of the product)
+#   DURABILITY=fdatasync                or unsafe_no_fsync
+#   SCENARIO=fixtures/replay/ceiling-echo.toml   the traffic for both servers
+#   MIXED=0                   1: also drive the gateway 64 x 8 with mixed-day-ascii1987.toml
+#                             (informational: the ceiling cannot answer refunds)
+#   PERF=0                    1: perf stat + record the gateway during its first 64 x 8 run
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
+RATE=${RATE:-5000}
 CEILING_PORT=${CEILING_PORT:-18583}
 GATEWAY_PORT=${GATEWAY_PORT:-18584}
 ADMIN_PORT=${ADMIN_PORT:-18585}
-GATEWAY_LOG=${GATEWAY_LOG:-warn}
-STAN_NEXT=1
-GATEWAY_SCENARIO=${GATEWAY_SCENARIO:-fixtures/replay/mixed-day-ascii1987.toml}
+GATEWAY_LOG=${GATEWAY_LOG:-info}
+DURABILITY=${DURABILITY:-fdatasync}
+SCENARIO=${SCENARIO:-fixtures/replay/ceiling-echo.toml}
+mkdir -p target
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/refundgate-e2e.XXXXXX")
-JOURNAL=$(mktemp -d "${TMPDIR:-/tmp}/refundgate-journal.XXXXXX")
+JOURNAL_ROOT=$(mktemp -d "$PWD/target/e2e-journal.XXXXXX")
 PIDS=()
 
 cleanup() {
@@ -42,7 +51,7 @@ cleanup() {
             wait "$pid" 2>/dev/null || true
         fi
     done
-    rm -rf "$JOURNAL"
+    rm -rf "$JOURNAL_ROOT"
 }
 trap cleanup EXIT
 
@@ -71,123 +80,168 @@ CARGO_TARGET_DIR=target/ceiling cargo build --release --locked --manifest-path .
 CEILING=target/ceiling/release/ceiling
 SELF=target/release/refundgate
 GATEWAY=${GATEWAY:-$SELF}
-LOAD=("$SELF" load)
+STAN_NEXT=1
 
-# run NAME TARGET_PORT SCENARIO CONNECTIONS IN_FLIGHT [extra load args...]
-# Writes $OUT/NAME.json; a non-clean run is reported, not fatal.
+# run NAME PORT SCENARIO CONNECTIONS IN_FLIGHT [extra load args...]: refundgate load, report
+# in $OUT/NAME.json; a run that is not clean is reported, not fatal. STANs continue from the
+# previous run so none repeats within the gateway's duplicate window.
 run() {
     local name=$1 port=$2 scenario=$3 conns=$4 depth=$5
     shift 5
-    say "$name: $conns x $depth $*"
     local rc=0
-    "${LOAD[@]}" --target "127.0.0.1:$port" --scenario "$scenario" --connections "$conns" \
-        --in-flight "$depth" --duration "$DURATION" --json --quiet "$@" >"$OUT/$name.json" || rc=$?
+    "$SELF" load --target "127.0.0.1:$port" --scenario "$scenario" --connections "$conns" \
+        --in-flight "$depth" --duration "$DURATION" --json --quiet --insecure-skip-verify \
+        --stan-start "$STAN_NEXT" "$@" >"$OUT/$name.json" || rc=$?
     if [ "$rc" -ne 0 ]; then
         say "$name: exit $rc (1 = mismatches, 2 = errors); see $OUT/$name.json"
     fi
-    jq -r '"   \(.throughput_per_s|floor)/s  p50 \(.latency_us.p50) us  p99 \(.latency_us.p99) us  mismatches \(.mismatches)  errors \(.errors.connect + .errors.io + .errors.timeouts + .errors.lost)"' \
+    STAN_NEXT=$(jq -r '.stan_next // 1' "$OUT/$name.json" 2>/dev/null || echo 1)
+    jq -r --arg n "$name" '"   \($n): \(.throughput_per_s|floor)/s  p50 \(.latency_us.p50) us  p99 \(.latency_us.p99) us  mismatches \(.mismatches)  errors \(.errors.connect + .errors.io + .errors.timeouts + .errors.lost)"' \
         "$OUT/$name.json" >&2 || true
 }
 
-# run_gw: run, continuing the STAN sequence of the previous gateway run.
-run_gw() {
-    run "$@" --stan-start "$STAN_NEXT"
-    STAN_NEXT=$(jq -r '.stan_next // 1' "$OUT/$1.json" 2>/dev/null || echo 1)
+# ceiling_load NAME PORT CONNECTIONS IN_FLIGHT: the trivial client; answers/s in $OUT/NAME.txt
+ceiling_load() {
+    local name=$1 port=$2 conns=$3 depth=$4 rc=0
+    "$CEILING" load --target "127.0.0.1:$port" --connections "$conns" --in-flight "$depth" \
+        --secs "$DURATION" >"$OUT/$name.log" 2>&1 || rc=$?
+    sed -n 's/.*: \([0-9.]*\) answers\/s verified.*/\1/p' "$OUT/$name.log" | head -1 >"$OUT/$name.txt"
+    [ "$rc" -eq 0 ] || say "$name: ceiling load exit $rc; see $OUT/$name.log"
+    say "   $name: $(cat "$OUT/$name.txt")/s (ceiling load)"
 }
 
-tput_of() { jq -r '.throughput_per_s' "$OUT/$1.json" 2>/dev/null || echo 0; }
-p99_of() { jq -r '.latency_us.p99' "$OUT/$1.json" 2>/dev/null || echo -; }
-
-# --- ceiling ----------------------------------------------------------------------------------
-say "starting ceiling serve on 127.0.0.1:$CEILING_PORT"
-"$CEILING" serve --addr "127.0.0.1:$CEILING_PORT" 2>"$OUT/ceiling.log" &
-CEILING_PID=$!
-PIDS+=("$CEILING_PID")
-wait_port "$CEILING_PORT" "$CEILING_PID"
-run ceiling-256x1 "$CEILING_PORT" fixtures/replay/ceiling-echo.toml 256 1 --closed --insecure-skip-verify
-run ceiling-64x8 "$CEILING_PORT" fixtures/replay/ceiling-echo.toml 64 8 --closed --insecure-skip-verify
-RATE=$(jq -r '(.throughput_per_s * 0.05) | floor | if . < 1 then 1 else . end' "$OUT/ceiling-64x8.json")
-run ceiling-open "$CEILING_PORT" fixtures/replay/ceiling-echo.toml 64 8 --rate "$RATE" --insecure-skip-verify
-stop "$CEILING_PID"
-
-# --- gateway ----------------------------------------------------------------------------------
-HAVE_SERVE=0
-if "$GATEWAY" serve --help >/dev/null 2>&1; then
-    HAVE_SERVE=1
-else
-    say "refundgate serve does not exist yet: gateway runs skipped"
-fi
-
-TLS_ARGS=(--insecure-skip-verify)
-[ -n "${GATEWAY_CA:-}" ] && TLS_ARGS=(--ca "$GATEWAY_CA" --server-name localhost)
-
-gateway_runs() { # label journal-dir durability
-    local label=$1 dir=$2 durability=$3
-    mkdir -p "$dir"
-    cat >"$OUT/gateway-$label.toml" <<EOF
+gateway_config() { # dir -> config path; the embedded defaults, ports and journal moved
+    local dir=$1
+    cat >"$OUT/gateway.toml" <<EOF
+# refundgate's embedded defaults (Config::documented_defaults) with other ports and journal.
 [admin]
 addr = "127.0.0.1:$ADMIN_PORT"
 [journal]
 dir = "$dir"
-durability = "$durability"
+durability = "$DURABILITY"
 [log]
+format = "plain"
 filter = "$GATEWAY_LOG"
 [[listeners]]
 addr = "127.0.0.1:$GATEWAY_PORT"
 dialect = "ascii1987"
 framing = "binary2"
+[[listeners]]
+addr = "127.0.0.1:$((GATEWAY_PORT + 10))"
+dialect = "cup_pos"
+framing = "binary2"
 EOF
-    say "starting refundgate serve ($label): journal $dir, durability $durability"
-    "$GATEWAY" serve --config "$OUT/gateway-$label.toml" >"$OUT/gateway-$label.log" 2>&1 &
-    local pid=$!
-    PIDS+=("$pid")
-    wait_port "$GATEWAY_PORT" "$pid" || { say "gateway ($label) did not start; see $OUT/gateway-$label.log"; return 0; }
-    run_gw "gw-$label-256x1" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 256 1 --closed "${TLS_ARGS[@]}"
-    if [ "${PERF:-1}" != 0 ] && command -v perf >/dev/null 2>&1; then
-        say "perf stat + perf record on the gateway during the 64x8 run ($label)"
-        perf stat -p "$pid" -o "$OUT/perf-stat-$label.txt" -- sleep "$DURATION" 2>/dev/null &
-        local stat_pid=$!
-        perf record -g -p "$pid" -o "$OUT/perf-$label.data" -- sleep "$DURATION" >/dev/null 2>&1 &
-        local rec_pid=$!
-        run_gw "gw-$label-64x8" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --closed "${TLS_ARGS[@]}"
-        wait "$stat_pid" 2>/dev/null || say "perf stat failed (permissions? kernel.perf_event_paranoid)"
-        wait "$rec_pid" 2>/dev/null || say "perf record failed (permissions? kernel.perf_event_paranoid)"
-        [ -s "$OUT/perf-stat-$label.txt" ] && cat "$OUT/perf-stat-$label.txt" >&2
-        [ -s "$OUT/perf-$label.data" ] && say "perf report -i $OUT/perf-$label.data"
-    else
-        if [ "${PERF:-1}" != 0 ]; then say "perf is not installed: no profile of the gateway"; fi
-        run_gw "gw-$label-64x8" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --closed "${TLS_ARGS[@]}"
-    fi
-    run_gw "gw-$label-open" "$GATEWAY_PORT" "$GATEWAY_SCENARIO" 64 8 --rate "$RATE" "${TLS_ARGS[@]}"
-    stop "$pid"
+    echo "$OUT/gateway.toml"
 }
 
-if [ "$HAVE_SERVE" = 1 ]; then
-    gateway_runs durable "$JOURNAL" fdatasync
-    gateway_runs volatile "$JOURNAL/volatile" unsafe_no_fsync
-fi
+# --- rounds -----------------------------------------------------------------------------------
+for r in $(seq "$ROUNDS"); do
+    say "round $r/$ROUNDS: ceiling serve on 127.0.0.1:$CEILING_PORT"
+    "$CEILING" serve --addr "127.0.0.1:$CEILING_PORT" 2>"$OUT/ceiling.log" &
+    cpid=$!
+    PIDS+=("$cpid")
+    wait_port "$CEILING_PORT" "$cpid"
+    run "r$r-ceiling-256x1" "$CEILING_PORT" "$SCENARIO" 256 1 --closed
+    # The generator check brackets refundgate load with ceiling load, so a machine whose load
+    # drifts during the round biases neither side: the ceiling is the mean of the two.
+    ceiling_load "r$r-ceilingload-64x8-before" "$CEILING_PORT" 64 8
+    run "r$r-ceiling-64x8" "$CEILING_PORT" "$SCENARIO" 64 8 --closed
+    ceiling_load "r$r-ceilingload-64x8-after" "$CEILING_PORT" 64 8
+    awk '{ s += $1; n++ } END { print (n ? s / n : 0) }' "$OUT/r$r-ceilingload-64x8-before.txt" \
+        "$OUT/r$r-ceilingload-64x8-after.txt" >"$OUT/r$r-ceilingload-64x8.txt"
+    run "r$r-ceiling-open" "$CEILING_PORT" "$SCENARIO" 64 8 --rate "$RATE"
+    stop "$cpid"
+
+    STAN_NEXT=1 # a fresh journal: no earlier STAN to avoid
+    jdir="$JOURNAL_ROOT/r$r"
+    mkdir -p "$jdir"
+    say "round $r/$ROUNDS: refundgate serve (log $GATEWAY_LOG, journal $DURABILITY in $jdir)"
+    "$GATEWAY" serve --config "$(gateway_config "$jdir")" >"$OUT/r$r-gateway.log" 2>&1 &
+    gpid=$!
+    PIDS+=("$gpid")
+    if ! wait_port "$GATEWAY_PORT" "$gpid"; then
+        say "the gateway did not start; see $OUT/r$r-gateway.log"
+        continue
+    fi
+    run "r$r-gw-256x1" "$GATEWAY_PORT" "$SCENARIO" 256 1 --closed
+    if [ "${PERF:-0}" = 1 ] && [ "$r" = 1 ] && command -v perf >/dev/null 2>&1; then
+        perf record -g -p "$gpid" -o "$OUT/perf-gateway.data" -- sleep "$DURATION" >/dev/null 2>&1 &
+        perf_pid=$!
+        run "r$r-gw-64x8" "$GATEWAY_PORT" "$SCENARIO" 64 8 --closed
+        wait "$perf_pid" 2>/dev/null || say "perf record failed (kernel.perf_event_paranoid?)"
+        say "perf report -i $OUT/perf-gateway.data"
+    else
+        run "r$r-gw-64x8" "$GATEWAY_PORT" "$SCENARIO" 64 8 --closed
+    fi
+    run "r$r-gw-open" "$GATEWAY_PORT" "$SCENARIO" 64 8 --rate "$RATE"
+    if [ "${MIXED:-0}" = 1 ]; then
+        run "r$r-gw-mixed-64x8" "$GATEWAY_PORT" fixtures/replay/mixed-day-ascii1987.toml 64 8 --closed
+    fi
+    curl -s "127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null \
+        | sed -n 's/^refundgate_log_lines_dropped_total \(.*\)/\1/p' >"$OUT/r$r-dropped.txt" || true
+    stop "$gpid"
+done
+
+say "ceiling fsync --batch 1 on $JOURNAL_ROOT (the gateway's journal file system)"
+"$CEILING" fsync --dir "$JOURNAL_ROOT" --batch 1 --secs 3 | tee "$OUT/fsync.txt" >&2
+FSYNC_P99=$(sed -n 's/^batch *1:.*p99 *\([0-9.]*\) us.*/\1/p' "$OUT/fsync.txt" | head -1)
+FSYNC_P99=${FSYNC_P99:-0}
 
 # --- table ------------------------------------------------------------------------------------
-ratio() { # gateway ceiling
-    if [ -f "$OUT/$1.json" ]; then
-        awk -v g="$(tput_of "$1")" -v c="$(tput_of "$2")" 'BEGIN { if (c > 0) printf "%.0f/s = %.2f", g, g / c; else print "-" }'
-    else
-        printf 'skipped'
-    fi
+tput_of() { jq -r '.throughput_per_s // 0' "$OUT/$1.json" 2>/dev/null || echo 0; }
+p99_of() { jq -r '.latency_us.p99 // 0' "$OUT/$1.json" 2>/dev/null || echo 0; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+per_round() { # fn name-suffix -> one value per round
+    for r in $(seq "$ROUNDS"); do "$1" "r$r-$2"; done
 }
-echo
-echo "refundgate e2e, $(date -u +%FT%TZ), $(nproc) cores, ${DURATION} s per run; results in $OUT"
-printf '%-28s %-16s %-26s %-26s\n' "shape" "ceiling" "gateway durable / ceiling" "gateway volatile / ceiling"
-for shape in 256x1 64x8; do
-    printf '%-28s %-16s %-26s %-26s\n' "$shape closed" "$(printf '%.0f/s' "$(tput_of "ceiling-$shape")")" \
-        "$(ratio "gw-durable-$shape" "ceiling-$shape")" "$(ratio "gw-volatile-$shape" "ceiling-$shape")"
-done
-p99_or_skip() { [ -f "$OUT/$1.json" ] && echo "p99 $(p99_of "$1") us" || echo skipped; }
-printf '%-28s %-16s %-26s %-26s\n' "64x8 open at ${RATE}/s" "p99 $(p99_of ceiling-open) us" \
-    "$(p99_or_skip gw-durable-open)" "$(p99_or_skip gw-volatile-open)"
-echo "(ceiling driven with ceiling-echo.toml; gateway with $(basename "$GATEWAY_SCENARIO"))"
+ratio_rounds() { # gateway-suffix ceiling-suffix -> one ratio per round
+    for r in $(seq "$ROUNDS"); do
+        awk -v g="$(tput_of "r$r-$1")" -v c="$(tput_of "r$r-$2")" 'BEGIN { print (c > 0 ? g / c : 0) }'
+    done
+}
+gen_rounds() {
+    for r in $(seq "$ROUNDS"); do
+        awk -v g="$(tput_of "r$r-ceiling-64x8")" -v c="$(cat "$OUT/r$r-ceilingload-64x8.txt" 2>/dev/null || echo 0)" \
+            'BEGIN { print (c > 0 ? g / c : 0) }'
+    done
+}
+verdict() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == ">=") ? v >= t : v <= t; print ok ? "met" : "MISSED" }'; }
 
-# --- durable-write ceiling ----------------------------------------------------------------------
+G256=$(per_round tput_of gw-256x1 | median); C256=$(per_round tput_of ceiling-256x1 | median)
+G64=$(per_round tput_of gw-64x8 | median); C64=$(per_round tput_of ceiling-64x8 | median)
+R256=$(ratio_rounds gw-256x1 ceiling-256x1 | median); R64=$(ratio_rounds gw-64x8 ceiling-64x8 | median)
+GP99=$(per_round p99_of gw-open | median); CP99=$(per_round p99_of ceiling-open | median)
+BUDGET=$(awk -v c="$CP99" -v f="$FSYNC_P99" 'BEGIN { print c + 2 * f }')
+CL64=$(for r in $(seq "$ROUNDS"); do cat "$OUT/r$r-ceilingload-64x8.txt" 2>/dev/null || echo 0; done | median)
+RGEN=$(gen_rounds | median)
+MISMATCHES=$(cat "$OUT"/r*.json 2>/dev/null | jq -s 'map(.mismatches) | add // 0')
+ERRORS=$(cat "$OUT"/r*.json 2>/dev/null | jq -s 'map(.errors.connect + .errors.io + .errors.timeouts + .errors.lost) | add // 0')
+
 echo
-say "ceiling fsync --dir $JOURNAL (the gateway's journal directory in this run)"
-"$CEILING" fsync --dir "$JOURNAL"
+echo "refundgate e2e, $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$ROUNDS rounds x ${DURATION} s per run; medians; same client (refundgate load, $(basename "$SCENARIO")) for both servers;"
+echo "gateway: $GATEWAY serve on the embedded defaults, log $GATEWAY_LOG, journal $DURABILITY; results in $OUT"
+printf '%-44s %-14s %-40s %-7s %s\n' "what" "figure" "ceiling" "ratio" "target"
+printf '%-44s %-14s %-40s %-7s %s\n' "gateway 256 x 1 closed" "$(printf '%.0f/s' "$G256")" \
+    "$(printf '%.0f/s ceiling serve' "$C256")" "$(printf '%.2f' "$R256")" ">= 0.85 $(verdict "$R256" 0.85 '>=')"
+printf '%-44s %-14s %-40s %-7s %s\n' "gateway 64 x 8 closed" "$(printf '%.0f/s' "$G64")" \
+    "$(printf '%.0f/s ceiling serve' "$C64")" "$(printf '%.2f' "$R64")" ">= 0.45 $(verdict "$R64" 0.45 '>=')"
+printf '%-44s %-14s %-40s %-7s %s\n' "gateway open ${RATE}/s, 64 conns, p99" "$(printf '%.0f us' "$GP99")" \
+    "$(printf '%.0f + 2 x %.0f (fsync) = %.0f us' "$CP99" "$FSYNC_P99" "$BUDGET")" \
+    "$(awk -v g="$GP99" -v b="$BUDGET" 'BEGIN { printf "%.2f", (b > 0 ? g / b : 0) }')" "<= 1 $(verdict "$GP99" "$BUDGET" '<=')"
+printf '%-44s %-14s %-40s %-7s %s\n' "generator: refundgate load 64 x 8 -> ceiling" "$(printf '%.0f/s' "$(per_round tput_of ceiling-64x8 | median)")" \
+    "$(printf '%.0f/s ceiling load' "$CL64")" "$(printf '%.2f' "$RGEN")" ">= 0.80 $(verdict "$RGEN" 0.80 '>=')"
+printf '%-44s %-14s %-40s %-7s %s\n' "mismatches / errors, all load runs" "$MISMATCHES / $ERRORS" "" "" "0 $( [ "$MISMATCHES" = 0 ] && echo met || echo MISSED)"
+echo "log lines dropped by the gateway per round: $(cat "$OUT"/r*-dropped.txt 2>/dev/null | tr '\n' ' ')"
+echo
+echo "per round (ratio 256x1, ratio 64x8, gateway p99 / ceiling p99 us, generator ratio):"
+for r in $(seq "$ROUNDS"); do
+    printf '  round %s: %s  %s  %s / %s  %s\n' "$r" \
+        "$(ratio_rounds gw-256x1 ceiling-256x1 | sed -n "${r}p" | xargs printf '%.2f')" \
+        "$(ratio_rounds gw-64x8 ceiling-64x8 | sed -n "${r}p" | xargs printf '%.2f')" \
+        "$(p99_of "r$r-gw-open")" "$(p99_of "r$r-ceiling-open")" \
+        "$(gen_rounds | sed -n "${r}p" | xargs printf '%.2f')"
+done
+if [ "${MIXED:-0}" = 1 ]; then
+    echo "gateway 64 x 8 mixed-day (informational): $(per_round tput_of gw-mixed-64x8 | median | xargs printf '%.0f')/s"
+fi

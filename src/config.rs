@@ -89,6 +89,9 @@ handshake_timeout_ms = 5000
 idle_timeout_ms = 60000
 # On SIGTERM/SIGINT: stop accepting, answer what is in flight within this, then close.
 shutdown_grace_ms = 5000
+# Longest a request waits for its decision to be durable (a hung disk); then it is answered 96,
+# outcome unknown (the terminal's repeat gets the stored answer). Below the terminal's ~60 s.
+request_deadline_ms = 20000
 
 # Upstream bank hosts (DOMAIN §8). None by default: every merchant is decided locally.
 # A routed merchant's sales, refunds and voids are approved only when the host approves them
@@ -416,6 +419,8 @@ pub struct LimitsConfig {
     pub idle_timeout_ms: u64,
     /// Longest the drain after a shutdown signal may take.
     pub shutdown_grace_ms: u64,
+    /// Longest a request waits for its decision to be durable before it is answered 96.
+    pub request_deadline_ms: u64,
 }
 
 /// A configuration that cannot be used, naming the key at fault.
@@ -975,6 +980,7 @@ impl Default for LimitsConfig {
             handshake_timeout_ms: limits::HANDSHAKE_TIMEOUT_DEFAULT_MS,
             idle_timeout_ms: limits::IDLE_TIMEOUT_DEFAULT_MS,
             shutdown_grace_ms: limits::SHUTDOWN_GRACE_DEFAULT_MS,
+            request_deadline_ms: limits::REQUEST_DEADLINE_DEFAULT_MS,
         }
     }
 }
@@ -1028,6 +1034,12 @@ impl LimitsConfig {
         range("handshake_timeout_ms", self.handshake_timeout_ms, 1, max_ms)?;
         range("idle_timeout_ms", self.idle_timeout_ms, 1, max_ms)?;
         range("shutdown_grace_ms", self.shutdown_grace_ms, 0, max_ms)?;
+        range(
+            "request_deadline_ms",
+            self.request_deadline_ms,
+            1,
+            limits::REQUEST_DEADLINE_MAX_MS,
+        )?;
         Ok(())
     }
 }

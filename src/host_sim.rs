@@ -867,9 +867,14 @@ impl HostArgs {
 
 /// Runs `refundgate host` until SIGTERM/SIGINT and returns the exit code.
 pub fn run(args: &HostArgs) -> ExitCode {
-    if let Err(e) = crate::telemetry::init_logging(crate::config::LogFormat::Plain, "info") {
-        eprintln!("refundgate: logging: {e}");
-    }
+    // Held until `run` returns: dropping it writes out the buffered log lines.
+    let _log_guard = match crate::telemetry::init_logging(crate::config::LogFormat::Plain, "info") {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            eprintln!("refundgate: logging: {e}");
+            None
+        }
+    };
     let options = match args.options() {
         Ok(o) => o,
         Err(e) => {

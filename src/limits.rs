@@ -61,6 +61,10 @@ pub const HANDSHAKE_TIMEOUT_DEFAULT_MS: u64 = 5_000;
 pub const IDLE_TIMEOUT_DEFAULT_MS: u64 = 60_000;
 /// Default `limits.shutdown_grace_ms`.
 pub const SHUTDOWN_GRACE_DEFAULT_MS: u64 = 5_000;
+/// Default longest wait of a request for its decision to be durable (below a terminal's 60 s).
+pub const REQUEST_DEADLINE_DEFAULT_MS: u64 = 20_000;
+/// Largest request deadline: a terminal gives up after about 60 s.
+pub const REQUEST_DEADLINE_MAX_MS: u64 = 59_000;
 /// Longest any configured timeout may be (one hour); also bounds the shutdown grace.
 pub const TIMEOUT_HARD_MAX_MS: u64 = 3_600_000;
 /// Longest a TLS close_notify or a last flush may take once a connection is being closed.

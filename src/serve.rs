@@ -122,7 +122,10 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         Some(Arc::clone(&journal)),
         Arc::new(SystemClock),
         links,
-    );
+    )
+    .with_request_deadline(std::time::Duration::from_millis(
+        config.limits.request_deadline_ms,
+    ));
     let upstreams =
         upstream::Plan::from_config(&config, Arc::new(SystemClock)).map_err(|e| StartError {
             code: match e {
@@ -277,9 +280,14 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     let log = Config::load(args.config.as_deref())
         .map(|c| c.log)
         .unwrap_or_default();
-    if let Err(e) = telemetry::init_logging(log.format, &log.filter) {
-        eprintln!("refundgate: logging: {e}");
-    }
+    // Held until `run` returns: dropping it writes out the buffered log lines.
+    let _log_guard = match telemetry::init_logging(log.format, &log.filter) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            eprintln!("refundgate: logging: {e}");
+            None
+        }
+    };
     if let Err(e) = telemetry::install_metrics() {
         eprintln!("refundgate: metrics: {e}");
     }

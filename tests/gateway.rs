@@ -105,6 +105,15 @@ async fn start() -> Running {
 }
 
 async fn start_with(options: journal::Options) -> Running {
+    start_configured(
+        options,
+        Duration::from_millis(refundgate::limits::REQUEST_DEADLINE_DEFAULT_MS),
+    )
+    .await
+}
+
+/// [`start_with`] with a request deadline.
+async fn start_configured(options: journal::Options, deadline: Duration) -> Running {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let mut config = Config::default();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -153,7 +162,8 @@ async fn start_with(options: journal::Options) -> Running {
         Some(Arc::new(journal)),
         Arc::new(SystemClock),
         links,
-    );
+    )
+    .with_request_deadline(deadline);
     serve_gateway(config, gateway, dir).await
 }
 
@@ -1257,5 +1267,48 @@ async fn a_settlement_without_a_valid_mac_on_a_mac_link_is_answered_a0_and_settl
     assert_eq!(a.code_reason(), ("A0".into(), "MAC_INVALID".into()));
     let funds = gw.gateway.ledger().funds("898310048990001").unwrap();
     assert!(funds.unsettled_sales > 0, "nothing was paid out");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_disk_answers_96_within_the_request_deadline_and_keeps_the_connection_usable() {
+    let (storage, faults) = journal::FaultyStorage::new();
+    let options = journal::Options {
+        storage: Arc::new(storage),
+        ..journal::Options::default()
+    };
+    let deadline = Duration::from_millis(500);
+    let gw = start_configured(options, deadline).await;
+    let mut c = connect(&gw.listeners[0]).await;
+    faults.set_hang_syncs(true);
+    let sale = ascii("0200", "000000", 2500, 61, &[]);
+    let sent = std::time::Instant::now();
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+    );
+    let waited = sent.elapsed();
+    assert_eq!(a.code_reason(), ("96".into(), "STORE_UNAVAILABLE".into()));
+    assert!(
+        waited >= deadline && waited <= deadline * 3,
+        "answered after {waited:?} with a deadline of {deadline:?}"
+    );
+    // The connection is not held by the hung disk: an echo on it is answered.
+    let echo = json!({"mti": "0800", "fields": {"7": "1204093015", "11": "000062", "70": "301"}});
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &echo)).await,
+    );
+    assert_eq!(a.code, "00");
+    // The disk comes back: the sale's record became durable after all (the outcome the 96
+    // left open), and its repeat gets the stored answer.
+    faults.set_hang_syncs(false);
+    let mut again = sale.clone();
+    again["mti"] = json!("0201");
+    let a = answer(
+        "ascii1987",
+        &exchange(&mut c, false, &encode("ascii1987", &again)).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
     gw.stop().await;
 }

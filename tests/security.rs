@@ -525,3 +525,79 @@ fn the_pan_hash_key_is_never_silently_recreated_and_loose_modes_are_refused() {
     std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o700)).unwrap();
     drop(start(&setup));
 }
+
+/// A plain TCP connection that sends a genuine TLS ClientHello and then never answers the
+/// server's flight (a stalled handshake); held open until `stop`.
+async fn stalled_handshake(addr: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    use tokio::io::AsyncWriteExt;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let Ok(mut tcp) = TcpStream::connect(addr).await else {
+        return;
+    };
+    if tcp.write_all(&hello).await.is_err() {
+        return;
+    }
+    sent.fetch_add(1, Ordering::Relaxed);
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        tokio::select! {
+            read = tcp.read(&mut buf) => if matches!(read, Ok(0) | Err(_)) { return },
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+#[test]
+fn sockets_that_stall_after_their_client_hello_do_not_hold_connection_slots() {
+    // 4 slots, 8 stalled handshakes (well inside the default handshake timeout of 5 s).
+    let setup = setup("[limits]\nmax_connections = 4\n");
+    let gateway = start(&setup);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let answered = rt.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let stalled: Vec<_> = (0..8)
+            .map(|_| {
+                tokio::spawn(stalled_handshake(
+                    setup.listener,
+                    stop.clone(),
+                    sent.clone(),
+                ))
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sent.load(Ordering::Relaxed) < 8 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            sent.load(Ordering::Relaxed),
+            8,
+            "stalled handshakes started"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answered = echo_on_a_new_connection(&setup, 1, Duration::from_secs(2)).await;
+        stop.store(true, Ordering::Relaxed);
+        for task in stalled {
+            let _ = task.await;
+        }
+        answered
+    });
+    assert!(
+        answered,
+        "a real terminal was locked out by handshakes that stalled after their ClientHello"
+    );
+    drop(gateway);
+}

@@ -85,6 +85,8 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
     upstreams: Option<Arc<Upstreams>>,
+    /// Longest a batch waits for its records to be durable before answering 96.
+    request_deadline: std::time::Duration,
 }
 
 /// What the gateway tells the log and metrics about one request.
@@ -150,7 +152,17 @@ impl Gateway {
             clock,
             links,
             upstreams: None,
+            request_deadline: std::time::Duration::from_millis(
+                crate::limits::REQUEST_DEADLINE_DEFAULT_MS,
+            ),
         }
+    }
+
+    /// The same gateway answering 96 (outcome unknown) to requests whose records are not
+    /// durable within `deadline` (a hung disk): the connection and its slot are not held.
+    pub fn with_request_deadline(mut self, deadline: std::time::Duration) -> Gateway {
+        self.request_deadline = deadline;
+        self
     }
 
     /// Takes a consistent snapshot of the ledger: the ticket of the last record it covers
@@ -264,13 +276,14 @@ impl Gateway {
             decided.push(self.decide_message(l, body.as_ref()).await);
         }
         if let Some(journal) = &self.journal {
+            let deadline = tokio::time::Instant::from_std(started) + self.request_deadline;
             // One wait for the newest record of the batch covers the others of its epoch.
             let newest = decided
                 .iter()
                 .filter_map(|d| d.as_ref().and_then(|d| d.wait))
                 .max_by_key(|t| (t.epoch, t.seq));
             if let Some(t) = newest {
-                let _ = journal.durable(t).await;
+                let _ = tokio::time::timeout_at(deadline, journal.durable(t)).await;
             }
             for (body, d) in bodies.iter().zip(decided.iter_mut()) {
                 let Some(Decided {
@@ -282,11 +295,23 @@ impl Gateway {
                     continue;
                 };
                 let forwarded = *forwarded;
-                if journal.durable(*t).await.is_err() {
-                    tracing::warn!("journal write failed; answering 96");
-                    // Drop what the lost record changed before the 96 leaves.
-                    let _ = self.store_ready().await;
-                    *d = Some(self.lost(l, body.as_ref(), forwarded).await);
+                match tokio::time::timeout_at(deadline, journal.durable(*t)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => {
+                        tracing::warn!("journal write failed; answering 96");
+                        // Drop what the lost record changed before the 96 leaves.
+                        let _ = self.store_ready().await;
+                        *d = Some(self.lost(l, body.as_ref(), forwarded).await);
+                    }
+                    Err(_) => {
+                        // The record may still become durable: the outcome is unknown, and
+                        // the terminal's repeat will get the stored answer.
+                        tracing::warn!(
+                            "journal not durable within the request deadline; answering 96"
+                        );
+                        telemetry::count_request_deadline(dialect_label(l.dialect));
+                        *d = Some(self.lost(l, body.as_ref(), false).await);
+                    }
                 }
             }
         }

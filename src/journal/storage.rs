@@ -69,6 +69,7 @@ struct FsFile(File);
 pub struct Faults {
     fail_writes: AtomicBool,
     fail_syncs: AtomicBool,
+    hang_syncs: AtomicBool,
     read_only: AtomicBool,
     writes: AtomicU64,
     syncs: AtomicU64,
@@ -198,6 +199,11 @@ impl Faults {
         self.fail_writes.store(on, Ordering::SeqCst);
     }
 
+    /// Makes every following sync block (a hung disk) until cleared, then sync.
+    pub fn set_hang_syncs(&self, on: bool) {
+        self.hang_syncs.store(on, Ordering::SeqCst);
+    }
+
     /// Makes every following sync fail (without syncing) until cleared.
     pub fn set_fail_syncs(&self, on: bool) {
         self.fail_syncs.store(on, Ordering::SeqCst);
@@ -319,6 +325,9 @@ impl StorageFile for FaultyFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        while self.faults.hang_syncs.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         if self.faults.fail_syncs.load(Ordering::SeqCst) {
             return Err(self.faults.fail("injected sync fault"));
         }

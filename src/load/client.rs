@@ -1,6 +1,9 @@
 //! The connection task: one TLS connection, up to `in_flight` pipeline slots, each slot running
-//! sessions step by step. Requests of all ready slots are written together and flushed once;
-//! answers come back in order and are matched to the oldest outstanding request.
+//! sessions step by step. Requests of all ready slots are rendered into one buffer and go out
+//! in one write; every complete answer of one read is matched, in order, to the oldest
+//! outstanding request and verified before the freed slots send again. The task owns its
+//! buffers, counters and histogram: nothing is allocated, locked or sent over a channel per
+//! request.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -10,18 +13,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures::{SinkExt, StreamExt};
+use bytes::{BufMut, BytesMut};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use super::report::Tally;
 use super::scenario::{Ids, Rendered, Scenario, Session, Stamp};
@@ -144,22 +145,18 @@ pub(crate) async fn open(shared: &Shared) -> Result<TlsStream<TcpStream>, String
     .map_err(|e| format!("TLS handshake with {}: {e}", shared.addr))
 }
 
-/// The frame codec: a 2-byte big-endian length, not counting itself.
-pub(crate) fn codec(frame_max: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(2)
-        .max_frame_length(frame_max)
-        .new_codec()
-}
+/// Bytes of the read buffer a connection starts with; it grows to the largest frame seen.
+pub const READ_BUFFER_BYTES: usize = 16 * 1024;
+/// How stale the wall-clock second of `{de7}`, `{time}` and `{date}` may be.
+const STAMP_REFRESH: Duration = Duration::from_millis(1);
 
 /// Runs the scenario's setup steps once on a connection of its own; returns the values the
 /// sessions refer to.
 pub(crate) async fn run_setup(shared: &Shared) -> Result<Vec<Vec<u8>>, String> {
-    let stream = open(shared).await?;
-    let mut framed = Framed::new(stream, codec(shared.frame_max));
+    let mut stream = open(shared).await?;
     let mut tally = Tally::new().map_err(|e| e.to_string())?;
     let mut conn = Conn::new(shared, Mode::Setup, 0, Instant::now(), 1);
-    let end = conn.drive(&mut framed, &mut tally, far_future()).await;
+    let end = conn.drive(&mut stream, &mut tally, far_future()).await;
     if let Some(e) = tally.examples.first() {
         return Err(format!(
             "{}: {}: expected {}, got {}",
@@ -219,9 +216,8 @@ pub(crate) async fn connection(
     );
     let mut reconnects = 0u32;
     loop {
-        if let Some(s) = stream.take() {
-            let mut framed = Framed::new(s, codec(shared.frame_max));
-            match conn.drive(&mut framed, &mut tally, timing.deadline).await {
+        if let Some(mut s) = stream.take() {
+            match conn.drive(&mut s, &mut tally, timing.deadline).await {
                 Ok(()) => break,
                 Err(b) => {
                     if first_error.is_none() {
@@ -318,8 +314,11 @@ struct Conn<'s> {
     wheel_pos: usize,
     scratch: Vec<u8>,
     rendered: Rendered,
+    /// Framed requests of one fill, written at once.
     out: BytesMut,
     stamp: Stamp,
+    /// When the wall clock was last read for `stamp`.
+    stamp_read: Option<Instant>,
     /// Open loop: when request 0 of this connection is due.
     schedule_start: Instant,
     /// Open loop: index of the next request to send.
@@ -351,8 +350,9 @@ impl<'s> Conn<'s> {
             wheel_pos: id.wrapping_mul(7919) % wheel_len,
             scratch: Vec::with_capacity(1024),
             rendered: Rendered::default(),
-            out: BytesMut::with_capacity(8 * 1024),
+            out: BytesMut::with_capacity(slots.max(1) * 512),
             stamp: Stamp::default(),
+            stamp_read: None,
             schedule_start,
             next_k: 0,
             last_answer: None,
@@ -417,9 +417,37 @@ impl<'s> Conn<'s> {
         Some(self.schedule_start + Duration::from_nanos(iv.saturating_mul(self.next_k)))
     }
 
+    /// A tick passed: publishes progress, fails when the oldest request is overdue, and sets
+    /// the next tick.
+    fn on_tick(
+        &mut self,
+        tick: &mut Pin<Box<Sleep>>,
+        tally: &mut Tally,
+        deadline: Instant,
+    ) -> Result<(), Broken> {
+        let now = Instant::now();
+        self.publish();
+        if let Some(p) = self.pending.front() {
+            if now.saturating_duration_since(p.sent_at) >= self.shared.timeout {
+                tally.errors.timeouts += self.pending.len() as u64;
+                self.pending.clear();
+                return Err(Broken::Timeout);
+            }
+        }
+        let mut wake = now + TICK;
+        if self.mode == Mode::Load && deadline > now {
+            wake = wake.min(deadline);
+        }
+        if let Some(due) = self.next_due() {
+            wake = wake.min(due.max(now));
+        }
+        tick.as_mut().reset(wake);
+        Ok(())
+    }
+
     async fn drive<S>(
         &mut self,
-        framed: &mut Framed<S, LengthDelimitedCodec>,
+        stream: &mut S,
         tally: &mut Tally,
         deadline: Instant,
     ) -> Result<(), Broken>
@@ -435,12 +463,20 @@ impl<'s> Conn<'s> {
             }
         }
         self.pending.clear();
-        let mut tick: Pin<Box<Sleep>> = Box::pin(sleep_until(Instant::now() + TICK));
+        self.out.clear();
+        let mut rbuf = vec![0u8; READ_BUFFER_BYTES];
+        let mut filled = 0usize;
+        let mut now = Instant::now();
+        let mut tick: Pin<Box<Sleep>> = Box::pin(sleep_until(now + TICK));
         let result = loop {
-            let now = Instant::now();
             if !self.stopping(now, deadline) {
-                if let Err(b) = self.fill(framed, tally, now).await {
+                if let Err(b) = self.fill(tally, now) {
                     break Err(b);
+                }
+                if !self.out.is_empty() {
+                    if let Err(b) = self.write_out(stream, &mut tick, tally, deadline).await {
+                        break Err(b);
+                    }
                 }
                 if let Some(due) = self.next_due() {
                     if self.slots.iter().any(|s| !s.busy) && due < tick.deadline() {
@@ -448,38 +484,34 @@ impl<'s> Conn<'s> {
                     }
                 }
             }
-            if self.pending.is_empty() && self.stopping(Instant::now(), deadline) {
+            if self.pending.is_empty() && self.stopping(now, deadline) {
                 break Ok(());
             }
             tokio::select! {
                 biased;
-                frame = framed.next() => match frame {
-                    Some(Ok(body)) => {
-                        if let Err(b) = self.answer(&body, tally) {
+                read = stream.read(&mut rbuf[filled..]) => match read {
+                    Ok(0) => break Err(Broken::Closed),
+                    Ok(n) => {
+                        filled += n;
+                        now = Instant::now();
+                        if let Err(b) = self.answers(&mut rbuf, &mut filled, tally, now) {
                             break Err(b);
                         }
-                    }
-                    Some(Err(e)) => break Err(Broken::Io(e.to_string())),
-                    None => break Err(Broken::Closed),
-                },
-                _ = tick.as_mut() => {
-                    let now = Instant::now();
-                    self.publish();
-                    if let Some(p) = self.pending.front() {
-                        if now.saturating_duration_since(p.sent_at) >= self.shared.timeout {
-                            tally.errors.timeouts += self.pending.len() as u64;
-                            self.pending.clear();
-                            break Err(Broken::Timeout);
+                        // Reads that are always ready must not starve the tick (timeouts,
+                        // progress, the open-loop schedule).
+                        if now >= tick.deadline() {
+                            if let Err(b) = self.on_tick(&mut tick, tally, deadline) {
+                                break Err(b);
+                            }
                         }
                     }
-                    let mut wake = now + TICK;
-                    if self.mode == Mode::Load && deadline > now {
-                        wake = wake.min(deadline);
+                    Err(e) => break Err(Broken::Io(e.to_string())),
+                },
+                _ = tick.as_mut() => {
+                    if let Err(b) = self.on_tick(&mut tick, tally, deadline) {
+                        break Err(b);
                     }
-                    if let Some(due) = self.next_due() {
-                        wake = wake.min(due.max(now));
-                    }
-                    tick.as_mut().reset(wake);
+                    now = Instant::now();
                 }
             }
         };
@@ -496,19 +528,104 @@ impl<'s> Conn<'s> {
         result
     }
 
-    /// Writes the next request of every ready slot, then flushes once.
-    async fn fill<S>(
+    /// Verifies every complete frame in `rbuf[..filled]` and keeps the incomplete rest at its
+    /// start, growing the buffer when the next frame is longer than it.
+    fn answers(
         &mut self,
-        framed: &mut Framed<S, LengthDelimitedCodec>,
+        rbuf: &mut Vec<u8>,
+        filled: &mut usize,
         tally: &mut Tally,
         now: Instant,
+    ) -> Result<(), Broken> {
+        let mut pos = 0usize;
+        let mut need = 0usize;
+        while *filled - pos >= 2 {
+            let len = usize::from(u16::from_be_bytes([rbuf[pos], rbuf[pos + 1]]));
+            if len > self.shared.frame_max {
+                return Err(Broken::Io(format!(
+                    "an answer of {len} bytes exceeds the frame limit of {}",
+                    self.shared.frame_max
+                )));
+            }
+            if *filled - pos - 2 < len {
+                need = 2 + len;
+                break;
+            }
+            self.answer(&rbuf[pos + 2..pos + 2 + len], tally, now)?;
+            pos += 2 + len;
+        }
+        if pos > 0 {
+            rbuf.copy_within(pos..*filled, 0);
+            *filled -= pos;
+        }
+        if need > rbuf.len() {
+            rbuf.resize(need, 0);
+        }
+        Ok(())
+    }
+
+    /// Writes `self.out` (the requests of one fill) and flushes; overdue answers still end the
+    /// connection while the write waits.
+    async fn write_out<S>(
+        &mut self,
+        stream: &mut S,
+        tick: &mut Pin<Box<Sleep>>,
+        tally: &mut Tally,
+        deadline: Instant,
     ) -> Result<(), Broken>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncWrite + Unpin,
     {
-        let mut fed = 0u32;
-        self.stamp
-            .refresh(SystemClock.now_unix_s(), self.shared.scenario.utc_offset_s);
+        let out = std::mem::take(&mut self.out);
+        let mut at = 0usize;
+        let result = loop {
+            if at == out.len() {
+                break Ok(());
+            }
+            tokio::select! {
+                biased;
+                w = stream.write(&out[at..]) => match w {
+                    Ok(0) => break Err(Broken::Io("write returned zero bytes".into())),
+                    Ok(n) => at += n,
+                    Err(e) => break Err(Broken::Io(e.to_string())),
+                },
+                _ = tick.as_mut() => {
+                    if let Err(b) = self.on_tick(tick, tally, deadline) {
+                        break Err(b);
+                    }
+                }
+            }
+        };
+        let result = match result {
+            Ok(()) => loop {
+                tokio::select! {
+                    biased;
+                    f = stream.flush() => break f.map_err(|e| Broken::Io(e.to_string())),
+                    _ = tick.as_mut() => {
+                        if let Err(b) = self.on_tick(tick, tally, deadline) {
+                            break Err(b);
+                        }
+                    }
+                }
+            },
+            Err(b) => Err(b),
+        };
+        self.out = out;
+        self.out.clear();
+        result
+    }
+
+    /// Renders the next request of every ready slot into `self.out`, each behind its 2-byte
+    /// length; the caller writes them at once.
+    fn fill(&mut self, tally: &mut Tally, now: Instant) -> Result<(), Broken> {
+        if self
+            .stamp_read
+            .is_none_or(|t| now.saturating_duration_since(t) >= STAMP_REFRESH)
+        {
+            self.stamp
+                .refresh(SystemClock.now_unix_s(), self.shared.scenario.utc_offset_s);
+            self.stamp_read = Some(now);
+        }
         for i in 0..self.slots.len() {
             if self.slots[i].busy || (self.mode == Mode::Setup && self.setup_over) {
                 continue;
@@ -522,12 +639,20 @@ impl<'s> Conn<'s> {
                 break;
             }
             self.next_k += 1;
+            let at = self.out.len();
+            self.out.put_u16(0);
             let stan = self.render(i).map_err(Broken::Scenario)?;
-            let frame = self.out.split().freeze();
-            framed
-                .feed(frame)
-                .await
-                .map_err(|e| Broken::Io(e.to_string()))?;
+            let len = self.out.len() - at - 2;
+            let Some(len16) = u16::try_from(len)
+                .ok()
+                .filter(|_| len <= self.shared.frame_max)
+            else {
+                return Err(Broken::Scenario(format!(
+                    "a request of {len} bytes exceeds the frame limit of {}",
+                    self.shared.frame_max
+                )));
+            };
+            self.out[at..at + 2].copy_from_slice(&len16.to_be_bytes());
             self.pending.push_back(Pending {
                 slot: i,
                 stan,
@@ -536,20 +661,6 @@ impl<'s> Conn<'s> {
             });
             self.slots[i].busy = true;
             tally.sent += 1;
-            fed += 1;
-        }
-        if fed > 0 {
-            match tokio::time::timeout(self.shared.timeout, SinkExt::<bytes::Bytes>::flush(framed))
-                .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(Broken::Io(e.to_string())),
-                Err(_) => {
-                    tally.errors.timeouts += self.pending.len() as u64;
-                    self.pending.clear();
-                    return Err(Broken::Timeout);
-                }
-            }
         }
         Ok(())
     }
@@ -576,12 +687,12 @@ impl<'s> Conn<'s> {
         Ok(drawn.de11)
     }
 
-    /// Matches one answer to the oldest outstanding request and verifies it.
-    fn answer(&mut self, body: &[u8], tally: &mut Tally) -> Result<(), Broken> {
+    /// Matches one answer, received at `now`, to the oldest outstanding request and verifies
+    /// it.
+    fn answer(&mut self, body: &[u8], tally: &mut Tally, now: Instant) -> Result<(), Broken> {
         let Some(p) = self.pending.pop_front() else {
             return Err(Broken::Desync);
         };
-        let now = Instant::now();
         self.last_answer = Some(now);
         tally.answered += 1;
         self.unpublished.0 += 1;

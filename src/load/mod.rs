@@ -520,6 +520,9 @@ fn report(
             Some(t) => t.merge(f.tally),
         }
     }
+    if let Some(t) = &mut tally {
+        t.flush_latencies();
+    }
     let elapsed_s = last_answer.saturating_duration_since(start).as_secs_f64();
     let empty = Tally::new().ok();
     let t = tally.or(empty);

@@ -13,6 +13,9 @@ use super::scenario::Difference;
 pub const MISMATCH_EXAMPLES_MAX: usize = 5;
 /// Largest latency the histogram records (longer ones are clamped): 10 minutes, in µs.
 pub const LATENCY_US_MAX: u64 = 600_000_000;
+/// Latencies a connection collects before adding them to its histogram in one go: recorded
+/// one at a time, each answer touched a cold line of one of many histograms.
+pub const LATENCY_BATCH: usize = 1024;
 
 /// The outcome of one run.
 #[derive(Debug, Clone, Serialize)]
@@ -134,6 +137,8 @@ impl Report {
 #[derive(Debug, Clone)]
 pub(crate) struct Tally {
     pub histogram: Histogram<u64>,
+    /// Latencies (µs, clamped) not yet in `histogram`.
+    latencies: Vec<u32>,
     pub sent: u64,
     pub answered: u64,
     pub verified: u64,
@@ -153,6 +158,7 @@ impl Tally {
         let histogram = Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)?;
         Ok(Tally {
             histogram,
+            latencies: Vec::with_capacity(LATENCY_BATCH),
             sent: 0,
             answered: 0,
             verified: 0,
@@ -167,9 +173,22 @@ impl Tally {
     }
 
     /// Records one answer's latency.
+    #[inline]
     pub fn latency(&mut self, us: u64) {
-        self.histogram
-            .saturating_record(us.clamp(1, LATENCY_US_MAX));
+        // LATENCY_US_MAX fits in u32.
+        self.latencies
+            .push(us.clamp(1, LATENCY_US_MAX).min(u64::from(u32::MAX)) as u32);
+        if self.latencies.len() >= LATENCY_BATCH {
+            self.flush_latencies();
+        }
+    }
+
+    /// Adds the collected latencies to the histogram.
+    pub fn flush_latencies(&mut self) {
+        for &us in &self.latencies {
+            self.histogram.saturating_record(u64::from(us));
+        }
+        self.latencies.clear();
     }
 
     /// Counts one DE39 value.
@@ -224,7 +243,9 @@ impl Tally {
     }
 
     /// Adds another connection's counters.
-    pub fn merge(&mut self, other: Tally) {
+    pub fn merge(&mut self, mut other: Tally) {
+        self.flush_latencies();
+        other.flush_latencies();
         // Both histograms share bounds, so adding cannot fail; a failure would only lose
         // latency samples, never counts.
         let _ = self.histogram.add(&other.histogram);
@@ -251,7 +272,8 @@ impl Tally {
         self.backlog_unsent += other.backlog_unsent;
     }
 
-    /// The latency summary.
+    /// The latency summary (of the latencies added to the histogram: see
+    /// [`Tally::flush_latencies`]).
     pub fn latency_summary(&self) -> Latency {
         let h = &self.histogram;
         if h.is_empty() {

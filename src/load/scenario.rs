@@ -123,6 +123,8 @@ pub(crate) struct Step {
     pub keep_req: Vec<(u8, usize)>,
     /// (field, capture index) to keep from the answer.
     pub keep_ans: Vec<(u8, usize)>,
+    /// The encoded message to copy and patch, when the step allows it.
+    pub prebuilt: Option<Prebuilt>,
 }
 
 /// What an answer must carry.
@@ -229,6 +231,16 @@ impl Ids {
     /// The STAN the next run should start at to follow this one without overlap.
     pub fn stan_after(&self) -> u32 {
         ((self.stan_base + self.stans_used()) % STAN_SPACE + 1) as u32
+    }
+
+    /// Counters at fixed points (STAN `stan_first`, RRN serial `rrn_first`), for checks.
+    fn at(stan_first: u32, rrn_first: u64) -> Self {
+        Ids {
+            stan_next: AtomicU64::new(0),
+            stan_base: u64::from(stan_first.clamp(1, STAN_SPACE as u32)) - 1,
+            rrn_next: AtomicU64::new(0),
+            rrn_base: rrn_first % 10_000_000,
+        }
     }
 
     fn rrn_serial(&self) -> u64 {
@@ -349,55 +361,336 @@ impl Scenario {
         rendered: &mut Rendered,
         out: &mut BytesMut,
     ) -> Result<Drawn, String> {
-        scratch.clear();
-        rendered.spans.clear();
-        let mut drawn = Drawn::default();
-        for t in &step.fields {
-            let start = scratch.len();
-            for p in &t.pieces {
-                render_piece(p, values, shared, ids, stamp, &mut drawn, scratch)
-                    .map_err(|e| format!("step {}: DE{}: {e}", step.name, t.field))?;
-            }
-            let end = scratch.len();
-            let mut span = (t.field, start, end, start, end);
-            if t.hex {
-                let bin = hex::decode(&scratch[start..]).map_err(|_| {
-                    format!("step {}: DE{}: binary field is not hex", step.name, t.field)
-                })?;
-                scratch.extend_from_slice(&bin);
-                span = (t.field, start, end, end, scratch.len());
-            }
-            rendered.spans.push(span);
+        match &step.prebuilt {
+            Some(pb) => Ok(pb.render(step, values, ids, stamp, scratch, out)),
+            None => render_fields(
+                self.spec(),
+                &self.head,
+                step,
+                values,
+                shared,
+                ids,
+                stamp,
+                scratch,
+                rendered,
+                out,
+            ),
         }
-        for &(field, capture) in &step.keep_req {
-            let text = rendered
-                .spans
-                .iter()
-                .find(|span| span.0 == field)
-                .and_then(|&(_, s, e, _, _)| scratch.get(s..e));
-            if let (Some(text), Some(slot)) = (text, values.get_mut(capture)) {
-                slot.clear();
-                slot.extend_from_slice(text);
-            }
+    }
+}
+
+/// Renders every field template of `step` as text, then encodes the message after `head`:
+/// the general path, for steps that refer to earlier values or carry generated binary fields.
+#[allow(clippy::too_many_arguments)]
+fn render_fields(
+    spec: &Spec,
+    head: &[u8],
+    step: &Step,
+    values: &mut [Vec<u8>],
+    shared: &[Vec<u8>],
+    ids: &Ids,
+    stamp: &Stamp,
+    scratch: &mut Vec<u8>,
+    rendered: &mut Rendered,
+    out: &mut BytesMut,
+) -> Result<Drawn, String> {
+    scratch.clear();
+    rendered.spans.clear();
+    let mut drawn = Drawn::default();
+    for t in &step.fields {
+        let start = scratch.len();
+        for p in &t.pieces {
+            render_piece(p, values, shared, ids, stamp, &mut drawn, scratch)
+                .map_err(|e| format!("step {}: DE{}: {e}", step.name, t.field))?;
         }
-        drawn.de11 = rendered
+        let end = scratch.len();
+        let mut span = (t.field, start, end, start, end);
+        if t.hex {
+            let bin = hex::decode(&scratch[start..]).map_err(|_| {
+                format!("step {}: DE{}: binary field is not hex", step.name, t.field)
+            })?;
+            scratch.extend_from_slice(&bin);
+            span = (t.field, start, end, end, scratch.len());
+        }
+        rendered.spans.push(span);
+    }
+    for &(field, capture) in &step.keep_req {
+        let text = rendered
             .spans
             .iter()
-            .find(|span| span.0 == 11)
-            .and_then(|&(_, s, e, _, _)| scratch.get(s..e))
-            .and_then(|t| std::str::from_utf8(t).ok())
-            .and_then(|t| t.parse().ok());
-        let mut list: FieldList<'_, REQUEST_FIELDS_MAX> = FieldList::new();
-        for &(field, _, _, s, e) in &rendered.spans {
-            let bytes = scratch.get(s..e).unwrap_or_default();
-            list.set(field, Value::Text(bytes))
-                .map_err(|e| format!("step {}: {e}", step.name))?;
+            .find(|span| span.0 == field)
+            .and_then(|&(_, s, e, _, _)| scratch.get(s..e));
+        if let (Some(text), Some(slot)) = (text, values.get_mut(capture)) {
+            slot.clear();
+            slot.extend_from_slice(text);
         }
-        out.extend_from_slice(&self.head);
-        iso8583::encode(self.spec(), step.mti, list.as_slice(), out)
-            .map_err(|e| format!("step {}: {e}", step.name))?;
-        Ok(drawn)
     }
+    drawn.de11 = rendered
+        .spans
+        .iter()
+        .find(|span| span.0 == 11)
+        .and_then(|&(_, s, e, _, _)| scratch.get(s..e))
+        .and_then(parse_stan);
+    let mut list: FieldList<'_, REQUEST_FIELDS_MAX> = FieldList::new();
+    for &(field, _, _, s, e) in &rendered.spans {
+        let bytes = scratch.get(s..e).unwrap_or_default();
+        list.set(field, Value::Text(bytes))
+            .map_err(|e| format!("step {}: {e}", step.name))?;
+    }
+    out.extend_from_slice(head);
+    iso8583::encode(spec, step.mti, list.as_slice(), out)
+        .map_err(|e| format!("step {}: {e}", step.name))?;
+    Ok(drawn)
+}
+
+fn parse_stan(text: &[u8]) -> Option<u32> {
+    std::str::from_utf8(text).ok().and_then(|t| t.parse().ok())
+}
+
+/// A value generated per request, written at a fixed place of a [`Prebuilt`] message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Generated {
+    Stan,
+    Rrn,
+    De7,
+    Time,
+    Date,
+}
+
+impl Generated {
+    fn of(p: &Piece) -> Option<Generated> {
+        match p {
+            Piece::Stan => Some(Generated::Stan),
+            Piece::Rrn => Some(Generated::Rrn),
+            Piece::De7 => Some(Generated::De7),
+            Piece::Time => Some(Generated::Time),
+            Piece::Date => Some(Generated::Date),
+            Piece::Lit(_) | Piece::Ref { .. } => None,
+        }
+    }
+
+    /// Characters it renders to (always the same).
+    fn len(self) -> usize {
+        match self {
+            Generated::Stan | Generated::Time => 6,
+            Generated::Rrn => 12,
+            Generated::De7 => 10,
+            Generated::Date => 4,
+        }
+    }
+}
+
+/// DE11 of a prebuilt step's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum De11 {
+    /// Absent, or a literal (parsed once).
+    Fixed(Option<u32>),
+    /// Exactly `{stan}`.
+    Stan,
+    /// Anything else: rendered and parsed per request.
+    Render,
+}
+
+/// A step whose every field is literal text or a fixed-width generated value (`{stan}`,
+/// `{rrn}`, `{de7}`, `{time}`, `{date}`) in a field the dialect carries as the characters
+/// themselves: encoded once at compile time, then copied and patched in place per request,
+/// the way a hand-written client resends one message with a new STAN.
+#[derive(Debug)]
+pub(crate) struct Prebuilt {
+    /// Head + message with placeholder characters where generated values go.
+    bytes: Vec<u8>,
+    /// Where each generated value goes in `bytes`.
+    patches: Vec<(usize, Generated)>,
+    stan: bool,
+    rrn: bool,
+    de11: De11,
+}
+
+impl Prebuilt {
+    /// The template of `step`, when it has one: every generated value must land as its own
+    /// characters at one place of the encoding (found by encoding with different placeholder
+    /// characters), and the result must equal the general path's for sample values.
+    fn build(spec: &Spec, head: &[u8], step: &Step) -> Option<Prebuilt> {
+        let mut generated = Vec::new();
+        for t in &step.fields {
+            for p in &t.pieces {
+                match (Generated::of(p), p) {
+                    (_, Piece::Ref { .. }) => return None,
+                    (Some(_), _) if t.hex => return None,
+                    (Some(g), _) => generated.push(g),
+                    (None, _) => {}
+                }
+            }
+        }
+        let base = encode_filled(spec, head, step, None)?;
+        let mut patches = Vec::with_capacity(generated.len());
+        for (j, &g) in generated.iter().enumerate() {
+            let other = encode_filled(spec, head, step, Some(j))?;
+            if other.len() != base.len() {
+                return None;
+            }
+            let first = base.iter().zip(&other).position(|(a, b)| a != b)?;
+            let last = base.iter().zip(&other).rposition(|(a, b)| a != b)?;
+            let differing = base.iter().zip(&other).filter(|(a, b)| a != b).count();
+            if last + 1 - first != g.len() || differing != g.len() {
+                return None;
+            }
+            patches.push((first, g));
+        }
+        let de11 = match step.fields.iter().find(|t| t.field == 11) {
+            None => De11::Fixed(None),
+            Some(t) => match t.pieces.as_slice() {
+                [Piece::Stan] => De11::Stan,
+                [Piece::Lit(text)] => De11::Fixed(parse_stan(text)),
+                _ => De11::Render,
+            },
+        };
+        let pb = Prebuilt {
+            bytes: base,
+            stan: generated.contains(&Generated::Stan),
+            rrn: generated.contains(&Generated::Rrn),
+            patches,
+            de11,
+        };
+        // The template must say exactly what the general path says.
+        for (stan, rrn, unix_s) in [
+            (123_456, 9_876_543, 1_795_618_903),
+            (999_999, 1, 1_709_251_259),
+        ] {
+            let stamp = Stamp::at(unix_s, 0);
+            let (a, b) = (Ids::at(stan, rrn), Ids::at(stan, rrn));
+            let (mut out_a, mut out_b) = (BytesMut::new(), BytesMut::new());
+            let (mut scratch, mut rendered) = (Vec::new(), Rendered::default());
+            let slow = render_fields(
+                spec,
+                head,
+                step,
+                &mut [],
+                &[],
+                &a,
+                &stamp,
+                &mut scratch,
+                &mut rendered,
+                &mut out_a,
+            )
+            .ok()?;
+            let fast = pb.render(step, &mut [], &b, &stamp, &mut scratch, &mut out_b);
+            if out_a != out_b || slow.de11 != fast.de11 || slow.stan != fast.stan {
+                return None;
+            }
+        }
+        Some(pb)
+    }
+
+    /// Copies the message into `out` and writes this request's generated values into it.
+    fn render(
+        &self,
+        step: &Step,
+        values: &mut [Vec<u8>],
+        ids: &Ids,
+        stamp: &Stamp,
+        scratch: &mut Vec<u8>,
+        out: &mut BytesMut,
+    ) -> Drawn {
+        let mut drawn = Drawn::default();
+        let mut stan_digits = [0u8; 6];
+        if self.stan {
+            let stan = ids.stan();
+            put_digits(&mut stan_digits, u64::from(stan));
+            drawn.stan = Some(stan);
+        }
+        let mut rrn = [0u8; 12];
+        if self.rrn {
+            rrn[..5].copy_from_slice(&stamp.rrn_head);
+            put_digits(&mut rrn[5..], ids.rrn_serial());
+            drawn.rrn = Some(rrn);
+        }
+        let at = out.len();
+        out.extend_from_slice(&self.bytes);
+        let msg = &mut out[at..];
+        for &(off, g) in &self.patches {
+            let value: &[u8] = match g {
+                Generated::Stan => &stan_digits,
+                Generated::Rrn => &rrn,
+                Generated::De7 => &stamp.de7,
+                Generated::Time => &stamp.time,
+                Generated::Date => &stamp.date,
+            };
+            if let Some(dst) = msg.get_mut(off..off + value.len()) {
+                dst.copy_from_slice(value);
+            }
+        }
+        drawn.de11 = match self.de11 {
+            De11::Fixed(v) => v,
+            De11::Stan => drawn.stan,
+            De11::Render => {
+                field_text(step, 11, ids, stamp, &mut drawn, scratch);
+                parse_stan(scratch)
+            }
+        };
+        for &(field, capture) in &step.keep_req {
+            field_text(step, field, ids, stamp, &mut drawn, scratch);
+            if let Some(slot) = values.get_mut(capture) {
+                slot.clear();
+                slot.extend_from_slice(scratch);
+            }
+        }
+        drawn
+    }
+}
+
+/// The text of request field `field` of a prebuilt step (no references) into `scratch`, with
+/// the values already drawn for this request.
+fn field_text(
+    step: &Step,
+    field: u8,
+    ids: &Ids,
+    stamp: &Stamp,
+    drawn: &mut Drawn,
+    scratch: &mut Vec<u8>,
+) {
+    scratch.clear();
+    if let Some(t) = step.fields.iter().find(|t| t.field == field) {
+        for p in &t.pieces {
+            // Without references rendering cannot fail.
+            let _ = render_piece(p, &[], &[], ids, stamp, drawn, scratch);
+        }
+    }
+}
+
+/// Encodes `step` with every generated value written as `1`s, except the `varied`-th, written
+/// as `2`s; `None` when it does not encode.
+fn encode_filled(spec: &Spec, head: &[u8], step: &Step, varied: Option<usize>) -> Option<Vec<u8>> {
+    let mut scratch = Vec::new();
+    let mut spans = Vec::with_capacity(step.fields.len());
+    let mut k = 0usize;
+    for t in &step.fields {
+        let start = scratch.len();
+        for p in &t.pieces {
+            match (p, Generated::of(p)) {
+                (Piece::Lit(b), _) => scratch.extend_from_slice(b),
+                (_, Some(g)) => {
+                    let c = if varied == Some(k) { b'2' } else { b'1' };
+                    scratch.extend(std::iter::repeat_n(c, g.len()));
+                    k += 1;
+                }
+                _ => return None,
+            }
+        }
+        if t.hex {
+            let bin = hex::decode(&scratch[start..]).ok()?;
+            scratch.truncate(start);
+            scratch.extend_from_slice(&bin);
+        }
+        spans.push((t.field, start, scratch.len()));
+    }
+    let mut list: FieldList<'_, REQUEST_FIELDS_MAX> = FieldList::new();
+    for &(field, s, e) in &spans {
+        list.set(field, Value::Text(scratch.get(s..e)?)).ok()?;
+    }
+    let mut out = BytesMut::from(head);
+    iso8583::encode(spec, step.mti, list.as_slice(), &mut out).ok()?;
+    Some(out.to_vec())
 }
 
 impl Step {
@@ -609,6 +902,13 @@ fn compile(default_name: &str, doc: FileDoc) -> Result<Scenario, ScenarioError> 
         sessions.push(session);
     }
     link_captures(&mut setup);
+    for step in setup
+        .steps
+        .iter_mut()
+        .chain(sessions.iter_mut().flat_map(|s| s.steps.iter_mut()))
+    {
+        step.prebuilt = Prebuilt::build(spec, &head, step);
+    }
     let weights: Vec<u32> = doc.session.iter().map(|s| s.weight).collect();
     let wheel = wheel(&weights)?;
     Ok(Scenario {
@@ -721,6 +1021,7 @@ fn compile_step(
         expect: expect(&s.expect, mti).map_err(err)?,
         keep_req: Vec::new(),
         keep_ans: Vec::new(),
+        prebuilt: None,
     })
 }
 
@@ -1087,6 +1388,60 @@ mod tests {
     }
 
     #[test]
+    fn plain_steps_are_prebuilt_and_steps_with_references_are_not() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/replay");
+        let sc = Scenario::load(&dir.join("ceiling-echo.toml")).unwrap();
+        assert!(sc.sessions[0].steps[0].prebuilt.is_some());
+        let sc = Scenario::load(&dir.join("mixed-day-ascii1987.toml")).unwrap();
+        let steps = sc.sessions.iter().flat_map(|s| &s.steps);
+        let with_refs = |s: &&Step| {
+            s.fields
+                .iter()
+                .any(|t| t.pieces.iter().any(|p| matches!(p, Piece::Ref { .. })))
+        };
+        assert!(steps
+            .clone()
+            .filter(with_refs)
+            .all(|s| s.prebuilt.is_none()));
+        assert!(steps.clone().any(|s| s.prebuilt.is_some()));
+    }
+
+    #[test]
+    fn a_prebuilt_step_patches_fresh_values_into_every_request() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/replay");
+        let sc = Scenario::load(&dir.join("ceiling-echo.toml")).unwrap();
+        let step = &sc.sessions[0].steps[0];
+        let ids = Ids::new(Some(41));
+        let (mut scratch, mut rendered) = (Vec::new(), Rendered::default());
+        let mut seen = Vec::new();
+        for (i, unix_s) in [1_795_618_903, 1_795_618_904].into_iter().enumerate() {
+            let stamp = Stamp::at(unix_s, 0);
+            let mut out = BytesMut::new();
+            let d = sc
+                .render(
+                    step,
+                    &mut [],
+                    &[],
+                    &ids,
+                    &stamp,
+                    &mut scratch,
+                    &mut rendered,
+                    &mut out,
+                )
+                .unwrap();
+            let msg = iso8583::decode(&iso8583::ASCII1987, &out).unwrap();
+            assert_eq!(msg.stan(), Some(41 + i as u32));
+            assert_eq!(d.de11, msg.stan());
+            assert_eq!(
+                iso8583::json::field_text(&msg, 7).unwrap(),
+                std::str::from_utf8(&stamp.de7).unwrap()
+            );
+            seen.push(out);
+        }
+        assert_ne!(seen[0], seen[1]);
+    }
+
+    #[test]
     fn references_render_earlier_values_and_copy_keeps_the_stan() {
         let text = r#"
             dialect = "ascii1987"
@@ -1107,6 +1462,8 @@ mod tests {
         "#;
         let sc = Scenario::from_toml("x", text).unwrap();
         let session = &sc.sessions[0];
+        // The sale is copied and patched; the reversal, with references, is rendered.
+        assert!(session.steps[0].prebuilt.is_some() && session.steps[1].prebuilt.is_none());
         let ids = Ids::new(None);
         let stamp = Stamp::at(1_795_618_903, 0);
         let mut values = vec![Vec::new(); session.captures.len()];

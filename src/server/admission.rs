@@ -2,9 +2,10 @@
 //!
 //! A freshly accepted socket first joins the **handshake budget** (`limits.max_handshakes`,
 //! at most `limits.max_handshakes_per_ip` from one source address). It holds no connection
-//! slot while there: it is admitted to a slot only once its TLS ClientHello has fully arrived
-//! (see [`client_hello_received`]), so sockets that connect and say nothing, or dribble,
-//! never take a slot from a terminal. When the budget is full the **oldest** handshaking
+//! slot while there: it is admitted to a slot only once its TLS handshake has completed (a
+//! socket whose first bytes are not a TLS ClientHello is refused at once, see
+//! [`client_hello_received`]), so sockets that connect and say nothing, dribble, or stall
+//! after a canned ClientHello never take a slot from a terminal. When the budget is full the **oldest** handshaking
 //! socket is evicted (closed) to make room: a flood of silent sockets churns itself, while a
 //! real client, whose ClientHello follows its connect within milliseconds, gets through. The
 //! same goes per source address: the oldest handshake of that address is evicted.

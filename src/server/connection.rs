@@ -31,9 +31,9 @@ use crate::config::Config;
 use crate::frame::{swap_tpdu, Frame, FrameCodec, FrameError};
 use crate::{limits, telemetry};
 
-/// A freshly accepted TCP connection and what serving it needs.
+/// A freshly accepted TCP connection (its socket travels apart, see [`accept_tls`]) and what
+/// serving it needs.
 pub(crate) struct Accepted {
-    pub(crate) stream: TcpStream,
     pub(crate) peer: SocketAddr,
     pub(crate) id: u64,
     pub(crate) info: Arc<ListenerInfo>,
@@ -66,45 +66,43 @@ enum Event {
     Idle,
 }
 
-/// Serves one accepted connection to its end; never panics, every wait is bounded.
+/// The TLS handshake of an accepted socket. The caller bounds it (handshake timeout, budget
+/// eviction, shutdown); a failure is counted and logged at debug, and gives `None`.
+pub(crate) async fn accept_tls(
+    accepted: &Accepted,
+    stream: TcpStream,
+) -> Option<TlsStream<TcpStream>> {
+    // Answers are small and latency matters more than packet count.
+    let _ = stream.set_nodelay(true);
+    match accepted.acceptor.accept(stream).await {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            telemetry::count_handshake_failure(accepted.info.dialect.as_str());
+            tracing::debug!(conn = accepted.id, peer = %accepted.peer, listener = %accepted.info.name, error = %e, "tls handshake failed");
+            None
+        }
+    }
+}
+
+/// Serves one connection whose TLS handshake completed to its end; never panics, every wait
+/// is bounded.
 pub(crate) async fn serve<D: Dispatch>(
     accepted: Accepted,
+    tls: TlsStream<TcpStream>,
     dispatch: Arc<D>,
     permit: OwnedSemaphorePermit,
 ) {
     let _permit = permit;
     let Accepted {
-        stream,
         peer,
         id,
         info,
-        acceptor,
         config,
         mut shutdown,
+        ..
     } = accepted;
     let dialect = info.dialect.as_str();
     let _open = telemetry::OpenConnection::new(dialect);
-    // Answers are small and latency matters more than packet count.
-    let _ = stream.set_nodelay(true);
-    let handshake_timeout = Duration::from_millis(config.limits.handshake_timeout_ms);
-    let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
-    let tls = tokio::select! {
-        tls = handshake => tls,
-        () = shutdown.recv() => return,
-    };
-    let tls = match tls {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            telemetry::count_handshake_failure(dialect);
-            tracing::debug!(conn = id, %peer, listener = %info.name, error = %e, "tls handshake failed");
-            return;
-        }
-        Err(_) => {
-            telemetry::count_handshake_failure(dialect);
-            tracing::debug!(conn = id, %peer, listener = %info.name, "tls handshake timed out");
-            return;
-        }
-    };
     let client_cert_subject = tls
         .get_ref()
         .1

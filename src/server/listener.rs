@@ -83,7 +83,6 @@ impl Listener {
             };
             let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
             let accepted = connection::Accepted {
-                stream,
                 peer,
                 id,
                 info: self.info.clone(),
@@ -91,7 +90,7 @@ impl Listener {
                 config: config.clone(),
                 shutdown: shutdown.clone(),
             };
-            tasks.spawn(admit_and_serve(accepted, ticket, dispatch.clone()));
+            tasks.spawn(admit_and_serve(accepted, stream, ticket, dispatch.clone()));
         }
         drop(self.tcp);
         let grace =
@@ -109,31 +108,41 @@ impl Listener {
     }
 }
 
-/// Waits in the handshake budget for the socket's ClientHello (bounded by the handshake
-/// timeout, eviction and shutdown), then takes a connection slot and serves the connection.
+/// Completes the TLS handshake while in the handshake budget (bounded by the handshake
+/// timeout, eviction and shutdown), and only then takes a connection slot and serves the
+/// connection: a socket that stalls anywhere in its handshake never holds a slot.
 async fn admit_and_serve<D: Dispatch>(
     mut accepted: connection::Accepted,
+    stream: tokio::net::TcpStream,
     mut ticket: admission::HandshakeTicket,
     dispatch: Arc<D>,
 ) {
     let dialect = accepted.info.dialect.as_str();
     let timeout = Duration::from_millis(accepted.config.limits.handshake_timeout_ms);
-    let hello = tokio::select! {
-        biased;
-        () = accepted.shutdown.recv() => return,
-        cause = ticket.evicted() => Err(cause),
-        hello = tokio::time::timeout(timeout, admission::client_hello_received(&accepted.stream)) => {
-            match hello {
-                Ok(Ok(true)) => Ok(()),
-                // Closed before saying hello: nothing to count.
-                Ok(Ok(false)) => return,
-                Ok(Err(cause)) => Err(cause),
-                Err(_) => Err(Refusal::HandshakeTimeout),
-            }
+    let mut shutdown = accepted.shutdown.clone();
+    let handshake = async {
+        // Not TLS at all: refuse before running the handshake.
+        match admission::client_hello_received(&stream).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(cause) => return Err(cause),
         }
+        Ok(connection::accept_tls(&accepted, stream).await)
     };
-    let admitted = hello.and_then(|()| ticket.admit());
-    let (permit, _place) = match admitted {
+    let tls = tokio::select! {
+        biased;
+        () = shutdown.recv() => return,
+        cause = ticket.evicted() => Err(cause),
+        done = tokio::time::timeout(timeout, handshake) => match done {
+            Ok(Ok(Some(tls))) => Ok(tls),
+            // Closed before saying hello, or a failed handshake (counted where it failed).
+            Ok(Ok(None)) => return,
+            Ok(Err(cause)) => Err(cause),
+            Err(_) => Err(Refusal::HandshakeTimeout),
+        },
+    };
+    let admitted = tls.and_then(|tls| ticket.admit().map(|a| (tls, a)));
+    let (tls, (permit, _place)) = match admitted {
         Ok(admitted) => admitted,
         Err(cause) => {
             if matches!(cause, Refusal::HandshakeTimeout | Refusal::NotTls) {
@@ -143,7 +152,8 @@ async fn admit_and_serve<D: Dispatch>(
             return;
         }
     };
-    connection::serve(accepted, dispatch, permit).await;
+    accepted.shutdown = shutdown;
+    connection::serve(accepted, tls, dispatch, permit).await;
 }
 
 fn refused(listener: &str, peer: std::net::SocketAddr, cause: Refusal) {
