@@ -82,9 +82,12 @@ pub struct ExplainArgs {
     /// Still refundable on the original.
     #[arg(long)]
     pub original_remaining: Option<u64>,
-    /// The merchant's refund allowance left today.
+    /// The merchant's refund allowance left (DE54 type 91).
     #[arg(long)]
     pub day_allowance_remaining: Option<u64>,
+    /// The largest refund that would be approved now (DE54 type 92).
+    #[arg(long)]
+    pub would_pass: Option<u64>,
 }
 
 /// `journal` subcommands.
@@ -281,6 +284,8 @@ fn explain(args: &ExplainArgs) -> CliResult {
         original_amount: args.original_amount,
         original_remaining: args.original_remaining,
         day_allowance_remaining: args.day_allowance_remaining,
+        would_pass: args.would_pass,
+        host_code: None,
     };
     let none = crate::ledger::Figures {
         currency: args.currency,

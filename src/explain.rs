@@ -143,12 +143,12 @@ fn sentence(r: Reason) -> (&'static str, &'static str) {
             "原交易类型不支持退货。",
         ),
         Reason::USE_REFUND => (
-            "The sale is no longer in today's open batch; use a refund instead of a void.",
-            "原交易已结算或非当日当批，请做退货而非撤销。",
+            "A void must come from the sale's own terminal, on the sale's day, while its batch is open; this one cannot be voided here, so use a refund.",
+            "撤销须在原终端、原交易当日且批次未结算时进行，本交易不能在此撤销，请做退货。",
         ),
         Reason::USE_VOID => (
-            "Same-day refunds are not allowed for this merchant; void the sale instead.",
-            "本商户当日交易不允许退货，请做消费撤销。",
+            "This merchant takes same-day refunds of a whole sale as voids, and a void of it from this terminal would be approved: void the sale instead.",
+            "本商户当日全额退货须做撤销，且本终端撤销该交易可以成功，请做消费撤销。",
         ),
         Reason::REFUND_WINDOW_EXPIRED => (
             "The sale is older than the refund window.",
@@ -247,19 +247,69 @@ fn sentence(r: Reason) -> (&'static str, &'static str) {
             "Reversal accepted: the original transaction was undone.",
             "冲正成功：原交易已撤回。",
         ),
+        Reason::RECONCILE_ERROR => (
+            "The batch totals differ from the gateway's; the batch stays open until they agree or an operator closes it.",
+            "对账不平：批结算总额与网关不符，批次保持未结，待总额一致或由运营人员结算。",
+        ),
+        Reason::REVERSAL_NOT_APPLIED => (
+            "Reversal accepted but not applied: the sale already has an approved refund or void, so nothing was undone (listed for reconciliation).",
+            "冲正已受理但未生效：原交易已有成功的退货或撤销，未做冲正（已列入对账清单）。",
+        ),
         _ => ("Unknown reason.", "未知原因。"),
     }
 }
 
-/// Minor units as major units with two decimals and the currency, e.g. `USD 15.00`.
-fn money(v: u64, currency: u16) -> String {
-    let cur = match currency {
-        840 => "USD".to_string(),
-        156 => "CNY".to_string(),
-        978 => "EUR".to_string(),
-        c => format!("{c:03}"),
-    };
-    format!("{cur} {}.{:02}", v / 100, v % 100)
+/// ISO 4217 alphabetic code and minor-unit exponent of a numeric currency code (2 for one
+/// not listed, the most common exponent).
+pub fn currency(code: u16) -> (Option<&'static str>, u32) {
+    match code {
+        840 => (Some("USD"), 2),
+        156 => (Some("CNY"), 2),
+        978 => (Some("EUR"), 2),
+        826 => (Some("GBP"), 2),
+        344 => (Some("HKD"), 2),
+        446 => (Some("MOP"), 2),
+        901 => (Some("TWD"), 2),
+        702 => (Some("SGD"), 2),
+        36 => (Some("AUD"), 2),
+        124 => (Some("CAD"), 2),
+        756 => (Some("CHF"), 2),
+        392 => (Some("JPY"), 0),
+        410 => (Some("KRW"), 0),
+        704 => (Some("VND"), 0),
+        152 => (Some("CLP"), 0),
+        352 => (Some("ISK"), 0),
+        600 => (Some("PYG"), 0),
+        800 => (Some("UGX"), 0),
+        950 => (Some("XAF"), 0),
+        952 => (Some("XOF"), 0),
+        953 => (Some("XPF"), 0),
+        414 => (Some("KWD"), 3),
+        48 => (Some("BHD"), 3),
+        512 => (Some("OMR"), 3),
+        400 => (Some("JOD"), 3),
+        368 => (Some("IQD"), 3),
+        434 => (Some("LYD"), 3),
+        788 => (Some("TND"), 3),
+        _ => (None, 2),
+    }
+}
+
+/// Minor units as major units with the currency's ISO 4217 exponent, e.g. `USD 15.00`,
+/// `JPY 1500`, `KWD 1.500`.
+pub fn money(v: u64, code: u16) -> String {
+    let (alpha, exp) = currency(code);
+    let cur = alpha.map_or_else(|| format!("{code:03}"), str::to_string);
+    if exp == 0 {
+        return format!("{cur} {v}");
+    }
+    let unit = 10u64.pow(exp);
+    format!(
+        "{cur} {}.{:0width$}",
+        v / unit,
+        v % unit,
+        width = exp as usize
+    )
 }
 
 fn is_count(r: Reason) -> bool {
@@ -280,7 +330,16 @@ fn details(r: Reason, f: &Figures) -> (String, String) {
         en.push(format!("requested {}", m(f.amount)));
         zh.push(format!("申请金额{}", m(f.amount)));
     }
-    if let (Some(l), Some(u), Some(rem)) = (f.limit, f.used, f.remaining) {
+    if r == Reason::RECONCILE_ERROR {
+        if let (Some(d), Some(c)) = (f.limit, f.used) {
+            en.push(format!(
+                "the gateway's batch: debits {}, credits {}",
+                m(d),
+                m(c)
+            ));
+            zh.push(format!("网关批次：借记{}，贷记{}", m(d), m(c)));
+        }
+    } else if let (Some(l), Some(u), Some(rem)) = (f.limit, f.used, f.remaining) {
         if is_count(r) {
             en.push(format!("limit {l} refunds, used {u}, remaining {rem}"));
             zh.push(format!("限额{l}笔，已用{u}笔，剩余{rem}笔"));
@@ -292,8 +351,6 @@ fn details(r: Reason, f: &Figures) -> (String, String) {
                 m(rem)
             ));
             zh.push(format!("限额{}，已用{}，剩余{}", m(l), m(u), m(rem)));
-            en.push(format!("a refund of at most {} would pass", m(rem)));
-            zh.push(format!("不超过{}的退货可以通过", m(rem)));
         }
     } else if let Some(rem) = f.remaining {
         en.push(format!("available {}", m(rem)));
@@ -312,8 +369,28 @@ fn details(r: Reason, f: &Figures) -> (String, String) {
         zh.push(format!("原交易剩余可退{}", m(o)));
     }
     if let Some(d) = f.day_allowance_remaining {
-        en.push(format!("merchant refund allowance left today {}", m(d)));
-        zh.push(format!("商户今日剩余可退额度{}", m(d)));
+        en.push(format!("merchant refund allowance left {}", m(d)));
+        zh.push(format!("商户剩余可退额度{}", m(d)));
+    }
+    // DE54 type 92, or (figures without it) what the binding limit leaves.
+    match (
+        f.would_pass,
+        f.remaining.filter(|_| f.limit.is_some() && !is_count(r)),
+    ) {
+        (Some(0), _) => {
+            en.push("no refund of this sale would pass now".to_string());
+            zh.push("目前该交易的任何退货都不能通过".to_string());
+        }
+        (Some(w), _) | (None, Some(w)) => {
+            en.push(format!("a refund of at most {} would pass", m(w)));
+            zh.push(format!("不超过{}的退货可以通过", m(w)));
+        }
+        (None, None) => {}
+    }
+    if let Some(c) = f.host_code.map(u16::to_be_bytes) {
+        let c = String::from_utf8_lossy(&c).into_owned();
+        en.push(format!("host response code {c}"));
+        zh.push(format!("发卡方应答码{c}"));
     }
     (en.join(", "), zh.join("，"))
 }
@@ -353,6 +430,38 @@ mod tests {
         );
         assert!(e.en.contains("at most USD 10.00 would pass"));
         assert!(e.zh.contains("剩余USD 10.00"), "{}", e.zh);
+    }
+
+    #[test]
+    fn amounts_follow_the_iso_4217_exponent_of_the_currency() {
+        assert_eq!(money(1500, 840), "USD 15.00");
+        assert_eq!(money(1500, 392), "JPY 1500");
+        assert_eq!(money(1500, 414), "KWD 1.500");
+        assert_eq!(money(7, 48), "BHD 0.007");
+        assert_eq!(money(1234, 999), "999 12.34");
+        let d = Decision::new(
+            Reason::MERCHANT_DAY_AMOUNT,
+            Figures {
+                amount: 1500,
+                currency: 392,
+                limit: Some(5000),
+                used: Some(4000),
+                remaining: Some(1000),
+                would_pass: Some(900),
+                ..Figures::default()
+            },
+        );
+        let e = explain(&d);
+        assert!(e.en.contains("limit JPY 5000, used JPY 4000"), "{}", e.en);
+        assert!(e.en.contains("at most JPY 900 would pass"), "{}", e.en);
+    }
+
+    #[test]
+    fn use_refund_and_use_void_say_the_rule_that_bound() {
+        let e = explain_reason(Reason::USE_REFUND, None);
+        assert!(e.en.contains("sale's own terminal"), "{}", e.en);
+        let e = explain_reason(Reason::USE_VOID, None);
+        assert!(e.en.contains("would be approved"), "{}", e.en);
     }
 
     #[test]

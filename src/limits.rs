@@ -22,6 +22,9 @@ pub const ANSWERS_PER_MERCHANT_MAX: usize = 8_000_000;
 pub const DECLINES_PER_MERCHANT_MAX: usize = 100_000;
 /// Remembered transactions per merchant (indexes are `u32`); beyond it new requests get 96.
 pub const ORIGINALS_PER_MERCHANT_MAX: usize = 50_000_000;
+/// Reversals not applied (DOMAIN §9) listed per merchant for reconciliation; older ones are
+/// only counted.
+pub const RECONCILIATION_LIST_MAX: usize = 10_000;
 /// Largest snapshot section accepted on restore, as a count of items.
 pub const SNAPSHOT_ITEMS_MAX: u64 = 1 << 32;
 

@@ -242,6 +242,17 @@ fn move_legacy_pan_key(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
+/// How often the scheduled cut-overs are looked at (DOMAIN §9a).
+const CUTOVER_CHECK_MS: u64 = 30_000;
+
+/// Runs the merchants' scheduled cut-overs as they fall due.
+async fn cutover_loop(gateway: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(CUTOVER_CHECK_MS));
+    loop {
+        tick.tick().await;
+        gateway.run_cutovers().await;
+    }
+}
 /// Name of the PAN hash key inside the journal directory in earlier versions.
 const LEGACY_PAN_KEY_NAME: &str = "pan-hash.key";
 
@@ -328,10 +339,12 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             Arc::clone(&prepared.journal),
             snapshot_every,
         ));
+        let cutovers = tokio::spawn(cutover_loop(Arc::clone(&gateway)));
         let served = server
             .run(Arc::clone(&gateway), server::shutdown::signal())
             .await;
         snapshots.abort();
+        cutovers.abort();
         if let Some(u) = upstreams {
             u.shutdown().await;
         }

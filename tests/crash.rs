@@ -555,6 +555,14 @@ async fn verify(setup: &Setup, addr: SocketAddr, model: &Mutex<Model>, cycle: us
 /// back its refunds.
 async fn settle_tight(setup: &Setup, addr: SocketAddr, model: &Mutex<Model>) {
     let mut c = connect(setup, addr).await.expect("connect after restart");
+    // A 0500 is taken only from a terminal that signed on (DOMAIN §9a).
+    let mut on = request_of(TIGHT, "0800", "000000", 0, &[("70", "001".into())]);
+    let f = on["fields"].as_object_mut().unwrap();
+    for n in ["2", "3", "4", "12", "13", "22", "25", "49"] {
+        f.remove(n);
+    }
+    let (code, _, _) = ask(&mut c, &on).await.expect("answer");
+    assert_eq!(code, "00", "sign-on");
     let mut doc = request_of(TIGHT, "0500", "920000", 0, &[]);
     let f = doc["fields"].as_object_mut().unwrap();
     for n in ["2", "4", "22", "25", "49"] {

@@ -826,6 +826,453 @@ fn now_mmdd_local_plus8() -> String {
     common::mmdd(refundgate::clock::Clock::now_unix_s(&SystemClock) + 8 * 3600)
 }
 
+/// Sends an ascii1987 request and reads the answer.
+async fn ascii_answer(c: &mut Client, req: &Json) -> Answer {
+    answer(
+        "ascii1987",
+        &exchange(c, false, &encode("ascii1987", req)).await,
+    )
+}
+
+/// An ascii1987 0500 of `terminal` (None: without DE41) of the sample merchant, with `extra`.
+fn settlement(terminal: Option<&str>, stan: u32, extra: &[(&str, String)]) -> Json {
+    let (_, _, de7) = common::now_de7();
+    let mut fields = json!({"7": de7, "11": format!("{stan:06}"), "42": "MERCHANT 000001"});
+    if let Some(t) = terminal {
+        fields["41"] = json!(t);
+    }
+    for (k, v) in extra {
+        fields[*k] = Json::String(v.clone());
+    }
+    json!({"mti": "0500", "fields": fields})
+}
+
+/// An ascii1987 sign-on (0800 DE70 001) of TERM0001.
+fn ascii_sign_on(stan: u32) -> Json {
+    let (_, _, de7) = common::now_de7();
+    json!({"mti": "0800", "fields": {"7": de7, "11": format!("{stan:06}"), "41": "TERM0001",
+        "42": "MERCHANT 000001", "70": "001"}})
+}
+
+/// Batch totals as ascii1987 DE 74/76/86/88: (debits count, amount), (credits count, amount).
+fn ascii_totals(debits: (u64, u64), credits: (u64, u64)) -> Vec<(&'static str, String)> {
+    vec![
+        ("74", format!("{:010}", credits.0)),
+        ("76", format!("{:010}", debits.0)),
+        ("86", format!("{:016}", credits.1)),
+        ("88", format!("{:016}", debits.1)),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_by_an_unknown_or_absent_terminal_is_answered_03_ascii_and_97_cup_and_settles_nothing(
+) {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let sale = ascii("0200", "000000", 2500, 1, &[]);
+    assert_eq!(ascii_answer(&mut c, &sale).await.code, "00");
+    for (terminal, stan) in [(Some("ZZZZ9999"), 2), (None, 3)] {
+        let a = ascii_answer(&mut c, &settlement(terminal, stan, &[])).await;
+        assert_eq!(a.mti, 510);
+        assert_eq!(
+            a.code_reason(),
+            ("03".into(), "UNKNOWN_TERMINAL".into()),
+            "{terminal:?}"
+        );
+    }
+    // A configured terminal that never signed on may not settle either.
+    let a = ascii_answer(&mut c, &settlement(Some("TERM0001"), 4, &[])).await;
+    assert_eq!(a.code_reason(), ("03".into(), "UNKNOWN_TERMINAL".into()));
+    let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+    assert_eq!(funds.unsettled_sales, 2500, "nothing was paid out");
+    // The same sale can still be voided: its batch is open.
+    let void = ascii("0200", "020000", 2500, 5, &[("90", de90(&sale))]);
+    assert_eq!(ascii_answer(&mut c, &void).await.code, "00");
+
+    let mut cup = connect(&gw.listeners[1]).await;
+    let stranger = json!({"mti": "0500", "fields": {"11": "000061", "41": "99999999",
+        "42": "898310048990001", "60": "00000123201"}});
+    let a = answer(
+        "cup_pos",
+        &exchange(&mut cup, true, &encode("cup_pos", &stranger)).await,
+    );
+    assert_eq!(a.code_reason(), ("97".into(), "UNKNOWN_TERMINAL".into()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_with_wrong_totals_is_answered_95_and_the_batch_stays_open_until_they_agree() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    assert_eq!(ascii_answer(&mut c, &ascii_sign_on(1)).await.code, "00");
+    let sale = ascii("0200", "000000", 2500, 2, &[]);
+    assert_eq!(ascii_answer(&mut c, &sale).await.code, "00");
+    let wrong = settlement(Some("TERM0001"), 3, &ascii_totals((1, 2600), (0, 0)));
+    let a = ascii_answer(&mut c, &wrong).await;
+    assert_eq!(a.code_reason(), ("95".into(), "RECONCILE_ERROR".into()));
+    // Still open: another sale joins the batch.
+    let sale2 = ascii("0200", "000000", 1000, 4, &[]);
+    assert_eq!(ascii_answer(&mut c, &sale2).await.code, "00");
+    let funds = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+    assert_eq!(funds.unsettled_sales, 3500);
+    let right = settlement(Some("TERM0001"), 5, &ascii_totals((2, 3500), (0, 0)));
+    let a = ascii_answer(&mut c, &right).await;
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    // Its repeat gets the same answer, and the batch is closed: a void is a refund now.
+    let mut again = right.clone();
+    again["mti"] = json!("0501");
+    assert_eq!(ascii_answer(&mut c, &again).await.code, "00");
+    let void = ascii("0200", "020000", 2500, 6, &[("90", de90(&sale))]);
+    let a = ascii_answer(&mut c, &void).await;
+    assert_eq!(a.code_reason(), ("12".into(), "USE_REFUND".into()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reversal_after_refund_is_answered_00_reversal_not_applied_and_the_funds_are_unchanged() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let sale = ascii("0200", "000000", 10_000, 1, &[]);
+    let a = ascii_answer(&mut c, &sale).await;
+    let rrn = a.rrn.unwrap();
+    let refund = ascii(
+        "0200",
+        "200000",
+        10_000,
+        2,
+        &[("37", rrn), ("90", de90(&sale))],
+    );
+    assert_eq!(ascii_answer(&mut c, &refund).await.code, "00");
+    let before = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+    let reversal = ascii("0400", "000000", 10_000, 3, &[("90", de90(&sale))]);
+    let a = ascii_answer(&mut c, &reversal).await;
+    assert_eq!(a.mti, 410);
+    assert_eq!(
+        a.code_reason(),
+        ("00".into(), "REVERSAL_NOT_APPLIED".into())
+    );
+    let after = gw.gateway.ledger().funds("MERCHANT 000001").unwrap();
+    assert_eq!(after, before, "the card does not get its money back twice");
+    assert_eq!(
+        gw.gateway
+            .ledger()
+            .reversals_not_applied("MERCHANT 000001")
+            .len(),
+        1
+    );
+    gw.stop().await;
+}
+
+/// A request of the "strict" sample merchant (share 50 %, CNY) from its terminal 20000001.
+fn strict(mti: &str, pc: &str, amount: u64, stan: u32, extra: &[(&str, String)]) -> Json {
+    let mut r = ascii(mti, pc, amount, stan, extra);
+    r["fields"]["41"] = json!("20000001");
+    r["fields"]["42"] = json!("898310048990002");
+    r["fields"]["49"] = json!("156");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_50_percent_share_de54_says_20_00_would_pass_and_20_01_is_declined_while_20_00_passes(
+) {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let sale = strict("0200", "000000", 10_000, 1, &[]);
+    let a = ascii_answer(&mut c, &sale).await;
+    assert_eq!(a.code, "00");
+    let rrn = a.rrn.unwrap();
+    let refund = |stan: u32, amount: u64| {
+        strict(
+            "0200",
+            "200000",
+            amount,
+            stan,
+            &[("37", rrn.clone()), ("90", de90(&sale))],
+        )
+    };
+    let a = ascii_answer(&mut c, &refund(2, 3_000)).await;
+    assert_eq!(a.code, "00");
+    let a = ascii_answer(&mut c, &refund(3, 6_000)).await;
+    assert_eq!(a.code_reason(), ("61".into(), "REFUNDABLE_SHARE".into()));
+    assert_eq!(
+        a.de54.as_deref(),
+        Some("0090156C0000000020000091156C0000000070000092156C000000002000")
+    );
+    let a = ascii_answer(&mut c, &refund(4, 2_001)).await;
+    assert_eq!(a.code_reason(), ("61".into(), "REFUNDABLE_SHARE".into()));
+    let a = ascii_answer(&mut c, &refund(5, 2_000)).await;
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    assert!(
+        a.de54.unwrap().contains("0092156C000000000000"),
+        "nothing more would pass"
+    );
+    // Another card naming the sale learns nothing of it.
+    let mut other = refund(6, 100);
+    other["fields"]["2"] = json!("4761739001010010");
+    let a = ascii_answer(&mut c, &other).await;
+    assert_eq!(a.code_reason(), ("14".into(), "PAN_MISMATCH".into()));
+    assert_eq!(a.de54, None);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cup_settlement_compares_the_de48_totals_and_closes_only_this_terminals_batch() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[1]).await;
+    let signon = exchange(&mut c, true, &vector_message("cup_bcd", "signon_0800")).await;
+    assert_eq!(answer("cup_pos", &signon).code, "00");
+    let mut sale = vector("cup_bcd", "sale_0200");
+    sale["fields"].as_object_mut().unwrap().remove("64");
+    let a = answer(
+        "cup_pos",
+        &exchange(&mut c, true, &encode("cup_pos", &sale)).await,
+    );
+    assert_eq!(a.code, "00");
+    let amount: u64 = sale["fields"]["4"].as_str().unwrap().parse().unwrap();
+    // DE48: domestic debits amount n12, count n3, credits amount n12, count n3, code n1,
+    // then the same for foreign cards.
+    let de48 = |debits: u64| format!("{debits:012}001{:012}000{}{:030}0", 0, 0, 0);
+    let settle = |stan: &str, debits: u64| {
+        json!({"mti": "0500", "fields": {"11": stan, "41": "10000001",
+            "42": "898310048990001", "48": de48(debits), "60": "00000123201"}})
+    };
+    let a = answer(
+        "cup_pos",
+        &exchange(
+            &mut c,
+            true,
+            &encode("cup_pos", &settle("000070", amount + 1)),
+        )
+        .await,
+    );
+    assert_eq!(a.code_reason(), ("95".into(), "RECONCILE_ERROR".into()));
+    let a = answer(
+        "cup_pos",
+        &exchange(&mut c, true, &encode("cup_pos", &settle("000071", amount))).await,
+    );
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    let funds = gw.gateway.ledger().funds("898310048990001").unwrap();
+    assert_eq!(funds.unsettled_sales, 0);
+    // The settled terminal is on the next batch; its old batch number gets 77.
+    let a = answer(
+        "cup_pos",
+        &exchange(&mut c, true, &encode("cup_pos", &settle("000072", 0))).await,
+    );
+    assert_eq!(a.code_reason(), ("77".into(), "BATCH_MISMATCH".into()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_cut_over_runs_from_the_injected_clock_and_is_journaled_before_it_counts() {
+    use refundgate::clock::ManualClock;
+    let dir = tempfile::tempdir().unwrap();
+    let merchants = MerchantSet::from_toml_str(
+        "[[merchants]]\nid = \"MERCHANT 000001\"\nutc_offset = \"+00:00\"\ncutover_at = \"23:00\"\nterminals = [{ id = \"TERM0001\" }]\n",
+    )
+    .unwrap();
+    let ledger = Arc::new(Ledger::new(&merchants, PanKey::new(&[7; 16])));
+    let (journal, _) =
+        Journal::open(dir.path().join("journal"), journal::Options::default()).unwrap();
+    let journal = Arc::new(journal);
+    // 2026-11-25 22:59:00 UTC.
+    let clock = Arc::new(ManualClock::new(1_795_647_540));
+    let gateway = Gateway::new(
+        Arc::clone(&ledger),
+        Some(Arc::clone(&journal)),
+        clock.clone(),
+        vec![Link::plain(Dialect::Ascii1987)],
+    );
+    let sale = ascii("0200", "000000", 2500, 1, &[]);
+    let (outcome, summary) = gateway.handle(0, &encode("ascii1987", &sale)).await;
+    assert!(matches!(outcome, refundgate::flow::Outcome::Reply(_)));
+    assert_eq!(summary.code, Some("00"));
+    assert_eq!(gateway.run_cutovers().await, 0, "22:59: not yet");
+    clock.advance(60);
+    assert_eq!(gateway.run_cutovers().await, 1);
+    assert_eq!(gateway.run_cutovers().await, 0, "once a day");
+    assert_eq!(ledger.funds("MERCHANT 000001").unwrap().unsettled_sales, 0);
+    // The journal holds it: a ledger rebuilt from it has the batch settled too.
+    drop(gateway);
+    let mut recovered = journal.reread().unwrap();
+    let (rebuilt, _) =
+        refundgate::flow::recover_ledger(&merchants, PanKey::new(&[7; 16]), &mut recovered, None)
+            .unwrap();
+    assert_eq!(
+        rebuilt.funds("MERCHANT 000001"),
+        ledger.funds("MERCHANT 000001")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_of_a_host_declined_refund_gets_the_hosts_code_again_with_de54() {
+    use refundgate::host_sim::{Faults, Host, HostListener, HostOptions};
+    use refundgate::serve::{self, ServeArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::bind(HostOptions {
+        listeners: vec![HostListener {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dialect: ConfigDialect::Ascii1987,
+            framing: Framing::Binary2,
+        }],
+        admin: None,
+        faults: Faults::default(),
+    })
+    .await
+    .unwrap();
+    let host_addr = host.listeners()[0].addr;
+    let control = host.control();
+    let (host_stop, host_stopped) = oneshot::channel::<()>();
+    let host_task = tokio::spawn(host.run(async move {
+        let _ = host_stopped.await;
+    }));
+    let config = format!(
+        "[admin]\naddr = \"127.0.0.1:0\"\n[journal]\ndir = \"{}\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"ascii1987\"\n\
+         [[upstreams]]\nname = \"bank\"\naddrs = [\"{host_addr}\"]\ndialect = \"ascii1987\"\nframing = \"binary2\"\ntimeout_ms = 5000\n\
+         tls = {{ insecure_skip_verify = true }}\n[routes]\nmerchants = {{ \"MERCHANT 000001\" = \"bank\" }}\n",
+        dir.path().join("journal").display()
+    );
+    let path = dir.path().join("refundgate.toml");
+    std::fs::write(&path, config).unwrap();
+    let prepared = serve::prepare(&ServeArgs {
+        config: Some(path),
+        merchants: None,
+        journal_dir: None,
+    })
+    .map_err(|e| e.message)
+    .unwrap();
+    let server = Server::bind(prepared.config).await.unwrap();
+    server.readiness().set_merchants_loaded(true);
+    let listeners = server.listeners();
+    let upstreams = Arc::new(prepared.upstreams.unwrap().start());
+    let gateway = Arc::new(prepared.gateway.with_upstreams(Arc::clone(&upstreams)));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = server
+            .run(gateway, async move {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let started = std::time::Instant::now();
+    while !upstreams.link("bank").is_some_and(|l| l.is_up()) {
+        assert!(started.elapsed() < WAIT, "link up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = connect(&listeners[0]).await;
+    let sale = ascii("0200", "000000", 10_000, 1, &[]);
+    let a = ascii_answer(&mut c, &sale).await;
+    assert_eq!(a.code, "00");
+    control
+        .set_faults(Faults {
+            decline: Some("N7".into()),
+            ..Faults::default()
+        })
+        .unwrap();
+    let refund = ascii(
+        "0200",
+        "200000",
+        4_000,
+        2,
+        &[("37", a.rrn.unwrap()), ("90", de90(&sale))],
+    );
+    let first = ascii_answer(&mut c, &refund).await;
+    assert_eq!(first.code_reason(), ("N7".into(), "HOST_DECLINED".into()));
+    let de54 = first.de54.clone().expect("the original was found: DE54");
+    assert!(de54.contains("0092840C000000010000"), "{de54}");
+    control.set_faults(Faults::default()).unwrap();
+    let mut repeat = refund.clone();
+    repeat["mti"] = json!("0201");
+    let again = ascii_answer(&mut c, &repeat).await;
+    assert_eq!(
+        again.code_reason(),
+        first.code_reason(),
+        "the host's code, not 05"
+    );
+    assert_eq!(again.de54, first.de54);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, task).await;
+    upstreams.shutdown().await;
+    let _ = host_stop.send(());
+    let _ = tokio::time::timeout(WAIT, host_task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversal_before_its_sale_makes_the_late_sale_and_a_refund_of_it_22() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let sale = ascii("0200", "000000", 2500, 1, &[]);
+    let reversal = ascii("0400", "000000", 2500, 2, &[("90", de90(&sale))]);
+    let a = ascii_answer(&mut c, &reversal).await;
+    assert_eq!(
+        a.code_reason(),
+        ("00".into(), "REVERSAL_NOTHING_TO_UNDO".into())
+    );
+    let a = ascii_answer(&mut c, &sale).await;
+    assert_eq!(a.code_reason(), ("22".into(), "ORIGINAL_REVERSED".into()));
+    let refund = ascii("0200", "200000", 100, 3, &[("90", de90(&sale))]);
+    let a = ascii_answer(&mut c, &refund).await;
+    assert_eq!(a.code_reason(), ("22".into(), "ORIGINAL_REVERSED".into()));
+    assert_eq!(
+        gw.gateway
+            .ledger()
+            .funds("MERCHANT 000001")
+            .unwrap()
+            .unsettled_sales,
+        0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_void_is_answered_when_the_whole_same_day_sale_could_be_voided_and_a_partial_refund_passes(
+) {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    // The "strict" merchant takes same-day refunds of a whole sale as voids.
+    let sale = strict("0200", "000000", 10_000, 1, &[]);
+    let a = ascii_answer(&mut c, &sale).await;
+    assert_eq!(a.code, "00");
+    let rrn = a.rrn.unwrap();
+    let refund = |stan: u32, amount: u64| {
+        strict(
+            "0200",
+            "200000",
+            amount,
+            stan,
+            &[("37", rrn.clone()), ("90", de90(&sale))],
+        )
+    };
+    // The whole sale from its own terminal, the same day: the void would pass, so USE_VOID,
+    // and DE54 92 says what a refund may be instead (its 50 % share).
+    let a = ascii_answer(&mut c, &refund(2, 10_000)).await;
+    assert_eq!(a.code_reason(), ("12".into(), "USE_VOID".into()));
+    assert!(a.de54.unwrap().contains("0092156C000000005000"));
+    // A partial refund cannot be a void: it is decided on its merits (on main: USE_VOID).
+    let a = ascii_answer(&mut c, &refund(3, 1_000)).await;
+    assert_eq!(a.code_reason(), ("00".into(), "APPROVED".into()));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_without_a_valid_mac_on_a_mac_link_is_answered_a0_and_settles_nothing() {
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[2]).await;
+    let signon = exchange(&mut c, true, &vector_message("cup_bcd", "signon_0800")).await;
+    assert_eq!(answer("cup_pos", &signon).code, "00");
+    let a_bytes = exchange(&mut c, true, &vector_message("cup_bcd", "sale_0200")).await;
+    assert_eq!(answer("cup_pos", &a_bytes).code, "00");
+    let settle = json!({"mti": "0500", "fields": {"11": "000080", "41": "10000001",
+        "42": "898310048990001", "60": "00000123201"}});
+    let a = answer(
+        "cup_pos",
+        &exchange(&mut c, true, &encode("cup_pos", &settle)).await,
+    );
+    assert_eq!(a.code_reason(), ("A0".into(), "MAC_INVALID".into()));
+    let funds = gw.gateway.ledger().funds("898310048990001").unwrap();
+    assert!(funds.unsettled_sales > 0, "nothing was paid out");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_disk_answers_96_within_the_request_deadline_and_keeps_the_connection_usable() {
     let (storage, faults) = journal::FaultyStorage::new();

@@ -328,6 +328,23 @@ fn cup_refund_with_a_stale_batch_after_settlement_is_declined_77() {
 // ---- Row 4: duplicates and repeats ----
 
 #[test]
+fn a_cup_sale_without_a_date_is_keyed_on_the_merchant_local_date_not_utc() {
+    let l = ledger_with("");
+    l.sign_on("C", "C1", T0).unwrap();
+    // T0 + 1 h is 00:00 on 1 February in +08:00 while UTC is still 31 January.
+    let now = T0 + HOUR;
+    let undated = cup_sale(45, 10_000).with(|m| m.mmdd = 0);
+    ok(&l, &undated, now);
+    // Another request with the same STAN dated the local day reuses the key: 94.
+    let local = cup_sale(45, 20_000).with(|m| m.mmdd = 201);
+    declined(&l, &local, now, Reason::DUPLICATE, "94");
+    // Its repeat, undated like it, gets the stored answer.
+    let again = undated.clone().with(|m| m.repeat = true);
+    assert!(l.decide(&again.req(), now + 60).is_approved());
+    assert_eq!(l.funds("C").unwrap().unsettled_sales, 10_000);
+}
+
+#[test]
 fn repeat_of_an_approved_refund_gets_the_stored_answer_and_moves_nothing() {
     let l = ledger_with("refund_day_amount_max = 100000");
     let s = sale(1, 2500);
@@ -666,8 +683,60 @@ fn same_day_refund_under_use_void_is_declined_12_and_allowed_after_local_midnigh
     let l = ledger_with("same_day_refund = \"use_void\"");
     let s = sale(1, 2500);
     ok(&l, &s, T0);
-    declined(&l, &s.refund(2, 100), T0 + 59 * 60, Reason::USE_VOID, "12");
-    ok(&l, &s.refund(3, 100), T0 + HOUR);
+    let d = declined(&l, &s.refund(2, 2500), T0 + 59 * 60, Reason::USE_VOID, "12");
+    assert_eq!(d.figures.would_pass, Some(2499));
+    ok(&l, &s.refund(3, 2500), T0 + HOUR);
+}
+
+/// A merchant "U" with `same_day_refund = "use_void"` and two terminals that may refund.
+fn use_void_ledger(knobs: &str) -> Ledger {
+    let toml = format!(
+        "[[merchants]]\nid = \"U\"\nreserve = 100000\nutc_offset = \"+08:00\"\nsame_day_refund = \"use_void\"\n{knobs}\nterminals = [{{ id = \"T1\" }}, {{ id = \"T2\" }}]\n"
+    );
+    Ledger::new(
+        &MerchantSet::from_toml_str(&toml).unwrap(),
+        PanKey::new(&KEY),
+    )
+}
+
+#[test]
+fn use_void_is_answered_only_when_that_void_would_be_approved() {
+    let l = use_void_ledger("");
+    let s = sale(1, 2500).with(|m| m.merchant = "U".into());
+    ok(&l, &s, T0);
+    // From T2 a void would be USE_REFUND (not the sale's terminal): the refund is decided on
+    // its merits, so the merchant is never sent round in a circle.
+    let from_t2 = |m: Msg| m.with(|m| m.terminal = "T2".into());
+    declined(&l, &from_t2(s.void(2)), T0 + 10, Reason::USE_REFUND, "12");
+    ok(&l, &from_t2(s.refund(3, 2500)), T0 + 20);
+
+    // Partial same-day refunds pass: a void of that amount could not.
+    let s2 = sale(4, 3000).with(|m| m.merchant = "U".into());
+    ok(&l, &s2, T0);
+    ok(&l, &s2.refund(5, 1000), T0 + 30);
+    // ... and once partly refunded, no void can pass: the rest is a refund too.
+    ok(&l, &s2.refund(6, 2000), T0 + 40);
+
+    // The full amount from the sale's own terminal is told to void, and the void passes.
+    let s3 = sale(7, 4000).with(|m| m.merchant = "U".into());
+    ok(&l, &s3, T0);
+    declined(&l, &s3.refund(8, 4000), T0 + 50, Reason::USE_VOID, "12");
+    ok(&l, &s3.void(9), T0 + 60);
+}
+
+#[test]
+fn use_void_without_voids_enabled_lets_the_same_day_refund_through() {
+    let l = use_void_ledger("void_enabled = false");
+    let s = sale(1, 2500).with(|m| m.merchant = "U".into());
+    ok(&l, &s, T0);
+    declined(
+        &l,
+        &s.void(2),
+        T0 + 10,
+        Reason::TERMINAL_NOT_PERMITTED,
+        "58",
+    );
+    ok(&l, &s.refund(3, 2500), T0 + 20);
 }
 
 // ---- Row 10: amount vs original ----
@@ -714,9 +783,314 @@ fn refund_above_what_is_left_on_the_original_is_declined_64_with_the_remainder()
     assert_eq!(d.figures.day_allowance_remaining, Some(498_500));
     assert_eq!(
         d.de54().unwrap(),
-        "0090840C0000000010000091840C000000498500"
+        "0090840C0000000010000091840C0000004985000092840C000000001000"
     );
     ok(&l, &s.refund(4, 1000), T0);
+}
+
+// ---- DE54 (DOMAIN §5): 90 still refundable, 91 allowance, 92 what would pass ----
+
+#[test]
+fn with_a_50_percent_share_de54_says_20_00_left_and_20_01_is_declined_while_20_00_passes() {
+    let l = ledger_with("refundable_share_percent = 50\nreserve = 0");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    let d = ok(&l, &s.refund(2, 3_000), T0);
+    assert_eq!(
+        d.figures.original_remaining,
+        Some(2_000),
+        "90 after the refund"
+    );
+    assert_eq!(d.figures.would_pass, Some(2_000), "92 after the refund");
+    // 60.00: declined 61 and DE54 says what is left, not the sale amount.
+    let d = declined(&l, &s.refund(3, 6_000), T0, Reason::REFUNDABLE_SHARE, "61");
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(2_000), Some(2_000))
+    );
+    assert_eq!(
+        d.de54().unwrap(),
+        "0090840C0000000020000091840C0000000070000092840C000000002000"
+    );
+    declined(&l, &s.refund(4, 2_001), T0, Reason::REFUNDABLE_SHARE, "61");
+    let d = ok(&l, &s.refund(5, 2_000), T0);
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(0), Some(0))
+    );
+}
+
+#[test]
+fn de54_91_is_the_smallest_of_day_cap_month_cap_and_funds_and_is_there_without_caps() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    let d = ok(&l, &s.refund(2, 1_000), T0);
+    assert_eq!(d.figures.day_allowance_remaining, Some(9_000), "funds bind");
+    let l = ledger_with("refund_day_amount_max = 8000\nrefund_month_amount_max = 3000");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    let d = ok(&l, &s.refund(2, 1_000), T0);
+    assert_eq!(
+        d.figures.day_allowance_remaining,
+        Some(2_000),
+        "month cap binds"
+    );
+    let d = declined(
+        &l,
+        &s.refund(3, 2_500),
+        T0,
+        Reason::MERCHANT_MONTH_AMOUNT,
+        "61",
+    );
+    assert_eq!(
+        (d.figures.day_allowance_remaining, d.figures.would_pass),
+        (Some(2_000), Some(2_000))
+    );
+}
+
+#[test]
+fn de54_92_is_0_when_a_count_binds_and_every_found_original_answer_carries_de54() {
+    let l = ledger_with("original_refund_count_max = 1");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 1_000), T0);
+    let d = declined(&l, &s.refund(3, 1), T0, Reason::ORIGINAL_REFUND_COUNT, "65");
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(9_000), Some(0))
+    );
+    // Terminal not permitted (row 11), voided original (row 8): DE54 with 92 = 0.
+    let t2 = sale(4, 500).with(|m| m.terminal = "T2".into());
+    ok(&l, &t2, T0);
+    let d = declined(
+        &l,
+        &t2.refund(5, 100),
+        T0,
+        Reason::TERMINAL_NOT_PERMITTED,
+        "58",
+    );
+    assert_eq!(d.figures.would_pass, Some(0));
+    let v = sale(6, 700);
+    ok(&l, &v, T0);
+    let d = ok(&l, &v.void(7), T0);
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(0), Some(0))
+    );
+    assert!(d.figures.day_allowance_remaining.is_some());
+    let d = declined(&l, &v.refund(8, 100), T0, Reason::ORIGINAL_VOIDED, "22");
+    assert!(d.de54().unwrap().contains("0090840C000000000000"));
+    assert_eq!(d.figures.would_pass, Some(0));
+}
+
+#[test]
+fn a_refund_whose_sale_was_reversed_while_it_was_at_the_host_is_declined_22_with_de54() {
+    let l = ledger_with("");
+    let s = sale(1, 5000);
+    ok(&l, &s, T0);
+    let res = l.reserve(&s.refund(2, 1000).req(), T0).unwrap();
+    ok(&l, &s.reversal(3), T0 + 1);
+    let d = l.commit(res);
+    assert_eq!(d.reason, Reason::ORIGINAL_REVERSED);
+    assert_eq!(
+        (d.figures.original_remaining, d.figures.would_pass),
+        (Some(0), Some(0))
+    );
+    assert!(d.de54().is_some());
+}
+
+#[test]
+fn a_pan_mismatch_answer_discloses_nothing_of_the_other_cards_sale() {
+    let l = ledger_with("");
+    let s = sale(1, 123_456);
+    ok(&l, &s, T0);
+    let d = declined(
+        &l,
+        &s.refund(2, 100).with(|m| m.pan = VISA2.into()),
+        T0,
+        Reason::PAN_MISMATCH,
+        "14",
+    );
+    assert_eq!(d.de54(), None);
+    assert_eq!(d.figures.original_amount, None);
+}
+
+#[test]
+fn a_zero_amount_refund_of_a_found_original_carries_de54() {
+    let l = ledger_with("");
+    let s = sale(1, 2500);
+    ok(&l, &s, T0);
+    let d = declined(&l, &s.refund(2, 0), T0, Reason::INVALID_AMOUNT, "13");
+    assert_eq!(d.figures.would_pass, Some(2500));
+}
+
+#[test]
+fn a_host_decline_carries_de54_and_its_repeat_gets_the_hosts_code_even_after_a_restart() {
+    let l = ledger_with("");
+    let mut journal = Vec::new();
+    let s = sale(1, 2500);
+    l.decide_logged(&s.req(), T0, log(&mut journal));
+    let r = s.refund(2, 1000);
+    let res = l.reserve(&r.req(), T0).unwrap();
+    let d = *l
+        .decline_by_host_logged(res, *b"N7", log(&mut journal))
+        .decision()
+        .unwrap();
+    assert_eq!(
+        (d.reason, d.host_code()),
+        (Reason::HOST_DECLINED, Some(*b"N7"))
+    );
+    assert_eq!(d.figures.would_pass, Some(2500), "nothing was refunded");
+    let restarted = ledger_with("");
+    for e in &journal {
+        let mut bytes = Vec::new();
+        e.encode(&mut bytes);
+        restarted
+            .apply(&LedgerEvent::decode(&bytes).unwrap())
+            .unwrap();
+    }
+    let again = restarted.decide(&r.clone().with(|m| m.repeat = true).req(), T0 + 60);
+    assert_eq!(again, d);
+    assert_eq!(again.host_code(), Some(*b"N7"));
+}
+
+/// Knobs of the DE54 property test.
+#[derive(Debug, Clone)]
+struct Knobs {
+    share: u8,
+    single: Option<u64>,
+    card_day: Option<u64>,
+    card_count: Option<u32>,
+    day: Option<u64>,
+    month: Option<u64>,
+    day_count: Option<u32>,
+    original_count: Option<u32>,
+    reserve: u64,
+    use_void: bool,
+    void_enabled: bool,
+    t1_refunds: bool,
+}
+
+fn knobs() -> impl Strategy<Value = Knobs> {
+    (
+        (
+            prop_oneof![Just(100u8), 1u8..=100],
+            proptest::option::of(1u64..20_000),
+            proptest::option::of(1u64..30_000),
+            proptest::option::of(1u32..5),
+        ),
+        (
+            proptest::option::of(1u64..40_000),
+            proptest::option::of(1u64..60_000),
+            proptest::option::of(1u32..6),
+            proptest::option::of(1u32..4),
+        ),
+        (
+            0u64..30_000,
+            any::<bool>(),
+            any::<bool>(),
+            prop::bool::weighted(0.85),
+        ),
+    )
+        .prop_map(
+            |(
+                (share, single, card_day, card_count),
+                (day, month, day_count, original_count),
+                (reserve, use_void, void_enabled, t1_refunds),
+            )| Knobs {
+                share,
+                single,
+                card_day,
+                card_count,
+                day,
+                month,
+                day_count,
+                original_count,
+                reserve,
+                use_void,
+                void_enabled,
+                t1_refunds,
+            },
+        )
+}
+
+fn knob_ledger(k: &Knobs) -> Ledger {
+    let opt = |name: &str, v: Option<u64>| v.map_or(String::new(), |v| format!("{name} = {v}\n"));
+    let toml = format!(
+        "[[merchants]]\nid = \"M\"\nutc_offset = \"+08:00\"\nreserve = {}\nrefundable_share_percent = {}\nsame_day_refund = \"{}\"\nvoid_enabled = {}\n{}{}{}{}{}{}{}terminals = [{{ id = \"T1\", refund_enabled = {} }}, {{ id = \"T2\" }}]\n",
+        k.reserve,
+        k.share,
+        if k.use_void { "use_void" } else { "allow" },
+        k.void_enabled,
+        opt("refund_single_max", k.single),
+        opt("card_refund_day_amount_max", k.card_day),
+        opt("card_refund_day_count_max", k.card_count.map(u64::from)),
+        opt("refund_day_amount_max", k.day),
+        opt("refund_month_amount_max", k.month),
+        opt("refund_day_count_max", k.day_count.map(u64::from)),
+        opt("original_refund_count_max", k.original_count.map(u64::from)),
+        k.t1_refunds,
+    );
+    Ledger::new(
+        &MerchantSet::from_toml_str(&toml).unwrap(),
+        PanKey::new(&KEY),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// DE54 type 92 says exactly what would pass: a refund of that amount is approved and
+    /// one minor unit more is declined, whatever the limits, history and time.
+    #[test]
+    fn a_refund_of_exactly_the_de54_92_amount_is_approved_and_one_unit_more_is_declined(
+        k in knobs(),
+        amount in 1u64..20_000,
+        other in 0u64..20_000,
+        history in proptest::collection::vec((1u64..8_000, any::<bool>()), 0..5),
+        later in prop_oneof![Just(0i64), 1i64..HOUR * 2, DAY..DAY * 200],
+        settle_first in any::<bool>(),
+        from_t2 in any::<bool>(),
+    ) {
+        let l = knob_ledger(&k);
+        let s = sale(1, amount);
+        ok(&l, &s, T0);
+        if other > 0 {
+            ok(&l, &sale(2, other).with(|m| m.pan = VISA2.into()), T0);
+        }
+        let mut stan = 10;
+        for (a, same_card) in &history {
+            stan += 1;
+            let r = if *same_card {
+                s.refund(stan, *a)
+            } else {
+                sale(2, other.max(1)).with(|m| m.pan = VISA2.into()).refund(stan, *a)
+            };
+            let _ = l.decide(&r.req(), T0 + 60);
+        }
+        if settle_first {
+            l.settle("M", T0 + 90).unwrap();
+        }
+        let now = T0 + 120 + later;
+        let term = if from_t2 { "T2" } else { "T1" };
+        let mut probe = |amount: u64| {
+            stan += 1;
+            l.decide(&s.refund(stan, amount).with(|m| m.terminal = term.into()).req(), now)
+        };
+        let d = probe(999_999_999);
+        prop_assert!(!d.is_approved());
+        let x = d.figures.would_pass.unwrap_or_else(|| panic!("no DE54 92 on {d:?}"));
+        let over = probe(x + 1);
+        prop_assert!(!over.is_approved(), "92 = {x} but {} was approved", x + 1);
+        if x > 0 {
+            let at = probe(x);
+            prop_assert!(at.is_approved(), "92 = {x} but it was declined {:?}", at);
+            // After the approval its own DE54 92 is what the next probe finds.
+            let next = probe(999_999_999);
+            prop_assert_eq!(at.figures.would_pass, next.figures.would_pass);
+        }
+    }
 }
 
 // ---- Row 11: permissions ----
@@ -994,6 +1368,252 @@ fn settlement_pays_out_sales_but_keeps_back_what_backs_a_refund_in_flight() {
     assert_eq!(view.refunded, 2000);
 }
 
+// ---- Settlement by terminal batch (DOMAIN §9a) ----
+
+/// A 0500 from `terminal` of merchant "M" (ascii) with its own `stan`.
+fn settlement(terminal: &str, stan: u32) -> Msg {
+    Msg {
+        op: Operation::Settlement,
+        class: 5,
+        terminal: terminal.into(),
+        pan: String::new(),
+        amount: 0,
+        currency: 0,
+        rrn: None,
+        ..sale(stan, 0)
+    }
+}
+
+fn totals(debits: (u64, u64), credits: (u64, u64)) -> BatchTotals {
+    BatchTotals {
+        debit_count: debits.0,
+        debit_amount: debits.1,
+        credit_count: credits.0,
+        credit_amount: credits.1,
+    }
+}
+
+fn settle(l: &Ledger, m: &Msg, t: Option<BatchTotals>, now: i64) -> Decision {
+    l.settle_batch(&m.req(), t, now)
+}
+
+#[test]
+fn settlement_by_an_unknown_or_absent_terminal_is_declined_03_or_cup_97_and_settles_nothing() {
+    let l = ledger_with("");
+    ok(&l, &sale(1, 2500), T0);
+    l.sign_on("M", "T1", T0).unwrap();
+    l.sign_on("C", "C1", T0).unwrap();
+    let before = state(&l);
+    for terminal in ["ZZZZ9999", ""] {
+        let d = settle(&l, &settlement(terminal, 90), None, T0 + 60);
+        assert_eq!(
+            (d.reason, d.de39(Dialect::Ascii1987)),
+            (Reason::UNKNOWN_TERMINAL, "03"),
+            "{terminal:?}"
+        );
+    }
+    let cup = settlement("C9", 91).with(|m| {
+        m.dialect = Dialect::CupPos;
+        m.merchant = "C".into();
+        m.batch = Some(7);
+        m.transmission = None;
+    });
+    let d = settle(&l, &cup, None, T0 + 60);
+    assert_eq!(
+        (d.reason, d.de39(Dialect::CupPos)),
+        (Reason::UNKNOWN_TERMINAL, "97")
+    );
+    let stranger = settlement("T1", 92).with(|m| m.merchant = "NOBODY".into());
+    let d = settle(&l, &stranger, None, T0 + 60);
+    assert_eq!(d.reason, Reason::UNKNOWN_MERCHANT);
+    assert_eq!(state(&l), before);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 2500);
+}
+
+#[test]
+fn settlement_before_sign_on_is_declined_03_and_after_it_closes_only_that_terminals_batch() {
+    let l = ledger_with("reserve = 0");
+    let s1 = sale(1, 5000);
+    ok(&l, &s1, T0);
+    let s2 = sale(2, 3000).with(|m| m.terminal = "T2".into());
+    ok(&l, &s2, T0);
+    declined(
+        &l,
+        &settlement("T1", 10),
+        T0 + 60,
+        Reason::UNKNOWN_TERMINAL,
+        "03",
+    );
+    l.sign_on("M", "T1", T0 + 61).unwrap();
+    let d = settle(&l, &settlement("T1", 11), None, T0 + 62);
+    assert!(d.is_approved(), "{d:?}");
+    assert_eq!(d.figures.amount, 5000, "T1's batch is paid out");
+    let f = l.funds("M").unwrap();
+    assert_eq!((f.unsettled_sales, f.available), (3000, 3000));
+    // T1's sale is settled: its void must be a refund; T2's batch is still open.
+    declined(&l, &s1.void(12), T0 + 63, Reason::USE_REFUND, "12");
+    ok(&l, &s2.void(13), T0 + 64);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+}
+
+#[test]
+fn settlement_with_wrong_totals_is_declined_95_and_the_batch_stays_open_until_they_agree() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 5000);
+    ok(&l, &s, T0);
+    ok(&l, &sale(2, 700), T0);
+    ok(&l, &s.refund(3, 1200), T0);
+    let v = sale(4, 900);
+    ok(&l, &v, T0);
+    ok(&l, &v.void(5), T0);
+    l.sign_on("M", "T1", T0).unwrap();
+    assert_eq!(
+        l.batch_totals("M", "T1"),
+        Some(totals((2, 5700), (1, 1200)))
+    );
+    let wrong = totals((2, 5700), (1, 1300));
+    let d = settle(&l, &settlement("T1", 20), Some(wrong), T0 + 60);
+    assert_eq!(
+        (
+            d.reason,
+            d.de39(Dialect::Ascii1987),
+            d.de39(Dialect::CupPos)
+        ),
+        (Reason::RECONCILE_ERROR, "95", "95")
+    );
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 5700);
+    // Still open: the same totals are still the gateway's, a same-day void still passes.
+    assert_eq!(
+        l.batch_totals("M", "T1"),
+        Some(totals((2, 5700), (1, 1200)))
+    );
+    let right = totals((2, 5700), (1, 1200));
+    let d = settle(&l, &settlement("T1", 21), Some(right), T0 + 120);
+    assert!(d.is_approved(), "{d:?}");
+    assert_eq!(d.figures.amount, 4500);
+    assert_eq!(l.batch_totals("M", "T1"), Some(BatchTotals::default()));
+    let f = l.funds("M").unwrap();
+    assert_eq!(
+        (f.unsettled_sales, f.refunds_committed, f.available),
+        (0, 0, 0)
+    );
+}
+
+#[test]
+fn sign_on_and_settlement_refused_by_the_journal_change_nothing() {
+    let l = ledger_with("reserve = 0");
+    ok(&l, &sale(1, 5000), T0);
+    let before = state(&l);
+    let refused = l.sign_on_logged("M", "T1", T0, |_: &LedgerEvent| {
+        Err(Refused(Reason::STORE_UNAVAILABLE))
+    });
+    assert!(refused.is_err());
+    assert_eq!(state(&l), before, "not signed on");
+    declined(
+        &l,
+        &settlement("T1", 40),
+        T0,
+        Reason::UNKNOWN_TERMINAL,
+        "03",
+    );
+    l.sign_on("M", "T1", T0).unwrap();
+    let before = state(&l);
+    let logged = l.settle_batch_logged(&settlement("T1", 41).req(), None, T0, |_: &LedgerEvent| {
+        Err::<u64, ()>(())
+    });
+    assert!(matches!(logged, Logged::Failed(())));
+    assert_eq!(state(&l), before, "nothing settled");
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 5000);
+}
+
+#[test]
+fn repeat_of_a_settlement_gets_the_stored_answer_and_settles_nothing_more() {
+    let l = ledger_with("reserve = 0");
+    ok(&l, &sale(1, 5000), T0);
+    l.sign_on("M", "T1", T0).unwrap();
+    let first = settle(&l, &settlement("T1", 30), None, T0 + 60);
+    assert!(first.is_approved());
+    ok(&l, &sale(2, 800), T0 + 70);
+    let after = state(&l);
+    let again = settle(
+        &l,
+        &settlement("T1", 30).with(|m| m.repeat = true),
+        None,
+        T0 + 80,
+    );
+    assert_eq!(again, first);
+    assert_eq!(state(&l), after);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 800);
+}
+
+#[test]
+fn cup_settlement_with_a_stale_batch_is_declined_77_and_a_settled_terminal_signs_on_to_the_next() {
+    let l = ledger_with("");
+    l.sign_on("C", "C1", T0).unwrap();
+    let s = cup_sale(45, 10_000);
+    ok(&l, &s, T0);
+    let cup_settle = |stan: u32, batch: u32| {
+        settlement("C1", stan).with(|m| {
+            m.dialect = Dialect::CupPos;
+            m.merchant = "C".into();
+            m.batch = Some(batch);
+            m.transmission = None;
+        })
+    };
+    let d = settle(&l, &cup_settle(60, 6), None, T0 + 60);
+    assert_eq!(
+        (d.reason, d.de39(Dialect::CupPos)),
+        (Reason::BATCH_MISMATCH, "77")
+    );
+    let d = settle(
+        &l,
+        &cup_settle(61, 7),
+        Some(totals((1, 10_000), (0, 0))),
+        T0 + 61,
+    );
+    assert!(d.is_approved(), "{d:?}");
+    let (batch, _) = l.sign_on("C", "C1", T0 + 62).unwrap();
+    assert_eq!(batch, 8);
+}
+
+#[test]
+fn a_scheduled_cut_over_settles_every_batch_once_a_local_day_journaled_before_it_applies() {
+    // 22:30 local in +08:00; T0 is 23:00 local.
+    let set = set_with("cutover_at = \"22:30\"\nreserve = 0");
+    let l = Ledger::new(&set, PanKey::new(&KEY));
+    let mut journal = Vec::new();
+    let s = sale(1, 5_000);
+    l.decide_logged(&s.req(), T0 - 2 * HOUR, log(&mut journal));
+    assert!(l.due_cutovers(T0 - HOUR).is_empty(), "21:00 local: not yet");
+    assert_eq!(l.due_cutovers(T0), vec!["M".to_string(), "C".to_string()]);
+    // A journal that refuses it: nothing happens, it stays due.
+    let refused = l.scheduled_cutover_logged("M", T0, |_: &LedgerEvent| {
+        Err(Refused(Reason::STORE_UNAVAILABLE))
+    });
+    assert!(refused.is_err());
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 5_000);
+    let (d, _) = l
+        .scheduled_cutover_logged("M", T0, |e: &LedgerEvent| {
+            journal.push(e.clone());
+            Ok::<u64, Refused>(journal.len() as u64)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.figures.amount, 5_000);
+    assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+    declined(&l, &s.void(2), T0 + 60, Reason::USE_REFUND, "12");
+    // Once per local day: not again until tomorrow's 22:30.
+    let again =
+        l.scheduled_cutover_logged("M", T0 + HOUR / 2, |_: &LedgerEvent| Ok::<u64, Refused>(0));
+    assert!(again.unwrap().is_none());
+    assert!(!l.due_cutovers(T0 + 20 * HOUR).contains(&"M".to_string()));
+    assert!(l.due_cutovers(T0 + DAY).contains(&"M".to_string()));
+    assert!(
+        state(&l) == replayed_snapshot(&set, &journal),
+        "replay differs"
+    );
+}
+
 // ---- Reversals (DOMAIN §9) ----
 
 #[test]
@@ -1028,7 +1648,10 @@ fn reversal_of_an_unknown_or_already_reversed_original_answers_00_and_is_counted
     assert_eq!(l.reversal_noops(), 1);
     // The sale arriving late (its answer was lost) can never apply after its reversal.
     let late = l.decide(&ghost.req(), T0 + 1);
-    assert_eq!(late.reason, Reason::REVERSED_BEFORE_COMMIT);
+    assert_eq!(
+        (late.reason, late.de39(Dialect::Ascii1987)),
+        (Reason::ORIGINAL_REVERSED, "22")
+    );
     assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
     let s = sale(3, 2500);
     ok(&l, &s, T0);
@@ -1036,6 +1659,83 @@ fn reversal_of_an_unknown_or_already_reversed_original_answers_00_and_is_counted
     ok(&l, &s.reversal(5), T0);
     assert_eq!(l.reversal_noops(), 2);
     assert_eq!(l.funds("M").unwrap().unsettled_sales, 0);
+}
+
+#[test]
+fn reversal_after_refund_answers_00_reversal_not_applied_and_the_funds_are_unchanged() {
+    let l = ledger_with("reserve = 0");
+    let s = sale(1, 10_000);
+    ok(&l, &s, T0);
+    ok(&l, &s.refund(2, 10_000), T0 + 10);
+    let funds = l.funds("M").unwrap();
+    let d = l.decide(&s.reversal(3).req(), T0 + 20);
+    assert_eq!(
+        (
+            d.reason,
+            d.de39(Dialect::Ascii1987),
+            d.de39(Dialect::CupPos)
+        ),
+        (Reason::REVERSAL_NOT_APPLIED, "00", "00")
+    );
+    assert_eq!(
+        l.funds("M").unwrap(),
+        funds,
+        "nothing undone, nothing paid twice"
+    );
+    assert_eq!(usage(&l, T0 + 20).reversals_not_applied, 1);
+    let listed = l.reversals_not_applied("M");
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].amount, listed[0].refunded), (10_000, 10_000));
+    // Its repeat gets the same answer and counts nothing more.
+    let again = s.reversal(3).with(|m| m.repeat = true);
+    assert_eq!(
+        l.decide(&again.req(), T0 + 30).reason,
+        Reason::REVERSAL_NOT_APPLIED
+    );
+    assert_eq!(usage(&l, T0 + 30).reversals_not_applied, 1);
+    // The refund stays reversible: its reversal gives the refund back.
+    ok(&l, &s.refund(2, 10_000).reversal(4), T0 + 40);
+    assert_eq!(l.funds("M").unwrap().refunds_committed, 0);
+}
+
+#[test]
+fn reversal_after_void_answers_00_reversal_not_applied_and_the_sale_stays_voided() {
+    let l = ledger_with("");
+    let s = sale(1, 4200);
+    ok(&l, &s, T0);
+    ok(&l, &s.void(2), T0 + 10);
+    let funds = l.funds("M").unwrap();
+    let d = l.decide(&s.reversal(3).req(), T0 + 20);
+    assert_eq!(d.reason, Reason::REVERSAL_NOT_APPLIED);
+    assert_eq!(l.funds("M").unwrap(), funds);
+    let view = l
+        .original(
+            "M",
+            "T1",
+            OriginalRef::Iso {
+                mti: 200,
+                stan: 1,
+                transmission: tx(1),
+                rrn: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(view.state, OriginalState::Voided);
+}
+
+#[test]
+fn a_refund_naming_a_sale_only_a_reversal_ever_mentioned_is_declined_22_not_14() {
+    let l = ledger_with("");
+    let ghost = sale(1, 2500);
+    ok(&l, &ghost.reversal(2), T0);
+    declined(
+        &l,
+        &ghost.refund(3, 100),
+        T0 + 10,
+        Reason::ORIGINAL_REVERSED,
+        "22",
+    );
+    declined(&l, &ghost, T0 + 20, Reason::ORIGINAL_REVERSED, "22");
 }
 
 #[test]
@@ -1350,6 +2050,8 @@ enum Step {
     ReverseRefund(usize),
     Repeat(usize),
     Settle,
+    /// A 0500 of T1's batch.
+    SettleBatch,
     TopUp(u64),
     Tick(i64),
 }
@@ -1363,6 +2065,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..40).prop_map(Step::ReverseRefund),
         1 => (0usize..40).prop_map(Step::Repeat),
         1 => Just(Step::Settle),
+        1 => Just(Step::SettleBatch),
         1 => (1u64..5000).prop_map(Step::TopUp),
         2 => (0i64..40_000).prop_map(Step::Tick),
     ]
@@ -1376,6 +2079,8 @@ fn run_history(l: &Ledger, steps: &[Step]) -> Vec<LedgerEvent> {
     let mut now = T0 - 12 * HOUR;
     let mut stan = 1u32;
     let (_, e) = l.sign_on("C", "C1", now).unwrap();
+    events.push(e);
+    let (_, e) = l.sign_on("M", "T1", now).unwrap();
     events.push(e);
     for st in steps {
         stan += 1;
@@ -1402,6 +2107,15 @@ fn run_history(l: &Ledger, steps: &[Step]) -> Vec<LedgerEvent> {
             }
             Step::Settle => {
                 events.push(l.settle("M", now).unwrap().1);
+                None
+            }
+            Step::SettleBatch => {
+                let m = settlement("T1", stan);
+                let logged = l.settle_batch_logged(&m.req(), None, now, |e: &LedgerEvent| {
+                    events.push(e.clone());
+                    Ok::<u64, ()>(events.len() as u64)
+                });
+                assert!(logged.decision().is_some());
                 None
             }
             Step::TopUp(a) => {
@@ -1488,6 +2202,48 @@ fn every_kind_of_event_round_trips_and_replays() {
 }
 
 #[test]
+fn a_declined_event_written_by_version_1_still_decodes() {
+    let l = ledger_with("");
+    let mut journal = Vec::new();
+    let s = sale(1, 2500);
+    l.decide_logged(&s.req(), T0, log(&mut journal));
+    l.decide_logged(&s.refund(2, 9_999).req(), T0, log(&mut journal));
+    let declined = journal.last().unwrap().clone();
+    let EventBody::Declined { decision, .. } = &declined.body else {
+        panic!("{declined:?}")
+    };
+    // Version 1 wrote the decision without DE54 92 and the host code.
+    let v1_decision = Decision::new(
+        decision.reason,
+        Figures {
+            would_pass: None,
+            host_code: None,
+            ..decision.figures
+        },
+    );
+    let v1_event = LedgerEvent {
+        body: EventBody::Declined {
+            answer: match &declined.body {
+                EventBody::Declined { answer, .. } => *answer,
+                _ => unreachable!(),
+            },
+            decision: v1_decision,
+            sale: None,
+        },
+        ..declined.clone()
+    };
+    let mut bytes = Vec::new();
+    v1_event.encode(&mut bytes);
+    // v2 bytes end: would_pass flag 0, host code flag 0, sale flag 0; v1 had the last only.
+    assert_eq!(bytes[0], 2);
+    let n = bytes.len();
+    assert_eq!(&bytes[n - 3..], &[0, 0, 0]);
+    bytes.drain(n - 3..n - 1);
+    bytes[0] = 1;
+    assert_eq!(LedgerEvent::decode(&bytes).unwrap(), v1_event);
+}
+
+#[test]
 fn events_never_carry_the_pan_in_clear() {
     let l = ledger_with("");
     let s = sale(1, 2500);
@@ -1525,6 +2281,69 @@ fn repeats_after_a_restart_get_the_same_answer() {
     assert_eq!(restarted.funds("M"), l.funds("M"));
 }
 
+/// Steady traffic over 400 simulated days (the clock is the `now` passed in): originals past
+/// `refund_window_days` plus the retry horizon are forgotten, so the count stays flat, and
+/// the journal still replays to the live ledger (pruning is part of the durable state).
+#[test]
+fn originals_are_pruned_past_the_refund_window_and_retry_horizon_so_400_days_stay_flat() {
+    let set = set_with("refund_window_days = 30");
+    let l = Ledger::new(&set, PanKey::new(&KEY));
+    let mut journal = Vec::new();
+    let mut counts = Vec::new();
+    let mut stan = 0u32;
+    let mut last_sale = None;
+    for day in 0..400i64 {
+        let now = T0 + day * DAY;
+        for i in 0..10 {
+            stan += 1;
+            let s = sale(stan, 1_000);
+            let d = l.decide_logged(&s.req(), now + i * 60, log(&mut journal));
+            assert!(d.decision().unwrap().is_approved());
+            stan += 1;
+            let d = l.decide_logged(
+                &s.refund(stan, 100).req(),
+                now + i * 60 + 1,
+                log(&mut journal),
+            );
+            assert!(d.decision().unwrap().is_approved(), "{d:?}");
+            last_sale = Some(s);
+        }
+        if day % 7 == 0 {
+            l.settle_logged("M", now + 3_600, |e: &LedgerEvent| {
+                journal.push(e.clone());
+                Ok::<u64, Refused>(journal.len() as u64)
+            })
+            .unwrap();
+        }
+        counts.push(l.entries());
+    }
+    let per_day = 20;
+    let bound = (30 + 2) * per_day + 1;
+    let late = &counts[60..];
+    assert!(
+        late.iter().all(|&c| c <= bound),
+        "count grows: {:?}",
+        &counts[390..]
+    );
+    assert!(late.iter().max().unwrap() - late.iter().min().unwrap() <= per_day + 1);
+    // A refund of a sale still inside the window is found and passes.
+    let s = last_sale.unwrap();
+    stan += 1;
+    let d = l.decide_logged(
+        &s.refund(stan, 100).req(),
+        T0 + 400 * DAY,
+        log(&mut journal),
+    );
+    assert!(d.decision().unwrap().is_approved(), "{d:?}");
+    assert!(
+        state(&l) == replayed_snapshot(&set, &journal),
+        "replay differs"
+    );
+    let restored = Ledger::restore(&set, PanKey::new(&KEY), &state(&l)).unwrap();
+    assert!(state(&restored) == state(&l), "restore differs");
+    assert_eq!(restored.entries(), l.entries());
+}
+
 /// One step of an interleaving: a decision in one go, or the two halves of a forwarded one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Interleave {
@@ -1532,6 +2351,8 @@ enum Interleave {
     Reserve(usize),
     Commit(usize),
     Settle,
+    /// A 0500 of T1's batch.
+    SettleBatch,
 }
 
 /// A log that keeps the events in `j`, in order.
@@ -1576,8 +2397,13 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
             .decision()
             .unwrap()
             .is_approved());
+        l.sign_on_logged("M", "T1", T0, |e: &LedgerEvent| {
+            journal.push(e.clone());
+            Ok::<u64, Refused>(journal.len() as u64)
+        })
+        .unwrap();
         let s2 = sale(2, 4_000);
-        let scenario = seed % 5;
+        let scenario = seed % 7;
         let ops: Vec<Msg> = match scenario {
             0 => vec![s1.refund(10, 10_000), s1.reversal(11)],
             1 => vec![s1.void(10), s1.refund(11, 3_000)],
@@ -1587,7 +2413,9 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
                 s1.refund(11, 6_000),
                 s1.refund(12, 5_000),
             ],
-            _ => vec![s1.void(10), s1.refund(11, 2_000)],
+            // A reversal of the sale racing its refunds: never money back twice.
+            5 => vec![s1.refund(10, 4_000), s1.reversal(11), s1.refund(12, 3_000)],
+            _ => vec![s1.void(10), s1.refund(11, 2_000), s2.clone()],
         };
         // Each op: one step, or reserve then commit; shuffled keeping reserve before commit.
         let mut plan: Vec<Vec<Interleave>> = ops
@@ -1600,6 +2428,9 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
             .collect();
         if scenario == 4 {
             plan.push(vec![Interleave::Settle]);
+        }
+        if scenario == 6 {
+            plan.push(vec![Interleave::SettleBatch]);
         }
         let mut reserved: Vec<Option<Reservation>> = ops.iter().map(|_| None).collect();
         let mut answers: Vec<Option<Decision>> = ops.iter().map(|_| None).collect();
@@ -1631,6 +2462,11 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
                         Ok::<u64, Refused>(journal.len() as u64)
                     })
                     .unwrap();
+                }
+                Interleave::SettleBatch => {
+                    let m = settlement("T1", 90);
+                    let d = l.settle_batch_logged(&m.req(), None, T0 + 60, log(&mut journal));
+                    assert!(d.decision().unwrap().is_approved(), "seed {seed}: {d:?}");
                 }
             }
             let mut live_bytes = Vec::new();

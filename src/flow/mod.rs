@@ -257,6 +257,49 @@ impl Gateway {
         Some((ticket, bytes))
     }
 
+    /// Runs the merchants' scheduled cut-overs that are due now (DOMAIN §9a): each settles
+    /// every terminal of its merchant and is journaled before it takes effect. Returns how
+    /// many ran, once they are durable.
+    pub async fn run_cutovers(&self) -> usize {
+        let now = self.clock.now_unix_s();
+        let mut ran = 0;
+        let mut last = None;
+        for merchant in self.ledger.due_cutovers(now) {
+            if !self.store_ready().await {
+                break;
+            }
+            let mut ticket = None;
+            let done = {
+                let _gate = self.gate.read().await;
+                self.ledger
+                    .scheduled_cutover_logged::<LogError>(&merchant, now, |e| {
+                        Ok(self.enqueue(e, &mut ticket)?)
+                    })
+            };
+            match done {
+                Ok(Some(_)) => {
+                    ran += 1;
+                    last = ticket.or(last);
+                    tracing::info!(
+                        merchant = merchant.as_str(),
+                        "scheduled cut-over settled every batch"
+                    );
+                }
+                Ok(None) => {}
+                Err(_) => tracing::warn!(
+                    merchant = merchant.as_str(),
+                    "scheduled cut-over not journaled; retried at the next check"
+                ),
+            }
+        }
+        if let (Some(t), Some(journal)) = (last, &self.journal) {
+            if journal.durable(t).await.is_err() {
+                tracing::warn!("journal write of a scheduled cut-over failed");
+            }
+        }
+        ran
+    }
+
     /// The same gateway forwarding routed merchants' requests to `upstreams` (DOMAIN §8).
     pub fn with_upstreams(mut self, upstreams: Arc<Upstreams>) -> Gateway {
         self.upstreams = Some(upstreams);
@@ -484,7 +527,7 @@ impl Gateway {
         }
         let mut pan_buf = [0u8; 19];
         let rrn_buf = sale_rrn(msg, now);
-        let Some(req) = self.ledger_request(l, msg, kind, now, &mut pan_buf, &rrn_buf) else {
+        let Some(req) = self.ledger_request(l, msg, kind, &mut pan_buf, &rrn_buf) else {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
         let rrn = (kind == Kind::Sale).then_some(rrn_buf);
@@ -514,9 +557,7 @@ impl Gateway {
                 let logged = {
                     let _gate = self.gate.read().await;
                     self.ledger
-                        .decline_logged(reservation, Reason::HOST_DECLINED, |e| {
-                            self.enqueue(e, &mut ticket)
-                        })
+                        .decline_by_host_logged(reservation, code, |e| self.enqueue(e, &mut ticket))
                 };
                 return match logged.decision() {
                     Some(d) => {
@@ -757,39 +798,26 @@ impl Gateway {
         }
     }
 
+    /// A 0500 settles its terminal's open batch (DOMAIN §9a): decided by the ledger like any
+    /// request (row 3 terminal and sign-on, row 4 repeats), with the batch totals it carries.
     async fn settle(&self, l: &Link, msg: &Message<'_>, now: i64) -> Decided {
-        let Some(merchant) = msg.merchant() else {
-            return self.answer(
-                l,
-                msg,
-                Kind::Settlement,
-                &Decision::bare(Reason::FORMAT_ERROR),
-                None,
-            );
+        let kind = Kind::Settlement;
+        let Ok(totals) = batch_totals(msg, l.shape()) else {
+            return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
+        let mut pan_buf = [0u8; 19];
+        let rrn_buf = [b'0'; 12];
+        let Some(req) = self.ledger_request(l, msg, kind, &mut pan_buf, &rrn_buf) else {
+            return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
+        };
+        let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
         let mut ticket = None;
-        let settled = {
+        let logged = {
             let _gate = self.gate.read().await;
             self.ledger
-                .settle_logged::<LogError>(merchant, now, |e| Ok(self.enqueue(e, &mut ticket)?))
+                .settle_batch_logged(&req, totals, now, |e| self.enqueue(e, &mut ticket))
         };
-        match settled {
-            Ok((d, _)) => {
-                let mut decided = self.answer(l, msg, Kind::Settlement, &d, None);
-                decided.wait = ticket;
-                decided
-            }
-            Err(LogError::Refused(refused)) => {
-                self.answer(l, msg, Kind::Settlement, &Decision::bare(refused.0), None)
-            }
-            Err(LogError::Store) => self.answer(
-                l,
-                msg,
-                Kind::Settlement,
-                &Decision::bare(Reason::STORE_UNAVAILABLE),
-                None,
-            ),
-        }
+        self.logged(l, msg, kind, logged, ticket, epoch, None)
     }
 
     /// Whether the message's MAC is what its terminal's key (or the link's) gives; a MAC
@@ -916,7 +944,6 @@ impl Gateway {
         l: &Link,
         msg: &Message<'m>,
         kind: Kind,
-        now: i64,
         pan_buf: &'m mut [u8; 19],
         rrn_buf: &'m [u8; 12],
     ) -> Option<ledger::Request<'m>> {
@@ -927,15 +954,23 @@ impl Gateway {
             Kind::Reversal => Operation::Reversal,
             _ => Operation::Settlement,
         };
-        let pan_digits = msg.pan()?.digits();
-        let n = pan_digits.len().min(19);
-        for (i, slot) in pan_buf.iter_mut().enumerate().take(n) {
-            *slot = pan_digits.char_at(i);
-        }
+        // A settlement names no card.
+        let n = match (msg.pan(), kind) {
+            (Some(p), _) => {
+                let pan_digits = p.digits();
+                let n = pan_digits.len().min(19);
+                for (i, slot) in pan_buf.iter_mut().enumerate().take(n) {
+                    *slot = pan_digits.char_at(i);
+                }
+                n
+            }
+            (None, Kind::Settlement) => 0,
+            (None, _) => return None,
+        };
         let pan = std::str::from_utf8(&pan_buf[..n]).ok()?;
         let shape = l.shape();
         let original = match (kind, shape) {
-            (Kind::Sale, _) => None,
+            (Kind::Sale | Kind::Settlement, _) => None,
             (_, Shape::Ascii) => msg.original_data().map(|od| OriginalRef::Iso {
                 mti: od.mti.0,
                 stan: od.stan,
@@ -954,17 +989,22 @@ impl Gateway {
         } else {
             msg.rrn()
         };
-        // DE13, else the date of DE7, else (cup sales carry neither) today's UTC date.
+        // DE13, else the date of DE7, else (cup sales carry neither) 0: the ledger keys it on
+        // the merchant-local date (DOMAIN §6).
         let local_date_mmdd = msg
             .local_date()
             .or_else(|| msg.transmission().map(|t| (t / 1_000_000) as u16))
-            .unwrap_or_else(|| utc_mmdd(now));
+            .unwrap_or(0);
         Some(ledger::Request {
             dialect: l.dialect,
             op,
             repeat: msg.mti().is_repeat(),
             merchant: msg.merchant()?,
-            terminal: msg.terminal()?,
+            // A 0500 without DE41 is from no configured terminal: row 3 answers it.
+            terminal: match kind {
+                Kind::Settlement => msg.terminal().unwrap_or(""),
+                _ => msg.terminal()?,
+            },
             stan: msg.stan()?,
             local_date_mmdd,
             mti_class: msg.mti().class(),
@@ -998,9 +1038,50 @@ fn bad_input_admitted() -> Option<u64> {
     }
 }
 
-/// MMDD of the UTC date at `now`.
-fn utc_mmdd(now: i64) -> u16 {
-    crate::clock::mmdd_of(now)
+/// The batch totals a 0500 carries (DOMAIN §9a), `Ok(None)` when it carries none.
+/// ascii1987: DE 74 credits count, 76 debits count, 86 credits amount, 88 debits amount
+/// (an absent one of them is 0). cup_pos DE 48: domestic debit amount n12, count n3, credit
+/// amount n12, count n3, reconciliation code n1, then the same for foreign cards; the two
+/// are added (the gateway does not tell them apart). A DE 48 shorter than 30 digits is a
+/// format error.
+fn batch_totals(msg: &Message<'_>, shape: Shape) -> Result<Option<ledger::BatchTotals>, ()> {
+    match shape {
+        Shape::Ascii => {
+            if ![74, 76, 86, 88].iter().any(|&n| msg.has(n)) {
+                return Ok(None);
+            }
+            let get = |n: usize| match msg.field(n) {
+                None => Ok(0),
+                Some(_) => msg.number(n).ok_or(()),
+            };
+            Ok(Some(ledger::BatchTotals {
+                credit_count: get(74)?,
+                debit_count: get(76)?,
+                credit_amount: get(86)?,
+                debit_amount: get(88)?,
+            }))
+        }
+        Shape::Cup => {
+            let Some(d) = msg.digits(48) else {
+                return Ok(None);
+            };
+            if d.len() < 30 {
+                return Err(());
+            }
+            let mut t = ledger::BatchTotals::default();
+            for base in [0usize, 31] {
+                if base + 30 > d.len() {
+                    break;
+                }
+                let num = |a: usize, b: usize| d.number(base + a, base + b).ok_or(());
+                t.debit_amount = t.debit_amount.saturating_add(num(0, 12)?);
+                t.debit_count = t.debit_count.saturating_add(num(12, 15)?);
+                t.credit_amount = t.credit_amount.saturating_add(num(15, 27)?);
+                t.credit_count = t.credit_count.saturating_add(num(27, 30)?);
+            }
+            Ok(Some(t))
+        }
+    }
 }
 
 /// The RRN a sale gets: DE12 `hhmmss` (or the UTC time of day) and the STAN.
@@ -1029,7 +1110,8 @@ fn fingerprint(msg: &Message<'_>) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     };
     eat(&[msg.mti().class(), msg.mti().function()]);
-    for n in [2usize, 3, 4, 41, 42, 49, 61, 90] {
+    // 48 and 74/76/86/88: a 0500's batch totals (DOMAIN §9a).
+    for n in [2usize, 3, 4, 41, 42, 48, 49, 61, 74, 76, 86, 88, 90] {
         eat(msg.field_bytes(n).unwrap_or(&[]));
     }
     h
@@ -1205,8 +1287,8 @@ mod tests {
 
     #[test]
     fn utc_mmdd_follows_the_calendar() {
-        assert_eq!(utc_mmdd(0), 101);
-        assert_eq!(utc_mmdd(1_709_164_800), 229); // 2024-02-29
-        assert_eq!(utc_mmdd(1_798_761_599), 1231); // 2026-12-31 23:59:59
+        assert_eq!(crate::clock::mmdd_of(0), 101);
+        assert_eq!(crate::clock::mmdd_of(1_709_164_800), 229); // 2024-02-29
+        assert_eq!(crate::clock::mmdd_of(1_798_761_599), 1231); // 2026-12-31 23:59:59
     }
 }

@@ -35,7 +35,12 @@ pub(super) fn response(
     keys: Keys<'_>,
     out: &mut BytesMut,
 ) {
-    let code = d.de39(l.dialect).as_bytes();
+    // A repeat of a host's decline gets the host's code again (DOMAIN §6).
+    let host = d.host_code();
+    let code = match &host {
+        Some(c) => &c[..],
+        None => d.de39(l.dialect).as_bytes(),
+    };
     render(l, req, kind, d, code, sale_rrn, batch, keys, out);
 }
 

@@ -10,19 +10,19 @@
 #![allow(clippy::result_large_err)]
 
 use super::counters::{over, Bucket, Held};
-use super::decision::{Decision, Figures, Operation, OriginalRef, Request};
+use super::decision::{BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
 use super::event::{AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord};
 use super::hash::FastMap;
 use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
 use super::merchants::{MerchantConfig, Policy, SameDayRefund};
-use super::money::{rrn_key, LocalDate, MaskedPan, AMOUNT_MINOR_MAX};
-use super::originals::{Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
+use super::money::{rrn_key, CardType, LocalDate, MaskedPan, AMOUNT_MINOR_MAX};
+use super::originals::{Entries, Entry, Kind, OriginalState, RefKey, NO_LINK, TAG_CUP};
 use super::reason::{Dialect, Reason};
 use super::MerchantId;
 use crate::clock::UnixSeconds;
 use crate::limits::{
     ANSWERS_PER_MERCHANT_MAX, ANSWER_RETENTION_S, DECLINES_PER_MERCHANT_MAX,
-    ORIGINALS_PER_MERCHANT_MAX,
+    ORIGINALS_PER_MERCHANT_MAX, RECONCILIATION_LIST_MAX,
 };
 
 const SECONDS_PER_DAY: i64 = 86_400;
@@ -34,6 +34,9 @@ pub(crate) struct Term {
     pub refund_enabled: bool,
     pub batch: u32,
     pub signed_on: bool,
+    /// Settlement epoch of the terminal's open batch: an entry of this terminal with an
+    /// older epoch is settled.
+    pub epoch: u32,
 }
 
 /// What a reservation holds, to be given back on commit or release.
@@ -58,6 +61,14 @@ pub(crate) struct RefundHold {
     pub amount: u64,
 }
 
+/// Who asks for a refund: the terminal, card and scheme that DE54 type 92 is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Who {
+    pub term: u16,
+    pub pan_hash: u64,
+    pub card: CardType,
+}
+
 /// Context of one check that the book cannot know itself.
 pub(crate) struct Ctx {
     pub now: UnixSeconds,
@@ -67,6 +78,8 @@ pub(crate) struct Ctx {
     pub pan: MaskedPan,
     pub pan_hash: u64,
     pub store_ok: bool,
+    /// The batch totals a settlement request carries, if any.
+    pub totals: Option<BatchTotals>,
 }
 
 /// One merchant's state.
@@ -85,12 +98,18 @@ pub(crate) struct Book {
     pub day: Bucket,
     pub month: Bucket,
     pub cards: FastMap<u64, Bucket>,
-    pub entries: Vec<Entry>,
+    pub entries: Entries,
     pub by_ref: FastMap<RefKey, u32>,
     pub by_rrn: FastMap<u64, u32>,
     pub answers: FastMap<u64, Stored>,
     pub answers_prune_len: usize,
     pub reversal_noops: u64,
+    /// Reversals of sales that already had an approved refund or void (DOMAIN §9): nothing
+    /// was undone. The count, and the sales' entries (the newest ones) for reconciliation.
+    pub reversals_not_applied: u64,
+    pub not_applied: Vec<u32>,
+    /// Merchant-local day of the last scheduled cut-over (`i32::MIN`: none yet).
+    pub cutover_day: i32,
     /// Entries of kind tombstone (derived; lets the common case skip a lookup).
     pub tombstones: u32,
     // In flight; never journaled.
@@ -129,6 +148,18 @@ pub(crate) enum Refusal {
     Decline(Decision, AnswerKey),
 }
 
+impl Term {
+    /// Closes the open batch: the next batch number (999999 wraps to 1) and epoch.
+    pub fn next_batch(&mut self) {
+        self.batch = if self.batch >= 999_999 {
+            1
+        } else {
+            self.batch + 1
+        };
+        self.epoch = self.epoch.saturating_add(1);
+    }
+}
+
 impl Book {
     pub fn new(cfg: &MerchantConfig) -> Option<Book> {
         let terms = cfg
@@ -140,6 +171,7 @@ impl Book {
                     refund_enabled: t.refund_enabled,
                     batch: t.batch,
                     signed_on: false,
+                    epoch: 0,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -160,12 +192,15 @@ impl Book {
             day: Bucket::default(),
             month: Bucket::default(),
             cards: FastMap::default(),
-            entries: Vec::new(),
+            entries: Entries::default(),
             by_ref: FastMap::default(),
             by_rrn: FastMap::default(),
             answers: FastMap::default(),
             answers_prune_len: 1024,
             reversal_noops: 0,
+            reversals_not_applied: 0,
+            not_applied: Vec::new(),
+            cutover_day: i32::MIN,
             tombstones: 0,
             pending_sales: 0,
             pending_debits: 0,
@@ -189,6 +224,16 @@ impl Book {
         self.term_ix.get(&id).copied()
     }
 
+    /// The settlement epoch of terminal `term`'s open batch.
+    pub fn term_epoch(&self, term: u16) -> u32 {
+        self.terms.get(usize::from(term)).map_or(0, |t| t.epoch)
+    }
+
+    /// True while `e` is in its terminal's open (unsettled) batch.
+    pub fn in_open_batch(&self, e: &Entry) -> bool {
+        e.epoch == self.term_epoch(e.key.term)
+    }
+
     /// `reserve + unsettled − committed − pending debits`, never below zero.
     pub fn available(&self) -> u64 {
         let a = i128::from(self.reserve) + i128::from(self.unsettled)
@@ -199,22 +244,34 @@ impl Book {
 
     /// Rows 3–13 of DOMAIN §5, in order. On success the reservation is already held.
     pub fn check(&mut self, req: &Request<'_>, ctx: &Ctx) -> Result<(EventBody, Hold), Refusal> {
+        // No date on the request (a cup sale carries neither DE13 nor DE7): the merchant's
+        // local date keys it (DOMAIN §6), not the UTC one.
+        let dated;
+        let req = if req.local_date_mmdd == 0 {
+            dated = Request {
+                local_date_mmdd: ctx.today.mmdd,
+                ..*req
+            };
+            &dated
+        } else {
+            req
+        };
         let bare = |r: Reason| Refusal::Bare(Decision::bare(r));
         // Row 3: terminal known, signed on, batch.
         let term = self
             .term_index(req.terminal)
             .ok_or(bare(Reason::UNKNOWN_TERMINAL))?;
         let t = &self.terms[usize::from(term)];
-        if req.dialect == Dialect::CupPos && req.op != Operation::Settlement {
+        // A settlement closes a batch (DOMAIN §9a): only a terminal that signed on may ask,
+        // whatever its dialect; cup terminals sign on before anything else.
+        let settlement = req.op == Operation::Settlement;
+        if req.dialect == Dialect::CupPos || settlement {
             if !t.signed_on {
                 return Err(bare(Reason::UNKNOWN_TERMINAL));
             }
-            if req.batch != Some(t.batch) {
+            if req.dialect == Dialect::CupPos && req.batch != Some(t.batch) {
                 return Err(bare(Reason::BATCH_MISMATCH));
             }
-        }
-        if req.op == Operation::Settlement {
-            return self.check_settlement(ctx).map_err(Refusal::Bare);
         }
         // Row 4: duplicates and repeats.
         let key = pack_key(term, req.stan, req.local_date_mmdd, req.mti_class);
@@ -235,7 +292,8 @@ impl Book {
         if self.cutover {
             return Err(bare(Reason::CUTOVER));
         }
-        if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX {
+        if self.entries.len() >= ORIGINALS_PER_MERCHANT_MAX || self.entries.next_index() == NO_LINK
+        {
             return Err(bare(Reason::STORE_UNAVAILABLE));
         }
         if self.answers.len() >= ANSWERS_PER_MERCHANT_MAX {
@@ -299,15 +357,25 @@ impl Book {
             currency: self.policy.currency,
             ..Figures::default()
         };
+        if req.op == Operation::Settlement {
+            return self.check_settlement(ctx, term, answer);
+        }
         // Row 6: amount.
         if req.amount_minor == 0
             || req.amount_minor > AMOUNT_MINOR_MAX
             || req.currency != self.policy.currency
         {
-            return Err(Decision::new(Reason::INVALID_AMOUNT, base));
+            // A refund or void whose original is found carries DE54 even here (DOMAIN §5).
+            let figs = match req.op {
+                Operation::Refund | Operation::Void => self
+                    .original_for(req, ctx, term, base)
+                    .map_or_else(|d| d.figures, |(_, f)| f),
+                _ => base,
+            };
+            return Err(Decision::new(Reason::INVALID_AMOUNT, figs));
         }
         match req.op {
-            Operation::Sale => Ok(self.hold_sale(req, ctx, term, answer)),
+            Operation::Sale => self.check_sale(req, ctx, term, answer, base),
             Operation::Refund => self.check_refund(req, ctx, term, answer, base),
             Operation::Void => self.check_void(req, ctx, term, answer, base),
             Operation::Reversal => Ok((
@@ -319,6 +387,24 @@ impl Book {
             )),
             Operation::Settlement => Err(Decision::bare(Reason::INTERNAL_ERROR)),
         }
+    }
+
+    /// A sale whose reversal came first is declined 22 (DOMAIN §9); otherwise it is held.
+    fn check_sale(
+        &mut self,
+        req: &Request<'_>,
+        ctx: &Ctx,
+        term: u16,
+        answer: AnswerKey,
+        base: Figures,
+    ) -> Checked {
+        if self.tombstones > 0 {
+            let own = self.txn_key(own_key(req, term));
+            if self.tombstoned(&own) {
+                return Err(Decision::new(Reason::ORIGINAL_REVERSED, base));
+            }
+        }
+        Ok(self.hold_sale(req, ctx, term, answer))
     }
 
     fn hold_sale(
@@ -364,16 +450,20 @@ impl Book {
             return Err(Decision::new(Reason::ORIGINAL_NOT_FOUND, base));
         };
         let e = self.entries[idx as usize];
-        let held = self.held_of(idx);
-        let figs = Figures {
-            original_amount: Some(e.amount),
-            original_remaining: Some(e.remaining().saturating_sub(held.0)),
-            day_allowance_remaining: self.day_allowance(ctx.today),
-            ..base
-        };
-        if e.pan_hash != ctx.pan_hash {
-            return Err(Decision::new(Reason::PAN_MISMATCH, figs));
+        // Only a reversal ever named it (DOMAIN §9): reversed, whoever asks.
+        if e.kind == Kind::Tombstone {
+            return Err(Decision::new(Reason::ORIGINAL_REVERSED, base));
         }
+        // Another card's amounts are never disclosed: no DE54 on a PAN mismatch.
+        if e.pan_hash != ctx.pan_hash {
+            return Err(Decision::new(Reason::PAN_MISMATCH, base));
+        }
+        let who = Who {
+            term,
+            pan_hash: ctx.pan_hash,
+            card: req.card_type,
+        };
+        let figs = self.with_de54(base, idx, who, ctx.now, true);
         let reason = match e.state {
             OriginalState::NotApproved => Some(Reason::ORIGINAL_NOT_APPROVED),
             OriginalState::Voided => Some(Reason::ORIGINAL_VOIDED),
@@ -381,13 +471,7 @@ impl Book {
             OriginalState::Approved | OriginalState::Settled => None,
         };
         if let Some(r) = reason {
-            return Err(Decision::new(
-                r,
-                Figures {
-                    original_remaining: Some(0),
-                    ..figs
-                },
-            ));
+            return Err(Decision::new(r, figs));
         }
         if e.kind != Kind::Sale {
             return Err(Decision::new(Reason::TYPE_NOT_REFUNDABLE, figs));
@@ -420,8 +504,11 @@ impl Book {
             );
         }
         let today = ctx.today;
-        let same_day = p.utc_offset.day(sale.at) == today.day && sale.epoch == self.epoch;
-        if p.same_day_refund == SameDayRefund::UseVoid && same_day {
+        // USE_VOID only when that void would pass; otherwise the refund is decided on its merits.
+        if p.same_day_refund == SameDayRefund::UseVoid
+            && amount == sale.amount
+            && self.void_would_pass(idx, term, ctx.now, true)
+        {
             return fail(Reason::USE_VOID, figs);
         }
         // Row 10: amount against the original.
@@ -584,7 +671,7 @@ impl Book {
         let same_day = p.utc_offset.day(sale.at) == ctx.today.day;
         let t = &self.terms[usize::from(term)];
         let open_batch =
-            sale.epoch == self.epoch && (req.dialect != Dialect::CupPos || sale.batch == t.batch);
+            self.in_open_batch(&sale) && (req.dialect != Dialect::CupPos || sale.batch == t.batch);
         if !same_day || !open_batch || sale.key.term != term {
             return Err(Decision::new(Reason::USE_REFUND, figs));
         }
@@ -618,11 +705,105 @@ impl Book {
         ))
     }
 
-    fn check_settlement(&mut self, ctx: &Ctx) -> Checked {
-        if !ctx.store_ok {
-            return Err(Decision::bare(Reason::STORE_UNAVAILABLE));
+    /// DOMAIN §9a: the terminal's open batch, its totals compared with the request's.
+    fn check_settlement(&mut self, ctx: &Ctx, term: u16, answer: AnswerKey) -> Checked {
+        let ours = self.batch_totals(term);
+        let figures = Figures {
+            amount: ours.debit_amount,
+            currency: self.policy.currency,
+            limit: Some(ours.debit_amount),
+            used: Some(ours.credit_amount),
+            ..Figures::default()
+        };
+        if ctx.totals.is_some_and(|theirs| theirs != ours) {
+            return Err(Decision::new(Reason::RECONCILE_ERROR, figures));
         }
-        Ok((self.settle_body(), Hold::default()))
+        let net = i128::from(ours.debit_amount) - i128::from(ours.credit_amount);
+        let (payout, reserve_used) = if net >= 0 {
+            // Keep back what backs debits in flight: never pay out below them.
+            let merchant_net = i128::from(self.unsettled)
+                - i128::from(self.committed)
+                - i128::from(self.pending_debits);
+            let payout = net.min(merchant_net.max(0));
+            (u64::try_from(payout).unwrap_or(0), 0)
+        } else {
+            (0, u64::try_from(-net).unwrap_or(u64::MAX))
+        };
+        Ok((
+            EventBody::SettleBatch {
+                answer,
+                payout,
+                reserve_used,
+            },
+            Hold::default(),
+        ))
+    }
+
+    /// The gateway's totals of terminal `term`'s open batch: approved sales (debits) and
+    /// approved refunds (credits) still standing; voided and reversed ones are out.
+    pub fn batch_totals(&self, term: u16) -> BatchTotals {
+        let epoch = self.term_epoch(term);
+        let mut t = BatchTotals::default();
+        for e in self.entries.iter() {
+            if e.key.term != term || e.epoch != epoch || e.state != OriginalState::Approved {
+                continue;
+            }
+            match e.kind {
+                Kind::Sale => {
+                    t.debit_count += 1;
+                    t.debit_amount = t.debit_amount.saturating_add(e.amount);
+                }
+                Kind::Refund => {
+                    t.credit_count += 1;
+                    t.credit_amount = t.credit_amount.saturating_add(e.amount);
+                }
+                Kind::Void | Kind::Tombstone => {}
+            }
+        }
+        t
+    }
+
+    /// Applies a terminal's settlement: its batch's sales less its refunds leave the funds
+    /// (`payout` paid out, or `reserve_used` taken from the reserve when refunds exceeded
+    /// sales), its originals become settled and the terminal moves to the next batch.
+    fn apply_settle_batch(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        payout: u64,
+        reserve_used: u64,
+    ) -> Decision {
+        let Some(term) = self.term_index(answer.terminal.as_str()) else {
+            return Decision::bare(Reason::INTERNAL_ERROR);
+        };
+        let totals = self.batch_totals(term);
+        let (sales, refunds) = (totals.debit_amount, totals.credit_amount);
+        let removed = if sales >= refunds {
+            refunds.saturating_add(payout.min(sales - refunds))
+        } else {
+            self.reserve = self.reserve.saturating_sub(reserve_used);
+            sales
+        };
+        self.unsettled = self.unsettled.saturating_sub(removed);
+        self.committed = self.committed.saturating_sub(refunds);
+        self.terms[usize::from(term)].next_batch();
+        let figures = Figures {
+            amount: payout,
+            currency: self.policy.currency,
+            limit: Some(totals.debit_amount),
+            used: Some(totals.credit_amount),
+            ..Figures::default()
+        };
+        self.finish(at, answer, Decision::new(Reason::APPROVED, figures))
+    }
+
+    /// The merchant-local day whose scheduled cut-over is due at `now`, if any: the local
+    /// time of day has reached `cutover_at` and that day's cut-over has not run yet.
+    pub fn cutover_due(&self, now: UnixSeconds) -> Option<i32> {
+        let at = i64::from(self.policy.cutover_at?);
+        let local = now.saturating_add(i64::from(self.policy.utc_offset.seconds()));
+        let day = i32::try_from(local.div_euclid(SECONDS_PER_DAY)).ok()?;
+        (local.rem_euclid(SECONDS_PER_DAY) >= at && self.cutover_day < day).then_some(day)
     }
 
     /// The settlement to journal now: net unsettled sales are paid out, except what backs
@@ -697,6 +878,193 @@ impl Book {
         self.held_originals.get(&idx).copied().unwrap_or((0, 0))
     }
 
+    /// `base` with DE54 for a refund of `original` by the card and terminal of `txn`; `live`:
+    /// counting reservations in flight (an upstream decline, after its own hold was given
+    /// back), else from the durable state alone (an event being applied).
+    pub fn de54_for(
+        &self,
+        base: Figures,
+        txn: &TxnRecord,
+        original: &TxnKey,
+        now: UnixSeconds,
+        live: bool,
+    ) -> Figures {
+        let idx = self
+            .ref_key(original)
+            .and_then(|k| self.by_ref.get(&k).copied());
+        let term = self.term_index(txn.key.terminal.as_str());
+        match (idx, term) {
+            (Some(idx), Some(term)) => {
+                let who = Who {
+                    term,
+                    pan_hash: txn.pan_hash,
+                    card: txn.card,
+                };
+                self.with_de54(base, idx, who, now, live)
+            }
+            _ => base,
+        }
+    }
+
+    /// Funds for a debit: live (less debits in flight) or durable.
+    fn funds(&self, live: bool) -> u64 {
+        if live {
+            return self.available();
+        }
+        let a = i128::from(self.reserve) + i128::from(self.unsettled) - i128::from(self.committed);
+        u64::try_from(a.max(0)).unwrap_or(u64::MAX)
+    }
+
+    /// The refundable share of the sale `e` less refunds approved (and, `live`, in flight).
+    fn share_left(&self, e: &Entry, held: u64) -> u64 {
+        let cap = u128::from(e.amount) * u128::from(self.policy.refundable_share_percent) / 100;
+        let cap = u64::try_from(cap).unwrap_or(u64::MAX);
+        cap.saturating_sub(e.refunded.saturating_add(held))
+    }
+
+    /// The merchant's refund allowance left now: the smallest of the day and month amount
+    /// caps' remainders and the funds (DE54 type 91).
+    fn allowance(&self, today: LocalDate, live: bool) -> u64 {
+        let p = &self.policy;
+        let (day, month) = if live {
+            (self.day_used(today.day).0, self.month_used(today.month).0)
+        } else {
+            (
+                self.day.in_period(today.day).0,
+                self.month.in_period(today.month).0,
+            )
+        };
+        let mut a = self.funds(live);
+        if let Some(m) = p.refund_day_amount_max {
+            a = a.min(m.saturating_sub(day));
+        }
+        if let Some(m) = p.refund_month_amount_max {
+            a = a.min(m.saturating_sub(month));
+        }
+        a
+    }
+
+    /// True when a void of the sale at `idx` from terminal `term` would be approved now
+    /// (DOMAIN §5 rows 9–13 for a void of the full amount).
+    fn void_would_pass(&self, idx: u32, term: u16, now: UnixSeconds, live: bool) -> bool {
+        let Some(sale) = self.entries.get(idx as usize) else {
+            return false;
+        };
+        let Some(t) = self.terms.get(usize::from(term)) else {
+            return false;
+        };
+        let p = &self.policy;
+        let cup = sale.key.tag & TAG_CUP != 0;
+        let held = if live { self.held_of(idx) } else { (0, 0) };
+        p.void_enabled
+            && sale.kind == Kind::Sale
+            && sale.state == OriginalState::Approved
+            && sale.key.term == term
+            && p.utc_offset.day(sale.at) == p.utc_offset.day(now)
+            && self.in_open_batch(sale)
+            && (!cup || sale.batch == t.batch)
+            && sale.refunded == 0
+            && held.1 == 0
+            && sale.amount <= self.funds(live)
+    }
+
+    /// `base` with DE54 for a refund of the sale at `idx` by `who` at `now` (DOMAIN §5):
+    /// 90 still refundable, 91 the merchant's allowance, 92 the largest refund that would be
+    /// approved. `live`: count reservations in flight (a check); without, the durable state
+    /// alone (an approval being applied, so that replay gives the same answer).
+    fn with_de54(
+        &self,
+        base: Figures,
+        idx: u32,
+        who: Who,
+        now: UnixSeconds,
+        live: bool,
+    ) -> Figures {
+        let Some(sale) = self.entries.get(idx as usize).copied() else {
+            return base;
+        };
+        let p = &self.policy;
+        let held = if live { self.held_of(idx) } else { (0, 0) };
+        let standing = sale.kind == Kind::Sale && sale.state == OriginalState::Approved;
+        let share = if standing {
+            self.share_left(&sale, held.0)
+        } else {
+            0
+        };
+        let today = p.utc_offset.local(now);
+        let allowance = self.allowance(today, live);
+        let card = self
+            .cards
+            .get(&who.pan_hash)
+            .map_or((0, 0), |b| b.in_period(today.day));
+        let card_held = if live {
+            self.held_cards
+                .get(&who.pan_hash)
+                .map_or((0, 0), |h| h.in_period(today.day))
+        } else {
+            (0, 0)
+        };
+        let (card_amount, card_count) = (
+            card.0.saturating_add(card_held.0),
+            u64::from(card.1) + u64::from(card_held.1),
+        );
+        let (day_count, month_count) = if live {
+            (self.day_used(today.day).1, self.month_used(today.month).1)
+        } else {
+            (
+                u64::from(self.day.in_period(today.day).1),
+                u64::from(self.month.in_period(today.month).1),
+            )
+        };
+        let reached = |max: Option<u32>, used: u64| max.is_some_and(|m| used >= u64::from(m));
+        let window_s = i64::from(p.refund_window_days) * SECONDS_PER_DAY;
+        let refund_enabled = self
+            .terms
+            .get(usize::from(who.term))
+            .is_some_and(|t| t.refund_enabled);
+        let blocked = !standing
+            || now.saturating_sub(sale.at) > window_s
+            || !p.refund_enabled
+            || !refund_enabled
+            || p.denied_card_types.contains(&who.card)
+            || reached(
+                p.original_refund_count_max,
+                u64::from(sale.refund_count) + u64::from(held.1),
+            )
+            || reached(p.card_refund_day_count_max, card_count)
+            || reached(p.refund_day_count_max, day_count)
+            || reached(p.refund_month_count_max, month_count);
+        let would_pass = if blocked {
+            0
+        } else {
+            let mut x = share
+                .min(sale.remaining().saturating_sub(held.0))
+                .min(allowance)
+                .min(AMOUNT_MINOR_MAX);
+            if let Some(m) = p.refund_single_max {
+                x = x.min(m);
+            }
+            if let Some(m) = p.card_refund_day_amount_max {
+                x = x.min(m.saturating_sub(card_amount));
+            }
+            // The full amount would be told to void instead (row 9): one unit less passes.
+            if p.same_day_refund == SameDayRefund::UseVoid
+                && x >= sale.amount
+                && self.void_would_pass(idx, who.term, now, live)
+            {
+                x = sale.amount.saturating_sub(1);
+            }
+            x
+        };
+        Figures {
+            original_amount: Some(sale.amount),
+            original_remaining: Some(share),
+            day_allowance_remaining: Some(allowance),
+            would_pass: Some(would_pass),
+            ..base
+        }
+    }
+
     fn day_used(&self, day: i32) -> (u64, u64) {
         let (a, c) = self.day.in_period(day);
         let (ha, hc) = self.held_day.in_period(day);
@@ -707,13 +1075,6 @@ impl Book {
         let (a, c) = self.month.in_period(month);
         let (ha, hc) = self.held_month.in_period(month);
         (a.saturating_add(ha), u64::from(c) + u64::from(hc))
-    }
-
-    /// The merchant's refund amount left today, when a day limit is set.
-    pub fn day_allowance(&self, today: LocalDate) -> Option<u64> {
-        let max = self.policy.refund_day_amount_max?;
-        let (used, _) = self.day_used(today.day);
-        Some(max.saturating_sub(used))
     }
 
     fn find_original(&self, req: &Request<'_>, term: u16) -> Option<u32> {
@@ -809,6 +1170,7 @@ impl Book {
                 original_amount: sale.map(|e| e.amount),
                 original_remaining: Some(a.original_remaining),
                 day_allowance_remaining: a.day_allowance,
+                would_pass: a.would_pass,
                 ..Figures::default()
             },
         )
@@ -895,7 +1257,8 @@ impl Book {
                 EventBody::Sale { answer, .. }
                 | EventBody::Refund { answer, .. }
                 | EventBody::Void { answer, .. }
-                | EventBody::Reversal { answer, .. } => Some(answer),
+                | EventBody::Reversal { answer, .. }
+                | EventBody::SettleBatch { answer, .. } => Some(answer),
                 _ => None,
             };
             // The same event applied twice (a replayed journal overlapping a snapshot).
@@ -939,6 +1302,19 @@ impl Book {
                 payout,
                 reserve_used,
             } => self.apply_settle(*payout, *reserve_used),
+            EventBody::SettleBatch {
+                answer,
+                payout,
+                reserve_used,
+            } => self.apply_settle_batch(at, answer, *payout, *reserve_used),
+            EventBody::ScheduledCutover {
+                day,
+                payout,
+                reserve_used,
+            } => {
+                self.cutover_day = self.cutover_day.max(*day);
+                self.apply_settle(*payout, *reserve_used)
+            }
         }
     }
 
@@ -970,7 +1346,7 @@ impl Book {
         self.epoch = self.epoch.saturating_add(1);
         self.cutover = false;
         for t in &mut self.terms {
-            t.batch = if t.batch >= 999_999 { 1 } else { t.batch + 1 };
+            t.next_batch();
         }
         let figures = Figures {
             amount: payout,
@@ -1026,7 +1402,8 @@ impl Book {
         state: OriginalState,
         link: u32,
     ) -> u32 {
-        let idx = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+        self.prune_originals(at);
+        let idx = self.entries.next_index();
         if kind == Kind::Tombstone {
             self.tombstones = self.tombstones.saturating_add(1);
         }
@@ -1038,7 +1415,7 @@ impl Book {
             pan: txn.pan,
             key,
             link,
-            epoch: self.epoch,
+            epoch: self.term_epoch(key.term),
             batch: txn.batch,
             refund_count: 0,
             kind,
@@ -1050,6 +1427,33 @@ impl Book {
             self.by_rrn.insert(r, idx);
         }
         idx
+    }
+
+    /// Forgets the oldest transactions once they are past `refund_window_days` plus the
+    /// terminal's retry horizon (DOMAIN §6): nothing can refer to them any more (a refund is
+    /// out of its window, a repeat past its horizon), so memory stays bounded under steady
+    /// traffic. Runs as an entry is added, from the durable state alone (replay prunes alike).
+    fn prune_originals(&mut self, at: UnixSeconds) {
+        let keep = i64::from(self.policy.refund_window_days) * SECONDS_PER_DAY + ANSWER_RETENTION_S;
+        let horizon = at.saturating_sub(keep);
+        let mut pruned = false;
+        while self.entries.front().is_some_and(|e| e.at < horizon) {
+            let Some((idx, e)) = self.entries.pop_front() else {
+                break;
+            };
+            if self.by_ref.get(&e.key) == Some(&idx) {
+                self.by_ref.remove(&e.key);
+            }
+            if e.kind == Kind::Tombstone {
+                self.tombstones = self.tombstones.saturating_sub(1);
+            }
+            pruned = true;
+        }
+        // RRNs of forgotten entries (lookups skip them already): drop them in bulk.
+        if pruned && self.by_rrn.len() > 2 * self.entries.len() + 1024 {
+            let base = self.entries.base();
+            self.by_rrn.retain(|_, i| *i >= base);
+        }
     }
 
     fn apply_sale(&mut self, at: UnixSeconds, answer: &AnswerKey, txn: &TxnRecord) -> Decision {
@@ -1111,7 +1515,6 @@ impl Book {
         let sale = &mut self.entries[sale_idx as usize];
         sale.refunded = sale.refunded.saturating_add(txn.amount);
         sale.refund_count = sale.refund_count.saturating_add(1);
-        let (sale_amount, remaining) = (sale.amount, sale.remaining());
         self.committed = self.committed.saturating_add(txn.amount);
         self.day.add(local.day, txn.amount);
         self.month.add(local.month, txn.amount);
@@ -1124,21 +1527,20 @@ impl Book {
         if self.cards.len() >= 4096 && self.cards.len().is_power_of_two() {
             self.cards.retain(|_, b| b.period >= local.day);
         }
-        let figs = Figures {
-            original_amount: Some(sale_amount),
-            original_remaining: Some(remaining),
-            day_allowance_remaining: self
-                .policy
-                .refund_day_amount_max
-                .map(|m| m.saturating_sub(self.day.in_period(local.day).0)),
-            ..base
+        // The figures after this refund, from the durable state alone (replay gives the same).
+        let who = Who {
+            term: key.term,
+            pan_hash: txn.pan_hash,
+            card: txn.card,
         };
+        let figs = self.with_de54(base, sale_idx, who, at, false);
         if let Some(k) = self.answer_key(answer) {
             let stored = RefundAnswer {
                 fingerprint: answer.fingerprint,
                 idx,
-                original_remaining: remaining,
+                original_remaining: figs.original_remaining.unwrap_or(0),
                 day_allowance: figs.day_allowance_remaining,
+                would_pass: figs.would_pass,
             };
             self.store_answer(k, Stored::Refund(Box::new(stored)), at);
         }
@@ -1171,7 +1573,10 @@ impl Book {
             (Some(key), Ok(sale_idx)) => Ok((base, key, sale_idx)),
             (_, found) => {
                 let r = found.err().unwrap_or(Reason::INTERNAL_ERROR);
-                Err(self.finish(at, answer, Decision::new(r, base)))
+                // The original was found (voided or reversed meanwhile): DE54 as ever, from
+                // the durable state.
+                let figs = self.de54_for(base, txn, original, at, false);
+                Err(self.finish(at, answer, Decision::new(r, figs)))
             }
         }
     }
@@ -1197,19 +1602,22 @@ impl Book {
         self.push_entry(at, txn, key, Kind::Void, OriginalState::Approved, sale_idx);
         let sale = &mut self.entries[sale_idx as usize];
         sale.state = OriginalState::Voided;
-        let (amount, epoch) = (sale.amount, sale.epoch);
-        self.take_back_sale(amount, epoch);
-        let figs = Figures {
-            original_amount: Some(amount),
-            original_remaining: Some(0),
-            ..base
+        let sale = *sale;
+        self.take_back_sale(&sale);
+        // DE54 after the void (90 and 92 are 0 now), from the durable state alone.
+        let who = Who {
+            term: key.term,
+            pan_hash: txn.pan_hash,
+            card: txn.card,
         };
+        let figs = self.with_de54(base, sale_idx, who, at, false);
         self.finish(at, answer, Decision::new(Reason::APPROVED, figs))
     }
 
     /// Removes a sale's money from the funds (void or reversal of a sale).
-    fn take_back_sale(&mut self, amount: u64, epoch: u32) {
-        if epoch == self.epoch {
+    fn take_back_sale(&mut self, sale: &Entry) {
+        let amount = sale.amount;
+        if self.in_open_batch(sale) {
             let short = amount.saturating_sub(self.unsettled);
             self.unsettled = self.unsettled.saturating_sub(amount);
             self.reserve = self.reserve.saturating_sub(short);
@@ -1244,15 +1652,26 @@ impl Book {
             return self.noop(at, answer);
         };
         let e = self.entries[idx as usize];
+        // Never return money twice: a sale the card already got money back on (an approved
+        // refund, or a void) stays as it is, and the reversal is listed for reconciliation.
+        let refunded_or_voided = e.kind == Kind::Sale
+            && ((e.state == OriginalState::Approved && e.refund_count > 0)
+                || e.state == OriginalState::Voided);
+        if refunded_or_voided {
+            return self.not_applied(at, answer, idx, &e);
+        }
         if e.state != OriginalState::Approved {
             return self.noop(at, answer);
         }
         self.entries[idx as usize].state = OriginalState::Reversed;
         match e.kind {
-            Kind::Sale => self.take_back_sale(e.amount, e.epoch),
+            Kind::Sale => self.take_back_sale(&e),
             Kind::Refund => self.give_back_refund(&e),
             Kind::Void => {
-                let epoch = self.epoch;
+                let epoch = self
+                    .entries
+                    .get(e.link as usize)
+                    .map_or(0, |s| self.term_epoch(s.key.term));
                 if let Some(sale) = self.entries.get_mut(e.link as usize) {
                     sale.state = OriginalState::Approved;
                     sale.epoch = epoch;
@@ -1270,6 +1689,31 @@ impl Book {
         self.finish(at, answer, Decision::new(Reason::REVERSAL_APPLIED, figs))
     }
 
+    fn not_applied(
+        &mut self,
+        at: UnixSeconds,
+        answer: &AnswerKey,
+        idx: u32,
+        e: &Entry,
+    ) -> Decision {
+        self.reversals_not_applied = self.reversals_not_applied.saturating_add(1);
+        if self.not_applied.len() >= RECONCILIATION_LIST_MAX {
+            self.not_applied.remove(0);
+        }
+        self.not_applied.push(idx);
+        let figs = Figures {
+            amount: e.amount,
+            currency: self.policy.currency,
+            original_amount: Some(e.amount),
+            ..Figures::default()
+        };
+        self.finish(
+            at,
+            answer,
+            Decision::new(Reason::REVERSAL_NOT_APPLIED, figs),
+        )
+    }
+
     fn noop(&mut self, at: UnixSeconds, answer: &AnswerKey) -> Decision {
         self.reversal_noops = self.reversal_noops.saturating_add(1);
         self.finish(at, answer, Decision::bare(Reason::REVERSAL_NOTHING_TO_UNDO))
@@ -1281,7 +1725,7 @@ impl Book {
             sale.refunded = sale.refunded.saturating_sub(refund.amount);
             sale.refund_count = sale.refund_count.saturating_sub(1);
         }
-        if refund.epoch == self.epoch {
+        if self.in_open_batch(refund) {
             self.committed = self.committed.saturating_sub(refund.amount);
         } else {
             self.reserve = self.reserve.saturating_add(refund.amount);

@@ -19,7 +19,8 @@ pub enum Operation {
     /// A reversal of a sale, refund or void (ascii: DE90; cup: terminal + own STAN + DE60.2,
     /// plus DE61 for a void). Idempotent; always approved once rows 1–6 pass.
     Reversal,
-    /// A batch settlement (0500) from a terminal: same as [`super::Ledger::settle`].
+    /// A batch settlement (0500) of the terminal's open batch (DOMAIN §9a); see
+    /// [`super::Ledger::settle_batch_logged`].
     Settlement,
 }
 
@@ -67,6 +68,7 @@ pub struct Request<'a> {
     /// DE11.
     pub stan: u32,
     /// DE13, or the MMDD of DE7 (idempotency key part).
+    /// 0 when the request carries neither: the merchant-local date of `now` is used.
     pub local_date_mmdd: u16,
     /// MTI class (idempotency key part): 2 for 02xx, 4 for 04xx, 5 for 05xx.
     pub mti_class: u8,
@@ -108,6 +110,21 @@ impl fmt::Debug for Request<'_> {
     }
 }
 
+/// The totals of one terminal batch (DOMAIN §9a): ascii1987 DE 76/88 (debits) and 74/86
+/// (credits), `cup_pos` DE 48. Debits are approved sales still standing (not voided or
+/// reversed), credits approved refunds still standing; amounts in minor units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct BatchTotals {
+    /// Number of debits (sales).
+    pub debit_count: u64,
+    /// Amount of debits.
+    pub debit_amount: u64,
+    /// Number of credits (refunds).
+    pub credit_count: u64,
+    /// Amount of credits.
+    pub credit_amount: u64,
+}
+
 /// The numbers behind a decision, for DE54 and `explain`. Absent means "not relevant".
 ///
 /// For the count reasons (`*_COUNT`) `limit`, `used` and `remaining` are counts; otherwise
@@ -128,10 +145,20 @@ pub struct Figures {
     pub window_days: Option<u32>,
     /// The original sale's amount.
     pub original_amount: Option<u64>,
-    /// Still refundable on the original (after this request when approved).
+    /// DE54 type 90: still refundable on the original, the refundable share of the sale less
+    /// refunds approved and in flight (after this request when approved).
     pub original_remaining: Option<u64>,
-    /// The merchant's refund allowance left for the day (after this request when approved).
+    /// DE54 type 91: the merchant's refund allowance left in the binding period, the smallest
+    /// of what the day and month amount caps and the funds still allow (after this request
+    /// when approved).
     pub day_allowance_remaining: Option<u64>,
+    /// DE54 type 92: the largest refund of this original, on this card and terminal, that
+    /// would be approved now (every row-12 limit and the funds considered); 0 when a rule no
+    /// smaller amount can satisfy binds (count, window, permission, state).
+    pub would_pass: Option<u64>,
+    /// `HOST_DECLINED`: the host's DE39, two ASCII characters packed big-endian, so that a
+    /// repeat gets the host's code again.
+    pub host_code: Option<u16>,
 }
 
 /// The answer: a dialect-neutral code, the reason (DE44) and the figures (DE54, `explain`).
@@ -165,7 +192,15 @@ impl Decision {
         self.code.is_approved()
     }
 
-    /// DE39 for `dialect`.
+    /// The upstream host's DE39 of a `HOST_DECLINED`, when it was kept.
+    pub fn host_code(&self) -> Option<[u8; 2]> {
+        let c = self.figures.host_code?;
+        let b = c.to_be_bytes();
+        (self.reason == Reason::HOST_DECLINED && b.iter().all(u8::is_ascii_alphanumeric))
+            .then_some(b)
+    }
+
+    /// DE39 for `dialect` (a host decline's own code is [`Decision::host_code`]).
     pub fn de39(&self, dialect: Dialect) -> &'static str {
         response_code(self.reason, dialect)
     }
@@ -183,18 +218,22 @@ impl Decision {
 
 /// Amount type of "still refundable on the original" in DE54 (private-use range).
 pub const DE54_TYPE_ORIGINAL_REMAINING: &str = "90";
-/// Amount type of "merchant's refund allowance left today" in DE54 (private-use range).
+/// Amount type of "merchant's refund allowance left in the binding period" in DE54.
 pub const DE54_TYPE_DAY_ALLOWANCE: &str = "91";
+/// Amount type of "largest refund that would be approved now" in DE54 (private-use range).
+pub const DE54_TYPE_WOULD_PASS: &str = "92";
 
 /// Formats DE54 as ISO 8583 additional-amount blocks of 20 characters each:
 /// account type `00`, amount type (`90` still refundable on the original, `91` merchant's
-/// refund allowance left today), currency n3, sign `C`, amount n12. At most two blocks
-/// (40 characters, within the 120 of ISO); `None` when neither figure is known.
+/// refund allowance left, `92` the largest refund that would be approved now), currency n3,
+/// sign `C`, amount n12. At most three blocks (60 characters, within the 120 of ISO); `None`
+/// when no figure is known.
 pub fn format_de54(f: &Figures) -> Option<String> {
     let mut out = String::new();
     for (ty, v) in [
         (DE54_TYPE_ORIGINAL_REMAINING, f.original_remaining),
         (DE54_TYPE_DAY_ALLOWANCE, f.day_allowance_remaining),
+        (DE54_TYPE_WOULD_PASS, f.would_pass),
     ] {
         if let Some(v) = v {
             out.push_str(&format!(

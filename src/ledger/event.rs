@@ -11,8 +11,9 @@ use super::money::{CardType, MaskedPan};
 use super::reason::Reason;
 use crate::clock::UnixSeconds;
 
-/// Version byte written first in every event and snapshot.
-pub const EVENT_VERSION: u8 = 1;
+/// Version byte written first in every event. 2 added DE54 type 92 (`would_pass`) to the
+/// decisions a `Declined` event carries; version 1 events still decode.
+pub const EVENT_VERSION: u8 = 2;
 
 /// An ASCII identifier of at most `N` bytes, stored inline (DE42: 15, DE41: 8).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -165,7 +166,28 @@ pub enum EventBody {
         /// Added to the reserve.
         amount: u64,
     },
-    /// A settlement: `payout` of net unsettled sales paid out, `reserve_used` taken from the
+    /// A terminal's settlement of its open batch (DOMAIN §9a): `payout` of the batch's net
+    /// sales paid out, or `reserve_used` taken from the reserve when its refunds exceeded its
+    /// sales; the terminal moves to the next batch.
+    SettleBatch {
+        /// The 0500 answered (its terminal is the one settled).
+        answer: AnswerKey,
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+    /// The merchant's scheduled cut-over of local day `day` ran (DOMAIN §9a): a settlement of
+    /// the whole merchant, as [`EventBody::Settle`], that runs once a day.
+    ScheduledCutover {
+        /// Merchant-local day number (days since 1970-01-01).
+        day: i32,
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+    /// A settlement of the whole merchant: `payout` of net unsettled sales paid out, `reserve_used` taken from the
     /// reserve when refunds exceeded sales; batches move on.
     Settle {
         /// Paid out.
@@ -218,6 +240,8 @@ impl LedgerEvent {
             EventBody::CutoverBegin => 7,
             EventBody::Settle { .. } => 8,
             EventBody::TopUp { .. } => 9,
+            EventBody::SettleBatch { .. } => 10,
+            EventBody::ScheduledCutover { .. } => 11,
         };
         w.u8(tag);
         w.id(&self.merchant);
@@ -270,6 +294,24 @@ impl LedgerEvent {
                 w.u64(*payout);
                 w.u64(*reserve_used);
             }
+            EventBody::SettleBatch {
+                answer,
+                payout,
+                reserve_used,
+            } => {
+                w.answer(answer);
+                w.u64(*payout);
+                w.u64(*reserve_used);
+            }
+            EventBody::ScheduledCutover {
+                day,
+                payout,
+                reserve_used,
+            } => {
+                w.i64(i64::from(*day));
+                w.u64(*payout);
+                w.u64(*reserve_used);
+            }
         }
     }
 
@@ -277,7 +319,7 @@ impl LedgerEvent {
     pub fn decode(bytes: &[u8]) -> Result<LedgerEvent, DecodeError> {
         let r = &mut Reader(bytes);
         let v = r.u8()?;
-        if v != EVENT_VERSION {
+        if !(1..=EVENT_VERSION).contains(&v) {
             return Err(DecodeError::Version(v));
         }
         let tag = r.u8()?;
@@ -304,7 +346,7 @@ impl LedgerEvent {
             },
             5 => EventBody::Declined {
                 answer: r.answer()?,
-                decision: r.decision()?,
+                decision: r.decision_v(v)?,
                 sale: match r.u8()? {
                     0 => None,
                     1 => Some(r.txn()?),
@@ -318,6 +360,16 @@ impl LedgerEvent {
                 reserve_used: r.u64()?,
             },
             9 => EventBody::TopUp { amount: r.u64()? },
+            10 => EventBody::SettleBatch {
+                answer: r.answer()?,
+                payout: r.u64()?,
+                reserve_used: r.u64()?,
+            },
+            11 => EventBody::ScheduledCutover {
+                day: i32::try_from(r.i64()?).map_err(|_| DecodeError::Invalid("day"))?,
+                payout: r.u64()?,
+                reserve_used: r.u64()?,
+            },
             _ => return Err(DecodeError::Invalid("event tag")),
         };
         r.end()?;
@@ -396,6 +448,8 @@ impl Writer<'_> {
         self.opt(f.original_amount);
         self.opt(f.original_remaining);
         self.opt(f.day_allowance_remaining);
+        self.opt(f.would_pass);
+        self.opt(f.host_code.map(u64::from));
     }
 }
 
@@ -494,7 +548,8 @@ impl Reader<'_> {
         })
     }
 
-    pub fn decision(&mut self) -> Result<Decision, DecodeError> {
+    /// A decision as written by event/snapshot `version` (1 had no `would_pass`).
+    pub fn decision_v(&mut self, version: u8) -> Result<Decision, DecodeError> {
         let reason = Reason::from_u8(self.u8()?).ok_or(DecodeError::Invalid("reason"))?;
         let figures = Figures {
             amount: self.u64()?,
@@ -510,6 +565,15 @@ impl Reader<'_> {
             original_amount: self.opt()?,
             original_remaining: self.opt()?,
             day_allowance_remaining: self.opt()?,
+            would_pass: if version >= 2 { self.opt()? } else { None },
+            host_code: if version >= 2 {
+                self.opt()?
+                    .map(u16::try_from)
+                    .transpose()
+                    .map_err(|_| DecodeError::Invalid("host code"))?
+            } else {
+                None
+            },
         };
         Ok(Decision::new(reason, figures))
     }

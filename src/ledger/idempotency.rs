@@ -34,6 +34,7 @@ pub(crate) struct RefundAnswer {
     pub idx: u32,
     pub original_remaining: u64,
     pub day_allowance: Option<u64>,
+    pub would_pass: Option<u64>,
 }
 
 /// A boxed stored answer.

@@ -62,6 +62,9 @@ pub struct Policy {
     pub utc_offset: UtcOffset,
     /// ISO 4217 numeric currency of the merchant (DE49); requests in another currency get 13.
     pub currency: u16,
+    /// Merchant-local time of day (seconds after midnight) at which a scheduled cut-over
+    /// settles every terminal's batch (DOMAIN §9a); `None`: no schedule.
+    pub cutover_at: Option<u32>,
 }
 
 impl Default for Policy {
@@ -84,6 +87,7 @@ impl Default for Policy {
             reserve: 0,
             utc_offset: UtcOffset::default(),
             currency: 840,
+            cutover_at: None,
         }
     }
 }
@@ -145,6 +149,7 @@ struct Knobs {
     reserve: Option<u64>,
     utc_offset: Option<String>,
     currency: Option<u16>,
+    cutover_at: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,6 +344,14 @@ fn resolve(at: &str, base: &Knobs, over: &Knobs) -> Result<Policy, ConfigError> 
             ))
         })?,
     };
+    let cutover_at = match pick!(cutover_at).as_deref() {
+        None => None,
+        Some(s) => Some(parse_time_of_day(s).ok_or_else(|| {
+            ConfigError(format!(
+                "{at}.cutover_at: \"{s}\" is not a local time like \"23:00\""
+            ))
+        })?),
+    };
     let currency = pick!(currency).unwrap_or(d.currency);
     if currency == 0 || currency > 999 {
         return Err(ConfigError(format!(
@@ -395,7 +408,19 @@ fn resolve(at: &str, base: &Knobs, over: &Knobs) -> Result<Policy, ConfigError> 
         reserve: pick!(reserve).unwrap_or(0),
         utc_offset,
         currency,
+        cutover_at,
     })
+}
+
+/// `HH:MM` (00:00–23:59) as seconds after midnight.
+fn parse_time_of_day(s: &str) -> Option<u32> {
+    let b = s.as_bytes();
+    if b.len() != 5 || b[2] != b':' || !s.is_ascii() {
+        return None;
+    }
+    let hh: u32 = s.get(0..2)?.parse().ok()?;
+    let mm: u32 = s.get(3..5)?.parse().ok()?;
+    (hh < 24 && mm < 60).then_some(hh * 3600 + mm * 60)
 }
 
 #[cfg(test)]

@@ -17,10 +17,11 @@
 //!
 //! # Choices where DOMAIN.md is silent
 //!
-//! - Sign-on and DE60.2 batch checks apply to `cup_pos` terminals only; an ascii terminal is
-//!   known once it is in the merchant file. Sign-on returns the terminal's current batch;
-//!   settlement moves every terminal of the merchant to the next batch, so a terminal that
-//!   keeps the old batch gets 77 and signs on again.
+//! - Sign-on and DE60.2 batch checks apply to `cup_pos` terminals; an ascii terminal is known
+//!   once it is in the merchant file, except for a 0500, which needs a sign-on in both
+//!   dialects (DOMAIN §9a). Sign-on returns the terminal's current batch; a terminal's 0500
+//!   moves that terminal (only) to its next batch, so a terminal that keeps the old batch gets
+//!   77 and signs on again. An operator's [`Ledger::settle`] moves every terminal.
 //! - Originals are looked up on the request's terminal (DE90 STAN + DE7, or DE61 batch +
 //!   trace) and then by RRN across the merchant's terminals; a void must come from the sale's
 //!   terminal (otherwise `USE_REFUND`).
@@ -28,18 +29,21 @@
 //!   original amount, which is more than is left. Voids need funds (row 13) like refunds but
 //!   do not count against refund limits; the terminal `refund_enabled` switch covers refunds
 //!   only, the merchant's `void_enabled` covers voids.
-//! - `same_day_refund = "use_void"` declines any refund of a sale from the same local day
-//!   and open batch, partial ones included.
+//! - `same_day_refund = "use_void"` answers `USE_VOID` only when a void of the same amount
+//!   from this terminal would be approved; otherwise the refund is decided on its merits.
 //! - `BALANCE_PENDING` when sales still in flight (reserved, not committed) would cover the
 //!   refund; `BALANCE_INSUFFICIENT` otherwise.
 //! - Settlement pays out `unsettled − refunds_committed` minus what backs debits in flight;
 //!   refunds beyond sales come out of the reserve. A reversal of a settled sale takes its
 //!   amount from the reserve.
 //! - A reversal that arrives before its original (or for one never seen) leaves a tombstone,
-//!   so the original can never apply later (`REVERSED_BEFORE_COMMIT`, 22, if it does arrive).
-//! - Declines are stored for repeats in memory only (they moved nothing); transient ones
-//!   (96, 90, `BALANCE_PENDING`, 94) are not stored, so a retry is decided anew.
-//! - A terminal 0500 settlement (`Operation::Settlement`) is not idempotent by key.
+//!   so the original can never apply later (22 `ORIGINAL_REVERSED` if it does arrive). A
+//!   reversal of a sale that already has an approved refund or void undoes nothing
+//!   (`REVERSAL_NOT_APPLIED`).
+//! - Declines are journaled (`Declined`) and stored for repeats; transient ones (96, 90,
+//!   `BALANCE_PENDING`, 94) are not stored, so a retry is decided anew.
+//! - A terminal 0500 settlement (`Operation::Settlement`) is idempotent by key like any request.
+//! - Entries older than `refund_window_days` plus the retry horizon are forgotten.
 
 // `Decision` (~130 bytes, `Copy`) is the declined answer itself; boxing it would allocate on
 // every decline of the hot path, so the large `Err` is deliberate.
@@ -65,7 +69,7 @@ use dashmap::DashMap;
 use crate::clock::UnixSeconds;
 use book::{Book, Ctx, Hold, Refusal};
 
-pub use decision::{format_de54, Decision, Figures, Operation, OriginalRef, Request};
+pub use decision::{format_de54, BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
 pub use event::{DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId};
 pub use merchants::{ConfigError, MerchantConfig, MerchantSet, Policy, SameDayRefund};
 pub use money::{CardType, MaskedPan, PanKey};
@@ -129,6 +133,9 @@ pub struct Usage {
     pub month_count: u32,
     /// Reversals answered 00 with nothing to undo (DOMAIN §9).
     pub reversal_noops: u64,
+    /// Reversals of sales that already had an approved refund or void: nothing was undone
+    /// (DOMAIN §9, `REVERSAL_NOT_APPLIED`).
+    pub reversals_not_applied: u64,
     /// Remembered transactions (sales, refunds, voids, tombstones).
     pub entries: usize,
 }
@@ -345,10 +352,55 @@ impl Ledger {
         now: UnixSeconds,
         log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
     ) -> Logged<E> {
-        let (mut book, ctx) = match self.book_for(req, now) {
+        self.decide_with(req, None, now, log)
+    }
+
+    /// Settles the open batch of the request's terminal (a 0500, DOMAIN §9a) through `log`,
+    /// like [`Ledger::decide_logged`]: only a configured terminal that signed on may settle
+    /// (03 / CUP 97 otherwise; CUP 77 on a stale batch); when the request carries `totals`
+    /// that differ from the gateway's the answer is 95 `RECONCILE_ERROR` and the batch stays
+    /// open; a repeat gets the stored answer.
+    pub fn settle_batch_logged<E>(
+        &self,
+        req: &Request<'_>,
+        totals: Option<BatchTotals>,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
+        self.decide_with(req, totals, now, log)
+    }
+
+    /// [`Ledger::settle_batch_logged`] for callers without a journal.
+    pub fn settle_batch(
+        &self,
+        req: &Request<'_>,
+        totals: Option<BatchTotals>,
+        now: UnixSeconds,
+    ) -> Decision {
+        match self.decide_with(req, totals, now, unlogged) {
+            Logged::Unlogged { decision, .. } | Logged::Applied { decision, .. } => decision,
+            Logged::Failed(never) => match never {},
+        }
+    }
+
+    /// The gateway's totals of a terminal's open batch (DOMAIN §9a).
+    pub fn batch_totals(&self, merchant: &str, terminal: &str) -> Option<BatchTotals> {
+        let book = self.books.get(&MerchantId::new(merchant)?)?;
+        Some(book.batch_totals(book.term_index(terminal)?))
+    }
+
+    fn decide_with<E>(
+        &self,
+        req: &Request<'_>,
+        totals: Option<BatchTotals>,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
+        let (mut book, mut ctx) = match self.book_for(req, now) {
             Ok(b) => b,
             Err(refusal) => return refusal.widen(),
         };
+        ctx.totals = totals;
         match book.check(req, &ctx) {
             Ok((body, hold)) => {
                 book.release(&hold);
@@ -389,6 +441,7 @@ impl Ledger {
             pan: pan.unwrap_or_default(),
             pan_hash,
             store_ok,
+            totals: None,
         };
         Ok((book, ctx))
     }
@@ -455,6 +508,33 @@ impl Ledger {
         reason: Reason,
         log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
     ) -> Logged<E> {
+        self.decline_with(r, reason, None, log)
+    }
+
+    /// An upstream host declined the reservation with DE39 `code` (DOMAIN §5 row 14): like
+    /// [`Ledger::decline_logged`] with `HOST_DECLINED`, and the host's code is kept with the
+    /// stored answer so that a repeat gets it again ([`Decision::host_code`]).
+    pub fn decline_by_host_logged<E>(
+        &self,
+        r: Reservation,
+        code: [u8; 2],
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
+        self.decline_with(
+            r,
+            Reason::HOST_DECLINED,
+            Some(u16::from_be_bytes(code)),
+            log,
+        )
+    }
+
+    fn decline_with<E>(
+        &self,
+        r: Reservation,
+        reason: Reason,
+        host_code: Option<u16>,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Logged<E> {
         let (answer, sale, amount) = match &r.event.body {
             EventBody::Sale { answer, txn } => (Some(*answer), Some(*txn), txn.amount),
             EventBody::Refund { answer, txn, .. } | EventBody::Void { answer, txn, .. } => {
@@ -470,14 +550,20 @@ impl Ledger {
             };
         };
         book.release(&r.hold);
-        let decision = Decision::new(
-            reason,
-            Figures {
-                amount,
-                currency: book.policy.currency,
-                ..Figures::default()
-            },
-        );
+        let base = Figures {
+            amount,
+            currency: book.policy.currency,
+            host_code,
+            ..Figures::default()
+        };
+        // A refund or void declined upstream found its original: DE54 as for any decline.
+        let figures = match &r.event.body {
+            EventBody::Refund { txn, original, .. } | EventBody::Void { txn, original, .. } => {
+                book.de54_for(base, txn, original, r.event.at, true)
+            }
+            _ => base,
+        };
+        let decision = Decision::new(reason, figures);
         let Some(answer) = answer else {
             return Logged::Unlogged { decision, after: 0 };
         };
@@ -591,6 +677,54 @@ impl Ledger {
         self.mutate_logged(merchant, now, Book::settle_body, log)
     }
 
+    /// The merchants whose scheduled cut-over (`cutover_at`, merchant-local) is due at `now`.
+    pub fn due_cutovers(&self, now: UnixSeconds) -> Vec<String> {
+        self.order
+            .iter()
+            .filter(|id| {
+                self.books
+                    .get(*id)
+                    .is_some_and(|b| b.cutover_due(now).is_some())
+            })
+            .map(|id| id.as_str().to_string())
+            .collect()
+    }
+
+    /// Runs `merchant`'s scheduled cut-over if it is due at `now` (DOMAIN §9a): a settlement
+    /// of every terminal, as [`Ledger::settle`], journaled through `log` before it takes
+    /// effect, once per merchant-local day. `Ok(None)` when it is not due.
+    pub fn scheduled_cutover_logged<E: From<Refused>>(
+        &self,
+        merchant: &str,
+        now: UnixSeconds,
+        log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+    ) -> Result<Option<(Decision, u64)>, E> {
+        let mut book = self.book_mut(merchant)?;
+        let Some(day) = book.cutover_due(now) else {
+            return Ok(None);
+        };
+        let EventBody::Settle {
+            payout,
+            reserve_used,
+        } = book.settle_body()
+        else {
+            return Err(Refused(Reason::INTERNAL_ERROR).into());
+        };
+        let event = LedgerEvent {
+            merchant: book.id,
+            at: now,
+            body: EventBody::ScheduledCutover {
+                day,
+                payout,
+                reserve_used,
+            },
+        };
+        let seq = log(&event)?;
+        book.last_logged = seq;
+        let d = book.apply(now, &event.body);
+        Ok(Some((d, seq)))
+    }
+
     /// Adds `amount` to the merchant's prefunded reserve; returns the event to journal.
     pub fn top_up(
         &self,
@@ -664,6 +798,7 @@ impl Ledger {
             month_amount,
             month_count,
             reversal_noops: book.reversal_noops,
+            reversals_not_applied: book.reversals_not_applied,
             entries: book.entries.len(),
         })
     }
@@ -682,7 +817,7 @@ impl Ledger {
             amount: e.amount,
             refunded: e.refunded,
             refund_count: e.refund_count,
-            state: e.state_at(book.epoch),
+            state: e.state_at(book.term_epoch(e.key.term)),
             pan: e.pan,
             card: e.card,
             batch: e.batch,
@@ -692,6 +827,27 @@ impl Ledger {
     /// Remembered transactions over all merchants.
     pub fn entries(&self) -> usize {
         self.books.iter().map(|b| b.entries.len()).sum()
+    }
+
+    /// The sales whose reversal was not applied because they already had an approved refund
+    /// or void (DOMAIN §9), newest last: the list for reconciliation.
+    pub fn reversals_not_applied(&self, merchant: &str) -> Vec<OriginalView> {
+        let Some(book) = MerchantId::new(merchant).and_then(|id| self.books.get(&id)) else {
+            return Vec::new();
+        };
+        book.not_applied
+            .iter()
+            .filter_map(|&i| book.entries.get(i as usize))
+            .map(|e| OriginalView {
+                amount: e.amount,
+                refunded: e.refunded,
+                refund_count: e.refund_count,
+                state: e.state_at(book.term_epoch(e.key.term)),
+                pan: e.pan,
+                card: e.card,
+                batch: e.batch,
+            })
+            .collect()
     }
 
     /// Reversals answered 00 with nothing to undo, over all merchants (DOMAIN §9).
@@ -726,7 +882,9 @@ fn well_formed(req: &Request<'_>, pan_ok: bool) -> bool {
     let mmdd_ok = |d: u16| (1..=12).contains(&(d / 100)) && (1..=31).contains(&(d % 100));
     let de7_ok = |t: u64| t <= 1_231_235_959 && mmdd_ok(u16::try_from(t / 1_000_000).unwrap_or(0));
     let rrn_ok = |r: Option<&str>| r.is_none_or(|r| money::rrn_key(r).is_some());
-    if req.stan > N6 || !mmdd_ok(req.local_date_mmdd) || !rrn_ok(req.rrn) {
+    // 0: no date on the request, the merchant-local date is used.
+    let date_ok = req.local_date_mmdd == 0 || mmdd_ok(req.local_date_mmdd);
+    if req.stan > N6 || !date_ok || !rrn_ok(req.rrn) {
         return false;
     }
     if req.batch.is_some_and(|b| b > N6) || req.transmission.is_some_and(|t| !de7_ok(t)) {

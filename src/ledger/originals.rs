@@ -1,6 +1,9 @@
 //! Remembered transactions: sales (the originals), refunds and voids (so they can be
 //! reversed) and reversal tombstones. One [`Entry`] is 72 bytes; the indexes add ~40.
 
+use std::collections::VecDeque;
+use std::ops::{Index, IndexMut};
+
 use super::money::{CardType, MaskedPan};
 
 /// Tag bit that marks a `cup_pos` batch in [`RefKey::tag`] (ascii tags are DE7 values < 2^31).
@@ -62,6 +65,88 @@ pub(crate) struct Entry {
     pub kind: Kind,
     pub state: OriginalState,
     pub card: CardType,
+}
+
+/// A merchant's remembered transactions, oldest first, addressed by a logical index that
+/// never changes: pruning the oldest ones moves `base` on instead of renumbering the rest.
+#[derive(Debug, Default)]
+pub(crate) struct Entries {
+    base: u32,
+    items: VecDeque<Entry>,
+}
+
+impl Entries {
+    /// An empty list whose first entry will get index `base`.
+    pub fn starting_at(base: u32) -> Entries {
+        Entries {
+            base,
+            items: VecDeque::new(),
+        }
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Index of the oldest entry held.
+    pub fn base(&self) -> u32 {
+        self.base
+    }
+
+    /// The index the next entry gets.
+    pub fn next_index(&self) -> u32 {
+        let n = u32::try_from(self.items.len()).unwrap_or(u32::MAX);
+        self.base.saturating_add(n)
+    }
+
+    pub fn get(&self, i: usize) -> Option<&Entry> {
+        let off = i.checked_sub(self.base as usize)?;
+        self.items.get(off)
+    }
+
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut Entry> {
+        let off = i.checked_sub(self.base as usize)?;
+        self.items.get_mut(off)
+    }
+
+    pub fn push(&mut self, e: Entry) {
+        self.items.push_back(e);
+    }
+
+    pub fn reserve(&mut self, n: usize) {
+        self.items.reserve(n);
+    }
+
+    pub fn front(&self) -> Option<&Entry> {
+        self.items.front()
+    }
+
+    /// Drops the oldest entry; returns its index and the entry.
+    pub fn pop_front(&mut self) -> Option<(u32, Entry)> {
+        let e = self.items.pop_front()?;
+        let i = self.base;
+        self.base = self.base.saturating_add(1);
+        Some((i, e))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.items.iter()
+    }
+}
+
+impl Index<usize> for Entries {
+    type Output = Entry;
+
+    fn index(&self, i: usize) -> &Entry {
+        &self.items[i.wrapping_sub(self.base as usize)]
+    }
+}
+
+impl IndexMut<usize> for Entries {
+    fn index_mut(&mut self, i: usize) -> &mut Entry {
+        &mut self.items[i.wrapping_sub(self.base as usize)]
+    }
 }
 
 /// `link` of an entry that refers to nothing.

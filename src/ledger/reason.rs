@@ -32,7 +32,7 @@ const fn row(name: &'static str, iso: &'static str, cup: &'static str) -> Row {
 }
 
 /// Indexed by `Reason.0`; the order follows DOMAIN §5 rows 1–14, then the two unnumbered rows.
-const TABLE: [Row; 43] = [
+const TABLE: [Row; 45] = [
     row("APPROVED", "00", "00"),
     row("FORMAT_ERROR", "30", "30"),
     row("MAC_INVALID", "63", "A0"),
@@ -79,6 +79,9 @@ const TABLE: [Row; 43] = [
     // Row 14, appended so journaled reason numbers stay stable. The host's own DE39 is what the
     // terminal sees (the flow layer passes it through); 05 is the code when it is unknown.
     row("HOST_DECLINED", "05", "05"),
+    // DOMAIN §9a and §9, appended for the same reason.
+    row("RECONCILE_ERROR", "95", "95"),
+    row("REVERSAL_NOT_APPLIED", "00", "00"),
 ];
 
 impl Reason {
@@ -168,6 +171,11 @@ impl Reason {
     pub const REVERSAL_APPLIED: Reason = Reason(41);
     /// Row 14: the upstream host declined; DE39 carries the host's code (05 when unknown).
     pub const HOST_DECLINED: Reason = Reason(42);
+    /// 95: a settlement's batch totals differ from the gateway's; the batch stays open.
+    pub const RECONCILE_ERROR: Reason = Reason(43);
+    /// 00: a reversal of a sale that already has an approved refund or void undid nothing
+    /// (money is never returned twice); counted and listed for reconciliation.
+    pub const REVERSAL_NOT_APPLIED: Reason = Reason(44);
 
     /// Every known reason, in table order.
     pub fn all() -> impl Iterator<Item = Reason> {

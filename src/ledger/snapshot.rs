@@ -1,21 +1,25 @@
 //! Snapshots: the durable state of every book in one deterministic byte string, so restart
 //! replays only the journal tail written after it.
 //!
-//! Layout (version [`EVENT_VERSION`]): magic `RGLS`, version, merchant count, then per
+//! Layout (version [`SNAPSHOT_VERSION`]): magic `RGLS`, version, merchant count, then per
 //! merchant its id, funds, counters, terminals, cards, entries, RRN index and stored
 //! answers, each map sorted by key so equal states give equal bytes. In-flight reservations
 //! are not part of it.
 
 use super::book::{Book, Term};
 use super::counters::Bucket;
-use super::event::{DecodeError, Reader, Writer, EVENT_VERSION};
+use super::event::{DecodeError, Reader, Writer};
 use super::idempotency::{FullAnswer, RefundAnswer, Stored};
 use super::money::{CardType, MaskedPan, PanKey};
-use super::originals::{Entry, Kind, OriginalState, RefKey};
+use super::originals::{Entries, Entry, Kind, OriginalState, RefKey};
 use super::{Ledger, MerchantSet};
 use crate::limits::SNAPSHOT_ITEMS_MAX;
 
 const MAGIC: &[u8; 4] = b"RGLS";
+
+/// Snapshot layout version. 2 added per-terminal settlement epochs, the entries' base index
+/// and the reconciliation list; version 1 snapshots (written before) still restore.
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// A snapshot that cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +40,7 @@ impl Ledger {
     pub fn snapshot(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(MAGIC);
         let w = &mut Writer(out);
-        w.u8(EVENT_VERSION);
+        w.u8(SNAPSHOT_VERSION);
         w.u64(self.order.len() as u64);
         for id in &self.order {
             if let Some(book) = self.books.get(id) {
@@ -58,7 +62,7 @@ impl Ledger {
             .ok_or(DecodeError::Invalid("magic"))?;
         let r = &mut Reader(body);
         let v = r.u8()?;
-        if v != EVENT_VERSION {
+        if !(1..=SNAPSHOT_VERSION).contains(&v) {
             return Err(DecodeError::Version(v).into());
         }
         let n = count(r)?;
@@ -68,7 +72,7 @@ impl Ledger {
                 .books
                 .get_mut(&id)
                 .ok_or_else(|| RestoreError::UnknownMerchant(id.as_str().to_string()))?;
-            read_book(r, &mut book)?;
+            read_book(r, &mut book, v)?;
         }
         r.end()?;
         Ok(ledger)
@@ -107,12 +111,19 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
     write_bucket(w, &b.day);
     write_bucket(w, &b.month);
     w.u64(b.reversal_noops);
+    w.u64(b.reversals_not_applied);
+    w.i64(i64::from(b.cutover_day));
+    w.u64(b.not_applied.len() as u64);
+    for i in &b.not_applied {
+        w.u64(u64::from(*i));
+    }
     w.u64(b.answers_prune_len as u64);
     w.u64(b.terms.len() as u64);
     for t in &b.terms {
         w.id(&t.id);
         w.u64(u64::from(t.batch));
         w.u8(u8::from(t.signed_on));
+        w.u64(u64::from(t.epoch));
     }
     let mut cards: Vec<_> = b.cards.iter().collect();
     cards.sort_unstable_by_key(|(k, _)| **k);
@@ -121,11 +132,14 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
         w.0.extend_from_slice(&k.to_le_bytes());
         write_bucket(w, v);
     }
+    w.u64(u64::from(b.entries.base()));
     w.u64(b.entries.len() as u64);
-    for e in &b.entries {
+    for e in b.entries.iter() {
         write_entry(w, e);
     }
-    let mut rrns: Vec<_> = b.by_rrn.iter().collect();
+    // RRNs of pruned entries may linger until a bulk clean-up: never written.
+    let base = b.entries.base();
+    let mut rrns: Vec<_> = b.by_rrn.iter().filter(|(_, i)| **i >= base).collect();
     rrns.sort_unstable();
     w.u64(rrns.len() as u64);
     for (k, v) in rrns {
@@ -149,6 +163,7 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
                 w.u64(u64::from(a.idx));
                 w.u64(a.original_remaining);
                 w.opt(a.day_allowance);
+                w.opt(a.would_pass);
             }
             Stored::Full(a) => {
                 w.u8(1);
@@ -201,7 +216,7 @@ fn read_entry(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
     })
 }
 
-fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
+fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), RestoreError> {
     b.epoch = r.u32()?;
     b.cutover = r.u8()? != 0;
     b.reserve = r.u64()?;
@@ -210,6 +225,13 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
     b.day = read_bucket(r)?;
     b.month = read_bucket(r)?;
     b.reversal_noops = r.u64()?;
+    if version >= 2 {
+        b.reversals_not_applied = r.u64()?;
+        b.cutover_day = i32::try_from(r.i64()?).map_err(|_| DecodeError::Invalid("day"))?;
+        for _ in 0..count(r)? {
+            b.not_applied.push(r.u32()?);
+        }
+    }
     b.answers_prune_len =
         usize::try_from(r.u64()?).map_err(|_| DecodeError::Invalid("prune length"))?;
     let nt = count(r)?;
@@ -218,6 +240,8 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
         let id = r.id()?;
         let batch = r.u32()?;
         let signed_on = r.u8()? != 0;
+        // Version 1 had one epoch for the whole merchant.
+        let epoch = if version >= 2 { r.u32()? } else { b.epoch };
         let refund_enabled = b
             .term_index(id.as_str())
             .is_some_and(|i| b.terms[usize::from(i)].refund_enabled);
@@ -226,6 +250,7 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
             refund_enabled,
             batch,
             signed_on,
+            epoch,
         });
     }
     let same =
@@ -238,17 +263,20 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
         let k = r.fixed_u64()?;
         b.cards.insert(k, read_bucket(r)?);
     }
+    let base = if version >= 2 { r.u32()? } else { 0 };
     let ne = count(r)?;
-    b.entries = Vec::with_capacity(usize::try_from(ne).unwrap_or(0));
+    b.entries = Entries::starting_at(base);
+    b.entries.reserve(usize::try_from(ne).unwrap_or(0));
     for i in 0..ne {
         let e = read_entry(r)?;
         if e.kind == Kind::Tombstone {
             b.tombstones = b.tombstones.saturating_add(1);
         }
-        b.by_ref.insert(
-            e.key,
-            u32::try_from(i).map_err(|_| DecodeError::Invalid("index"))?,
-        );
+        let idx = u32::try_from(i)
+            .ok()
+            .and_then(|i| i.checked_add(base))
+            .ok_or(DecodeError::Invalid("index"))?;
+        b.by_ref.insert(e.key, idx);
         b.entries.push(e);
     }
     for _ in 0..count(r)? {
@@ -265,13 +293,14 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
             1 => Stored::Full(Box::new(FullAnswer {
                 fingerprint: r.fixed_u64()?,
                 at: r.i64()?,
-                decision: r.decision()?,
+                decision: r.decision_v(version)?,
             })),
             2 => Stored::Refund(Box::new(RefundAnswer {
                 fingerprint: r.fixed_u64()?,
                 idx: r.u32()?,
                 original_remaining: r.u64()?,
                 day_allowance: r.opt()?,
+                would_pass: if version >= 2 { r.opt()? } else { None },
             })),
             _ => return Err(DecodeError::Invalid("answer tag").into()),
         };
