@@ -154,7 +154,7 @@ for r in $(seq "$ROUNDS"); do
 
     STAN_NEXT=1 # a fresh journal: no earlier STAN to avoid
     jdir="$JOURNAL_ROOT/r$r"
-    mkdir -p "$jdir"
+    # serve creates the journal directory itself (0700, DOMAIN §10)
     say "round $r/$ROUNDS: refundgate serve (log $GATEWAY_LOG, journal $DURABILITY in $jdir)"
     "$GATEWAY" serve --config "$(gateway_config "$jdir")" >"$OUT/r$r-gateway.log" 2>&1 &
     gpid=$!
