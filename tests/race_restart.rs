@@ -11,11 +11,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream as StdTcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -28,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
-use common::{ascii_request, de90};
+use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
 
 /// Day cap 10,000,000.00: high enough that the pairs never hit it, so the allowance left is
 /// the cap less the refunds acknowledged.
@@ -54,18 +51,8 @@ utc_offset = "+00:00"
 terminals = [{ id = "TERM0001" }]
 "#;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Setup {
     dir: tempfile::TempDir,
-    listener: SocketAddr,
-    admin: SocketAddr,
     cert: CertificateDer<'static>,
 }
 
@@ -79,81 +66,37 @@ fn setup() -> Setup {
     std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
     std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
-    let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let d = dir.path().display();
     let config = format!(
         r#"merchants = "{d}/merchants.toml"
 [admin]
-addr = "{admin}"
+addr = "127.0.0.1:0"
 [journal]
 dir = "{d}/journal"
 durability = "fdatasync"
-[log]
-filter = "warn"
+segment_bytes = 1048576
 [[listeners]]
-addr = "{listener}"
+addr = "127.0.0.1:0"
 dialect = "ascii1987"
 framing = "binary2"
 tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
-"#
+{SERVE_LOG_TOML}"#
     );
     std::fs::write(dir.path().join("refundgate.toml"), config).unwrap();
     Setup {
         dir,
-        listener,
-        admin,
         cert: cert.der().clone(),
     }
 }
 
-/// The running binary; killed (SIGKILL) when dropped, so a failing test leaves no process.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(setup: &Setup) -> Gateway {
-    let child = Command::new(env!("CARGO_BIN_EXE_refundgate"))
-        .args(["serve", "--config"])
-        .arg(setup.dir.path().join("refundgate.toml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let gateway = Gateway(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if ready(setup.admin) {
-            return gateway;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("gateway did not become ready");
-}
-
-fn ready(admin: SocketAddr) -> bool {
-    let Ok(mut s) = StdTcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.starts_with("HTTP/1.1 200")
+/// The real binary on port 0; killed (SIGKILL) when dropped.
+fn start(setup: &Setup) -> ServeProcess {
+    spawn_serve(&setup.dir.path().join("refundgate.toml"), 1)
 }
 
 type Client = Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec>;
 
-async fn connect(setup: &Setup) -> Client {
+async fn connect(setup: &Setup, gateway: &ServeProcess) -> Client {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(setup.cert.clone()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
@@ -161,7 +104,7 @@ async fn connect(setup: &Setup) -> Client {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = TcpStream::connect(setup.listener).await.unwrap();
+    let tcp = TcpStream::connect(gateway.listeners[0]).await.unwrap();
     let tls = TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
@@ -247,8 +190,8 @@ fn raced_conflicts_keep_their_answers_across_kill_9() {
         .unwrap_or(150);
     let child = start(&setup);
     let (sent, refunded) = rt.block_on(async {
-        let mut x = connect(&setup).await;
-        let mut y = connect(&setup).await;
+        let mut x = connect(&setup, &child).await;
+        let mut y = connect(&setup, &child).await;
         let mut stan = 1u32;
         let mut next_stan = || {
             stan += 1;
@@ -304,7 +247,7 @@ fn raced_conflicts_keep_their_answers_across_kill_9() {
     drop(child); // kill -9 right after the last answer
     let child = start(&setup);
     rt.block_on(async {
-        let mut c = connect(&setup).await;
+        let mut c = connect(&setup, &child).await;
         let mut changed = Vec::new();
         for (doc, before) in &sent {
             let after = ask(&mut c, &repeat(doc)).await;
