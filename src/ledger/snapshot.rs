@@ -11,7 +11,7 @@ use super::counters::Bucket;
 use super::event::{DecodeError, Reader, Writer, EVENT_VERSION};
 use super::idempotency::{FullAnswer, RefundAnswer, Stored};
 use super::money::{CardType, MaskedPan, PanKey};
-use super::originals::{Entry, Kind, OriginalState, RefKey};
+use super::originals::{Entry, Kind, OriginalState, RefKey, NO_LINK};
 use super::{Ledger, MerchantSet};
 use crate::limits::SNAPSHOT_ITEMS_MAX;
 
@@ -286,6 +286,48 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book) -> Result<(), RestoreError> {
             _ => return Err(DecodeError::Invalid("answer tag").into()),
         };
         b.answers.insert(k, s);
+    }
+    check_indexes(b)
+}
+
+/// Every index a book keeps must name something the snapshot has: the terminal of an entry,
+/// the sale a refund or void links to, the entry of an RRN and of a stored answer. The
+/// checksum only proves the bytes are the ones written; this proves they fit together, so
+/// a lookup after restore can never point past the entries (or at the wrong kind of one).
+fn check_indexes(b: &Book) -> Result<(), RestoreError> {
+    let bad = |what| {
+        Err(RestoreError::Inconsistent {
+            merchant: b.id.as_str().to_string(),
+            what,
+        })
+    };
+    let entry = |i: u32| b.entries.get(i as usize);
+    for e in &b.entries {
+        if usize::from(e.key.term) >= b.terms.len() {
+            return bad("the terminal index of an entry");
+        }
+        match (e.kind, e.link) {
+            (Kind::Refund | Kind::Void, link) => {
+                if !entry(link).is_some_and(|s| s.kind == Kind::Sale) {
+                    return bad("the sale a refund or void links to");
+                }
+            }
+            (Kind::Sale | Kind::Tombstone, NO_LINK) => {}
+            (Kind::Sale | Kind::Tombstone, _) => return bad("the link of a sale or tombstone"),
+        }
+    }
+    if b.by_rrn.values().any(|&i| entry(i).is_none()) {
+        return bad("an RRN index");
+    }
+    for s in b.answers.values() {
+        let idx = match s {
+            Stored::Sale { idx, .. } => *idx,
+            Stored::Refund(a) => a.idx,
+            Stored::Full(_) => continue,
+        };
+        if entry(idx).is_none() {
+            return bad("the entry of a stored answer");
+        }
     }
     Ok(())
 }
