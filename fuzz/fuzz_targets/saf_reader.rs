@@ -47,9 +47,9 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         seq += 1;
-        record::encode(seq, payload, &mut seg);
+        record::encode(seq, &known_unfixed(payload), &mut seg);
     }
-    let snapshot = (flags & 1 != 0).then(|| input.bytes(usize::MAX));
+    let snapshot = (flags & 1 != 0).then(|| known_unfixed_snapshot(input.bytes(usize::MAX)));
     let size = (seg.len() as u64)
         .next_multiple_of(4096)
         .max(SEGMENT_BYTES_MIN);
@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(bytes) = snapshot {
         // The snapshot covers records up to its seq; the records after it are replayed.
         let at = seq / 2;
-        std::fs::write(dir.join(snapshot_file_name(at)), snapshot_file(at, bytes))
+        std::fs::write(dir.join(snapshot_file_name(at)), snapshot_file(at, &bytes))
             .expect("write snapshot");
     }
     let options = SafOptions {
@@ -86,3 +86,33 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = std::fs::remove_dir_all(&dir);
 });
+
+/// Known and not fixed here (src/upstream/ belongs to another change): an added entry with id
+/// `u64::MAX` overflows `entry.id + 1` in `State::apply` (a panic with overflow checks on; see
+/// the ignored test in tests/fuzz_regressions.rs). Such ids are lowered by one so the target
+/// keeps finding other things. Remove this once `apply` uses `saturating_add`.
+fn known_unfixed(payload: &[u8]) -> Vec<u8> {
+    let mut p = payload.to_vec();
+    if p.len() >= 9 && p[0] == 1 && p[1..9] == [0xFF; 8] {
+        p[8] = 0xFE;
+    }
+    p
+}
+
+/// [`known_unfixed`] for every record of a SAF snapshot (`SAF1`, next id, dead total, then
+/// u32-length-prefixed records).
+fn known_unfixed_snapshot(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let mut at = 20;
+    while let Some(len) = out.get(at..at + 4) {
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let start = at + 4;
+        let Some(end) = start.checked_add(len).filter(|&e| e <= out.len()) else {
+            break;
+        };
+        let fixed = known_unfixed(&out[start..end]);
+        out[start..end].copy_from_slice(&fixed);
+        at = end;
+    }
+    out
+}
