@@ -25,11 +25,12 @@ total=0
 round=0
 start=$SECONDS
 report() {
+  local r rate
   echo "-- after round $round ($(((SECONDS - start) / 60)) min)"
-  for t in "${FUZZ_TARGETS[@]}"; do
+  for r in "${FUZZ_TARGETS[@]}"; do
     rate=0
-    if [ "${secs[$t]}" -gt 0 ]; then rate=$((execs[$t] / secs[$t])); fi
-    printf '%-18s %12s execs  %7s/s\n' "$t" "${execs[$t]}" "$rate"
+    if [ "${secs[$r]}" -gt 0 ]; then rate=$((execs[$r] / secs[$r])); fi
+    printf '%-18s %12s execs  %7s/s\n' "$r" "${execs[$r]}" "$rate"
   done
   printf '%-18s %12s execs\n' total "$total"
 }

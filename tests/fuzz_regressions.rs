@@ -41,6 +41,36 @@ fn a_track_element_the_decoder_refuses_is_not_encoded() {
     }
 }
 
+/// `codec_cup_pos`: a text element whose bytes start with `hex:` (here DE41 `hex:` + four
+/// NULs) was shown as is in the JSON view, and `from_json` then read it as hex and refused
+/// it (`NotHex`): `decode --unmask | encode` did not give the message back. Such text is now
+/// shown in the `hex:` form too.
+#[test]
+fn text_that_starts_with_the_hex_prefix_survives_the_json_view() {
+    use refundgate::iso8583::json::to_json;
+    let wire = hex::decode(
+        "02003020048000c0800d0000800000800012330000020300006865783a00000000393532373138313832\
+         323137383735313536001926000001000600000000003334353637383930313233345f03063136303033\
+         365f04063230303832365c0230314233413039324145",
+    )
+    .unwrap();
+    let msg = decode(&CUP_POS, &wire).unwrap();
+    let view = to_json(&msg, true);
+    assert_eq!(view["fields"]["41"], "hex:6865783A00000000");
+    let mut out = BytesMut::new();
+    from_json(&CUP_POS, &view, &mut out).unwrap();
+    let again = decode(&CUP_POS, &out).unwrap();
+    assert_eq!(again.field_bytes(41), Some(&b"hex:\0\0\0\0"[..]));
+    assert_eq!(to_json(&again, true), view);
+    // The same in ascii1987, with printable text after the prefix.
+    let doc = serde_json::json!({"mti": "0200", "fields": {"11": "000001", "41": "hex:6865783A41424344"}});
+    let mut out = BytesMut::new();
+    from_json(&ASCII1987, &doc, &mut out).unwrap();
+    let msg = decode(&ASCII1987, &out).unwrap();
+    assert_eq!(msg.field_bytes(41), Some(&b"hex:ABCD"[..]));
+    assert_eq!(to_json(&msg, true)["fields"]["41"], "hex:6865783A41424344");
+}
+
 /// `saf_reader`: a store-and-forward journal record adding an entry with id `u64::MAX` makes
 /// `StoreForward::open` panic ("attempt to add with overflow", `State::apply`: `next_id =
 /// next_id.max(entry.id + 1)`); release builds wrap instead. The fix (`saturating_add`) is in
