@@ -2,8 +2,9 @@
 # The long fuzz run: rounds over every target (ROUND_SECS each, one process at a time) until
 # the executions of all targets together reach TOTAL_EXECS (default 10^8) or MAX_HOURS pass.
 # The corpora in fuzz/corpus/ grow across rounds (and across runs). After every round it
-# prints executions per target and the total; it stops at the first crash, panic, timeout or
-# out-of-memory and names the reproducer in fuzz/artifacts/<target>/.
+# prints executions per target and the total. A target that crashes, panics, times out or runs
+# out of memory is named (reproducer in fuzz/artifacts/<target>/) and left out of later
+# rounds; the others go on, and the script exits 1 at the end.
 #
 #   fuzz/run-long.sh                                  # towards 10^8 executions
 #   TOTAL_EXECS=1000000 ROUND_SECS=30 fuzz/run-long.sh
@@ -19,7 +20,7 @@ if [ -n "${TARGETS:-}" ]; then read -r -a FUZZ_TARGETS <<<"$TARGETS"; fi
 fuzz_setup
 logs="$FUZZ_DIR/target/long-logs"
 mkdir -p "$logs"
-declare -A execs secs
+declare -A execs secs failed
 for t in "${FUZZ_TARGETS[@]}"; do execs[$t]=0; secs[$t]=0; done
 total=0
 round=0
@@ -34,19 +35,17 @@ report() {
   done
   printf '%-18s %12s execs\n' total "$total"
 }
-while [ "$total" -lt "$TOTAL_EXECS" ] && [ $((SECONDS - start)) -lt $((MAX_HOURS * 3600)) ]; do
+while [ "$total" -lt "$TOTAL_EXECS" ] && [ $((SECONDS - start)) -lt $((MAX_HOURS * 3600)) ] \
+  && [ "${#failed[@]}" -lt "${#FUZZ_TARGETS[@]}" ]; do
   round=$((round + 1))
   for t in "${FUZZ_TARGETS[@]}"; do
     log="$logs/$t.round$round.log"
     t0=$SECONDS
+    if [ -n "${failed[$t]:-}" ]; then continue; fi
     if ! fuzz_one "$t" "$log" -max_total_time="$ROUND_SECS"; then
-      n=$(fuzz_execs "$log")
-      execs[$t]=$((execs[$t] + n))
-      total=$((total + n))
-      report
+      failed[$t]="$log"
       echo "FAILED: $t (log $log)"
       grep -E "panicked at|ERROR: libFuzzer|SUMMARY|Test unit written" -A2 "$log" | head -20 || true
-      exit 1
     fi
     n=$(fuzz_execs "$log")
     execs[$t]=$((execs[$t] + n))
@@ -55,4 +54,8 @@ while [ "$total" -lt "$TOTAL_EXECS" ] && [ $((SECONDS - start)) -lt $((MAX_HOURS
   done
   report
 done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "FAILED: ${!failed[*]} (reproducers in fuzz/artifacts/<target>/)"
+  exit 1
+fi
 echo "done: $total executions, 0 crashes"
