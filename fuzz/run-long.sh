@@ -21,6 +21,7 @@ fuzz_setup
 logs="$FUZZ_DIR/target/long-logs"
 mkdir -p "$logs"
 declare -A execs secs failed
+nfailed=0
 for t in "${FUZZ_TARGETS[@]}"; do execs[$t]=0; secs[$t]=0; done
 total=0
 round=0
@@ -36,7 +37,7 @@ report() {
   printf '%-18s %12s execs\n' total "$total"
 }
 while [ "$total" -lt "$TOTAL_EXECS" ] && [ $((SECONDS - start)) -lt $((MAX_HOURS * 3600)) ] \
-  && [ "${#failed[@]}" -lt "${#FUZZ_TARGETS[@]}" ]; do
+  && [ "$nfailed" -lt "${#FUZZ_TARGETS[@]}" ]; do
   round=$((round + 1))
   for t in "${FUZZ_TARGETS[@]}"; do
     log="$logs/$t.round$round.log"
@@ -44,6 +45,7 @@ while [ "$total" -lt "$TOTAL_EXECS" ] && [ $((SECONDS - start)) -lt $((MAX_HOURS
     if [ -n "${failed[$t]:-}" ]; then continue; fi
     if ! fuzz_one "$t" "$log" -max_total_time="$ROUND_SECS"; then
       failed[$t]="$log"
+      nfailed=$((nfailed + 1))
       echo "FAILED: $t (log $log)"
       grep -E "panicked at|ERROR: libFuzzer|SUMMARY|Test unit written" -A2 "$log" | head -20 || true
     fi
@@ -54,7 +56,7 @@ while [ "$total" -lt "$TOTAL_EXECS" ] && [ $((SECONDS - start)) -lt $((MAX_HOURS
   done
   report
 done
-if [ "${#failed[@]}" -gt 0 ]; then
+if [ "$nfailed" -gt 0 ]; then
   echo "FAILED: ${!failed[*]} (reproducers in fuzz/artifacts/<target>/)"
   exit 1
 fi
