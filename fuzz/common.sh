@@ -20,6 +20,7 @@ FUZZ_TARGETS=(
   merchants_parse
   journal_record
   snapshot_restore
+  ledger_event
   saf_reader
 )
 # libFuzzer options for every run. No -jobs/-workers: libFuzzer then fuzzes in its own single

@@ -172,6 +172,11 @@ def main():
             put("snapshot_restore", bytes([seeded, n]) + ops + bytes([2, 0, 40, 7, 0, 90, 1]))
     put("snapshot_restore", b"\0RGLS\x01\x00")
 
+    # ledger_event: built mode (sales, some refunded; patches), and a raw byte.
+    put("ledger_event", bytes([1, 4, 50, 1, 60, 0, 70, 1, 80, 1, 0]))
+    put("ledger_event", bytes([1, 2, 50, 1, 60, 1, 2, 1, 0, 9, 7, 0, 0, 20, 0]))
+    put("ledger_event", bytes([0, 1]))
+
     # saf_reader: SAF records (added, delivered, dead) around real reversal bodies.
     def saf_add(i, dialect, body, upstream=b"bank_a"):
         return (bytes([1]) + struct.pack(">Q", i) + struct.pack(">q", 1_769_871_600)

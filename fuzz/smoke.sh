@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# CI's fuzz smoke pass: every target for FUZZ_SMOKE_SECS (default 9) seconds, one at a time,
+# CI's fuzz smoke pass: every target for FUZZ_SMOKE_SECS (default 8) seconds, one at a time,
 # from the seed corpora. Fails (exit 1) when any target crashes, panics, times out or runs out
 # of memory; the reproducer is in fuzz/artifacts/<target>/. Prints executions per target.
 # libFuzzer seed 1 (FUZZ_SEED) so a CI failure repeats; fuzz/run-long.sh explores.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
-secs="${FUZZ_SMOKE_SECS:-9}"
+secs="${FUZZ_SMOKE_SECS:-8}"
 fuzz_setup
 logs="$FUZZ_DIR/target/smoke-logs"
 mkdir -p "$logs"
