@@ -241,6 +241,15 @@ fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault
         (Encoding::Ascii, Kind::Binary) if !text.iter().all(u8::is_ascii_hexdigit) => {
             return Err(Fault::NotHex)
         }
+        // What the decoder accepts in an ASCII track element (fuzzing found `A` written and
+        // then refused on decode).
+        (Encoding::Ascii, Kind::Track)
+            if !text
+                .iter()
+                .all(|&b| b.is_ascii_digit() || b == b'=' || b == b'D') =>
+        {
+            return Err(Fault::NotNumeric)
+        }
         _ => {}
     }
     put_prefix(fs, units, out)?;

@@ -25,7 +25,9 @@ pub fn field_text(msg: &Message<'_>, n: usize) -> Option<String> {
         Encoding::Binary => Some(hex::encode_upper(f.bytes)),
         // Text that is not ASCII (a terminal putting binary or GBK bytes in an `ans` element)
         // is shown as `hex:` + its bytes, so the view stays lossless; `from_json` reads it back.
-        _ if !f.bytes.is_ascii() => {
+        // So is text that itself starts with `hex:` (fuzzing found DE41 `hex:` + NULs shown
+        // as is, which `from_json` then refused as bad hex).
+        _ if !f.bytes.is_ascii() || f.bytes.starts_with(HEX_TEXT_PREFIX.as_bytes()) => {
             Some(format!("{HEX_TEXT_PREFIX}{}", hex::encode_upper(f.bytes)))
         }
         _ => Some(String::from_utf8_lossy(f.bytes).into_owned()),

@@ -562,7 +562,7 @@ impl State {
     fn apply(&mut self, record: Record, now: Instant) {
         match record {
             Record::Add(entry) => {
-                self.next_id = self.next_id.max(entry.id + 1);
+                self.next_id = self.next_id.max(entry.id.saturating_add(1));
                 self.pending.insert(
                     entry.id,
                     Slot {
