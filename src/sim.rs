@@ -301,6 +301,14 @@ pub fn run(seed: u64, steps: u32, mutation: Mutation) -> Result<Report, Failure>
     Ok(sim.report)
 }
 
+/// The simulated disk's log: the event is written (not yet synced); its seq is its position.
+fn log_to<E>(written: &mut Vec<LedgerEvent>) -> impl FnOnce(&LedgerEvent) -> Result<u64, E> + '_ {
+    move |e| {
+        written.push(e.clone());
+        Ok(written.len() as u64)
+    }
+}
+
 fn pan_key() -> PanKey {
     PanKey::new(b"simulated-key-16")
 }
@@ -440,19 +448,14 @@ impl Sim {
             match self.ledger.reserve(&req.req(), now) {
                 Ok(res) => {
                     let written = &mut self.written;
-                    self.ledger.commit_logged(res, |e| {
-                        written.push(e.clone());
-                        Ok::<u64, ()>(written.len() as u64)
-                    })
+                    self.ledger.commit_logged(res, log_to::<()>(written))
                 }
                 Err(decision) => Logged::Unlogged { decision, after: 0 },
             }
         } else {
             let written = &mut self.written;
-            self.ledger.decide_logged(&req.req(), now, |e| {
-                written.push(e.clone());
-                Ok::<u64, ()>(written.len() as u64)
-            })
+            self.ledger
+                .decide_logged(&req.req(), now, log_to::<()>(written))
         };
         self.answered(idx, logged);
     }
@@ -532,10 +535,9 @@ impl Sim {
         again.repeat = true;
         let now = self.now;
         let written = &mut self.written;
-        let logged = self.ledger.decide_logged(&again.req(), now, |e| {
-            written.push(e.clone());
-            Ok::<u64, ()>(written.len() as u64)
-        });
+        let logged = self
+            .ledger
+            .decide_logged(&again.req(), now, log_to::<()>(written));
         self.report.repeats_checked += 1;
         let got = match &logged {
             Logged::Unlogged { decision, .. } => *decision,
@@ -593,10 +595,7 @@ impl Sim {
         let written = &mut self.written;
         let reserved = self
             .ledger
-            .reserve_logged(&req.req(), now, |e| {
-                written.push(e.clone());
-                Ok::<u64, ()>(written.len() as u64)
-            })
+            .reserve_logged(&req.req(), now, log_to::<()>(written))
             .map(|res| {
                 if wake_up_order {
                     // The bug: journaled now, applied when the host answers.
@@ -654,10 +653,8 @@ impl Sim {
                 }
             } else {
                 let written = &mut self.written;
-                self.ledger.commit_logged(h.reservation, |e| {
-                    written.push(e.clone());
-                    Ok::<u64, ()>(written.len() as u64)
-                })
+                self.ledger
+                    .commit_logged(h.reservation, log_to::<()>(written))
             };
             self.answered_at(h.req, logged, h.at);
         }
@@ -668,10 +665,9 @@ impl Sim {
         let m = self.next(2) as usize;
         let now = self.now;
         let written = &mut self.written;
-        let settled = self.ledger.settle_logged(MERCHANTS[m], now, |e| {
-            written.push(e.clone());
-            Ok::<u64, crate::ledger::Refused>(written.len() as u64)
-        });
+        let settled =
+            self.ledger
+                .settle_logged(MERCHANTS[m], now, log_to::<crate::ledger::Refused>(written));
         self.note(format!("settle m{m} -> {}", settled.is_ok()));
     }
 
