@@ -2493,3 +2493,28 @@ fn replay_of_the_journal_equals_the_live_ledger_under_any_interleaving_of_confli
         }
     }
 }
+
+/// Fuzz finding (ledger_event, CI smoke): a journaled refund whose time is past its sale's
+/// retention pruned the sale while the refund was being applied, and the apply then indexed
+/// the pruned sale (panic). Replay must never panic on what the journal holds: the sale is
+/// pruned before the refund looks for it, so the refund finds nothing.
+#[test]
+fn a_journaled_refund_long_after_its_sale_replays_without_a_panic() {
+    let set = set_with("");
+    let l = Ledger::new(&set, PanKey::new(&KEY));
+    let mut journal = Vec::new();
+    let s = sale(1, 10_000);
+    assert!(l
+        .decide_logged(&s.req(), T0, log(&mut journal))
+        .decision()
+        .unwrap()
+        .is_approved());
+    let logged = l.decide_logged(&s.refund(2, 1_000).req(), T0 + 60, log(&mut journal));
+    assert!(logged.decision().unwrap().is_approved());
+    let mut late = journal[1].clone();
+    late.at = T0 + 400 * DAY;
+    let fresh = Ledger::new(&set, PanKey::new(&KEY));
+    fresh.apply(&journal[0]).unwrap();
+    let d = fresh.apply(&late).unwrap();
+    assert!(!d.is_approved(), "{d:?}");
+}

@@ -1252,6 +1252,9 @@ impl Book {
     }
 
     fn apply_event(&mut self, at: UnixSeconds, body: &EventBody, fresh: bool) -> Decision {
+        // Before anything is looked up: an entry pruned while this event is applied could be
+        // the very original it names (a journaled time past the original's retention).
+        self.prune_originals(at);
         if !fresh {
             let answer = match body {
                 EventBody::Sale { answer, .. }
@@ -1402,7 +1405,6 @@ impl Book {
         state: OriginalState,
         link: u32,
     ) -> u32 {
-        self.prune_originals(at);
         let idx = self.entries.next_index();
         if kind == Kind::Tombstone {
             self.tombstones = self.tombstones.saturating_add(1);
