@@ -36,6 +36,20 @@ durability = "fdatasync"
 snapshot_every_records = 1000000
 # Size of each journal segment file, preallocated when it is created (4096 ..= 1073741824).
 segment_bytes = 67108864
+# "file" (this directory, one node) or "jetstream" (replicated on a NATS JetStream cluster:
+# several gateway nodes for the same merchants; see [journal.jetstream] and deploy/cluster/).
+backend = "file"
+
+[journal.jetstream]
+# NATS servers of the cluster (any subset; the client finds the others).
+servers = ["nats://127.0.0.1:4222"]
+# Stream of the ledger events; each merchant's events on <subject_prefix>.<hex merchant id>.
+stream = "REFUNDGATE"
+subject_prefix = "refundgate.events"
+# Copies of each event (3 for a three-server cluster: an answer leaves once a quorum has it).
+replicas = 1
+# Longest wait for the stream's acknowledgement of one event (then 96, outcome unknown).
+ack_timeout_ms = 2000
 
 [log]
 # "plain" or "json".
@@ -318,6 +332,48 @@ pub struct JournalConfig {
     pub snapshot_every_records: u64,
     /// Bytes of each segment file, preallocated at creation (tests use small ones).
     pub segment_bytes: u64,
+    /// Where the ledger's events are journaled.
+    pub backend: JournalBackend,
+    /// `[journal.jetstream]`: the replicated journal (`backend = "jetstream"`).
+    pub jetstream: JetStreamConfig,
+}
+
+/// `journal.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalBackend {
+    /// Segment files in `journal.dir` on this node.
+    File,
+    /// A NATS JetStream stream replicated over a cluster (several gateway nodes).
+    Jetstream,
+}
+
+/// `[journal.jetstream]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// NATS server URLs.
+    pub servers: Vec<String>,
+    /// Stream name.
+    pub stream: String,
+    /// Subject prefix of the events.
+    pub subject_prefix: String,
+    /// Copies of each event.
+    pub replicas: usize,
+    /// Longest wait for one append's acknowledgement.
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".to_string()],
+            stream: "REFUNDGATE".to_string(),
+            subject_prefix: "refundgate.events".to_string(),
+            replicas: 1,
+            ack_timeout_ms: 2000,
+        }
+    }
 }
 
 /// `journal.durability`.
@@ -615,6 +671,47 @@ impl Config {
                 format!("want {} ..= {}", segment.start(), segment.end()),
             ));
         }
+        if self.journal.backend == JournalBackend::Jetstream {
+            let js = &self.journal.jetstream;
+            if js.servers.is_empty() {
+                return Err(error(
+                    "journal.jetstream.servers",
+                    "must list at least one server",
+                ));
+            }
+            let token = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            };
+            if !token(&js.stream) {
+                return Err(error(
+                    "journal.jetstream.stream",
+                    "want letters, digits, '_' or '-'",
+                ));
+            }
+            if !js.subject_prefix.split('.').all(token) {
+                return Err(error(
+                    "journal.jetstream.subject_prefix",
+                    "want dot-separated tokens of letters, digits, '_' or '-'",
+                ));
+            }
+            if !(1..=5).contains(&js.replicas) {
+                return Err(error("journal.jetstream.replicas", "want 1 ..= 5"));
+            }
+            if js.ack_timeout_ms == 0 || js.ack_timeout_ms > limits::TIMEOUT_HARD_MAX_MS {
+                return Err(error(
+                    "journal.jetstream.ack_timeout_ms",
+                    format!("outside 1..={}", limits::TIMEOUT_HARD_MAX_MS),
+                ));
+            }
+            if !self.upstreams.is_empty() {
+                return Err(error(
+                    "journal.backend",
+                    "\"jetstream\" does not route to upstream hosts yet: use \"file\" with [[upstreams]]",
+                ));
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(error("log.filter", e.to_string()));
         }
@@ -909,6 +1006,8 @@ impl Default for JournalConfig {
             durability: Durability::Fdatasync,
             snapshot_every_records: 1_000_000,
             segment_bytes: crate::journal::segment::SEGMENT_BYTES_DEFAULT,
+            backend: JournalBackend::File,
+            jetstream: JetStreamConfig::default(),
         }
     }
 }

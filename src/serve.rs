@@ -12,6 +12,7 @@ use crate::cli::{EXIT_IOERR, EXIT_USAGE};
 use crate::clock::SystemClock;
 use crate::config::{self, Config};
 use crate::flow::{Gateway, Link};
+use crate::journal::jetstream::{self, Replica};
 use crate::journal::{self, Journal};
 use crate::ledger::{Dialect, MerchantSet, PanKey};
 use crate::mac::{MacAlgorithm, MacKey};
@@ -60,6 +61,9 @@ pub struct Prepared {
     pub journal: Arc<Journal>,
     /// Upstream links and the recovered SAF queue, when `[[upstreams]]` are configured.
     pub upstreams: Option<upstream::Plan>,
+    /// The PAN hash key was created by this start (a replicated stream that already holds
+    /// events needs the other nodes' key instead).
+    pub fresh_pan_key: bool,
 }
 
 /// Loads configuration and merchants, opens and replays the journal.
@@ -106,6 +110,17 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     move_legacy_pan_key(&config)?;
     let (journal, mut recovered) = Journal::open(&config.journal.dir, options).map_err(io)?;
     let empty = recovered.last_seq() == 0 && recovered.snapshot().is_none();
+    let replicated = config.journal.backend == config::JournalBackend::Jetstream;
+    if replicated && !empty {
+        return Err(StartError {
+            code: EXIT_IOERR,
+            message: format!(
+                "journal {}: holds a file journal, but journal.backend = \"jetstream\" rebuilds the ledger from the stream; move the directory away",
+                config.journal.dir.display()
+            ),
+        });
+    }
+    let fresh_pan_key = !config.pan_hash_key_path().exists();
     let pan_key = pan_key(&config.pan_hash_key_path(), empty)?;
     let (ledger, replayed) = crate::flow::recover_ledger(&merchants, pan_key, &mut recovered, None)
         .map_err(|e| StartError {
@@ -118,9 +133,11 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         "ledger recovered from the journal"
     );
     let journal = Arc::new(journal);
+    // With the replicated journal the local one only holds the directory (and the SAF files):
+    // events go to the stream.
     let gateway = Gateway::new(
         Arc::new(ledger),
-        Some(Arc::clone(&journal)),
+        (!replicated).then(|| Arc::clone(&journal)),
         Arc::new(SystemClock),
         links,
     )
@@ -141,7 +158,50 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         gateway,
         journal,
         upstreams,
+        fresh_pan_key,
     })
+}
+
+/// Connects a `journal.backend = "jetstream"` node to its stream and rebuilds the ledger from
+/// it; `None` with the file journal.
+async fn replica(prepared: &Prepared) -> Result<Option<Arc<Replica>>, String> {
+    let config = &prepared.config.journal;
+    if config.backend != config::JournalBackend::Jetstream {
+        return Ok(None);
+    }
+    let js = &config.jetstream;
+    let settings = jetstream::Settings {
+        servers: js.servers.clone(),
+        stream: js.stream.clone(),
+        subject_prefix: js.subject_prefix.clone(),
+        replicas: js.replicas,
+        ack_timeout: std::time::Duration::from_millis(js.ack_timeout_ms),
+    };
+    let started = std::time::Instant::now();
+    let (replica, state) = Replica::connect(&settings, prepared.gateway.shared_ledger())
+        .await
+        .map_err(|e| format!("journal.jetstream: {e}"))?;
+    if state.messages > 0 && prepared.fresh_pan_key {
+        return Err(format!(
+            "security.pan_hash_key {} was created by this start, but stream {} already holds {} events: copy the key of the other nodes",
+            prepared.config.pan_hash_key_path().display(),
+            js.stream,
+            state.messages
+        ));
+    }
+    let applied = replica
+        .load(state.last_sequence)
+        .await
+        .map_err(|e| format!("journal.jetstream: {e}"))?;
+    tracing::info!(
+        applied,
+        last_sequence = state.last_sequence,
+        ms = started.elapsed().as_millis() as u64,
+        "ledger rebuilt from the replicated journal"
+    );
+    let replica = Arc::new(replica);
+    tokio::spawn(Arc::clone(&replica).tail(state.last_sequence));
+    Ok(Some(replica))
 }
 
 fn link(i: usize, l: &config::ListenerConfig) -> Result<Link, StartError> {
@@ -325,6 +385,17 @@ pub fn run(args: &ServeArgs) -> ExitCode {
         }
     };
     let snapshot_every = prepared.config.journal.snapshot_every_records.max(1);
+    let mut prepared = prepared;
+    match runtime.block_on(replica(&prepared)) {
+        Ok(Some(r)) => {
+            prepared.gateway = prepared.gateway.with_replica(r);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("refundgate: {e}");
+            return ExitCode::from(EXIT_IOERR);
+        }
+    }
     let result = runtime.block_on(async move {
         let server = Server::bind(prepared.config).await?;
         server.readiness().set_merchants_loaded(true);

@@ -19,9 +19,11 @@ use bytes::BytesMut;
 
 use crate::clock::Clock;
 use crate::iso8583::{self, Message, Spec};
+use crate::journal::jetstream::{ReplError, Replica};
 use crate::journal::{Journal, Recovered, StoreError, Ticket};
 use crate::ledger::{
-    self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason,
+    self, CardType, Decision, Dialect, Ledger, LedgerEvent, MerchantId, Operation, OriginalRef,
+    Reason,
 };
 use crate::limits;
 use crate::mac::{self, MacKey};
@@ -91,6 +93,9 @@ pub struct Gateway {
     /// The journal failure epoch the ledger was last rebuilt for.
     rebuilt_epoch: AtomicU64,
     journal: Option<Arc<Journal>>,
+    /// The replicated journal (`journal.backend = "jetstream"`): decisions are appended to the
+    /// stream, and applied once it acknowledged them, instead of the local journal.
+    replica: Option<Arc<Replica>>,
     clock: Arc<dyn Clock>,
     links: Vec<Link>,
     upstreams: Option<Arc<Upstreams>>,
@@ -187,6 +192,15 @@ impl From<ledger::Refused> for LogError {
     }
 }
 
+impl From<ReplError> for LogError {
+    fn from(e: ReplError) -> LogError {
+        match e {
+            ReplError::Refused(r) => LogError::Refused(ledger::Refused(r)),
+            _ => LogError::Store,
+        }
+    }
+}
+
 impl From<StoreError> for LogError {
     fn from(_: StoreError) -> LogError {
         LogError::Store
@@ -213,6 +227,7 @@ impl Gateway {
             recovering: tokio::sync::Mutex::new(()),
             rebuilt_epoch: AtomicU64::new(0),
             journal,
+            replica: None,
             clock,
             links,
             upstreams: None,
@@ -269,12 +284,23 @@ impl Gateway {
                 break;
             }
             let mut ticket = None;
-            let done = {
-                let _gate = self.gate.read().await;
-                self.ledger
-                    .scheduled_cutover_logged::<LogError>(&merchant, now, |e| {
-                        Ok(self.enqueue(e, &mut ticket)?)
+            let done = match (&self.replica, MerchantId::new(&merchant)) {
+                (Some(replica), Some(m)) => replica
+                    .step(&m, |log| {
+                        self.ledger
+                            .scheduled_cutover_logged::<ReplError>(&merchant, now, log)
                     })
+                    .await
+                    .and_then(|r| r)
+                    .map_err(LogError::from),
+                (Some(_), None) => continue,
+                (None, _) => {
+                    let _gate = self.gate.read().await;
+                    self.ledger
+                        .scheduled_cutover_logged::<LogError>(&merchant, now, |e| {
+                            Ok(self.enqueue(e, &mut ticket)?)
+                        })
+                }
             };
             match done {
                 Ok(Some(_)) => {
@@ -300,6 +326,18 @@ impl Gateway {
         ran
     }
 
+    /// The same gateway journaling to the replicated journal `replica` (several nodes deciding
+    /// for the same merchants) instead of a local one: build it with no local journal.
+    pub fn with_replica(mut self, replica: Arc<Replica>) -> Gateway {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// The replicated journal, when the gateway uses one.
+    pub fn replica(&self) -> Option<&Arc<Replica>> {
+        self.replica.as_ref()
+    }
+
     /// The same gateway forwarding routed merchants' requests to `upstreams` (DOMAIN §8).
     pub fn with_upstreams(mut self, upstreams: Arc<Upstreams>) -> Gateway {
         self.upstreams = Some(upstreams);
@@ -309,6 +347,11 @@ impl Gateway {
     /// The ledger, for admin calls and tests.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// The ledger, shared (the replicated journal applies other nodes' events to it).
+    pub fn shared_ledger(&self) -> Arc<Ledger> {
+        Arc::clone(&self.ledger)
     }
 
     /// Decides one message received on listener `link` and renders the answer.
@@ -534,6 +577,18 @@ impl Gateway {
         let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
         let mut ticket = None;
         let Some(upstreams) = &self.upstreams else {
+            if let Some(replica) = &self.replica {
+                let logged = match MerchantId::new(req.merchant) {
+                    Some(m) => replica
+                        .step(&m, |log| self.ledger.decide_logged(&req, now, log))
+                        .await
+                        .unwrap_or_else(ledger::Logged::Failed),
+                    None => self.ledger.decide_logged(&req, now, |_| {
+                        Err(ReplError::Refused(Reason::UNKNOWN_MERCHANT))
+                    }),
+                };
+                return self.logged(l, msg, kind, logged, None, 0, rrn);
+            }
             let logged = {
                 let _gate = self.gate.read().await;
                 self.ledger
@@ -623,12 +678,12 @@ impl Gateway {
 
     /// Renders what a logged ledger call decided, with the journal record it must wait for.
     #[allow(clippy::too_many_arguments)]
-    fn logged(
+    fn logged<E: std::fmt::Display>(
         &self,
         l: &Link,
         msg: &Message<'_>,
         kind: Kind,
-        logged: ledger::Logged<StoreError>,
+        logged: ledger::Logged<E>,
         ticket: Option<Ticket>,
         epoch: u64,
         rrn: Option<[u8; 12]>,
@@ -750,7 +805,19 @@ impl Gateway {
             );
         };
         let mut ticket = None;
-        let signed = {
+        let signed = if let Some(replica) = &self.replica {
+            match MerchantId::new(merchant) {
+                Some(m) => replica
+                    .step(&m, |log| {
+                        self.ledger
+                            .sign_on_logged::<ReplError>(merchant, terminal, now, log)
+                    })
+                    .await
+                    .and_then(|r| r)
+                    .map_err(LogError::from),
+                None => Err(LogError::Refused(ledger::Refused(Reason::UNKNOWN_MERCHANT))),
+            }
+        } else {
             let _gate = self.gate.read().await;
             self.ledger
                 .sign_on_logged::<LogError>(merchant, terminal, now, |e| {
@@ -810,6 +877,20 @@ impl Gateway {
         let Some(req) = self.ledger_request(l, msg, kind, &mut pan_buf, &rrn_buf) else {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
+        if let Some(replica) = &self.replica {
+            let logged = match MerchantId::new(req.merchant) {
+                Some(m) => replica
+                    .step(&m, |log| {
+                        self.ledger.settle_batch_logged(&req, totals, now, log)
+                    })
+                    .await
+                    .unwrap_or_else(ledger::Logged::Failed),
+                None => self.ledger.settle_batch_logged(&req, totals, now, |_| {
+                    Err(ReplError::Refused(Reason::UNKNOWN_MERCHANT))
+                }),
+            };
+            return self.logged(l, msg, kind, logged, None, 0, None);
+        }
         let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
         let mut ticket = None;
         let logged = {

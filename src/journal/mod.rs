@@ -57,6 +57,7 @@
 
 mod error;
 mod group_commit;
+pub mod jetstream;
 pub mod record;
 mod recovery;
 pub mod segment;
