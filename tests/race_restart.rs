@@ -11,20 +11,10 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
-use refundgate::frame::{Frame, FrameCodec, Framing};
-use refundgate::iso8583::{self, json};
-use rustls::crypto::ring;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value as Json};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_util::codec::Framed;
 
+use common::client::{ask, de54_amount, receive, repeat, send, Answer, Client};
 use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
 
 /// Day cap 10,000,000.00: high enough that the pairs never hit it, so the allowance left is
@@ -94,63 +84,8 @@ fn start(setup: &Setup) -> ServeProcess {
     spawn_serve(&setup.dir.path().join("refundgate.toml"), 1)
 }
 
-type Client = Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec>;
-
 async fn connect(setup: &Setup, gateway: &ServeProcess) -> Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(setup.cert.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(gateway.listeners[0]).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    Framed::new(tls, FrameCodec::new(Framing::Binary2, false, 8192))
-}
-
-/// What a terminal sees of an answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Answer {
-    code: String,
-    reason: String,
-    rrn: Option<String>,
-    de54: Option<String>,
-}
-
-async fn send(c: &mut Client, doc: &Json) {
-    let mut out = BytesMut::new();
-    json::from_json(&iso8583::ASCII1987, doc, &mut out).unwrap();
-    c.send(Frame::Message {
-        tpdu: None,
-        header: None,
-        body: Bytes::from(out.to_vec()),
-    })
-    .await
-    .unwrap();
-}
-
-async fn receive(c: &mut Client) -> Answer {
-    match tokio::time::timeout(Duration::from_secs(30), c.next()).await {
-        Ok(Some(Ok(Frame::Message { body, .. }))) => {
-            let m = iso8583::decode(&iso8583::ASCII1987, &body).unwrap();
-            Answer {
-                code: m.response_code().unwrap_or("").to_string(),
-                reason: m.text(44).unwrap_or("").to_string(),
-                rrn: m.rrn().map(str::to_string),
-                de54: m.text(54).map(str::to_string),
-            }
-        }
-        other => panic!("no answer: {other:?}"),
-    }
-}
-
-async fn ask(c: &mut Client, doc: &Json) -> Answer {
-    send(c, doc).await;
-    receive(c).await
+    common::client::connect(&setup.cert, gateway.listeners[0]).await
 }
 
 /// Sends `a` on one connection and `b` on the other at the same instant.
@@ -158,22 +93,6 @@ async fn race(x: &mut Client, y: &mut Client, a: &Json, b: &Json) -> (Answer, An
     send(x, a).await;
     send(y, b).await;
     tokio::join!(receive(x), receive(y))
-}
-
-fn repeat(doc: &Json) -> Json {
-    let mut d = doc.clone();
-    let mti = d["mti"].as_str().unwrap().to_string();
-    d["mti"] = json!(format!("{}1", &mti[..3]));
-    d
-}
-
-/// The amount of DE54 block `kind` (e.g. "91").
-fn de54_amount(de54: &str, kind: &str) -> Option<u64> {
-    de54.as_bytes()
-        .chunks(20)
-        .filter_map(|b| std::str::from_utf8(b).ok())
-        .find(|b| b.len() == 20 && &b[2..4] == kind)
-        .and_then(|b| b[8..].parse().ok())
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Helpers shared by the behaviour tests that speak ascii1987 to a running gateway.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod client;
+
 use refundgate::clock::{Clock, SystemClock};
 use serde_json::{json, Value as Json};
 
