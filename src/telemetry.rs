@@ -54,6 +54,10 @@ pub const MESSAGE_ERRORS_TOTAL: &str = "refundgate_message_errors_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "refundgate_idle_timeouts_total";
 /// Counter: requests answered 96 because their record was not durable within the deadline.
 pub const REQUEST_DEADLINE_TOTAL: &str = "refundgate_request_deadline_exceeded_total";
+/// Events of the replicated journal by outcome (`journal.backend = "jetstream"`).
+pub const REPLICA_EVENTS_TOTAL: &str = "refundgate_journal_replica_events_total";
+/// Label of [`REPLICA_EVENTS_TOTAL`].
+pub const LABEL_OUTCOME: &str = "outcome";
 /// `refundgate_log_lines_dropped_total`: log lines below WARN dropped because the log writer
 /// fell behind (brought up to date whenever [`metrics_handle`] is asked for).
 pub const LOG_LINES_DROPPED_TOTAL: &str = "refundgate_log_lines_dropped_total";
@@ -460,6 +464,13 @@ pub fn count_request_deadline(dialect: &'static str) {
     metrics::counter!(REQUEST_DEADLINE_TOTAL, LABEL_DIALECT => dialect).increment(1);
 }
 
+/// Counts one event of the replicated journal: `appended` by this node, `conflict` (another
+/// node appended first; decided again), `remote` (another node's, applied here) or
+/// `unavailable` (append without an acknowledgement: answered 96).
+pub fn count_replica(outcome: &'static str) {
+    metrics::counter!(REPLICA_EVENTS_TOTAL, LABEL_OUTCOME => outcome).increment(1);
+}
+
 /// Counts one well-framed message that could not be used (DOMAIN §2).
 pub fn count_message_error(dialect: &'static str) {
     metrics::counter!(MESSAGE_ERRORS_TOTAL, LABEL_DIALECT => dialect).increment(1);
@@ -536,6 +547,10 @@ fn describe_metrics() {
         "Well-framed messages that could not be used."
     );
     describe_counter!(IDLE_TIMEOUTS_TOTAL, "Connections closed for being idle.");
+    describe_counter!(
+        REPLICA_EVENTS_TOTAL,
+        "Events of the replicated journal: appended, conflict (decided again), remote, unavailable."
+    );
     describe_counter!(
         LOG_LINES_DROPPED_TOTAL,
         "Log lines below WARN dropped because the log writer fell behind."

@@ -667,6 +667,11 @@ impl Gateway {
     /// after, under the same shard lock, so journal order is apply order.
     fn enqueue(&self, event: &LedgerEvent, ticket: &mut Option<Ticket>) -> Result<u64, StoreError> {
         let Some(journal) = &self.journal else {
+            if self.replica.is_some() {
+                // With the replicated journal every change goes through `Replica::step`: one
+                // applied here alone would make this node's ledger differ from the stream.
+                return Err(StoreError::Closed);
+            }
             return Ok(0);
         };
         let mut payload = Vec::with_capacity(128);

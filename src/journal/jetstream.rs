@@ -27,6 +27,7 @@ use dashmap::DashMap;
 use futures::StreamExt;
 
 use crate::ledger::{Ledger, LedgerEvent, MerchantId};
+use crate::telemetry;
 
 /// Where the replicated journal lives and how long an append may take.
 #[derive(Debug, Clone)]
@@ -292,6 +293,7 @@ impl Replica {
             if seq > p.last {
                 if self.ledger.apply(&event).is_ok() {
                     self.counters.applied_remote.fetch_add(1, Ordering::Relaxed);
+                    telemetry::count_replica("remote");
                 }
                 p.last = seq;
             }
@@ -322,6 +324,7 @@ impl Replica {
             })?;
             if self.ledger.apply(&event).is_ok() {
                 self.counters.applied_remote.fetch_add(1, Ordering::Relaxed);
+                telemetry::count_replica("remote");
             }
             p.last = m.sequence;
         }
@@ -392,10 +395,12 @@ impl Replica {
                     }
                     p.last = seq;
                     self.counters.appended.fetch_add(1, Ordering::Relaxed);
+                    telemetry::count_replica("appended");
                     return Ok(out);
                 }
                 Err(e) if is_conflict(&e) => {
                     self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    telemetry::count_replica("conflict");
                     tracing::debug!(attempt, "another node appended first; catching up");
                     if attempt > 2 {
                         // A direct get may be served by a replica that lags the leader.
@@ -405,6 +410,7 @@ impl Replica {
                 }
                 Err(e) => {
                     p.stale = true;
+                    telemetry::count_replica("unavailable");
                     return Err(unavailable(e));
                 }
             }

