@@ -16,6 +16,7 @@
 #      because another node appended first for the merchant / appends) from /metrics;
 #   6. catch-up from cold of a new node on a stream of EVENTS events (benches/cluster_catchup.rs).
 # Environment: DURATION=10 CONNS=64 EVENTS=1000000 REFUNDGATE_NATS_SERVER=path
+#   STEPS="1 2 3 4 5 6" (a subset runs only those; the table shows what ran)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -127,22 +128,36 @@ CONF
 }
 nodes_stop() { for p in "${NODE_PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; NODE_PIDS=(); }
 NATS_PIDS=(); NODE_PIDS=()
+STEPS=" ${STEPS:-1 2 3 4 5 6} "
+step() { [[ "$STEPS" == *" $1 "* ]]; }
+for f in ceiling file js-r1 js-r3-1node js-r3-3nodes-0 js-r3-3nodes-1 js-r3-3nodes-2; do echo '{}' >"$OUT/$f.json"; done
+appended=0; conflicts=0
 
+if step 1; then
 say "1. ceiling serve"
 "$CEILING" serve --addr 127.0.0.1:28683 2>"$OUT/ceiling.log" &
 cpid=$!; PIDS+=($cpid); wait_port 28683
 run ceiling 28683 "$CONNS"
 kill $cpid; wait $cpid 2>/dev/null || true
+fi
 
+if step 2; then
 say "2. one node, file journal (fdatasync)"
 node_start file 0 file 1 1; run file 28583 "$CONNS"; nodes_stop
+fi
 
+if step 3; then
 say "3. one node, JetStream R1 (one server)"
 nats_start r1 1; node_start r1 0 jetstream 1 1; run js-r1 28583 "$CONNS"; nodes_stop; nats_stop
+fi
 
+nats_start r3 3
+if step 4; then
 say "4. one node, JetStream R3 (three servers)"
-nats_start r3 3; node_start r3a 0 jetstream 3 3; run js-r3-1node 28583 "$CONNS"; nodes_stop
+node_start r3a 0 jetstream 3 3; run js-r3-1node 28583 "$CONNS"; nodes_stop
+fi
 
+if step 5; then
 say "5. three nodes, JetStream R3, connections split over them"
 for i in 0 1 2; do node_start r3b "$i" jetstream 3 3; done
 per=$((CONNS / 3))
@@ -157,10 +172,14 @@ for i in 0 1 2; do
     appended=$((appended + a)); conflicts=$((conflicts + c))
 done
 nodes_stop
+fi
 
+touch "$OUT/catchup.txt"
+if step 6; then
 say "6. catch-up from cold on $EVENTS events (R3)"
 REFUNDGATE_NATS_URL=nats://127.0.0.1:24222 EVENTS=$EVENTS REPLICAS=3 \
     cargo bench --locked --bench cluster_catchup 2>/dev/null | tee "$OUT/catchup.txt" >&2
+fi
 nats_stop
 
 # --- table ----------------------------------------------------------------------------------

@@ -579,10 +579,7 @@ impl Gateway {
         let Some(upstreams) = &self.upstreams else {
             if let Some(replica) = &self.replica {
                 let logged = match MerchantId::new(req.merchant) {
-                    Some(m) => replica
-                        .step(&m, |log| self.ledger.decide_logged(&req, now, log))
-                        .await
-                        .unwrap_or_else(ledger::Logged::Failed),
+                    Some(m) => replica.decide(&m, &req, now).await,
                     None => self.ledger.decide_logged(&req, now, |_| {
                         Err(ReplError::Refused(Reason::UNKNOWN_MERCHANT))
                     }),

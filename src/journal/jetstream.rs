@@ -26,7 +26,7 @@ use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use dashmap::DashMap;
 use futures::StreamExt;
 
-use crate::ledger::{Ledger, LedgerEvent, MerchantId};
+use crate::ledger::{Decision, Ledger, LedgerEvent, Logged, MerchantId, Request, Reservation};
 use crate::telemetry;
 
 /// Where the replicated journal lives and how long an append may take.
@@ -74,12 +74,105 @@ impl From<crate::ledger::Refused> for ReplError {
 const ATTEMPTS: u32 = 64;
 
 /// This node's view of one merchant's subject.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Part {
-    /// Stream sequence of the last event of this merchant applied to the ledger (0: none).
+    /// Stream sequence of the last message of this merchant applied to the ledger (0: none).
     last: u64,
     /// An append's outcome is unknown: read the subject before deciding again.
     stale: bool,
+    /// Decisions taken (holds placed, declines not applied) waiting for the next group append.
+    open: Vec<Item>,
+    /// A flush task is running for this merchant.
+    flushing: bool,
+    /// A group is appended and its acknowledgement not yet applied: nothing else may be
+    /// applied to this merchant until it is (stream order).
+    awaiting_ack: bool,
+}
+
+/// One decision of a group append.
+struct Item {
+    what: Pending,
+    tx: tokio::sync::oneshot::Sender<Outcome>,
+}
+
+/// What a group member applies once its group is acknowledged.
+enum Pending {
+    /// An approval: its holds are placed; commit it.
+    Commit(Reservation),
+    /// A decline to remember: apply its event.
+    Apply(LedgerEvent),
+}
+
+/// What became of a group member.
+enum Outcome {
+    /// Applied at stream sequence `seq`.
+    Done(Decision, u64),
+    /// Another node appended first: decide again.
+    Retry,
+    /// No acknowledgement: answer 96.
+    Failed(String),
+}
+
+/// The payload of one stream message: each event as a 2-byte big-endian length and its bytes
+/// (a group append holds several decisions of one merchant).
+fn encode_group<'a>(events: impl Iterator<Item = &'a LedgerEvent>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let mut one = Vec::with_capacity(128);
+    for e in events {
+        one.clear();
+        e.encode(&mut one);
+        let len = u16::try_from(one.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&one[..usize::from(len)]);
+    }
+    out
+}
+
+/// The events of one stream message, in order.
+fn decode_group(payload: &[u8]) -> Result<Vec<LedgerEvent>, String> {
+    let mut events = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_first_chunk::<2>()
+            .ok_or("group payload cut inside a length")?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        if tail.len() < len {
+            return Err("group payload cut inside an event".into());
+        }
+        let (event, tail) = tail.split_at(len);
+        events.push(LedgerEvent::decode(event).map_err(|e| e.to_string())?);
+        rest = tail;
+    }
+    if events.is_empty() {
+        return Err("empty group payload".into());
+    }
+    Ok(events)
+}
+
+/// One merchant's [`Part`], and the wake-up of those waiting for its group's acknowledgement.
+#[derive(Default)]
+struct PartCell {
+    state: tokio::sync::Mutex<Part>,
+    acked: tokio::sync::Notify,
+}
+
+impl PartCell {
+    /// The merchant's state once no group append awaits its acknowledgement (nothing may be
+    /// applied to the merchant before that group is).
+    async fn settled(&self) -> tokio::sync::MutexGuard<'_, Part> {
+        loop {
+            let p = self.state.lock().await;
+            if !p.awaiting_ack {
+                return p;
+            }
+            let woken = self.acked.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            drop(p);
+            woken.await;
+        }
+    }
 }
 
 /// Counters of the replicated journal (read by tests, metrics and the bench).
@@ -99,7 +192,7 @@ pub struct Replica {
     stream: stream::Stream,
     prefix: String,
     ledger: Arc<Ledger>,
-    parts: DashMap<MerchantId, Arc<tokio::sync::Mutex<Part>>>,
+    parts: DashMap<MerchantId, Arc<PartCell>>,
     /// Stream sequence the tail has read up to (it restarts from there).
     tailed: AtomicU64,
     /// Counters.
@@ -206,8 +299,25 @@ impl Replica {
         format!("{}.{}", self.prefix, hex::encode(merchant.as_str()))
     }
 
-    fn part(&self, merchant: &MerchantId) -> Arc<tokio::sync::Mutex<Part>> {
+    fn part(&self, merchant: &MerchantId) -> Arc<PartCell> {
         Arc::clone(self.parts.entry(*merchant).or_default().value())
+    }
+
+    /// Applies the events of one stream message (another node's, or one of this node's whose
+    /// outcome was unknown) to the ledger; returns their merchant.
+    fn apply_remote(&self, seq: u64, payload: &[u8]) -> Result<MerchantId, ReplError> {
+        let events = decode_group(payload)
+            .map_err(|e| ReplError::Corrupt(format!("message at stream seq {seq}: {e}")))?;
+        let merchant = events[0].merchant;
+        for event in &events {
+            if self.ledger.apply(event).is_ok() {
+                self.counters.applied_remote.fetch_add(1, Ordering::Relaxed);
+                telemetry::count_replica("remote");
+            } else {
+                tracing::warn!(seq, "event of a merchant not configured on this node skipped");
+            }
+        }
+        Ok(merchant)
     }
 
     /// Rebuilds the ledger from the stream, up to `upto` (the stream's last sequence when the
@@ -227,29 +337,20 @@ impl Replica {
             .map_err(unavailable)?;
         let mut messages = consumer.messages().await.map_err(unavailable)?;
         let mut last: HashMap<MerchantId, u64> = HashMap::new();
-        let mut applied = 0u64;
+        let before = self.counters.applied_remote.load(Ordering::Relaxed);
         while let Some(m) = messages.next().await {
             let m = m.map_err(unavailable)?;
             let seq = m.info().map_err(unavailable)?.stream_sequence;
-            let event = LedgerEvent::decode(&m.payload)
-                .map_err(|e| ReplError::Corrupt(format!("event at stream seq {seq}: {e}")))?;
-            if self.ledger.apply(&event).is_ok() {
-                applied += 1;
-            } else {
-                tracing::warn!(
-                    seq,
-                    "event of a merchant not configured on this node skipped"
-                );
-            }
-            last.insert(event.merchant, seq);
+            let merchant = self.apply_remote(seq, &m.payload)?;
+            last.insert(merchant, seq);
             if seq >= upto {
                 break;
             }
         }
         for (merchant, seq) in last {
-            self.part(&merchant).lock().await.last = seq;
+            self.part(&merchant).state.lock().await.last = seq;
         }
-        Ok(applied)
+        Ok(self.counters.applied_remote.load(Ordering::Relaxed) - before)
     }
 
     /// Tails the stream after `from`: applies every event of other nodes as it is stored, so
@@ -281,20 +382,18 @@ impl Replica {
         while let Some(m) = messages.next().await {
             let m = m.map_err(unavailable)?;
             let seq = m.info().map_err(unavailable)?.stream_sequence;
-            let event = match LedgerEvent::decode(&m.payload) {
-                Ok(e) => e,
+            let merchant = match decode_group(&m.payload) {
+                Ok(events) => events[0].merchant,
                 Err(e) => {
-                    tracing::error!(seq, error = %e, "unreadable event in the stream skipped");
+                    tracing::error!(seq, error = %e, "unreadable message in the stream skipped");
                     continue;
                 }
             };
-            let part = self.part(&event.merchant);
-            let mut p = part.lock().await;
+            let cell = self.part(&merchant);
+            let mut p = cell.settled().await;
             if seq > p.last {
-                if self.ledger.apply(&event).is_ok() {
-                    self.counters.applied_remote.fetch_add(1, Ordering::Relaxed);
-                    telemetry::count_replica("remote");
-                }
+                self.retry_open(&mut p);
+                self.apply_remote(seq, &m.payload)?;
                 p.last = seq;
             }
             drop(p);
@@ -303,7 +402,22 @@ impl Replica {
         Ok(())
     }
 
-    /// Applies the merchant's events after `p.last` that this node has not seen yet.
+    /// The open decisions were taken on a state without another node's message about to be
+    /// applied: their holds go and they are taken again (after it). So every decision of a
+    /// group saw exactly the merchant's messages up to the sequence the group expects.
+    fn retry_open(&self, p: &mut Part) {
+        for item in std::mem::take(&mut p.open) {
+            if let Pending::Commit(r) = item.what {
+                self.ledger.release(r);
+            }
+            self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+            telemetry::count_replica("conflict");
+            let _ = item.tx.send(Outcome::Retry);
+        }
+    }
+
+    /// Applies the merchant's messages after `p.last` that this node has not applied yet.
+    /// Only while no group append of the merchant awaits its acknowledgement.
     async fn catch_up(&self, merchant: &MerchantId, p: &mut Part) -> Result<(), ReplError> {
         let subject = self.subject(merchant);
         loop {
@@ -319,62 +433,185 @@ impl Replica {
             if m.sequence <= p.last {
                 break;
             }
-            let event = LedgerEvent::decode(&m.payload).map_err(|e| {
-                ReplError::Corrupt(format!("event at stream seq {}: {e}", m.sequence))
-            })?;
-            if self.ledger.apply(&event).is_ok() {
-                self.counters.applied_remote.fetch_add(1, Ordering::Relaxed);
-                telemetry::count_replica("remote");
-            }
+            self.retry_open(p);
+            self.apply_remote(m.sequence, &m.payload)?;
             p.last = m.sequence;
         }
         p.stale = false;
         Ok(())
     }
 
-    /// Runs one logged ledger call for `merchant` against the stream: `call` is given the
-    /// `log` closure to pass to the ledger's `*_logged` method. It runs once without applying
-    /// (its event is captured), the event is appended with the merchant's expected last
-    /// sequence, and on the acknowledgement `call` runs again and applies exactly that event.
-    /// A call that journals nothing (a stored answer, a bare refusal) returns at once.
+    /// Appends `payload` to the merchant's subject if its last sequence is still `expected`.
+    async fn append(
+        &self,
+        merchant: &MerchantId,
+        payload: Vec<u8>,
+        expected: u64,
+    ) -> Result<u64, jetstream::context::PublishError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .expected_last_subject_sequence(expected);
+        let ack = self.js.send_publish(self.subject(merchant), publish).await?;
+        Ok(ack.await?.sequence)
+    }
+
+    /// Decides a request (sale, refund, void, reversal) of `merchant` against the stream, in a
+    /// group with the other decisions of that merchant taken on this node while the previous
+    /// group's append was in flight: one append (one round trip to a quorum) per group, not
+    /// per decision. The decision places its holds at once, so the next ones see it; it is
+    /// applied once its group is acknowledged, and taken again if another node appended
+    /// first.
+    pub async fn decide(
+        self: &Arc<Self>,
+        merchant: &MerchantId,
+        req: &Request<'_>,
+        now: i64,
+    ) -> Logged<ReplError> {
+        let cell = self.part(merchant);
+        for _ in 0..ATTEMPTS {
+            let rx = {
+                let mut p = cell.state.lock().await;
+                if p.stale && !p.awaiting_ack {
+                    if let Err(e) = self.catch_up(merchant, &mut p).await {
+                        return Logged::Failed(e);
+                    }
+                }
+                let mut declined = None;
+                let what = match self.ledger.reserve_logged(req, now, |e: &LedgerEvent| {
+                    declined = Some(e.clone());
+                    Err(ReplError::Deferred)
+                }) {
+                    Ok(r) => Pending::Commit(r),
+                    Err(Logged::Failed(ReplError::Deferred)) => match declined {
+                        Some(e) => Pending::Apply(e),
+                        None => return Logged::Failed(ReplError::Corrupt("no event".into())),
+                    },
+                    Err(other) => return other,
+                };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                p.open.push(Item { what, tx });
+                if !p.flushing {
+                    p.flushing = true;
+                    tokio::spawn(Arc::clone(self).flush(*merchant, Arc::clone(&cell)));
+                }
+                rx
+            };
+            match rx.await {
+                Ok(Outcome::Done(decision, seq)) => return Logged::Applied { decision, seq },
+                Ok(Outcome::Retry) => continue,
+                Ok(Outcome::Failed(e)) => return Logged::Failed(ReplError::Unavailable(e)),
+                Err(_) => return Logged::Failed(ReplError::Unavailable("flush task gone".into())),
+            }
+        }
+        Logged::Failed(ReplError::Contended(ATTEMPTS))
+    }
+
+    /// Appends the merchant's open decisions as one group, applies them on the
+    /// acknowledgement (in order, before anything else of the merchant), and goes on with the
+    /// decisions taken meanwhile. Spawned: a member whose connection closes cannot leave its
+    /// group half applied.
+    async fn flush(self: Arc<Self>, merchant: MerchantId, cell: Arc<PartCell>) {
+        loop {
+            let (items, expected) = {
+                let mut p = cell.state.lock().await;
+                if p.open.is_empty() {
+                    p.flushing = false;
+                    return;
+                }
+                p.awaiting_ack = true;
+                (std::mem::take(&mut p.open), p.last)
+            };
+            let payload = encode_group(items.iter().map(|i| match &i.what {
+                Pending::Commit(r) => r.event(),
+                Pending::Apply(e) => e,
+            }));
+            let result = self.append(&merchant, payload, expected).await;
+            let mut p = cell.state.lock().await;
+            p.awaiting_ack = false;
+            match result {
+                Ok(seq) => {
+                    for item in items {
+                        let decision = match item.what {
+                            Pending::Commit(r) => {
+                                match self.ledger.commit_logged(r, |_| Ok::<u64, ReplError>(seq)) {
+                                    Logged::Applied { decision, .. }
+                                    | Logged::Unlogged { decision, .. } => decision,
+                                    Logged::Failed(_) => continue,
+                                }
+                            }
+                            Pending::Apply(e) => match self.ledger.apply(&e) {
+                                Ok(d) => d,
+                                Err(_) => continue,
+                            },
+                        };
+                        self.counters.appended.fetch_add(1, Ordering::Relaxed);
+                        telemetry::count_replica("appended");
+                        let _ = item.tx.send(Outcome::Done(decision, seq));
+                    }
+                    p.last = seq;
+                }
+                Err(e) => {
+                    let conflict = is_conflict(&e);
+                    // Those taken meanwhile counted on this group's holds: decide them again.
+                    let open = std::mem::take(&mut p.open);
+                    for item in items.into_iter().chain(open) {
+                        if let Pending::Commit(r) = item.what {
+                            self.ledger.release(r);
+                        }
+                        let outcome = if conflict {
+                            self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                            telemetry::count_replica("conflict");
+                            Outcome::Retry
+                        } else {
+                            telemetry::count_replica("unavailable");
+                            Outcome::Failed(e.to_string())
+                        };
+                        let _ = item.tx.send(outcome);
+                    }
+                    p.stale = true;
+                    if conflict {
+                        // Left stale on failure: the next decision reads the subject first.
+                        let _ = self.catch_up(&merchant, &mut p).await;
+                    }
+                }
+            }
+            cell.acked.notify_waiters();
+        }
+    }
+
+    /// Runs one logged ledger call for `merchant` against the stream (sign-ons, settlements,
+    /// cut-overs): `call` is given the `log` closure to pass to the ledger's `*_logged`
+    /// method. It runs once without applying (its event is captured), the event is appended
+    /// with the merchant's expected last sequence, and on the acknowledgement `call` runs
+    /// again and applies exactly that event. A call that journals nothing (a stored answer,
+    /// a bare refusal) returns at once.
     pub async fn step<T>(
         &self,
         merchant: &MerchantId,
         mut call: impl FnMut(&mut dyn FnMut(&LedgerEvent) -> Result<u64, ReplError>) -> T,
     ) -> Result<T, ReplError> {
-        let part = self.part(merchant);
-        let mut p = part.lock().await;
+        let cell = self.part(merchant);
+        // Held across the append: no group of this merchant starts meanwhile.
+        let mut p = cell.settled().await;
         if p.stale {
             self.catch_up(merchant, &mut p).await?;
         }
-        let subject = self.subject(merchant);
         for attempt in 1..=ATTEMPTS {
-            let mut captured: Option<Vec<u8>> = None;
+            let mut captured: Option<LedgerEvent> = None;
             let first = call(&mut |e: &LedgerEvent| {
-                let mut bytes = Vec::with_capacity(128);
-                e.encode(&mut bytes);
-                captured = Some(bytes);
+                captured = Some(e.clone());
                 Err(ReplError::Deferred)
             });
-            let Some(bytes) = captured else {
+            let Some(event) = captured else {
                 return Ok(first);
             };
             drop(first);
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(bytes.clone().into())
-                .expected_last_subject_sequence(p.last);
-            let acked = match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            match acked {
-                Ok(ack) => {
-                    let seq = ack.sequence;
+            let bytes = encode_group(std::iter::once(&event));
+            match self.append(merchant, bytes.clone(), p.last).await {
+                Ok(seq) => {
                     let mut same = false;
                     let out = call(&mut |e: &LedgerEvent| {
-                        let mut again = Vec::with_capacity(bytes.len());
-                        e.encode(&mut again);
-                        if again == bytes {
+                        if encode_group(std::iter::once(e)) == bytes {
                             same = true;
                             Ok(seq)
                         } else {
@@ -383,17 +620,14 @@ impl Replica {
                             ))
                         }
                     });
+                    p.last = seq;
                     if !same {
                         // The stream holds the first event: the ledger must too.
-                        let event = LedgerEvent::decode(&bytes)
-                            .map_err(|e| ReplError::Corrupt(e.to_string()))?;
                         let _ = self.ledger.apply(&event);
-                        p.last = seq;
                         return Err(ReplError::Corrupt(
                             "decision changed between append and apply".into(),
                         ));
                     }
-                    p.last = seq;
                     self.counters.appended.fetch_add(1, Ordering::Relaxed);
                     telemetry::count_replica("appended");
                     return Ok(out);
@@ -402,10 +636,6 @@ impl Replica {
                     self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
                     telemetry::count_replica("conflict");
                     tracing::debug!(attempt, "another node appended first; catching up");
-                    if attempt > 2 {
-                        // A direct get may be served by a replica that lags the leader.
-                        tokio::time::sleep(Duration::from_millis(u64::from(attempt))).await;
-                    }
                     self.catch_up(merchant, &mut p).await?;
                 }
                 Err(e) => {
