@@ -114,7 +114,7 @@ pub enum SafCommand {
 /// Arguments of `decode`.
 #[derive(Debug, clap::Args)]
 pub struct DecodeArgs {
-    /// Dialect: ascii1987 or cup_pos.
+    /// Dialect: ascii1987, cup_pos or iso87b.
     #[arg(long, default_value = "ascii1987")]
     pub dialect: String,
     /// A dialect file to use instead of the embedded ones.
@@ -131,7 +131,7 @@ pub struct DecodeArgs {
 /// Arguments of `encode`.
 #[derive(Debug, clap::Args)]
 pub struct EncodeArgs {
-    /// Dialect: ascii1987 or cup_pos.
+    /// Dialect: ascii1987, cup_pos or iso87b.
     #[arg(long, default_value = "ascii1987")]
     pub dialect: String,
     /// A dialect file to use instead of the embedded ones.
@@ -174,7 +174,10 @@ fn spec(dialect: &str, path: &Option<PathBuf>) -> Result<Spec, (u8, String)> {
     Spec::builtin(dialect).cloned().ok_or_else(|| {
         (
             EXIT_USAGE,
-            format!("--dialect: unknown dialect {dialect:?} (ascii1987 or cup_pos)"),
+            format!(
+                "--dialect: unknown dialect {dialect:?} ({})",
+                iso8583::spec::BUILTIN_NAMES.join(", ")
+            ),
         )
     })
 }

@@ -26,4 +26,4 @@ pub use message::{Amount, Cup60, Cup61, FieldRef, Message, OriginalData, Process
 pub use mti::Mti;
 pub use parse::{decode, decode_partial};
 pub use sensitive::Pan;
-pub use spec::{Spec, ASCII1987, CUP_POS};
+pub use spec::{Spec, ASCII1987, CUP_POS, ISO87B};

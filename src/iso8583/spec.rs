@@ -193,9 +193,16 @@ pub struct SpecError {
 pub static ASCII1987: LazyLock<Spec> = LazyLock::new(|| embedded("ascii1987", ASCII1987_TOML));
 /// The embedded `cup_pos` dialect.
 pub static CUP_POS: LazyLock<Spec> = LazyLock::new(|| embedded("cup_pos", CUP_POS_TOML));
+/// The embedded `iso87b` dialect (ISO 8583:1987, binary bitmaps, BCD numerics: jPOS
+/// `ISO87BPackager`).
+pub static ISO87B: LazyLock<Spec> = LazyLock::new(|| embedded("iso87b", ISO87B_TOML));
 
 const ASCII1987_TOML: &str = include_str!("../../specs/ascii1987.toml");
 const CUP_POS_TOML: &str = include_str!("../../specs/cup_pos.toml");
+const ISO87B_TOML: &str = include_str!("../../specs/iso87b.toml");
+
+/// Names of the embedded dialects, for messages that list them.
+pub const BUILTIN_NAMES: &[&str] = &["ascii1987", "cup_pos", "iso87b"];
 
 impl Spec {
     /// The dialect's name (`ascii1987`, `cup_pos`, or a custom one).
@@ -222,6 +229,7 @@ impl Spec {
         match name {
             "ascii1987" => Some(&ASCII1987),
             "cup_pos" | "cup_bcd" => Some(&CUP_POS),
+            "iso87b" => Some(&ISO87B),
             _ => None,
         }
     }
@@ -473,7 +481,7 @@ mod tests {
 
     #[test]
     fn embedded_dialects_define_every_field_from_2_to_128() {
-        for spec in [&*ASCII1987, &*CUP_POS] {
+        for spec in [&*ASCII1987, &*CUP_POS, &*ISO87B] {
             for n in 2..=128 {
                 assert!(spec.field(n).is_some(), "{} lacks field {n}", spec.name());
             }
