@@ -3,6 +3,8 @@
 //! message gets its documented handling.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, non_snake_case)]
 
+#[path = "codec/dialect.rs"]
+mod dialect;
 #[path = "codec/iso87b_vectors.rs"]
 mod iso87b_vectors;
 #[path = "codec/public_vectors.rs"]
