@@ -401,4 +401,47 @@ fn cli_decodes_and_encodes_the_iso87b_dialect_by_name() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&listed.stderr).contains("iso87b"));
+    // cup_pos keeps its TPDU and header, now taken from its dialect file.
+    let cup = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/cup_bcd/refund_0220.hex"),
+    )
+    .unwrap();
+    let shown: Json =
+        serde_json::from_str(&run(&["decode", "--dialect", "cup_pos"], &cup)).unwrap();
+    assert_eq!(shown["tpdu"], "6000030000");
+    assert_eq!(shown["mti"], "0220");
+}
+
+/// `--spec` takes a whole dialect file (`*.dialect.toml`, spec beside it) or a plain element
+/// spec such as the EBCDIC test dialect.
+#[test]
+fn cli_takes_a_dialect_file_or_an_element_spec_by_path() {
+    use std::process::{Command, Stdio};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for (spec, vector) in [
+        (root.join("specs/iso87b.dialect.toml"), "refund_0200"),
+        (fixtures().join("ebcdic500.toml"), "ebcdic500_sale_0200"),
+    ] {
+        let hex_path = fixtures().join(format!("{vector}.hex"));
+        let out = Command::new(env!("CARGO_BIN_EXE_refundgate"))
+            .arg("decode")
+            .arg("--spec")
+            .arg(&spec)
+            .stdin(Stdio::from(std::fs::File::open(&hex_path).unwrap()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shown: Json = serde_json::from_slice(&out.stdout).unwrap();
+        let doc: Json = serde_json::from_str(&read(&format!("{vector}.json"))).unwrap();
+        assert_eq!(shown["mti"], doc["mti"], "{vector}");
+        assert_eq!(shown["fields"]["11"], doc["fields"]["11"], "{vector}");
+        assert_eq!(
+            shown["fields"]["2"].as_str().map(|s| s.contains("******")),
+            Some(true)
+        );
+    }
 }
