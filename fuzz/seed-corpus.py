@@ -110,6 +110,9 @@ def main():
         put("codec_ascii1987", body)
     for fr in cup_frames:
         put("codec_cup_pos", fr[11:])
+    # codec_iso87b: fixtures/iso87b (iso87b and the EBCDIC test dialect run on every input).
+    for path in sorted(glob.glob(os.path.join(REPO, "fixtures", "iso87b", "*.hex"))):
+        put("codec_iso87b", bytes.fromhex(read(path).decode().strip()))
     for v in malformed:
         wire = bytes.fromhex(v["framed_hex"])[2:]
         if v["dialect"] == "cup_bcd":
