@@ -14,6 +14,7 @@ FUZZ_TARGETS=(
   frame_decode
   codec_ascii1987
   codec_cup_pos
+  codec_iso87b
   json_view
   spec_load
   config_parse

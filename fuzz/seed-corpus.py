@@ -110,6 +110,9 @@ def main():
         put("codec_ascii1987", body)
     for fr in cup_frames:
         put("codec_cup_pos", fr[11:])
+    # codec_iso87b: fixtures/iso87b (iso87b and the EBCDIC test dialect run on every input).
+    for path in sorted(glob.glob(os.path.join(REPO, "fixtures", "iso87b", "*.hex"))):
+        put("codec_iso87b", bytes.fromhex(read(path).decode().strip()))
     for v in malformed:
         wire = bytes.fromhex(v["framed_hex"])[2:]
         if v["dialect"] == "cup_bcd":
@@ -132,6 +135,17 @@ def main():
         put("spec_load", ascii_spec + b"\0" + body)
     for fr in cup_frames[:6]:
         put("spec_load", cup_spec + b"\0" + fr[11:])
+    # iso87b and the EBCDIC test dialects (cp037/cp500, ebcdic lengths, hex_ebcdic, tlv = "ber").
+    for spec_path, prefix in [(os.path.join(REPO, "specs", "iso87b.toml"), ""),
+                              (os.path.join(REPO, "fixtures", "iso87b", "ebcdic500.toml"), "ebcdic500_"),
+                              (os.path.join(REPO, "fixtures", "iso87b", "ebcdic037.toml"), "ebcdic037_")]:
+        if not os.path.exists(spec_path):
+            continue
+        text = read(spec_path)
+        for path in sorted(glob.glob(os.path.join(REPO, "fixtures", "iso87b", prefix + "*.hex"))):
+            name = os.path.basename(path)
+            if prefix or not name.startswith("ebcdic"):
+                put("spec_load", text + b"\0" + bytes.fromhex(read(path).decode().strip()))
 
     # config_parse: the documented defaults and every configuration file of the repo.
     src = read(os.path.join(REPO, "src", "config.rs")).decode()

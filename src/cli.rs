@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use bytes::BytesMut;
 use clap::{Parser, Subcommand};
 
+use crate::dialect::{Dialect, Header};
 use crate::iso8583::{self, json, Spec};
 
 /// Exit code for bad input data (sysexits `EX_DATAERR`).
@@ -114,10 +115,11 @@ pub enum SafCommand {
 /// Arguments of `decode`.
 #[derive(Debug, clap::Args)]
 pub struct DecodeArgs {
-    /// Dialect: ascii1987 or cup_pos.
+    /// Dialect: ascii1987, cup_pos or iso87b.
     #[arg(long, default_value = "ascii1987")]
     pub dialect: String,
-    /// A dialect file to use instead of the embedded ones.
+    /// A dialect file to use instead of the embedded ones: an element spec (`NAME.toml`) or
+    /// a whole dialect (`NAME.dialect.toml`, which names its spec beside it).
     #[arg(long)]
     pub spec: Option<PathBuf>,
     /// The input starts with the 2-byte length prefix.
@@ -131,10 +133,11 @@ pub struct DecodeArgs {
 /// Arguments of `encode`.
 #[derive(Debug, clap::Args)]
 pub struct EncodeArgs {
-    /// Dialect: ascii1987 or cup_pos.
+    /// Dialect: ascii1987, cup_pos or iso87b.
     #[arg(long, default_value = "ascii1987")]
     pub dialect: String,
-    /// A dialect file to use instead of the embedded ones.
+    /// A dialect file to use instead of the embedded ones: an element spec (`NAME.toml`) or
+    /// a whole dialect (`NAME.dialect.toml`, which names its spec beside it).
     #[arg(long)]
     pub spec: Option<PathBuf>,
     /// Prefix the output with the 2-byte length.
@@ -167,16 +170,31 @@ pub fn run() -> ExitCode {
 
 type CliResult = Result<(), (u8, String)>;
 
-fn spec(dialect: &str, path: &Option<PathBuf>) -> Result<Spec, (u8, String)> {
+/// The element spec of `--dialect NAME` or `--spec FILE`, and whether frames carry the CUP
+/// TPDU and header. A `NAME.dialect.toml` file brings its own spec and header; a plain spec
+/// file takes the header of the built-in dialect of its name (none for a custom one).
+fn spec(dialect: &str, path: &Option<PathBuf>) -> Result<(Spec, bool), (u8, String)> {
+    let cup = |d: &Dialect| d.header == Header::CupTpdu;
     if let Some(path) = path {
-        return Spec::from_path(path).map_err(|e| (EXIT_USAGE, e.to_string()));
+        if path.to_string_lossy().ends_with(".dialect.toml") {
+            let d = Dialect::from_path(path).map_err(|e| (EXIT_USAGE, e.to_string()))?;
+            return Ok((d.spec().clone(), cup(&d)));
+        }
+        let spec = Spec::from_path(path).map_err(|e| (EXIT_USAGE, e.to_string()))?;
+        let header = Dialect::builtin(spec.name()).is_some_and(cup);
+        return Ok((spec, header));
     }
-    Spec::builtin(dialect).cloned().ok_or_else(|| {
-        (
-            EXIT_USAGE,
-            format!("--dialect: unknown dialect {dialect:?} (ascii1987 or cup_pos)"),
-        )
-    })
+    Dialect::builtin(dialect)
+        .map(|d| (d.spec().clone(), cup(d)))
+        .ok_or_else(|| {
+            (
+                EXIT_USAGE,
+                format!(
+                    "--dialect: unknown dialect {dialect:?} ({})",
+                    iso8583::spec::BUILTIN_NAMES.join(", ")
+                ),
+            )
+        })
 }
 
 fn read_stdin() -> Result<String, (u8, String)> {
@@ -187,12 +205,8 @@ fn read_stdin() -> Result<String, (u8, String)> {
     Ok(text)
 }
 
-fn is_cup(spec: &Spec) -> bool {
-    spec.name() == "cup_pos"
-}
-
 fn decode(args: &DecodeArgs) -> CliResult {
-    let spec = spec(&args.dialect, &args.spec)?;
+    let (spec, cup_header) = spec(&args.dialect, &args.spec)?;
     let text = read_stdin()?;
     let compact: String = text.split_whitespace().collect();
     let bytes =
@@ -218,7 +232,7 @@ fn decode(args: &DecodeArgs) -> CliResult {
         }
     }
     let mut head: Option<(&[u8], &[u8])> = None;
-    if is_cup(&spec) {
+    if cup_header {
         if body.len() < 11 {
             return Err((
                 EXIT_DATAERR,
@@ -239,12 +253,12 @@ fn decode(args: &DecodeArgs) -> CliResult {
 }
 
 fn encode(args: &EncodeArgs) -> CliResult {
-    let spec = spec(&args.dialect, &args.spec)?;
+    let (spec, cup_header) = spec(&args.dialect, &args.spec)?;
     let text = read_stdin()?;
     let doc: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| (EXIT_DATAERR, format!("input is not JSON: {e}")))?;
     let mut out = BytesMut::with_capacity(512);
-    if is_cup(&spec) {
+    if cup_header {
         for (key, len) in [("tpdu", 5), ("header", 6)] {
             let v = doc
                 .get(key)

@@ -1,7 +1,10 @@
 //! refundgate: an ISO 8583 refund/void switch.
 //!
 //! # Layout
-//! - [`iso8583`]: spec-driven, zero-copy codec for the `ascii1987` and `cup_pos` dialects (sans-IO).
+//! - [`iso8583`]: spec-driven, zero-copy codec for the `ascii1987`, `cup_pos` and `iso87b` dialects
+//!   (sans-IO); encodings (BCD, EBCDIC, BER-TLV) are spec properties.
+//! - [`dialect`]: a dialect as one value from data (`specs/NAME.toml` elements + `specs/NAME.dialect.toml`
+//!   framing, classification, original keys, response-code column, echoed fields).
 //! - [`frame`]: length headers and the CUP TPDU + header as tokio-util codecs.
 //! - [`mac`]: DE64/DE128 MACs (CUP POS, ANSI X9.19, AES-CMAC) and CUP sign-on key recovery.
 //! - [`ledger`]: sans-IO merchant ledger and refund/void policy engine (DOMAIN §3–§6, §9).
@@ -23,6 +26,7 @@ pub mod at_rest;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod dialect;
 pub mod explain;
 pub mod flow;
 pub mod frame;

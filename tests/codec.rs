@@ -3,6 +3,10 @@
 //! message gets its documented handling.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, non_snake_case)]
 
+#[path = "codec/dialect.rs"]
+mod dialect;
+#[path = "codec/iso87b_vectors.rs"]
+mod iso87b_vectors;
 #[path = "codec/public_vectors.rs"]
 mod public_vectors;
 
@@ -416,9 +420,15 @@ mod properties {
         }
 
         #[test]
+        fn iso87b_encode_decode_encode_is_identity((mti, fields) in message(&iso8583::ISO87B)) {
+            round_trip(&iso8583::ISO87B, mti, &fields);
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = iso8583::decode_partial(&iso8583::ASCII1987, &bytes);
             let _ = iso8583::decode_partial(&iso8583::CUP_POS, &bytes);
+            let _ = iso8583::decode_partial(&iso8583::ISO87B, &bytes);
         }
 
         #[test]

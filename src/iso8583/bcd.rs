@@ -4,10 +4,18 @@
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Digits<'a> {
     bytes: &'a [u8],
-    bcd: bool,
+    form: Form,
     /// Index of the first digit nibble (1 when a left pad nibble precedes it).
     first_nibble: u8,
     len: u16,
+}
+
+/// How the digits of a [`Digits`] are written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Form {
+    Ascii,
+    Bcd,
+    Ebcdic,
 }
 
 impl<'a> Digits<'a> {
@@ -15,7 +23,17 @@ impl<'a> Digits<'a> {
     pub fn ascii(bytes: &'a [u8]) -> Self {
         Digits {
             bytes,
-            bcd: false,
+            form: Form::Ascii,
+            first_nibble: 0,
+            len: bytes.len() as u16,
+        }
+    }
+
+    /// EBCDIC digits (`F0`–`F9`; a track separator `=` is `7E`, `D` is `C4`).
+    pub fn ebcdic(bytes: &'a [u8]) -> Self {
+        Digits {
+            bytes,
+            form: Form::Ebcdic,
             first_nibble: 0,
             len: bytes.len() as u16,
         }
@@ -25,7 +43,7 @@ impl<'a> Digits<'a> {
     pub fn bcd(bytes: &'a [u8], len: u16, left_pad: bool) -> Self {
         Digits {
             bytes,
-            bcd: true,
+            form: Form::Bcd,
             first_nibble: u8::from(left_pad),
             len,
         }
@@ -42,11 +60,22 @@ impl<'a> Digits<'a> {
     }
 
     /// Digit `i` as an ASCII character (`0`–`9`, `D` for a BCD track separator, `=` as written
-    /// in ASCII). Out of range gives `0`.
+    /// in ASCII or EBCDIC). Out of range gives `0`; an EBCDIC byte that is not a digit or a
+    /// separator gives `?`.
     #[inline]
     pub fn char_at(&self, i: usize) -> u8 {
-        if !self.bcd {
-            return self.bytes.get(i).copied().unwrap_or(b'0');
+        match self.form {
+            Form::Ascii => return self.bytes.get(i).copied().unwrap_or(b'0'),
+            Form::Ebcdic => {
+                return match self.bytes.get(i).copied() {
+                    None => b'0',
+                    Some(b @ 0xF0..=0xF9) => b'0' + (b - 0xF0),
+                    Some(0x7E) => b'=',
+                    Some(0xC4) => b'D',
+                    Some(_) => b'?',
+                }
+            }
+            Form::Bcd => {}
         }
         let n = i + usize::from(self.first_nibble);
         let byte = self.bytes.get(n / 2).copied().unwrap_or(0);
@@ -64,7 +93,7 @@ impl<'a> Digits<'a> {
         if end > self.len() || start > end || end - start > 19 {
             return None;
         }
-        if !self.bcd {
+        if self.form == Form::Ascii {
             return self.bytes.get(start..end).and_then(|d| {
                 d.iter().try_fold(0u64, |v, &c| {
                     c.is_ascii_digit().then(|| v * 10 + u64::from(c - b'0'))

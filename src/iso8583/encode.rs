@@ -4,6 +4,7 @@
 use bytes::{BufMut, BytesMut};
 
 use super::bcd::all_ascii_digits;
+use super::ebcdic::{CodePage, DIGIT_ZERO};
 use super::error::{Element, EncodeError, Fault};
 use super::message::{FieldRef, Message};
 use super::mti::Mti;
@@ -22,6 +23,9 @@ pub enum Value<'a> {
     Number(u64),
     /// An element copied as it sits in another message of the same dialect.
     Wire(FieldRef<'a>),
+    /// Content bytes exactly as on the wire (after the length prefix), for an element that is
+    /// not BCD: how the JSON view's `hex:` values come back. Checked like decoded content.
+    Raw(&'a [u8]),
 }
 
 /// Up to `N` elements, kept in ascending element order, on the stack.
@@ -141,6 +145,11 @@ pub fn encode(
             out.put_u8((d[0] - b'0') << 4 | (d[1] - b'0'));
             out.put_u8((d[2] - b'0') << 4 | (d[3] - b'0'));
         }
+        MtiEncoding::Ebcdic => {
+            for d in mti.to_ascii() {
+                out.put_u8(d - b'0' + DIGIT_ZERO);
+            }
+        }
     }
     put_bitmap(spec, map[0], out);
     if secondary {
@@ -164,6 +173,14 @@ fn put_bitmap(spec: &Spec, v: u64, out: &mut BytesMut) {
         BitmapEncoding::Hex => {
             out.put_slice(&hex8((v >> 32) as u32));
             out.put_slice(&hex8(v as u32));
+        }
+        BitmapEncoding::HexEbcdic => {
+            for half in [(v >> 32) as u32, v as u32] {
+                for c in hex8(half) {
+                    // Upper-case hex characters always have an EBCDIC form.
+                    out.put_u8(CodePage::Cp037.from_ascii(c).unwrap_or(DIGIT_ZERO));
+                }
+            }
         }
     }
 }
@@ -222,7 +239,27 @@ fn put_field(fs: &FieldSpec, value: Value<'_>, out: &mut BytesMut) -> Result<(),
             put_text(fs, digits, out)
         }
         Value::Text(t) => put_text(fs, t, out),
+        Value::Raw(bytes) => put_raw(fs, bytes, out),
     }
+}
+
+/// Writes wire content bytes of a non-BCD element after the checks the decoder makes, so
+/// nothing is written that the decoder would refuse.
+fn put_raw(fs: &FieldSpec, bytes: &[u8], out: &mut BytesMut) -> Result<(), Fault> {
+    let units = bytes.len();
+    if fs.encoding == Encoding::Bcd {
+        return Err(Fault::BadValue);
+    }
+    if units > usize::from(fs.max) {
+        return Err(Fault::LengthOverMax);
+    }
+    if fs.prefix == Prefix::Fixed && units != usize::from(fs.max) {
+        return Err(Fault::BadValue);
+    }
+    super::parse::check_content(fs, bytes, units).map_err(|(_, fault)| fault)?;
+    put_prefix(fs, units, out)?;
+    out.put_slice(bytes);
+    Ok(())
 }
 
 #[inline(always)]
@@ -235,7 +272,7 @@ fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault
         return Err(Fault::BadValue);
     }
     match (fs.encoding, fs.kind) {
-        (Encoding::Ascii, Kind::Numeric) if !all_ascii_digits(text) => {
+        (Encoding::Ascii | Encoding::Ebcdic(_), Kind::Numeric) if !all_ascii_digits(text) => {
             return Err(Fault::NotNumeric)
         }
         (Encoding::Ascii, Kind::Binary) if !text.iter().all(u8::is_ascii_hexdigit) => {
@@ -243,21 +280,39 @@ fn put_text(fs: &FieldSpec, text: &[u8], out: &mut BytesMut) -> Result<(), Fault
         }
         // What the decoder accepts in an ASCII track element (fuzzing found `A` written and
         // then refused on decode).
-        (Encoding::Ascii, Kind::Track)
+        (Encoding::Ascii | Encoding::Ebcdic(_), Kind::Track)
             if !text
                 .iter()
                 .all(|&b| b.is_ascii_digit() || b == b'=' || b == b'D') =>
         {
             return Err(Fault::NotNumeric)
         }
+        _ if fs.tlv => {
+            super::tlv::validate(text).map_err(|_| Fault::BadTlv)?;
+        }
         _ => {}
     }
-    put_prefix(fs, units, out)?;
-    if fs.encoding != Encoding::Bcd {
-        out.put_slice(text);
-        return Ok(());
+    match fs.encoding {
+        Encoding::Bcd => {
+            put_prefix(fs, units, out)?;
+            put_bcd(fs, text, out)
+        }
+        Encoding::Ebcdic(page) => {
+            if !text.is_ascii() {
+                return Err(Fault::BadValue);
+            }
+            put_prefix(fs, units, out)?;
+            for &c in text {
+                out.put_u8(page.from_ascii(c).ok_or(Fault::BadValue)?);
+            }
+            Ok(())
+        }
+        Encoding::Ascii | Encoding::Binary => {
+            put_prefix(fs, units, out)?;
+            out.put_slice(text);
+            Ok(())
+        }
     }
-    put_bcd(fs, text, out)
 }
 
 /// Packs `text` (digits, or track separators for `z`) two digits a byte.
@@ -303,11 +358,16 @@ fn put_prefix(fs: &FieldSpec, units: usize, out: &mut BytesMut) -> Result<(), Fa
         return Err(Fault::LengthOverMax);
     }
     match fs.length_encoding {
-        LengthEncoding::Ascii => {
-            let mut buf = [b'0'; 4];
+        LengthEncoding::Ascii | LengthEncoding::Ebcdic => {
+            let zero = if fs.length_encoding == LengthEncoding::Ascii {
+                b'0'
+            } else {
+                DIGIT_ZERO
+            };
+            let mut buf = [zero; 4];
             let mut x = units;
             for i in (0..digits).rev() {
-                buf[i] = b'0' + (x % 10) as u8;
+                buf[i] = zero + (x % 10) as u8;
                 x /= 10;
             }
             out.put_slice(&buf[..digits]);

@@ -50,6 +50,8 @@ pub enum Fault {
     TrailingBytes,
     /// The message is longer than any frame may be.
     TooLong,
+    /// A BER-TLV element (DE55 ICC data) is not a well-formed TLV list.
+    BadTlv,
     /// Encoding: the value does not fit the element (length, kind) or fields are out of order.
     BadValue,
 }
@@ -66,6 +68,7 @@ impl Fault {
             Fault::NotInSpec => "not defined by the dialect",
             Fault::TrailingBytes => "bytes after the last field",
             Fault::TooLong => "message longer than 65535 bytes",
+            Fault::BadTlv => "not a well-formed BER-TLV list",
             Fault::BadValue => "value does not fit the element",
         }
     }

@@ -10,6 +10,7 @@ use super::message::Message;
 use super::mti::Mti;
 use super::sensitive::mask_pan_text;
 use super::spec::{Encoding, Sensitivity, Spec};
+use super::tlv;
 
 /// Prefix of a text element shown as hex because it is not ASCII.
 pub const HEX_TEXT_PREFIX: &str = "hex:";
@@ -23,6 +24,15 @@ pub fn field_text(msg: &Message<'_>, n: usize) -> Option<String> {
     }
     match f.spec.encoding {
         Encoding::Binary => Some(hex::encode_upper(f.bytes)),
+        Encoding::Ebcdic(page) => {
+            let ascii: Option<Vec<u8>> = f.bytes.iter().map(|&b| page.to_ascii(b)).collect();
+            match ascii {
+                Some(text) if !text.starts_with(HEX_TEXT_PREFIX.as_bytes()) => {
+                    Some(String::from_utf8_lossy(&text).into_owned())
+                }
+                _ => Some(format!("{HEX_TEXT_PREFIX}{}", hex::encode_upper(f.bytes))),
+            }
+        }
         // Text that is not ASCII (a terminal putting binary or GBK bytes in an `ans` element)
         // is shown as `hex:` + its bytes, so the view stays lossless; `from_json` reads it back.
         // So is text that itself starts with `hex:` (fuzzing found DE41 `hex:` + NULs shown
@@ -54,11 +64,53 @@ pub fn to_json(msg: &Message<'_>, unmask: bool) -> Json {
     out.insert("dialect".into(), json!(spec.name()));
     out.insert("mti".into(), json!(msg.mti().to_string()));
     out.insert("fields".into(), Json::Object(fields));
-    let subfields = subfields(msg);
+    let mut subfields = subfields(msg);
+    for n in msg.present() {
+        if let Some(list) = msg.field(usize::from(n)).and_then(|f| f.tlv()) {
+            subfields.insert(n.to_string(), tlv_json(list, unmask, 0));
+        }
+    }
     if !subfields.is_empty() {
         out.insert("subfields".into(), Json::Object(subfields));
     }
     Json::Object(out)
+}
+
+/// Templates nested deeper than this are shown as one masked value.
+const TLV_DEPTH_SHOWN_MAX: usize = 4;
+
+/// A BER-TLV list as `[{"tag", "len", "value"}]`, constructed objects with their `objects`;
+/// card data tags masked unless `unmask` (the PAN as 6 + 4, the rest as `*`).
+fn tlv_json(list: tlv::TlvIter<'_>, unmask: bool, depth: usize) -> Json {
+    let mut out = Vec::new();
+    for item in list {
+        let Ok(t) = item else {
+            out.push(json!({ "error": "not a well-formed BER-TLV list" }));
+            break;
+        };
+        let mut obj = Map::new();
+        obj.insert("tag".into(), json!(t.tag_hex()));
+        obj.insert("len".into(), json!(t.value.len()));
+        let value = hex::encode_upper(t.value);
+        if t.constructed && depth < TLV_DEPTH_SHOWN_MAX {
+            obj.insert(
+                "objects".into(),
+                tlv_json(tlv::objects(t.value), unmask, depth + 1),
+            );
+        } else if unmask || (!tlv::card_data(t.tag) && !t.constructed) {
+            obj.insert("value".into(), json!(value));
+        } else if t.tag == 0x5A {
+            // The application PAN: BCD digits, an odd count padded with F.
+            obj.insert(
+                "value".into(),
+                json!(mask_pan_text(value.trim_end_matches('F'))),
+            );
+        } else {
+            obj.insert("value".into(), json!("*".repeat(value.len())));
+        }
+        out.push(Json::Object(obj));
+    }
+    Json::Array(out)
 }
 
 fn subfields(msg: &Message<'_>) -> Map<String, Json> {
@@ -153,7 +205,7 @@ pub fn from_json(spec: &Spec, doc: &Json, out: &mut BytesMut) -> Result<(), Json
             ))
         }
     };
-    let mut owned: Vec<(u8, Vec<u8>)> = Vec::with_capacity(fields.len());
+    let mut owned: Vec<(u8, Vec<u8>, bool)> = Vec::with_capacity(fields.len());
     for (k, v) in fields {
         let n: u8 = match k.parse() {
             Ok(n) if (2..=128).contains(&n) => n,
@@ -170,23 +222,26 @@ pub fn from_json(spec: &Spec, doc: &Json, out: &mut BytesMut) -> Result<(), Json
             element: Element::Field(n),
             fault: Fault::NotInSpec,
         })?;
-        let bytes = if fs.encoding == Encoding::Binary {
-            hex::decode(text).map_err(|_| EncodeError {
-                element: Element::Field(n),
-                fault: Fault::NotHex,
-            })?
-        } else if let Some(h) = text.strip_prefix(HEX_TEXT_PREFIX) {
-            hex::decode(h).map_err(|_| EncodeError {
-                element: Element::Field(n),
-                fault: Fault::NotHex,
-            })?
-        } else {
-            text.as_bytes().to_vec()
+        let not_hex = EncodeError {
+            element: Element::Field(n),
+            fault: Fault::NotHex,
         };
-        owned.push((n, bytes));
+        // EBCDIC `hex:` values are wire bytes; everything else is the element's text form.
+        let (bytes, raw) = if fs.encoding == Encoding::Binary {
+            (hex::decode(text).map_err(|_| not_hex)?, false)
+        } else if let Some(h) = text.strip_prefix(HEX_TEXT_PREFIX) {
+            let raw = matches!(fs.encoding, Encoding::Ebcdic(_));
+            (hex::decode(h).map_err(|_| not_hex)?, raw)
+        } else {
+            (text.as_bytes().to_vec(), false)
+        };
+        owned.push((n, bytes, raw));
     }
-    owned.sort_by_key(|(n, _)| *n);
-    let values: Vec<(u8, Value<'_>)> = owned.iter().map(|(n, b)| (*n, Value::Text(b))).collect();
+    owned.sort_by_key(|(n, _, _)| *n);
+    let values: Vec<(u8, Value<'_>)> = owned
+        .iter()
+        .map(|(n, b, raw)| (*n, if *raw { Value::Raw(b) } else { Value::Text(b) }))
+        .collect();
     encode(spec, mti, &values, out)?;
     Ok(())
 }

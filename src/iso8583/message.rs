@@ -5,7 +5,8 @@ use super::bcd::Digits;
 use super::mti::Mti;
 use super::parse::prefix_units;
 use super::sensitive::Pan;
-use super::spec::{Encoding, FieldSpec, Kind, Pad, Prefix, Spec};
+use super::spec::{Encoding, FieldSpec, Kind, Pad, Prefix, Sensitivity, Spec};
+use super::tlv::{self, TlvIter};
 
 /// A decoded ISO 8583 message borrowing every element from the frame; no copies, no heap.
 #[derive(Clone)]
@@ -21,8 +22,8 @@ pub struct Message<'a> {
     pub(crate) starts: [u16; 129],
 }
 
-/// One element as it sits in the message.
-#[derive(Debug, Clone, Copy)]
+/// One element as it sits in the message. `Debug` shows the bytes of public elements only.
+#[derive(Clone, Copy)]
 pub struct FieldRef<'a> {
     /// The element's spec.
     pub spec: &'a FieldSpec,
@@ -41,8 +42,14 @@ impl<'a> FieldRef<'a> {
                 Some(Digits::bcd(self.bytes, self.units, left_pad))
             }
             (Kind::Numeric | Kind::Track, Encoding::Ascii) => Some(Digits::ascii(self.bytes)),
+            (Kind::Numeric | Kind::Track, Encoding::Ebcdic(_)) => Some(Digits::ebcdic(self.bytes)),
             _ => None,
         }
+    }
+
+    /// The data objects of a BER-TLV element (the spec says `tlv = "ber"`, as for DE55).
+    pub fn tlv(&self) -> Option<TlvIter<'a>> {
+        self.spec.tlv.then(|| tlv::objects(self.bytes))
     }
 
     /// The content as text, when it is ASCII-encoded.
@@ -317,6 +324,19 @@ impl<'a> Message<'a> {
             .bytes
             .get(..usize::from(self.starts[n]).checked_sub(prefix)?)?;
         Some((mab, f.bytes))
+    }
+}
+
+impl std::fmt::Debug for FieldRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("FieldRef");
+        d.field("spec", self.spec).field("units", &self.units);
+        if self.spec.sensitivity == Sensitivity::Public {
+            d.field("bytes", &self.bytes);
+        } else {
+            d.field("bytes", &"<masked>");
+        }
+        d.finish()
     }
 }
 

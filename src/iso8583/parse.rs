@@ -6,6 +6,7 @@ use nom::error::{ErrorKind, ParseError};
 use nom::{IResult, Parser};
 
 use super::bcd::{all_ascii_digits, ascii_number, bcd_number, hex_word, valid_bcd, BcdFault};
+use super::ebcdic::{self, CodePage};
 use super::error::{DecodeError, Element, Fault};
 use super::message::Message;
 use super::mti::Mti;
@@ -65,6 +66,30 @@ fn mti_bcd(input: &[u8]) -> PResult<'_, Mti> {
     }
 }
 
+/// MTI as four EBCDIC digits.
+fn mti_ebcdic(input: &[u8]) -> PResult<'_, Mti> {
+    let (rest, digits) = take(4usize).parse(input)?;
+    match ebcdic::number(digits) {
+        Some(v) => Ok((rest, Mti(v as u16))),
+        None => fail(input, Fault::NotNumeric),
+    }
+}
+
+/// One bitmap as 16 hex characters written in EBCDIC (any case).
+fn bitmap_hex_ebcdic(input: &[u8]) -> PResult<'_, u64> {
+    let (rest, chars) = take(16usize).parse(input)?;
+    let mut ascii = [0u8; 16];
+    for (a, &e) in ascii.iter_mut().zip(chars) {
+        // Hex digits and letters sit at the same code points in cp037 and cp500; anything
+        // without an ASCII form becomes a byte `hex_word` refuses.
+        *a = CodePage::Cp037.to_ascii(e).unwrap_or(b'?');
+    }
+    match (hex_word(&ascii[..8]), hex_word(&ascii[8..])) {
+        (Some(hi), Some(lo)) => Ok((rest, u64::from(hi) << 32 | u64::from(lo))),
+        _ => fail(input, Fault::NotHex),
+    }
+}
+
 /// One bitmap as 16 hex characters (any case).
 fn bitmap_hex(input: &[u8]) -> PResult<'_, u64> {
     let (rest, chars) = take(16usize).parse(input)?;
@@ -91,6 +116,7 @@ pub(crate) fn prefix_units(spec: &FieldSpec, raw: &[u8]) -> Option<usize> {
         LengthEncoding::Ascii => ascii_number(raw),
         LengthEncoding::Bcd => bcd_number(raw),
         LengthEncoding::Binary => Some(raw.iter().fold(0usize, |v, &b| v << 8 | usize::from(b))),
+        LengthEncoding::Ebcdic => ebcdic::number(raw),
     }
 }
 
@@ -119,7 +145,14 @@ fn element(bytes: &[u8], pos: usize, spec: &FieldSpec) -> Result<(usize, usize),
 
 /// Checks an element's content against its kind; returns the offset within it of the fault.
 #[inline(always)]
-fn check_content(spec: &FieldSpec, bytes: &[u8], units: usize) -> Result<(), (usize, Fault)> {
+pub(crate) fn check_content(
+    spec: &FieldSpec,
+    bytes: &[u8],
+    units: usize,
+) -> Result<(), (usize, Fault)> {
+    if spec.tlv {
+        return super::tlv::validate(bytes).map_err(|e| (e.offset, Fault::BadTlv));
+    }
     match (spec.encoding, spec.kind) {
         (Encoding::Ascii, Kind::Numeric) => {
             if all_ascii_digits(bytes) {
@@ -142,6 +175,22 @@ fn check_content(spec: &FieldSpec, bytes: &[u8], units: usize) -> Result<(), (us
         (Encoding::Ascii, Kind::Binary) => {
             match bytes.iter().position(|b| !b.is_ascii_hexdigit()) {
                 Some(i) => Err((i, Fault::NotHex)),
+                None => Ok(()),
+            }
+        }
+        (Encoding::Ebcdic(_), Kind::Numeric) => {
+            match bytes.iter().position(|b| !(0xF0..=0xF9).contains(b)) {
+                Some(i) => Err((i, Fault::NotNumeric)),
+                None => Ok(()),
+            }
+        }
+        (Encoding::Ebcdic(_), Kind::Track) => {
+            // EBCDIC digits, `=` (7E) and `D` (C4), as in the ASCII track check.
+            match bytes
+                .iter()
+                .position(|&b| !((0xF0..=0xF9).contains(&b) || b == 0x7E || b == 0xC4))
+            {
+                Some(i) => Err((i, Fault::NotNumeric)),
                 None => Ok(()),
             }
         }
@@ -214,6 +263,7 @@ fn fill(msg: &mut Message<'_>) -> Option<DecodeError> {
     let mti = match spec.mti {
         MtiEncoding::Ascii => mti_ascii(bytes),
         MtiEncoding::Bcd => mti_bcd(bytes),
+        MtiEncoding::Ebcdic => mti_ebcdic(bytes),
     };
     let (mut input, mti) = match mti {
         Ok(v) => v,
@@ -223,6 +273,7 @@ fn fill(msg: &mut Message<'_>) -> Option<DecodeError> {
     let bitmap = |i| match spec.bitmap {
         BitmapEncoding::Hex => bitmap_hex(i),
         BitmapEncoding::Binary => bitmap_binary(i),
+        BitmapEncoding::HexEbcdic => bitmap_hex_ebcdic(i),
     };
     let (rest, primary) = match bitmap(input) {
         Ok(v) => v,

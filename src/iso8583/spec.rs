@@ -8,6 +8,8 @@ use std::sync::LazyLock;
 
 use serde::Deserialize;
 
+use super::ebcdic::CodePage;
+
 /// The content kind of a data element (ISO 8583 notation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -32,6 +34,8 @@ pub enum Encoding {
     Bcd,
     /// Raw bytes.
     Binary,
+    /// One EBCDIC byte per character (`n`, `an`, `ans`, `z` elements).
+    Ebcdic(CodePage),
 }
 
 /// The length prefix of a data element.
@@ -71,6 +75,8 @@ pub enum LengthEncoding {
     Bcd,
     /// Unsigned big-endian binary (L and LL one byte, LLL and LLLL two bytes).
     Binary,
+    /// EBCDIC decimal digits (`0xF1 0xF9`), the same in every code page.
+    Ebcdic,
 }
 
 impl LengthEncoding {
@@ -78,7 +84,7 @@ impl LengthEncoding {
     pub const fn prefix_bytes(self, prefix: Prefix) -> usize {
         let digits = prefix.digits();
         match self {
-            LengthEncoding::Ascii => digits,
+            LengthEncoding::Ascii | LengthEncoding::Ebcdic => digits,
             LengthEncoding::Bcd | LengthEncoding::Binary => digits.div_ceil(2),
         }
     }
@@ -125,6 +131,9 @@ pub struct FieldSpec {
     pub counts_digits: bool,
     /// What may be shown of it.
     pub sensitivity: Sensitivity,
+    /// Whether the content is a BER-TLV list (EMV ICC data): checked on decode and encode,
+    /// listed tag by tag in the JSON view.
+    pub tlv: bool,
 }
 
 impl FieldSpec {
@@ -145,6 +154,8 @@ pub enum MtiEncoding {
     Ascii,
     /// Two BCD bytes.
     Bcd,
+    /// Four EBCDIC digits.
+    Ebcdic,
 }
 
 /// How bitmaps are written.
@@ -154,6 +165,8 @@ pub enum BitmapEncoding {
     Hex,
     /// 8 raw bytes per bitmap.
     Binary,
+    /// 16 hex characters per bitmap written in EBCDIC (`F0`–`F9`, `C1`–`C6`; any case read).
+    HexEbcdic,
 }
 
 /// A dialect: MTI and bitmap encodings and the 127 data elements 2..=128.
@@ -180,9 +193,16 @@ pub struct SpecError {
 pub static ASCII1987: LazyLock<Spec> = LazyLock::new(|| embedded("ascii1987", ASCII1987_TOML));
 /// The embedded `cup_pos` dialect.
 pub static CUP_POS: LazyLock<Spec> = LazyLock::new(|| embedded("cup_pos", CUP_POS_TOML));
+/// The embedded `iso87b` dialect (ISO 8583:1987, binary bitmaps, BCD numerics: jPOS
+/// `ISO87BPackager`).
+pub static ISO87B: LazyLock<Spec> = LazyLock::new(|| embedded("iso87b", ISO87B_TOML));
 
 const ASCII1987_TOML: &str = include_str!("../../specs/ascii1987.toml");
 const CUP_POS_TOML: &str = include_str!("../../specs/cup_pos.toml");
+const ISO87B_TOML: &str = include_str!("../../specs/iso87b.toml");
+
+/// Names of the embedded dialects, for messages that list them.
+pub const BUILTIN_NAMES: &[&str] = &["ascii1987", "cup_pos", "iso87b"];
 
 impl Spec {
     /// The dialect's name (`ascii1987`, `cup_pos`, or a custom one).
@@ -209,6 +229,7 @@ impl Spec {
         match name {
             "ascii1987" => Some(&ASCII1987),
             "cup_pos" | "cup_bcd" => Some(&CUP_POS),
+            "iso87b" => Some(&ISO87B),
             _ => None,
         }
     }
@@ -232,24 +253,26 @@ impl Spec {
         let mti = match raw.mti.as_str() {
             "ascii" => MtiEncoding::Ascii,
             "bcd" => MtiEncoding::Bcd,
+            "ebcdic" => MtiEncoding::Ebcdic,
             other => {
                 return Err(err(format!(
-                    "key `mti`: expected ascii or bcd, got {other:?}"
+                    "key `mti`: expected ascii, bcd or ebcdic, got {other:?}"
                 )))
             }
         };
         let bitmap = match raw.bitmap.as_str() {
             "hex" => BitmapEncoding::Hex,
             "binary" => BitmapEncoding::Binary,
+            "hex_ebcdic" => BitmapEncoding::HexEbcdic,
             other => {
                 return Err(err(format!(
-                    "key `bitmap`: expected hex or binary, got {other:?}"
+                    "key `bitmap`: expected hex, binary or hex_ebcdic, got {other:?}"
                 )))
             }
         };
         let length_encoding = parse_length_encoding(&raw.length_encoding).ok_or_else(|| {
             err(format!(
-                "key `length_encoding`: expected ascii, bcd or binary, got {:?}",
+                "key `length_encoding`: expected ascii, bcd, binary or ebcdic, got {:?}",
                 raw.length_encoding
             ))
         })?;
@@ -299,6 +322,7 @@ fn parse_length_encoding(s: &str) -> Option<LengthEncoding> {
         "ascii" => Some(LengthEncoding::Ascii),
         "bcd" => Some(LengthEncoding::Bcd),
         "binary" => Some(LengthEncoding::Binary),
+        "ebcdic" => Some(LengthEncoding::Ebcdic),
         _ => None,
     }
 }
@@ -325,6 +349,7 @@ struct RawField {
     count: Option<String>,
     length_encoding: Option<String>,
     sensitive: Option<String>,
+    tlv: Option<String>,
 }
 
 impl RawField {
@@ -349,16 +374,32 @@ impl RawField {
             "ascii" => Encoding::Ascii,
             "bcd" => Encoding::Bcd,
             "binary" => Encoding::Binary,
+            "cp037" => Encoding::Ebcdic(CodePage::Cp037),
+            "cp500" => Encoding::Ebcdic(CodePage::Cp500),
             other => {
                 return Err((
                     "encoding",
-                    format!("expected ascii, bcd or binary, got {other:?}"),
+                    format!("expected ascii, bcd, binary, cp037 or cp500, got {other:?}"),
                 ))
             }
         };
         if encoding == Encoding::Bcd && !matches!(kind, Kind::Numeric | Kind::Track) {
             return Err(("encoding", "bcd holds only n or z elements".into()));
         }
+        if matches!(encoding, Encoding::Ebcdic(_)) && kind == Kind::Binary {
+            return Err((
+                "encoding",
+                "EBCDIC holds characters; a b element is binary or ascii".into(),
+            ));
+        }
+        let tlv = match self.tlv.as_deref() {
+            None => false,
+            Some("ber") if kind == Kind::Binary && encoding == Encoding::Binary => true,
+            Some("ber") => {
+                return Err(("tlv", "BER-TLV needs a b element in binary encoding".into()))
+            }
+            Some(other) => return Err(("tlv", format!("expected ber, got {other:?}"))),
+        };
         let prefix = match self.prefix.as_str() {
             "fixed" => Prefix::Fixed,
             "l" => Prefix::L,
@@ -425,6 +466,7 @@ impl RawField {
             pad,
             counts_digits,
             sensitivity,
+            tlv,
         };
         if spec.content_bytes(self.max as usize) > crate::limits::FRAME_BYTES_HARD_MAX {
             return Err(("max", "longer than the largest frame".into()));
@@ -439,7 +481,7 @@ mod tests {
 
     #[test]
     fn embedded_dialects_define_every_field_from_2_to_128() {
-        for spec in [&*ASCII1987, &*CUP_POS] {
+        for spec in [&*ASCII1987, &*CUP_POS, &*ISO87B] {
             for n in 2..=128 {
                 assert!(spec.field(n).is_some(), "{} lacks field {n}", spec.name());
             }
@@ -466,6 +508,37 @@ mod tests {
             .to_string();
         assert!(e.contains("colour"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn ebcdic_and_tlv_are_spec_properties_checked_at_load() {
+        let head = "name = \"x\"\nmti = \"ebcdic\"\nbitmap = \"hex_ebcdic\"\nlength_encoding = \"ebcdic\"\n[fields]\n";
+        let ok = format!("{head}43 = {{ kind = \"ans\", encoding = \"cp500\", prefix = \"ll\", max = 40 }}\n55 = {{ kind = \"b\", encoding = \"binary\", prefix = \"lll\", max = 255, tlv = \"ber\" }}\n");
+        let spec = Spec::from_toml("e.toml", &ok).unwrap();
+        assert_eq!(spec.mti, MtiEncoding::Ebcdic);
+        assert_eq!(spec.bitmap, BitmapEncoding::HexEbcdic);
+        let f43 = spec.field(43).unwrap();
+        assert_eq!(f43.encoding, Encoding::Ebcdic(CodePage::Cp500));
+        assert_eq!(f43.length_encoding, LengthEncoding::Ebcdic);
+        assert_eq!(f43.length_encoding.prefix_bytes(f43.prefix), 2);
+        assert!(spec.field(55).unwrap().tlv);
+        for (field, message) in [
+            (
+                "52 = { kind = \"b\", encoding = \"cp037\", prefix = \"fixed\", max = 8 }",
+                "e.toml: field 52: key `encoding`: EBCDIC holds characters; a b element is binary or ascii",
+            ),
+            (
+                "55 = { kind = \"ans\", encoding = \"ascii\", prefix = \"lll\", max = 255, tlv = \"ber\" }",
+                "e.toml: field 55: key `tlv`: BER-TLV needs a b element in binary encoding",
+            ),
+            (
+                "55 = { kind = \"b\", encoding = \"binary\", prefix = \"lll\", max = 255, tlv = \"der\" }",
+                "e.toml: field 55: key `tlv`: expected ber, got \"der\"",
+            ),
+        ] {
+            let e = Spec::from_toml("e.toml", &format!("{head}{field}\n")).unwrap_err();
+            assert_eq!(e.to_string(), message);
+        }
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! Reasons (DE44) and their response codes (DE39), mapped in one place (DOMAIN §5).
+//! Reasons (DE44), their response codes (DE39) and their explanations, declared once
+//! (DOMAIN §5).
 //!
-//! [`Reason`] is an open newtype with named constants in the h2 `Reason(u32)` style: the
-//! constants are ordered like the rows of DOMAIN §5, and [`response_code`] is the only place
-//! that turns a reason into the two characters a terminal sees.
+//! [`Reason`] is an open newtype with named constants in the h2 `Reason(u32)` style. Each
+//! reason is one entry of [`reasons!`] below: its number (journaled, so stable: entries are
+//! only ever appended, never renumbered), its DE44 name, its DE39 code in every code column
+//! ([`CodeColumn`]: ISO 8583:1987 and CUP POS) and its English and Chinese explanation.
+//! [`response_code`] is the only place that turns a reason into the two characters a terminal
+//! sees. The order follows DOMAIN §5 rows 1–14, then the unnumbered rows, then later additions.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,170 +20,286 @@ pub enum Dialect {
     CupPos,
 }
 
+impl Dialect {
+    /// The response-code column this dialect answers with.
+    pub fn code_column(self) -> CodeColumn {
+        match self {
+            Dialect::Ascii1987 => CodeColumn::Iso,
+            Dialect::CupPos => CodeColumn::Cup,
+        }
+    }
+}
+
+/// A column of DE39 codes in the reason table. A dialect names the column it answers with
+/// (DOMAIN §5: "ISO = ascii1987 code, CUP = cup_pos code where it differs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CodeColumn {
+    /// ISO 8583:1987 codes (ascii1987, iso87b).
+    Iso,
+    /// China UnionPay POS codes (cup_pos).
+    Cup,
+}
+
+impl CodeColumn {
+    /// Every column, in table order.
+    pub const ALL: [CodeColumn; 2] = [CodeColumn::Iso, CodeColumn::Cup];
+
+    /// The column named `iso` or `cup` (as dialect files write it).
+    pub fn from_name(name: &str) -> Option<CodeColumn> {
+        match name {
+            "iso" => Some(CodeColumn::Iso),
+            "cup" => Some(CodeColumn::Cup),
+            _ => None,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Why a request was answered the way it was; carried in DE44 (at most 25 characters).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Reason(u8);
 
-/// One row of the reason table: name, ISO 8583:1987 code, CUP POS code.
+/// One reason as declared: number, name, a code per [`CodeColumn`], explanation texts.
 struct Row {
+    number: u8,
     name: &'static str,
-    iso: &'static str,
-    cup: &'static str,
+    codes: [&'static str; 2],
+    en: &'static str,
+    zh: &'static str,
 }
 
-const fn row(name: &'static str, iso: &'static str, cup: &'static str) -> Row {
-    Row { name, iso, cup }
+/// Declares every reason once: the `Reason` constants and the table rows come from here.
+macro_rules! reasons {
+    ($(
+        $(#[doc = $doc:literal])*
+        $number:literal $name:ident iso $iso:literal cup $cup:literal
+            en $en:literal
+            zh $zh:literal;
+    )*) => {
+        impl Reason {
+            $(
+                $(#[doc = $doc])*
+                pub const $name: Reason = Reason($number);
+            )*
+        }
+
+        const TABLE: &[Row] = &[
+            $(Row {
+                number: $number,
+                name: stringify!($name),
+                codes: [$iso, $cup],
+                en: $en,
+                zh: $zh,
+            },)*
+        ];
+    };
 }
 
-/// Indexed by `Reason.0`; the order follows DOMAIN §5 rows 1–14, then the two unnumbered rows.
-const TABLE: [Row; 45] = [
-    row("APPROVED", "00", "00"),
-    row("FORMAT_ERROR", "30", "30"),
-    row("MAC_INVALID", "63", "A0"),
-    row("UNKNOWN_MERCHANT", "03", "03"),
-    row("UNKNOWN_TERMINAL", "03", "97"),
-    row("BATCH_MISMATCH", "77", "77"),
-    row("DUPLICATE", "94", "94"),
-    row("STORE_UNAVAILABLE", "96", "96"),
-    row("CUTOVER", "90", "90"),
-    row("INVALID_AMOUNT", "13", "13"),
-    row("ORIGINAL_NOT_FOUND", "25", "25"),
-    row("PAN_MISMATCH", "14", "14"),
-    row("ORIGINAL_NOT_APPROVED", "12", "12"),
-    row("ORIGINAL_VOIDED", "22", "22"),
-    row("ORIGINAL_REVERSED", "22", "22"),
-    row("TYPE_NOT_REFUNDABLE", "40", "40"),
-    row("USE_REFUND", "12", "12"),
-    row("USE_VOID", "12", "12"),
-    row("REFUND_WINDOW_EXPIRED", "12", "22"),
-    row("VOID_AMOUNT_MISMATCH", "64", "64"),
-    row("AMOUNT_EXCEEDS_REMAINING", "64", "64"),
-    row("TERMINAL_NOT_PERMITTED", "58", "58"),
-    row("CARD_NOT_PERMITTED", "57", "57"),
-    row("SINGLE_REFUND_CAP", "61", "61"),
-    row("REFUNDABLE_SHARE", "61", "61"),
-    row("ORIGINAL_REFUND_COUNT", "65", "65"),
-    row("CARD_DAY_AMOUNT", "61", "61"),
-    row("CARD_DAY_COUNT", "65", "65"),
-    row("MERCHANT_DAY_AMOUNT", "61", "61"),
-    row("MERCHANT_MONTH_AMOUNT", "61", "61"),
-    row("MERCHANT_DAY_COUNT", "65", "65"),
-    row("MERCHANT_MONTH_COUNT", "65", "65"),
-    row("BALANCE_INSUFFICIENT", "51", "51"),
-    row("BALANCE_PENDING", "51", "51"),
-    row("HOST_UNREACHABLE", "91", "91"),
-    row("NO_ROUTE", "92", "92"),
-    row("HOST_TIMEOUT", "91", "98"),
-    row("INTERNAL_ERROR", "96", "96"),
-    row("FUNCTION_NOT_SUPPORTED", "40", "40"),
-    // Reversal answers: approved, but the reason tells the log what happened.
-    row("REVERSAL_NOTHING_TO_UNDO", "00", "00"),
-    row("REVERSED_BEFORE_COMMIT", "22", "22"),
-    row("REVERSAL_APPLIED", "00", "00"),
-    // Row 14, appended so journaled reason numbers stay stable. The host's own DE39 is what the
-    // terminal sees (the flow layer passes it through); 05 is the code when it is unknown.
-    row("HOST_DECLINED", "05", "05"),
-    // DOMAIN §9a and §9, appended for the same reason.
-    row("RECONCILE_ERROR", "95", "95"),
-    row("REVERSAL_NOT_APPLIED", "00", "00"),
-];
-
-impl Reason {
+reasons! {
     /// 00: approved.
-    pub const APPROVED: Reason = Reason(0);
+    0 APPROVED iso "00" cup "00"
+        en "Approved."
+        zh "交易成功。";
     /// Row 1, 30: the message is malformed (also a malformed original reference).
-    pub const FORMAT_ERROR: Reason = Reason(1);
+    1 FORMAT_ERROR iso "30" cup "30"
+        en "The message is malformed."
+        zh "报文格式错误。";
     /// Row 2, 63 / CUP A0: MAC wrong or unverifiable.
-    pub const MAC_INVALID: Reason = Reason(2);
+    2 MAC_INVALID iso "63" cup "A0"
+        en "The message authentication code is wrong; sign on again."
+        zh "MAC校验错，请重新签到。";
     /// Row 3, 03: DE42 names no known merchant.
-    pub const UNKNOWN_MERCHANT: Reason = Reason(3);
+    3 UNKNOWN_MERCHANT iso "03" cup "03"
+        en "The merchant is not registered."
+        zh "商户未登记。";
     /// Row 3, 03 / CUP 97: DE41 is not a terminal of the merchant, or a CUP terminal is not signed on.
-    pub const UNKNOWN_TERMINAL: Reason = Reason(4);
+    4 UNKNOWN_TERMINAL iso "03" cup "97"
+        en "The terminal is not registered or not signed on."
+        zh "终端未登记或未签到。";
     /// Row 3, 77: the CUP batch (DE60.2) is not the terminal's current batch.
-    pub const BATCH_MISMATCH: Reason = Reason(5);
+    5 BATCH_MISMATCH iso "77" cup "77"
+        en "The terminal's batch number differs from the host's; sign on again."
+        zh "批次号与网络中心不一致，请重新签到。";
     /// Row 4, 94: a different request reuses an idempotency key (DOMAIN §6).
-    pub const DUPLICATE: Reason = Reason(6);
+    6 DUPLICATE iso "94" cup "94"
+        en "A different request already used this terminal, trace number and date."
+        zh "重复交易：该终端流水号和日期已被另一笔交易使用。";
     /// Row 5, 96: the journal / ledger cannot be used.
-    pub const STORE_UNAVAILABLE: Reason = Reason(7);
+    7 STORE_UNAVAILABLE iso "96" cup "96"
+        en "The ledger is unavailable; nothing was looked up or changed, try again later."
+        zh "账务系统暂不可用，未做任何处理，请稍后重试。";
     /// Row 5, 90: a cut-over (settlement) is running for the merchant.
-    pub const CUTOVER: Reason = Reason(8);
+    8 CUTOVER iso "90" cup "90"
+        en "Day-end cut-over is running; try again shortly."
+        zh "系统日切，请稍后重试。";
     /// Row 6, 13: zero amount or wrong currency.
-    pub const INVALID_AMOUNT: Reason = Reason(9);
+    9 INVALID_AMOUNT iso "13" cup "13"
+        en "The amount is zero, too large or in the wrong currency."
+        zh "无效金额：金额为0、过大或币种不符。";
     /// Row 7, 25: no original matches the reference.
-    pub const ORIGINAL_NOT_FOUND: Reason = Reason(10);
+    10 ORIGINAL_NOT_FOUND iso "25" cup "25"
+        en "No original transaction matches the reference."
+        zh "找不到原始交易。";
     /// Row 8, 14: the card differs from the original's.
-    pub const PAN_MISMATCH: Reason = Reason(11);
+    11 PAN_MISMATCH iso "14" cup "14"
+        en "The card differs from the original transaction's card."
+        zh "卡号与原交易不符。";
     /// Row 8, 12: the original was declined.
-    pub const ORIGINAL_NOT_APPROVED: Reason = Reason(12);
+    12 ORIGINAL_NOT_APPROVED iso "12" cup "12"
+        en "The original transaction was not approved."
+        zh "原交易未成功。";
     /// Row 8, 22: the original was voided.
-    pub const ORIGINAL_VOIDED: Reason = Reason(13);
+    13 ORIGINAL_VOIDED iso "22" cup "22"
+        en "The original transaction was already voided."
+        zh "原交易已撤销。";
     /// Row 8, 22: the original was reversed.
-    pub const ORIGINAL_REVERSED: Reason = Reason(14);
+    14 ORIGINAL_REVERSED iso "22" cup "22"
+        en "The original transaction was reversed."
+        zh "原交易已冲正。";
     /// Row 8, 40: the original is not a sale (e.g. a refund of a refund).
-    pub const TYPE_NOT_REFUNDABLE: Reason = Reason(15);
+    15 TYPE_NOT_REFUNDABLE iso "40" cup "40"
+        en "The original transaction is not a sale and cannot be refunded."
+        zh "原交易类型不支持退货。";
     /// Row 9, 12: a void after the day or batch closed; refund instead.
-    pub const USE_REFUND: Reason = Reason(16);
+    16 USE_REFUND iso "12" cup "12"
+        en "A void must come from the sale's own terminal, on the sale's day, while its batch is open; this one cannot be voided here, so use a refund."
+        zh "撤销须在原终端、原交易当日且批次未结算时进行，本交易不能在此撤销，请做退货。";
     /// Row 9, 12: policy `same_day_refund = "use_void"`; void instead.
-    pub const USE_VOID: Reason = Reason(17);
+    17 USE_VOID iso "12" cup "12"
+        en "This merchant takes same-day refunds of a whole sale as voids, and a void of it from this terminal would be approved: void the sale instead."
+        zh "本商户当日全额退货须做撤销，且本终端撤销该交易可以成功，请做消费撤销。";
     /// Row 9, 12 / CUP 22: the original is older than `refund_window_days`.
-    pub const REFUND_WINDOW_EXPIRED: Reason = Reason(18);
+    18 REFUND_WINDOW_EXPIRED iso "12" cup "22"
+        en "The sale is older than the refund window."
+        zh "超出交易允许退货天数。";
     /// Row 10, 64: a void amount differs from the original (or the original was partly refunded).
-    pub const VOID_AMOUNT_MISMATCH: Reason = Reason(19);
+    19 VOID_AMOUNT_MISMATCH iso "64" cup "64"
+        en "A void must be for the full, unrefunded amount of the sale."
+        zh "撤销金额必须等于原交易金额且原交易未退货。";
     /// Row 10, 64: the refund is larger than what is left on the original.
-    pub const AMOUNT_EXCEEDS_REMAINING: Reason = Reason(20);
+    20 AMOUNT_EXCEEDS_REMAINING iso "64" cup "64"
+        en "The refund is larger than what is left to refund on the sale."
+        zh "退货金额超过原交易剩余可退金额。";
     /// Row 11, 58: the merchant or terminal may not refund / void.
-    pub const TERMINAL_NOT_PERMITTED: Reason = Reason(21);
+    21 TERMINAL_NOT_PERMITTED iso "58" cup "58"
+        en "This merchant or terminal is not enabled for this transaction."
+        zh "该商户或终端不允许进行此交易。";
     /// Row 11, 57: the card type may not receive refunds.
-    pub const CARD_NOT_PERMITTED: Reason = Reason(22);
+    22 CARD_NOT_PERMITTED iso "57" cup "57"
+        en "This card type may not receive refunds at this merchant."
+        zh "该卡种不允许在本商户退货。";
     /// Row 12, 61: above `refund_single_max`.
-    pub const SINGLE_REFUND_CAP: Reason = Reason(23);
+    23 SINGLE_REFUND_CAP iso "61" cup "61"
+        en "The refund is above the single-refund cap."
+        zh "单笔退货金额超限。";
     /// Row 12, 61: above `refundable_share_percent` of the original.
-    pub const REFUNDABLE_SHARE: Reason = Reason(24);
+    24 REFUNDABLE_SHARE iso "61" cup "61"
+        en "The refund would exceed the refundable share of the sale."
+        zh "退货累计金额超过原交易可退比例。";
     /// Row 12, 65: `original_refund_count_max` reached.
-    pub const ORIGINAL_REFUND_COUNT: Reason = Reason(25);
+    25 ORIGINAL_REFUND_COUNT iso "65" cup "65"
+        en "The sale has already had the maximum number of refunds."
+        zh "原交易退货次数已达上限。";
     /// Row 12, 61: `card_refund_day_amount_max` would be exceeded.
-    pub const CARD_DAY_AMOUNT: Reason = Reason(26);
+    26 CARD_DAY_AMOUNT iso "61" cup "61"
+        en "The card's refund amount for today would exceed its limit."
+        zh "该卡当日退货累计金额超限。";
     /// Row 12, 65: `card_refund_day_count_max` reached.
-    pub const CARD_DAY_COUNT: Reason = Reason(27);
+    27 CARD_DAY_COUNT iso "65" cup "65"
+        en "The card has reached today's refund count limit."
+        zh "该卡当日退货次数超限。";
     /// Row 12, 61: `refund_day_amount_max` would be exceeded.
-    pub const MERCHANT_DAY_AMOUNT: Reason = Reason(28);
+    28 MERCHANT_DAY_AMOUNT iso "61" cup "61"
+        en "The merchant's refund amount for today would exceed its daily limit."
+        zh "商户当日退货累计金额超限。";
     /// Row 12, 61: `refund_month_amount_max` would be exceeded.
-    pub const MERCHANT_MONTH_AMOUNT: Reason = Reason(29);
+    29 MERCHANT_MONTH_AMOUNT iso "61" cup "61"
+        en "The merchant's refund amount for this month would exceed its monthly limit."
+        zh "商户当月退货累计金额超限。";
     /// Row 12, 65: `refund_day_count_max` reached.
-    pub const MERCHANT_DAY_COUNT: Reason = Reason(30);
+    30 MERCHANT_DAY_COUNT iso "65" cup "65"
+        en "The merchant has reached today's refund count limit."
+        zh "商户当日退货次数超限。";
     /// Row 12, 65: `refund_month_count_max` reached.
-    pub const MERCHANT_MONTH_COUNT: Reason = Reason(31);
+    31 MERCHANT_MONTH_COUNT iso "65" cup "65"
+        en "The merchant has reached this month's refund count limit."
+        zh "商户当月退货次数超限。";
     /// Row 13, 51: the merchant's available funds do not cover the refund.
-    pub const BALANCE_INSUFFICIENT: Reason = Reason(32);
+    32 BALANCE_INSUFFICIENT iso "51" cup "51"
+        en "The merchant's available balance does not cover the refund."
+        zh "商户可用余额不足。";
     /// Row 13, 51: they would once sales still in flight are committed; retry shortly.
-    pub const BALANCE_PENDING: Reason = Reason(33);
+    33 BALANCE_PENDING iso "51" cup "51"
+        en "Sales that would cover the refund are still being processed; retry shortly."
+        zh "可用余额待入账，请稍后重试。";
     /// Row 14, 91: the upstream host is down.
-    pub const HOST_UNREACHABLE: Reason = Reason(34);
+    34 HOST_UNREACHABLE iso "91" cup "91"
+        en "The upstream host cannot be reached."
+        zh "发卡方状态不正常，请稍后重试。";
     /// Row 14, 92: no upstream route.
-    pub const NO_ROUTE: Reason = Reason(35);
+    35 NO_ROUTE iso "92" cup "92"
+        en "There is no route to an upstream host."
+        zh "发卡方线路异常，请稍后重试。";
     /// Row 14, 91 / CUP 98: the upstream host did not answer in time.
-    pub const HOST_TIMEOUT: Reason = Reason(36);
+    36 HOST_TIMEOUT iso "91" cup "98"
+        en "The upstream host did not answer in time."
+        zh "发卡方超时。";
     /// 96: an internal fault; never 25 or 51 when we could not look.
-    pub const INTERNAL_ERROR: Reason = Reason(37);
+    37 INTERNAL_ERROR iso "96" cup "96"
+        en "An internal error occurred; nothing was changed."
+        zh "系统内部错误，未做任何处理。";
     /// 40: unsupported MTI or processing code.
-    pub const FUNCTION_NOT_SUPPORTED: Reason = Reason(38);
+    38 FUNCTION_NOT_SUPPORTED iso "40" cup "40"
+        en "This transaction type is not supported."
+        zh "不支持的交易类型。";
     /// 00: a reversal found nothing to undo (unknown, never applied, already reversed or voided).
-    pub const REVERSAL_NOTHING_TO_UNDO: Reason = Reason(39);
+    39 REVERSAL_NOTHING_TO_UNDO iso "00" cup "00"
+        en "Reversal accepted: there was nothing to undo."
+        zh "冲正成功：原交易无需冲正。";
     /// 22: the request was reversed while it was in flight, so it was never applied.
-    pub const REVERSED_BEFORE_COMMIT: Reason = Reason(40);
+    40 REVERSED_BEFORE_COMMIT iso "22" cup "22"
+        en "The request was reversed before it completed, so it was not applied."
+        zh "交易在完成前已被冲正，未生效。";
     /// 00: a reversal undid its original.
-    pub const REVERSAL_APPLIED: Reason = Reason(41);
+    41 REVERSAL_APPLIED iso "00" cup "00"
+        en "Reversal accepted: the original transaction was undone."
+        zh "冲正成功：原交易已撤回。";
     /// Row 14: the upstream host declined; DE39 carries the host's code (05 when unknown).
-    pub const HOST_DECLINED: Reason = Reason(42);
+    42 HOST_DECLINED iso "05" cup "05"
+        en "The upstream host declined the request; its response code is passed on."
+        zh "发卡方拒绝交易，应答码为发卡方返回码。";
     /// 95: a settlement's batch totals differ from the gateway's; the batch stays open.
-    pub const RECONCILE_ERROR: Reason = Reason(43);
+    43 RECONCILE_ERROR iso "95" cup "95"
+        en "The batch totals differ from the gateway's; the batch stays open until they agree or an operator closes it."
+        zh "对账不平：批结算总额与网关不符，批次保持未结，待总额一致或由运营人员结算。";
     /// 00: a reversal of a sale that already has an approved refund or void undid nothing
     /// (money is never returned twice); counted and listed for reconciliation.
-    pub const REVERSAL_NOT_APPLIED: Reason = Reason(44);
+    44 REVERSAL_NOT_APPLIED iso "00" cup "00"
+        en "Reversal accepted but not applied: the sale already has an approved refund or void, so nothing was undone (listed for reconciliation)."
+        zh "冲正已受理但未生效：原交易已有成功的退货或撤销，未做冲正（已列入对账清单）。";
+}
 
+// A reason's number is its index in the table: checked when the crate is built, so a renumbered
+// or reordered entry cannot reach a journal.
+const _: () = {
+    let mut i = 0;
+    while i < TABLE.len() {
+        assert!(
+            TABLE[i].number as usize == i,
+            "reason numbers must run 0, 1, 2, ..."
+        );
+        i += 1;
+    }
+    assert!(TABLE.len() <= u8::MAX as usize);
+};
+
+impl Reason {
     /// Every known reason, in table order.
     pub fn all() -> impl Iterator<Item = Reason> {
-        (0..TABLE.len()).filter_map(|i| u8::try_from(i).ok().map(Reason))
+        TABLE.iter().map(|r| Reason(r.number))
     }
 
     /// The DE44 text, e.g. `"MERCHANT_DAY_AMOUNT"`.
@@ -189,7 +309,19 @@ impl Reason {
 
     /// True when the answer is an approval (DE39 `00`).
     pub fn is_approval(self) -> bool {
-        self.row().is_some_and(|r| r.iso == "00")
+        self.row()
+            .is_some_and(|r| r.codes[CodeColumn::Iso.index()] == "00")
+    }
+
+    /// The DE39 code in `column`.
+    pub fn code(self, column: CodeColumn) -> &'static str {
+        self.row().map_or("96", |r| r.codes[column.index()])
+    }
+
+    /// The generic explanation, in English and in Chinese.
+    pub fn texts(self) -> (&'static str, &'static str) {
+        self.row()
+            .map_or(("Unknown reason.", "未知原因。"), |r| (r.en, r.zh))
     }
 
     /// The numeric value, used by the journal encoding.
@@ -218,9 +350,8 @@ impl FromStr for Reason {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         TABLE
             .iter()
-            .position(|r| r.name == s)
-            .and_then(|i| u8::try_from(i).ok())
-            .map(Reason)
+            .find(|r| r.name == s)
+            .map(|r| Reason(r.number))
             .ok_or_else(|| UnknownReason(s.chars().take(32).collect()))
     }
 }
@@ -273,11 +404,7 @@ impl fmt::Debug for ResponseCode {
 
 /// The two-character DE39 for `reason` in `dialect` (DOMAIN §5: ISO vs CUP columns).
 pub fn response_code(reason: Reason, dialect: Dialect) -> &'static str {
-    match (reason.row(), dialect) {
-        (Some(r), Dialect::Ascii1987) => r.iso,
-        (Some(r), Dialect::CupPos) => r.cup,
-        (None, _) => "96",
-    }
+    reason.code(dialect.code_column())
 }
 
 #[cfg(test)]
@@ -293,6 +420,95 @@ mod tests {
         }
         assert!("NOPE".parse::<Reason>().is_err());
     }
+
+    /// Every reason has a name that fits DE44, a two-character code in every column and both
+    /// explanation texts; names are unique.
+    #[test]
+    fn every_reason_has_its_name_codes_and_texts() {
+        let mut names = std::collections::HashSet::new();
+        for r in Reason::all() {
+            assert!(names.insert(r.as_str()), "{r} declared twice");
+            for column in CodeColumn::ALL {
+                let code = r.code(column);
+                assert_eq!(code.len(), 2, "{r} {column:?}");
+                assert!(code.bytes().all(|b| b.is_ascii_alphanumeric()), "{r}");
+            }
+            let (en, zh) = r.texts();
+            assert!(en.len() > 8 && en.ends_with('.'), "{r}: {en}");
+            assert!(
+                zh.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c)) && zh.ends_with('。'),
+                "{r}: {zh}"
+            );
+        }
+        assert_eq!(names.len(), 45);
+    }
+
+    /// Numbers are journaled: they, the names and the codes stay what earlier journals hold.
+    #[test]
+    fn numbers_names_and_codes_are_those_journals_hold() {
+        let now: String = Reason::all()
+            .map(|r| {
+                format!(
+                    "{} {} {} {}\n",
+                    r.to_u8(),
+                    r,
+                    r.code(CodeColumn::Iso),
+                    r.code(CodeColumn::Cup)
+                )
+            })
+            .collect();
+        assert_eq!(now, JOURNALED);
+        assert_eq!(Reason::from_u8(45), None);
+        assert_eq!(Reason::from_u8(44), Some(Reason::REVERSAL_NOT_APPLIED));
+    }
+
+    /// The table as it stood when reasons were first declared in one place (append only).
+    const JOURNALED: &str = "0 APPROVED 00 00\n\
+1 FORMAT_ERROR 30 30\n\
+2 MAC_INVALID 63 A0\n\
+3 UNKNOWN_MERCHANT 03 03\n\
+4 UNKNOWN_TERMINAL 03 97\n\
+5 BATCH_MISMATCH 77 77\n\
+6 DUPLICATE 94 94\n\
+7 STORE_UNAVAILABLE 96 96\n\
+8 CUTOVER 90 90\n\
+9 INVALID_AMOUNT 13 13\n\
+10 ORIGINAL_NOT_FOUND 25 25\n\
+11 PAN_MISMATCH 14 14\n\
+12 ORIGINAL_NOT_APPROVED 12 12\n\
+13 ORIGINAL_VOIDED 22 22\n\
+14 ORIGINAL_REVERSED 22 22\n\
+15 TYPE_NOT_REFUNDABLE 40 40\n\
+16 USE_REFUND 12 12\n\
+17 USE_VOID 12 12\n\
+18 REFUND_WINDOW_EXPIRED 12 22\n\
+19 VOID_AMOUNT_MISMATCH 64 64\n\
+20 AMOUNT_EXCEEDS_REMAINING 64 64\n\
+21 TERMINAL_NOT_PERMITTED 58 58\n\
+22 CARD_NOT_PERMITTED 57 57\n\
+23 SINGLE_REFUND_CAP 61 61\n\
+24 REFUNDABLE_SHARE 61 61\n\
+25 ORIGINAL_REFUND_COUNT 65 65\n\
+26 CARD_DAY_AMOUNT 61 61\n\
+27 CARD_DAY_COUNT 65 65\n\
+28 MERCHANT_DAY_AMOUNT 61 61\n\
+29 MERCHANT_MONTH_AMOUNT 61 61\n\
+30 MERCHANT_DAY_COUNT 65 65\n\
+31 MERCHANT_MONTH_COUNT 65 65\n\
+32 BALANCE_INSUFFICIENT 51 51\n\
+33 BALANCE_PENDING 51 51\n\
+34 HOST_UNREACHABLE 91 91\n\
+35 NO_ROUTE 92 92\n\
+36 HOST_TIMEOUT 91 98\n\
+37 INTERNAL_ERROR 96 96\n\
+38 FUNCTION_NOT_SUPPORTED 40 40\n\
+39 REVERSAL_NOTHING_TO_UNDO 00 00\n\
+40 REVERSED_BEFORE_COMMIT 22 22\n\
+41 REVERSAL_APPLIED 00 00\n\
+42 HOST_DECLINED 05 05\n\
+43 RECONCILE_ERROR 95 95\n\
+44 REVERSAL_NOT_APPLIED 00 00\n\
+";
 
     #[test]
     fn dialect_columns_differ_where_domain_says() {

@@ -1,0 +1,137 @@
+//! EBCDIC code pages for character elements: IBM cp037 (US/Canada) and cp500 (International).
+//!
+//! Only the ASCII range is translated: the text form of an element is ASCII, and an EBCDIC byte
+//! with no ASCII counterpart (a national letter, `¢`, `¬`) is shown as `hex:` in the JSON view,
+//! as non-ASCII bytes in an ASCII element are. The two pages differ in seven code points only
+//! (`[ ] ! ^ |` among ASCII). The tables are written out here rather than taken from a crate:
+//! they are 256 bytes, checked against Python's `cp037` / `cp500` codecs by the pyiso8583
+//! vectors (`fixtures/iso87b/`), and no small, maintained crate covers these two pages.
+
+/// An EBCDIC code page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodePage {
+    /// IBM code page 37 (EBCDIC US/Canada).
+    Cp037,
+    /// IBM code page 500 (EBCDIC International).
+    Cp500,
+}
+
+impl CodePage {
+    /// The EBCDIC byte of an ASCII character, `None` above 0x7F.
+    #[inline]
+    pub fn from_ascii(self, c: u8) -> Option<u8> {
+        let table = match self {
+            CodePage::Cp037 => &CP037_FROM_ASCII,
+            CodePage::Cp500 => &CP500_FROM_ASCII,
+        };
+        table.get(usize::from(c)).copied()
+    }
+
+    /// The ASCII character of an EBCDIC byte, `None` when it has none.
+    #[inline]
+    pub fn to_ascii(self, b: u8) -> Option<u8> {
+        let table = match self {
+            CodePage::Cp037 => &CP037_TO_ASCII,
+            CodePage::Cp500 => &CP500_TO_ASCII,
+        };
+        match table[usize::from(b)] {
+            NONE => None,
+            c => Some(c),
+        }
+    }
+}
+
+/// EBCDIC digits `0`–`9` are 0xF0–0xF9 in every code page.
+pub const DIGIT_ZERO: u8 = 0xF0;
+
+/// Whether every byte is an EBCDIC digit.
+#[inline]
+pub fn all_digits(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| (0xF0..=0xF9).contains(b))
+}
+
+/// Reads EBCDIC decimal digits (a length prefix).
+pub fn number(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().try_fold(0usize, |v, &b| {
+        (0xF0..=0xF9)
+            .contains(&b)
+            .then(|| v * 10 + usize::from(b - DIGIT_ZERO))
+    })
+}
+
+/// Marks an EBCDIC byte without an ASCII character in the reverse tables.
+const NONE: u8 = 0xFF;
+
+const CP037_FROM_ASCII: [u8; 128] = [
+    0x00, 0x01, 0x02, 0x03, 0x37, 0x2D, 0x2E, 0x2F, 0x16, 0x05, 0x25, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F,
+    0x10, 0x11, 0x12, 0x13, 0x3C, 0x3D, 0x32, 0x26, 0x18, 0x19, 0x3F, 0x27, 0x1C, 0x1D, 0x1E, 0x1F,
+    0x40, 0x5A, 0x7F, 0x7B, 0x5B, 0x6C, 0x50, 0x7D, 0x4D, 0x5D, 0x5C, 0x4E, 0x6B, 0x60, 0x4B, 0x61,
+    0xF0, 0xF1, 0xF2, 0xF3, 0xF4, 0xF5, 0xF6, 0xF7, 0xF8, 0xF9, 0x7A, 0x5E, 0x4C, 0x7E, 0x6E, 0x6F,
+    0x7C, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xC7, 0xC8, 0xC9, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6,
+    0xD7, 0xD8, 0xD9, 0xE2, 0xE3, 0xE4, 0xE5, 0xE6, 0xE7, 0xE8, 0xE9, 0xBA, 0xE0, 0xBB, 0xB0, 0x6D,
+    0x79, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x91, 0x92, 0x93, 0x94, 0x95, 0x96,
+    0x97, 0x98, 0x99, 0xA2, 0xA3, 0xA4, 0xA5, 0xA6, 0xA7, 0xA8, 0xA9, 0xC0, 0x4F, 0xD0, 0xA1, 0x07,
+];
+
+const CP500_FROM_ASCII: [u8; 128] = [
+    0x00, 0x01, 0x02, 0x03, 0x37, 0x2D, 0x2E, 0x2F, 0x16, 0x05, 0x25, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F,
+    0x10, 0x11, 0x12, 0x13, 0x3C, 0x3D, 0x32, 0x26, 0x18, 0x19, 0x3F, 0x27, 0x1C, 0x1D, 0x1E, 0x1F,
+    0x40, 0x4F, 0x7F, 0x7B, 0x5B, 0x6C, 0x50, 0x7D, 0x4D, 0x5D, 0x5C, 0x4E, 0x6B, 0x60, 0x4B, 0x61,
+    0xF0, 0xF1, 0xF2, 0xF3, 0xF4, 0xF5, 0xF6, 0xF7, 0xF8, 0xF9, 0x7A, 0x5E, 0x4C, 0x7E, 0x6E, 0x6F,
+    0x7C, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xC7, 0xC8, 0xC9, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6,
+    0xD7, 0xD8, 0xD9, 0xE2, 0xE3, 0xE4, 0xE5, 0xE6, 0xE7, 0xE8, 0xE9, 0x4A, 0xE0, 0x5A, 0x5F, 0x6D,
+    0x79, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x91, 0x92, 0x93, 0x94, 0x95, 0x96,
+    0x97, 0x98, 0x99, 0xA2, 0xA3, 0xA4, 0xA5, 0xA6, 0xA7, 0xA8, 0xA9, 0xC0, 0xBB, 0xD0, 0xA1, 0x07,
+];
+
+static CP037_TO_ASCII: [u8; 256] = invert(&CP037_FROM_ASCII);
+static CP500_TO_ASCII: [u8; 256] = invert(&CP500_FROM_ASCII);
+
+/// The reverse of a 128-entry table; bytes no ASCII character maps to get [`NONE`].
+const fn invert(from_ascii: &[u8; 128]) -> [u8; 256] {
+    let mut out = [NONE; 256];
+    let mut c = 0;
+    while c < 128 {
+        out[from_ascii[c] as usize] = c as u8;
+        c += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_pages_round_trip_every_ascii_character_and_nothing_else() {
+        for page in [CodePage::Cp037, CodePage::Cp500] {
+            let mut seen = 0;
+            for c in 0..128u8 {
+                let e = page.from_ascii(c).unwrap();
+                assert_eq!(page.to_ascii(e), Some(c), "{page:?} {c:#04x}");
+            }
+            for b in 0..=255u8 {
+                if page.to_ascii(b).is_some() {
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, 128, "{page:?}: the table is not one to one");
+            assert_eq!(page.from_ascii(0x80), None);
+        }
+    }
+
+    #[test]
+    fn pages_differ_in_brackets_and_bar() {
+        let pair = |c| {
+            (
+                CodePage::Cp037.from_ascii(c).unwrap(),
+                CodePage::Cp500.from_ascii(c).unwrap(),
+            )
+        };
+        assert_eq!(pair(b'['), (0xBA, 0x4A));
+        assert_eq!(pair(b'!'), (0x5A, 0x4F));
+        assert_eq!(pair(b'A'), (0xC1, 0xC1));
+        assert_eq!(number(&[0xF0, 0xF1, 0xF9]), Some(19));
+        assert_eq!(number(&[0xF0, 0x31]), None);
+    }
+}
