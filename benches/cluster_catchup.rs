@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use refundgate::journal::jetstream::{Replica, Settings};
+use refundgate::journal::jetstream::{encode_group, Replica, Settings};
 use refundgate::ledger::{
     CardType, Dialect, Ledger, LedgerEvent, MerchantSet, Operation, PanKey, Request,
 };
@@ -74,9 +74,8 @@ fn main() {
         };
         let mut captured = None;
         let _ = writer.decide_logged(&req, now, |e: &LedgerEvent| {
-            let mut b = Vec::with_capacity(128);
-            e.encode(&mut b);
-            captured = Some(b);
+            // One decision per message, in the stream's payload format.
+            captured = Some(encode_group(std::iter::once(e)));
             Ok::<u64, std::convert::Infallible>(i + 1)
         });
         if let Some(b) = captured {

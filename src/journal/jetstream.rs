@@ -115,7 +115,7 @@ enum Outcome {
 
 /// The payload of one stream message: each event as a 2-byte big-endian length and its bytes
 /// (a group append holds several decisions of one merchant).
-fn encode_group<'a>(events: impl Iterator<Item = &'a LedgerEvent>) -> Vec<u8> {
+pub fn encode_group<'a>(events: impl Iterator<Item = &'a LedgerEvent>) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     let mut one = Vec::with_capacity(128);
     for e in events {
@@ -129,7 +129,7 @@ fn encode_group<'a>(events: impl Iterator<Item = &'a LedgerEvent>) -> Vec<u8> {
 }
 
 /// The events of one stream message, in order.
-fn decode_group(payload: &[u8]) -> Result<Vec<LedgerEvent>, String> {
+pub fn decode_group(payload: &[u8]) -> Result<Vec<LedgerEvent>, String> {
     let mut events = Vec::new();
     let mut rest = payload;
     while !rest.is_empty() {
@@ -314,7 +314,10 @@ impl Replica {
                 self.counters.applied_remote.fetch_add(1, Ordering::Relaxed);
                 telemetry::count_replica("remote");
             } else {
-                tracing::warn!(seq, "event of a merchant not configured on this node skipped");
+                tracing::warn!(
+                    seq,
+                    "event of a merchant not configured on this node skipped"
+                );
             }
         }
         Ok(merchant)
@@ -451,7 +454,10 @@ impl Replica {
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload.into())
             .expected_last_subject_sequence(expected);
-        let ack = self.js.send_publish(self.subject(merchant), publish).await?;
+        let ack = self
+            .js
+            .send_publish(self.subject(merchant), publish)
+            .await?;
         Ok(ack.await?.sequence)
     }
 
