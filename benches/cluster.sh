@@ -28,6 +28,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    cp "$WORK"/*.log "$OUT"/ 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
