@@ -466,7 +466,8 @@ pub fn count_request_deadline(dialect: &'static str) {
 
 /// Counts one event of the replicated journal: `appended` by this node, `conflict` (another
 /// node appended first; decided again), `remote` (another node's, applied here) or
-/// `unavailable` (append without an acknowledgement: answered 96).
+/// `unavailable` (append without an acknowledgement: answered 96) or `skipped` (an event of a
+/// merchant this node's merchant file does not have).
 pub fn count_replica(outcome: &'static str) {
     metrics::counter!(REPLICA_EVENTS_TOTAL, LABEL_OUTCOME => outcome).increment(1);
 }
@@ -549,7 +550,7 @@ fn describe_metrics() {
     describe_counter!(IDLE_TIMEOUTS_TOTAL, "Connections closed for being idle.");
     describe_counter!(
         REPLICA_EVENTS_TOTAL,
-        "Events of the replicated journal: appended, conflict (decided again), remote, unavailable."
+        "Events of the replicated journal: appended, conflict (decided again), remote, unavailable, skipped."
     );
     describe_counter!(
         LOG_LINES_DROPPED_TOTAL,

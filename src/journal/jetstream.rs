@@ -314,7 +314,9 @@ impl Replica {
                 self.counters.applied_remote.fetch_add(1, Ordering::Relaxed);
                 telemetry::count_replica("remote");
             } else {
-                tracing::warn!(
+                // Every node must have the same merchant file: counted, not logged per event.
+                telemetry::count_replica("skipped");
+                tracing::debug!(
                     seq,
                     "event of a merchant not configured on this node skipped"
                 );
