@@ -195,6 +195,57 @@ pub enum EventBody {
         /// Taken from the reserve.
         reserve_used: u64,
     },
+    /// An operator's change through the admin API (issue 22), with who asked and the request
+    /// id a repeat is recognised by. Boxed: it is rare and larger than the hot-path bodies.
+    Admin(Box<AdminChange>),
+}
+
+/// An operator's request id (`Idempotency-Key`) or identity: printable ASCII, 1–64 bytes.
+pub type AdminId = ShortId<64>;
+
+/// What an operator changed, who asked and under which request id (issue 22).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminChange {
+    /// The caller's request id: a repeat gets the stored result and changes nothing.
+    pub request: AdminId,
+    /// The token identity and peer of the caller, e.g. `ops@127.0.0.1`.
+    pub who: AdminId,
+    /// The change.
+    pub action: AdminAction,
+}
+
+/// An operator's change of one merchant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Adds `amount` to the prefunded reserve.
+    TopUp {
+        /// Added to the reserve.
+        amount: u64,
+    },
+    /// Settles the whole merchant, as [`EventBody::Settle`] (ends a cut-over).
+    Settle {
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+    /// Closes one terminal's open batch whatever its totals (DOMAIN §9a: "until the totals
+    /// agree or an operator closes it").
+    SettleTerminal {
+        /// The terminal.
+        terminal: TerminalId,
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+    /// Enables or disables refunds on one terminal.
+    TerminalRefunds {
+        /// The terminal.
+        terminal: TerminalId,
+        /// Refunds allowed.
+        enabled: bool,
+    },
 }
 
 /// One committed change of one merchant, at a time.
@@ -242,6 +293,7 @@ impl LedgerEvent {
             EventBody::TopUp { .. } => 9,
             EventBody::SettleBatch { .. } => 10,
             EventBody::ScheduledCutover { .. } => 11,
+            EventBody::Admin(_) => 12,
         };
         w.u8(tag);
         w.id(&self.merchant);
@@ -312,6 +364,7 @@ impl LedgerEvent {
                 w.u64(*payout);
                 w.u64(*reserve_used);
             }
+            EventBody::Admin(change) => w.admin(change),
         }
     }
 
@@ -370,6 +423,7 @@ impl LedgerEvent {
                 payout: r.u64()?,
                 reserve_used: r.u64()?,
             },
+            12 => EventBody::Admin(Box::new(r.admin()?)),
             _ => return Err(DecodeError::Invalid("event tag")),
         };
         r.end()?;
@@ -381,6 +435,41 @@ impl LedgerEvent {
 pub(crate) struct Writer<'a>(pub &'a mut Vec<u8>);
 
 impl Writer<'_> {
+    /// An operator's change: request id, who, action tag and its fields.
+    pub fn admin(&mut self, c: &AdminChange) {
+        self.id(&c.request);
+        self.id(&c.who);
+        match c.action {
+            AdminAction::TopUp { amount } => {
+                self.u8(1);
+                self.u64(amount);
+            }
+            AdminAction::Settle {
+                payout,
+                reserve_used,
+            } => {
+                self.u8(2);
+                self.u64(payout);
+                self.u64(reserve_used);
+            }
+            AdminAction::SettleTerminal {
+                terminal,
+                payout,
+                reserve_used,
+            } => {
+                self.u8(3);
+                self.id(&terminal);
+                self.u64(payout);
+                self.u64(reserve_used);
+            }
+            AdminAction::TerminalRefunds { terminal, enabled } => {
+                self.u8(4);
+                self.id(&terminal);
+                self.u8(u8::from(enabled));
+            }
+        }
+    }
+
     pub fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
@@ -457,6 +546,40 @@ impl Writer<'_> {
 pub(crate) struct Reader<'a>(pub &'a [u8]);
 
 impl Reader<'_> {
+    /// What [`Writer::admin`] wrote.
+    pub fn admin(&mut self) -> Result<AdminChange, DecodeError> {
+        let request = self.id()?;
+        let who = self.id()?;
+        let action = match self.u8()? {
+            1 => AdminAction::TopUp {
+                amount: self.u64()?,
+            },
+            2 => AdminAction::Settle {
+                payout: self.u64()?,
+                reserve_used: self.u64()?,
+            },
+            3 => AdminAction::SettleTerminal {
+                terminal: self.id()?,
+                payout: self.u64()?,
+                reserve_used: self.u64()?,
+            },
+            4 => AdminAction::TerminalRefunds {
+                terminal: self.id()?,
+                enabled: match self.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Invalid("enabled flag")),
+                },
+            },
+            _ => return Err(DecodeError::Invalid("admin action")),
+        };
+        Ok(AdminChange {
+            request,
+            who,
+            action,
+        })
+    }
+
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
         let (&b, rest) = self.0.split_first().ok_or(DecodeError::Truncated)?;
         self.0 = rest;
@@ -584,5 +707,63 @@ impl Reader<'_> {
         } else {
             Err(DecodeError::Trailing(self.0.len()))
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_admin_action_round_trips_and_a_bad_action_tag_is_refused() {
+        let t = TerminalId::new("T1").unwrap();
+        let actions = [
+            AdminAction::TopUp { amount: 5 },
+            AdminAction::Settle {
+                payout: 7,
+                reserve_used: 0,
+            },
+            AdminAction::SettleTerminal {
+                terminal: t,
+                payout: 0,
+                reserve_used: 9,
+            },
+            AdminAction::TerminalRefunds {
+                terminal: t,
+                enabled: false,
+            },
+        ];
+        for action in actions {
+            let e = LedgerEvent {
+                merchant: MerchantId::new("M").unwrap(),
+                at: 1_700_000_000,
+                body: EventBody::Admin(Box::new(AdminChange {
+                    request: AdminId::new("req-1").unwrap(),
+                    who: AdminId::new("ops@127.0.0.1").unwrap(),
+                    action,
+                })),
+            };
+            let mut bytes = Vec::new();
+            e.encode(&mut bytes);
+            assert_eq!(LedgerEvent::decode(&bytes).unwrap(), e);
+        }
+        let mut bytes = Vec::new();
+        LedgerEvent {
+            merchant: MerchantId::new("M").unwrap(),
+            at: 0,
+            body: EventBody::Admin(Box::new(AdminChange {
+                request: AdminId::new("r").unwrap(),
+                who: AdminId::new("w").unwrap(),
+                action: AdminAction::TopUp { amount: 1 },
+            })),
+        }
+        .encode(&mut bytes);
+        // version, tag, merchant (2), at (1), request (2), who (2), then the action tag.
+        bytes[9] = 77;
+        assert_eq!(
+            LedgerEvent::decode(&bytes),
+            Err(DecodeError::Invalid("admin action"))
+        );
     }
 }

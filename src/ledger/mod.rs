@@ -55,6 +55,7 @@ pub mod decision;
 pub mod event;
 pub mod hash;
 pub mod idempotency;
+pub mod inspect;
 pub mod merchants;
 pub mod money;
 pub mod originals;
@@ -70,7 +71,12 @@ use crate::clock::UnixSeconds;
 use book::{Book, Ctx, Hold, Refusal};
 
 pub use decision::{format_de54, BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
-pub use event::{DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId};
+pub use event::{
+    AdminAction, AdminChange, AdminId, DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId,
+};
+pub use inspect::{
+    AdminIntent, AdminOutcome, AdminRecord, Looked, MerchantView, TxnView, WouldPass,
+};
 pub use merchants::{ConfigError, MerchantConfig, MerchantSet, Policy, SameDayRefund};
 pub use money::{CardType, MaskedPan, PanKey};
 pub use originals::OriginalState;
