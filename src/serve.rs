@@ -60,6 +60,8 @@ pub struct Prepared {
     pub journal: Arc<Journal>,
     /// Upstream links and the recovered SAF queue, when `[[upstreams]]` are configured.
     pub upstreams: Option<upstream::Plan>,
+    /// The admin API's bearer tokens (`admin.token_file`; none: the API answers 403).
+    pub admin_tokens: crate::admin::Tokens,
 }
 
 /// Loads configuration and merchants, opens and replays the journal.
@@ -71,6 +73,11 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     if let Some(d) = &args.journal_dir {
         config.journal.dir = d.clone();
     }
+    // A token file others may read is refused before anything else is opened.
+    let admin_tokens = match &config.admin.token_file {
+        Some(path) => crate::admin::Tokens::load(path).map_err(usage)?,
+        None => crate::admin::Tokens::none(),
+    };
     let merchants = match &config.merchants {
         Some(path) => MerchantSet::from_path(path),
         None => MerchantSet::embedded(),
@@ -141,6 +148,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         gateway,
         journal,
         upstreams,
+        admin_tokens,
     })
 }
 
@@ -326,7 +334,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     };
     let snapshot_every = prepared.config.journal.snapshot_every_records.max(1);
     let result = runtime.block_on(async move {
-        let server = Server::bind(prepared.config).await?;
+        let mut server = Server::bind(prepared.config).await?;
         server.readiness().set_merchants_loaded(true);
         let mut gateway = prepared.gateway;
         let upstreams = prepared.upstreams.map(|plan| Arc::new(plan.start()));
@@ -334,6 +342,15 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             gateway = gateway.with_upstreams(Arc::clone(u));
         }
         let gateway = Arc::new(gateway);
+        if prepared.admin_tokens.is_empty() {
+            tracing::warn!(
+                "admin.token_file not set: the admin API answers 403 to every /v1/ call"
+            );
+        }
+        server.set_admin_api(Arc::new(crate::admin::AdminApi::new(
+            Arc::clone(&gateway),
+            prepared.admin_tokens,
+        )));
         let snapshots = tokio::spawn(snapshot_loop(
             Arc::clone(&gateway),
             Arc::clone(&prepared.journal),

@@ -175,6 +175,16 @@ struct Decided {
     mti: u16,
 }
 
+/// Why an operator's change was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminChangeError {
+    /// The ledger refused it: `INVALID_AMOUNT`, `UNKNOWN_MERCHANT`, `UNKNOWN_TERMINAL`, or
+    /// `DUPLICATE` (the request id was used for another change).
+    Refused(Reason),
+    /// The journal could not take it or make it durable: nothing is applied.
+    Store,
+}
+
 /// Why a logged ledger call did not apply.
 enum LogError {
     Refused(ledger::Refused),
@@ -309,6 +319,60 @@ impl Gateway {
     /// The ledger, for admin calls and tests.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Now, from the gateway's clock (admin views use it).
+    pub fn now(&self) -> crate::clock::UnixSeconds {
+        self.clock.now_unix_s()
+    }
+
+    /// The upstream links and SAF queue, when configured (admin views).
+    pub fn upstreams(&self) -> Option<&Arc<Upstreams>> {
+        self.upstreams.as_ref()
+    }
+
+    /// An operator's change (admin API, issue 22): journaled through the same ordered path
+    /// as decisions (`*_logged` + `enqueue` under the gate) and returned once durable. A
+    /// repeated request id gets its stored result (waiting until what it stands on is
+    /// durable).
+    pub async fn admin_change(
+        &self,
+        merchant: &str,
+        request: ledger::AdminId,
+        who: ledger::AdminId,
+        intent: ledger::AdminIntent<'_>,
+    ) -> Result<ledger::AdminOutcome, AdminChangeError> {
+        if !self.store_ready().await {
+            return Err(AdminChangeError::Store);
+        }
+        let now = self.clock.now_unix_s();
+        let mut ticket = None;
+        let done = {
+            let _gate = self.gate.read().await;
+            let done =
+                self.ledger
+                    .admin_logged::<LogError>(merchant, request, who, intent, now, |e| {
+                        Ok(self.enqueue(e, &mut ticket)?)
+                    });
+            // A repeat's stored result may stand on a record still in flight.
+            if ticket.is_none() && done.is_ok() {
+                ticket = self.journal.as_ref().map(|j| j.last_ticket());
+            }
+            done
+        };
+        let outcome = match done {
+            Ok(outcome) => outcome,
+            Err(LogError::Refused(r)) => return Err(AdminChangeError::Refused(r.0)),
+            Err(LogError::Store) => return Err(AdminChangeError::Store),
+        };
+        if let (Some(t), Some(journal)) = (ticket, &self.journal) {
+            if journal.durable(t).await.is_err() {
+                // Drop what the lost record changed before answering.
+                let _ = self.store_ready().await;
+                return Err(AdminChangeError::Store);
+            }
+        }
+        Ok(outcome)
     }
 
     /// Decides one message received on listener `link` and renders the answer.
