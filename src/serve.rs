@@ -119,6 +119,32 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
             code: EXIT_IOERR,
             message: format!("journal {}: {e}", config.journal.dir.display()),
         })?;
+    // The file's policies from here on, journaled (first start, or a file changed while the
+    // gateway was down), so that a later replay applies the journal's events under the
+    // policy that was in force when they were decided. Made durable with the next decision.
+    let startup = crate::ledger::AdminId::new("startup").unwrap_or_default();
+    let now = crate::clock::Clock::now_unix_s(&SystemClock);
+    let policies = ledger
+        .reload_logged(&merchants, startup, now, |e| {
+            let mut payload = Vec::with_capacity(128);
+            e.encode(&mut payload);
+            journal.enqueue(payload).map(|t| t.seq)
+        })
+        .map_err(|e| StartError {
+            code: match e {
+                crate::ledger::ReloadError::Incompatible(_) => EXIT_USAGE,
+                crate::ledger::ReloadError::Log(_) => EXIT_IOERR,
+            },
+            message: match e {
+                crate::ledger::ReloadError::Incompatible(c) => format!("merchants: {c}"),
+                crate::ledger::ReloadError::Log(s) => {
+                    format!("journal {}: {s}", config.journal.dir.display())
+                }
+            },
+        })?;
+    if !policies.is_empty() {
+        tracing::info!(merchants = policies.len(), "merchant policies journaled");
+    }
     tracing::info!(
         replayed,
         last_seq = recovered.last_seq(),
@@ -261,6 +287,43 @@ async fn cutover_loop(gateway: Arc<Gateway>) {
         gateway.run_cutovers().await;
     }
 }
+/// The merchant file (`None`: the embedded sample set), read and validated whole.
+pub fn load_merchants(path: Option<&Path>) -> Result<MerchantSet, String> {
+    match path {
+        Some(p) => MerchantSet::from_path(p),
+        None => MerchantSet::embedded(),
+    }
+    .map_err(|e| format!("merchants: {e}"))
+}
+
+/// Reloads the merchant file on every SIGHUP (issue 22); a bad file is refused with its
+/// one-line error and the policies in force stay.
+async fn reload_on_sighup(gateway: Arc<Gateway>, path: Option<PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("SIGHUP handler not installed: reload through the admin API only");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = load_merchants(path.as_deref());
+        let result = match loaded {
+            Ok(set) => gateway.reload(&set, "sighup").await.map_err(|e| match e {
+                crate::flow::ReloadFailure::Invalid(why) => why,
+                crate::flow::ReloadFailure::Store => "journal unavailable".to_string(),
+            }),
+            Err(why) => Err(why),
+        };
+        match result {
+            Ok(changed) => {
+                tracing::info!(changed = changed.len(), "SIGHUP: merchant file reloaded")
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "SIGHUP: merchant file refused; the policies in force stay")
+            }
+        }
+    }
+}
+
 /// Name of the PAN hash key inside the journal directory in earlier versions.
 const LEGACY_PAN_KEY_NAME: &str = "pan-hash.key";
 
@@ -334,6 +397,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     };
     let snapshot_every = prepared.config.journal.snapshot_every_records.max(1);
     let result = runtime.block_on(async move {
+        let merchants_file = prepared.config.merchants.clone();
         let mut server = Server::bind(prepared.config).await?;
         server.readiness().set_merchants_loaded(true);
         let mut gateway = prepared.gateway;
@@ -347,10 +411,11 @@ pub fn run(args: &ServeArgs) -> ExitCode {
                 "admin.token_file not set: the admin API answers 403 to every /v1/ call"
             );
         }
-        server.set_admin_api(Arc::new(crate::admin::AdminApi::new(
-            Arc::clone(&gateway),
-            prepared.admin_tokens,
-        )));
+        server.set_admin_api(Arc::new(
+            crate::admin::AdminApi::new(Arc::clone(&gateway), prepared.admin_tokens)
+                .with_merchants_file(merchants_file.clone()),
+        ));
+        let reloads = tokio::spawn(reload_on_sighup(Arc::clone(&gateway), merchants_file));
         let snapshots = tokio::spawn(snapshot_loop(
             Arc::clone(&gateway),
             Arc::clone(&prepared.journal),
@@ -362,6 +427,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             .await;
         snapshots.abort();
         cutovers.abort();
+        reloads.abort();
         if let Some(u) = upstreams {
             u.shutdown().await;
         }

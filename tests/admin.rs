@@ -55,8 +55,15 @@ async fn start(dir: Arc<tempfile::TempDir>, token: bool) -> Running {
     } else {
         String::new()
     };
+    // A merchant file in the directory is used (the reload tests rewrite it).
+    let merchants = dir.path().join("merchants.toml");
+    let merchants_line = if merchants.exists() {
+        format!("merchants = \"{}\"\n", merchants.display())
+    } else {
+        String::new()
+    };
     let config = format!(
-        "[admin]\naddr = \"127.0.0.1:0\"\n{token_line}[journal]\ndir = \"{}\"\nsegment_bytes = 262144\n\
+        "{merchants_line}[admin]\naddr = \"127.0.0.1:0\"\n{token_line}[journal]\ndir = \"{}\"\nsegment_bytes = 262144\n\
          [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"ascii1987\"\n",
         dir.path().join("journal").display()
     );
@@ -69,13 +76,14 @@ async fn start(dir: Arc<tempfile::TempDir>, token: bool) -> Running {
     })
     .map_err(|e| e.message)
     .unwrap();
+    let merchants_file = prepared.config.merchants.clone();
     let mut server = Server::bind(prepared.config).await.unwrap();
     server.readiness().set_merchants_loaded(true);
     let gateway = Arc::new(prepared.gateway);
-    server.set_admin_api(Arc::new(AdminApi::new(
-        Arc::clone(&gateway),
-        prepared.admin_tokens,
-    )));
+    server.set_admin_api(Arc::new(
+        AdminApi::new(Arc::clone(&gateway), prepared.admin_tokens)
+            .with_merchants_file(merchants_file),
+    ));
     let listener = server.listeners().remove(0);
     let admin = server.admin_addr();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -605,4 +613,148 @@ fn the_binary_refuses_a_token_file_others_can_read() {
         stderr.contains("admin.token_file") && stderr.contains("chmod 600"),
         "{stderr}"
     );
+}
+
+/// The sample merchant file with the standard profile's single refund cap set to `cap`.
+fn merchants_with_cap(cap: u64) -> String {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/merchants.toml"
+    ))
+    .unwrap();
+    let old = "refund_single_max = 500000          # 5000.00";
+    assert!(text.contains(old), "the fixture's standard cap moved");
+    text.replacen(old, &format!("refund_single_max = {cap}"), 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_decisions_from_the_next_request_and_keeps_the_counters() {
+    let dir = tempdir();
+    let file = dir.path().join("merchants.toml");
+    std::fs::write(&file, merchants_with_cap(500_000)).unwrap();
+    let gw = start(Arc::clone(&dir), true).await;
+    let mut c = connect(&gw.listener).await;
+    let (s, rrn) = sale(&mut c, 600_000, 1).await;
+    assert_eq!(send(&mut c, &refund(&s, &rrn, 400_000, 2)).await.code, "00");
+    let (_, before) = gw.get(&format!("/v1/merchants/{M}")).await;
+    let version = before["policy_version"].as_u64().unwrap();
+    assert!(version >= 1, "the first policy is journaled: {before}");
+
+    std::fs::write(&file, merchants_with_cap(100_000)).unwrap();
+    let (status, body) = http(
+        gw.admin,
+        "POST",
+        "/v1/reload",
+        &[("Authorization", BEARER)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["merchant"] == "MERCHANT 000001"));
+    let over = send(&mut c, &refund(&s, &rrn, 100_001, 3)).await;
+    assert_eq!(
+        (over.code.as_str(), over.reason.as_str()),
+        ("61", "SINGLE_REFUND_CAP")
+    );
+    let (_, after) = gw.get(&format!("/v1/merchants/{M}")).await;
+    assert_eq!(after["policy"]["refund_single_max"], 100_000);
+    assert_eq!(after["policy_version"].as_u64().unwrap(), version + 1);
+    assert_eq!(
+        after["usage"]["day"]["amount"], 400_000,
+        "counters kept: {after}"
+    );
+    assert_eq!(after["funds"]["refunds_committed"], 400_000);
+
+    // The policy in force survives a restart with the same file, at the same version.
+    let gw = gw.restart().await;
+    let (_, restarted) = gw.get(&format!("/v1/merchants/{M}")).await;
+    assert_eq!(restarted["policy"]["refund_single_max"], 100_000);
+    assert_eq!(restarted["policy_version"].as_u64().unwrap(), version + 1);
+    assert_eq!(restarted["usage"]["day"]["amount"], 400_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_merchant_file_is_refused_with_one_line_and_the_old_policy_stays() {
+    let dir = tempdir();
+    let file = dir.path().join("merchants.toml");
+    std::fs::write(&file, merchants_with_cap(500_000)).unwrap();
+    let gw = start(Arc::clone(&dir), true).await;
+    let mut c = connect(&gw.listener).await;
+    let (s, rrn) = sale(&mut c, 600_000, 1).await;
+    let bad = merchants_with_cap(100_000).replacen(
+        "refund_window_days = 180",
+        "refund_window_dayz = 180",
+        1,
+    );
+    std::fs::write(&file, bad).unwrap();
+    let (status, body) = http(
+        gw.admin,
+        "POST",
+        "/v1/reload",
+        &[("Authorization", BEARER)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 422);
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("refund_window_dayz") && !error.contains('\n'),
+        "{error}"
+    );
+    // Another merchant set (a merchant added) needs a restart: refused too.
+    let added = merchants_with_cap(100_000)
+        + "\n[[merchants]]\nid = \"MERCHANT 000009\"\nprofile = \"standard\"\nterminals = [{ id = \"TERM0009\" }]\n";
+    std::fs::write(&file, added).unwrap();
+    let (status, body) = http(
+        gw.admin,
+        "POST",
+        "/v1/reload",
+        &[("Authorization", BEARER)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("MERCHANT 000009"));
+    // The old cap (500000) still decides.
+    let passes = send(&mut c, &refund(&s, &rrn, 500_000, 2)).await;
+    assert_eq!(passes.code, "00");
+    let (_, m) = gw.get(&format!("/v1/merchants/{M}")).await;
+    assert_eq!(m["policy"]["refund_single_max"], 500_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_merchant_file_of_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("merchants.toml");
+    std::fs::write(&file, merchants_with_cap(500_000)).unwrap();
+    let config = binary_config(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("merchants = \"{}\"\n{text}", file.display()),
+    )
+    .unwrap();
+    let (child, admin) = spawn_binary(&config);
+    let auth = [("Authorization", BEARER)];
+    let cap = |admin| async move {
+        let (_, m) = http(admin, "GET", &format!("/v1/merchants/{M}"), &auth, "").await;
+        m["policy"]["refund_single_max"].as_u64()
+    };
+    assert_eq!(cap(admin).await, Some(500_000));
+    std::fs::write(&file, merchants_with_cap(123_400)).unwrap();
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    while cap(admin).await != Some(123_400) {
+        assert!(started.elapsed() < WAIT, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -175,6 +175,20 @@ struct Decided {
     mti: u16,
 }
 
+/// Merchant file reloads by outcome (`applied`, `refused`).
+pub const MERCHANT_RELOADS_TOTAL: &str = "refundgate_merchant_reloads_total";
+
+/// Why a reload of the merchant file did not apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadFailure {
+    /// The file is invalid, or cannot replace the running set: the one-line reason. The old
+    /// policies stay.
+    Invalid(String),
+    /// The journal could not take the change: the old policies stay (or, after a write
+    /// failure, what is durable).
+    Store,
+}
+
 /// Why an operator's change was not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminChangeError {
@@ -329,6 +343,53 @@ impl Gateway {
     /// The upstream links and SAF queue, when configured (admin views).
     pub fn upstreams(&self) -> Option<&Arc<Upstreams>> {
         self.upstreams.as_ref()
+    }
+
+    /// Makes `set`'s policies the ones in force (hot reload, issue 22): with the gate held
+    /// exclusively, so every merchant switches between the same two decisions; each changed
+    /// policy journaled before it applies; returned once durable. An incompatible set (other
+    /// merchants or terminals) is refused with one line and nothing changes.
+    pub async fn reload(
+        &self,
+        set: &ledger::MerchantSet,
+        who: &str,
+    ) -> Result<Vec<(String, u32)>, ReloadFailure> {
+        let counted = |outcome: &'static str| {
+            metrics::counter!(MERCHANT_RELOADS_TOTAL, "outcome" => outcome).increment(1);
+        };
+        if !self.store_ready().await {
+            counted("refused");
+            return Err(ReloadFailure::Store);
+        }
+        let who = ledger::AdminId::new(&who[..who.len().min(64)]).unwrap_or_default();
+        let now = self.clock.now_unix_s();
+        let mut ticket = None;
+        let done = {
+            let _exclusive = self.gate.write().await;
+            self.ledger
+                .reload_logged(set, who, now, |e| self.enqueue(e, &mut ticket))
+        };
+        let changed = match done {
+            Ok(changed) => changed,
+            Err(ledger::ReloadError::Incompatible(e)) => {
+                counted("refused");
+                return Err(ReloadFailure::Invalid(e.0));
+            }
+            Err(ledger::ReloadError::Log(_)) => {
+                counted("refused");
+                let _ = self.store_ready().await;
+                return Err(ReloadFailure::Store);
+            }
+        };
+        if let (Some(t), Some(journal)) = (ticket, &self.journal) {
+            if journal.durable(t).await.is_err() {
+                counted("refused");
+                let _ = self.store_ready().await;
+                return Err(ReloadFailure::Store);
+            }
+        }
+        counted("applied");
+        Ok(changed)
     }
 
     /// An operator's change (admin API, issue 22): journaled through the same ordered path

@@ -117,6 +117,8 @@ pub(crate) struct Book {
     /// The operators' changes (issue 22), oldest first, at most
     /// [`ADMIN_REQUESTS_PER_MERCHANT_MAX`]: a repeated request id gets its stored result.
     pub admin_done: std::collections::VecDeque<AdminDone>,
+    /// Version of the policy in force (0: the merchant file's at start, never journaled).
+    pub policy_version: u32,
     // In flight; never journaled.
     pub pending_sales: u64,
     pub pending_debits: u64,
@@ -219,6 +221,7 @@ impl Book {
             cutover_day: i32::MIN,
             tombstones: 0,
             admin_done: std::collections::VecDeque::new(),
+            policy_version: 0,
             pending_sales: 0,
             pending_debits: 0,
             held_day: Held::default(),
@@ -1419,6 +1422,12 @@ impl Book {
                 self.apply_settle(*payout, *reserve_used)
             }
             EventBody::Admin(change) => self.apply_admin(at, change),
+            EventBody::PolicySet(change) => {
+                // Counters, originals and funds stay; the next check reads the new policy.
+                self.policy = change.policy.clone();
+                self.policy_version = change.version;
+                Decision::bare(Reason::APPROVED)
+            }
         }
     }
 

@@ -60,6 +60,7 @@ pub mod merchants;
 pub mod money;
 pub mod originals;
 pub mod reason;
+pub mod reload;
 mod snapshot;
 pub use snapshot::RestoreError;
 
@@ -72,7 +73,8 @@ use book::{Book, Ctx, Hold, Refusal};
 
 pub use decision::{format_de54, BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
 pub use event::{
-    AdminAction, AdminChange, AdminId, DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId,
+    AdminAction, AdminChange, AdminId, DecodeError, EventBody, LedgerEvent, MerchantId,
+    PolicyChange, TerminalId,
 };
 pub use inspect::{
     AdminIntent, AdminOutcome, AdminRecord, Looked, MerchantView, TxnView, WouldPass,
@@ -81,6 +83,7 @@ pub use merchants::{ConfigError, MerchantConfig, MerchantSet, Policy, SameDayRef
 pub use money::{CardType, MaskedPan, PanKey};
 pub use originals::OriginalState;
 pub use reason::{response_code, Dialect, Reason, ResponseCode};
+pub use reload::ReloadError;
 
 /// The in-memory ledger of every merchant of a [`MerchantSet`].
 pub struct Ledger {

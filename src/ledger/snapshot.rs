@@ -198,6 +198,8 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
         w.i64(d.at);
         w.decision(&d.decision);
     }
+    w.u64(u64::from(b.policy_version));
+    w.policy(&b.policy);
 }
 
 fn write_entry(w: &mut Writer<'_>, e: &Entry) {
@@ -345,6 +347,8 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
                 decision: r.decision_v(version)?,
             });
         }
+        b.policy_version = r.u32()?;
+        b.policy = r.policy()?;
     }
     check_indexes(b)
 }
