@@ -758,3 +758,81 @@ async fn sighup_reloads_the_merchant_file_of_the_binary() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The `refundgate_*` names in `text`, with histogram suffixes taken off.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("refundgate_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+fn source_metric_names(dir: &Path, out: &mut std::collections::BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            source_metric_names(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Only string literals: "refundgate_…" as the metric macros and constants hold them.
+            for piece in text.split('"').skip(1).step_by(2) {
+                if piece.starts_with("refundgate_") && !piece.contains(' ') {
+                    out.insert(piece.to_string());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_dashboard_and_alert_query_names_a_metric_the_gateway_defines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut defined = std::collections::BTreeSet::new();
+    source_metric_names(&root.join("src"), &mut defined);
+    assert!(defined.contains("refundgate_requests_total"), "{defined:?}");
+    let dashboard = std::fs::read_to_string(root.join("deploy/grafana/refundgate.json")).unwrap();
+    let doc: Json = serde_json::from_str(&dashboard).unwrap();
+    let panels = doc["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            let names = metric_names(expr);
+            assert!(
+                !names.is_empty(),
+                "{}: {expr} names no refundgate metric",
+                panel["title"]
+            );
+            for n in names {
+                assert!(
+                    defined.contains(&n),
+                    "{}: {n} is not a metric the gateway defines",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    let alerts = std::fs::read_to_string(root.join("deploy/alerts.yml")).unwrap();
+    let named = metric_names(&alerts);
+    assert!(named.len() >= 8);
+    for n in named {
+        assert!(
+            defined.contains(&n),
+            "alerts.yml: {n} is not a metric the gateway defines"
+        );
+    }
+}
