@@ -398,7 +398,23 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     let snapshot_every = prepared.config.journal.snapshot_every_records.max(1);
     let result = runtime.block_on(async move {
         let merchants_file = prepared.config.merchants.clone();
+        let dialects: Vec<&'static str> = prepared
+            .config
+            .listeners
+            .iter()
+            .map(|l| match l.dialect {
+                config::Dialect::Ascii1987 => "ascii1987",
+                config::Dialect::CupPos => "cup_pos",
+            })
+            .collect();
+        let upstream_names: Vec<String> = prepared
+            .config
+            .upstreams
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
         let mut server = Server::bind(prepared.config).await?;
+        telemetry::export_zeros(&dialects, &upstream_names);
         server.readiness().set_merchants_loaded(true);
         let mut gateway = prepared.gateway;
         let upstreams = prepared.upstreams.map(|plan| Arc::new(plan.start()));

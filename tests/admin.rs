@@ -47,6 +47,11 @@ struct Running {
 /// Writes the configuration (one ascii1987 listener, journal in the temp dir, the token
 /// file when `token`) and starts the gateway the way `serve` does.
 async fn start(dir: Arc<tempfile::TempDir>, token: bool) -> Running {
+    try_start(dir, token).await.unwrap()
+}
+
+/// [`start`], with `serve::prepare`'s refusal as `Err`.
+async fn try_start(dir: Arc<tempfile::TempDir>, token: bool) -> Result<Running, String> {
     let token_line = if token {
         let path = dir.path().join("admin.tokens");
         std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
@@ -74,8 +79,7 @@ async fn start(dir: Arc<tempfile::TempDir>, token: bool) -> Running {
         merchants: None,
         journal_dir: None,
     })
-    .map_err(|e| e.message)
-    .unwrap();
+    .map_err(|e| e.message)?;
     let merchants_file = prepared.config.merchants.clone();
     let mut server = Server::bind(prepared.config).await.unwrap();
     server.readiness().set_merchants_loaded(true);
@@ -95,14 +99,14 @@ async fn start(dir: Arc<tempfile::TempDir>, token: bool) -> Running {
             })
             .await;
     });
-    Running {
+    Ok(Running {
         listener,
         admin,
         gateway,
         stop: Some(stop),
         task,
         dir,
-    }
+    })
 }
 
 impl Running {
@@ -123,7 +127,17 @@ impl Running {
         }
         let dir = Arc::clone(&self.dir);
         drop(self);
-        start(dir, true).await
+        // A child process another test spawns holds every open descriptor, the journal's
+        // lock included, between its fork and its exec: retry while the lock is taken.
+        loop {
+            match try_start(Arc::clone(&dir), true).await {
+                Ok(r) => return r,
+                Err(e) if e.contains("locked") && started.elapsed() < WAIT => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("restart: {e}"),
+            }
+        }
     }
 
     async fn get(&self, path: &str) -> (u16, Json) {
@@ -834,5 +848,50 @@ fn every_dashboard_and_alert_query_names_a_metric_the_gateway_defines() {
             defined.contains(&n),
             "alerts.yml: {n} is not a metric the gateway defines"
         );
+    }
+}
+
+/// `/metrics` as text (it is not JSON, so not through `http`).
+async fn metrics_text(admin: SocketAddr) -> String {
+    let mut tcp = TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_binary_exports_every_dashboard_metric_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(dir.path());
+    // An upstream nobody listens on: its series exist from start too.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "[[upstreams]]\nname = \"bank\"\naddrs = [\"127.0.0.1:9\"]\ndialect = \"ascii1987\"\n\
+         framing = \"binary2\"\ntls = { insecure_skip_verify = true }\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let (_child, admin) = spawn_binary(&config);
+    let metrics = metrics_text(admin).await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard = std::fs::read_to_string(root.join("deploy/grafana/refundgate.json")).unwrap();
+    let samples: Vec<&str> = metrics.lines().filter(|l| !l.starts_with('#')).collect();
+    for name in metric_names(&dashboard) {
+        assert!(
+            samples.iter().any(|l| l.starts_with(&name)),
+            "{name} is not on an idle gateway's /metrics:\n{metrics}"
+        );
+    }
+    for zero in [
+        "refundgate_framing_errors_total{dialect=\"ascii1987\"} 0",
+        "refundgate_merchant_reloads_total{outcome=\"refused\"} 0",
+        "refundgate_saf_dead_letters 0",
+    ] {
+        assert!(samples.contains(&zero), "{zero} missing:\n{metrics}");
     }
 }
