@@ -438,6 +438,36 @@ async fn a_top_up_changes_what_passes_once_per_request_id_and_survives_a_restart
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_repeats_of_one_request_id_top_up_once() {
+    let gw = start(tempdir(), true).await;
+    let path = format!("/v1/merchants/{M}/top-up");
+    let calls = (0..8).map(|_| {
+        let path = path.clone();
+        let admin = gw.admin;
+        tokio::spawn(async move {
+            let headers = [("Authorization", BEARER), ("Idempotency-Key", "race-1")];
+            http(admin, "POST", &path, &headers, "{\"amount\": 1000}").await
+        })
+    });
+    let mut created = 0;
+    let mut repeats = 0;
+    for call in calls.collect::<Vec<_>>() {
+        let (status, body) = call.await.unwrap();
+        match status {
+            201 => created += 1,
+            200 => {
+                assert_eq!(body["repeat"], true);
+                repeats += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!((created, repeats), (1, 7));
+    let (_, m) = gw.get(&format!("/v1/merchants/{M}")).await;
+    assert_eq!(m["funds"]["reserve"], 101_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_disabled_for_refunds_declines_them_and_stays_disabled_after_a_restart() {
     let gw = start(tempdir(), true).await;
     let mut c = connect(&gw.listener).await;
