@@ -443,57 +443,81 @@ fn same_change(book: &Book, done: AdminAction, intent: AdminIntent<'_>) -> bool 
     }
 }
 
+/// When the merchant-local day and month containing `now` end.
+struct Period {
+    today: super::money::LocalDate,
+    midnight: UnixSeconds,
+    month_start: UnixSeconds,
+}
+
+impl Period {
+    fn at(p: &Policy, now: UnixSeconds) -> Period {
+        let today = p.utc_offset.local(now);
+        let offset = i64::from(p.utc_offset.seconds());
+        Period {
+            today,
+            midnight: (i64::from(today.day) + 1) * SECONDS_PER_DAY - offset,
+            month_start: days_from_month(today.month.saturating_add(1)) * SECONDS_PER_DAY - offset,
+        }
+    }
+}
+
+/// What binds, and when it lifts (`None`: time alone does not lift it).
+type Binding = (Reason, Option<UnixSeconds>);
+
 /// The rule that sets DE54 type 92 for a refund of the sale at `idx` by `who` at `now`, and
 /// when it lifts: the same terms as `Book::with_de54`, in the order of DOMAIN §5 rows 9–13,
-/// so a refund of one unit more is declined with exactly this reason.
-fn binding(
+/// so a refund of one unit more is declined with exactly this reason (`BALANCE_PENDING`
+/// instead of `BALANCE_INSUFFICIENT` while sales in transit would cover it).
+fn binding(book: &Book, sale: &Entry, idx: u32, who: Who, now: UnixSeconds) -> Binding {
+    let period = Period::at(&book.policy, now);
+    if let Some(b) = blocked(book, sale, idx, who, now, &period) {
+        return b;
+    }
+    let (smallest, reason, resets) = smallest_cap(book, sale, idx, who, &period);
+    if book.policy.same_day_refund == SameDayRefund::UseVoid
+        && smallest >= sale.amount
+        && book.void_would_pass(idx, who.term, now, true)
+    {
+        return (Reason::USE_VOID, Some(period.midnight));
+    }
+    (reason, resets)
+}
+
+/// A rule that no smaller amount satisfies (state, window, permission, a count): DE54 92 is 0.
+fn blocked(
     book: &Book,
     sale: &Entry,
     idx: u32,
     who: Who,
     now: UnixSeconds,
-) -> (Reason, Option<UnixSeconds>) {
+    period: &Period,
+) -> Option<Binding> {
     let p = &book.policy;
-    let today = p.utc_offset.local(now);
-    let offset = i64::from(p.utc_offset.seconds());
-    let midnight = (i64::from(today.day) + 1) * SECONDS_PER_DAY - offset;
-    let month_start = days_from_month(today.month.saturating_add(1)) * SECONDS_PER_DAY - offset;
-    let held = book.held_of(idx);
     if sale.kind != Kind::Sale {
-        return (Reason::TYPE_NOT_REFUNDABLE, None);
+        return Some((Reason::TYPE_NOT_REFUNDABLE, None));
     }
     match sale.state {
-        OriginalState::NotApproved => return (Reason::ORIGINAL_NOT_APPROVED, None),
-        OriginalState::Voided => return (Reason::ORIGINAL_VOIDED, None),
-        OriginalState::Reversed => return (Reason::ORIGINAL_REVERSED, None),
+        OriginalState::NotApproved => return Some((Reason::ORIGINAL_NOT_APPROVED, None)),
+        OriginalState::Voided => return Some((Reason::ORIGINAL_VOIDED, None)),
+        OriginalState::Reversed => return Some((Reason::ORIGINAL_REVERSED, None)),
         OriginalState::Approved | OriginalState::Settled => {}
     }
     if now.saturating_sub(sale.at) > i64::from(p.refund_window_days) * SECONDS_PER_DAY {
-        return (Reason::REFUND_WINDOW_EXPIRED, None);
+        return Some((Reason::REFUND_WINDOW_EXPIRED, None));
     }
     let term_ok = book
         .terms
         .get(usize::from(who.term))
         .is_some_and(|t| t.refund_enabled);
     if !p.refund_enabled || !term_ok {
-        return (Reason::TERMINAL_NOT_PERMITTED, None);
+        return Some((Reason::TERMINAL_NOT_PERMITTED, None));
     }
     if p.denied_card_types.contains(&who.card) {
-        return (Reason::CARD_NOT_PERMITTED, None);
+        return Some((Reason::CARD_NOT_PERMITTED, None));
     }
-    let card = book
-        .cards
-        .get(&who.pan_hash)
-        .map_or((0, 0), |b| b.in_period(today.day));
-    let card_held = book
-        .held_cards
-        .get(&who.pan_hash)
-        .map_or((0, 0), |h| h.in_period(today.day));
-    let card_amount = card.0.saturating_add(card_held.0);
-    let card_count = u64::from(card.1) + u64::from(card_held.1);
-    let (day_amount, day_count) = book.day_used(today.day);
-    let (month_amount, month_count) = book.month_used(today.month);
-    let reached = |max: Option<u32>, used: u64| max.is_some_and(|m| used >= u64::from(m));
+    let held = book.held_of(idx);
+    let (_, card_count) = card_used(book, who, period);
     let counts = [
         (
             p.original_refund_count_max,
@@ -505,26 +529,42 @@ fn binding(
             p.card_refund_day_count_max,
             card_count,
             Reason::CARD_DAY_COUNT,
-            Some(midnight),
+            Some(period.midnight),
         ),
         (
             p.refund_day_count_max,
-            day_count,
+            book.day_used(period.today.day).1,
             Reason::MERCHANT_DAY_COUNT,
-            Some(midnight),
+            Some(period.midnight),
         ),
         (
             p.refund_month_count_max,
-            month_count,
+            book.month_used(period.today.month).1,
             Reason::MERCHANT_MONTH_COUNT,
-            Some(month_start),
+            Some(period.month_start),
         ),
     ];
-    if let Some((_, _, r, at)) = counts.iter().find(|(m, used, _, _)| reached(*m, *used)) {
-        return (*r, *at);
-    }
+    counts
+        .into_iter()
+        .find(|(max, used, _, _)| max.is_some_and(|m| *used >= u64::from(m)))
+        .map(|(_, _, r, at)| (r, at))
+}
+
+/// The smallest amount cap (row 10, row 12 in its order, then row 13; the first smallest
+/// binds), its reason and when it lifts.
+fn smallest_cap(
+    book: &Book,
+    sale: &Entry,
+    idx: u32,
+    who: Who,
+    period: &Period,
+) -> (u64, Reason, Option<UnixSeconds>) {
+    let p = &book.policy;
+    let held = book.held_of(idx);
+    let (card_amount, _) = card_used(book, who, period);
+    let day_amount = book.day_used(period.today.day).0;
+    let month_amount = book.month_used(period.today.month).0;
     let left = |m: Option<u64>, used: u64| m.map_or(u64::MAX, |m| m.saturating_sub(used));
-    // Row 10, then row 12 in its order, then row 13: the first smallest one binds.
     let candidates = [
         (
             sale.remaining().saturating_sub(held.0),
@@ -545,17 +585,17 @@ fn binding(
         (
             left(p.card_refund_day_amount_max, card_amount),
             Reason::CARD_DAY_AMOUNT,
-            Some(midnight),
+            Some(period.midnight),
         ),
         (
             left(p.refund_day_amount_max, day_amount),
             Reason::MERCHANT_DAY_AMOUNT,
-            Some(midnight),
+            Some(period.midnight),
         ),
         (
             left(p.refund_month_amount_max, month_amount),
             Reason::MERCHANT_MONTH_AMOUNT,
-            Some(month_start),
+            Some(period.month_start),
         ),
         (book.funds(true), Reason::BALANCE_INSUFFICIENT, None),
     ];
@@ -565,13 +605,24 @@ fn binding(
             best = c;
         }
     }
-    if p.same_day_refund == SameDayRefund::UseVoid
-        && best.0 >= sale.amount
-        && book.void_would_pass(idx, who.term, now, true)
-    {
-        return (Reason::USE_VOID, Some(midnight));
-    }
-    (best.1, best.2)
+    best
+}
+
+/// The card's refunds today, committed and in flight: (amount, count).
+fn card_used(book: &Book, who: Who, period: &Period) -> (u64, u64) {
+    let day = period.today.day;
+    let card = book
+        .cards
+        .get(&who.pan_hash)
+        .map_or((0, 0), |b| b.in_period(day));
+    let held = book
+        .held_cards
+        .get(&who.pan_hash)
+        .map_or((0, 0), |h| h.in_period(day));
+    (
+        card.0.saturating_add(held.0),
+        u64::from(card.1) + u64::from(held.1),
+    )
 }
 
 /// Days since 1970-01-01 of the first day of month number `m` (`year * 12 + month - 1`);
@@ -589,8 +640,110 @@ fn days_from_month(m: i32) -> i64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::days_from_month;
+    use crate::ledger::{
+        CardType, Dialect, Ledger, MerchantSet, Operation, OriginalRef, PanKey, Reason, Request,
+    };
+
+    /// 2026-01-31T16:00:00Z, which is 2026-02-01T00:00 in +08:00.
+    const T0: i64 = 1_769_875_200;
+    const VISA: &str = "4761739001010119";
+
+    fn ledger(knobs: &str) -> Ledger {
+        let set = MerchantSet::from_toml_str(&format!(
+            "[profiles.p]\nreserve = 1000000\nutc_offset = \"+08:00\"\ncurrency = 840\n{knobs}\n\
+             [[merchants]]\nid = \"M\"\nprofile = \"p\"\nterminals = [{{ id = \"T1\" }}]\n"
+        ))
+        .unwrap();
+        Ledger::new(&set, PanKey::new(&[3; 16]))
+    }
+
+    fn req(op: Operation, stan: u32, amount: u64, original: Option<u32>) -> Request<'static> {
+        Request {
+            dialect: Dialect::Ascii1987,
+            op,
+            repeat: false,
+            merchant: "M",
+            terminal: "T1",
+            stan,
+            local_date_mmdd: 201,
+            mti_class: 2,
+            transmission: Some(201_000_000 + u64::from(stan)),
+            rrn: None,
+            batch: None,
+            pan: VISA,
+            amount_minor: amount,
+            currency: 840,
+            card_type: CardType::from_pan(VISA),
+            original: original.map(|stan| OriginalRef::Iso {
+                mti: 200,
+                stan,
+                transmission: 201_000_000 + u64::from(stan),
+                rrn: None,
+            }),
+            body_fingerprint: u64::from(stan) * 31 + amount,
+        }
+    }
+
+    fn sale_ref() -> OriginalRef<'static> {
+        OriginalRef::Iso {
+            mti: 200,
+            stan: 1,
+            transmission: 201_000_001,
+            rrn: None,
+        }
+    }
+
+    #[test]
+    fn a_day_cap_binds_until_local_midnight_and_one_unit_more_is_declined_by_it() {
+        let l = ledger("refund_day_amount_max = 5000");
+        assert_eq!(
+            l.decide(&req(Operation::Sale, 1, 9_000, None), T0).reason,
+            Reason::APPROVED
+        );
+        let now = T0 + 3600;
+        assert_eq!(
+            l.decide(&req(Operation::Refund, 2, 2_000, Some(1)), now)
+                .reason,
+            Reason::APPROVED
+        );
+        let w = l.would_pass("M", "T1", sale_ref(), None, now).unwrap();
+        assert_eq!((w.amount, w.binding), (3_000, Reason::MERCHANT_DAY_AMOUNT));
+        // Local midnight after 2026-02-01T01:00+08:00 is 2026-02-01T16:00Z.
+        assert_eq!(w.resets_at, Some(T0 + 86_400));
+        let over = l.decide(&req(Operation::Refund, 3, 3_001, Some(1)), now);
+        assert_eq!(over.reason, w.binding);
+        assert_eq!(over.figures.would_pass, Some(w.amount));
+        assert_eq!(
+            l.decide(&req(Operation::Refund, 4, 3_000, Some(1)), now)
+                .reason,
+            Reason::APPROVED
+        );
+    }
+
+    #[test]
+    fn a_reached_count_makes_nothing_pass_until_the_month_ends() {
+        let l = ledger("refund_month_count_max = 1");
+        assert_eq!(
+            l.decide(&req(Operation::Sale, 1, 9_000, None), T0).reason,
+            Reason::APPROVED
+        );
+        assert_eq!(
+            l.decide(&req(Operation::Refund, 2, 100, Some(1)), T0)
+                .reason,
+            Reason::APPROVED
+        );
+        let w = l.would_pass("M", "T1", sale_ref(), None, T0).unwrap();
+        assert_eq!((w.amount, w.binding), (0, Reason::MERCHANT_MONTH_COUNT));
+        // 2026-03-01T00:00+08:00.
+        assert_eq!(w.resets_at, Some(1_772_294_400));
+        assert_eq!(
+            l.decide(&req(Operation::Refund, 3, 1, Some(1)), T0).reason,
+            Reason::MERCHANT_MONTH_COUNT
+        );
+    }
 
     #[test]
     fn month_starts_are_the_first_days_of_their_months() {
