@@ -298,9 +298,12 @@ pub fn load_merchants(path: Option<&Path>) -> Result<MerchantSet, String> {
 
 /// Reloads the merchant file on every SIGHUP (issue 22); a bad file is refused with its
 /// one-line error and the policies in force stay.
-async fn reload_on_sighup(gateway: Arc<Gateway>, path: Option<PathBuf>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    gateway: Arc<Gateway>,
+    path: Option<PathBuf>,
+) {
+    let Ok(mut hup) = hup else {
         tracing::warn!("SIGHUP handler not installed: reload through the admin API only");
         return;
     };
@@ -413,6 +416,9 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             .iter()
             .map(|u| u.name.clone())
             .collect();
+        // Before anything is bound and announced: until tokio's handler exists, a SIGHUP
+        // (e.g. systemd's ExecReload right after start) would terminate the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let mut server = Server::bind(prepared.config).await?;
         telemetry::export_zeros(&dialects, &upstream_names);
         server.readiness().set_merchants_loaded(true);
@@ -431,7 +437,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             crate::admin::AdminApi::new(Arc::clone(&gateway), prepared.admin_tokens)
                 .with_merchants_file(merchants_file.clone()),
         ));
-        let reloads = tokio::spawn(reload_on_sighup(Arc::clone(&gateway), merchants_file));
+        let reloads = tokio::spawn(reload_on_sighup(hup, Arc::clone(&gateway), merchants_file));
         let snapshots = tokio::spawn(snapshot_loop(
             Arc::clone(&gateway),
             Arc::clone(&prepared.journal),
