@@ -23,6 +23,7 @@ FUZZ_TARGETS=(
   snapshot_restore
   ledger_event
   saf_reader
+  admin_http
 )
 # libFuzzer options for every run. No -jobs/-workers: libFuzzer then fuzzes in its own single
 # process (the machines are shared; -jobs=1 would fork a worker logging to fuzz-0.log). An

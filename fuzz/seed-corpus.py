@@ -191,6 +191,21 @@ def main():
     put("ledger_event", bytes([1, 2, 50, 1, 60, 1, 2, 1, 0, 9, 7, 0, 0, 20, 0]))
     put("ledger_event", bytes([0, 1]))
 
+    # admin_http: flags (4 = token, 16 = Idempotency-Key), then target, key and body lines.
+    m = b"/v1/merchants/MERCHANT%20000001"
+    for flags, target, key, body in [
+        (4, m, b"", b""),
+        (0, m, b"", b""),
+        (4, m + b"/transactions?rrn=000000000001", b"", b""),
+        (4, m + b"/transactions?terminal=TERM0001&stan=2&date=0131", b"", b""),
+        (4, m + b"/would-pass?terminal=TERM0001&stan=1&transmission=0131000001", b"", b""),
+        (21, m + b"/top-up", b"k1", b'{"amount": 500}'),
+        (21, m + b"/settle", b"k2", b'{"terminal": "TERM0001"}'),
+        (21, m + b"/terminals/TERM0001/refunds", b"k3", b'{"enabled": false}'),
+        (4, b"/v1/exceptions", b"", b""),
+    ]:
+        put("admin_http", bytes([flags]) + target + b"\n" + key + b"\n" + body)
+
     # saf_reader: SAF records (added, delivered, dead) around real reversal bodies.
     def saf_add(i, dialect, body, upstream=b"bank_a"):
         return (bytes([1]) + struct.pack(">Q", i) + struct.pack(">q", 1_769_871_600)

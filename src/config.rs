@@ -27,6 +27,9 @@ addr = "127.0.0.1:9583"
 # Longest one admin connection may stay open (a client that pipelines and never reads
 # would otherwise hold one of the 16 admin slots for ever).
 connection_timeout_ms = 30000
+# Bearer tokens of the admin API (/v1/...), one `name:token` per line; the file must be
+# 0600. Absent: /metrics, /healthz and /readyz only, every /v1/ call answers 403.
+# token_file = "/etc/refundgate/admin.tokens"
 
 [journal]
 dir = "data/journal"
@@ -317,6 +320,10 @@ pub struct AdminConfig {
     /// Longest one admin connection may stay open, whatever it does.
     #[serde(default = "default_admin_connection_timeout_ms")]
     pub connection_timeout_ms: u64,
+    /// Bearer tokens of the admin API (`name:token` per line, mode 0600); `None`: the API
+    /// answers 403 to every call but `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[journal]`.
@@ -995,6 +1002,7 @@ impl Default for AdminConfig {
         Self {
             addr: loopback(9583),
             connection_timeout_ms: limits::ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS,
+            token_file: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`ledger`]: sans-IO merchant ledger and refund/void policy engine (DOMAIN §3–§6, §9).
 //! - [`journal`]: durable, group-committed journal of ledger events; snapshots, recovery, verify.
 //! - [`flow`]: decoded message → ledger decision → response, per dialect and transaction kind.
+//! - [`admin`]: the authenticated admin API (JSON): merchants, decision trails, what would pass, top-up, settlement.
 //! - [`serve`]: the `serve` command: configuration, journal recovery, gateway, listeners.
 //! - [`explain`]: a reason and its figures as one English and one Chinese sentence.
 //! - [`server`]: TLS listeners, connections (pipelining, limits, shutdown), admin HTTP.
@@ -22,6 +23,7 @@
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
 //! - [`ratelimit`]: fixed-window limits per key (bad-input log lines, sign-ons per terminal).
 //! - [`load`]: the load generator (`refundgate load`): scenario replay over TLS, every answer verified.
+pub mod admin;
 pub mod at_rest;
 pub mod cli;
 pub mod clock;

@@ -25,6 +25,10 @@ pub const ORIGINALS_PER_MERCHANT_MAX: usize = 50_000_000;
 /// Reversals not applied (DOMAIN §9) listed per merchant for reconciliation; older ones are
 /// only counted.
 pub const RECONCILIATION_LIST_MAX: usize = 10_000;
+/// Operators' changes (admin API, issue 22) remembered per merchant, so that a repeated
+/// request id gets its stored result; older ones are forgotten (a repeat of one of those
+/// would apply again, so clients must not reuse request ids).
+pub const ADMIN_REQUESTS_PER_MERCHANT_MAX: usize = 4096;
 /// Largest snapshot section accepted on restore, as a count of items.
 pub const SNAPSHOT_ITEMS_MAX: u64 = 1 << 32;
 

@@ -64,6 +64,8 @@ pub struct Prepared {
     /// The PAN hash key was created by this start (a replicated stream that already holds
     /// events needs the other nodes' key instead).
     pub fresh_pan_key: bool,
+    /// The admin API's bearer tokens (`admin.token_file`; none: the API answers 403).
+    pub admin_tokens: crate::admin::Tokens,
 }
 
 /// Loads configuration and merchants, opens and replays the journal.
@@ -75,6 +77,11 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     if let Some(d) = &args.journal_dir {
         config.journal.dir = d.clone();
     }
+    // A token file others may read is refused before anything else is opened.
+    let admin_tokens = match &config.admin.token_file {
+        Some(path) => crate::admin::Tokens::load(path).map_err(usage)?,
+        None => crate::admin::Tokens::none(),
+    };
     let merchants = match &config.merchants {
         Some(path) => MerchantSet::from_path(path),
         None => MerchantSet::embedded(),
@@ -127,6 +134,37 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
             code: EXIT_IOERR,
             message: format!("journal {}: {e}", config.journal.dir.display()),
         })?;
+    // The file's policies from here on, journaled (first start, or a file changed while the
+    // gateway was down), so that a later replay applies the journal's events under the
+    // policy that was in force when they were decided. Made durable with the next decision.
+    // With the replicated journal the policies are the shared merchant file's, not journaled
+    // (hot reload is refused there): nothing may go to the local journal.
+    let startup = crate::ledger::AdminId::new("startup").unwrap_or_default();
+    let now = crate::clock::Clock::now_unix_s(&SystemClock);
+    let policies = if replicated {
+        Ok(Vec::new())
+    } else {
+        ledger.reload_logged(&merchants, startup, now, |e| {
+            let mut payload = Vec::with_capacity(128);
+            e.encode(&mut payload);
+            journal.enqueue(payload).map(|t| t.seq)
+        })
+    }
+    .map_err(|e| StartError {
+        code: match e {
+            crate::ledger::ReloadError::Incompatible(_) => EXIT_USAGE,
+            crate::ledger::ReloadError::Log(_) => EXIT_IOERR,
+        },
+        message: match e {
+            crate::ledger::ReloadError::Incompatible(c) => format!("merchants: {c}"),
+            crate::ledger::ReloadError::Log(s) => {
+                format!("journal {}: {s}", config.journal.dir.display())
+            }
+        },
+    })?;
+    if !policies.is_empty() {
+        tracing::info!(merchants = policies.len(), "merchant policies journaled");
+    }
     tracing::info!(
         replayed,
         last_seq = recovered.last_seq(),
@@ -159,6 +197,7 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         journal,
         upstreams,
         fresh_pan_key,
+        admin_tokens,
     })
 }
 
@@ -313,6 +352,46 @@ async fn cutover_loop(gateway: Arc<Gateway>) {
         gateway.run_cutovers().await;
     }
 }
+/// The merchant file (`None`: the embedded sample set), read and validated whole.
+pub fn load_merchants(path: Option<&Path>) -> Result<MerchantSet, String> {
+    match path {
+        Some(p) => MerchantSet::from_path(p),
+        None => MerchantSet::embedded(),
+    }
+    .map_err(|e| format!("merchants: {e}"))
+}
+
+/// Reloads the merchant file on every SIGHUP (issue 22); a bad file is refused with its
+/// one-line error and the policies in force stay.
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    gateway: Arc<Gateway>,
+    path: Option<PathBuf>,
+) {
+    let Ok(mut hup) = hup else {
+        tracing::warn!("SIGHUP handler not installed: reload through the admin API only");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let loaded = load_merchants(path.as_deref());
+        let result = match loaded {
+            Ok(set) => gateway.reload(&set, "sighup").await.map_err(|e| match e {
+                crate::flow::ReloadFailure::Invalid(why) => why,
+                crate::flow::ReloadFailure::Store => "journal unavailable".to_string(),
+            }),
+            Err(why) => Err(why),
+        };
+        match result {
+            Ok(changed) => {
+                tracing::info!(changed = changed.len(), "SIGHUP: merchant file reloaded")
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "SIGHUP: merchant file refused; the policies in force stay")
+            }
+        }
+    }
+}
+
 /// Name of the PAN hash key inside the journal directory in earlier versions.
 const LEGACY_PAN_KEY_NAME: &str = "pan-hash.key";
 
@@ -397,7 +476,27 @@ pub fn run(args: &ServeArgs) -> ExitCode {
         }
     }
     let result = runtime.block_on(async move {
-        let server = Server::bind(prepared.config).await?;
+        let merchants_file = prepared.config.merchants.clone();
+        let dialects: Vec<&'static str> = prepared
+            .config
+            .listeners
+            .iter()
+            .map(|l| match l.dialect {
+                config::Dialect::Ascii1987 => "ascii1987",
+                config::Dialect::CupPos => "cup_pos",
+            })
+            .collect();
+        let upstream_names: Vec<String> = prepared
+            .config
+            .upstreams
+            .iter()
+            .map(|u| u.name.clone())
+            .collect();
+        // Before anything is bound and announced: until tokio's handler exists, a SIGHUP
+        // (e.g. systemd's ExecReload right after start) would terminate the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        let mut server = Server::bind(prepared.config).await?;
+        telemetry::export_zeros(&dialects, &upstream_names);
         server.readiness().set_merchants_loaded(true);
         let mut gateway = prepared.gateway;
         let upstreams = prepared.upstreams.map(|plan| Arc::new(plan.start()));
@@ -405,6 +504,16 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             gateway = gateway.with_upstreams(Arc::clone(u));
         }
         let gateway = Arc::new(gateway);
+        if prepared.admin_tokens.is_empty() {
+            tracing::warn!(
+                "admin.token_file not set: the admin API answers 403 to every /v1/ call"
+            );
+        }
+        server.set_admin_api(Arc::new(
+            crate::admin::AdminApi::new(Arc::clone(&gateway), prepared.admin_tokens)
+                .with_merchants_file(merchants_file.clone()),
+        ));
+        let reloads = tokio::spawn(reload_on_sighup(hup, Arc::clone(&gateway), merchants_file));
         let snapshots = tokio::spawn(snapshot_loop(
             Arc::clone(&gateway),
             Arc::clone(&prepared.journal),
@@ -416,6 +525,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             .await;
         snapshots.abort();
         cutovers.abort();
+        reloads.abort();
         if let Some(u) = upstreams {
             u.shutdown().await;
         }

@@ -446,7 +446,7 @@ async fn drive(
         if kind == 1 && merchant == TIGHT {
             *m.tight
                 .refund_answers
-                .entry((code.clone(), reason))
+                .entry((code.clone(), reason.clone()))
                 .or_default() += 1;
             if code == "00" {
                 m.tight.refund_acked(amount, sent_day, utc_day());
@@ -478,7 +478,9 @@ async fn drive(
             }
             (2, Some(i)) => {
                 let s = &mut m.sales[i];
-                s.reversed_acked = code == "00";
+                // 00 REVERSAL_NOT_APPLIED: the sale had an approved refund, so nothing was
+                // undone (DOMAIN §9) and later refunds of it may still pass.
+                s.reversed_acked = code == "00" && reason != "REVERSAL_NOT_APPLIED";
                 s.uncertain = code != "00";
             }
             _ => {}

@@ -180,6 +180,30 @@ struct Decided {
     mti: u16,
 }
 
+/// Merchant file reloads by outcome (`applied`, `refused`).
+pub const MERCHANT_RELOADS_TOTAL: &str = "refundgate_merchant_reloads_total";
+
+/// Why a reload of the merchant file did not apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadFailure {
+    /// The file is invalid, or cannot replace the running set: the one-line reason. The old
+    /// policies stay.
+    Invalid(String),
+    /// The journal could not take the change: the old policies stay (or, after a write
+    /// failure, what is durable).
+    Store,
+}
+
+/// Why an operator's change was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminChangeError {
+    /// The ledger refused it: `INVALID_AMOUNT`, `UNKNOWN_MERCHANT`, `UNKNOWN_TERMINAL`, or
+    /// `DUPLICATE` (the request id was used for another change).
+    Refused(Reason),
+    /// The journal could not take it or make it durable: nothing is applied.
+    Store,
+}
+
 /// Why a logged ledger call did not apply.
 enum LogError {
     Refused(ledger::Refused),
@@ -352,6 +376,107 @@ impl Gateway {
     /// The ledger, shared (the replicated journal applies other nodes' events to it).
     pub fn shared_ledger(&self) -> Arc<Ledger> {
         Arc::clone(&self.ledger)
+    }
+
+    /// Now, from the gateway's clock (admin views use it).
+    pub fn now(&self) -> crate::clock::UnixSeconds {
+        self.clock.now_unix_s()
+    }
+
+    /// The upstream links and SAF queue, when configured (admin views).
+    pub fn upstreams(&self) -> Option<&Arc<Upstreams>> {
+        self.upstreams.as_ref()
+    }
+
+    /// Makes `set`'s policies the ones in force (hot reload, issue 22): with the gate held
+    /// exclusively, so every merchant switches between the same two decisions; each changed
+    /// policy journaled before it applies; returned once durable. An incompatible set (other
+    /// merchants or terminals) is refused with one line and nothing changes.
+    pub async fn reload(
+        &self,
+        set: &ledger::MerchantSet,
+        who: &str,
+    ) -> Result<Vec<(String, u32)>, ReloadFailure> {
+        let counted = |outcome: &'static str| {
+            metrics::counter!(MERCHANT_RELOADS_TOTAL, "outcome" => outcome).increment(1);
+        };
+        if !self.store_ready().await {
+            counted("refused");
+            return Err(ReloadFailure::Store);
+        }
+        let who = ledger::AdminId::new(&who[..who.len().min(64)]).unwrap_or_default();
+        let now = self.clock.now_unix_s();
+        let mut ticket = None;
+        let done = {
+            let _exclusive = self.gate.write().await;
+            self.ledger
+                .reload_logged(set, who, now, |e| self.enqueue(e, &mut ticket))
+        };
+        let changed = match done {
+            Ok(changed) => changed,
+            Err(ledger::ReloadError::Incompatible(e)) => {
+                counted("refused");
+                return Err(ReloadFailure::Invalid(e.0));
+            }
+            Err(ledger::ReloadError::Log(_)) => {
+                counted("refused");
+                let _ = self.store_ready().await;
+                return Err(ReloadFailure::Store);
+            }
+        };
+        if let (Some(t), Some(journal)) = (ticket, &self.journal) {
+            if journal.durable(t).await.is_err() {
+                counted("refused");
+                let _ = self.store_ready().await;
+                return Err(ReloadFailure::Store);
+            }
+        }
+        counted("applied");
+        Ok(changed)
+    }
+
+    /// An operator's change (admin API, issue 22): journaled through the same ordered path
+    /// as decisions (`*_logged` + `enqueue` under the gate) and returned once durable. A
+    /// repeated request id gets its stored result (waiting until what it stands on is
+    /// durable).
+    pub async fn admin_change(
+        &self,
+        merchant: &str,
+        request: ledger::AdminId,
+        who: ledger::AdminId,
+        intent: ledger::AdminIntent<'_>,
+    ) -> Result<ledger::AdminOutcome, AdminChangeError> {
+        if !self.store_ready().await {
+            return Err(AdminChangeError::Store);
+        }
+        let now = self.clock.now_unix_s();
+        let mut ticket = None;
+        let done = {
+            let _gate = self.gate.read().await;
+            let done =
+                self.ledger
+                    .admin_logged::<LogError>(merchant, request, who, intent, now, |e| {
+                        Ok(self.enqueue(e, &mut ticket)?)
+                    });
+            // A repeat's stored result may stand on a record still in flight.
+            if ticket.is_none() && done.is_ok() {
+                ticket = self.journal.as_ref().map(|j| j.last_ticket());
+            }
+            done
+        };
+        let outcome = match done {
+            Ok(outcome) => outcome,
+            Err(LogError::Refused(r)) => return Err(AdminChangeError::Refused(r.0)),
+            Err(LogError::Store) => return Err(AdminChangeError::Store),
+        };
+        if let (Some(t), Some(journal)) = (ticket, &self.journal) {
+            if journal.durable(t).await.is_err() {
+                // Drop what the lost record changed before answering.
+                let _ = self.store_ready().await;
+                return Err(AdminChangeError::Store);
+            }
+        }
+        Ok(outcome)
     }
 
     /// Decides one message received on listener `link` and renders the answer.

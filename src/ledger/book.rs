@@ -11,7 +11,9 @@
 
 use super::counters::{over, Bucket, Held};
 use super::decision::{BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
-use super::event::{AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord};
+use super::event::{
+    AdminAction, AdminChange, AdminId, AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord,
+};
 use super::hash::FastMap;
 use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
 use super::merchants::{MerchantConfig, Policy, SameDayRefund};
@@ -21,8 +23,8 @@ use super::reason::{Dialect, Reason};
 use super::MerchantId;
 use crate::clock::UnixSeconds;
 use crate::limits::{
-    ANSWERS_PER_MERCHANT_MAX, ANSWER_RETENTION_S, DECLINES_PER_MERCHANT_MAX,
-    ORIGINALS_PER_MERCHANT_MAX, RECONCILIATION_LIST_MAX,
+    ADMIN_REQUESTS_PER_MERCHANT_MAX, ANSWERS_PER_MERCHANT_MAX, ANSWER_RETENTION_S,
+    DECLINES_PER_MERCHANT_MAX, ORIGINALS_PER_MERCHANT_MAX, RECONCILIATION_LIST_MAX,
 };
 
 const SECONDS_PER_DAY: i64 = 86_400;
@@ -112,6 +114,11 @@ pub(crate) struct Book {
     pub cutover_day: i32,
     /// Entries of kind tombstone (derived; lets the common case skip a lookup).
     pub tombstones: u32,
+    /// The operators' changes (issue 22), oldest first, at most
+    /// [`ADMIN_REQUESTS_PER_MERCHANT_MAX`]: a repeated request id gets its stored result.
+    pub admin_done: std::collections::VecDeque<AdminDone>,
+    /// Version of the policy in force (0: the merchant file's at start, never journaled).
+    pub policy_version: u32,
     // In flight; never journaled.
     pub pending_sales: u64,
     pub pending_debits: u64,
@@ -127,6 +134,17 @@ pub(crate) struct Book {
 }
 
 type Checked = Result<(EventBody, Hold), Decision>;
+
+/// An operator's change as applied: the stored result of its request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AdminDone {
+    pub request: AdminId,
+    pub who: AdminId,
+    pub at: UnixSeconds,
+    pub action: AdminAction,
+    /// The answer it got (`figures.amount`: the amount moved or paid out).
+    pub decision: Decision,
+}
 
 /// Transient refusals are not answers: a retry after the condition clears is decided anew.
 const TRANSIENT: [Reason; 5] = [
@@ -202,6 +220,8 @@ impl Book {
             not_applied: Vec::new(),
             cutover_day: i32::MIN,
             tombstones: 0,
+            admin_done: std::collections::VecDeque::new(),
+            policy_version: 0,
             pending_sales: 0,
             pending_debits: 0,
             held_day: Held::default(),
@@ -718,17 +738,7 @@ impl Book {
         if ctx.totals.is_some_and(|theirs| theirs != ours) {
             return Err(Decision::new(Reason::RECONCILE_ERROR, figures));
         }
-        let net = i128::from(ours.debit_amount) - i128::from(ours.credit_amount);
-        let (payout, reserve_used) = if net >= 0 {
-            // Keep back what backs debits in flight: never pay out below them.
-            let merchant_net = i128::from(self.unsettled)
-                - i128::from(self.committed)
-                - i128::from(self.pending_debits);
-            let payout = net.min(merchant_net.max(0));
-            (u64::try_from(payout).unwrap_or(0), 0)
-        } else {
-            (0, u64::try_from(-net).unwrap_or(u64::MAX))
-        };
+        let (payout, reserve_used) = self.terminal_payout(term);
         Ok((
             EventBody::SettleBatch {
                 answer,
@@ -737,6 +747,22 @@ impl Book {
             },
             Hold::default(),
         ))
+    }
+
+    /// What closing terminal `term`'s open batch now moves: `(payout, reserve_used)`.
+    pub fn terminal_payout(&self, term: u16) -> (u64, u64) {
+        let ours = self.batch_totals(term);
+        let net = i128::from(ours.debit_amount) - i128::from(ours.credit_amount);
+        if net >= 0 {
+            // Keep back what backs debits in flight: never pay out below them.
+            let merchant_net = i128::from(self.unsettled)
+                - i128::from(self.committed)
+                - i128::from(self.pending_debits);
+            let payout = net.min(merchant_net.max(0));
+            (u64::try_from(payout).unwrap_or(0), 0)
+        } else {
+            (0, u64::try_from(-net).unwrap_or(u64::MAX))
+        }
     }
 
     /// The gateway's totals of terminal `term`'s open batch: approved sales (debits) and
@@ -776,6 +802,12 @@ impl Book {
         let Some(term) = self.term_index(answer.terminal.as_str()) else {
             return Decision::bare(Reason::INTERNAL_ERROR);
         };
+        let decision = self.close_batch(term, payout, reserve_used);
+        self.finish(at, answer, decision)
+    }
+
+    /// Takes terminal `term`'s open batch out of the funds and moves it to the next batch.
+    fn close_batch(&mut self, term: u16, payout: u64, reserve_used: u64) -> Decision {
         let totals = self.batch_totals(term);
         let (sales, refunds) = (totals.debit_amount, totals.credit_amount);
         let removed = if sales >= refunds {
@@ -794,7 +826,72 @@ impl Book {
             used: Some(totals.credit_amount),
             ..Figures::default()
         };
-        self.finish(at, answer, Decision::new(Reason::APPROVED, figures))
+        Decision::new(Reason::APPROVED, figures)
+    }
+
+    /// The stored result of the operator's request `request`, if it was applied.
+    pub fn admin_result(&self, request: &AdminId) -> Option<AdminDone> {
+        self.admin_done
+            .iter()
+            .rev()
+            .find(|d| d.request == *request)
+            .copied()
+    }
+
+    /// Applies an operator's change (issue 22) and remembers its result for repeats.
+    fn apply_admin(&mut self, at: UnixSeconds, change: &AdminChange) -> Decision {
+        if let Some(done) = self.admin_result(&change.request) {
+            return done.decision;
+        }
+        let currency = self.policy.currency;
+        let moved = |amount: u64| {
+            Decision::new(
+                Reason::APPROVED,
+                Figures {
+                    amount,
+                    currency,
+                    ..Figures::default()
+                },
+            )
+        };
+        let decision = match change.action {
+            AdminAction::TopUp { amount } => {
+                self.reserve = self.reserve.saturating_add(amount);
+                moved(amount)
+            }
+            AdminAction::Settle {
+                payout,
+                reserve_used,
+            } => self.apply_settle(payout, reserve_used),
+            AdminAction::SettleTerminal {
+                terminal,
+                payout,
+                reserve_used,
+            } => match self.term_index(terminal.as_str()) {
+                Some(t) => self.close_batch(t, payout, reserve_used),
+                None => Decision::bare(Reason::UNKNOWN_TERMINAL),
+            },
+            AdminAction::TerminalRefunds { terminal, enabled } => {
+                match self.term_index(terminal.as_str()) {
+                    Some(t) => {
+                        self.terms[usize::from(t)].refund_enabled = enabled;
+                        moved(0)
+                    }
+                    None => Decision::bare(Reason::UNKNOWN_TERMINAL),
+                }
+            }
+        };
+        if self.admin_done.len() >= ADMIN_REQUESTS_PER_MERCHANT_MAX {
+            self.admin_done.pop_front();
+        }
+        self.admin_done.push_back(AdminDone {
+            request: change.request,
+            who: change.who,
+            at,
+            action: change.action,
+            decision,
+        });
+        decision
     }
 
     /// The merchant-local day whose scheduled cut-over is due at `now`, if any: the local
@@ -871,7 +968,7 @@ impl Book {
     }
 
     /// Refund amount and count in flight against the original at `idx`.
-    fn held_of(&self, idx: u32) -> (u64, u32) {
+    pub(super) fn held_of(&self, idx: u32) -> (u64, u32) {
         if self.held_originals.is_empty() {
             return (0, 0);
         }
@@ -907,7 +1004,7 @@ impl Book {
     }
 
     /// Funds for a debit: live (less debits in flight) or durable.
-    fn funds(&self, live: bool) -> u64 {
+    pub(super) fn funds(&self, live: bool) -> u64 {
         if live {
             return self.available();
         }
@@ -916,7 +1013,7 @@ impl Book {
     }
 
     /// The refundable share of the sale `e` less refunds approved (and, `live`, in flight).
-    fn share_left(&self, e: &Entry, held: u64) -> u64 {
+    pub(super) fn share_left(&self, e: &Entry, held: u64) -> u64 {
         let cap = u128::from(e.amount) * u128::from(self.policy.refundable_share_percent) / 100;
         let cap = u64::try_from(cap).unwrap_or(u64::MAX);
         cap.saturating_sub(e.refunded.saturating_add(held))
@@ -924,7 +1021,7 @@ impl Book {
 
     /// The merchant's refund allowance left now: the smallest of the day and month amount
     /// caps' remainders and the funds (DE54 type 91).
-    fn allowance(&self, today: LocalDate, live: bool) -> u64 {
+    pub(super) fn allowance(&self, today: LocalDate, live: bool) -> u64 {
         let p = &self.policy;
         let (day, month) = if live {
             (self.day_used(today.day).0, self.month_used(today.month).0)
@@ -946,7 +1043,13 @@ impl Book {
 
     /// True when a void of the sale at `idx` from terminal `term` would be approved now
     /// (DOMAIN §5 rows 9–13 for a void of the full amount).
-    fn void_would_pass(&self, idx: u32, term: u16, now: UnixSeconds, live: bool) -> bool {
+    pub(super) fn void_would_pass(
+        &self,
+        idx: u32,
+        term: u16,
+        now: UnixSeconds,
+        live: bool,
+    ) -> bool {
         let Some(sale) = self.entries.get(idx as usize) else {
             return false;
         };
@@ -972,7 +1075,7 @@ impl Book {
     /// 90 still refundable, 91 the merchant's allowance, 92 the largest refund that would be
     /// approved. `live`: count reservations in flight (a check); without, the durable state
     /// alone (an approval being applied, so that replay gives the same answer).
-    fn with_de54(
+    pub(super) fn with_de54(
         &self,
         base: Figures,
         idx: u32,
@@ -1065,13 +1168,13 @@ impl Book {
         }
     }
 
-    fn day_used(&self, day: i32) -> (u64, u64) {
+    pub(super) fn day_used(&self, day: i32) -> (u64, u64) {
         let (a, c) = self.day.in_period(day);
         let (ha, hc) = self.held_day.in_period(day);
         (a.saturating_add(ha), u64::from(c) + u64::from(hc))
     }
 
-    fn month_used(&self, month: i32) -> (u64, u64) {
+    pub(super) fn month_used(&self, month: i32) -> (u64, u64) {
         let (a, c) = self.month.in_period(month);
         let (ha, hc) = self.held_month.in_period(month);
         (a.saturating_add(ha), u64::from(c) + u64::from(hc))
@@ -1176,7 +1279,7 @@ impl Book {
         )
     }
 
-    fn sale_decision(&self, idx: u32) -> Decision {
+    pub(super) fn sale_decision(&self, idx: u32) -> Decision {
         let amount = self.entries.get(idx as usize).map_or(0, |e| e.amount);
         Decision::new(
             Reason::APPROVED,
@@ -1317,6 +1420,13 @@ impl Book {
             } => {
                 self.cutover_day = self.cutover_day.max(*day);
                 self.apply_settle(*payout, *reserve_used)
+            }
+            EventBody::Admin(change) => self.apply_admin(at, change),
+            EventBody::PolicySet(change) => {
+                // Counters, originals and funds stay; the next check reads the new policy.
+                self.policy = change.policy.clone();
+                self.policy_version = change.version;
+                Decision::bare(Reason::APPROVED)
             }
         }
     }

@@ -7,7 +7,8 @@
 //! packed) and the keyed 64-bit hash.
 
 use super::decision::{Decision, Figures};
-use super::money::{CardType, MaskedPan};
+use super::merchants::{Policy, SameDayRefund};
+use super::money::{CardType, MaskedPan, UtcOffset};
 use super::reason::Reason;
 use crate::clock::UnixSeconds;
 
@@ -195,6 +196,72 @@ pub enum EventBody {
         /// Taken from the reserve.
         reserve_used: u64,
     },
+    /// An operator's change through the admin API (issue 22), with who asked and the request
+    /// id a repeat is recognised by. Boxed: it is rare and larger than the hot-path bodies.
+    Admin(Box<AdminChange>),
+    /// The merchant's policy from here on (issue 22, hot reload): journaled at the first
+    /// start and whenever a reload changes it, so that replay applies every later event
+    /// under the policy that was in force when it was decided.
+    PolicySet(Box<PolicyChange>),
+}
+
+/// A merchant's policy as of one journal position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChange {
+    /// 1 for the first policy journaled, then one more per change.
+    pub version: u32,
+    /// Who loaded it (`startup`, `sighup`, or an admin token identity and peer).
+    pub who: AdminId,
+    /// The policy.
+    pub policy: Policy,
+}
+
+/// An operator's request id (`Idempotency-Key`) or identity: printable ASCII, 1–64 bytes.
+pub type AdminId = ShortId<64>;
+
+/// What an operator changed, who asked and under which request id (issue 22).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminChange {
+    /// The caller's request id: a repeat gets the stored result and changes nothing.
+    pub request: AdminId,
+    /// The token identity and peer of the caller, e.g. `ops@127.0.0.1`.
+    pub who: AdminId,
+    /// The change.
+    pub action: AdminAction,
+}
+
+/// An operator's change of one merchant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Adds `amount` to the prefunded reserve.
+    TopUp {
+        /// Added to the reserve.
+        amount: u64,
+    },
+    /// Settles the whole merchant, as [`EventBody::Settle`] (ends a cut-over).
+    Settle {
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+    /// Closes one terminal's open batch whatever its totals (DOMAIN §9a: "until the totals
+    /// agree or an operator closes it").
+    SettleTerminal {
+        /// The terminal.
+        terminal: TerminalId,
+        /// Paid out.
+        payout: u64,
+        /// Taken from the reserve.
+        reserve_used: u64,
+    },
+    /// Enables or disables refunds on one terminal.
+    TerminalRefunds {
+        /// The terminal.
+        terminal: TerminalId,
+        /// Refunds allowed.
+        enabled: bool,
+    },
 }
 
 /// One committed change of one merchant, at a time.
@@ -242,6 +309,8 @@ impl LedgerEvent {
             EventBody::TopUp { .. } => 9,
             EventBody::SettleBatch { .. } => 10,
             EventBody::ScheduledCutover { .. } => 11,
+            EventBody::Admin(_) => 12,
+            EventBody::PolicySet(_) => 13,
         };
         w.u8(tag);
         w.id(&self.merchant);
@@ -312,6 +381,12 @@ impl LedgerEvent {
                 w.u64(*payout);
                 w.u64(*reserve_used);
             }
+            EventBody::Admin(change) => w.admin(change),
+            EventBody::PolicySet(change) => {
+                w.u64(u64::from(change.version));
+                w.id(&change.who);
+                w.policy(&change.policy);
+            }
         }
     }
 
@@ -370,6 +445,12 @@ impl LedgerEvent {
                 payout: r.u64()?,
                 reserve_used: r.u64()?,
             },
+            12 => EventBody::Admin(Box::new(r.admin()?)),
+            13 => EventBody::PolicySet(Box::new(PolicyChange {
+                version: r.u32()?,
+                who: r.id()?,
+                policy: r.policy()?,
+            })),
             _ => return Err(DecodeError::Invalid("event tag")),
         };
         r.end()?;
@@ -381,6 +462,69 @@ impl LedgerEvent {
 pub(crate) struct Writer<'a>(pub &'a mut Vec<u8>);
 
 impl Writer<'_> {
+    /// A policy, every knob in the order of [`Policy`]'s fields.
+    pub fn policy(&mut self, p: &Policy) {
+        self.u8(u8::from(p.refund_enabled));
+        self.u8(u8::from(p.void_enabled));
+        self.u64(u64::from(p.refund_window_days));
+        self.opt(p.refund_single_max);
+        self.opt(p.refund_day_amount_max);
+        self.opt(p.refund_month_amount_max);
+        self.opt(p.refund_day_count_max.map(u64::from));
+        self.opt(p.refund_month_count_max.map(u64::from));
+        self.opt(p.card_refund_day_amount_max);
+        self.opt(p.card_refund_day_count_max.map(u64::from));
+        self.opt(p.original_refund_count_max.map(u64::from));
+        self.u8(p.refundable_share_percent);
+        self.u8(match p.same_day_refund {
+            SameDayRefund::Allow => 0,
+            SameDayRefund::UseVoid => 1,
+        });
+        self.u64(p.denied_card_types.len() as u64);
+        for c in &p.denied_card_types {
+            self.u8(c.to_u8());
+        }
+        self.u64(p.reserve);
+        self.i64(i64::from(p.utc_offset.seconds()));
+        self.u64(u64::from(p.currency));
+        self.opt(p.cutover_at.map(u64::from));
+    }
+
+    /// An operator's change: request id, who, action tag and its fields.
+    pub fn admin(&mut self, c: &AdminChange) {
+        self.id(&c.request);
+        self.id(&c.who);
+        match c.action {
+            AdminAction::TopUp { amount } => {
+                self.u8(1);
+                self.u64(amount);
+            }
+            AdminAction::Settle {
+                payout,
+                reserve_used,
+            } => {
+                self.u8(2);
+                self.u64(payout);
+                self.u64(reserve_used);
+            }
+            AdminAction::SettleTerminal {
+                terminal,
+                payout,
+                reserve_used,
+            } => {
+                self.u8(3);
+                self.id(&terminal);
+                self.u64(payout);
+                self.u64(reserve_used);
+            }
+            AdminAction::TerminalRefunds { terminal, enabled } => {
+                self.u8(4);
+                self.id(&terminal);
+                self.u8(u8::from(enabled));
+            }
+        }
+    }
+
     pub fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
@@ -457,6 +601,104 @@ impl Writer<'_> {
 pub(crate) struct Reader<'a>(pub &'a [u8]);
 
 impl Reader<'_> {
+    /// What [`Writer::policy`] wrote.
+    pub fn policy(&mut self) -> Result<Policy, DecodeError> {
+        let flag = |v: u8| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::Invalid("policy flag")),
+        };
+        let small = |v: Option<u64>| {
+            v.map(u32::try_from)
+                .transpose()
+                .map_err(|_| DecodeError::Invalid("policy count"))
+        };
+        let refund_enabled = flag(self.u8()?)?;
+        let void_enabled = flag(self.u8()?)?;
+        let refund_window_days = self.u32()?;
+        let refund_single_max = self.opt()?;
+        let refund_day_amount_max = self.opt()?;
+        let refund_month_amount_max = self.opt()?;
+        let refund_day_count_max = small(self.opt()?)?;
+        let refund_month_count_max = small(self.opt()?)?;
+        let card_refund_day_amount_max = self.opt()?;
+        let card_refund_day_count_max = small(self.opt()?)?;
+        let original_refund_count_max = small(self.opt()?)?;
+        let refundable_share_percent = self.u8()?;
+        let same_day_refund = match self.u8()? {
+            0 => SameDayRefund::Allow,
+            1 => SameDayRefund::UseVoid,
+            _ => return Err(DecodeError::Invalid("same_day_refund")),
+        };
+        let n = self.u64()?;
+        if n > 16 {
+            return Err(DecodeError::Invalid("denied card types"));
+        }
+        let mut denied_card_types = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            denied_card_types
+                .push(CardType::from_u8(self.u8()?).ok_or(DecodeError::Invalid("card type"))?);
+        }
+        let reserve = self.u64()?;
+        let offset = i32::try_from(self.i64()?).map_err(|_| DecodeError::Invalid("utc offset"))?;
+        let currency = u16::try_from(self.u64()?).map_err(|_| DecodeError::Invalid("currency"))?;
+        let cutover_at = small(self.opt()?)?;
+        Ok(Policy {
+            refund_enabled,
+            void_enabled,
+            refund_window_days,
+            refund_single_max,
+            refund_day_amount_max,
+            refund_month_amount_max,
+            refund_day_count_max,
+            refund_month_count_max,
+            card_refund_day_amount_max,
+            card_refund_day_count_max,
+            original_refund_count_max,
+            refundable_share_percent,
+            same_day_refund,
+            denied_card_types,
+            reserve,
+            utc_offset: UtcOffset::from_seconds(offset),
+            currency,
+            cutover_at,
+        })
+    }
+
+    /// What [`Writer::admin`] wrote.
+    pub fn admin(&mut self) -> Result<AdminChange, DecodeError> {
+        let request = self.id()?;
+        let who = self.id()?;
+        let action = match self.u8()? {
+            1 => AdminAction::TopUp {
+                amount: self.u64()?,
+            },
+            2 => AdminAction::Settle {
+                payout: self.u64()?,
+                reserve_used: self.u64()?,
+            },
+            3 => AdminAction::SettleTerminal {
+                terminal: self.id()?,
+                payout: self.u64()?,
+                reserve_used: self.u64()?,
+            },
+            4 => AdminAction::TerminalRefunds {
+                terminal: self.id()?,
+                enabled: match self.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Invalid("enabled flag")),
+                },
+            },
+            _ => return Err(DecodeError::Invalid("admin action")),
+        };
+        Ok(AdminChange {
+            request,
+            who,
+            action,
+        })
+    }
+
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
         let (&b, rest) = self.0.split_first().ok_or(DecodeError::Truncated)?;
         self.0 = rest;
@@ -584,5 +826,63 @@ impl Reader<'_> {
         } else {
             Err(DecodeError::Trailing(self.0.len()))
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_admin_action_round_trips_and_a_bad_action_tag_is_refused() {
+        let t = TerminalId::new("T1").unwrap();
+        let actions = [
+            AdminAction::TopUp { amount: 5 },
+            AdminAction::Settle {
+                payout: 7,
+                reserve_used: 0,
+            },
+            AdminAction::SettleTerminal {
+                terminal: t,
+                payout: 0,
+                reserve_used: 9,
+            },
+            AdminAction::TerminalRefunds {
+                terminal: t,
+                enabled: false,
+            },
+        ];
+        for action in actions {
+            let e = LedgerEvent {
+                merchant: MerchantId::new("M").unwrap(),
+                at: 1_700_000_000,
+                body: EventBody::Admin(Box::new(AdminChange {
+                    request: AdminId::new("req-1").unwrap(),
+                    who: AdminId::new("ops@127.0.0.1").unwrap(),
+                    action,
+                })),
+            };
+            let mut bytes = Vec::new();
+            e.encode(&mut bytes);
+            assert_eq!(LedgerEvent::decode(&bytes).unwrap(), e);
+        }
+        let mut bytes = Vec::new();
+        LedgerEvent {
+            merchant: MerchantId::new("M").unwrap(),
+            at: 0,
+            body: EventBody::Admin(Box::new(AdminChange {
+                request: AdminId::new("r").unwrap(),
+                who: AdminId::new("w").unwrap(),
+                action: AdminAction::TopUp { amount: 1 },
+            })),
+        }
+        .encode(&mut bytes);
+        // version, tag, merchant (2), at (1), request (2), who (2), then the action tag.
+        bytes[9] = 77;
+        assert_eq!(
+            LedgerEvent::decode(&bytes),
+            Err(DecodeError::Invalid("admin action"))
+        );
     }
 }

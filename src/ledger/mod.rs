@@ -55,10 +55,12 @@ pub mod decision;
 pub mod event;
 pub mod hash;
 pub mod idempotency;
+pub mod inspect;
 pub mod merchants;
 pub mod money;
 pub mod originals;
 pub mod reason;
+pub mod reload;
 mod snapshot;
 pub use snapshot::RestoreError;
 
@@ -70,11 +72,18 @@ use crate::clock::UnixSeconds;
 use book::{Book, Ctx, Hold, Refusal};
 
 pub use decision::{format_de54, BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
-pub use event::{DecodeError, EventBody, LedgerEvent, MerchantId, TerminalId};
+pub use event::{
+    AdminAction, AdminChange, AdminId, DecodeError, EventBody, LedgerEvent, MerchantId,
+    PolicyChange, TerminalId,
+};
+pub use inspect::{
+    AdminIntent, AdminOutcome, AdminRecord, Looked, MerchantView, TxnView, WouldPass,
+};
 pub use merchants::{ConfigError, MerchantConfig, MerchantSet, Policy, SameDayRefund};
 pub use money::{CardType, MaskedPan, PanKey};
 pub use originals::OriginalState;
 pub use reason::{response_code, Dialect, Reason, ResponseCode};
+pub use reload::ReloadError;
 
 /// The in-memory ledger of every merchant of a [`MerchantSet`].
 pub struct Ledger {

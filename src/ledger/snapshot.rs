@@ -6,9 +6,9 @@
 //! answers, each map sorted by key so equal states give equal bytes. In-flight reservations
 //! are not part of it.
 
-use super::book::{Book, Term};
+use super::book::{AdminDone, Book, Term};
 use super::counters::Bucket;
-use super::event::{DecodeError, Reader, Writer};
+use super::event::{AdminChange, DecodeError, Reader, Writer};
 use super::idempotency::{FullAnswer, RefundAnswer, Stored};
 use super::money::{CardType, MaskedPan, PanKey};
 use super::originals::{Entries, Entry, Kind, OriginalState, RefKey, NO_LINK};
@@ -18,8 +18,9 @@ use crate::limits::SNAPSHOT_ITEMS_MAX;
 const MAGIC: &[u8; 4] = b"RGLS";
 
 /// Snapshot layout version. 2 added per-terminal settlement epochs, the entries' base index
-/// and the reconciliation list; version 1 snapshots (written before) still restore.
-const SNAPSHOT_VERSION: u8 = 2;
+/// and the reconciliation list; 3 the terminals' refund switches and the operators' changes
+/// (admin API, issue 22). Older snapshots still restore.
+const SNAPSHOT_VERSION: u8 = 3;
 
 /// A snapshot that cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -183,6 +184,22 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
             }
         }
     }
+    // Version 3: what operators changed.
+    for t in &b.terms {
+        w.u8(u8::from(t.refund_enabled));
+    }
+    w.u64(b.admin_done.len() as u64);
+    for d in &b.admin_done {
+        w.admin(&AdminChange {
+            request: d.request,
+            who: d.who,
+            action: d.action,
+        });
+        w.i64(d.at);
+        w.decision(&d.decision);
+    }
+    w.u64(u64::from(b.policy_version));
+    w.policy(&b.policy);
 }
 
 fn write_entry(w: &mut Writer<'_>, e: &Entry) {
@@ -316,6 +333,23 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
         };
         b.answers.insert(k, s);
     }
+    if version >= 3 {
+        for t in &mut b.terms {
+            t.refund_enabled = r.u8()? != 0;
+        }
+        for _ in 0..count(r)? {
+            let change = r.admin()?;
+            b.admin_done.push_back(AdminDone {
+                request: change.request,
+                who: change.who,
+                at: r.i64()?,
+                action: change.action,
+                decision: r.decision_v(version)?,
+            });
+        }
+        b.policy_version = r.u32()?;
+        b.policy = r.policy()?;
+    }
     check_indexes(b)
 }
 
@@ -372,7 +406,9 @@ fn check_indexes(b: &Book) -> Result<(), RestoreError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::ledger::{CardType, Dialect, MerchantId, Operation, OriginalRef, Reason, Request};
+    use crate::ledger::{
+        CardType, Dialect, MerchantId, Operation, OriginalRef, Reason, Refused, Request,
+    };
 
     const T0: i64 = 1_769_871_600;
     const DAY: i64 = 86_400;
@@ -448,6 +484,46 @@ mod tests {
         let mut again = Vec::new();
         restore(&snap).unwrap().snapshot(&mut again);
         assert_eq!(snap, again);
+    }
+
+    /// Operators' changes (issue 22) live in the snapshot: a terminal switched off stays off
+    /// and a repeated request id still gets its stored result after a restore.
+    #[test]
+    fn operators_changes_survive_a_snapshot_and_their_repeats_change_nothing() {
+        use crate::ledger::{AdminId, AdminIntent};
+        let l = ledger();
+        let id = |s: &str| AdminId::new(s).unwrap();
+        let apply = |l: &Ledger, request: &str, intent| {
+            l.admin_logged::<Refused>("M", id(request), id("ops@::1"), intent, T0, |_| Ok(1))
+                .unwrap()
+        };
+        apply(
+            &l,
+            "off",
+            AdminIntent::TerminalRefunds {
+                terminal: "T1",
+                enabled: false,
+            },
+        );
+        apply(&l, "top", AdminIntent::TopUp { amount: 500 });
+        let mut snap = Vec::new();
+        l.snapshot(&mut snap);
+        let r = restore(&snap).unwrap();
+        let refused = r.decide(&req(Operation::Refund, 9, 100, Some(2)), T0 + DAY);
+        assert_eq!(refused.reason, Reason::TERMINAL_NOT_PERMITTED);
+        let again = apply(&r, "top", AdminIntent::TopUp { amount: 500 });
+        assert!(again.repeat);
+        assert_eq!(again.record.who.as_str(), "ops@::1");
+        assert_eq!(r.funds("M").unwrap().reserve, l.funds("M").unwrap().reserve);
+        let other = r.admin_logged::<Refused>(
+            "M",
+            id("top"),
+            id("x"),
+            AdminIntent::TopUp { amount: 1 },
+            T0,
+            |_| Ok(1),
+        );
+        assert_eq!(other.unwrap_err(), Refused(Reason::DUPLICATE));
     }
 
     /// Review finding (issue 17): restore took every index of a snapshot on trust. A snapshot

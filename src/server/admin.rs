@@ -1,4 +1,5 @@
-//! Admin HTTP (hyper 1, HTTP/1.1): `/metrics`, `/healthz`, `/readyz`; 404 otherwise.
+//! Admin HTTP (hyper 1, HTTP/1.1): `/metrics`, `/healthz`, `/readyz` open; `/v1/…` is the
+//! authenticated admin API ([`crate::admin`], bearer token); 404 otherwise.
 //!
 //! Plain HTTP meant for loopback or a private network. Bounded: at most
 //! [`limits::ADMIN_CONNECTIONS_MAX`] connections, request headers within
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,6 +22,7 @@ use tokio::task::JoinSet;
 
 use super::shutdown::Shutdown;
 use super::Readiness;
+use crate::admin::{self, AdminApi};
 use crate::{limits, telemetry};
 
 /// How often histogram buckets are folded (metrics-exporter-prometheus upkeep).
@@ -30,6 +32,7 @@ const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub(crate) async fn serve(
     listener: TcpListener,
     readiness: Readiness,
+    api: Option<Arc<AdminApi>>,
     connection_timeout: Duration,
     mut shutdown: Shutdown,
 ) {
@@ -50,7 +53,7 @@ pub(crate) async fn serve(
             accepted = listener.accept() => accepted,
         };
         while tasks.try_join_next().is_some() {}
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -62,11 +65,20 @@ pub(crate) async fn serve(
             continue; // Dropped: too many admin connections.
         };
         let readiness = readiness.clone();
+        let api = api.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = respond(&req, &readiness);
-                async move { Ok::<_, Infallible>(response) }
+                let readiness = readiness.clone();
+                let api = api.clone();
+                async move {
+                    if req.uri().path().starts_with("/v1/") {
+                        if let Some(api) = api {
+                            return Ok::<_, Infallible>(call_api(&api, req, peer.ip()).await);
+                        }
+                    }
+                    Ok::<_, Infallible>(respond(&req, &readiness))
+                }
             });
             let serving = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -104,6 +116,53 @@ fn respond(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Byte
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Hands a `/v1/` request to the admin API: the body is read up to
+/// [`admin::BODY_BYTES_MAX`] (413 beyond), headers that are not UTF-8 are left out.
+async fn call_api(
+    api: &AdminApi,
+    req: Request<Incoming>,
+    peer: std::net::IpAddr,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, admin::BODY_BYTES_MAX).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "{\"error\":\"body too large or unreadable\"}\n".into(),
+            )
+        }
+    };
+    let headers: Vec<(&str, &str)> = parts
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+        .collect();
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let reply = api
+        .handle(parts.method.as_str(), target, &headers, &body, Some(peer))
+        .await;
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = json(status, reply.body);
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

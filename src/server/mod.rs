@@ -177,6 +177,8 @@ pub struct Server {
     admin: TcpListener,
     admin_addr: SocketAddr,
     readiness: Readiness,
+    /// The authenticated admin API (`/v1/…`); `None`: those paths answer 404.
+    admin_api: Option<Arc<crate::admin::AdminApi>>,
 }
 
 /// Binds everything `config` asks for and serves until `shutdown` completes, then drains.
@@ -269,6 +271,7 @@ impl Server {
             admin,
             admin_addr,
             readiness: Readiness::default(),
+            admin_api: None,
         })
     }
 
@@ -280,6 +283,11 @@ impl Server {
     /// What the server knows about each listener, in configuration order.
     pub fn listeners(&self) -> Vec<Arc<ListenerInfo>> {
         self.listeners.iter().map(|l| l.info().clone()).collect()
+    }
+
+    /// Serves `api` under `/v1/` on the admin address (issue 22).
+    pub fn set_admin_api(&mut self, api: Arc<crate::admin::AdminApi>) {
+        self.admin_api = Some(api);
     }
 
     /// The bound address of the admin HTTP server.
@@ -313,6 +321,7 @@ impl Server {
         let admin = admin::serve(
             self.admin,
             self.readiness.clone(),
+            self.admin_api.clone(),
             Duration::from_millis(self.config.admin.connection_timeout_ms),
             shutdown_rx,
         );

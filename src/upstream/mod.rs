@@ -181,6 +181,11 @@ impl Upstreams {
         self.links.get(name)
     }
 
+    /// Every link, in no particular order (admin views).
+    pub fn links(&self) -> impl Iterator<Item = &Arc<Link>> {
+        self.links.values()
+    }
+
     /// The SAF queue.
     pub fn saf(&self) -> &Arc<StoreForward> {
         &self.saf
