@@ -165,7 +165,11 @@ struct Cluster {
     dir: tempfile::TempDir,
     cert: CertificateDer<'static>,
     nats: Nats,
+    /// Each node's admin address.
+    admin: Vec<u16>,
 }
+
+const TOKEN: &str = "ops:s3cret-token-for-the-cluster-test";
 
 impl Cluster {
     fn new(bin: &Path) -> Cluster {
@@ -175,8 +179,18 @@ impl Cluster {
         std::fs::write(dir.path().join("server.key"), key).unwrap();
         std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
         std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let tokens = dir.path().join("admin.tokens");
+        std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let nats = Nats::start(bin, dir.path());
-        let cluster = Cluster { dir, cert, nats };
+        let admin = (0..3).map(|_| free_port()).collect();
+        let cluster = Cluster {
+            dir,
+            cert,
+            nats,
+            admin,
+        };
         for node in 0..3 {
             cluster.write_config(node);
         }
@@ -188,7 +202,8 @@ impl Cluster {
         let config = format!(
             r#"merchants = "{d}/merchants.toml"
 [admin]
-addr = "127.0.0.1:0"
+addr = "127.0.0.1:{admin}"
+token_file = "{d}/admin.tokens"
 [journal]
 dir = "{d}/node{node}/journal"
 backend = "jetstream"
@@ -204,7 +219,8 @@ dialect = "ascii1987"
 framing = "binary2"
 tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
 {SERVE_LOG_TOML}"#,
-            urls = self.nats.urls()
+            urls = self.nats.urls(),
+            admin = self.admin[node]
         );
         std::fs::create_dir_all(self.dir.path().join(format!("node{node}"))).unwrap();
         std::fs::write(self.config(node), config).unwrap();
@@ -221,6 +237,31 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     async fn connect(&self, node: &ServeProcess) -> Client {
         client::connect(&self.cert, node.listeners[0]).await
     }
+}
+
+/// One admin API call to `node` (HTTP/1.1, bearer token); status and JSON body.
+fn admin(
+    cluster: &Cluster,
+    node: usize,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (u16, Json) {
+    use std::io::{Read, Write};
+    let mut tcp = TcpStream::connect(("127.0.0.1", cluster.admin[node])).unwrap();
+    let token = TOKEN.split_once(':').unwrap().1;
+    write!(
+        tcp,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nIdempotency-Key: {key}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Json::Null))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -445,4 +486,42 @@ fn one_nats_server_lost_service_goes_on_two_lost_no_approval() {
             assert_eq!(a.code, "96", "approved without a quorum: {a:?}");
         }
     });
+}
+
+#[test]
+fn an_operators_top_up_on_one_node_is_applied_once_on_every_node() {
+    let Some(bin) = need_nats() else { return };
+    let cluster = Cluster::new(&bin);
+    let nodes: Vec<ServeProcess> = (0..2).map(|n| cluster.start(n)).collect();
+    let path = "/v1/merchants/MERCHANT%20000001";
+    let reserve =
+        |node: usize| admin(&cluster, node, "GET", path, "-", "").1["funds"]["reserve"].clone();
+    let before = reserve(0).as_u64().unwrap();
+    let (status, first) = admin(
+        &cluster,
+        0,
+        "POST",
+        &format!("{path}/top-up"),
+        "top-up-1",
+        "{\"amount\": 5000}",
+    );
+    assert_eq!(status, 201, "{first}");
+    // The same request id on the other node: the stored result, no second top-up.
+    let (status, again) = admin(
+        &cluster,
+        1,
+        "POST",
+        &format!("{path}/top-up"),
+        "top-up-1",
+        "{\"amount\": 5000}",
+    );
+    assert_eq!(
+        (status, again["repeat"].clone()),
+        (200, Json::Bool(true)),
+        "{again}"
+    );
+    for node in 0..2 {
+        assert_eq!(reserve(node).as_u64(), Some(before + 5000), "node {node}");
+    }
+    drop(nodes);
 }

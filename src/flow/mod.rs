@@ -450,6 +450,25 @@ impl Gateway {
             return Err(AdminChangeError::Store);
         }
         let now = self.clock.now_unix_s();
+        if let Some(replica) = &self.replica {
+            // Several nodes: appended to the merchant's subject like any decision.
+            let Some(m) = MerchantId::new(merchant) else {
+                return Err(AdminChangeError::Refused(Reason::UNKNOWN_MERCHANT));
+            };
+            let done = replica
+                .step(&m, |log| {
+                    self.ledger
+                        .admin_logged::<ReplError>(merchant, request, who, intent, now, log)
+                })
+                .await
+                .and_then(|r| r)
+                .map_err(LogError::from);
+            return match done {
+                Ok(outcome) => Ok(outcome),
+                Err(LogError::Refused(r)) => Err(AdminChangeError::Refused(r.0)),
+                Err(LogError::Store) => Err(AdminChangeError::Store),
+            };
+        }
         let mut ticket = None;
         let done = {
             let _gate = self.gate.read().await;
