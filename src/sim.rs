@@ -10,7 +10,9 @@
 //!
 //! Invariants, checked as the run goes:
 //! - (a) no refund limit exceeded, recomputed from the acknowledged answers alone (per
-//!   original: the sale amount; per merchant-local day: amount and count caps);
+//!   original: the sale amount; per merchant-local day: amount and count caps; a refund a
+//!   journaled reversal undid counts no more, once); and the ledger's usage per day, month and
+//!   original is never below those sums (below: something was given back twice);
 //! - (b) at every durable point and after every rebuild, replay(journal) equals the live ledger
 //!   byte for byte (snapshot encoding);
 //! - (c) a repeat of an acknowledged request gets the acknowledged answer, before and after
@@ -22,12 +24,12 @@
 //! [`Mutation`] switches re-introduce known bugs in the simulated gateway (never in the
 //! product's paths) to show that the invariants catch them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 
 use crate::ledger::{
-    CardType, Decision, Dialect, Ledger, LedgerEvent, Logged, MerchantSet, Operation, OriginalRef,
-    PanKey, Reason, Request, Reservation,
+    CardType, Decision, Dialect, EventBody, Ledger, LedgerEvent, Logged, MerchantSet, Operation,
+    OriginalRef, PanKey, Reason, Request, Reservation,
 };
 
 /// A bug to re-introduce in the simulated gateway, to show the invariants have teeth.
@@ -45,6 +47,12 @@ pub enum Mutation {
     ApplyInWakeUpOrder,
     /// A forwarded request that times out keeps its reservation.
     HoldNotReleased,
+    /// A reversal of an already reversed refund, void or sale undoes it again (money and
+    /// limits given back twice). The ledger's idempotency by state makes this impossible
+    /// through its API, so this one switch sits in the ledger, compiled only with the
+    /// test-only `sim-mutations` feature (`cargo test` turns it on).
+    #[cfg(feature = "sim-mutations")]
+    ReversalAppliedTwice,
 }
 
 /// What one run did.
@@ -259,6 +267,12 @@ struct Sim {
     held: Vec<Held>,
     /// Sales acknowledged as approved (request index).
     sales: Vec<usize>,
+    /// Refunds and voids acknowledged as approved (request index): what a terminal reverses
+    /// besides sales.
+    debits: Vec<usize>,
+    /// Reversals acknowledged (request index): a terminal may send another one for the same
+    /// original (a new STAN, as after a lost answer).
+    reversals: Vec<usize>,
     trace: VecDeque<String>,
     report: Report,
     step: u32,
@@ -289,16 +303,41 @@ pub fn run(seed: u64, steps: u32, mutation: Mutation) -> Result<Report, Failure>
         waiting: Vec::new(),
         held: Vec::new(),
         sales: Vec::new(),
+        debits: Vec::new(),
+        reversals: Vec::new(),
         trace: VecDeque::new(),
         report: Report::default(),
         step: 0,
     };
+    let _switch = LedgerMutation::on(mutation);
     for step in 0..steps {
         sim.step = step;
         sim.one_step()?;
         sim.report.steps = step + 1;
     }
     Ok(sim.report)
+}
+
+/// Turns the ledger-side mutation on for one run on this thread, and off again when dropped
+/// (also when the run fails).
+struct LedgerMutation;
+
+impl LedgerMutation {
+    fn on(mutation: Mutation) -> LedgerMutation {
+        #[cfg(feature = "sim-mutations")]
+        crate::ledger::sim_mutation::set_reversal_applied_twice(
+            mutation == Mutation::ReversalAppliedTwice,
+        );
+        let _ = mutation;
+        LedgerMutation
+    }
+}
+
+impl Drop for LedgerMutation {
+    fn drop(&mut self) {
+        #[cfg(feature = "sim-mutations")]
+        crate::ledger::sim_mutation::set_reversal_applied_twice(false);
+    }
 }
 
 /// The simulated disk's log: the event is written (not yet synced); its seq is its position.
@@ -348,7 +387,7 @@ impl Sim {
             0..=27 => self.sale(),
             28..=47 => self.child(Operation::Refund),
             48..=52 => self.child(Operation::Void),
-            53..=58 => self.child(Operation::Reversal),
+            53..=58 => self.reversal(),
             59..=66 => self.repeat()?,
             67..=72 => self.forward(),
             73..=75 => self.bad(),
@@ -429,6 +468,36 @@ impl Sim {
         self.decide(r);
     }
 
+    /// A terminal's reversal: of a sale (half the time), of an acknowledged refund or void, or
+    /// another one for an original already reversed (a new STAN).
+    fn reversal(&mut self) {
+        let pick = match self.next(4) {
+            0 if !self.debits.is_empty() => {
+                let at = self.next(self.debits.len() as u64) as usize;
+                self.debits[at]
+            }
+            1 if !self.reversals.is_empty() => {
+                let at = self.next(self.reversals.len() as u64) as usize;
+                let r = self.reversals[at];
+                let again = self.reqs[r].clone();
+                let mut r = self.new_req(Operation::Reversal, again.merchant);
+                r.terminal = again.terminal;
+                r.pan = again.pan;
+                r.amount = again.amount;
+                r.original = again.original;
+                return self.decide(r);
+            }
+            _ => return self.child(Operation::Reversal),
+        };
+        let debit = self.reqs[pick].clone();
+        let mut r = self.new_req(Operation::Reversal, debit.merchant);
+        r.terminal = debit.terminal;
+        r.pan = debit.pan;
+        r.amount = debit.amount;
+        r.original = Some((debit.stan, debit.transmission, None));
+        self.decide(r);
+    }
+
     fn bad(&mut self) {
         let m = self.next(2) as usize;
         let mut r = self.new_req(Operation::Sale, m);
@@ -496,8 +565,13 @@ impl Sim {
     fn acknowledge(&mut self, w: Waiting) {
         self.report.acknowledged += 1;
         let req = &self.reqs[w.req];
-        if req.op == Operation::Sale && w.decision.is_approved() && !req.repeat {
-            self.sales.push(w.req);
+        if w.decision.is_approved() && !req.repeat {
+            match req.op {
+                Operation::Sale => self.sales.push(w.req),
+                Operation::Refund | Operation::Void => self.debits.push(w.req),
+                Operation::Reversal => self.reversals.push(w.req),
+                _ => {}
+            }
         }
         if !req.repeat && !transient(w.decision.reason) {
             self.acked.push(Ack {
@@ -762,15 +836,23 @@ impl Sim {
         Ok(())
     }
 
-    /// (a) limits recomputed from the acknowledged answers alone.
+    /// (a) limits recomputed from the acknowledged answers alone: per original (the sale
+    /// amount) and per merchant-local day (amount and count caps). A refund that a reversal in
+    /// the journal undid no longer counts, once, however many reversals name it.
+    ///
+    /// The ledger's own usage (per day, per month, per original) may be higher than these
+    /// sums (durable refunds whose answer was lost in a crash), never lower: lower means it
+    /// gave back something the journal does not undo, such as a reversal applied twice.
     fn check_limits(&self) -> Result<(), Failure> {
+        let reversed = self.reversed_in_journal();
         let mut per_original: HashMap<(usize, u32), u64> = HashMap::new();
         let mut per_day: HashMap<(usize, i64), (u64, u32)> = HashMap::new();
-        let mut sale_amount: HashMap<(usize, u32), u64> = HashMap::new();
+        let mut per_month: HashMap<(usize, i64), (u64, u32)> = HashMap::new();
+        let mut sales: HashMap<(usize, u32), usize> = HashMap::new();
         for a in &self.acked {
             let r = &self.reqs[a.req];
             if r.op == Operation::Sale && a.decision.is_approved() {
-                sale_amount.insert((r.merchant, r.stan), r.amount);
+                sales.insert((r.merchant, r.stan), a.req);
             }
         }
         for a in &self.acked {
@@ -781,9 +863,14 @@ impl Sim {
             let Some((stan, _, _)) = r.original else {
                 continue;
             };
+            if reversed.contains(&(r.terminal, r.stan, r.transmission)) {
+                continue;
+            }
             let o = per_original.entry((r.merchant, stan)).or_default();
             *o += r.amount;
-            let cap = sale_amount.get(&(r.merchant, stan)).copied().unwrap_or(0);
+            let cap = sales
+                .get(&(r.merchant, stan))
+                .map_or(0, |&i| self.reqs[i].amount);
             if *o > cap {
                 return Err(self.fail(
                     "a",
@@ -806,8 +893,83 @@ impl Sim {
                     ),
                 ));
             }
+            let m = per_month.entry((r.merchant, month_of(day))).or_default();
+            m.0 += r.amount;
+            m.1 += 1;
+        }
+        let day = (self.now + OFFSET_S).div_euclid(86_400);
+        for (m, id) in MERCHANTS.iter().enumerate() {
+            let Some(usage) = self.ledger.usage(id, self.now) else {
+                continue;
+            };
+            let today = per_day.get(&(m, day)).copied().unwrap_or_default();
+            let month = per_month
+                .get(&(m, month_of(day)))
+                .copied()
+                .unwrap_or_default();
+            if usage.day_amount < today.0 || usage.day_count < today.1 {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{m}: the ledger counts {} refunds for {} today, the acknowledged answers {} for {}",
+                        usage.day_count, usage.day_amount, today.1, today.0
+                    ),
+                ));
+            }
+            if usage.month_amount < month.0 || usage.month_count < month.1 {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{m}: the ledger counts {} refunds for {} this month, the acknowledged answers {} for {}",
+                        usage.month_count, usage.month_amount, month.1, month.0
+                    ),
+                ));
+            }
+        }
+        for (&(m, stan), &refunded) in &per_original {
+            let Some(&i) = sales.get(&(m, stan)) else {
+                continue;
+            };
+            let sale = &self.reqs[i];
+            let reference = OriginalRef::Iso {
+                mti: 200,
+                stan,
+                transmission: sale.transmission,
+                rrn: None,
+            };
+            let Some(view) =
+                self.ledger
+                    .original(MERCHANTS[m], TERMINALS[sale.terminal], reference)
+            else {
+                continue;
+            };
+            if view.refunded < refunded {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{m} stan {stan}: the ledger has {} refunded, the acknowledged answers {refunded}",
+                        view.refunded
+                    ),
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// (terminal, STAN, DE7) of every transaction a reversal in the journal names.
+    fn reversed_in_journal(&self) -> HashSet<(usize, u32, u64)> {
+        self.written
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::Reversal { target, .. } => {
+                    let t = TERMINALS
+                        .iter()
+                        .position(|t| *t == target.terminal.as_str())?;
+                    Some((t, target.stan, u64::from(target.tag)))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// (d) refunds reserved in the ledger = forwarded refunds held.
@@ -829,6 +991,20 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// The month (a running number) of merchant-local day `day` (days since 1970-01-01).
+fn month_of(day: i64) -> i64 {
+    // Civil date from days (H. Hinnant's algorithm), reduced to year * 12 + month.
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    year * 12 + month
 }
 
 /// Refusals that are not answers to remember (a retry is decided anew).
@@ -895,4 +1071,18 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
         args.seeds as f64 / secs
     );
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_of_a_day_turns_over_on_the_first() {
+        let jan_31_2026 = (T0 / 86_400) + 30;
+        assert_eq!(month_of(0), 1970 * 12 + 1);
+        assert_eq!(month_of(jan_31_2026), 2026 * 12 + 1);
+        assert_eq!(month_of(jan_31_2026 + 1), 2026 * 12 + 2);
+        assert_eq!(month_of(jan_31_2026 - 31), 2025 * 12 + 12);
+    }
 }

@@ -78,3 +78,9 @@ fn a_reservation_kept_after_a_timeout_is_caught() {
     let (_, _, invariant) = caught(Mutation::HoldNotReleased);
     assert_eq!(invariant, "d");
 }
+
+#[test]
+fn a_reversal_applied_twice_is_caught() {
+    let (_, _, invariant) = caught(Mutation::ReversalAppliedTwice);
+    assert_eq!(invariant, "a");
+}

@@ -1662,7 +1662,7 @@ impl Book {
         if refunded_or_voided {
             return self.not_applied(at, answer, idx, &e);
         }
-        if e.state != OriginalState::Approved {
+        if e.state != OriginalState::Approved && !undo_again(&e) {
             return self.noop(at, answer);
         }
         self.entries[idx as usize].state = OriginalState::Reversed;
@@ -1738,6 +1738,21 @@ impl Book {
             b.remove(local.day, refund.amount);
         }
     }
+}
+
+/// The simulator's `reversal-applied-twice` mutation: a reversed sale, refund or void is
+/// undone again (test builds only; see `ledger::sim_mutation`).
+#[cfg(feature = "sim-mutations")]
+fn undo_again(e: &Entry) -> bool {
+    e.state == OriginalState::Reversed
+        && e.kind != Kind::Tombstone
+        && super::sim_mutation::reversal_applied_twice()
+}
+
+/// Without the `sim-mutations` feature a reversed transaction is never undone again.
+#[cfg(not(feature = "sim-mutations"))]
+fn undo_again(_: &Entry) -> bool {
+    false
 }
 
 /// The key a request is remembered by: DE7 for ascii, batch for cup.

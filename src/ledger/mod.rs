@@ -59,6 +59,8 @@ pub mod merchants;
 pub mod money;
 pub mod originals;
 pub mod reason;
+#[cfg(feature = "sim-mutations")]
+pub mod sim_mutation;
 mod snapshot;
 pub use snapshot::RestoreError;
 
