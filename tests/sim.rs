@@ -12,20 +12,34 @@ fn two_hundred_seeds_hold_every_invariant() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let mut crashes = 0;
-    let mut repeats = 0;
+    let mut total = refundgate::sim::Report::default();
     for seed in 1..=seeds {
         match run(seed, STEPS, Mutation::None) {
             Ok(r) => {
-                crashes += r.crashes;
-                repeats += r.repeats_checked;
+                total.crashes += r.crashes;
+                total.repeats_checked += r.repeats_checked;
+                total.snapshot_restores += r.snapshot_restores;
+                total.disk_full += r.disk_full;
+                total.reordered += r.reordered;
+                total.key_reuses += r.key_reuses;
             }
             Err(f) => panic!("{f}"),
         }
     }
     // The runs must have exercised what the invariants are about.
-    assert!(crashes > seeds as u32, "too few crashes: {crashes}");
-    assert!(repeats > seeds * 50, "too few repeats checked: {repeats}");
+    let n = seeds as u32;
+    assert!(total.crashes > n, "too few crashes: {total:?}");
+    assert!(
+        total.repeats_checked > seeds * 50,
+        "too few repeats: {total:?}"
+    );
+    assert!(
+        total.snapshot_restores > n / 2,
+        "too few snapshot restores: {total:?}"
+    );
+    assert!(total.disk_full > n / 2, "too few full disks: {total:?}");
+    assert!(total.reordered > n, "too few reordered sales: {total:?}");
+    assert!(total.key_reuses > n, "too few reused keys: {total:?}");
 }
 
 #[test]
