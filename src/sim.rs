@@ -2,7 +2,8 @@
 //! TigerBeetle's VOPR). One thread, one seed: the real [`Ledger`] decides a random workload
 //! of sales, refunds, voids, reversals (of sales, refunds and voids; again for an original
 //! already reversed; before their sale, reordered), repeats, identical retransmissions,
-//! requests reusing a key, settlements, forwarded requests held across steps and bad
+//! requests reusing a key, sign-ons, terminal 0500s (with the gateway's totals, wrong
+//! totals or none) and merchant settlements, forwarded requests held across steps and bad
 //! requests, from 2026-01-31 on across merchant-local days and a month boundary, and
 //! journals through a simulated disk that syncs, fails syncs, fills up (ENOSPC: writes
 //! refused for some steps) and crashes (losing unsynced records, or keeping some of them as a
@@ -30,7 +31,9 @@
 //!   `tests/upstream.rs`
 //!   `each_debit_answered_as_failed_gets_exactly_one_reversal_across_faults_and_restarts`);
 //! - (e) nothing grows past what the workload made;
-//! - (order) a sale whose reversal was decided before it and acknowledged is never approved.
+//! - (order) a sale whose reversal was decided before it and acknowledged is never approved;
+//! - (settle) a 0500 from a terminal that never signed on gets 03, one with the gateway's own
+//!   totals never 95, one with other totals is never approved (DOMAIN §9a).
 //!
 //! A failing seed prints the last steps; the same seed reproduces it bit for bit. The
 //! [`Mutation`] switches re-introduce known bugs in the simulated gateway (never in the
@@ -41,8 +44,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 
 use crate::ledger::{
-    CardType, Decision, Dialect, EventBody, Ledger, LedgerEvent, Logged, MerchantSet, Operation,
-    OriginalRef, PanKey, Reason, Request, Reservation,
+    BatchTotals, CardType, Decision, Dialect, EventBody, Ledger, LedgerEvent, Logged, MerchantSet,
+    Operation, OriginalRef, PanKey, Reason, Request, Reservation,
 };
 
 /// A bug to re-introduce in the simulated gateway, to show the invariants have teeth.
@@ -92,6 +95,10 @@ pub struct Report {
     pub reordered: u32,
     /// Requests that reused an acknowledged request's key (checked: 94).
     pub key_reuses: u32,
+    /// Terminal 0500s approved (batch closed) and answered 95 (totals differ).
+    pub batches_settled: u32,
+    /// Terminal 0500s answered 95.
+    pub batches_unreconciled: u32,
 }
 
 /// A violated invariant.
@@ -176,6 +183,8 @@ struct SimReq {
     /// STAN, DE7 and RRN of the original.
     original: Option<(u32, u64, Option<String>)>,
     repeat: bool,
+    /// A 0500's batch totals, when it carries them.
+    totals: Option<BatchTotals>,
 }
 
 impl SimReq {
@@ -190,7 +199,7 @@ impl SimReq {
         eat(self.terminal as u64);
         eat(u64::from(self.stan));
         eat(self.amount);
-        eat(self.pan.len() as u64 + u64::from(self.pan.as_bytes()[15 % self.pan.len()]));
+        eat(self.pan.len() as u64 + u64::from(self.pan.as_bytes().get(15).copied().unwrap_or(0)));
         if let Some((s, t, _)) = &self.original {
             eat(u64::from(*s));
             eat(*t);
@@ -199,7 +208,11 @@ impl SimReq {
     }
 
     fn req(&self) -> Request<'_> {
-        let class = if self.op == Operation::Reversal { 4 } else { 2 };
+        let class = match self.op {
+            Operation::Reversal => 4,
+            Operation::Settlement => 5,
+            _ => 2,
+        };
         Request {
             dialect: Dialect::Ascii1987,
             op: self.op,
@@ -304,6 +317,8 @@ struct Sim {
     /// approved after a reversal of it was decided and acknowledged breaks DOMAIN §9 (a sale
     /// reversed first is declined 22).
     early: HashMap<(usize, u32), (Option<usize>, Option<usize>)>,
+    /// Terminals that ever sent a sign-on the disk took.
+    signed_on: HashSet<(usize, usize)>,
     /// A violation found while acknowledging, reported at the end of the step.
     violation: Option<(&'static str, String)>,
     trace: VecDeque<String>,
@@ -345,6 +360,7 @@ pub fn run(seed: u64, steps: u32, mutation: Mutation) -> Result<Report, Failure>
         reversals: Vec::new(),
         future: Vec::new(),
         early: HashMap::new(),
+        signed_on: HashSet::new(),
         violation: None,
         trace: VecDeque::new(),
         report: Report::default(),
@@ -466,7 +482,11 @@ impl Sim {
             59..=66 => self.repeat()?,
             67..=72 => self.forward(),
             73..=75 => self.bad(),
-            76..=78 => self.settle(),
+            76..=78 => match self.next(3) {
+                0 => self.settle(),
+                1 => self.sign_on(),
+                _ => self.settle_batch()?,
+            },
             79..=93 => self.sync()?,
             94..=96 => self.failed_sync()?,
             _ => self.crash()?,
@@ -507,6 +527,7 @@ impl Sim {
             amount: 1 + self.next(30_000),
             original: None,
             repeat: false,
+            totals: None,
         }
     }
 
@@ -921,6 +942,91 @@ impl Sim {
         self.note(format!("settle m{m} -> {}", settled.is_ok()));
     }
 
+    /// A terminal signs on (0800 001): journaled, then it may settle its batch.
+    fn sign_on(&mut self) {
+        let (m, t) = (self.next(2) as usize, self.next(2) as usize);
+        let now = self.now;
+        let full = self.disk_full();
+        let written = &mut self.written;
+        let signed =
+            self.ledger
+                .sign_on_logged(MERCHANTS[m], TERMINALS[t], now, log_to(written, full));
+        if signed.is_ok() {
+            self.signed_on.insert((m, t));
+        }
+        self.note(format!("sign-on m{m} t{t} -> {}", signed.is_ok()));
+    }
+
+    /// A terminal's 0500 (DOMAIN §9a), with the gateway's own totals, with wrong ones, or
+    /// with none. Checked at once: a terminal that never signed on gets 03; right totals are
+    /// never 95; wrong ones are never approved. Then it is answered like any request, so its
+    /// repeats are checked by (c).
+    fn settle_batch(&mut self) -> Result<(), Failure> {
+        let m = self.next(2) as usize;
+        let mut r = self.new_req(Operation::Settlement, m);
+        r.pan = "";
+        r.amount = 0;
+        let own = self
+            .ledger
+            .batch_totals(MERCHANTS[m], TERMINALS[r.terminal])
+            .unwrap_or_default();
+        let wrong = match self.next(4) {
+            0 | 1 => {
+                r.totals = Some(own);
+                false
+            }
+            2 => {
+                r.totals = Some(BatchTotals {
+                    debit_count: own.debit_count + 1,
+                    ..own
+                });
+                true
+            }
+            _ => false,
+        };
+        let idx = self.reqs.len();
+        self.reqs.push(r);
+        self.report.requests += 1;
+        let req = self.reqs[idx].clone();
+        let now = self.now;
+        let full = self.disk_full();
+        let written = &mut self.written;
+        let logged =
+            self.ledger
+                .settle_batch_logged(&req.req(), req.totals, now, log_to(written, full));
+        if let Some(d) = logged.decision() {
+            match d.reason {
+                Reason::RECONCILE_ERROR => self.report.batches_unreconciled += 1,
+                _ if d.is_approved() => self.report.batches_settled += 1,
+                _ => {}
+            }
+            let never_signed = !self.signed_on.contains(&(m, req.terminal));
+            let broken = (never_signed && d.reason != Reason::UNKNOWN_TERMINAL)
+                || (req.totals.is_some() && !wrong && d.reason == Reason::RECONCILE_ERROR)
+                || (wrong && d.is_approved());
+            if broken {
+                return Err(self.fail(
+                    "settle",
+                    format!(
+                        "{} with {} totals {:?} (gateway's {own:?}{}) answered {} {}",
+                        req.describe(),
+                        if wrong { "wrong" } else { "its" },
+                        req.totals,
+                        if never_signed {
+                            ", never signed on"
+                        } else {
+                            ""
+                        },
+                        d.code.as_str(),
+                        d.reason.as_str()
+                    ),
+                ));
+            }
+        }
+        self.answered(idx, logged);
+        Ok(())
+    }
+
     /// A durable point: everything written is synced, its answers leave.
     fn sync(&mut self) -> Result<(), Failure> {
         self.synced = self.written.len();
@@ -1208,9 +1314,15 @@ fn month_of(day: i64) -> i64 {
     year * 12 + month
 }
 
-/// Refusals that are not answers to remember (a retry is decided anew).
+/// Refusals that are not answers to remember (a retry is decided anew). Row 3 of DOMAIN §5
+/// (merchant, terminal, sign-on, batch) is checked before row 4 (duplicates), so its answers
+/// are not stored either: a 0500 answered 03 before its terminal signed on is settled when
+/// repeated after the sign-on.
 fn transient(r: Reason) -> bool {
     [
+        Reason::UNKNOWN_MERCHANT,
+        Reason::UNKNOWN_TERMINAL,
+        Reason::BATCH_MISMATCH,
         Reason::STORE_UNAVAILABLE,
         Reason::CUTOVER,
         Reason::DUPLICATE,
@@ -1255,6 +1367,8 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
                 total.snapshot_restores += r.snapshot_restores;
                 total.reordered += r.reordered;
                 total.key_reuses += r.key_reuses;
+                total.batches_settled += r.batches_settled;
+                total.batches_unreconciled += r.batches_unreconciled;
             }
             Err(f) => {
                 eprintln!("{f}");
@@ -1264,7 +1378,7 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     println!(
-        "sim: {} seeds from {} x {} steps: {} requests, {} answers acknowledged, {} crashes, {} failed syncs, {} rebuilds from a snapshot, {} full disks, {} repeats checked, {} keys reused, {} sales after their reversal; all invariants held ({:.1} seeds/s)",
+        "sim: {} seeds from {} x {} steps: {} requests, {} answers acknowledged, {} crashes, {} failed syncs, {} rebuilds from a snapshot, {} full disks, {} repeats checked, {} keys reused, {} sales after their reversal, {} batches settled, {} answered 95; all invariants held ({:.1} seeds/s)",
         args.seeds,
         args.seed,
         args.steps,
@@ -1277,6 +1391,8 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
         total.repeats_checked,
         total.key_reuses,
         total.reordered,
+        total.batches_settled,
+        total.batches_unreconciled,
         args.seeds as f64 / secs
     );
     std::process::ExitCode::SUCCESS

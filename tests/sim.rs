@@ -22,6 +22,8 @@ fn two_hundred_seeds_hold_every_invariant() {
                 total.disk_full += r.disk_full;
                 total.reordered += r.reordered;
                 total.key_reuses += r.key_reuses;
+                total.batches_settled += r.batches_settled;
+                total.batches_unreconciled += r.batches_unreconciled;
             }
             Err(f) => panic!("{f}"),
         }
@@ -40,6 +42,14 @@ fn two_hundred_seeds_hold_every_invariant() {
     assert!(total.disk_full > n / 2, "too few full disks: {total:?}");
     assert!(total.reordered > n, "too few reordered sales: {total:?}");
     assert!(total.key_reuses > n, "too few reused keys: {total:?}");
+    assert!(
+        total.batches_settled > n / 4,
+        "too few batches settled: {total:?}"
+    );
+    assert!(
+        total.batches_unreconciled > n / 10,
+        "too few 95s: {total:?}"
+    );
 }
 
 #[test]
