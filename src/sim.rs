@@ -287,6 +287,15 @@ struct Held {
     journaled: bool,
 }
 
+/// Refund sums (amount, count) recomputed from the acknowledged answers, for (a).
+struct Sums {
+    per_day: HashMap<(usize, i64), (u64, u32)>,
+    per_month: HashMap<(usize, i64), (u64, u32)>,
+    per_original: HashMap<(usize, u32), u64>,
+    /// Approved sales by (merchant, STAN): request index.
+    sales: HashMap<(usize, u32), usize>,
+}
+
 struct Sim {
     seed: u64,
     rng: u64,
@@ -1204,6 +1213,24 @@ impl Sim {
             m.0 += r.amount;
             m.1 += 1;
         }
+        let sums = Sums {
+            per_day,
+            per_month,
+            per_original,
+            sales,
+        };
+        self.check_usage_floor(&sums)
+    }
+
+    /// The second half of (a): the ledger's usage per day, month and original is never below
+    /// what the acknowledged answers add up to.
+    fn check_usage_floor(&self, sums: &Sums) -> Result<(), Failure> {
+        let Sums {
+            per_day,
+            per_month,
+            per_original,
+            sales,
+        } = sums;
         let day = (self.now + OFFSET_S).div_euclid(86_400);
         for (m, id) in MERCHANTS.iter().enumerate() {
             let Some(usage) = self.ledger.usage(id, self.now) else {
@@ -1233,7 +1260,7 @@ impl Sim {
                 ));
             }
         }
-        for (&(m, stan), &refunded) in &per_original {
+        for (&(m, stan), &refunded) in per_original {
             let Some(&i) = sales.get(&(m, stan)) else {
                 continue;
             };
