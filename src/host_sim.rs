@@ -127,6 +127,11 @@ pub struct ReversalCount {
     pub answered: u32,
     /// Reversals dropped by `drop_percent`.
     pub dropped: u32,
+    /// Of the reversals received (answered or dropped), those marked as repeats (0401,
+    /// 0421): a host applies only the first reversal of a debit; a switch must mark every
+    /// later send so.
+    #[serde(default)]
+    pub repeats: u32,
 }
 
 /// One listener of the host.
@@ -286,7 +291,7 @@ impl HostControl {
         }
     }
 
-    fn count_reversal(&self, terminal: &str, stan: u32, dropped: bool) {
+    fn count_reversal(&self, terminal: &str, stan: u32, dropped: bool, repeat: bool) {
         let Ok(mut map) = self.0.reversals.lock() else {
             return;
         };
@@ -305,6 +310,9 @@ impl HostControl {
             entry.dropped += 1;
         } else {
             entry.answered += 1;
+        }
+        if repeat {
+            entry.repeats += 1;
         }
     }
 }
@@ -534,7 +542,7 @@ async fn answer(
         if mti.class() == 4 {
             control.count(|s| s.reversals_received += 1);
             let (t, stan) = (msg.terminal().unwrap_or(""), msg.stan().unwrap_or(0));
-            control.count_reversal(t, stan, true);
+            control.count_reversal(t, stan, true, mti.is_repeat());
         }
         return None;
     }
@@ -552,7 +560,7 @@ async fn answer(
         4 => {
             control.count(|s| s.reversals_received += 1);
             let (t, stan) = (msg.terminal().unwrap_or(""), msg.stan().unwrap_or(0));
-            control.count_reversal(t, stan, false);
+            control.count_reversal(t, stan, false, mti.is_repeat());
             financial_answer(&msg, "00", None, &mut out)
         }
         2 => {

@@ -1,33 +1,51 @@
 //! `refundgate sim`: a deterministic simulation of the decision core (issue 17, after
 //! TigerBeetle's VOPR). One thread, one seed: the real [`Ledger`] decides a random workload
-//! of sales, refunds, voids, reversals, repeats, settlements, forwarded requests held across
-//! steps and bad requests, and journals through a simulated disk that syncs, fails syncs and
-//! crashes (losing unsynced records, or keeping some of them as a disk may) at any step.
+//! of sales, refunds, voids, reversals (of sales, refunds and voids; again for an original
+//! already reversed; before their sale, reordered), repeats, identical retransmissions,
+//! requests reusing a key, sign-ons, terminal 0500s (with the gateway's totals, wrong
+//! totals or none) and merchant settlements, forwarded requests held across steps and bad
+//! requests, from 2026-01-31 on across merchant-local days and a month boundary, and
+//! journals through a simulated disk that syncs, fails syncs, fills up (ENOSPC: writes
+//! refused for some steps) and crashes (losing unsynced records, or keeping some of them as a
+//! disk may) at any step. Ledger snapshots are taken at durable points; a restart restores
+//! the last one and replays the records after it.
 //!
 //! The simulated gateway does what `flow` does: decide and journal in one step under the
-//! merchant's shard (the logged ledger API), answer only once the record is synced, rebuild the
-//! ledger from what is durable after a failed sync, replay the journal after a crash.
+//! merchant's shard (the logged ledger API), answer only once the record is synced (96 when
+//! the write is refused), rebuild the ledger from what is durable after a failed sync, restore
+//! and replay after a crash.
 //!
 //! Invariants, checked as the run goes:
 //! - (a) no refund limit exceeded, recomputed from the acknowledged answers alone (per
-//!   original: the sale amount; per merchant-local day: amount and count caps);
-//! - (b) at every durable point and after every rebuild, replay(journal) equals the live ledger
-//!   byte for byte (snapshot encoding);
-//! - (c) a repeat of an acknowledged request gets the acknowledged answer, before and after
-//!   crashes;
-//! - (d) the refunds reserved in the ledger equal the forwarded refunds the simulation holds;
-//! - (e) nothing grows past what the workload made.
+//!   original: the sale amount; per merchant-local day: amount and count caps; a refund a
+//!   journaled reversal undid counts no more, once); and the ledger's usage per day, month and
+//!   original is never below those sums (below: something was given back twice);
+//! - (b) at every durable point and after every rebuild, replay(journal) from scratch equals
+//!   the live ledger byte for byte (snapshot encoding), also when the live one was restored
+//!   from a snapshot;
+//! - (c) a repeat or identical retransmission of an acknowledged request gets the
+//!   acknowledged answer, before and after crashes; another request reusing its key gets 94
+//!   and writes nothing;
+//! - (d) the refunds reserved in the ledger equal the forwarded refunds the simulation holds
+//!   (the upstream half of issue 17's (d), one reversal per failed host debit, is
+//!   `tests/upstream.rs`
+//!   `each_debit_answered_as_failed_gets_exactly_one_reversal_across_faults_and_restarts`);
+//! - (e) nothing grows past what the workload made;
+//! - (order) a sale whose reversal was decided before it and acknowledged is never approved;
+//! - (settle) a 0500 from a terminal that never signed on gets 03, one with the gateway's own
+//!   totals never 95, one with other totals is never approved (DOMAIN §9a).
 //!
 //! A failing seed prints the last steps; the same seed reproduces it bit for bit. The
 //! [`Mutation`] switches re-introduce known bugs in the simulated gateway (never in the
-//! product's paths) to show that the invariants catch them.
+//! product's paths; the one ledger-side switch exists only in test builds) to show that the
+//! invariants catch them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 
 use crate::ledger::{
-    CardType, Decision, Dialect, Ledger, LedgerEvent, Logged, MerchantSet, Operation, OriginalRef,
-    PanKey, Reason, Request, Reservation,
+    BatchTotals, CardType, Decision, Dialect, EventBody, Ledger, LedgerEvent, Logged, MerchantSet,
+    Operation, OriginalRef, PanKey, Reason, Request, Reservation,
 };
 
 /// A bug to re-introduce in the simulated gateway, to show the invariants have teeth.
@@ -45,6 +63,12 @@ pub enum Mutation {
     ApplyInWakeUpOrder,
     /// A forwarded request that times out keeps its reservation.
     HoldNotReleased,
+    /// A reversal of an already reversed refund, void or sale undoes it again (money and
+    /// limits given back twice). The ledger's idempotency by state makes this impossible
+    /// through its API, so this one switch sits in the ledger, compiled only with the
+    /// test-only `sim-mutations` feature (`cargo test` turns it on).
+    #[cfg(feature = "sim-mutations")]
+    ReversalAppliedTwice,
 }
 
 /// What one run did.
@@ -62,6 +86,19 @@ pub struct Report {
     pub sync_failures: u32,
     /// Repeats checked against their acknowledged answer.
     pub repeats_checked: u64,
+    /// Times the disk filled up (writes refused for some steps).
+    pub disk_full: u32,
+    /// Rebuilds (after a crash or a failed sync) that restored a snapshot and replayed only
+    /// the records after it.
+    pub snapshot_restores: u32,
+    /// Sales sent after their own reversal (reordered on the network).
+    pub reordered: u32,
+    /// Requests that reused an acknowledged request's key (checked: 94).
+    pub key_reuses: u32,
+    /// Terminal 0500s approved (batch closed) and answered 95 (totals differ).
+    pub batches_settled: u32,
+    /// Terminal 0500s answered 95.
+    pub batches_unreconciled: u32,
 }
 
 /// A violated invariant.
@@ -99,7 +136,9 @@ impl std::fmt::Display for Failure {
     }
 }
 
-const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+/// 2026-01-31T00:00:00Z (08:00 merchant-local): a run of a few hundred steps crosses the
+/// local month boundary as well as days.
+const T0: i64 = 1_769_817_600;
 const DAY_CAP: u64 = 90_000;
 const DAY_COUNT_CAP: u32 = 8;
 const MERCHANTS: [&str; 2] = ["SIM MERCHANT 01", "SIM MERCHANT 02"];
@@ -144,6 +183,8 @@ struct SimReq {
     /// STAN, DE7 and RRN of the original.
     original: Option<(u32, u64, Option<String>)>,
     repeat: bool,
+    /// A 0500's batch totals, when it carries them.
+    totals: Option<BatchTotals>,
 }
 
 impl SimReq {
@@ -158,7 +199,7 @@ impl SimReq {
         eat(self.terminal as u64);
         eat(u64::from(self.stan));
         eat(self.amount);
-        eat(self.pan.len() as u64 + u64::from(self.pan.as_bytes()[15 % self.pan.len()]));
+        eat(self.pan.len() as u64 + u64::from(self.pan.as_bytes().get(15).copied().unwrap_or(0)));
         if let Some((s, t, _)) = &self.original {
             eat(u64::from(*s));
             eat(*t);
@@ -167,7 +208,11 @@ impl SimReq {
     }
 
     fn req(&self) -> Request<'_> {
-        let class = if self.op == Operation::Reversal { 4 } else { 2 };
+        let class = match self.op {
+            Operation::Reversal => 4,
+            Operation::Settlement => 5,
+            _ => 2,
+        };
         Request {
             dialect: Dialect::Ascii1987,
             op: self.op,
@@ -242,6 +287,15 @@ struct Held {
     journaled: bool,
 }
 
+/// Refund sums (amount, count) recomputed from the acknowledged answers, for (a).
+struct Sums {
+    per_day: HashMap<(usize, i64), (u64, u32)>,
+    per_month: HashMap<(usize, i64), (u64, u32)>,
+    per_original: HashMap<(usize, u32), u64>,
+    /// Approved sales by (merchant, STAN): request index.
+    sales: HashMap<(usize, u32), usize>,
+}
+
 struct Sim {
     seed: u64,
     rng: u64,
@@ -259,9 +313,31 @@ struct Sim {
     held: Vec<Held>,
     /// Sales acknowledged as approved (request index).
     sales: Vec<usize>,
+    /// Refunds and voids acknowledged as approved (request index): what a terminal reverses
+    /// besides sales.
+    debits: Vec<usize>,
+    /// Reversals acknowledged (request index): a terminal may send another one for the same
+    /// original (a new STAN, as after a lost answer).
+    reversals: Vec<usize>,
+    /// Sales whose reversal was sent first, not sent yet.
+    future: Vec<SimReq>,
+    /// Those sales by (merchant, STAN): the first acknowledged reversal naming it and the
+    /// sale acknowledged as approved (request indexes, which follow decision order). A sale
+    /// approved after a reversal of it was decided and acknowledged breaks DOMAIN §9 (a sale
+    /// reversed first is declined 22).
+    early: HashMap<(usize, u32), (Option<usize>, Option<usize>)>,
+    /// Terminals that ever sent a sign-on the disk took.
+    signed_on: HashSet<(usize, usize)>,
+    /// A violation found while acknowledging, reported at the end of the step.
+    violation: Option<(&'static str, String)>,
     trace: VecDeque<String>,
     report: Report,
     step: u32,
+    /// The disk is full (every write fails) before this step.
+    full_until: u32,
+    /// The last ledger snapshot, taken at a durable point, and how many records it covers:
+    /// a restart restores it and replays the records after it.
+    snapshot: Option<(Vec<u8>, usize)>,
 }
 
 /// Runs `steps` steps of seed `seed`.
@@ -289,10 +365,19 @@ pub fn run(seed: u64, steps: u32, mutation: Mutation) -> Result<Report, Failure>
         waiting: Vec::new(),
         held: Vec::new(),
         sales: Vec::new(),
+        debits: Vec::new(),
+        reversals: Vec::new(),
+        future: Vec::new(),
+        early: HashMap::new(),
+        signed_on: HashSet::new(),
+        violation: None,
         trace: VecDeque::new(),
         report: Report::default(),
         step: 0,
+        full_until: 0,
+        snapshot: None,
     };
+    let _switch = LedgerMutation::on(mutation);
     for step in 0..steps {
         sim.step = step;
         sim.one_step()?;
@@ -301,9 +386,53 @@ pub fn run(seed: u64, steps: u32, mutation: Mutation) -> Result<Report, Failure>
     Ok(sim.report)
 }
 
+/// Turns the ledger-side mutation on for one run on this thread, and off again when dropped
+/// (also when the run fails).
+struct LedgerMutation;
+
+impl LedgerMutation {
+    fn on(mutation: Mutation) -> LedgerMutation {
+        #[cfg(feature = "sim-mutations")]
+        crate::ledger::sim_mutation::set_reversal_applied_twice(
+            mutation == Mutation::ReversalAppliedTwice,
+        );
+        let _ = mutation;
+        LedgerMutation
+    }
+}
+
+impl Drop for LedgerMutation {
+    fn drop(&mut self) {
+        #[cfg(feature = "sim-mutations")]
+        crate::ledger::sim_mutation::set_reversal_applied_twice(false);
+    }
+}
+
+/// Why the simulated disk refused a record.
+#[derive(Debug)]
+enum DiskError {
+    /// ENOSPC: the write failed, nothing was written.
+    Full,
+    /// The ledger refused the call (unknown merchant).
+    Refused,
+}
+
+impl From<crate::ledger::Refused> for DiskError {
+    fn from(_: crate::ledger::Refused) -> DiskError {
+        DiskError::Refused
+    }
+}
+
 /// The simulated disk's log: the event is written (not yet synced); its seq is its position.
-fn log_to<E>(written: &mut Vec<LedgerEvent>) -> impl FnOnce(&LedgerEvent) -> Result<u64, E> + '_ {
+/// A full disk refuses the write.
+fn log_to(
+    written: &mut Vec<LedgerEvent>,
+    full: bool,
+) -> impl FnOnce(&LedgerEvent) -> Result<u64, DiskError> + '_ {
     move |e| {
+        if full {
+            return Err(DiskError::Full);
+        }
         written.push(e.clone());
         Ok(written.len() as u64)
     }
@@ -338,24 +467,41 @@ impl Sim {
         }
     }
 
+    fn disk_full(&self) -> bool {
+        self.step < self.full_until
+    }
+
     fn one_step(&mut self) -> Result<(), Failure> {
         self.now += self.next(90) as i64;
         if self.next(60) == 0 {
             self.now += 5 * 3600;
+        }
+        if self.next(150) == 0 {
+            // ENOSPC until an operator frees space some steps later.
+            self.full_until = self.step + 1 + self.next(12) as u32;
+            self.report.disk_full += 1;
+            self.note(format!("disk full until #{}", self.full_until));
         }
         self.resolve_held()?;
         match self.next(100) {
             0..=27 => self.sale(),
             28..=47 => self.child(Operation::Refund),
             48..=52 => self.child(Operation::Void),
-            53..=58 => self.child(Operation::Reversal),
+            53..=58 => self.reversal(),
             59..=66 => self.repeat()?,
             67..=72 => self.forward(),
             73..=75 => self.bad(),
-            76..=78 => self.settle(),
+            76..=78 => match self.next(3) {
+                0 => self.settle(),
+                1 => self.sign_on(),
+                _ => self.settle_batch()?,
+            },
             79..=93 => self.sync()?,
             94..=96 => self.failed_sync()?,
             _ => self.crash()?,
+        }
+        if let Some((invariant, detail)) = self.violation.take() {
+            return Err(self.fail(invariant, detail));
         }
         self.check_limits()?;
         self.check_holds()?;
@@ -390,15 +536,27 @@ impl Sim {
             amount: 1 + self.next(30_000),
             original: None,
             repeat: false,
+            totals: None,
         }
     }
 
     fn sale(&mut self) {
+        if !self.future.is_empty() && self.next(3) == 0 {
+            // A sale whose reversal overtook it on the network.
+            let r = self.future.remove(0);
+            self.report.reordered += 1;
+            return self.decide(r);
+        }
+        let r = self.new_sale();
+        self.decide(r);
+    }
+
+    fn new_sale(&mut self) -> SimReq {
         let m = self.next(2) as usize;
         let mut r = self.new_req(Operation::Sale, m);
         r.amount = 1_000 + self.next(29_000);
         r.rrn = Some(format!("{:012}", u64::from(r.stan) * 7 + 100_000_000_000));
-        self.decide(r);
+        r
     }
 
     /// A refund, void or reversal of an acknowledged sale (or, rarely, of one never seen).
@@ -429,6 +587,48 @@ impl Sim {
         self.decide(r);
     }
 
+    /// A terminal's reversal: of a sale (half the time), of an acknowledged refund or void, or
+    /// another one for an original already reversed (a new STAN).
+    fn reversal(&mut self) {
+        let pick = match self.next(5) {
+            2 if self.future.len() < 8 => {
+                // Reordered: the reversal of a sale arrives before the sale itself.
+                let sale = self.new_sale();
+                let mut r = self.new_req(Operation::Reversal, sale.merchant);
+                r.terminal = sale.terminal;
+                r.pan = sale.pan;
+                r.amount = sale.amount;
+                r.original = Some((sale.stan, sale.transmission, None));
+                self.early.insert((sale.merchant, sale.stan), (None, None));
+                self.future.push(sale);
+                return self.decide(r);
+            }
+            0 if !self.debits.is_empty() => {
+                let at = self.next(self.debits.len() as u64) as usize;
+                self.debits[at]
+            }
+            1 if !self.reversals.is_empty() => {
+                let at = self.next(self.reversals.len() as u64) as usize;
+                let r = self.reversals[at];
+                let again = self.reqs[r].clone();
+                let mut r = self.new_req(Operation::Reversal, again.merchant);
+                r.terminal = again.terminal;
+                r.pan = again.pan;
+                r.amount = again.amount;
+                r.original = again.original;
+                return self.decide(r);
+            }
+            _ => return self.child(Operation::Reversal),
+        };
+        let debit = self.reqs[pick].clone();
+        let mut r = self.new_req(Operation::Reversal, debit.merchant);
+        r.terminal = debit.terminal;
+        r.pan = debit.pan;
+        r.amount = debit.amount;
+        r.original = Some((debit.stan, debit.transmission, None));
+        self.decide(r);
+    }
+
     fn bad(&mut self) {
         let m = self.next(2) as usize;
         let mut r = self.new_req(Operation::Sale, m);
@@ -447,32 +647,34 @@ impl Sim {
         let logged = if self.mutation == Mutation::DeclinesNotJournaled {
             match self.ledger.reserve(&req.req(), now) {
                 Ok(res) => {
+                    let full = self.disk_full();
                     let written = &mut self.written;
-                    self.ledger.commit_logged(res, log_to::<()>(written))
+                    self.ledger.commit_logged(res, log_to(written, full))
                 }
                 Err(decision) => Logged::Unlogged { decision, after: 0 },
             }
         } else {
+            let full = self.disk_full();
             let written = &mut self.written;
             self.ledger
-                .decide_logged(&req.req(), now, log_to::<()>(written))
+                .decide_logged(&req.req(), now, log_to(written, full))
         };
         self.answered(idx, logged);
     }
 
     /// Files the answer of request `idx` to be sent once its record is synced.
-    fn answered(&mut self, idx: usize, logged: Logged<()>) {
+    fn answered(&mut self, idx: usize, logged: Logged<DiskError>) {
         let at = self.now;
         self.answered_at(idx, logged, at);
     }
 
     /// [`Sim::answered`] for a request decided at `at` (a forwarded one: when it was reserved,
     /// which is the time its event carries).
-    fn answered_at(&mut self, idx: usize, logged: Logged<()>, at: i64) {
+    fn answered_at(&mut self, idx: usize, logged: Logged<DiskError>, at: i64) {
         let (decision, until) = match logged {
             Logged::Applied { decision, seq } => (decision, seq as usize),
             Logged::Unlogged { decision, after } => (decision, after as usize),
-            Logged::Failed(()) => (Decision::bare(Reason::STORE_UNAVAILABLE), 0),
+            Logged::Failed(_) => (Decision::bare(Reason::STORE_UNAVAILABLE), 0),
         };
         self.note(format!(
             "{} -> {} {}",
@@ -496,8 +698,37 @@ impl Sim {
     fn acknowledge(&mut self, w: Waiting) {
         self.report.acknowledged += 1;
         let req = &self.reqs[w.req];
-        if req.op == Operation::Sale && w.decision.is_approved() && !req.repeat {
-            self.sales.push(w.req);
+        if w.decision.is_approved() && !req.repeat {
+            let early_key = match (req.op, &req.original) {
+                (Operation::Sale, _) => Some(((req.merchant, req.stan), false)),
+                (Operation::Reversal, Some((stan, _, _))) => Some(((req.merchant, *stan), true)),
+                _ => None,
+            };
+            if let Some((key, is_reversal)) = early_key {
+                if let Some(seen) = self.early.get_mut(&key) {
+                    if is_reversal {
+                        seen.0 = Some(seen.0.map_or(w.req, |r| r.min(w.req)));
+                    } else {
+                        seen.1 = Some(w.req);
+                    }
+                    let broken = matches!(*seen, (Some(r), Some(s)) if r < s);
+                    if broken && self.violation.is_none() {
+                        self.violation = Some((
+                            "order",
+                            format!(
+                                "m{} stan {}: the sale was approved although its reversal, decided before it, was acknowledged",
+                                key.0, key.1
+                            ),
+                        ));
+                    }
+                }
+            }
+            match req.op {
+                Operation::Sale => self.sales.push(w.req),
+                Operation::Refund | Operation::Void => self.debits.push(w.req),
+                Operation::Reversal => self.reversals.push(w.req),
+                _ => {}
+            }
         }
         if !req.repeat && !transient(w.decision.reason) {
             self.acked.push(Ack {
@@ -513,7 +744,41 @@ impl Sim {
         let Some(ack) = self.recent_ack() else {
             return Ok(());
         };
-        self.check_repeat(ack, "c (live)")
+        match self.next(4) {
+            // An identical retransmission (no repeat flag): the stored answer too.
+            0 => self.check_again(ack, false, "c (retransmission)"),
+            // Another request reusing the key: 94, nothing moves.
+            1 => self.check_key_reuse(ack),
+            _ => self.check_repeat(ack, "c (live)"),
+        }
+    }
+
+    /// A different request with an acknowledged request's key (DE41, DE11, date, class) gets
+    /// 94 `DUPLICATE` and journals nothing (DOMAIN §6).
+    fn check_key_reuse(&mut self, ack: Ack) -> Result<(), Failure> {
+        self.report.key_reuses += 1;
+        let mut other = self.reqs[ack.req].clone();
+        other.amount += 1;
+        let before = self.written.len();
+        let now = self.now;
+        let full = self.disk_full();
+        let written = &mut self.written;
+        let logged = self
+            .ledger
+            .decide_logged(&other.req(), now, log_to(written, full));
+        let got = logged.decision().map(|d| d.reason);
+        if got != Some(Reason::DUPLICATE) || self.written.len() != before {
+            return Err(self.fail(
+                "c (key reused)",
+                format!(
+                    "{} reusing the key of an acknowledged request got {:?}, {} records written",
+                    other.describe(),
+                    got.map(Reason::as_str),
+                    self.written.len() - before
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn recent_ack(&mut self) -> Option<Ack> {
@@ -531,13 +796,25 @@ impl Sim {
     }
 
     fn check_repeat(&mut self, ack: Ack, invariant: &'static str) -> Result<(), Failure> {
+        self.check_again(ack, true, invariant)
+    }
+
+    /// Sends acknowledged request `ack` again (as a repeat, or as an identical
+    /// retransmission): it must get the acknowledged answer, and nothing new is decided.
+    fn check_again(
+        &mut self,
+        ack: Ack,
+        repeat: bool,
+        invariant: &'static str,
+    ) -> Result<(), Failure> {
         let mut again = self.reqs[ack.req].clone();
-        again.repeat = true;
+        again.repeat = repeat;
         let now = self.now;
+        let full = self.disk_full();
         let written = &mut self.written;
         let logged = self
             .ledger
-            .decide_logged(&again.req(), now, log_to::<()>(written));
+            .decide_logged(&again.req(), now, log_to(written, full));
         self.report.repeats_checked += 1;
         let got = match &logged {
             Logged::Unlogged { decision, .. } => *decision,
@@ -554,7 +831,7 @@ impl Sim {
                     ),
                 ))
             }
-            Logged::Failed(()) => return Ok(()),
+            Logged::Failed(_) => return Ok(()),
         };
         if got.reason != ack.decision.reason {
             return Err(self.fail(
@@ -592,10 +869,11 @@ impl Sim {
         let now = self.now;
         let due = self.step + 1 + self.next(6) as u32;
         let wake_up_order = self.mutation == Mutation::ApplyInWakeUpOrder;
+        let full = self.disk_full();
         let written = &mut self.written;
         let reserved = self
             .ledger
-            .reserve_logged(&req.req(), now, log_to::<()>(written))
+            .reserve_logged(&req.req(), now, log_to(written, full))
             .map(|res| {
                 if wake_up_order {
                     // The bug: journaled now, applied when the host answers.
@@ -652,9 +930,10 @@ impl Sim {
                     seq: self.written.len() as u64,
                 }
             } else {
+                let full = self.disk_full();
                 let written = &mut self.written;
                 self.ledger
-                    .commit_logged(h.reservation, log_to::<()>(written))
+                    .commit_logged(h.reservation, log_to(written, full))
             };
             self.answered_at(h.req, logged, h.at);
         }
@@ -664,11 +943,97 @@ impl Sim {
     fn settle(&mut self) {
         let m = self.next(2) as usize;
         let now = self.now;
+        let full = self.disk_full();
         let written = &mut self.written;
-        let settled =
-            self.ledger
-                .settle_logged(MERCHANTS[m], now, log_to::<crate::ledger::Refused>(written));
+        let settled = self
+            .ledger
+            .settle_logged(MERCHANTS[m], now, log_to(written, full));
         self.note(format!("settle m{m} -> {}", settled.is_ok()));
+    }
+
+    /// A terminal signs on (0800 001): journaled, then it may settle its batch.
+    fn sign_on(&mut self) {
+        let (m, t) = (self.next(2) as usize, self.next(2) as usize);
+        let now = self.now;
+        let full = self.disk_full();
+        let written = &mut self.written;
+        let signed =
+            self.ledger
+                .sign_on_logged(MERCHANTS[m], TERMINALS[t], now, log_to(written, full));
+        if signed.is_ok() {
+            self.signed_on.insert((m, t));
+        }
+        self.note(format!("sign-on m{m} t{t} -> {}", signed.is_ok()));
+    }
+
+    /// A terminal's 0500 (DOMAIN §9a), with the gateway's own totals, with wrong ones, or
+    /// with none. Checked at once: a terminal that never signed on gets 03; right totals are
+    /// never 95; wrong ones are never approved. Then it is answered like any request, so its
+    /// repeats are checked by (c).
+    fn settle_batch(&mut self) -> Result<(), Failure> {
+        let m = self.next(2) as usize;
+        let mut r = self.new_req(Operation::Settlement, m);
+        r.pan = "";
+        r.amount = 0;
+        let own = self
+            .ledger
+            .batch_totals(MERCHANTS[m], TERMINALS[r.terminal])
+            .unwrap_or_default();
+        let wrong = match self.next(4) {
+            0 | 1 => {
+                r.totals = Some(own);
+                false
+            }
+            2 => {
+                r.totals = Some(BatchTotals {
+                    debit_count: own.debit_count + 1,
+                    ..own
+                });
+                true
+            }
+            _ => false,
+        };
+        let idx = self.reqs.len();
+        self.reqs.push(r);
+        self.report.requests += 1;
+        let req = self.reqs[idx].clone();
+        let now = self.now;
+        let full = self.disk_full();
+        let written = &mut self.written;
+        let logged =
+            self.ledger
+                .settle_batch_logged(&req.req(), req.totals, now, log_to(written, full));
+        if let Some(d) = logged.decision() {
+            match d.reason {
+                Reason::RECONCILE_ERROR => self.report.batches_unreconciled += 1,
+                _ if d.is_approved() => self.report.batches_settled += 1,
+                _ => {}
+            }
+            let never_signed = !self.signed_on.contains(&(m, req.terminal));
+            let broken = (never_signed && d.reason != Reason::UNKNOWN_TERMINAL)
+                || (req.totals.is_some() && !wrong && d.reason == Reason::RECONCILE_ERROR)
+                || (wrong && d.is_approved());
+            if broken {
+                return Err(self.fail(
+                    "settle",
+                    format!(
+                        "{} with {} totals {:?} (gateway's {own:?}{}) answered {} {}",
+                        req.describe(),
+                        if wrong { "wrong" } else { "its" },
+                        req.totals,
+                        if never_signed {
+                            ", never signed on"
+                        } else {
+                            ""
+                        },
+                        d.code.as_str(),
+                        d.reason.as_str()
+                    ),
+                ));
+            }
+        }
+        self.answered(idx, logged);
+        Ok(())
     }
 
     /// A durable point: everything written is synced, its answers leave.
@@ -682,7 +1047,14 @@ impl Sim {
             self.acknowledge(w);
         }
         self.note(format!("sync {} records, {n} answers sent", self.synced));
-        self.check_replay("b (durable point)")
+        self.check_replay("b (durable point)")?;
+        if self.next(3) == 0 {
+            let mut bytes = Vec::new();
+            self.ledger.snapshot(&mut bytes);
+            self.snapshot = Some((bytes, self.synced));
+            self.note(format!("snapshot at {} records", self.synced));
+        }
+        Ok(())
     }
 
     /// A sync that fails: the unsynced records are lost, their answers become 96, and the
@@ -692,7 +1064,7 @@ impl Sim {
         let lost = self.written.len() - self.synced;
         self.written.truncate(self.synced);
         let waiting = std::mem::take(&mut self.waiting);
-        let rebuilt = self.replayed()?;
+        let rebuilt = self.recovered()?;
         self.ledger.adopt_durable(rebuilt);
         self.note(format!("sync failed: {lost} records lost, ledger rebuilt"));
         for w in waiting {
@@ -715,7 +1087,7 @@ impl Sim {
         self.waiting.clear();
         // Forwarded requests in flight die with the process (their terminals reverse them).
         self.held.clear();
-        self.ledger = self.replayed()?;
+        self.ledger = self.recovered()?;
         self.note(format!(
             "crash: {unsynced} unsynced records, {kept} of them reached the disk; restarted"
         ));
@@ -731,6 +1103,24 @@ impl Sim {
             self.check_repeat(ack, "c (after a crash)")?;
         }
         self.check_replay("b (after a crash)")
+    }
+
+    /// What a restart rebuilds: the last snapshot restored and the records after it replayed
+    /// (or, before any snapshot, the whole journal). (b) compares the live ledger with a
+    /// replay from scratch, so a snapshot that restores differently is caught.
+    fn recovered(&mut self) -> Result<Ledger, Failure> {
+        let Some((bytes, covered)) = &self.snapshot else {
+            return self.replayed();
+        };
+        let restored = Ledger::restore(&self.set, pan_key(), bytes)
+            .map_err(|e| self.fail("snapshot", e.to_string()))?;
+        for e in &self.written[*covered..] {
+            restored
+                .apply(e)
+                .map_err(|e| self.fail("replay", e.to_string()))?;
+        }
+        self.report.snapshot_restores += 1;
+        Ok(restored)
     }
 
     fn replayed(&self) -> Result<Ledger, Failure> {
@@ -762,15 +1152,23 @@ impl Sim {
         Ok(())
     }
 
-    /// (a) limits recomputed from the acknowledged answers alone.
+    /// (a) limits recomputed from the acknowledged answers alone: per original (the sale
+    /// amount) and per merchant-local day (amount and count caps). A refund that a reversal in
+    /// the journal undid no longer counts, once, however many reversals name it.
+    ///
+    /// The ledger's own usage (per day, per month, per original) may be higher than these
+    /// sums (durable refunds whose answer was lost in a crash), never lower: lower means it
+    /// gave back something the journal does not undo, such as a reversal applied twice.
     fn check_limits(&self) -> Result<(), Failure> {
+        let reversed = self.reversed_in_journal();
         let mut per_original: HashMap<(usize, u32), u64> = HashMap::new();
         let mut per_day: HashMap<(usize, i64), (u64, u32)> = HashMap::new();
-        let mut sale_amount: HashMap<(usize, u32), u64> = HashMap::new();
+        let mut per_month: HashMap<(usize, i64), (u64, u32)> = HashMap::new();
+        let mut sales: HashMap<(usize, u32), usize> = HashMap::new();
         for a in &self.acked {
             let r = &self.reqs[a.req];
             if r.op == Operation::Sale && a.decision.is_approved() {
-                sale_amount.insert((r.merchant, r.stan), r.amount);
+                sales.insert((r.merchant, r.stan), a.req);
             }
         }
         for a in &self.acked {
@@ -781,9 +1179,14 @@ impl Sim {
             let Some((stan, _, _)) = r.original else {
                 continue;
             };
+            if reversed.contains(&(r.terminal, r.stan, r.transmission)) {
+                continue;
+            }
             let o = per_original.entry((r.merchant, stan)).or_default();
             *o += r.amount;
-            let cap = sale_amount.get(&(r.merchant, stan)).copied().unwrap_or(0);
+            let cap = sales
+                .get(&(r.merchant, stan))
+                .map_or(0, |&i| self.reqs[i].amount);
             if *o > cap {
                 return Err(self.fail(
                     "a",
@@ -806,8 +1209,101 @@ impl Sim {
                     ),
                 ));
             }
+            let m = per_month.entry((r.merchant, month_of(day))).or_default();
+            m.0 += r.amount;
+            m.1 += 1;
+        }
+        let sums = Sums {
+            per_day,
+            per_month,
+            per_original,
+            sales,
+        };
+        self.check_usage_floor(&sums)
+    }
+
+    /// The second half of (a): the ledger's usage per day, month and original is never below
+    /// what the acknowledged answers add up to.
+    fn check_usage_floor(&self, sums: &Sums) -> Result<(), Failure> {
+        let Sums {
+            per_day,
+            per_month,
+            per_original,
+            sales,
+        } = sums;
+        let day = (self.now + OFFSET_S).div_euclid(86_400);
+        for (m, id) in MERCHANTS.iter().enumerate() {
+            let Some(usage) = self.ledger.usage(id, self.now) else {
+                continue;
+            };
+            let today = per_day.get(&(m, day)).copied().unwrap_or_default();
+            let month = per_month
+                .get(&(m, month_of(day)))
+                .copied()
+                .unwrap_or_default();
+            if usage.day_amount < today.0 || usage.day_count < today.1 {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{m}: the ledger counts {} refunds for {} today, the acknowledged answers {} for {}",
+                        usage.day_count, usage.day_amount, today.1, today.0
+                    ),
+                ));
+            }
+            if usage.month_amount < month.0 || usage.month_count < month.1 {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{m}: the ledger counts {} refunds for {} this month, the acknowledged answers {} for {}",
+                        usage.month_count, usage.month_amount, month.1, month.0
+                    ),
+                ));
+            }
+        }
+        for (&(m, stan), &refunded) in per_original {
+            let Some(&i) = sales.get(&(m, stan)) else {
+                continue;
+            };
+            let sale = &self.reqs[i];
+            let reference = OriginalRef::Iso {
+                mti: 200,
+                stan,
+                transmission: sale.transmission,
+                rrn: None,
+            };
+            let Some(view) =
+                self.ledger
+                    .original(MERCHANTS[m], TERMINALS[sale.terminal], reference)
+            else {
+                continue;
+            };
+            if view.refunded < refunded {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{m} stan {stan}: the ledger has {} refunded, the acknowledged answers {refunded}",
+                        view.refunded
+                    ),
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// (terminal, STAN, DE7) of every transaction a reversal in the journal names.
+    fn reversed_in_journal(&self) -> HashSet<(usize, u32, u64)> {
+        self.written
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::Reversal { target, .. } => {
+                    let t = TERMINALS
+                        .iter()
+                        .position(|t| *t == target.terminal.as_str())?;
+                    Some((t, target.stan, u64::from(target.tag)))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// (d) refunds reserved in the ledger = forwarded refunds held.
@@ -831,9 +1327,29 @@ impl Sim {
     }
 }
 
-/// Refusals that are not answers to remember (a retry is decided anew).
+/// The month (a running number) of merchant-local day `day` (days since 1970-01-01).
+fn month_of(day: i64) -> i64 {
+    // Civil date from days (H. Hinnant's algorithm), reduced to year * 12 + month.
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    year * 12 + month
+}
+
+/// Refusals that are not answers to remember (a retry is decided anew). Row 3 of DOMAIN §5
+/// (merchant, terminal, sign-on, batch) is checked before row 4 (duplicates), so its answers
+/// are not stored either: a 0500 answered 03 before its terminal signed on is settled when
+/// repeated after the sign-on.
 fn transient(r: Reason) -> bool {
     [
+        Reason::UNKNOWN_MERCHANT,
+        Reason::UNKNOWN_TERMINAL,
+        Reason::BATCH_MISMATCH,
         Reason::STORE_UNAVAILABLE,
         Reason::CUTOVER,
         Reason::DUPLICATE,
@@ -874,6 +1390,12 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
                 total.crashes += r.crashes;
                 total.sync_failures += r.sync_failures;
                 total.repeats_checked += r.repeats_checked;
+                total.disk_full += r.disk_full;
+                total.snapshot_restores += r.snapshot_restores;
+                total.reordered += r.reordered;
+                total.key_reuses += r.key_reuses;
+                total.batches_settled += r.batches_settled;
+                total.batches_unreconciled += r.batches_unreconciled;
             }
             Err(f) => {
                 eprintln!("{f}");
@@ -883,7 +1405,7 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     println!(
-        "sim: {} seeds from {} x {} steps: {} requests, {} answers acknowledged, {} crashes, {} failed syncs, {} repeats checked; all invariants held ({:.1} seeds/s)",
+        "sim: {} seeds from {} x {} steps: {} requests, {} answers acknowledged, {} crashes, {} failed syncs, {} rebuilds from a snapshot, {} full disks, {} repeats checked, {} keys reused, {} sales after their reversal, {} batches settled, {} answered 95; all invariants held ({:.1} seeds/s)",
         args.seeds,
         args.seed,
         args.steps,
@@ -891,8 +1413,28 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
         total.acknowledged,
         total.crashes,
         total.sync_failures,
+        total.snapshot_restores,
+        total.disk_full,
         total.repeats_checked,
+        total.key_reuses,
+        total.reordered,
+        total.batches_settled,
+        total.batches_unreconciled,
         args.seeds as f64 / secs
     );
     std::process::ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_of_a_day_turns_over_on_the_first() {
+        let jan_31_2026 = T0 / 86_400;
+        assert_eq!(month_of(0), 1970 * 12 + 1);
+        assert_eq!(month_of(jan_31_2026), 2026 * 12 + 1);
+        assert_eq!(month_of(jan_31_2026 + 1), 2026 * 12 + 2);
+        assert_eq!(month_of(jan_31_2026 - 31), 2025 * 12 + 12);
+    }
 }

@@ -2518,3 +2518,66 @@ fn a_journaled_refund_long_after_its_sale_replays_without_a_panic() {
     let d = fresh.apply(&late).unwrap();
     assert!(!d.is_approved(), "{d:?}");
 }
+
+/// A refund reserved while the ledger counted a give-back the journal then lost (a reversal
+/// whose write failed: the ledger is rebuilt from the durable journal and the reservation is
+/// carried over, as the gateway does) is declined 65 at commit instead of being approved
+/// past the merchant's day count (found by `refundgate sim`, seed 618).
+#[test]
+fn a_refund_reserved_on_a_give_back_the_journal_lost_is_declined_65_at_commit() {
+    let set = set_with("refund_day_count_max = 2");
+    let l = Ledger::new(&set, PanKey::new(&KEY));
+    let mut journal: Vec<LedgerEvent> = Vec::new();
+    let now = T0;
+    let s = sale(1, 10_000);
+    let r1 = s.refund(2, 100);
+    for m in [&s, &r1, &s.refund(3, 100)] {
+        let logged = l.decide_logged(&m.req(), now, |e| {
+            journal.push(e.clone());
+            Ok::<u64, ()>(journal.len() as u64)
+        });
+        assert!(logged.decision().is_some_and(Decision::is_approved));
+    }
+    assert_eq!(usage(&l, now).day_count, 2, "the day's cap is reached");
+    let durable = journal.len();
+    // The reversal of the first refund is applied; its record is not synced yet.
+    let reversal = l.decide_logged(&r1.reversal(4).req(), now, |e| {
+        journal.push(e.clone());
+        Ok::<u64, ()>(journal.len() as u64)
+    });
+    assert_eq!(
+        reversal.decision().map(|d| d.reason),
+        Some(Reason::REVERSAL_APPLIED)
+    );
+    // A forwarded refund is reserved against the count the reversal gave back.
+    let held = l.reserve(&s.refund(5, 100).req(), now + 1).unwrap();
+    // The sync fails: the reversal's record is lost, the ledger rebuilt from what is durable.
+    journal.truncate(durable);
+    let rebuilt = Ledger::new(&set, PanKey::new(&KEY));
+    for e in &journal {
+        rebuilt.apply(e).unwrap();
+    }
+    l.adopt_durable(rebuilt);
+    // The host approves; committing it would be the third refund of the day.
+    let logged = l.commit_logged(held, |e| {
+        journal.push(e.clone());
+        Ok::<u64, ()>(journal.len() as u64)
+    });
+    let d = logged.decision().copied().unwrap();
+    assert_eq!(
+        (d.reason, d.de39(Dialect::Ascii1987)),
+        (Reason::MERCHANT_DAY_COUNT, "65")
+    );
+    assert_eq!(usage(&l, now).day_count, 2, "never past the cap");
+    assert_eq!(
+        l.funds("M").unwrap().refunds_reserved,
+        0,
+        "the hold is released"
+    );
+    // The decline is journaled: a replay of the journal gives the same ledger.
+    let replayed = Ledger::new(&set, PanKey::new(&KEY));
+    for e in &journal {
+        replayed.apply(e).unwrap();
+    }
+    assert_eq!(state(&replayed), state(&l));
+}

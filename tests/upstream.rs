@@ -952,6 +952,160 @@ mod store_and_forward {
         assert!(listed.starts_with("pending 0 dead_letters 0"), "{listed}");
         host.stop().await;
     }
+
+    /// Invariant (d) of issue 17 under a seeded schedule of host faults and gateway restarts:
+    /// every sale the terminal was answered as failed after it reached the link (91
+    /// `HOST_TIMEOUT`: the host may have approved it, perhaps late) gets its reversal
+    /// delivered, sent as a first reversal at most once (every other send marked a repeat, so
+    /// the host applies exactly one), across restarts of the SAF; a sale answered 00 or never
+    /// sent gets none. Real TLS, links, SAF journal and host simulator, so the schedule is
+    /// seeded but the timings are not (`REFUNDGATE_SAF_SEED` picks another schedule).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_debit_answered_as_failed_gets_exactly_one_reversal_across_faults_and_restarts() {
+        let seed: u64 = std::env::var("REFUNDGATE_SAF_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(17);
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let setup = Setup::new(dir.path(), &host);
+        let mut gw = setup.start().await;
+        gw.wait_link_up("bank").await;
+        let mut answers: Vec<(u32, Answer)> = Vec::new();
+        let mut restarts = 0;
+        for phase in 0..8u32 {
+            let (name, faults) = match next(6) {
+                0 => ("healthy", Faults::default()),
+                // Answers after the 300 ms timeout: late approvals of debits answered 91.
+                1 => (
+                    "slow",
+                    Faults {
+                        latency_ms: 150,
+                        latency_max_ms: 900,
+                        ..Faults::default()
+                    },
+                ),
+                2 => (
+                    "lossy",
+                    Faults {
+                        drop_percent: 40,
+                        ..Faults::default()
+                    },
+                ),
+                3 => (
+                    "down",
+                    Faults {
+                        drop_percent: 100,
+                        ..Faults::default()
+                    },
+                ),
+                4 => (
+                    "partitioned",
+                    Faults {
+                        stop_reading: true,
+                        ..Faults::default()
+                    },
+                ),
+                _ => (
+                    "flapping",
+                    Faults {
+                        close_after: Some(2),
+                        latency_max_ms: 400,
+                        ..Faults::default()
+                    },
+                ),
+            };
+            host.control.set_faults(faults).unwrap();
+            let mut terminals = Vec::new();
+            for t in 0..3u32 {
+                let info = Arc::clone(&gw.listeners[0]);
+                terminals.push(tokio::spawn(async move {
+                    let mut c = terminal(&info).await;
+                    let mut got = Vec::new();
+                    for i in 0..4u32 {
+                        let stan = 1_000 + phase * 100 + t * 10 + i;
+                        let (_, a) = ascii_sale(&mut c, stan, 1_000 + u64::from(i)).await;
+                        got.push((stan, a));
+                    }
+                    got
+                }));
+            }
+            for t in terminals {
+                answers.extend(t.await.unwrap());
+            }
+            eprintln!("phase {phase}: {name}");
+            // A restart while reversals may be queued or on their way to the host.
+            if next(2) == 0 {
+                gw.stop().await;
+                restarts += 1;
+                let healed = next(2) == 0;
+                if healed {
+                    host.control.set_faults(Faults::default()).unwrap();
+                }
+                gw = setup.start().await;
+                if healed {
+                    gw.wait_link_up("bank").await;
+                }
+            }
+        }
+        host.control.set_faults(Faults::default()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !gw.upstreams.saf().pending().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every queued reversal delivered");
+        assert!(gw.upstreams.saf().dead_letters().is_empty());
+        let stats = host.control.stats();
+        let failed: Vec<u32> = answers
+            .iter()
+            .filter(|(_, a)| a.reason == "HOST_TIMEOUT")
+            .map(|(stan, _)| *stan)
+            .collect();
+        for (stan, a) in &answers {
+            let r = stats
+                .reversals
+                .iter()
+                .find(|r| r.terminal == "TERM0001" && r.stan == *stan);
+            let (answered, first_sends) =
+                r.map_or((0, 0), |r| (r.answered, r.answered + r.dropped - r.repeats));
+            if a.reason == "HOST_TIMEOUT" {
+                assert!(
+                    answered >= 1,
+                    "sale {stan} answered 91: its reversal was never delivered"
+                );
+                assert!(
+                    first_sends <= 1,
+                    "sale {stan}: {first_sends} reversals not marked as repeats reached the host"
+                );
+            } else {
+                assert!(
+                    r.is_none(),
+                    "sale {stan} answered {} {}: the host got a reversal for it",
+                    a.code,
+                    a.reason
+                );
+            }
+        }
+        eprintln!(
+            "seed {seed}: {} sales, {} answered HOST_TIMEOUT, {restarts} restarts, {} reversals received",
+            answers.len(),
+            failed.len(),
+            stats.reversals_received
+        );
+        // The schedule must have produced what the invariant is about.
+        assert!(!failed.is_empty(), "no debit failed at the host");
+        gw.stop().await;
+        host.stop().await;
+    }
 }
 
 mod crash {

@@ -51,6 +51,8 @@ pub(crate) struct Hold {
     pub refund: Option<RefundHold>,
     /// Original held in full by a void.
     pub void_of: Option<(u32, u64)>,
+    /// The book's generation when it was made (see `Book::generation`).
+    pub generation: u32,
 }
 
 /// Counters a refund reservation holds.
@@ -131,6 +133,9 @@ pub(crate) struct Book {
     /// Journal position of the last event applied here (0 when all of them came from replay):
     /// a stored answer found here is sent only once this position is durable.
     pub last_logged: u64,
+    /// Rebuilds from the journal this book's reservations were carried through (in memory
+    /// only): a reservation made before the last one is checked again at commit.
+    pub generation: u32,
 }
 
 type Checked = Result<(EventBody, Hold), Decision>;
@@ -231,6 +236,7 @@ impl Book {
             inflight: FastMap::default(),
             declines: FastMap::default(),
             last_logged: 0,
+            generation: 0,
         })
     }
 
@@ -362,6 +368,100 @@ impl Book {
         self.held_originals = std::mem::take(&mut old.held_originals);
         self.inflight = std::mem::take(&mut old.inflight);
         self.declines = std::mem::take(&mut old.declines);
+        self.generation = old.generation.wrapping_add(1);
+    }
+
+    /// Rows 10, 12 and 13 again, on the committed state alone, for a refund or void reserved
+    /// before the book was rebuilt from the journal: the check counted on the state before the
+    /// failed write, and the rebuild may have dropped a give-back it relied on (a reversal
+    /// whose record was lost), so committing it could push a limit past its cap. `Some`: the
+    /// reason to decline it with at commit instead.
+    pub fn recheck(&self, body: &EventBody, at: UnixSeconds, hold: &Hold) -> Option<Reason> {
+        let available = self.available().saturating_add(hold.debit);
+        let (txn, original) = match body {
+            EventBody::Refund { txn, original, .. } => (txn, original),
+            EventBody::Void { txn, .. } => {
+                return (txn.amount > available).then_some(Reason::BALANCE_INSUFFICIENT);
+            }
+            _ => return None,
+        };
+        let p = &self.policy;
+        let amount = txn.amount;
+        // An original no longer there is for the apply to answer.
+        let idx = *self.by_ref.get(&self.ref_key(original)?)?;
+        let sale = self.entries.get(idx as usize)?;
+        let local = p.utc_offset.local(at);
+        let count_max = |m: Option<u32>| m.map(u64::from);
+        let share_cap =
+            u64::try_from(u128::from(sale.amount) * u128::from(p.refundable_share_percent) / 100)
+                .unwrap_or(u64::MAX);
+        let card = self
+            .cards
+            .get(&txn.pan_hash)
+            .map_or((0, 0), |b| b.in_period(local.day));
+        let day = self.day.in_period(local.day);
+        let month = self.month.in_period(local.month);
+        let checks = [
+            (
+                Some(sale.amount),
+                sale.refunded,
+                amount,
+                Reason::AMOUNT_EXCEEDS_REMAINING,
+            ),
+            (
+                Some(share_cap),
+                sale.refunded,
+                amount,
+                Reason::REFUNDABLE_SHARE,
+            ),
+            (
+                count_max(p.original_refund_count_max),
+                u64::from(sale.refund_count),
+                1,
+                Reason::ORIGINAL_REFUND_COUNT,
+            ),
+            (
+                p.card_refund_day_amount_max,
+                card.0,
+                amount,
+                Reason::CARD_DAY_AMOUNT,
+            ),
+            (
+                count_max(p.card_refund_day_count_max),
+                u64::from(card.1),
+                1,
+                Reason::CARD_DAY_COUNT,
+            ),
+            (
+                p.refund_day_amount_max,
+                day.0,
+                amount,
+                Reason::MERCHANT_DAY_AMOUNT,
+            ),
+            (
+                p.refund_month_amount_max,
+                month.0,
+                amount,
+                Reason::MERCHANT_MONTH_AMOUNT,
+            ),
+            (
+                count_max(p.refund_day_count_max),
+                u64::from(day.1),
+                1,
+                Reason::MERCHANT_DAY_COUNT,
+            ),
+            (
+                count_max(p.refund_month_count_max),
+                u64::from(month.1),
+                1,
+                Reason::MERCHANT_MONTH_COUNT,
+            ),
+            (Some(available), 0, amount, Reason::BALANCE_INSUFFICIENT),
+        ];
+        checks
+            .into_iter()
+            .find(|&(max, used, asked, _)| over(max, used, asked).is_some())
+            .map(|(_, _, _, reason)| reason)
     }
 
     /// Rows 6–13 for one operation.
@@ -1772,7 +1872,7 @@ impl Book {
         if refunded_or_voided {
             return self.not_applied(at, answer, idx, &e);
         }
-        if e.state != OriginalState::Approved {
+        if e.state != OriginalState::Approved && !undo_again(&e) {
             return self.noop(at, answer);
         }
         self.entries[idx as usize].state = OriginalState::Reversed;
@@ -1848,6 +1948,21 @@ impl Book {
             b.remove(local.day, refund.amount);
         }
     }
+}
+
+/// The simulator's `reversal-applied-twice` mutation: a reversed sale, refund or void is
+/// undone again (test builds only; see `ledger::sim_mutation`).
+#[cfg(feature = "sim-mutations")]
+fn undo_again(e: &Entry) -> bool {
+    e.state == OriginalState::Reversed
+        && e.kind != Kind::Tombstone
+        && super::sim_mutation::reversal_applied_twice()
+}
+
+/// Without the `sim-mutations` feature a reversed transaction is never undone again.
+#[cfg(not(feature = "sim-mutations"))]
+fn undo_again(_: &Entry) -> bool {
+    false
 }
 
 /// The key a request is remembered by: DE7 for ascii, batch for cup.

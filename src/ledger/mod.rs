@@ -61,6 +61,8 @@ pub mod money;
 pub mod originals;
 pub mod reason;
 pub mod reload;
+#[cfg(feature = "sim-mutations")]
+pub mod sim_mutation;
 mod snapshot;
 pub use snapshot::RestoreError;
 
@@ -214,6 +216,10 @@ impl Logged<std::convert::Infallible> {
 type BookRef<'a> = dashmap::mapref::one::RefMut<'a, MerchantId, Book>;
 
 fn reservation(book: &Book, now: UnixSeconds, body: EventBody, hold: Hold) -> Reservation {
+    let hold = Hold {
+        generation: book.generation,
+        ..hold
+    };
     Reservation {
         event: LedgerEvent {
             merchant: book.id,
@@ -467,6 +473,12 @@ impl Ledger {
 
     /// Gives the reservation's holds back, hands its event to `log` and, if `log` took it,
     /// applies it — all under the merchant's shard, so in journal order.
+    ///
+    /// A refund or void reserved before the ledger was rebuilt from the journal (after a
+    /// failed write, [`Ledger::adopt_durable`]) is checked again on the rebuilt state: if a
+    /// limit or the funds no longer take it, it is declined with that reason (journaled as
+    /// `Declined`), so a give-back lost with the failed write can never push a limit past
+    /// its cap. The caller reverses such a request at the host as for any decline at commit.
     pub fn commit_logged<E>(
         &self,
         r: Reservation,
@@ -478,6 +490,12 @@ impl Ledger {
                 after: 0,
             };
         };
+        if r.hold.generation != book.generation {
+            if let Some(reason) = book.recheck(&r.event.body, r.event.at, &r.hold) {
+                drop(book);
+                return self.decline_with(r, reason, None, log);
+            }
+        }
         book.release(&r.hold);
         apply_logged(&mut book, &r.event, true, log)
     }
