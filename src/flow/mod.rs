@@ -22,8 +22,7 @@ use crate::iso8583::{self, Message, Spec};
 use crate::journal::jetstream::{ReplError, Replica};
 use crate::journal::{Journal, Recovered, StoreError, Ticket};
 use crate::ledger::{
-    self, CardType, Decision, Dialect, Ledger, LedgerEvent, MerchantId, Operation, OriginalRef,
-    Reason,
+    self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason,
 };
 use crate::limits;
 use crate::mac::{self, MacKey};
@@ -308,17 +307,16 @@ impl Gateway {
                 break;
             }
             let mut ticket = None;
-            let done = match (&self.replica, MerchantId::new(&merchant)) {
-                (Some(replica), Some(m)) => replica
-                    .step(&m, |log| {
+            let done = match &self.replica {
+                Some(replica) => replica
+                    .step(&merchant, |log| {
                         self.ledger
                             .scheduled_cutover_logged::<ReplError>(&merchant, now, log)
                     })
                     .await
                     .and_then(|r| r)
                     .map_err(LogError::from),
-                (Some(_), None) => continue,
-                (None, _) => {
+                None => {
                     let _gate = self.gate.read().await;
                     self.ledger
                         .scheduled_cutover_logged::<LogError>(&merchant, now, |e| {
@@ -452,11 +450,8 @@ impl Gateway {
         let now = self.clock.now_unix_s();
         if let Some(replica) = &self.replica {
             // Several nodes: appended to the merchant's subject like any decision.
-            let Some(m) = MerchantId::new(merchant) else {
-                return Err(AdminChangeError::Refused(Reason::UNKNOWN_MERCHANT));
-            };
             let done = replica
-                .step(&m, |log| {
+                .step(merchant, |log| {
                     self.ledger
                         .admin_logged::<ReplError>(merchant, request, who, intent, now, log)
                 })
@@ -722,12 +717,7 @@ impl Gateway {
         let mut ticket = None;
         let Some(upstreams) = &self.upstreams else {
             if let Some(replica) = &self.replica {
-                let logged = match MerchantId::new(req.merchant) {
-                    Some(m) => replica.decide(&m, &req, now).await,
-                    None => self.ledger.decide_logged(&req, now, |_| {
-                        Err(ReplError::Refused(Reason::UNKNOWN_MERCHANT))
-                    }),
-                };
+                let logged = replica.decide(&req, now).await;
                 return self.logged(l, msg, kind, logged, None, 0, rrn);
             }
             let logged = {
@@ -952,17 +942,14 @@ impl Gateway {
         };
         let mut ticket = None;
         let signed = if let Some(replica) = &self.replica {
-            match MerchantId::new(merchant) {
-                Some(m) => replica
-                    .step(&m, |log| {
-                        self.ledger
-                            .sign_on_logged::<ReplError>(merchant, terminal, now, log)
-                    })
-                    .await
-                    .and_then(|r| r)
-                    .map_err(LogError::from),
-                None => Err(LogError::Refused(ledger::Refused(Reason::UNKNOWN_MERCHANT))),
-            }
+            replica
+                .step(merchant, |log| {
+                    self.ledger
+                        .sign_on_logged::<ReplError>(merchant, terminal, now, log)
+                })
+                .await
+                .and_then(|r| r)
+                .map_err(LogError::from)
         } else {
             let _gate = self.gate.read().await;
             self.ledger
@@ -1024,17 +1011,12 @@ impl Gateway {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
         if let Some(replica) = &self.replica {
-            let logged = match MerchantId::new(req.merchant) {
-                Some(m) => replica
-                    .step(&m, |log| {
-                        self.ledger.settle_batch_logged(&req, totals, now, log)
-                    })
-                    .await
-                    .unwrap_or_else(ledger::Logged::Failed),
-                None => self.ledger.settle_batch_logged(&req, totals, now, |_| {
-                    Err(ReplError::Refused(Reason::UNKNOWN_MERCHANT))
-                }),
-            };
+            let logged = replica
+                .step(req.merchant, |log| {
+                    self.ledger.settle_batch_logged(&req, totals, now, log)
+                })
+                .await
+                .unwrap_or_else(ledger::Logged::Failed);
             return self.logged(l, msg, kind, logged, None, 0, None);
         }
         let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());

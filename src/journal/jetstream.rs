@@ -469,12 +469,13 @@ impl Replica {
     /// per decision. The decision places its holds at once, so the next ones see it; it is
     /// applied once its group is acknowledged, and taken again if another node appended
     /// first.
-    pub async fn decide(
-        self: &Arc<Self>,
-        merchant: &MerchantId,
-        req: &Request<'_>,
-        now: i64,
-    ) -> Logged<ReplError> {
+    pub async fn decide(self: &Arc<Self>, req: &Request<'_>, now: i64) -> Logged<ReplError> {
+        let Some(merchant) = &MerchantId::new(req.merchant) else {
+            // An id no merchant can have: the ledger answers it without an event.
+            return self.ledger.decide_logged(req, now, |_| {
+                Err(ReplError::Refused(crate::ledger::Reason::UNKNOWN_MERCHANT))
+            });
+        };
         let cell = self.part(merchant);
         for _ in 0..ATTEMPTS {
             let rx = {
@@ -595,9 +596,15 @@ impl Replica {
     /// a bare refusal) returns at once.
     pub async fn step<T>(
         &self,
-        merchant: &MerchantId,
+        merchant: &str,
         mut call: impl FnMut(&mut dyn FnMut(&LedgerEvent) -> Result<u64, ReplError>) -> T,
     ) -> Result<T, ReplError> {
+        let Some(merchant) = &MerchantId::new(merchant) else {
+            // An id no merchant can have: the ledger answers it without an event.
+            return Ok(call(&mut |_| {
+                Err(ReplError::Refused(crate::ledger::Reason::UNKNOWN_MERCHANT))
+            }));
+        };
         let cell = self.part(merchant);
         // Held across the append: no group of this merchant starts meanwhile.
         let mut p = cell.settled().await;
