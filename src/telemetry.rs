@@ -525,7 +525,7 @@ pub fn export_zeros(dialects: &[&'static str], upstreams: &[String]) {
     };
     use crate::upstream::link::{
         UPSTREAM_CONNECTS_TOTAL, UPSTREAM_DISCONNECTS_TOTAL, UPSTREAM_LATE_ANSWERS_TOTAL,
-        UPSTREAM_UP,
+        UPSTREAM_UNMATCHED_ANSWERS_TOTAL, UPSTREAM_UP,
     };
     use crate::upstream::store_forward::{SAF_DEAD_LETTERS, SAF_DELIVERED_TOTAL, SAF_PENDING};
     use crate::upstream::{SAF_ENQUEUE_FAILURES_TOTAL, UPSTREAM_REQUESTS_TOTAL};
@@ -571,7 +571,11 @@ pub fn export_zeros(dialects: &[&'static str], upstreams: &[String]) {
     );
     describe_counter!(
         UPSTREAM_LATE_ANSWERS_TOTAL,
-        "Upstream answers that arrived after their request timed out."
+        "Upstream answers that matched no waiting request (late, duplicate, stray)."
+    );
+    describe_counter!(
+        UPSTREAM_UNMATCHED_ANSWERS_TOTAL,
+        "Upstream answers that matched no waiting request, by reason: after_timeout, duplicate, wrong_mti, ambiguous, no_pending."
     );
     describe_counter!(
         UPSTREAM_REQUESTS_TOTAL,
@@ -621,6 +625,16 @@ pub fn export_zeros(dialects: &[&'static str], upstreams: &[String]) {
             UPSTREAM_LATE_ANSWERS_TOTAL,
         ] {
             metrics::counter!(name, "upstream" => u.clone()).increment(0);
+        }
+        for reason in [
+            "after_timeout",
+            "duplicate",
+            "wrong_mti",
+            "ambiguous",
+            "no_pending",
+        ] {
+            metrics::counter!(UPSTREAM_UNMATCHED_ANSWERS_TOTAL, "upstream" => u.clone(), "reason" => reason)
+                .increment(0);
         }
         for outcome in ["approved", "declined", "timeout", "unreachable"] {
             metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "upstream" => u.clone(), "outcome" => outcome)

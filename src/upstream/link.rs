@@ -51,6 +51,43 @@ use crate::limits::{
 pub const UPSTREAM_UP: &str = "refundgate_upstream_up";
 /// `refundgate_upstream_late_answers_total{upstream}`: answers that matched no pending request.
 pub const UPSTREAM_LATE_ANSWERS_TOTAL: &str = "refundgate_upstream_late_answers_total";
+/// `refundgate_upstream_unmatched_answers_total{upstream, reason}`: the same answers by why
+/// they matched nothing ([`Unmatched::label`]).
+pub const UPSTREAM_UNMATCHED_ANSWERS_TOTAL: &str = "refundgate_upstream_unmatched_answers_total";
+
+/// Answers delivered lately, remembered to tell a duplicate answer from a stray one.
+const RECENTLY_DELIVERED_MAX: usize = 1024;
+
+/// Why an answer from the host matched no waiting request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    /// Its request timed out (and was reversed) this long before it arrived.
+    AfterTimeout {
+        /// Milliseconds between the timeout and the answer.
+        ms: u64,
+    },
+    /// Its request was already answered: the host sent it twice.
+    Duplicate,
+    /// A request with its terminal and STAN waits, but for another MTI (e.g. 0410 to a 0200).
+    WrongMti,
+    /// No DE42 in the answer and several requests it could be for: given to none.
+    Ambiguous,
+    /// Nothing was ever sent with its key (or it was forgotten long ago).
+    NoPending,
+}
+
+impl Unmatched {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Unmatched::AfterTimeout { .. } => "after_timeout",
+            Unmatched::Duplicate => "duplicate",
+            Unmatched::WrongMti => "wrong_mti",
+            Unmatched::Ambiguous => "ambiguous",
+            Unmatched::NoPending => "no_pending",
+        }
+    }
+}
 /// `refundgate_upstream_connects_total{upstream}`: connections established (signed on).
 pub const UPSTREAM_CONNECTS_TOTAL: &str = "refundgate_upstream_connects_total";
 /// `refundgate_upstream_disconnects_total{upstream,reason}`: signed-on connections dropped, by
@@ -144,6 +181,8 @@ struct Shared {
     /// [`UPSTREAM_QUARANTINE_TIMEOUTS`] timeouts pass: a new request with the same key is refused
     /// meanwhile, so the old answer can never be taken for the new request's.
     quarantine: Mutex<HashMap<Key, Instant>>,
+    /// Keys whose answer was delivered lately (bounded), to tell duplicates.
+    delivered: Mutex<std::collections::VecDeque<Key>>,
     outbox: Mutex<Option<mpsc::Sender<Bytes>>>,
     stan: AtomicU32,
     late: AtomicU64,
@@ -212,6 +251,7 @@ impl Link {
             spec,
             pending: Mutex::new(HashMap::new()),
             quarantine: Mutex::new(HashMap::new()),
+            delivered: Mutex::new(std::collections::VecDeque::new()),
             outbox: Mutex::new(None),
             stan: AtomicU32::new(rand::random_range(1..900_000)),
             late: AtomicU64::new(0),
@@ -391,6 +431,7 @@ impl Shared {
         };
         let code = msg.response_code().unwrap_or("").to_string();
         let echoes_merchant = msg.has(42);
+        let mut ambiguous = false;
         let waiter = self.pending.lock().ok().and_then(|mut p| {
             if let Some(tx) = p.remove(&key) {
                 return Some(tx);
@@ -402,6 +443,10 @@ impl Shared {
             let mut candidates = p.keys().filter(|k| k.same_but_merchant(&key));
             let only = match (candidates.next(), candidates.next()) {
                 (Some(k), None) => *k,
+                (Some(_), Some(_)) => {
+                    ambiguous = true;
+                    return None;
+                }
                 _ => return None,
             };
             p.remove(&only)
@@ -409,27 +454,78 @@ impl Shared {
         match waiter {
             Some(tx) => {
                 if tx.send(body).is_err() {
-                    self.count_late(&key, &code);
+                    // The request gave up between the match and now.
+                    self.count_unmatched(&key, &code, Unmatched::AfterTimeout { ms: 0 });
+                } else if let Ok(mut d) = self.delivered.lock() {
+                    if d.len() == RECENTLY_DELIVERED_MAX {
+                        d.pop_front();
+                    }
+                    d.push_back(key);
                 }
             }
-            None => self.count_late(&key, &code),
+            None => {
+                let why = if ambiguous {
+                    Unmatched::Ambiguous
+                } else {
+                    self.why_unmatched(&key)
+                };
+                self.count_unmatched(&key, &code, why);
+            }
         }
     }
 
-    fn count_late(&self, key: &Key, code: &str) {
+    /// Why an answer with `key` found no waiting request.
+    fn why_unmatched(&self, key: &Key) -> Unmatched {
+        if let Some(at) = self
+            .quarantine
+            .lock()
+            .ok()
+            .and_then(|q| q.get(key).copied())
+        {
+            return Unmatched::AfterTimeout {
+                ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
+            };
+        }
+        if self.delivered.lock().is_ok_and(|d| d.contains(key)) {
+            return Unmatched::Duplicate;
+        }
+        let other_mti = self.pending.lock().is_ok_and(|p| {
+            p.keys().any(|k| {
+                k.mti != key.mti
+                    && k.stan == key.stan
+                    && k.terminal == key.terminal
+                    && (k.merchant == key.merchant || key.merchant == [b' '; 15])
+            })
+        });
+        if other_mti {
+            return Unmatched::WrongMti;
+        }
+        Unmatched::NoPending
+    }
+
+    /// Logs (once per answer) and counts an answer that matched nothing, with why.
+    fn count_unmatched(&self, key: &Key, code: &str, why: Unmatched) {
         self.late.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut q) = self.quarantine.lock() {
             q.remove(key);
         }
-        metrics::counter!(UPSTREAM_LATE_ANSWERS_TOTAL, "upstream" => self.config.name.to_string())
+        let upstream = self.config.name.to_string();
+        metrics::counter!(UPSTREAM_LATE_ANSWERS_TOTAL, "upstream" => upstream.clone()).increment(1);
+        metrics::counter!(UPSTREAM_UNMATCHED_ANSWERS_TOTAL, "upstream" => upstream, "reason" => why.label())
             .increment(1);
+        let ms = match why {
+            Unmatched::AfterTimeout { ms } => Some(ms),
+            _ => None,
+        };
         tracing::info!(
             upstream = %self.config.name,
             mti = key.mti,
             terminal = key.terminal_str(),
             stan = key.stan,
             code,
-            "late answer from host dropped (its request already timed out and was reversed)"
+            reason = why.label(),
+            ms_after_timeout = ms,
+            "answer from host matched no waiting request; dropped"
         );
     }
 
@@ -767,6 +863,7 @@ mod tests {
             spec: &iso8583::ASCII1987,
             pending: Mutex::new(HashMap::new()),
             quarantine: Mutex::new(HashMap::new()),
+            delivered: Mutex::new(std::collections::VecDeque::new()),
             outbox: Mutex::new(None),
             stan: AtomicU32::new(1),
             late: AtomicU64::new(0),
@@ -816,6 +913,38 @@ mod tests {
         link.deliver(message(210, Some(b"MERCHANT 000002")));
         assert!(rx_b.try_recv().is_ok());
         assert!(rx_a.try_recv().is_err());
+    }
+
+    #[test]
+    fn an_unmatched_answer_says_why() {
+        let link = shared();
+        let sale = key_of(&message(200, Some(b"MERCHANT 000001")));
+        // Answered once: delivered; the same answer again is a duplicate.
+        let (tx, _rx) = oneshot::channel();
+        link.pending.lock().unwrap().insert(sale, tx);
+        link.deliver(message(210, Some(b"MERCHANT 000001")));
+        assert_eq!(link.why_unmatched(&sale), Unmatched::Duplicate);
+        // Its request timed out 50 ms ago: after_timeout, with the delay.
+        link.quarantine
+            .lock()
+            .unwrap()
+            .insert(sale, Instant::now() - Duration::from_millis(50));
+        match link.why_unmatched(&sale) {
+            Unmatched::AfterTimeout { ms } => assert!((50..5_000).contains(&ms), "{ms}"),
+            other => panic!("{other:?}"),
+        }
+        link.quarantine.lock().unwrap().clear();
+        link.delivered.lock().unwrap().clear();
+        // A 0400 waits with the same terminal and STAN: a 0210 is the wrong MTI pair.
+        let reversal = key_of(&message(400, Some(b"MERCHANT 000001")));
+        let (tx, mut rx) = oneshot::channel();
+        link.pending.lock().unwrap().insert(reversal, tx);
+        assert_eq!(link.why_unmatched(&sale), Unmatched::WrongMti);
+        link.deliver(message(210, Some(b"MERCHANT 000001")));
+        assert!(rx.try_recv().is_err(), "not given to the 0400");
+        // Nothing with its key: no_pending.
+        let other = key_of(&message(200, Some(b"MERCHANT 000009")));
+        assert_eq!(link.why_unmatched(&other), Unmatched::NoPending);
     }
 
     #[test]
