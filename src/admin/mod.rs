@@ -27,6 +27,7 @@
 //! | POST | `/v1/merchants/{m}/settle` `{}` or `{"terminal": "T"}` | settle the merchant, or close one batch |
 //! | POST | `/v1/merchants/{m}/terminals/{t}/refunds` `{"enabled": bool}` | refund switch |
 //! | GET | `/v1/exceptions` | reversals not applied, SAF dead letters, upstream links |
+//! | POST | `/v1/saf/dead-letters/{id}/retry` | a dead letter back in the SAF queue (sent as a repeat) |
 
 pub mod auth;
 pub mod trail;
@@ -156,6 +157,7 @@ impl AdminApi {
                 );
                 self.reload(&who).await
             }
+            ("POST", ["saf", "dead-letters", id, "retry"]) => self.retry_dead(id).await,
             ("POST", ["merchants", m, action @ ..]) => {
                 let who = format!(
                     "{identity}@{}",
@@ -164,7 +166,7 @@ impl AdminApi {
                 self.mutate(m, action, header("idempotency-key"), body, &who)
                     .await
             }
-            (_, ["merchants", ..] | ["exceptions"] | ["reload"]) => {
+            (_, ["merchants", ..] | ["exceptions"] | ["reload"] | ["saf", ..]) => {
                 error(405, "method not allowed")
             }
             _ => error(404, "not found"),
@@ -360,6 +362,28 @@ impl AdminApi {
             "upstream_links": links,
             "upstream_note": if links.is_null() { Some("no [[upstreams]] configured") } else { None },
         }))
+    }
+
+    /// Puts a store-and-forward dead letter back in the queue (journaled in the SAF journal,
+    /// sent as a repeat). Naturally idempotent: a second call finds no such dead letter (404).
+    async fn retry_dead(&self, id: &str) -> Reply {
+        let Ok(id) = id.parse::<u64>() else {
+            return error(
+                400,
+                "dead letter id: want a number (GET /v1/exceptions lists them)",
+            );
+        };
+        let Some(u) = self.gateway.upstreams() else {
+            return error(404, "no [[upstreams]] configured");
+        };
+        match u.saf().retry_dead(id).await {
+            Ok(true) => ok(json!({ "retried": id })),
+            Ok(false) => error(
+                404,
+                "no such dead letter (never one, already retried or delivered)",
+            ),
+            Err(e) => error(503, &format!("store-and-forward journal unavailable: {e}")),
+        }
     }
 
     /// Reloads the merchant file: validated whole, refused with its one-line error (the

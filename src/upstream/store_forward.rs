@@ -310,6 +310,24 @@ impl StoreForward {
             .collect()
     }
 
+    /// Puts dead letter `id` back in the queue (an operator's retry): journaled as the entry
+    /// added again under its id, so a restart replays it the same way; sent as a repeat.
+    /// `Ok(false)` when `id` is not a dead letter (never one, already retried or delivered).
+    pub async fn retry_dead(&self, id: u64) -> Result<bool, String> {
+        let entry = self
+            .lock()
+            .dead
+            .iter()
+            .find(|d| d.entry.id == id)
+            .map(|d| d.entry.clone());
+        let Some(entry) = entry else {
+            return Ok(false);
+        };
+        self.append_apply(Record::Add(entry)).await?;
+        self.notify.notify_one();
+        Ok(true)
+    }
+
     /// The dead letters kept in memory, oldest first.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         self.lock().dead.iter().cloned().collect()
@@ -563,6 +581,10 @@ impl State {
         match record {
             Record::Add(entry) => {
                 self.next_id = self.next_id.max(entry.id.saturating_add(1));
+                // The same id again: an operator's retry of a dead letter (it was sent before).
+                let before = self.dead.len();
+                self.dead.retain(|d| d.entry.id != entry.id);
+                let retried = self.dead.len() != before;
                 self.pending.insert(
                     entry.id,
                     Slot {
@@ -570,7 +592,7 @@ impl State {
                         attempts: 0,
                         tries: 0,
                         // Recovered entries may have been sent before the restart.
-                        repeat: self.recovering,
+                        repeat: self.recovering || retried,
                         next_at: now,
                         in_flight: false,
                     },
@@ -1003,6 +1025,44 @@ mod tests {
             .unwrap();
         assert!(next > last, "ids stay unique across snapshot and restart");
         assert!(saf.pending().iter().all(|e| e.key.mti == 400));
+    }
+
+    #[tokio::test]
+    async fn a_retried_dead_letter_is_queued_again_once_and_stays_queued_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || SafOptions {
+            max_retries: 1,
+            expiry_s: 3600,
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            durability: journal::Durability::UnsafeNoFsync,
+        };
+        let clock = || Arc::new(crate::clock::SystemClock);
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let (key, body) = reversal(1);
+        let id = saf
+            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .await
+            .unwrap();
+        saf.give_up(id, DeadReason::RetriesExhausted, 0).await;
+        assert!(saf.pending().is_empty());
+        assert_eq!(saf.retry_dead(id).await, Ok(true));
+        assert_eq!(saf.retry_dead(id).await, Ok(false), "retried once only");
+        assert_eq!(saf.retry_dead(999).await, Ok(false));
+        assert!(saf.dead_letters().is_empty());
+        assert_eq!(saf.pending().iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
+        assert!(
+            saf.lock().pending[&id].repeat,
+            "sent as a repeat: it was sent before"
+        );
+        drop(saf);
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        assert_eq!(saf.pending().iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
+        assert!(saf.dead_letters().is_empty(), "replay keeps the retry");
+        saf.compact().await.unwrap();
+        drop(saf);
+        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        assert_eq!(saf.pending().iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
     }
 
     /// A terminal's own reversal carrying PAN, track 2 and a PIN block.
