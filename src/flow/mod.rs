@@ -560,7 +560,7 @@ impl Gateway {
                         tracing::warn!("journal write failed; answering 96");
                         // Drop what the lost record changed before the 96 leaves.
                         let _ = self.store_ready().await;
-                        *d = Some(self.lost(l, body.as_ref(), forwarded).await);
+                        *d = Some(Box::pin(self.lost(l, body.as_ref(), forwarded)).await);
                     }
                     Err(_) => {
                         // The record may still become durable: the outcome is unknown, and
@@ -569,7 +569,7 @@ impl Gateway {
                             "journal not durable within the request deadline; answering 96"
                         );
                         telemetry::count_request_deadline(dialect_label(l.dialect));
-                        *d = Some(self.lost(l, body.as_ref(), false).await);
+                        *d = Some(Box::pin(self.lost(l, body.as_ref(), false)).await);
                     }
                 }
             }
@@ -699,13 +699,13 @@ impl Gateway {
             );
         }
         if kind == Kind::SignOn {
-            return self.sign_on(l, msg, now).await;
+            return Box::pin(self.sign_on(l, msg, now)).await;
         }
         if !self.mac_ok(l, msg) {
             return self.answer(l, msg, kind, &Decision::bare(Reason::MAC_INVALID), None);
         }
         if kind == Kind::Settlement {
-            return self.settle(l, msg, now).await;
+            return Box::pin(self.settle(l, msg, now)).await;
         }
         let mut pan_buf = [0u8; 19];
         let rrn_buf = sale_rrn(msg, now);
@@ -717,7 +717,7 @@ impl Gateway {
         let mut ticket = None;
         let Some(upstreams) = &self.upstreams else {
             if let Some(replica) = &self.replica {
-                let logged = replica.decide(&req, now).await;
+                let logged = Box::pin(replica.decide(&req, now)).await;
                 return self.logged(l, msg, kind, logged, None, 0, rrn);
             }
             let logged = {
@@ -727,16 +727,34 @@ impl Gateway {
             };
             return self.logged(l, msg, kind, logged, ticket, epoch, rrn);
         };
+        Box::pin(self.decide_routed(l, msg, kind, &req, now, upstreams, epoch, rrn)).await
+    }
+
+    /// [`Gateway::decide`] for a merchant routed to an upstream host: reserve, forward,
+    /// commit (boxed: its future is large and most merchants are decided locally).
+    #[allow(clippy::too_many_arguments)]
+    async fn decide_routed(
+        &self,
+        l: &Link,
+        msg: &Message<'_>,
+        kind: Kind,
+        req: &ledger::decision::Request<'_>,
+        now: i64,
+        upstreams: &Upstreams,
+        epoch: u64,
+        rrn: Option<[u8; 12]>,
+    ) -> Decided {
+        let mut ticket = None;
         let reservation = {
             let _gate = self.gate.read().await;
             self.ledger
-                .reserve_logged(&req, now, |e| self.enqueue(e, &mut ticket))
+                .reserve_logged(req, now, |e| self.enqueue(e, &mut ticket))
         };
         let reservation = match reservation {
             Ok(r) => r,
             Err(logged) => return self.logged(l, msg, kind, logged, ticket, epoch, rrn),
         };
-        let forwarded = match upstreams.forward(l.dialect, msg, kind).await {
+        let forwarded = match Box::pin(upstreams.forward(l.dialect, msg, kind)).await {
             Verdict::Local => false,
             Verdict::Approved => true,
             Verdict::Declined(code) => {
@@ -853,6 +871,12 @@ impl Gateway {
         if !journal.is_held() {
             return true;
         }
+        // Boxed: every request awaits this function, and the rebuild behind it is large.
+        Box::pin(self.recover_store(journal)).await
+    }
+
+    /// [`Gateway::store_ready`] once the journal holds: rebuild, scrub, resume.
+    async fn recover_store(&self, journal: &Arc<Journal>) -> bool {
         let _one = self.recovering.lock().await;
         if !journal.is_held() {
             return true;
