@@ -980,18 +980,26 @@ mod tests {
         super::super::reversal_of(Dialect::Ascii1987, &msg).unwrap()
     }
 
-    #[tokio::test]
-    async fn a_snapshot_keeps_pending_entries_and_dead_letters_across_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let options = || SafOptions {
+    /// One send, then a dead letter; retries 1 ms apart; no fsync.
+    fn quick_options() -> SafOptions {
+        SafOptions {
             max_retries: 1,
             expiry_s: 3600,
             retry_min: Duration::from_millis(1),
             retry_max: Duration::from_millis(1),
             durability: journal::Durability::UnsafeNoFsync,
-        };
-        let clock = || Arc::new(crate::clock::SystemClock);
-        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_keeps_pending_entries_and_dead_letters_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let saf = StoreForward::open(
+            dir.path(),
+            quick_options(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         for stan in 1..=5 {
             let (key, body) = reversal(stan);
             saf.enqueue("bank", Dialect::Ascii1987, key, body)
@@ -1012,7 +1020,12 @@ mod tests {
             .unwrap();
         drop(saf);
 
-        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let saf = StoreForward::open(
+            dir.path(),
+            quick_options(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         let stans: Vec<u32> = saf.pending().iter().map(|e| e.key.stan).collect();
         assert_eq!(stans, [3, 4, 5, 6]);
         assert_eq!(saf.dead_total(), 1);
@@ -1030,15 +1043,12 @@ mod tests {
     #[tokio::test]
     async fn a_retried_dead_letter_is_queued_again_once_and_stays_queued_across_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let options = || SafOptions {
-            max_retries: 1,
-            expiry_s: 3600,
-            retry_min: Duration::from_millis(1),
-            retry_max: Duration::from_millis(1),
-            durability: journal::Durability::UnsafeNoFsync,
-        };
-        let clock = || Arc::new(crate::clock::SystemClock);
-        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let saf = StoreForward::open(
+            dir.path(),
+            quick_options(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         let (key, body) = reversal(1);
         let id = saf
             .enqueue("bank", Dialect::Ascii1987, key, body)
@@ -1056,12 +1066,22 @@ mod tests {
             "sent as a repeat: it was sent before"
         );
         drop(saf);
-        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let saf = StoreForward::open(
+            dir.path(),
+            quick_options(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         assert_eq!(saf.pending().iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
         assert!(saf.dead_letters().is_empty(), "replay keeps the retry");
         saf.compact().await.unwrap();
         drop(saf);
-        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let saf = StoreForward::open(
+            dir.path(),
+            quick_options(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         assert_eq!(saf.pending().iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
     }
 
@@ -1090,18 +1110,15 @@ mod tests {
     #[tokio::test]
     async fn queued_messages_keep_allowed_elements_and_a_sealed_pan_only() {
         let dir = tempfile::tempdir().unwrap();
-        let options = || SafOptions {
-            max_retries: 1,
-            expiry_s: 3600,
-            retry_min: Duration::from_millis(1),
-            retry_max: Duration::from_millis(1),
-            durability: journal::Durability::UnsafeNoFsync,
-        };
-        let clock = || Arc::new(crate::clock::SystemClock);
         let cipher = || crate::at_rest::PanCipher::new(&[9; 32]).unwrap();
         let spec = super::super::spec_of(Dialect::Ascii1987);
         {
-            let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+            let saf = StoreForward::open(
+                dir.path(),
+                quick_options(),
+                Arc::new(crate::clock::SystemClock),
+            )
+            .unwrap();
             // Without a cipher the PAN is not kept at all.
             let (key, body) = terminal_reversal(1);
             saf.enqueue("bank", Dialect::Ascii1987, key, body)
@@ -1120,7 +1137,12 @@ mod tests {
                 assert!(!bytes.windows(secret.len()).any(|w| w == secret));
             }
         }
-        let saf = StoreForward::open(dir.path(), options(), clock()).unwrap();
+        let saf = StoreForward::open(
+            dir.path(),
+            quick_options(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         saf.set_pan_cipher(cipher());
         let pending = saf.pending();
         assert_eq!(pending.len(), 2);
@@ -1142,8 +1164,12 @@ mod tests {
         );
         assert!(!sent.has(35) && !sent.has(52));
         // Under another key (or entry) the sealed PAN does not open: sent without it.
-        let other =
-            StoreForward::open(tempfile::tempdir().unwrap().path(), options(), clock()).unwrap();
+        let other = StoreForward::open(
+            tempfile::tempdir().unwrap().path(),
+            quick_options(),
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap();
         other.set_pan_cipher(crate::at_rest::PanCipher::new(&[1; 32]).unwrap());
         assert!(!iso8583::decode(spec, &other.body_to_send(&pending[1]))
             .unwrap()
