@@ -558,7 +558,7 @@ fn with_decoded_hex<T>(
     build: impl FnOnce(&[u8]) -> Result<T, KeyError>,
 ) -> Result<T, KeyError> {
     let digits = hex_text.len();
-    if digits % 2 != 0 {
+    if !digits.is_multiple_of(2) {
         return Err(KeyError::OddHexDigits { digits });
     }
     if let Some(offset) = hex_text.bytes().position(|c| !c.is_ascii_hexdigit()) {

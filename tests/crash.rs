@@ -497,7 +497,7 @@ async fn verify(setup: &Setup, addr: SocketAddr, model: &Mutex<Model>, cycle: us
     };
     // Identical retransmissions of the approvals (all of them on the first and last cycles,
     // a recent window otherwise to keep the test bounded).
-    let from = if cycle % 10 == 0 {
+    let from = if cycle.is_multiple_of(10) {
         0
     } else {
         approved.len().saturating_sub(400)

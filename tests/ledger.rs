@@ -1903,7 +1903,7 @@ fn many_threads_refunding_one_original_never_exceed_any_bound() {
                     match l.reserve(&m.req(), T0 + 10) {
                         Ok(res) => {
                             // Some callers fail to journal and release instead.
-                            if k % 13 == 0 {
+                            if k.is_multiple_of(13) {
                                 l.release(res);
                             } else if l.commit(res).is_approved() {
                                 sum.fetch_add(amount, Ordering::Relaxed);

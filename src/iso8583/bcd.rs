@@ -79,7 +79,11 @@ impl<'a> Digits<'a> {
         }
         let n = i + usize::from(self.first_nibble);
         let byte = self.bytes.get(n / 2).copied().unwrap_or(0);
-        let nibble = if n % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+        let nibble = if n.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0f
+        };
         if nibble < 10 {
             b'0' + nibble
         } else {

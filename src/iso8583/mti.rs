@@ -53,13 +53,13 @@ impl Mti {
 
     /// Whether this is a request or advice (function digit even), i.e. something to answer.
     pub fn is_request(self) -> bool {
-        self.function() % 2 == 0
+        self.function().is_multiple_of(2)
     }
 
     /// The response MTI: function digit + 1, origin cleared (0200/0201→0210, 0420/0421→0430).
     pub fn response(self) -> Mti {
         let base = self.0 - self.0 % 10;
-        if self.function() % 2 == 0 {
+        if self.function().is_multiple_of(2) {
             Mti(base + 10)
         } else {
             Mti(base)
