@@ -991,15 +991,15 @@ mod tests {
         }
     }
 
+    /// The queue in `dir` with [`quick_options`] and the system clock.
+    fn open_quick(dir: &Path) -> StoreForward {
+        StoreForward::open(dir, quick_options(), Arc::new(crate::clock::SystemClock)).unwrap()
+    }
+
     #[tokio::test]
     async fn a_snapshot_keeps_pending_entries_and_dead_letters_across_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let saf = StoreForward::open(
-            dir.path(),
-            quick_options(),
-            Arc::new(crate::clock::SystemClock),
-        )
-        .unwrap();
+        let saf = open_quick(dir.path());
         for stan in 1..=5 {
             let (key, body) = reversal(stan);
             saf.enqueue("bank", Dialect::Ascii1987, key, body)
@@ -1020,12 +1020,7 @@ mod tests {
             .unwrap();
         drop(saf);
 
-        let saf = StoreForward::open(
-            dir.path(),
-            quick_options(),
-            Arc::new(crate::clock::SystemClock),
-        )
-        .unwrap();
+        let saf = open_quick(dir.path());
         let stans: Vec<u32> = saf.pending().iter().map(|e| e.key.stan).collect();
         assert_eq!(stans, [3, 4, 5, 6]);
         assert_eq!(saf.dead_total(), 1);
@@ -1043,12 +1038,7 @@ mod tests {
     #[tokio::test]
     async fn a_retried_dead_letter_is_queued_again_once_and_stays_queued_across_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let saf = StoreForward::open(
-            dir.path(),
-            quick_options(),
-            Arc::new(crate::clock::SystemClock),
-        )
-        .unwrap();
+        let saf = open_quick(dir.path());
         let (key, body) = reversal(1);
         let id = saf
             .enqueue("bank", Dialect::Ascii1987, key, body)
@@ -1066,22 +1056,12 @@ mod tests {
             "sent as a repeat: it was sent before"
         );
         drop(saf);
-        let saf = StoreForward::open(
-            dir.path(),
-            quick_options(),
-            Arc::new(crate::clock::SystemClock),
-        )
-        .unwrap();
+        let saf = open_quick(dir.path());
         assert_eq!(saf.pending().iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
         assert!(saf.dead_letters().is_empty(), "replay keeps the retry");
         saf.compact().await.unwrap();
         drop(saf);
-        let saf = StoreForward::open(
-            dir.path(),
-            quick_options(),
-            Arc::new(crate::clock::SystemClock),
-        )
-        .unwrap();
+        let saf = open_quick(dir.path());
         assert_eq!(saf.pending().iter().map(|e| e.id).collect::<Vec<_>>(), [id]);
     }
 
@@ -1113,12 +1093,7 @@ mod tests {
         let cipher = || crate::at_rest::PanCipher::new(&[9; 32]).unwrap();
         let spec = super::super::spec_of(Dialect::Ascii1987);
         {
-            let saf = StoreForward::open(
-                dir.path(),
-                quick_options(),
-                Arc::new(crate::clock::SystemClock),
-            )
-            .unwrap();
+            let saf = open_quick(dir.path());
             // Without a cipher the PAN is not kept at all.
             let (key, body) = terminal_reversal(1);
             saf.enqueue("bank", Dialect::Ascii1987, key, body)
@@ -1137,12 +1112,7 @@ mod tests {
                 assert!(!bytes.windows(secret.len()).any(|w| w == secret));
             }
         }
-        let saf = StoreForward::open(
-            dir.path(),
-            quick_options(),
-            Arc::new(crate::clock::SystemClock),
-        )
-        .unwrap();
+        let saf = open_quick(dir.path());
         saf.set_pan_cipher(cipher());
         let pending = saf.pending();
         assert_eq!(pending.len(), 2);
@@ -1164,12 +1134,7 @@ mod tests {
         );
         assert!(!sent.has(35) && !sent.has(52));
         // Under another key (or entry) the sealed PAN does not open: sent without it.
-        let other = StoreForward::open(
-            tempfile::tempdir().unwrap().path(),
-            quick_options(),
-            Arc::new(crate::clock::SystemClock),
-        )
-        .unwrap();
+        let other = open_quick(tempfile::tempdir().unwrap().path());
         other.set_pan_cipher(crate::at_rest::PanCipher::new(&[1; 32]).unwrap());
         assert!(!iso8583::decode(spec, &other.body_to_send(&pending[1]))
             .unwrap()
