@@ -8,6 +8,7 @@
 //! timed. Without `REFUNDGATE_NATS_URL` it says so and exits (so `cargo bench --no-run` and a
 //! plain `cargo bench` need no cluster).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These benches measure real elapsed time; the product reads `clock::monotonic()`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

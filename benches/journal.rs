@@ -6,6 +6,7 @@
 //! `JOURNAL_BENCH_WRITERS` (`64,512`), `JOURNAL_BENCH_THREADS`
 //! (tokio workers, 2), `JOURNAL_BENCH_ONLY_GROUP` (skip the per-append shapes), `JOURNAL_BENCH_REPLAY_RECORDS` (10000000).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These benches measure real elapsed time; the product reads `clock::monotonic()`.
 
 use std::fs;
 use std::hint::black_box;

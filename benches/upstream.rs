@@ -6,6 +6,7 @@
 //! `cargo bench --bench upstream`. Environment: `UPSTREAM_BENCH_CLIENTS` (16),
 //! `UPSTREAM_BENCH_PER_CLIENT` (2000 sequential sales per terminal connection).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These benches measure real elapsed time; the product reads `clock::monotonic()`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use refundgate::config::Dialect as ConfigDialect;
 use refundgate::frame::{Frame, FrameCodec, Framing};
 use refundgate::host_sim::{pem_of, Faults, Host, HostListener, HostOptions};
 use refundgate::iso8583::{self, json};
@@ -151,7 +151,7 @@ fn main() {
         let host = Host::bind(HostOptions {
             listeners: vec![HostListener {
                 addr: "127.0.0.1:0".parse().unwrap(),
-                dialect: ConfigDialect::Ascii1987,
+                dialect: &refundgate::dialect::ASCII1987,
                 framing: Framing::Binary2,
             }],
             admin: None,

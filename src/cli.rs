@@ -10,12 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::dialect::{Dialect, Header};
 use crate::iso8583::{self, json, Spec};
 
-/// Exit code for bad input data (sysexits `EX_DATAERR`).
-pub const EXIT_DATAERR: u8 = 65;
-/// Exit code for a bad configuration (sysexits `EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code for storage that cannot be used (sysexits `EX_IOERR`).
-pub const EXIT_IOERR: u8 = 74;
+pub use crate::exit::{EXIT_DATAERR, EXIT_IOERR, EXIT_USAGE};
 
 /// refundgate: an ISO 8583 refund/void switch that tells the terminal why.
 #[derive(Debug, Parser)]
@@ -49,6 +44,9 @@ pub enum Command {
     Host(crate::host_sim::HostArgs),
     /// Deterministic simulation of the decision core with crashes and disk faults.
     Sim(crate::sim::SimArgs),
+    /// Policy what-if replay: re-decides a journal's requests under another merchant file
+    /// (read-only) and prints the answers that would change.
+    Replay(crate::replay::ReplayArgs),
 }
 
 /// Arguments of `explain`.
@@ -158,6 +156,7 @@ pub fn run() -> ExitCode {
         Command::Saf(SafCommand::List { journal_dir }) => saf_list(&journal_dir),
         Command::Host(args) => return crate::host_sim::run(&args),
         Command::Sim(args) => return crate::sim::main(&args),
+        Command::Replay(args) => return crate::replay::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,6 +15,14 @@ pub trait Clock: Send + Sync + 'static {
     fn now_unix_s(&self) -> UnixSeconds;
 }
 
+/// The monotonic clock, for durations, deadlines and rate limits (never for a decision: those
+/// read a [`Clock`]). The one place it is read outside tokio's own timer, whose
+/// `tokio::time::Instant` tests can pause.
+pub fn monotonic() -> std::time::Instant {
+    #[allow(clippy::disallowed_methods)]
+    std::time::Instant::now()
+}
+
 /// The operating system's wall clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;
@@ -64,14 +72,7 @@ impl Clock for ManualClock {
 /// MMDD of the UTC date at `unix_s` (civil-from-days, H. Hinnant); pass a local time
 /// (`unix_s + offset`) for a local date.
 pub fn mmdd_of(unix_s: UnixSeconds) -> u16 {
-    let z = unix_s.div_euclid(86_400) + 719_468;
-    let doe = z - z.div_euclid(146_097) * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (m * 100 + d) as u16
+    crate::date::Civil::from_unix(unix_s).mmdd()
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ const DOCUMENTED_DEFAULTS: &str = r#"# refundgate configuration: every option wi
 # Merchant file (DOMAIN §4). Absent: the embedded sample set.
 # merchants = "fixtures/merchants.toml"
 
+# Dialect files beyond the embedded ascii1987, cup_pos and iso87b: NAME.dialect.toml with the
+# element spec it names beside it (see specs/). Listeners and upstreams can then name NAME.
+dialects = []
+
 [admin]
 # /metrics (Prometheus), /healthz, /readyz over plain HTTP/1.1.
 addr = "127.0.0.1:9583"
@@ -63,7 +67,8 @@ filter = "info"
 # One table per listening socket. Without any [[listeners]] these two apply.
 [[listeners]]
 addr = "127.0.0.1:8583"
-# "ascii1987" or "cup_pos" (cup_pos frames carry a 5-byte TPDU and a 6-byte header).
+# A dialect of specs/*.dialect.toml: "ascii1987", "cup_pos" (frames carry a 5-byte TPDU and a
+# 6-byte header) or "iso87b" (binary bitmaps, BCD numerics: jPOS ISO87BPackager).
 dialect = "ascii1987"
 # Length header: "binary2" (2-byte big-endian), "ascii4" (4 ASCII digits, 0000 = keep-alive)
 # or "bcd2" (2-byte BCD).
@@ -122,7 +127,7 @@ request_deadline_ms = 20000
 # [[upstreams]]
 # name = "bank_a"                       # metric label and route target
 # addrs = ["10.0.0.1:9683", "10.0.0.2:9683"]   # priority order; the next on refusal
-# dialect = "ascii1987"                 # must be the dialect of the routed terminals
+# dialect = "ascii1987"                 # another dialect than the terminals': translated (README)
 # framing = "binary2"
 # timeout_ms = 30000                    # switch→host budget; below the terminal's ~60 s
 # write_timeout_ms = 5000               # a write batch not done by then: host wedged, link dropped
@@ -137,6 +142,10 @@ request_deadline_ms = 20000
 # TLS: `ca` (PEM) is required unless `insecure_skip_verify = true` (only for the simulator's
 # self-signed certificate); cert + key present a client certificate (mTLS).
 # tls = { ca = "bank-a-ca.pem", cert = "client.pem", key = "client.key" }
+# MAC of this link (key never logged): financial requests and reversals carry DE64/DE128
+# under it; an answer whose MAC is wrong, or an approval without one, counts as no answer
+# (91/98, reversed). Network management is not MACed.
+# mac = { algorithm = "x919", key = "0123456789ABCDEFFEDCBA9876543210" }
 
 [routes]
 # Upstream of merchants not listed below; absent: they are decided locally.
@@ -177,6 +186,10 @@ pub struct Config {
     /// Merchant file; `None` = the embedded sample set.
     #[serde(default)]
     pub merchants: Option<PathBuf>,
+    /// Dialect files (`NAME.dialect.toml`, its spec beside it) loaded before the rest of the
+    /// file is read, so listeners and upstreams can name them ([`Config::load`]).
+    #[serde(default)]
+    pub dialects: Vec<PathBuf>,
     /// Admin HTTP endpoint.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -231,7 +244,10 @@ pub struct UpstreamConfig {
     /// Addresses in priority order.
     pub addrs: Vec<SocketAddr>,
     /// Message dialect of the host.
-    #[serde(default = "default_dialect")]
+    #[serde(
+        default = "default_dialect",
+        deserialize_with = "crate::dialect::Dialect::deserialize"
+    )]
     pub dialect: Dialect,
     /// Length header.
     #[serde(default = "default_framing")]
@@ -264,6 +280,9 @@ pub struct UpstreamConfig {
     /// Longest reconnect delay.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// MAC key of this link: requests carry a MAC under it, answers are checked with it.
+    #[serde(default)]
+    pub mac: Option<MacConfig>,
 }
 
 /// `tls = { ... }` of an upstream.
@@ -420,7 +439,10 @@ pub struct ListenerConfig {
     /// Address to listen on (port 0: any free port, for tests).
     pub addr: SocketAddr,
     /// Message dialect spoken on this listener.
-    #[serde(default = "default_dialect")]
+    #[serde(
+        default = "default_dialect",
+        deserialize_with = "crate::dialect::Dialect::deserialize"
+    )]
     pub dialect: Dialect,
     /// Length header.
     #[serde(default = "default_framing")]
@@ -457,16 +479,9 @@ pub struct IdentityConfig {
     pub terminals: Vec<String>,
 }
 
-/// The ISO 8583 dialect of a listener (DOMAIN §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Dialect {
-    /// ASCII ISO 8583:1987.
-    #[serde(rename = "ascii1987")]
-    Ascii1987,
-    /// China UnionPay POS: BCD fields, TPDU + 6-byte header after the length.
-    CupPos,
-}
+/// The dialect of a listener or upstream: one of the registry's (`src/dialect.rs`), named
+/// in the file by its name.
+pub type Dialect = &'static crate::dialect::Dialect;
 
 /// `tls = { ... }` of a listener.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -542,6 +557,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             merchants: None,
+            dialects: Vec::new(),
             admin: AdminConfig::default(),
             journal: JournalConfig::default(),
             log: LogConfig::default(),
@@ -572,10 +588,12 @@ impl Config {
             key: "file".to_string(),
             message: format!("{}: {e}", path.display()),
         })?;
+        load_dialect_files(&text)?;
         Config::from_toml(&text)
     }
 
-    /// Parses and validates a TOML document.
+    /// Parses and validates a TOML document. Its `dialects` files are not loaded here (only
+    /// by [`Config::load`]): a dialect it names must already be in the registry.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError {
             key: toml_error_key(text, &e),
@@ -923,13 +941,34 @@ impl Default for SafConfig {
 
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![
-        ListenerConfig::new(loopback(8583), Dialect::Ascii1987, Framing::Binary2),
-        ListenerConfig::new(loopback(8584), Dialect::CupPos, Framing::Binary2),
+        ListenerConfig::new(loopback(8583), &crate::dialect::ASCII1987, Framing::Binary2),
+        ListenerConfig::new(loopback(8584), &crate::dialect::CUP_POS, Framing::Binary2),
     ]
 }
 
+/// Loads the `dialects` files a configuration lists into the registry (before the rest of it
+/// is parsed, since listeners and upstreams name them). A document that does not parse is
+/// left to [`Config::from_toml`], which names its error.
+fn load_dialect_files(text: &str) -> Result<(), ConfigError> {
+    #[derive(Deserialize)]
+    struct Listed {
+        #[serde(default)]
+        dialects: Vec<PathBuf>,
+    }
+    let Ok(listed) = toml::from_str::<Listed>(text) else {
+        return Ok(());
+    };
+    for (i, path) in listed.dialects.iter().enumerate() {
+        crate::dialect::Dialect::load_file(path).map_err(|e| ConfigError {
+            key: format!("dialects[{i}]"),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
 fn default_dialect() -> Dialect {
-    Dialect::Ascii1987
+    crate::dialect::Dialect::default_dialect()
 }
 
 fn default_framing() -> Framing {
@@ -1144,21 +1183,6 @@ impl ListenerConfig {
     }
 }
 
-impl Dialect {
-    /// The name used in configuration files and as a metric label.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Dialect::Ascii1987 => "ascii1987",
-            Dialect::CupPos => "cup_pos",
-        }
-    }
-
-    /// Whether frames of this dialect carry the CUP TPDU and 6-byte header after the length.
-    pub const fn has_cup_header(self) -> bool {
-        matches!(self, Dialect::CupPos)
-    }
-}
-
 impl std::fmt::Debug for MacConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MacConfig")
@@ -1287,6 +1311,67 @@ max_frame_bytes = 65536
         assert_eq!(err.key, "journal.segment_bytes");
         let debug = format!("{config:?}");
         assert!(!debug.contains("0123456789ABCDEF"), "{debug}");
+    }
+
+    #[test]
+    fn a_dialect_file_listed_in_the_configuration_can_be_named_by_its_listeners() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
+        let spec = std::fs::read_to_string(specs.join("iso87b.toml"))
+            .unwrap()
+            .replace("name = \"iso87b\"", "name = \"iso87x\"");
+        std::fs::write(dir.path().join("iso87x.toml"), spec).unwrap();
+        let dialect = std::fs::read_to_string(specs.join("iso87b.dialect.toml"))
+            .unwrap()
+            .replace("name = \"iso87b\"", "name = \"iso87x\"")
+            .replace("spec = \"iso87b.toml\"", "spec = \"iso87x.toml\"");
+        let file = dir.path().join("iso87x.dialect.toml");
+        std::fs::write(&file, dialect).unwrap();
+        let config_path = dir.path().join("refundgate.toml");
+        let text = format!(
+            "dialects = [{:?}]\n[[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"iso87x\"\n",
+            file.display().to_string()
+        );
+        std::fs::write(&config_path, &text).unwrap();
+        let config = Config::load(Some(&config_path)).unwrap();
+        let d = config.listeners[0].dialect;
+        assert_eq!((d.name(), d.spec().name()), ("iso87x", "iso87x"));
+        assert_eq!(crate::dialect::Dialect::by_name("iso87x"), Some(d));
+
+        let missing = dir.path().join("missing.toml");
+        std::fs::write(&missing, "dialects = [\"/nonexistent/x.dialect.toml\"]\n").unwrap();
+        let err = Config::load(Some(&missing)).unwrap_err();
+        assert_eq!(err.key, "dialects[0]");
+        let embedded = dir.path().join("embedded.toml");
+        std::fs::write(
+            &embedded,
+            format!(
+                "dialects = [{:?}]\n",
+                specs.join("cup_pos.dialect.toml").display().to_string()
+            ),
+        )
+        .unwrap();
+        let err = Config::load(Some(&embedded)).unwrap_err().to_string();
+        assert!(err.contains("is an embedded dialect"), "{err}");
+    }
+
+    #[test]
+    fn a_dialect_is_named_by_its_dialect_file_and_an_unknown_one_is_refused() {
+        let config = Config::from_toml(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"iso87b\"\n\
+             [[upstreams]]\nname = \"b\"\naddrs = [\"127.0.0.1:1\"]\ndialect = \"iso87b\"\n\
+             tls = { insecure_skip_verify = true }\n",
+        )
+        .unwrap();
+        assert_eq!(config.listeners[0].dialect.name(), "iso87b");
+        assert_eq!(config.upstreams[0].dialect.spec().name(), "iso87b");
+        let err = Config::from_toml("[[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"iso93\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listeners") && err.contains("unknown dialect \"iso93\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `refundgate host`: a stand-in bank host over TLS, for tests, demos and fault drills.
 //!
-//! It speaks both dialects (one listener per dialect), approves by default (echoing DE 3, 4,
+//! It speaks any dialect of the registry (`src/dialect.rs`; one listener per dialect), approves by default (echoing DE 3, 4,
 //! 11, 12, 13, 37, 41, 42 and adding DE 38 and DE 39 `00`), answers sign-on and echo, and
 //! applies reversals idempotently (the first reversal of a (DE41, DE11) applies, repeats are
 //! answered 00 again). Its [`Faults`] come from flags and can be changed at run time through a
@@ -39,9 +39,12 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::config::{Dialect, TlsConfig};
+use crate::config::TlsConfig;
+use crate::dialect::Dialect;
 use crate::frame::{Frame, FrameCodec, Framing};
-use crate::iso8583::{self, FieldList, Message, Spec, Value};
+use crate::iso8583::{self, FieldList, Message, Value};
+use crate::limits;
+use crate::mac::{self, MacKey};
 use crate::server::tls;
 
 /// Answers in flight on one host connection; requests beyond it wait to be read.
@@ -55,7 +58,7 @@ pub const HOST_ADMIN_BODY_BYTES_MAX: usize = 4096;
 /// Longest latency a fault set may ask for (one hour).
 pub const HOST_LATENCY_MAX_MS: u64 = 3_600_000;
 /// Largest frame the host reads or writes.
-const HOST_FRAME_BYTES_MAX: usize = 8192;
+const HOST_FRAME_BYTES_MAX: usize = limits::FRAME_BYTES_DEFAULT_MAX;
 /// How often a connection that stopped reading looks at the faults again.
 const STOP_READING_RECHECK: Duration = Duration::from_millis(50);
 /// Admin connections served at once.
@@ -85,6 +88,8 @@ pub struct Faults {
     /// Stop reading from every connection (after its TLS handshake): the switch's writes
     /// pile up in the socket buffers and nothing is answered, as with a wedged host.
     pub stop_reading: bool,
+    /// With a MAC key set: approvals carry a wrong MAC (a switch must not trust them).
+    pub bad_answer_mac: bool,
 }
 
 /// Counters of what the host received and answered, as `GET /stats` shows them.
@@ -110,6 +115,9 @@ pub struct Stats {
     pub connections: u64,
     /// Connections closed by `close_after`.
     pub closed_by_fault: u64,
+    /// Requests refused for a missing or wrong MAC (with a MAC key set), answered with the
+    /// dialect's `MAC_INVALID` code.
+    pub bad_macs: u64,
     /// Reversals of keys beyond [`HOST_REVERSAL_KEYS_MAX`] (counted, not tracked).
     pub reversals_untracked: u64,
     /// Reversals per (DE41, DE11), sorted by key.
@@ -140,7 +148,7 @@ pub struct HostListener {
     /// Address to bind (port 0: any free port).
     pub addr: SocketAddr,
     /// Dialect spoken on it.
-    pub dialect: Dialect,
+    pub dialect: &'static Dialect,
     /// Length header.
     pub framing: Framing,
 }
@@ -166,6 +174,8 @@ struct HostState {
     counters: Mutex<Stats>,
     reversals: Mutex<HashMap<(String, u32), ReversalCount>>,
     auth_seq: AtomicU64,
+    /// MAC key of every listener: requests must carry a MAC under it, approvals get one.
+    mac: Mutex<Option<Arc<MacKey>>>,
 }
 
 /// A host whose sockets are bound; [`Host::run`] serves them.
@@ -241,7 +251,21 @@ impl HostControl {
             counters: Mutex::new(Stats::default()),
             reversals: Mutex::new(HashMap::new()),
             auth_seq: AtomicU64::new(1),
+            mac: Mutex::new(None),
         }))
+    }
+
+    /// Sets (or with `None` clears) the MAC key of every listener (DOMAIN §11): financial
+    /// requests and reversals without a valid MAC under it are answered `MAC_INVALID` (63,
+    /// CUP A0), approvals carry one. Network management is never MACed.
+    pub fn set_mac(&self, key: Option<MacKey>) {
+        if let Ok(mut m) = self.0.mac.lock() {
+            *m = key.map(Arc::new);
+        }
+    }
+
+    fn mac(&self) -> Option<Arc<MacKey>> {
+        self.0.mac.lock().ok().and_then(|m| m.clone())
     }
 
     /// The current fault set.
@@ -337,7 +361,7 @@ impl Host {
                 addr: l.addr,
                 source,
             })?;
-            tracing::info!(%addr, dialect = l.dialect.as_str(), cert_sha256 = %tls.cert_sha256, "host listening");
+            tracing::info!(%addr, dialect = l.dialect.name(), cert_sha256 = %tls.cert_sha256, "host listening");
             listeners.push((tcp, HostListener { addr, ..*l }));
         }
         let admin = match options.admin {
@@ -430,7 +454,7 @@ async fn accept_loop(
         };
         while conns.try_join_next().is_some() {}
         let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(limits::ACCEPT_BACKOFF_MAX_MS / 10)).await;
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -454,18 +478,22 @@ async fn serve_connection(
     control: HostControl,
 ) {
     let _ = stream.set_nodelay(true);
-    let handshake = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await;
+    let handshake = tokio::time::timeout(
+        Duration::from_millis(limits::HANDSHAKE_TIMEOUT_DEFAULT_MS),
+        acceptor.accept(stream),
+    )
+    .await;
     let Ok(Ok(tls)) = handshake else {
         return;
     };
-    let cup = l.dialect.has_cup_header();
+    let cup = l.dialect.has_tpdu();
     let (r, w) = tokio::io::split(tls);
     let mut reader = FramedRead::new(r, FrameCodec::new(l.framing, cup, HOST_FRAME_BYTES_MAX));
     let mut writer = FramedWrite::new(w, FrameCodec::new(l.framing, cup, HOST_FRAME_BYTES_MAX));
     let (tx, mut rx) = mpsc::channel::<Frame>(64);
     let in_flight = Arc::new(Semaphore::new(HOST_IN_FLIGHT_PER_CONNECTION_MAX));
     let mut answers = JoinSet::new();
-    let spec = spec_of(l.dialect);
+    let dialect = l.dialect;
     let mut carried = 0u64;
     loop {
         let reading = !control.faults().stop_reading;
@@ -491,14 +519,18 @@ async fn serve_connection(
                             }
                         }
                     };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(limits::SHUTDOWN_GRACE_DEFAULT_MS),
+                        drain,
+                    )
+                    .await;
                     break;
                 }
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 let (tx, control) = (tx.clone(), control.clone());
                 answers.spawn(async move {
                     let _permit = permit;
-                    if let Some(reply) = answer(spec, &frame, &faults, &control).await {
+                    if let Some(reply) = answer(dialect, &frame, &faults, &control).await {
                         let _ = tx.send(reply).await;
                     }
                 });
@@ -513,16 +545,9 @@ async fn serve_connection(
     answers.shutdown().await;
 }
 
-fn spec_of(dialect: Dialect) -> &'static Spec {
-    match dialect {
-        Dialect::Ascii1987 => &iso8583::ASCII1987,
-        Dialect::CupPos => &iso8583::CUP_POS,
-    }
-}
-
 /// Decides and renders the answer to one frame after its latency; `None`: no answer.
 async fn answer(
-    spec: &'static Spec,
+    dialect: &'static Dialect,
     frame: &Frame,
     faults: &Faults,
     control: &HostControl,
@@ -531,6 +556,7 @@ async fn answer(
         return None;
     };
     control.count(|s| s.requests += 1);
+    let spec = dialect.spec();
     let msg = iso8583::decode(spec, body).ok()?;
     let mti = msg.mti();
     if !mti.is_request() {
@@ -555,6 +581,18 @@ async fn answer(
         tokio::time::sleep(delay).await;
     }
     let mut out = BytesMut::with_capacity(256);
+    let key = control.mac().filter(|_| !network);
+    if let Some(key) = &key {
+        let valid = msg
+            .mac()
+            .is_some_and(|(mab, value)| mac::verify(key, mab, value));
+        if !valid {
+            control.count(|s| s.bad_macs += 1);
+            let code = crate::ledger::Reason::MAC_INVALID.code(dialect.code_column);
+            financial_answer(&msg, code, None, &mut out)?;
+            return Some(frame.reply(out.freeze()));
+        }
+    }
     let rendered = match mti.class() {
         8 => network_answer(&msg, faults, control, &mut out),
         4 => {
@@ -577,7 +615,28 @@ async fn answer(
         _ => None,
     };
     rendered?;
-    Some(frame.reply(out.freeze()))
+    let approved = iso8583::decode(spec, &out).is_ok_and(|a| a.response_code() == Some("00"));
+    let body = match (&key, approved) {
+        (Some(key), true) => {
+            let signed = mac::sign_message(spec, key, &out)?;
+            match faults.bad_answer_mac {
+                true => corrupt_last_byte(&signed),
+                false => signed,
+            }
+        }
+        _ => out.freeze(),
+    };
+    Some(frame.reply(body))
+}
+
+/// `body` with its last byte changed (to another hex digit when it was one): a wrong MAC that
+/// still decodes.
+fn corrupt_last_byte(body: &Bytes) -> Bytes {
+    let mut out = body.to_vec();
+    if let Some(b) = out.last_mut() {
+        *b = if *b == b'0' { b'1' } else { b'0' };
+    }
+    Bytes::from(out)
 }
 
 /// Sign-on and echo answers: DE 7, 11, 41, 42, 60, 70 echoed, DE39 `00`.
@@ -642,7 +701,7 @@ async fn admin_loop(tcp: TcpListener, control: HostControl, mut stop: watch::Rec
         };
         while conns.try_join_next().is_some() {}
         let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(limits::ACCEPT_BACKOFF_MAX_MS / 10)).await;
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -657,7 +716,7 @@ async fn admin_loop(tcp: TcpListener, control: HostControl, mut stop: watch::Rec
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(Duration::from_millis(limits::ADMIN_HEADER_READ_TIMEOUT_MS))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -721,9 +780,9 @@ pub struct HostArgs {
     /// Address of the first listener; further `--dialect`s listen on the following ports.
     #[arg(long, default_value = "127.0.0.1:9683")]
     pub addr: SocketAddr,
-    /// Dialect(s) to serve, one listener each: ascii1987, cup_pos (repeatable).
-    #[arg(long, value_parser = parse_dialect)]
-    pub dialect: Vec<Dialect>,
+    /// Dialect(s) to serve, one listener each: ascii1987, cup_pos, iso87b (repeatable).
+    #[arg(long, value_parser = Dialect::named)]
+    pub dialect: Vec<&'static Dialect>,
     /// Fixed latency before each answer.
     #[arg(long, conflicts_with = "latency_random")]
     pub latency_ms: Option<u64>,
@@ -757,13 +816,18 @@ struct HostFile {
     listeners: Vec<HostFileListener>,
     admin: Option<SocketAddr>,
     faults: Faults,
+    /// `mac = { algorithm, key }`: the MAC key of every listener (test keys; never logged).
+    mac: Option<crate::config::MacConfig>,
+    /// Dialect files loaded before the listeners are read (as in the gateway's config).
+    dialects: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HostFileListener {
     addr: SocketAddr,
-    dialect: Dialect,
+    #[serde(deserialize_with = "Dialect::deserialize")]
+    dialect: &'static Dialect,
     #[serde(default = "binary2")]
     framing: Framing,
 }
@@ -772,12 +836,20 @@ fn binary2() -> Framing {
     Framing::Binary2
 }
 
-fn parse_dialect(s: &str) -> Result<Dialect, String> {
-    match s {
-        "ascii1987" => Ok(Dialect::Ascii1987),
-        "cup_pos" => Ok(Dialect::CupPos),
-        other => Err(format!("unknown dialect {other:?} (ascii1987 or cup_pos)")),
+/// Loads the `dialects` files a host file lists, before its listeners name them.
+fn load_dialect_files(text: &str) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Listed {
+        #[serde(default)]
+        dialects: Vec<PathBuf>,
     }
+    let Ok(listed) = toml::from_str::<Listed>(text) else {
+        return Ok(()); // The full parse names the error.
+    };
+    for (i, path) in listed.dialects.iter().enumerate() {
+        Dialect::load_file(path).map_err(|e| format!("dialects[{i}]: {e}"))?;
+    }
+    Ok(())
 }
 
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
@@ -791,12 +863,13 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
 }
 
 impl HostArgs {
-    /// The options these arguments (and the `--config` file) ask for.
-    pub fn options(&self) -> Result<HostOptions, String> {
+    /// The options these arguments (and the `--config` file) ask for, and the file's MAC key.
+    pub fn options(&self) -> Result<(HostOptions, Option<MacKey>), String> {
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
+                load_dialect_files(&text)?;
                 toml::from_str::<HostFile>(&text)
                     .map_err(|e| format!("{}: {}", path.display(), e.message()))?
             }
@@ -824,7 +897,7 @@ impl HostArgs {
         faults.validate()?;
         let listeners = if !self.dialect.is_empty() || file.listeners.is_empty() {
             let dialects = if self.dialect.is_empty() {
-                vec![Dialect::Ascii1987]
+                vec![Dialect::default_dialect()]
             } else {
                 self.dialect.clone()
             };
@@ -865,11 +938,31 @@ impl HostArgs {
                 clash.addr
             ));
         }
-        Ok(HostOptions {
-            listeners,
-            admin: Some(admin),
-            faults,
-        })
+        let mac = match &file.mac {
+            Some(m) => {
+                Some(mac::key_from_config(&m.algorithm, &m.key).map_err(|e| format!("mac.{e}"))?)
+            }
+            None => None,
+        };
+        if let Some(key) = &mac {
+            if let Some(l) = listeners
+                .iter()
+                .find(|l| mac::field_for(key, l.dialect.spec(), false).is_none())
+            {
+                return Err(format!(
+                    "mac.algorithm: the {} MAC element cannot carry this MAC",
+                    l.dialect.name()
+                ));
+            }
+        }
+        Ok((
+            HostOptions {
+                listeners,
+                admin: Some(admin),
+                faults,
+            },
+            mac,
+        ))
     }
 }
 
@@ -883,11 +976,11 @@ pub fn run(args: &HostArgs) -> ExitCode {
             None
         }
     };
-    let options = match args.options() {
+    let (options, mac_key) = match args.options() {
         Ok(o) => o,
         Err(e) => {
             eprintln!("refundgate: host: {e}");
-            return ExitCode::from(crate::cli::EXIT_USAGE);
+            return ExitCode::from(crate::exit::EXIT_USAGE);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -897,7 +990,7 @@ pub fn run(args: &HostArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("refundgate: runtime: {e}");
-            return ExitCode::from(crate::cli::EXIT_IOERR);
+            return ExitCode::from(crate::exit::EXIT_IOERR);
         }
     };
     runtime.block_on(async {
@@ -905,14 +998,15 @@ pub fn run(args: &HostArgs) -> ExitCode {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("refundgate: host: {e}");
-                return ExitCode::from(71);
+                return ExitCode::from(crate::exit::EXIT_OSERR);
             }
         };
+        host.control().set_mac(mac_key);
         if let Some(path) = &args.cert_out {
             let pem = pem_of(&host.cert_der());
             if let Err(e) = std::fs::write(path, pem) {
                 eprintln!("refundgate: host: {}: {e}", path.display());
-                return ExitCode::from(crate::cli::EXIT_IOERR);
+                return ExitCode::from(crate::exit::EXIT_IOERR);
             }
         }
         host.run(crate::server::shutdown::signal()).await;
@@ -920,43 +1014,10 @@ pub fn run(args: &HostArgs) -> ExitCode {
     })
 }
 
-/// A DER certificate as PEM text.
+/// A DER certificate as PEM text (LF line endings).
 pub fn pem_of(der: &[u8]) -> String {
-    use base64_lite::encode;
-    let b64 = encode(der);
-    let mut out = String::with_capacity(b64.len() + 64);
-    out.push_str("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or(""));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
-/// Standard base64 with padding: enough for one PEM certificate, without a new dependency.
-mod base64_lite {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub(super) fn encode(bytes: &[u8]) -> String {
-        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), config)
 }
 
 #[cfg(test)]
@@ -965,16 +1026,78 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, output) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64_lite::encode(input.as_bytes()), output);
-        }
+    fn a_certificate_as_pem_reads_back_as_the_same_der() {
+        let der: Vec<u8> = (0..=255u8).cycle().take(700).collect();
+        let text = pem_of(&der);
+        assert!(text.starts_with("-----BEGIN CERTIFICATE-----\n"), "{text}");
+        assert!(text.lines().all(|l| l.len() <= 64));
+        let back = pem::parse(&text).unwrap();
+        assert_eq!((back.tag(), back.contents()), ("CERTIFICATE", &der[..]));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        host: HostArgs,
+    }
+
+    fn host_args(args: &[&str]) -> Result<HostArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("host").chain(args.iter().copied())).map(|c| c.host)
+    }
+
+    #[test]
+    fn any_dialect_of_the_registry_is_served_by_name_and_the_mac_key_comes_from_the_file() {
+        let args = host_args(&[
+            "--dialect",
+            "iso87b",
+            "--dialect",
+            "cup_pos",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        let (options, mac) = args.options().unwrap();
+        let names: Vec<&str> = options.listeners.iter().map(|l| l.dialect.name()).collect();
+        assert_eq!(names, ["iso87b", "cup_pos"]);
+        assert!(mac.is_none());
+        let e = host_args(&["--dialect", "iso93"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown dialect \"iso93\""), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("host.toml");
+        std::fs::write(
+            &file,
+            "mac = { algorithm = \"aes_cmac\", key = \"2b7e151628aed2a6abf7158809cf4f3c\" }\n\
+             [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"iso87b\"\n",
+        )
+        .unwrap();
+        let args = host_args(&["--config", file.to_str().unwrap()]).unwrap();
+        let (options, mac) = args.options().unwrap();
+        assert_eq!(options.listeners[0].dialect.name(), "iso87b");
+        assert_eq!(
+            mac.map(|k| k.algorithm()),
+            Some(crate::mac::MacAlgorithm::AesCmac)
+        );
+        // A key the dialect's MAC element cannot carry is refused, naming the key.
+        std::fs::write(
+            &file,
+            "mac = { algorithm = \"x919\", key = \"0123456789ABCDEFFEDCBA9876543210\" }\n\
+             [[listeners]]\naddr = \"127.0.0.1:0\"\ndialect = \"cup_pos\"\n",
+        )
+        .unwrap();
+        let e = host_args(&["--config", file.to_str().unwrap()])
+            .unwrap()
+            .options()
+            .err()
+            .unwrap();
+        assert!(
+            e.starts_with("mac.algorithm:") && !e.contains("0123"),
+            "{e}"
+        );
     }
 
     #[test]

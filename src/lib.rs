@@ -21,6 +21,7 @@
 //! - [`host_sim`]: `refundgate host`, a stand-in bank host with run-time fault controls.
 //! - [`cli`]: the command line (`decode`, `encode`, `serve`, `host`, …).
 //! - [`clock`]: the injectable time source; [`limits`]: every named bound.
+//! - [`replay`]: `refundgate replay`, policy what-if replay of a journal (read-only).
 //! - [`ratelimit`]: fixed-window limits per key (bad-input log lines, sign-ons per terminal).
 //! - [`load`]: the load generator (`refundgate load`): scenario replay over TLS, every answer verified.
 pub mod admin;
@@ -28,7 +29,9 @@ pub mod at_rest;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod date;
 pub mod dialect;
+pub mod exit;
 pub mod explain;
 pub mod flow;
 pub mod frame;
@@ -40,6 +43,7 @@ pub mod limits;
 pub mod load;
 pub mod mac;
 pub mod ratelimit;
+pub mod replay;
 pub mod serve;
 pub mod server;
 pub mod sim;

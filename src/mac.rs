@@ -340,6 +340,86 @@ pub fn compute(key: &MacKey, mab: &[u8]) -> [u8; 8] {
     }
 }
 
+/// The MAC element of a message in `spec` and its length on the wire: DE128 when the message
+/// has a secondary bitmap (`secondary`), else DE64. `None` when the dialect's element cannot
+/// carry the key's MAC: CUP POS needs 8 characters; X9.19 and AES-CMAC 8 raw bytes (a binary
+/// element) or 16 hex characters.
+pub fn field_for(
+    key: &MacKey,
+    spec: &crate::iso8583::Spec,
+    secondary: bool,
+) -> Option<(u8, usize)> {
+    use crate::iso8583::spec::{Encoding, Prefix};
+    let n = if secondary { 128 } else { 64 };
+    let f = spec.field(usize::from(n))?;
+    if f.prefix != Prefix::Fixed || f.counts_digits {
+        return None;
+    }
+    let len = usize::from(f.max);
+    let fits = match (key.algorithm, len, f.encoding) {
+        (MacAlgorithm::CupPosEcb, MAC_BYTES, _) => true,
+        (MacAlgorithm::CupPosEcb, _, _) => false,
+        (_, MAC_BYTES, Encoding::Binary) => true,
+        (_, MAC_HEX_BYTES, Encoding::Ascii) => true,
+        _ => false,
+    };
+    fits.then_some((n, len))
+}
+
+/// Fills the last `len` bytes of `message` (an encoded message ending with its MAC element,
+/// as [`field_for`] sized it) with the MAC of the bytes before them.
+pub fn seal(key: &MacKey, message: &mut [u8], len: usize) {
+    let Some(end) = message.len().checked_sub(len) else {
+        return;
+    };
+    let value = compute(key, &message[..end]);
+    match len {
+        MAC_HEX_BYTES => message[end..].copy_from_slice(&to_field_hex(&value)),
+        MAC_BYTES => message[end..].copy_from_slice(&value),
+        _ => {}
+    }
+}
+
+/// `body` (a message of `spec`, MTI first) with its MAC element (DE128 when a secondary bitmap
+/// is present, else DE64) set to its MAC under `key`, any MAC it had replaced. `None` when it
+/// does not decode or the dialect cannot carry the key's MAC ([`field_for`]).
+pub fn sign_message(
+    spec: &crate::iso8583::Spec,
+    key: &MacKey,
+    body: &[u8],
+) -> Option<bytes::Bytes> {
+    use crate::iso8583::{self, FieldList, Value};
+    let msg = iso8583::decode(spec, body).ok()?;
+    let mut fields: FieldList<'_, 128> = FieldList::new();
+    for n in msg.present().filter(|&n| n > 1 && n != 64 && n != 128) {
+        fields.echo(&msg, n).ok()?;
+    }
+    let secondary = fields.as_slice().iter().any(|(n, _)| *n > 64);
+    let (n, len) = field_for(key, spec, secondary)?;
+    let placeholder = [b'0'; MAC_HEX_BYTES];
+    fields.set(n, Value::Text(&placeholder[..len])).ok()?;
+    let mut out = bytes::BytesMut::with_capacity(body.len() + len + 8);
+    iso8583::encode(spec, msg.mti(), fields.as_slice(), &mut out).ok()?;
+    seal(key, &mut out, len);
+    Some(out.freeze())
+}
+
+/// A key from a configuration's `mac = { algorithm, key }`; the error names neither the key
+/// nor any of its digits.
+pub fn key_from_config(algorithm: &str, key_hex: &str) -> Result<MacKey, String> {
+    let algorithm = match algorithm {
+        "x919" | "ansi_x919" => MacAlgorithm::AnsiX919,
+        "cup_ecb" | "cup_pos" => MacAlgorithm::CupPosEcb,
+        "aes_cmac" => MacAlgorithm::AesCmac,
+        other => {
+            return Err(format!(
+                "algorithm: expected x919, cup_ecb or aes_cmac, got {other:?}"
+            ))
+        }
+    };
+    MacKey::from_hex(algorithm, key_hex).map_err(|e| format!("key: {e}"))
+}
+
 /// Writes an 8-byte binary MAC as 16 upper-case ASCII hex characters, the `ascii1987` form of
 /// an X9.19 or AES-CMAC DE64/DE128. (A CUP POS MAC from [`compute`] is already ASCII.)
 pub fn to_field_hex(mac: &[u8; 8]) -> [u8; 16] {
@@ -604,6 +684,60 @@ mod tests {
     const RFC4493_KEY: &str = "2b7e151628aed2a6abf7158809cf4f3c";
     const RFC4493_M64: &str = "6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51\
                                30c81c46a35ce411e5fbc1191a0a52eff69f2445df4f9b17ad2b417be66c3710";
+
+    #[test]
+    fn a_message_signed_in_each_dialect_verifies_and_fails_under_another_key() {
+        use crate::iso8583::{self, FieldList, Mti, Value};
+        let cases = [
+            (
+                "ascii1987",
+                MacKey::from_hex(MacAlgorithm::AnsiX919, X919_KEY).unwrap(),
+                16,
+            ),
+            (
+                "iso87b",
+                MacKey::from_hex(MacAlgorithm::AesCmac, RFC4493_KEY).unwrap(),
+                8,
+            ),
+            (
+                "cup_pos",
+                MacKey::from_hex(MacAlgorithm::CupPosEcb, CUP_MAK).unwrap(),
+                8,
+            ),
+        ];
+        let other = |k: &MacKey| match k.algorithm() {
+            MacAlgorithm::CupPosEcb => MacKey::from_hex(k.algorithm(), "FEDCBA9876543210"),
+            MacAlgorithm::AnsiX919 => {
+                MacKey::from_hex(k.algorithm(), "00112233445566778899AABBCCDDEEFF")
+            }
+            MacAlgorithm::AesCmac => {
+                MacKey::from_hex(k.algorithm(), "000102030405060708090a0b0c0d0e0f")
+            }
+        };
+        for (name, key, len) in cases {
+            let spec = iso8583::Spec::builtin(name).unwrap();
+            let mut f: FieldList<'_, 4> = FieldList::new();
+            f.set(3, Value::Number(0)).unwrap();
+            f.set(4, Value::Number(2500)).unwrap();
+            f.set(11, Value::Number(7)).unwrap();
+            let mut plain = bytes::BytesMut::new();
+            iso8583::encode(spec, Mti(200), f.as_slice(), &mut plain).unwrap();
+            let signed = sign_message(spec, &key, &plain).unwrap();
+            let msg = iso8583::decode(spec, &signed).unwrap();
+            let (mab, value) = msg.mac().unwrap();
+            assert_eq!(value.len(), len, "{name}");
+            assert!(verify(&key, mab, value), "{name}");
+            assert!(!verify(&other(&key).unwrap(), mab, value), "{name}");
+        }
+        // An X9.19 MAC has no room in cup_pos's 8-character DE64.
+        let x919 = MacKey::from_hex(MacAlgorithm::AnsiX919, X919_KEY).unwrap();
+        assert_eq!(field_for(&x919, &crate::iso8583::CUP_POS, false), None);
+        assert!(key_from_config("des", X919_KEY)
+            .unwrap_err()
+            .starts_with("algorithm:"));
+        let e = key_from_config("x919", "0123").unwrap_err();
+        assert!(e.starts_with("key:") && !e.contains("0123"), "{e}");
+    }
 
     fn vectors_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors")

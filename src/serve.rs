@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::os::unix::fs::DirBuilderExt;
 
 use crate::at_rest;
-use crate::cli::{EXIT_IOERR, EXIT_USAGE};
 use crate::clock::SystemClock;
 use crate::config::{self, Config};
+use crate::exit::{EXIT_IOERR, EXIT_USAGE};
 use crate::flow::{Gateway, Link};
 use crate::journal::jetstream::{self, Replica};
 use crate::journal::{self, Journal};
-use crate::ledger::{Dialect, MerchantSet, PanKey};
-use crate::mac::{MacAlgorithm, MacKey};
+use crate::ledger::{MerchantSet, PanKey};
+use crate::mac;
 use crate::server::{self, Server};
 use crate::telemetry;
 use crate::terminal_keys::{Identities, TerminalKeys};
@@ -216,7 +216,7 @@ async fn replica(prepared: &Prepared) -> Result<Option<Arc<Replica>>, String> {
         replicas: js.replicas,
         ack_timeout: std::time::Duration::from_millis(js.ack_timeout_ms),
     };
-    let started = std::time::Instant::now();
+    let started = crate::clock::monotonic();
     let (replica, state) = Replica::connect(&settings, prepared.gateway.shared_ledger())
         .await
         .map_err(|e| format!("journal.jetstream: {e}"))?;
@@ -244,25 +244,18 @@ async fn replica(prepared: &Prepared) -> Result<Option<Arc<Replica>>, String> {
 }
 
 fn link(i: usize, l: &config::ListenerConfig) -> Result<Link, StartError> {
-    let dialect = match l.dialect {
-        config::Dialect::Ascii1987 => Dialect::Ascii1987,
-        config::Dialect::CupPos => Dialect::CupPos,
-    };
-    let mut link = Link::plain(dialect);
+    let mut link = Link::plain(l.dialect);
     link.identities = Identities::from_config(&l.identities);
     if let Some(mac) = &l.mac {
-        let algorithm = match mac.algorithm.as_str() {
-            "x919" | "ansi_x919" => MacAlgorithm::AnsiX919,
-            "cup_ecb" | "cup_pos" => MacAlgorithm::CupPosEcb,
-            "aes_cmac" => MacAlgorithm::AesCmac,
-            other => {
-                return Err(usage(format!(
-                "listeners[{i}].mac.algorithm: expected x919, cup_ecb or aes_cmac, got {other:?}"
-            )))
-            }
-        };
-        let key = MacKey::from_hex(algorithm, &mac.key)
-            .map_err(|e| usage(format!("listeners[{i}].mac.key: {e}")))?;
+        let key = mac::key_from_config(&mac.algorithm, &mac.key)
+            .map_err(|e| usage(format!("listeners[{i}].mac.{e}")))?;
+        if mac::field_for(&key, l.dialect.spec(), false).is_none() {
+            return Err(usage(format!(
+                "listeners[{i}].mac.algorithm: the {} MAC element cannot carry a {} MAC",
+                l.dialect.name(),
+                mac.algorithm
+            )));
+        }
         link.mac = Some(key);
     }
     Ok(link)
@@ -481,10 +474,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             .config
             .listeners
             .iter()
-            .map(|l| match l.dialect {
-                config::Dialect::Ascii1987 => "ascii1987",
-                config::Dialect::CupPos => "cup_pos",
-            })
+            .map(|l| l.dialect.name())
             .collect();
         let upstream_names: Vec<String> = prepared
             .config

@@ -35,6 +35,10 @@
 //! - (settle) a 0500 from a terminal that never signed on gets 03, one with the gateway's own
 //!   totals never 95, one with other totals is never approved (DOMAIN §9a).
 //!
+//! `refundgate sim --core` ([`core_mode`]) runs the real gateway core instead of this model:
+//! ISO 8583 bytes through `flow::Gateway::handle_batch`, the real journal in its stepped mode
+//! over [`crate::journal::SimDisk`], snapshots and `serve`'s recovery after crashes.
+//!
 //! A failing seed prints the last steps; the same seed reproduces it bit for bit. The
 //! [`Mutation`] switches re-introduce known bugs in the simulated gateway (never in the
 //! product's paths; the one ledger-side switch exists only in test builds) to show that the
@@ -42,6 +46,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
+
+pub mod core_mode;
+#[cfg(feature = "sim-mutations")]
+pub mod switches;
+
+pub use core_mode::{run_core, CoreMutation, CoreReport};
 
 use crate::ledger::{
     BatchTotals, CardType, Decision, Dialect, EventBody, Ledger, LedgerEvent, Logged, MerchantSet,
@@ -99,6 +109,28 @@ pub struct Report {
     pub batches_settled: u32,
     /// Terminal 0500s answered 95.
     pub batches_unreconciled: u32,
+}
+
+impl Report {
+    /// Adds the counts of another run (totals over seeds).
+    pub fn add(&mut self, other: &Report) {
+        self.steps = self.steps.saturating_add(other.steps);
+        self.requests = self.requests.saturating_add(other.requests);
+        self.acknowledged = self.acknowledged.saturating_add(other.acknowledged);
+        self.crashes = self.crashes.saturating_add(other.crashes);
+        self.sync_failures = self.sync_failures.saturating_add(other.sync_failures);
+        self.repeats_checked = self.repeats_checked.saturating_add(other.repeats_checked);
+        self.disk_full = self.disk_full.saturating_add(other.disk_full);
+        self.snapshot_restores = self
+            .snapshot_restores
+            .saturating_add(other.snapshot_restores);
+        self.reordered = self.reordered.saturating_add(other.reordered);
+        self.key_reuses = self.key_reuses.saturating_add(other.key_reuses);
+        self.batches_settled = self.batches_settled.saturating_add(other.batches_settled);
+        self.batches_unreconciled = self
+            .batches_unreconciled
+            .saturating_add(other.batches_unreconciled);
+    }
 }
 
 /// A violated invariant.
@@ -1329,16 +1361,8 @@ impl Sim {
 
 /// The month (a running number) of merchant-local day `day` (days since 1970-01-01).
 fn month_of(day: i64) -> i64 {
-    // Civil date from days (H. Hinnant's algorithm), reduced to year * 12 + month.
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    year * 12 + month
+    let date = crate::date::Civil::from_days(day);
+    date.year * 12 + i64::from(date.month)
 }
 
 /// Refusals that are not answers to remember (a retry is decided anew). Row 3 of DOMAIN §5
@@ -1375,27 +1399,26 @@ pub struct SimArgs {
     /// Re-introduce a known bug (to see the invariants catch it).
     #[arg(long, value_enum, default_value_t = Mutation::None)]
     pub mutation: Mutation,
+    /// Drive the real gateway core (codec, `flow`, ledger, journal over a simulated disk,
+    /// snapshots, recovery) instead of the model of the flow.
+    #[arg(long)]
+    pub core: bool,
+    /// With `--core`: re-introduce a known bug on the real stack.
+    #[arg(long, value_enum, default_value_t = CoreMutation::None, requires = "core")]
+    pub core_mutation: CoreMutation,
 }
 
 /// Runs `sim`; exit 0 when every seed held every invariant, 1 otherwise.
 pub fn main(args: &SimArgs) -> std::process::ExitCode {
-    let started = std::time::Instant::now();
+    if args.core {
+        return main_core(args);
+    }
+    let started = crate::clock::monotonic();
     let mut total = Report::default();
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         match run(seed, args.steps, args.mutation) {
             Ok(r) => {
-                total.steps += r.steps;
-                total.requests += r.requests;
-                total.acknowledged += r.acknowledged;
-                total.crashes += r.crashes;
-                total.sync_failures += r.sync_failures;
-                total.repeats_checked += r.repeats_checked;
-                total.disk_full += r.disk_full;
-                total.snapshot_restores += r.snapshot_restores;
-                total.reordered += r.reordered;
-                total.key_reuses += r.key_reuses;
-                total.batches_settled += r.batches_settled;
-                total.batches_unreconciled += r.batches_unreconciled;
+                total.add(&r);
             }
             Err(f) => {
                 eprintln!("{f}");
@@ -1420,6 +1443,50 @@ pub fn main(args: &SimArgs) -> std::process::ExitCode {
         total.reordered,
         total.batches_settled,
         total.batches_unreconciled,
+        args.seeds as f64 / secs
+    );
+    std::process::ExitCode::SUCCESS
+}
+
+/// `sim --core`: the real gateway core, seed after seed.
+fn main_core(args: &SimArgs) -> std::process::ExitCode {
+    let started = crate::clock::monotonic();
+    let mut total = CoreReport::default();
+    for seed in args.seed..args.seed.saturating_add(args.seeds) {
+        match run_core(seed, args.steps, args.core_mutation) {
+            Ok(r) => {
+                total.add(&r);
+            }
+            Err(f) => {
+                let mutation = clap::ValueEnum::to_possible_value(&args.core_mutation)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
+                eprintln!("{f} --core --core-mutation {mutation}");
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "sim --core: {} seeds from {} x {} steps: {} messages in {} batches, {} answers acknowledged ({} approved, {} answered 96), {} crashes ({} mid-batch), {} failed journal steps, {} full-disk steps, {} snapshots, {} restarts from a snapshot, {} durable points replayed, {} repeats checked, {} keys reused, {} bad messages; all invariants held ({:.1} seeds/s)",
+        args.seeds,
+        args.seed,
+        args.steps,
+        total.messages,
+        total.batches,
+        total.acknowledged,
+        total.approved,
+        total.store_unavailable,
+        total.crashes,
+        total.crashes_mid_batch,
+        total.failed_steps,
+        total.disk_full_steps,
+        total.snapshots,
+        total.snapshot_restores,
+        total.durable_points,
+        total.repeats_checked,
+        total.key_reuses,
+        total.bad_messages,
         args.seeds as f64 / secs
     );
     std::process::ExitCode::SUCCESS

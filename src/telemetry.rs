@@ -180,20 +180,11 @@ impl tracing_subscriber::fmt::time::FormatTime for UtcMicros {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of a Unix second (UTC, proleptic Gregorian; Hinnant's
-/// `civil_from_days`).
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix second (UTC).
 fn rfc3339_second(unix_s: u64) -> [u8; 19] {
-    let days = (unix_s / 86_400) as i64;
     let rem = unix_s % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let date = crate::date::Civil::from_unix(i64::try_from(unix_s).unwrap_or(i64::MAX));
+    let (year, month, day) = (date.year, date.month, date.day);
     let mut out = *b"0000-00-00T00:00:00";
     let mut put = |at: usize, width: usize, mut v: u64| {
         for b in out[at..at + width].iter_mut().rev() {
@@ -202,8 +193,8 @@ fn rfc3339_second(unix_s: u64) -> [u8; 19] {
         }
     };
     put(0, 4, year.clamp(0, 9999) as u64);
-    put(5, 2, month as u64);
-    put(8, 2, day as u64);
+    put(5, 2, u64::from(month));
+    put(8, 2, u64::from(day));
     put(11, 2, rem / 3600);
     put(14, 2, rem / 60 % 60);
     put(17, 2, rem % 60);

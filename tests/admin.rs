@@ -3,6 +3,7 @@
 //! idempotency by request id, and durability across restarts (in-process through
 //! `serve::prepare`, and the real binary killed with SIGKILL).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -10,22 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
 use refundgate::admin::AdminApi;
-use refundgate::frame::{Frame, FrameCodec};
-use refundgate::iso8583::{self, json};
 use refundgate::serve::{self, ServeArgs};
 use refundgate::server::{ListenerInfo, Server};
-use rustls::crypto::ring;
-use rustls_pki_types::ServerName;
 use serde_json::Value as Json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
-use tokio_util::codec::Framed;
 
 mod common;
 use common::{ascii_request as ascii, de90};
@@ -140,6 +132,18 @@ impl Running {
         }
     }
 
+    /// `POST /v1/reload` with the token: the merchant file read again.
+    async fn reload(&self) -> (u16, Json) {
+        http(
+            self.admin,
+            "POST",
+            "/v1/reload",
+            &[("Authorization", BEARER)],
+            "",
+        )
+        .await
+    }
+
     async fn get(&self, path: &str) -> (u16, Json) {
         http(self.admin, "GET", path, &[("Authorization", BEARER)], "").await
     }
@@ -179,55 +183,7 @@ async fn http(
     (status, serde_json::from_str(body).unwrap_or(Json::Null))
 }
 
-type Client = Framed<TlsStream<TcpStream>, FrameCodec>;
-
-async fn connect(info: &ListenerInfo) -> Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(info.cert_der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(info.addr).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    Framed::new(tls, FrameCodec::new(info.framing, false, 8192))
-}
-
-/// What a terminal reads off an answer: DE39, DE44, DE37, DE54.
-struct Answer {
-    code: String,
-    reason: String,
-    rrn: Option<String>,
-    de54: Option<String>,
-}
-
-async fn send(c: &mut Client, doc: &Json) -> Answer {
-    let spec = iso8583::Spec::builtin("ascii1987").unwrap();
-    let mut out = BytesMut::new();
-    json::from_json(spec, doc, &mut out).unwrap();
-    c.send(Frame::Message {
-        tpdu: None,
-        header: None,
-        body: Bytes::from(out.to_vec()),
-    })
-    .await
-    .unwrap();
-    let body = match tokio::time::timeout(WAIT, c.next()).await.unwrap() {
-        Some(Ok(Frame::Message { body, .. })) => body,
-        other => panic!("no answer: {other:?}"),
-    };
-    let m = iso8583::decode(spec, &body).unwrap();
-    Answer {
-        code: m.response_code().unwrap_or("").to_string(),
-        reason: m.reason().unwrap_or("").to_string(),
-        rrn: m.rrn().map(str::to_string),
-        de54: m.text(54).map(str::to_string),
-    }
-}
+use common::client::{ask as send, connect_listener as connect, Client};
 
 /// A sale of `amount` with STAN `stan`, approved; returns the request and its RRN.
 async fn sale(c: &mut Client, amount: u64, stan: u32) -> (Json, String) {
@@ -337,6 +293,58 @@ async fn the_trail_of_a_declined_refund_names_the_row_that_bound_with_the_figure
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["transaction"]["pan"], "476173******0119");
     assert!(!body.to_string().contains("4761739001010119"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merchant_view_gives_one_cards_refunds_today_against_the_card_caps() {
+    let dir = tempdir();
+    let capped = merchants_with_cap(500_000).replacen(
+        "refund_single_max = 500000",
+        "refund_single_max = 500000\ncard_refund_day_amount_max = 200000\ncard_refund_day_count_max = 3",
+        1,
+    );
+    std::fs::write(dir.path().join("merchants.toml"), capped).unwrap();
+    let gw = start(dir, true).await;
+    let mut c = connect(&gw.listener).await;
+    let (a, rrn_a) = sale(&mut c, 600_000, 1).await;
+    let other_card = [("2", "5500000000000004".to_string())];
+    let b = ascii("0200", "000000", 300_000, 2, &other_card);
+    let b_answer = send(&mut c, &b).await;
+    assert_eq!(b_answer.code, "00");
+    let rrn_b = b_answer.rrn.unwrap();
+    for (stan, amount) in [(3, 50_000), (4, 30_000)] {
+        assert_eq!(
+            send(&mut c, &refund(&a, &rrn_a, amount, stan)).await.code,
+            "00"
+        );
+    }
+    let mut rb = refund(&b, &rrn_b, 10_000, 5);
+    rb["fields"]["2"] = Json::String("5500000000000004".into());
+    assert_eq!(send(&mut c, &rb).await.code, "00");
+
+    let (status, body) = gw.get(&format!("/v1/merchants/{M}?card_rrn={rrn_a}")).await;
+    assert_eq!(status, 200, "{body}");
+    let card = &body["usage"]["card"];
+    assert_eq!(card["pan"], "476173******0119", "{body}");
+    assert_eq!(card["day"]["amount"], 80_000);
+    assert_eq!(card["day"]["count"], 2);
+    assert_eq!(card["day"]["amount_remaining"], 120_000);
+    assert_eq!(card["day"]["count_remaining"], 1);
+    assert_eq!(
+        body["usage"]["day"]["amount"], 90_000,
+        "the merchant's day holds both cards"
+    );
+    let (_, body) = gw.get(&format!("/v1/merchants/{M}?card_rrn={rrn_b}")).await;
+    assert_eq!(body["usage"]["card"]["pan"], "550000******0004", "{body}");
+    assert_eq!(body["usage"]["card"]["day"]["amount"], 10_000);
+    assert_eq!(body["usage"]["card"]["day"]["count_remaining"], 2);
+    assert!(!body.to_string().contains("5500000000000004"));
+    let (_, plain) = gw.get(&format!("/v1/merchants/{M}")).await;
+    assert!(plain["usage"]["card"].is_null(), "{plain}");
+    let (status, _) = gw
+        .get(&format!("/v1/merchants/{M}?card_rrn=000000000000"))
+        .await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,14 +693,7 @@ async fn a_reload_changes_decisions_from_the_next_request_and_keeps_the_counters
     assert!(version >= 1, "the first policy is journaled: {before}");
 
     std::fs::write(&file, merchants_with_cap(100_000)).unwrap();
-    let (status, body) = http(
-        gw.admin,
-        "POST",
-        "/v1/reload",
-        &[("Authorization", BEARER)],
-        "",
-    )
-    .await;
+    let (status, body) = gw.reload().await;
     assert_eq!(status, 200, "{body}");
     assert!(body["changed"]
         .as_array()
@@ -721,6 +722,228 @@ async fn a_reload_changes_decisions_from_the_next_request_and_keeps_the_counters
     assert_eq!(restarted["usage"]["day"]["amount"], 400_000);
 }
 
+/// A `refundgate load` scenario: a sale of 25.00, then a refund of 20.00 of it, answered 00
+/// or 61 (a reload lowers the single refund cap under it).
+const SALE_REFUND_SCENARIO: &str = r#"
+name = "sale-refund-under-reload"
+dialect = "ascii1987"
+utc_offset = "-05:00"
+[[session]]
+name = "sale-refund"
+weight = 1
+[[session.step]]
+name = "sale"
+mti = "0200"
+expect = { code = "00" }
+[session.step.fields]
+2 = "4761739001010119"
+3 = "000000"
+4 = "000000002500"
+7 = "{de7}"
+11 = "{stan}"
+12 = "{time}"
+13 = "{date}"
+22 = "051"
+25 = "00"
+41 = "TERM0001"
+42 = "MERCHANT 000001"
+49 = "840"
+[[session.step]]
+name = "refund"
+mti = "0200"
+expect = { code = ["00", "61"] }
+[session.step.fields]
+2 = "{sale.req.2}"
+3 = "200000"
+4 = "000000002000"
+7 = "{de7}"
+11 = "{stan}"
+12 = "{time}"
+13 = "{date}"
+22 = "051"
+25 = "00"
+37 = "{sale.ans.37}"
+41 = "TERM0001"
+42 = "MERCHANT 000001"
+49 = "840"
+90 = "0200{sale.req.11}{sale.req.7}0000001234500000000000"
+"#;
+
+/// [`merchants_with_cap`] with day and month caps no load run reaches.
+fn merchants_for_load(cap: u64) -> String {
+    let mut text = merchants_with_cap(cap);
+    for (old, new) in [
+        (
+            "refund_day_amount_max = 2000000 ",
+            "refund_day_amount_max = 100000000000 ",
+        ),
+        (
+            "refund_month_amount_max = 20000000\n",
+            "refund_month_amount_max = 100000000000\n",
+        ),
+        (
+            "refund_day_count_max = 20\n",
+            "refund_day_count_max = 1000000000\n",
+        ),
+        (
+            "refund_month_count_max = 300\n",
+            "refund_month_count_max = 1000000000\n",
+        ),
+    ] {
+        assert!(text.contains(old), "the fixture's {old} moved");
+        text = text.replacen(old, new, 1);
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_changes_decisions_from_the_next_request_with_no_error_or_counter_reset(
+) {
+    let dir = tempdir();
+    let file = dir.path().join("merchants.toml");
+    std::fs::write(&file, merchants_for_load(500_000)).unwrap();
+    let scenario = dir.path().join("scenario.toml");
+    std::fs::write(&scenario, SALE_REFUND_SCENARIO).unwrap();
+    let gw = start(Arc::clone(&dir), true).await;
+    let load = std::process::Command::new(env!("CARGO_BIN_EXE_refundgate"))
+        .args([
+            "load",
+            "--target",
+            &gw.listener.addr.to_string(),
+            "--scenario",
+        ])
+        .arg(&scenario)
+        .args([
+            "--connections",
+            "4",
+            "--closed",
+            "--duration",
+            "6",
+            "--json",
+        ])
+        .arg("--insecure-skip-verify")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let load = Child(load);
+    let day = |v: &Json| {
+        (
+            v["usage"]["day"]["count"].as_u64().unwrap(),
+            v["usage"]["day"]["amount"].as_u64().unwrap(),
+        )
+    };
+    // Refunds are being approved under the first policy.
+    let started = std::time::Instant::now();
+    let before = loop {
+        let (_, v) = gw.get(&format!("/v1/merchants/{M}")).await;
+        if day(&v).0 >= 20 {
+            break day(&v).0;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the load approved no refunds: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    std::fs::write(&file, merchants_for_load(1_000)).unwrap();
+    let (status, body) = gw.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let (_, at_reload) = gw.get(&format!("/v1/merchants/{M}")).await;
+    let (count, amount) = day(&at_reload);
+    assert!(
+        count >= before,
+        "{before} refunds before, {count} after: {at_reload}"
+    );
+    assert_eq!(
+        amount,
+        count * 2_000,
+        "counters kept across the swap: {at_reload}"
+    );
+
+    let mut out = String::new();
+    let mut load = load;
+    let mut stdout = load.0.stdout.take().unwrap();
+    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    let status = load.0.wait().unwrap();
+    let report: Json = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(status.success(), "{report}");
+    assert_eq!(report["mismatches"], 0, "{report}");
+    for (what, n) in report["errors"].as_object().unwrap() {
+        assert_eq!(n, 0, "{what} errors: {report}");
+    }
+    assert!(
+        report["codes"]["61"].as_u64().unwrap_or(0) > 0,
+        "no refund met the new cap: {report}"
+    );
+    // From the reload on, no refund of 20.00 passed, and nothing was reset.
+    let (_, end) = gw.get(&format!("/v1/merchants/{M}")).await;
+    assert_eq!(day(&end), (count, amount), "{end}");
+    assert_eq!(end["policy"]["refund_single_max"], 1_000);
+    assert_eq!(end["funds"]["refunds_committed"], amount);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trail_after_a_reload_reads_the_policy_in_force_when_the_request_was_decided() {
+    let dir = tempdir();
+    let file = dir.path().join("merchants.toml");
+    std::fs::write(&file, merchants_with_cap(500_000)).unwrap();
+    let gw = start(Arc::clone(&dir), true).await;
+    let mut c = connect(&gw.listener).await;
+    let (s, rrn) = sale(&mut c, 600_000, 1).await;
+    let declined = refund(&s, &rrn, 500_001, 2);
+    assert_eq!(send(&mut c, &declined).await.code, "61");
+    let approved = refund(&s, &rrn, 1_000, 3);
+    assert_eq!(send(&mut c, &approved).await.code, "00");
+    let (_, before) = gw.get(&format!("/v1/merchants/{M}")).await;
+    let version = before["policy_version"].as_u64().unwrap();
+
+    std::fs::write(&file, merchants_with_cap(100_000)).unwrap();
+    let (status, body) = gw.reload().await;
+    assert_eq!(status, 200, "{body}");
+    let date = declined["fields"]["13"].as_str().unwrap();
+    let cap_of = |body: &Json| {
+        body["trail"]["checks"][11]["limits"][0]["policy"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{body}"))
+    };
+    let (_, old) = gw
+        .get(&format!(
+            "/v1/merchants/{M}/transactions?terminal=TERM0001&stan=2&date={date}"
+        ))
+        .await;
+    assert_eq!(
+        cap_of(&old),
+        500_000,
+        "the decline's trail reads its own policy: {old}"
+    );
+    assert_eq!(old["policy_version"], version, "{old}");
+    let (_, ok) = gw
+        .get(&format!(
+            "/v1/merchants/{M}/transactions?terminal=TERM0001&stan=3&date={date}"
+        ))
+        .await;
+    assert_eq!(cap_of(&ok), 500_000, "{ok}");
+    // A request decided after the reload reads the new one.
+    let after = refund(&s, &rrn, 100_001, 4);
+    assert_eq!(send(&mut c, &after).await.code, "61");
+    let (_, new) = gw
+        .get(&format!(
+            "/v1/merchants/{M}/transactions?terminal=TERM0001&stan=4&date={date}"
+        ))
+        .await;
+    assert_eq!(cap_of(&new), 100_000, "{new}");
+    assert_eq!(new["policy_version"], version + 1, "{new}");
+    // And the same after a restart (snapshot or replay of the journal).
+    let gw = gw.restart().await;
+    let (_, old) = gw
+        .get(&format!(
+            "/v1/merchants/{M}/transactions?terminal=TERM0001&stan=2&date={date}"
+        ))
+        .await;
+    assert_eq!(cap_of(&old), 500_000, "after a restart: {old}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_merchant_file_is_refused_with_one_line_and_the_old_policy_stays() {
     let dir = tempdir();
@@ -735,14 +958,7 @@ async fn a_bad_merchant_file_is_refused_with_one_line_and_the_old_policy_stays()
         1,
     );
     std::fs::write(&file, bad).unwrap();
-    let (status, body) = http(
-        gw.admin,
-        "POST",
-        "/v1/reload",
-        &[("Authorization", BEARER)],
-        "",
-    )
-    .await;
+    let (status, body) = gw.reload().await;
     assert_eq!(status, 422);
     let error = body["error"].as_str().unwrap();
     assert!(
@@ -753,14 +969,7 @@ async fn a_bad_merchant_file_is_refused_with_one_line_and_the_old_policy_stays()
     let added = merchants_with_cap(100_000)
         + "\n[[merchants]]\nid = \"MERCHANT 000009\"\nprofile = \"standard\"\nterminals = [{ id = \"TERM0009\" }]\n";
     std::fs::write(&file, added).unwrap();
-    let (status, body) = http(
-        gw.admin,
-        "POST",
-        "/v1/reload",
-        &[("Authorization", BEARER)],
-        "",
-    )
-    .await;
+    let (status, body) = gw.reload().await;
     assert_eq!(status, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("MERCHANT 000009"));
     // The old cap (500000) still decides.

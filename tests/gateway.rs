@@ -1,6 +1,7 @@
 //! The real gateway over TLS on 127.0.0.1:0: flows of both dialects, byte-checked answers,
 //! format errors, unsupported functions and MACs, as a terminal sees them.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,14 +10,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use refundgate::clock::SystemClock;
-use refundgate::config::{
-    Config, Dialect as ConfigDialect, IdentityConfig, ListenerConfig, MacConfig, TlsConfig,
-};
+use refundgate::config::{Config, IdentityConfig, ListenerConfig, MacConfig, TlsConfig};
+use refundgate::dialect::{ASCII1987, CUP_POS};
 use refundgate::flow::{Gateway, Link};
 use refundgate::frame::{Frame, FrameCodec, Framing};
 use refundgate::iso8583::{self, json, Message};
 use refundgate::journal::{self, Journal};
-use refundgate::ledger::{Dialect, Funds, Ledger, MerchantSet, PanKey};
+use refundgate::ledger::{Funds, Ledger, MerchantSet, PanKey};
 use refundgate::mac::{self, DesKey, MacAlgorithm, MacKey};
 use refundgate::serve;
 use refundgate::server::{ListenerInfo, Server};
@@ -26,7 +26,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{json, Value as Json};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
@@ -121,14 +120,14 @@ async fn start_configured(options: journal::Options, deadline: Duration) -> Runn
     let mut config = Config::default();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     config.admin.addr = addr;
-    let mut cup_mac = ListenerConfig::new(addr, ConfigDialect::CupPos, Framing::Binary2);
+    let mut cup_mac = ListenerConfig::new(addr, &CUP_POS, Framing::Binary2);
     cup_mac.mac = Some(MacConfig {
         algorithm: "cup_ecb".into(),
         key: MAK.into(),
     });
     config.listeners = vec![
-        ListenerConfig::new(addr, ConfigDialect::Ascii1987, Framing::Binary2),
-        ListenerConfig::new(addr, ConfigDialect::CupPos, Framing::Binary2),
+        ListenerConfig::new(addr, &ASCII1987, Framing::Binary2),
+        ListenerConfig::new(addr, &CUP_POS, Framing::Binary2),
         cup_mac,
     ];
     let merchants = MerchantSet::embedded().unwrap();
@@ -153,13 +152,9 @@ async fn start_configured(options: journal::Options, deadline: Duration) -> Runn
         ..options
     };
     let (journal, _) = Journal::open(&journal_dir, options).unwrap();
-    let mut mac_link = Link::plain(Dialect::CupPos);
+    let mut mac_link = Link::plain(&CUP_POS);
     mac_link.mac = Some(MacKey::from_hex(MacAlgorithm::CupPosEcb, MAK).unwrap());
-    let links = vec![
-        Link::plain(Dialect::Ascii1987),
-        Link::plain(Dialect::CupPos),
-        mac_link,
-    ];
+    let links = vec![Link::plain(&ASCII1987), Link::plain(&CUP_POS), mac_link];
     let gateway = Gateway::new(
         Arc::new(ledger),
         Some(Arc::new(journal)),
@@ -221,23 +216,10 @@ fn de54_amount(de54: &str, amount_type: &str) -> Option<u64> {
         .and_then(|b| b[8..].parse().ok())
 }
 
-type Client = Framed<TlsStream<TcpStream>, FrameCodec>;
+type Client = common::client::Client;
 
 async fn connect(info: &ListenerInfo) -> Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(info.cert_der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = TcpStream::connect(info.addr).await.unwrap();
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let cup = info.dialect.has_cup_header();
-    Framed::new(tls, FrameCodec::new(info.framing, cup, 8192))
+    common::client::connect_listener(info).await
 }
 
 /// Sends one message and returns the answer's bytes (MTI onward).
@@ -1080,7 +1062,7 @@ async fn a_scheduled_cut_over_runs_from_the_injected_clock_and_is_journaled_befo
         Arc::clone(&ledger),
         Some(Arc::clone(&journal)),
         clock.clone(),
-        vec![Link::plain(Dialect::Ascii1987)],
+        vec![Link::plain(&ASCII1987)],
     );
     let sale = ascii("0200", "000000", 2500, 1, &[]);
     let (outcome, summary) = gateway.handle(0, &encode("ascii1987", &sale)).await;
@@ -1111,7 +1093,7 @@ async fn a_repeat_of_a_host_declined_refund_gets_the_hosts_code_again_with_de54(
     let host = Host::bind(HostOptions {
         listeners: vec![HostListener {
             addr: "127.0.0.1:0".parse().unwrap(),
-            dialect: ConfigDialect::Ascii1987,
+            dialect: &ASCII1987,
             framing: Framing::Binary2,
         }],
         admin: None,
@@ -1353,10 +1335,7 @@ async fn start_on(listeners: Vec<ListenerConfig>, keys: TerminalKeys) -> Running
     let links = listeners
         .iter()
         .map(|l| {
-            let mut link = Link::plain(match l.dialect {
-                ConfigDialect::Ascii1987 => Dialect::Ascii1987,
-                ConfigDialect::CupPos => Dialect::CupPos,
-            });
+            let mut link = Link::plain(l.dialect);
             link.mac = l
                 .mac
                 .as_ref()
@@ -1411,7 +1390,7 @@ async fn cup_sign_on_returns_working_keys_under_the_tmk_and_only_the_newest_mak_
         DesKey::from_hex(TMK).unwrap()
     ));
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut cup_mac = ListenerConfig::new(addr, ConfigDialect::CupPos, Framing::Binary2);
+    let mut cup_mac = ListenerConfig::new(addr, &CUP_POS, Framing::Binary2);
     cup_mac.mac = Some(MacConfig {
         algorithm: "cup_ecb".into(),
         key: MAK.into(),
@@ -1490,7 +1469,7 @@ async fn a_certificate_for_terminal_a_sending_as_terminal_b_gets_58() {
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca_cert.pem()).unwrap();
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut mtls = ListenerConfig::new(addr, ConfigDialect::Ascii1987, Framing::Binary2);
+    let mut mtls = ListenerConfig::new(addr, &ASCII1987, Framing::Binary2);
     mtls.tls = TlsConfig {
         client_ca: Some(ca_path),
         ..TlsConfig::default()

@@ -2163,6 +2163,30 @@ proptest! {
         prop_assert_eq!(state(&restored), snap);
     }
 
+    /// Policy what-if replay with the journal's own policy: every request decided again gets
+    /// the answer it got live, and the what-if ledger ends in the live state.
+    #[test]
+    fn redoing_a_random_history_under_the_same_policy_changes_no_answer(steps in proptest::collection::vec(step(), 1..120)) {
+        let knobs = "refund_day_amount_max = 20000\nrefund_day_count_max = 12\noriginal_refund_count_max = 4\nrefundable_share_percent = 90";
+        let live = ledger_with(knobs);
+        let events = run_history(&live, &steps);
+        let old = ledger_with(knobs);
+        let what_if = ledger_with(knobs);
+        for e in &events {
+            let currency = old.policy(e.merchant.as_str()).unwrap().currency;
+            let was = old.apply(e).unwrap();
+            match what_if.redo(e, currency).unwrap() {
+                refundgate::ledger::whatif::Redone::Decided(d)
+                | refundgate::ledger::whatif::Redone::Kept(d) => {
+                    prop_assert_eq!((d.reason, d.code), (was.reason, was.code), "{:?}", e);
+                }
+                refundgate::ledger::whatif::Redone::Applied => {}
+            }
+        }
+        prop_assert_eq!(what_if.funds("M"), live.funds("M"));
+        prop_assert_eq!(state(&what_if), state(&live));
+    }
+
     #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = LedgerEvent::decode(&bytes);
@@ -2229,18 +2253,54 @@ fn a_declined_event_written_by_version_1_still_decodes() {
             },
             decision: v1_decision,
             sale: None,
+            request: None,
         },
         ..declined.clone()
     };
     let mut bytes = Vec::new();
     v1_event.encode(&mut bytes);
-    // v2 bytes end: would_pass flag 0, host code flag 0, sale flag 0; v1 had the last only.
-    assert_eq!(bytes[0], 2);
+    // v3 bytes end: would_pass flag 0, host code flag 0, sale flag 0, request flag 0; v2 had
+    // no request flag, v1 had the sale flag only.
+    assert_eq!(bytes[0], 3);
     let n = bytes.len();
-    assert_eq!(&bytes[n - 3..], &[0, 0, 0]);
+    assert_eq!(&bytes[n - 4..], &[0, 0, 0, 0]);
+    bytes.pop();
+    bytes[0] = 2;
+    assert_eq!(LedgerEvent::decode(&bytes).unwrap(), v1_event);
+    let n = bytes.len();
     bytes.drain(n - 3..n - 1);
     bytes[0] = 1;
     assert_eq!(LedgerEvent::decode(&bytes).unwrap(), v1_event);
+}
+
+#[test]
+fn a_declined_refund_journals_what_it_asked_and_a_version_2_reader_layout_still_decodes() {
+    let l = ledger_with("");
+    let mut journal = Vec::new();
+    let s = sale(1, 2500);
+    l.decide_logged(&s.req(), T0, log(&mut journal));
+    let refund = s.refund(2, 9_999);
+    l.decide_logged(&refund.req(), T0, log(&mut journal));
+    let declined = journal.last().unwrap().clone();
+    let EventBody::Declined {
+        request: Some(summary),
+        ..
+    } = &declined.body
+    else {
+        panic!("{declined:?}")
+    };
+    assert_eq!(summary.op, refundgate::ledger::Operation::Refund);
+    assert_eq!(summary.txn.amount, 9_999);
+    assert_eq!(summary.txn.key.stan, 2);
+    assert!(matches!(
+        summary.original,
+        Some(refundgate::ledger::OriginalSummary::Iso { stan: 1, .. })
+    ));
+    assert_eq!(summary.txn.pan.to_string(), "476173******0119");
+    let mut bytes = Vec::new();
+    declined.encode(&mut bytes);
+    assert!(!String::from_utf8_lossy(&bytes).contains(VISA));
+    assert_eq!(LedgerEvent::decode(&bytes).unwrap(), declined);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
+use refundgate::dialect::{ASCII1987, CUP_POS, ISO87B};
 use refundgate::iso8583::{self, FieldList, Value};
 use refundgate::load::{self, Dialect, LoadArgs, LoadError};
 use rustls::pki_types::PrivateKeyDer;
@@ -84,7 +85,7 @@ async fn responder(dialect: Dialect, code: &'static str) -> Responder {
 /// The answer to one request frame body, like the ceiling's (plus DE60 for `cup_pos`, so a
 /// sign-on answer carries the batch).
 fn answer(dialect: Dialect, frame: &[u8], code: &'static str, rrn: u64) -> Option<BytesMut> {
-    let head = dialect.head_bytes();
+    let head = dialect.header_bytes();
     let msg = iso8583::decode(dialect.spec(), frame.get(head..)?).ok()?;
     let mut f: FieldList<'_, 32> = FieldList::new();
     for n in [3, 4, 11, 12, 13, 37, 41, 42, 60] {
@@ -99,7 +100,7 @@ fn answer(dialect: Dialect, frame: &[u8], code: &'static str, rrn: u64) -> Optio
     }
     f.set(39, Value::Text(code.as_bytes())).ok()?;
     let mut out = BytesMut::new();
-    if dialect == Dialect::CupPos {
+    if dialect.has_tpdu() {
         out.extend_from_slice(&hex::decode("6000000003603100310000").ok()?);
     }
     iso8583::encode(dialect.spec(), msg.mti().response(), f.as_slice(), &mut out).ok()?;
@@ -153,7 +154,7 @@ fn args(r: &Responder, scenario: PathBuf) -> LoadArgs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_of_a_correct_responder_is_verified() {
-    let r = responder(Dialect::Ascii1987, "00").await;
+    let r = responder(&ASCII1987, "00").await;
     let dir = tempfile::tempdir().unwrap();
     let mut a = args(&r, write_scenario(dir.path(), "s.toml", ASCII_SCENARIO));
     a.connections = 2;
@@ -170,9 +171,58 @@ async fn every_answer_of_a_correct_responder_is_verified() {
     assert!(report.latency_us.max >= report.latency_us.p50);
 }
 
+/// A dialect that is only data: the scenario names it, requests go out in its bytes (binary
+/// bitmaps, BCD) and answers are read with it; the responder decodes with the iso87b spec, so
+/// a request in any other form would go unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iso87b_scenario_is_sent_and_verified_in_iso87b() {
+    let r = responder(&ISO87B, "00").await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = ASCII_SCENARIO.replace("dialect = \"ascii1987\"", "dialect = \"iso87b\"");
+    let path = write_scenario(dir.path(), "iso87b.toml", &text);
+    let mut a = args(&r, path.clone());
+    a.dialect = Some(&ISO87B);
+    a.count = Some(40);
+    let report = load::run(a).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!((report.verified, report.codes.get("00")), (40, Some(&40)));
+    let mut wrong = args(&r, path);
+    wrong.dialect = Some(&ASCII1987);
+    let Err(LoadError::Usage(e)) = load::run(wrong).await else {
+        panic!("a --dialect other than the scenario's was accepted");
+    };
+    assert!(e.contains("iso87b"), "{e}");
+}
+
+/// A scenario can bring its dialect as a file: `dialect_file` beside it is loaded first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_brings_a_dialect_that_is_only_a_file() {
+    let r = responder(&ISO87B, "00").await;
+    let dir = tempfile::tempdir().unwrap();
+    let specs = Path::new(env!("CARGO_MANIFEST_DIR")).join("specs");
+    let spec = std::fs::read_to_string(specs.join("iso87b.toml"))
+        .unwrap()
+        .replace("name = \"iso87b\"", "name = \"iso87y\"");
+    std::fs::write(dir.path().join("iso87y.toml"), spec).unwrap();
+    let dialect = std::fs::read_to_string(specs.join("iso87b.dialect.toml"))
+        .unwrap()
+        .replace("name = \"iso87b\"", "name = \"iso87y\"")
+        .replace("spec = \"iso87b.toml\"", "spec = \"iso87y.toml\"");
+    std::fs::write(dir.path().join("iso87y.dialect.toml"), dialect).unwrap();
+    let text = ASCII_SCENARIO.replace(
+        "dialect = \"ascii1987\"",
+        "dialect = \"iso87y\"\ndialect_file = \"iso87y.dialect.toml\"",
+    );
+    let mut a = args(&r, write_scenario(dir.path(), "scenario.toml", &text));
+    a.count = Some(20);
+    let report = load::run(a).await.unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!((report.verified, report.codes.get("00")), (20, Some(&20)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_response_code_is_counted_as_a_mismatch() {
-    let r = responder(Dialect::Ascii1987, "05").await;
+    let r = responder(&ASCII1987, "05").await;
     let dir = tempfile::tempdir().unwrap();
     let mut a = args(&r, write_scenario(dir.path(), "s.toml", ASCII_SCENARIO));
     a.in_flight = 2;
@@ -193,7 +243,7 @@ async fn a_wrong_response_code_is_counted_as_a_mismatch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cup_pos_sessions_use_the_batch_of_the_setup_sign_on() {
-    let r = responder(Dialect::CupPos, "00").await;
+    let r = responder(&CUP_POS, "00").await;
     let dir = tempfile::tempdir().unwrap();
     let text = r#"
         dialect = "cup_pos"
@@ -217,7 +267,7 @@ async fn cup_pos_sessions_use_the_batch_of_the_setup_sign_on() {
         fields = { 2 = "{sale.req.2}", 3 = "200000", 4 = "000000003000", 11 = "{stan}", 37 = "{sale.ans.37}", 41 = "10000001", 42 = "898310048990001", 49 = "156", 60 = "25{signon.ans.60[2..8]}000", 61 = "{sale.req.60[2..8]}{sale.req.11}{date}" }
     "#;
     let mut a = args(&r, write_scenario(dir.path(), "cup.toml", text));
-    a.dialect = Some(Dialect::CupPos);
+    a.dialect = Some(&CUP_POS);
     a.in_flight = 3;
     a.count = Some(60);
     let report = load::run(a).await.unwrap();
@@ -230,7 +280,7 @@ async fn cup_pos_sessions_use_the_batch_of_the_setup_sign_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_sign_on_stops_the_run_before_the_load() {
-    let r = responder(Dialect::CupPos, "05").await;
+    let r = responder(&CUP_POS, "05").await;
     let dir = tempfile::tempdir().unwrap();
     let text = r#"
         dialect = "cup_pos"
@@ -262,7 +312,7 @@ async fn open_loop_sends_at_the_rate_asked() {
     const RATE: f64 = 200.0;
     const DURATION_S: f64 = 1.0;
     const CONNECTIONS: u32 = 2;
-    let r = responder(Dialect::Ascii1987, "00").await;
+    let r = responder(&ASCII1987, "00").await;
     let dir = tempfile::tempdir().unwrap();
     let mut a = args(&r, write_scenario(dir.path(), "s.toml", ASCII_SCENARIO));
     a.connections = CONNECTIONS;
@@ -310,7 +360,7 @@ async fn a_certificate_is_verified_unless_told_otherwise() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_certificate_not_signed_by_the_given_ca_is_refused() {
-    let r = responder(Dialect::Ascii1987, "00").await;
+    let r = responder(&ASCII1987, "00").await;
     let dir = tempfile::tempdir().unwrap();
     // Another self-signed certificate for the same name: a CA that did not sign the server's.
     let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();

@@ -2,6 +2,7 @@
 //! sequences, INFO lines through the lossy writer and WARN lines through the one that never
 //! drops, all written out by the time a SIGTERM'd gateway exits.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 use std::io::Read;
 use std::net::TcpListener;

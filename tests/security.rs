@@ -2,6 +2,7 @@
 //! connection admission under silent sockets, file modes, keys outside the data directory,
 //! the self-signed certificate on a non-loopback address.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream as StdTcpStream};
@@ -303,7 +304,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn no_pan_or_track_data_in_clear_in_any_data_file_after_a_routed_timeout_and_reversal() {
-    use refundgate::config::Dialect as ConfigDialect;
     use refundgate::host_sim::{Faults, Host, HostListener, HostOptions};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -315,7 +315,7 @@ fn no_pan_or_track_data_in_clear_in_any_data_file_after_a_routed_timeout_and_rev
         .block_on(Host::bind(HostOptions {
             listeners: vec![HostListener {
                 addr: "127.0.0.1:0".parse().unwrap(),
-                dialect: ConfigDialect::Ascii1987,
+                dialect: &refundgate::dialect::ASCII1987,
                 framing: Framing::Binary2,
             }],
             admin: None,

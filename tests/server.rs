@@ -1,6 +1,7 @@
 //! Behaviour of the TLS gateway transport, over real TLS on 127.0.0.1:0, with a trivial echo
 //! `Dispatch` standing in for the message layer.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use refundgate::config::{Config, Dialect, ListenerConfig, TlsConfig};
+use refundgate::dialect::{ASCII1987, CUP_POS};
 use refundgate::frame::{Frame, FrameCodec, Framing};
 use refundgate::server::{Dispatch, Handled, ListenerInfo, Readiness, RequestCtx, Server};
 use rustls::crypto::ring;
@@ -200,12 +202,12 @@ async fn framed_client(info: &ListenerInfo) -> Framed<TlsStream<TcpStream>, Fram
     let tls = tls_connect(info, None).await.unwrap();
     Framed::new(
         tls,
-        FrameCodec::new(info.framing, info.dialect.has_cup_header(), 8192),
+        FrameCodec::new(info.framing, info.dialect.has_tpdu(), 8192),
     )
 }
 
 fn request(info: &ListenerInfo, body: &[u8]) -> Frame {
-    let cup = info.dialect.has_cup_header();
+    let cup = info.dialect.has_tpdu();
     Frame::Message {
         tpdu: cup.then_some(CUP_TPDU),
         header: cup.then_some(CUP_HEADER),
@@ -271,10 +273,10 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
 #[tokio::test]
 async fn round_trip_in_every_framing_with_cup_tpdu_swapped() {
     let running = start(config(vec![
-        listener(Dialect::Ascii1987, Framing::Binary2),
-        listener(Dialect::CupPos, Framing::Binary2),
-        listener(Dialect::Ascii1987, Framing::Ascii4),
-        listener(Dialect::CupPos, Framing::Bcd2),
+        listener(&ASCII1987, Framing::Binary2),
+        listener(&CUP_POS, Framing::Binary2),
+        listener(&ASCII1987, Framing::Ascii4),
+        listener(&CUP_POS, Framing::Bcd2),
     ]))
     .await;
     for info in &running.listeners {
@@ -283,7 +285,7 @@ async fn round_trip_in_every_framing_with_cup_tpdu_swapped() {
         let answer = next_frame(&mut client).await;
         assert_eq!(body_of(&answer), b"R:0200HELLO", "{}", info.name);
         if let Frame::Message { tpdu, header, .. } = &answer {
-            if info.dialect.has_cup_header() {
+            if info.dialect.has_tpdu() {
                 assert_eq!(*tpdu, Some(CUP_TPDU_SWAPPED), "{}", info.name);
                 assert_eq!(*header, Some(CUP_HEADER), "{}", info.name);
             } else {
@@ -296,7 +298,7 @@ async fn round_trip_in_every_framing_with_cup_tpdu_swapped() {
 
 #[tokio::test]
 async fn ascii4_keep_alive_is_echoed_and_drop_answers_nothing() {
-    let running = start(config(vec![listener(Dialect::Ascii1987, Framing::Ascii4)])).await;
+    let running = start(config(vec![listener(&ASCII1987, Framing::Ascii4)])).await;
     let info = &running.listeners[0];
     let mut client = framed_client(info).await;
     client.feed(Frame::KeepAlive).await.unwrap();
@@ -310,7 +312,7 @@ async fn ascii4_keep_alive_is_echoed_and_drop_answers_nothing() {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_request_order() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.max_in_flight_per_connection = 8;
     let running = start(cfg).await;
     let info = &running.listeners[0];
@@ -332,7 +334,7 @@ async fn pipelined_requests_are_answered_in_request_order() {
 
 #[tokio::test]
 async fn garbage_instead_of_a_tls_hello_is_closed() {
-    let running = start(config(vec![listener(Dialect::Ascii1987, Framing::Binary2)])).await;
+    let running = start(config(vec![listener(&ASCII1987, Framing::Binary2)])).await;
     let mut tcp = TcpStream::connect(running.addr(0)).await.unwrap();
     tcp.write_all(b"GET / HTTP/1.0\r\n\r\nthis is not tls at all")
         .await
@@ -343,7 +345,7 @@ async fn garbage_instead_of_a_tls_hello_is_closed() {
 
 #[tokio::test]
 async fn plaintext_iso_frame_to_the_tls_port_is_closed() {
-    let running = start(config(vec![listener(Dialect::Ascii1987, Framing::Binary2)])).await;
+    let running = start(config(vec![listener(&ASCII1987, Framing::Binary2)])).await;
     let mut tcp = TcpStream::connect(running.addr(0)).await.unwrap();
     let frame = hex::decode("00143038303038323230303030303030303030303030").unwrap();
     tcp.write_all(&frame).await.unwrap();
@@ -354,7 +356,7 @@ async fn plaintext_iso_frame_to_the_tls_port_is_closed() {
 #[tokio::test]
 async fn half_a_frame_then_silence_is_closed_by_the_idle_timeout() {
     const IDLE: Duration = Duration::from_millis(500);
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.idle_timeout_ms = IDLE.as_millis() as u64;
     let running = start_alone(cfg).await;
     let idle_before = sample(&running.metrics().await, IDLE_ASCII);
@@ -388,8 +390,8 @@ const OPEN_ASCII: &str = "refundgate_connections_open{dialect=\"ascii1987\"}";
 #[tokio::test]
 async fn oversized_and_zero_length_frames_close_the_connection() {
     let running = start_alone(config(vec![
-        listener(Dialect::Ascii1987, Framing::Binary2),
-        listener(Dialect::CupPos, Framing::Binary2),
+        listener(&ASCII1987, Framing::Binary2),
+        listener(&CUP_POS, Framing::Binary2),
     ]))
     .await;
     let before = running.metrics().await;
@@ -430,7 +432,7 @@ async fn oversized_and_zero_length_frames_close_the_connection() {
 
 #[tokio::test]
 async fn cup_frame_shorter_than_tpdu_and_header_is_dropped_and_the_connection_stays() {
-    let running = start(config(vec![listener(Dialect::CupPos, Framing::Binary2)])).await;
+    let running = start(config(vec![listener(&CUP_POS, Framing::Binary2)])).await;
     let info = &running.listeners[0];
     let mut tls = tls_connect(info, None).await.unwrap();
     // vectors/malformed/c_shorter_than_tpdu_header (expected: message_error_drop).
@@ -445,7 +447,7 @@ async fn cup_frame_shorter_than_tpdu_and_header_is_dropped_and_the_connection_st
 
 #[tokio::test]
 async fn connections_over_the_limit_are_refused_while_the_others_keep_working() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.max_connections = 2;
     let running = start_alone(cfg).await;
     let refused_before = sample(&running.metrics().await, REFUSED);
@@ -481,7 +483,7 @@ async fn connections_over_the_limit_are_refused_while_the_others_keep_working() 
 
 #[tokio::test]
 async fn a_full_handshake_budget_evicts_the_oldest_silent_socket_not_the_terminal() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.max_handshakes = 4;
     let running = start(cfg).await;
     let info = &running.listeners[0];
@@ -509,7 +511,7 @@ async fn a_full_handshake_budget_evicts_the_oldest_silent_socket_not_the_termina
 
 #[tokio::test]
 async fn connections_per_source_address_are_limited() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.max_connections_per_ip = 1;
     cfg.limits.per_ip_exempt_loopback = false;
     let running = start(cfg).await;
@@ -559,7 +561,7 @@ async fn connections_per_source_address_are_limited() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_clients_that_pipeline_and_never_read_lose_their_slot_at_the_deadline() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.admin.connection_timeout_ms = 300;
     let running = start(cfg).await;
     let admin = running.admin;
@@ -627,7 +629,7 @@ async fn mtls_listener_requires_a_client_certificate_signed_by_its_ca() {
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca_cert.pem()).unwrap();
-    let mut mtls = listener(Dialect::Ascii1987, Framing::Binary2);
+    let mut mtls = listener(&ASCII1987, Framing::Binary2);
     mtls.tls = TlsConfig {
         client_ca: Some(ca_path),
         ..TlsConfig::default()
@@ -666,7 +668,7 @@ async fn mtls_listener_requires_a_client_certificate_signed_by_its_ca() {
 
 #[tokio::test]
 async fn graceful_shutdown_answers_the_request_in_flight() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.shutdown_grace_ms = 3000;
     let running = start(cfg).await;
     let info = running.listeners[0].clone();
@@ -685,7 +687,7 @@ async fn graceful_shutdown_answers_the_request_in_flight() {
 #[tokio::test]
 async fn shutdown_closes_what_is_still_in_flight_after_the_grace_period() {
     const GRACE: Duration = Duration::from_millis(500);
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.shutdown_grace_ms = GRACE.as_millis() as u64;
     let running = start(cfg).await;
     let info = running.listeners[0].clone();
@@ -709,7 +711,7 @@ async fn shutdown_closes_what_is_still_in_flight_after_the_grace_period() {
 #[tokio::test]
 async fn admin_serves_metrics_health_and_readiness() {
     // The request counter is the message layer's: tests/gateway.rs checks it.
-    let running = start_alone(config(vec![listener(Dialect::Ascii1987, Framing::Binary2)])).await;
+    let running = start_alone(config(vec![listener(&ASCII1987, Framing::Binary2)])).await;
     let before = running.metrics().await;
     // One TLS handshake failure.
     let mut tcp = TcpStream::connect(running.addr(0)).await.unwrap();
@@ -742,13 +744,13 @@ async fn admin_serves_metrics_health_and_readiness() {
 
 #[tokio::test]
 async fn bad_config_is_an_error_naming_the_key_before_anything_is_bound() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.limits.max_frame_bytes = 70_000;
     let err = Server::bind(cfg).await.err().unwrap();
     assert!(err.to_string().contains("limits.max_frame_bytes"), "{err}");
     assert_eq!(err.exit_code(), 64);
 
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
     cfg.listeners[0].tls.cert = Some("/nonexistent/server.pem".into());
     cfg.listeners[0].tls.key = Some("/nonexistent/server.key".into());
     let err = Server::bind(cfg).await.err().unwrap();
@@ -762,7 +764,7 @@ async fn bad_config_is_an_error_naming_the_key_before_anything_is_bound() {
 async fn the_generated_certificate_is_refused_on_a_non_loopback_address() {
     let cfg = config(vec![ListenerConfig::new(
         "0.0.0.0:0".parse().unwrap(),
-        Dialect::Ascii1987,
+        &ASCII1987,
         Framing::Binary2,
     )]);
     let err = Server::bind(cfg).await.err().expect("refused");
@@ -772,7 +774,7 @@ async fn the_generated_certificate_is_refused_on_a_non_loopback_address() {
     // Written out, it is accepted.
     let mut cfg = config(vec![ListenerConfig::new(
         "0.0.0.0:0".parse().unwrap(),
-        Dialect::Ascii1987,
+        &ASCII1987,
         Framing::Binary2,
     )]);
     cfg.listeners[0].tls.self_signed = true;
@@ -788,7 +790,7 @@ async fn the_generated_certificate_is_refused_on_a_non_loopback_address() {
 #[tokio::test]
 async fn a_client_that_never_says_hello_is_closed_by_the_handshake_timeout() {
     const HANDSHAKE: Duration = Duration::from_millis(500);
-    let mut cfg = config(vec![listener(Dialect::CupPos, Framing::Binary2)]);
+    let mut cfg = config(vec![listener(&CUP_POS, Framing::Binary2)]);
     cfg.limits.handshake_timeout_ms = HANDSHAKE.as_millis() as u64;
     let running = start_alone(cfg).await;
     let before = sample(&running.metrics().await, HANDSHAKE_CUP);
@@ -811,7 +813,7 @@ async fn a_client_that_never_says_hello_is_closed_by_the_handshake_timeout() {
 
 #[tokio::test]
 async fn eof_in_the_middle_of_a_frame_is_a_framing_error() {
-    let mut cfg = config(vec![listener(Dialect::Ascii1987, Framing::Ascii4)]);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Ascii4)]);
     cfg.limits.idle_timeout_ms = 200;
     let running = start_alone(cfg).await;
     let before = running.metrics().await;
@@ -839,7 +841,7 @@ async fn certificate_and_key_from_pem_files_are_presented() {
     let (cert_path, key_path) = (dir.path().join("server.pem"), dir.path().join("server.key"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let mut from_files = listener(Dialect::Ascii1987, Framing::Bcd2);
+    let mut from_files = listener(&ASCII1987, Framing::Bcd2);
     from_files.tls.cert = Some(cert_path);
     from_files.tls.key = Some(key_path);
     let running = start(config(vec![from_files])).await;

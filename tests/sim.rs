@@ -1,6 +1,7 @@
 //! The deterministic simulation of the decision core (`refundgate sim`): 200 seeds hold every
 //! invariant, a seed reproduces bit for bit, and each re-introduced bug is caught.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 use refundgate::sim::{run, Mutation};
 
@@ -16,14 +17,7 @@ fn two_hundred_seeds_hold_every_invariant() {
     for seed in 1..=seeds {
         match run(seed, STEPS, Mutation::None) {
             Ok(r) => {
-                total.crashes += r.crashes;
-                total.repeats_checked += r.repeats_checked;
-                total.snapshot_restores += r.snapshot_restores;
-                total.disk_full += r.disk_full;
-                total.reordered += r.reordered;
-                total.key_reuses += r.key_reuses;
-                total.batches_settled += r.batches_settled;
-                total.batches_unreconciled += r.batches_unreconciled;
+                total.add(&r);
             }
             Err(f) => panic!("{f}"),
         }
@@ -127,4 +121,113 @@ fn a_reservation_carried_across_a_rebuild_never_pushes_a_limit_past_its_cap() {
             panic!("{f}");
         }
     }
+}
+
+// ---- The real gateway core (`refundgate sim --core`): codec, flow::Gateway::handle_batch,
+// ledger, the stepped journal over the simulated disk, snapshots and recovery.
+
+use refundgate::sim::{run_core, CoreMutation, CoreReport};
+
+const CORE_STEPS: u32 = 150;
+
+#[test]
+fn core_two_hundred_seeds_hold_every_invariant_on_the_real_stack() {
+    let seeds: u64 = std::env::var("REFUNDGATE_SIM_CORE_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let started = std::time::Instant::now();
+    let mut total = CoreReport::default();
+    for seed in 1..=seeds {
+        match run_core(seed, CORE_STEPS, CoreMutation::None) {
+            Ok(r) => {
+                total.add(&r);
+            }
+            Err(f) => panic!("{f} --core"),
+        }
+    }
+    eprintln!(
+        "core: {seeds} seeds x {CORE_STEPS} steps in {:?}: {total:?}",
+        started.elapsed()
+    );
+    // The runs must have exercised what the invariants are about.
+    let n = seeds as u32;
+    assert!(total.crashes > n, "too few crashes: {total:?}");
+    assert!(
+        total.crashes_mid_batch > n / 2,
+        "too few crashes between a decision and its answer: {total:?}"
+    );
+    assert!(
+        total.snapshot_restores > n / 2,
+        "too few restarts from a snapshot: {total:?}"
+    );
+    assert!(
+        total.failed_steps > n,
+        "too few failed journal steps: {total:?}"
+    );
+    assert!(
+        total.disk_full_steps > n / 2,
+        "too few full disks: {total:?}"
+    );
+    assert!(total.store_unavailable > seeds, "too few 96: {total:?}");
+    assert!(
+        total.repeats_checked > seeds * 20,
+        "too few repeats: {total:?}"
+    );
+    assert!(total.key_reuses > n, "too few reused keys: {total:?}");
+    assert!(
+        total.durable_points > n * 100,
+        "too few durable points: {total:?}"
+    );
+}
+
+#[test]
+fn a_core_seed_reproduces_bit_for_bit() {
+    let a = run_core(42, CORE_STEPS, CoreMutation::None).unwrap();
+    let b = run_core(42, CORE_STEPS, CoreMutation::None).unwrap();
+    assert_eq!(a, b);
+    let failed_a = run_core(3, CORE_STEPS, CoreMutation::AckBeforeSync).unwrap_err();
+    let failed_b = run_core(3, CORE_STEPS, CoreMutation::AckBeforeSync).unwrap_err();
+    assert_eq!(failed_a.to_string(), failed_b.to_string());
+}
+
+/// The first seed (of 1..=50) whose core run catches `mutation`.
+fn core_caught(mutation: CoreMutation) -> (u64, u32, &'static str) {
+    let started = std::time::Instant::now();
+    for seed in 1..=50 {
+        if let Err(f) = run_core(seed, CORE_STEPS, mutation) {
+            eprintln!(
+                "core {mutation:?}: seed {seed}, step {}, invariant {} ({:?})\n{f}",
+                f.step,
+                f.invariant,
+                started.elapsed()
+            );
+            return (seed, f.step, f.invariant);
+        }
+    }
+    panic!("{mutation:?} was not caught by 50 seeds of the core mode");
+}
+
+#[test]
+fn core_answering_before_the_sync_is_caught() {
+    let (_, _, invariant) = core_caught(CoreMutation::AckBeforeSync);
+    assert!(invariant.starts_with('c'), "{invariant}");
+}
+
+#[test]
+fn core_a_disk_losing_synced_writes_is_caught() {
+    let (_, _, invariant) = core_caught(CoreMutation::LostSyncedWrites);
+    assert!(
+        invariant.starts_with('c') || invariant == "recovery",
+        "{invariant}"
+    );
+}
+
+#[test]
+fn core_declines_not_journaled_are_caught() {
+    let (_, _, invariant) = core_caught(CoreMutation::DeclinesNotJournaled);
+    assert!(
+        invariant.starts_with('b') || invariant.starts_with('c'),
+        "{invariant}"
+    );
 }

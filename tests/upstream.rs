@@ -1,6 +1,7 @@
 //! The upstream side over real TLS on 127.0.0.1:0: the host simulator, multiplexed links,
 //! routing from the gateway's flows, timeouts, reversals and store-and-forward.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use refundgate::config::Dialect as ConfigDialect;
+use refundgate::dialect::{ASCII1987, CUP_POS};
 use refundgate::frame::{Frame, FrameCodec, Framing};
 use refundgate::host_sim::{Faults, Host, HostControl, HostListener, HostOptions};
 use refundgate::iso8583::{self, json, Message};
@@ -56,12 +57,12 @@ async fn start_host_at(addrs: [SocketAddr; 2], faults: Faults) -> RunningHost {
         listeners: vec![
             HostListener {
                 addr: addrs[0],
-                dialect: ConfigDialect::Ascii1987,
+                dialect: &ASCII1987,
                 framing: Framing::Binary2,
             },
             HostListener {
                 addr: addrs[1],
-                dialect: ConfigDialect::CupPos,
+                dialect: &CUP_POS,
                 framing: Framing::Binary2,
             },
         ],
@@ -352,6 +353,10 @@ struct Setup {
     max_retries: u32,
     durability: &'static str,
     echo_interval_ms: u64,
+    /// Route each merchant to the host of the other dialect (translation on host links).
+    crossed: bool,
+    /// `mac = { ... }` of the ascii1987 upstream.
+    ascii_mac: Option<&'static str>,
 }
 
 impl Setup {
@@ -366,6 +371,8 @@ impl Setup {
             max_retries: 100,
             durability: "fdatasync",
             echo_interval_ms: 2_000,
+            crossed: false,
+            ascii_mac: None,
         }
     }
 
@@ -391,12 +398,17 @@ echo_interval_ms = {}
 reconnect_min_ms = 20
 reconnect_max_ms = 200
 tls = {{ ca = "{}" }}
+{}
 "#,
                 list(addrs),
                 self.timeout_ms,
                 self.max_pending,
                 self.echo_interval_ms,
-                ca.display()
+                ca.display(),
+                match (dialect, self.ascii_mac) {
+                    ("ascii1987", Some(m)) => format!("mac = {m}"),
+                    _ => String::new(),
+                },
             )
         };
         format!(
@@ -423,8 +435,14 @@ retry_max_ms = 200
 "#,
             self.dir.join("journal").display(),
             self.durability,
-            upstream("bank", "ascii1987", &self.ascii_addrs),
-            upstream("bank_cup", "cup_pos", &self.cup_addrs),
+            match self.crossed {
+                false => upstream("bank", "ascii1987", &self.ascii_addrs),
+                true => upstream("bank", "cup_pos", &self.cup_addrs),
+            },
+            match self.crossed {
+                false => upstream("bank_cup", "cup_pos", &self.cup_addrs),
+                true => upstream("bank_cup", "ascii1987", &self.ascii_addrs),
+            },
             self.max_retries,
         )
     }
@@ -466,7 +484,16 @@ retry_max_ms = 200
 }
 
 async fn terminal(info: &ListenerInfo) -> Client {
-    connect_raw(info.addr, &info.cert_der, info.dialect.has_cup_header()).await
+    connect_raw(info.addr, &info.cert_der, info.dialect.has_tpdu()).await
+}
+
+/// Signs a cup_pos terminal on (the shared vector's 0800), answered 00.
+async fn sign_on_cup(c: &mut Client) {
+    let signon = encode("cup_pos", &cup_vector("signon_0800"));
+    assert_eq!(
+        answer("cup_pos", &exchange(c, true, signon).await).code,
+        "00"
+    );
 }
 
 async fn exchange(c: &mut Client, cup: bool, body: Vec<u8>) -> Bytes {
@@ -766,11 +793,7 @@ mod timeouts {
         let gw = Setup::new(dir.path(), &host).start().await;
         gw.wait_link_up("bank_cup").await;
         let mut c = terminal(&gw.listeners[1]).await;
-        let signon = encode("cup_pos", &cup_vector("signon_0800"));
-        assert_eq!(
-            answer("cup_pos", &exchange(&mut c, true, signon).await).code,
-            "00"
-        );
+        sign_on_cup(&mut c).await;
         let sale = encode("cup_pos", &cup_vector("sale_0200"));
         let a = answer("cup_pos", &exchange(&mut c, true, sale).await);
         assert_eq!(ok(&a), ("98", "HOST_TIMEOUT"));
@@ -1189,21 +1212,10 @@ mod link {
             ..Faults::default()
         })
         .await;
-        let link = Arc::new(Link::start(LinkConfig {
-            name: Arc::from("bank"),
-            addrs: vec![host.listeners[0].addr],
-            dialect: ConfigDialect::Ascii1987,
-            framing: Framing::Binary2,
-            tls: Arc::new(client_tls_trusting(std::slice::from_ref(&host.cert)).unwrap()),
-            server_name: None,
-            timeout: Duration::from_secs(5),
-            write_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(5),
-            max_pending: 256,
-            echo_interval: Duration::from_secs(30),
-            reconnect_min: Duration::from_millis(20),
-            reconnect_max: Duration::from_millis(100),
-        }));
+        let link = Arc::new(Link::start(link_config(
+            vec![host.listeners[0].addr],
+            &host.cert,
+        )));
         wait_until(|| link.is_up(), "link up").await;
         let mut calls = Vec::new();
         for stan in 1..=200u32 {
@@ -1236,7 +1248,8 @@ mod link {
         LinkConfig {
             name: Arc::from("bank"),
             addrs,
-            dialect: ConfigDialect::Ascii1987,
+            dialect: &ASCII1987,
+            mac: None,
             framing: Framing::Binary2,
             tls: Arc::new(client_tls_trusting(std::slice::from_ref(cert)).unwrap()),
             server_name: None,
@@ -1247,6 +1260,7 @@ mod link {
             echo_interval: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(100),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -1421,10 +1435,9 @@ mod more {
         gw.stop().await;
         host.stop().await;
     }
-    use refundgate::config::Dialect as CfgDialect;
     use refundgate::flow::{Link as FlowLink, Outcome};
     use refundgate::journal::Durability;
-    use refundgate::ledger::{Dialect, Ledger, MerchantSet, PanKey};
+    use refundgate::ledger::{Ledger, MerchantSet, PanKey};
     use refundgate::upstream::route::{client_tls_trusting, Routes};
     use refundgate::upstream::{LinkConfig, SafOptions, StoreForward};
 
@@ -1555,7 +1568,7 @@ mod more {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_route_to_no_link_or_to_another_dialect_answers_92() {
+    async fn a_route_to_no_link_answers_92() {
         let dir = tempfile::tempdir().unwrap();
         let host = start_host(Faults::default()).await;
         let saf = StoreForward::open(
@@ -1573,7 +1586,8 @@ mod more {
         let link = LinkConfig {
             name: Arc::from("cup_bank"),
             addrs: vec![host.listeners[1].addr],
-            dialect: CfgDialect::CupPos,
+            dialect: &CUP_POS,
+            mac: None,
             framing: Framing::Binary2,
             tls: Arc::new(client_tls_trusting(std::slice::from_ref(&host.cert)).unwrap()),
             server_name: None,
@@ -1584,6 +1598,7 @@ mod more {
             echo_interval: Duration::from_secs(5),
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(100),
+            clock: Arc::new(SystemClock),
         };
         let routes = Routes::new(
             [
@@ -1598,7 +1613,7 @@ mod more {
             Arc::new(ledger),
             None,
             Arc::new(SystemClock),
-            vec![FlowLink::plain(Dialect::Ascii1987)],
+            vec![FlowLink::plain(&ASCII1987)],
         )
         .with_upstreams(Arc::clone(&upstreams));
         wait_until(
@@ -1609,13 +1624,7 @@ mod more {
         let mut other = ascii_msg("0200", "000000", 500, 2, &[]);
         other["fields"]["42"] = json!("MERCHANT 000002");
         other["fields"]["41"] = json!("TERM0101");
-        for (msg, why) in [
-            (
-                ascii_msg("0200", "000000", 500, 1, &[]),
-                "an upstream of another dialect",
-            ),
-            (other, "a route naming no link"),
-        ] {
+        for (msg, why) in [(other, "a route naming no link")] {
             let (outcome, _) = gateway.handle(0, &encode("ascii1987", &msg)).await;
             let Outcome::Reply(bytes) = outcome else {
                 panic!("no answer")
@@ -1625,6 +1634,185 @@ mod more {
         }
         assert_eq!(host.control.stats().financial, 0);
         upstreams.shutdown().await;
+        host.stop().await;
+    }
+}
+
+/// Translation on host links (issue #19): terminals of one dialect routed to a host speaking
+/// the other, the host simulator on each side.
+mod translation {
+    use super::*;
+
+    fn crossed(dir: &Path, host: &RunningHost) -> Setup {
+        Setup {
+            crossed: true,
+            ..Setup::new(dir, host)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cup_pos_terminal_refunds_through_an_ascii1987_host_and_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let gw = crossed(dir.path(), &host).start().await;
+        gw.wait_link_up("bank").await;
+        gw.wait_link_up("bank_cup").await;
+
+        // cup_pos terminal → ascii1987 host.
+        let mut cup = terminal(&gw.listeners[1]).await;
+        sign_on_cup(&mut cup).await;
+        let sale = encode("cup_pos", &cup_vector("sale_0200"));
+        let a = answer("cup_pos", &exchange(&mut cup, true, sale).await);
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let mut refund = cup_vector("refund_0220");
+        let mmdd = common::mmdd(
+            refundgate::clock::Clock::now_unix_s(&refundgate::clock::SystemClock) + 8 * 3600,
+        );
+        refund["fields"]["37"] = json!(a.rrn.clone().unwrap());
+        refund["fields"]["61"] = json!(format!("000123000045{mmdd}"));
+        let a = answer(
+            "cup_pos",
+            &exchange(&mut cup, true, encode("cup_pos", &refund)).await,
+        );
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        assert_eq!(
+            host.control.stats().approved,
+            2,
+            "the ascii1987 host approved both"
+        );
+
+        // ascii1987 terminal → cup_pos host, and a host decline read back in ISO codes.
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (sale, a) = ascii_sale(&mut c, 1, 10_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let a = ascii_refund(&mut c, &sale, a.rrn.as_deref().unwrap(), 2, 4_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let stats = host.control.stats();
+        assert_eq!((stats.financial, stats.approved), (4, 4));
+        host.control
+            .set_faults(Faults {
+                decline: Some("A0".into()),
+                ..Faults::default()
+            })
+            .unwrap();
+        let (_, a) = ascii_sale(&mut c, 3, 500).await;
+        assert_eq!(ok(&a), ("63", "HOST_DECLINED"), "CUP A0 is ISO 63");
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timed_out_translated_sale_is_reversed_at_the_host_in_its_own_dialect() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            latency_ms: 700,
+            ..Faults::default()
+        })
+        .await;
+        let gw = crossed(dir.path(), &host).start().await;
+        gw.wait_link_up("bank").await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (_, a) = ascii_sale(&mut c, 77, 1_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_TIMEOUT"));
+        host.control.set_faults(Faults::default()).unwrap();
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        // The cup_pos host got a cup_pos 0400 for the terminal's STAN.
+        assert_eq!(host.control.reversals_answered("TERM0001", 77).min(1), 1);
+        gw.stop().await;
+        host.stop().await;
+    }
+}
+
+/// MACs on host links (DOMAIN §11, issue #19): a per-link key, requests MACed, answers checked.
+mod host_macs {
+    use super::*;
+    use refundgate::mac::{MacAlgorithm, MacKey};
+
+    const LINK_KEY: &str = "0123456789ABCDEFFEDCBA9876543210";
+    const OTHER_KEY: &str = "FEDCBA98765432100123456789ABCDEF";
+    const LINK_MAC: &str = r#"{ algorithm = "x919", key = "0123456789ABCDEFFEDCBA9876543210" }"#;
+
+    async fn gateway_with_mac(dir: &Path, host: &RunningHost, host_key: &str) -> Gw {
+        host.control.set_mac(Some(
+            MacKey::from_hex(MacAlgorithm::AnsiX919, host_key).unwrap(),
+        ));
+        let gw = Setup {
+            ascii_mac: Some(LINK_MAC),
+            ..Setup::new(dir, host)
+        }
+        .start()
+        .await;
+        gw.wait_link_up("bank").await;
+        gw
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_carry_the_links_mac_and_macd_approvals_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let gw = gateway_with_mac(dir.path(), &host, LINK_KEY).await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (sale, a) = ascii_sale(&mut c, 1, 10_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let a = ascii_refund(&mut c, &sale, a.rrn.as_deref().unwrap(), 2, 4_000).await;
+        assert_eq!(ok(&a), ("00", "APPROVED"));
+        let stats = host.control.stats();
+        assert_eq!((stats.approved, stats.bad_macs), (2, 0));
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_with_another_key_refuses_the_requests_and_the_terminal_gets_its_63() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults::default()).await;
+        let gw = gateway_with_mac(dir.path(), &host, OTHER_KEY).await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (sale, a) = ascii_sale(&mut c, 1, 10_000).await;
+        assert_eq!(ok(&a), ("63", "HOST_DECLINED"));
+        // Nothing was committed: the sale stands as declined.
+        let a = ascii_refund(&mut c, &sale, "000000000001", 2, 4_000).await;
+        assert_eq!(ok(&a), ("12", "ORIGINAL_NOT_APPROVED"));
+        let stats = host.control.stats();
+        assert_eq!((stats.approved, stats.bad_macs), (0, 1));
+        gw.stop().await;
+        host.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_approval_with_a_wrong_mac_approves_nothing_and_is_reversed() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = start_host(Faults {
+            bad_answer_mac: true,
+            ..Faults::default()
+        })
+        .await;
+        let gw = gateway_with_mac(dir.path(), &host, LINK_KEY).await;
+        let mut c = terminal(&gw.listeners[0]).await;
+        let (sale, a) = ascii_sale(&mut c, 5, 10_000).await;
+        assert_eq!(ok(&a), ("91", "HOST_TIMEOUT"), "an untrusted approval");
+        assert_eq!(host.control.stats().approved, 1, "the host did approve it");
+        let a = ascii_refund(&mut c, &sale, "000000000001", 6, 4_000).await;
+        assert_eq!(
+            ok(&a),
+            ("25", "ORIGINAL_NOT_FOUND"),
+            "nothing was committed"
+        );
+        // The host's approval is undone: the reversal reaches it (MACed, answered 00 with a
+        // good MAC once the fault is off).
+        host.control.set_faults(Faults::default()).unwrap();
+        wait_until(
+            || gw.upstreams.saf().pending().is_empty(),
+            "reversal delivered",
+        )
+        .await;
+        assert_eq!(host.control.reversals_answered("TERM0001", 5).min(1), 1);
+        assert_eq!(host.control.stats().bad_macs, 0);
+        gw.stop().await;
         host.stop().await;
     }
 }

@@ -64,7 +64,7 @@ fn api() -> AdminApi {
         Arc::new(ledger),
         None,
         Arc::new(ManualClock::new(NOW + 120)),
-        vec![Link::plain(Dialect::Ascii1987)],
+        vec![Link::plain(&refundgate::dialect::ASCII1987)],
     );
     let tokens = Tokens::parse(TOKEN).unwrap_or_default();
     AdminApi::new(Arc::new(gateway), tokens)

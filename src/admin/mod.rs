@@ -19,7 +19,7 @@
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | `/v1/merchants` | merchant ids |
-//! | GET | `/v1/merchants/{m}` | policy, funds, usage, terminals, operators' changes |
+//! | GET | `/v1/merchants/{m}[?card_rrn=R]` | policy, funds, usage (and the day usage of the card that paid sale R), terminals, operators' changes |
 //! | GET | `/v1/merchants/{m}/transactions?rrn=R` | a sale by RRN, its answer and trail |
 //! | GET | `/v1/merchants/{m}/transactions?terminal=T&stan=N&date=MMDD[&class=2]` | a request by key |
 //! | GET | `/v1/merchants/{m}/would-pass?terminal=T&(rrn=R \| stan=N&transmission=MMDDhhmmss \| batch=B&trace=N[&date=MMDD])[&asking=T2]` | what would pass now |
@@ -146,7 +146,7 @@ impl AdminApi {
         let segs: Vec<&str> = t.segments.iter().skip(1).map(String::as_str).collect();
         match (method, segs.as_slice()) {
             ("GET", ["merchants"]) => self.merchants(),
-            ("GET", ["merchants", m]) => self.merchant(m),
+            ("GET", ["merchants", m]) => self.merchant(m, &t),
             ("GET", ["merchants", m, "transactions"]) => self.transaction(m, &t),
             ("GET", ["merchants", m, "would-pass"]) => self.would_pass(m, &t),
             ("GET", ["exceptions"]) => self.exceptions(),
@@ -178,13 +178,29 @@ impl AdminApi {
         ok(json!({ "merchants": ids }))
     }
 
-    fn merchant(&self, merchant: &str) -> Reply {
+    fn merchant(&self, merchant: &str, t: &Target) -> Reply {
         let now = self.gateway.now();
-        let Some(v) = self.gateway.ledger().merchant_view(merchant, now) else {
+        let ledger = self.gateway.ledger();
+        let Some(v) = ledger.merchant_view(merchant, now) else {
             return error(404, "unknown merchant");
         };
         let p = &v.policy;
         let left = |cap: Option<u64>, used: u64| cap.map(|c| c.saturating_sub(used));
+        // Per card on request: the card is named by one of its sales, never by its PAN.
+        let card = match t.param("card_rrn") {
+            None => Value::Null,
+            Some(rrn) => match ledger.card_usage(merchant, rrn, now) {
+                Some(c) => json!({
+                    "rrn": rrn, "pan": c.pan.to_string(),
+                    "day": {
+                        "amount": c.day_amount, "count": c.day_count,
+                        "amount_remaining": left(c.day_amount_max, c.day_amount),
+                        "count_remaining": left(c.day_count_max, c.day_count),
+                    },
+                }),
+                None => return error(404, "no sale with this rrn remembered"),
+            },
+        };
         let terminals: Vec<Value> = v
             .terminals
             .iter()
@@ -213,6 +229,7 @@ impl AdminApi {
                     "amount_remaining": left(p.refund_month_amount_max, u.month_amount),
                     "count_remaining": left(p.refund_month_count_max.map(u64::from), u64::from(u.month_count)),
                 },
+                "card": card,
             },
             "funds": {
                 "equation": "available = reserve + unsettled_sales - refunds_committed - refunds_reserved",
@@ -255,16 +272,39 @@ impl AdminApi {
             };
             ledger.transaction_by_key(merchant, terminal, stan, date, class)
         };
-        let Some(Looked { txn, answer }) = looked else {
+        let Some(Looked {
+            txn,
+            answer,
+            policy_version,
+        }) = looked
+        else {
             return error(404, "no such transaction remembered");
         };
-        let p = &view.policy;
+        // The trail reads the policy the answer was decided under, while it is kept.
+        let (then, note) = match policy_version {
+            Some(v) => match ledger.policy_at(merchant, v) {
+                Some(p) => (
+                    p,
+                    format!("the trail is read against policy version {v}, in force when it was decided"),
+                ),
+                None => (
+                    view.policy.clone(),
+                    format!("policy version {v} is no longer kept: the trail is read against the policy in force now"),
+                ),
+            },
+            None => (
+                view.policy.clone(),
+                "the trail is read against the policy in force now".to_string(),
+            ),
+        };
+        let p = &then;
         ok(json!({
             "merchant": merchant,
             "transaction": txn.map(|x| txn_json(&x, p)),
             "answer": answer.map(|d| answer_json(&d)),
             "trail": answer.map(|d| trail::trail(&d, p)),
-            "policy_note": "the trail is read against the policy in force now",
+            "policy_version": policy_version,
+            "policy_note": note,
         }))
     }
 
@@ -674,7 +714,11 @@ fn offset_text(seconds: i32) -> String {
 fn local_time(unix: UnixSeconds, p: &Policy) -> String {
     let offset = p.utc_offset.seconds();
     let local = unix.saturating_add(i64::from(offset));
-    let (y, m, d) = civil_from_days(local.div_euclid(86_400));
+    let crate::date::Civil {
+        year: y,
+        month: m,
+        day: d,
+    } = crate::date::Civil::from_unix(local);
     let s = local.rem_euclid(86_400);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}{}",
@@ -683,19 +727,6 @@ fn local_time(unix: UnixSeconds, p: &Policy) -> String {
         s % 60,
         offset_text(offset)
     )
-}
-
-/// Days since the epoch to (year, month, day); H. Hinnant's `civil_from_days`.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]

@@ -6,23 +6,24 @@
 //! every approval durable in the journal before it is answered (DOMAIN §7), and renders the
 //! decision: DE39 per dialect, the reason in DE44, the remaining allowance in DE54.
 
-pub mod classify;
 pub mod ids;
 mod render;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 
 use crate::clock::Clock;
+pub use crate::dialect::Kind;
+use crate::dialect::{Dialect, OriginalKeys, SettlementTotals};
 use crate::iso8583::{self, Message, Spec};
 use crate::journal::jetstream::{ReplError, Replica};
 use crate::journal::{Journal, Recovered, StoreError, Ticket};
 use crate::ledger::{
-    self, CardType, Decision, Dialect, Ledger, LedgerEvent, Operation, OriginalRef, Reason,
+    self, CardType, Decision, Ledger, LedgerEvent, Operation, OriginalRef, Reason,
 };
 use crate::limits;
 use crate::mac::{self, MacKey};
@@ -32,41 +33,29 @@ use crate::server::{Dispatch, Handled, RequestCtx};
 use crate::telemetry;
 use crate::terminal_keys::{Identities, TerminalKeys, TerminalMac};
 use crate::upstream::{Upstreams, Verdict};
-pub use classify::{classify, Kind, Shape};
 
 /// How one listener's messages are read and protected.
 #[derive(Debug)]
 pub struct Link {
-    /// The dialect's spec.
+    /// The dialect's spec (the dialect's own, kept apart for the hot path).
     pub spec: &'static Spec,
-    /// Which dialect it is (response codes differ).
-    pub dialect: Dialect,
-    /// The MAC key of the link, when it uses MACs (DOMAIN §11). On `cup_pos` links,
-    /// terminals with a master key use their own MAK instead.
+    /// The dialect spoken: classification, original keys, response codes, echoed fields.
+    pub dialect: &'static Dialect,
+    /// The MAC key of the link, when it uses MACs (DOMAIN §11). On dialects with
+    /// `terminal_keys`, terminals with a master key use their own MAK instead.
     pub mac: Option<MacKey>,
     /// Which ids each client certificate may use; `None`: any (DOMAIN §11, issue 18).
     pub identities: Option<Identities>,
 }
 
 impl Link {
-    /// A link of a built-in dialect without MACs.
-    pub fn plain(dialect: Dialect) -> Link {
-        let spec = match dialect {
-            Dialect::Ascii1987 => &*iso8583::ASCII1987,
-            Dialect::CupPos => &*iso8583::CUP_POS,
-        };
+    /// A link of `dialect` without MACs.
+    pub fn plain(dialect: &'static Dialect) -> Link {
         Link {
-            spec,
+            spec: dialect.spec(),
             dialect,
             mac: None,
             identities: None,
-        }
-    }
-
-    fn shape(&self) -> Shape {
-        match self.dialect {
-            Dialect::Ascii1987 => Shape::Ascii,
-            Dialect::CupPos => Shape::Cup,
         }
     }
 }
@@ -516,7 +505,7 @@ impl Gateway {
         bodies: &[B],
         out: &mut Vec<(Outcome, Summary)>,
     ) {
-        let started = Instant::now();
+        let started = crate::clock::monotonic();
         let Some(l) = self.links.get(link) else {
             out.extend(bodies.iter().map(|_| {
                 (
@@ -568,7 +557,7 @@ impl Gateway {
                         tracing::warn!(
                             "journal not durable within the request deadline; answering 96"
                         );
-                        telemetry::count_request_deadline(dialect_label(l.dialect));
+                        telemetry::count_request_deadline(l.dialect.name());
                         *d = Some(Box::pin(self.lost(l, body.as_ref(), false)).await);
                     }
                 }
@@ -585,7 +574,10 @@ impl Gateway {
     async fn lost(&self, l: &Link, body: &[u8], forwarded: bool) -> Decided {
         let (msg, _) = iso8583::decode_partial(l.spec, body);
         self.reverse_forwarded(l, &msg, forwarded).await;
-        let kind = classify(&msg, l.shape()).unwrap_or(Kind::Sale);
+        let kind = l
+            .dialect
+            .classify(&msg)
+            .unwrap_or(Kind::Op(Operation::Sale));
         self.answer(
             l,
             &msg,
@@ -609,10 +601,10 @@ impl Gateway {
                 },
             );
         };
-        let code = decision.de39(l.dialect);
+        let code = decision.reason.code(l.dialect.code_column);
         let reason = decision.reason.as_str();
-        telemetry::record_request(dialect_label(l.dialect), mti_label(mti), code, reason);
-        telemetry::record_decision_seconds(dialect_label(l.dialect), micros as f64 / 1e6);
+        telemetry::record_request(l.dialect.name(), mti_label(mti), code, reason);
+        telemetry::record_decision_seconds(l.dialect.name(), micros as f64 / 1e6);
         if tracing::enabled!(tracing::Level::INFO) {
             // Decoded again only for the log line: nothing of it outlives the decision.
             let (msg, _) = iso8583::decode_partial(l.spec, body);
@@ -646,11 +638,11 @@ impl Gateway {
                 if let Some(suppressed) = bad_input_admitted() {
                     tracing::info!(dialect = l.spec.name(), mti = %msg.mti(), stan = ?e.stan, error = %e, suppressed, "message error");
                 }
-                telemetry::count_message_error(dialect_label(l.dialect));
+                telemetry::count_message_error(l.dialect.name());
                 Some(self.answer(
                     l,
                     &msg,
-                    Kind::Sale,
+                    Kind::Op(Operation::Sale),
                     &Decision::bare(Reason::FORMAT_ERROR),
                     None,
                 ))
@@ -659,7 +651,7 @@ impl Gateway {
                 if let Some(suppressed) = bad_input_admitted() {
                     tracing::info!(dialect = l.spec.name(), error = %e, suppressed, "message error, dropped");
                 }
-                telemetry::count_message_error(dialect_label(l.dialect));
+                telemetry::count_message_error(l.dialect.name());
                 None
             }
             None => Some(self.decide(l, &msg).await),
@@ -667,11 +659,11 @@ impl Gateway {
     }
 
     async fn decide(&self, l: &Link, msg: &Message<'_>) -> Decided {
-        let Some(kind) = classify(msg, l.shape()) else {
+        let Some(kind) = l.dialect.classify(msg) else {
             return self.answer(
                 l,
                 msg,
-                Kind::Sale,
+                Kind::Op(Operation::Sale),
                 &Decision::bare(Reason::FUNCTION_NOT_SUPPORTED),
                 None,
             );
@@ -704,7 +696,7 @@ impl Gateway {
         if !self.mac_ok(l, msg) {
             return self.answer(l, msg, kind, &Decision::bare(Reason::MAC_INVALID), None);
         }
-        if kind == Kind::Settlement {
+        if kind == Kind::Op(Operation::Settlement) {
             return Box::pin(self.settle(l, msg, now)).await;
         }
         let mut pan_buf = [0u8; 19];
@@ -712,7 +704,7 @@ impl Gateway {
         let Some(req) = self.ledger_request(l, msg, kind, &mut pan_buf, &rrn_buf) else {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
-        let rrn = (kind == Kind::Sale).then_some(rrn_buf);
+        let rrn = (kind == Kind::Op(Operation::Sale)).then_some(rrn_buf);
         let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
         let mut ticket = None;
         let Some(upstreams) = &self.upstreams else {
@@ -823,6 +815,14 @@ impl Gateway {
             }
             return Ok(0);
         };
+        #[cfg(feature = "sim-mutations")]
+        if matches!(event.body, ledger::EventBody::Declined { .. })
+            && crate::sim::switches::declines_not_journaled()
+        {
+            // The core simulator's re-introduced bug (test builds only): the decline is
+            // applied in memory and never journaled.
+            return Ok(0);
+        }
         let mut payload = Vec::with_capacity(128);
         event.encode(&mut payload);
         let t = journal.enqueue(payload)?;
@@ -1025,8 +1025,8 @@ impl Gateway {
     /// A 0500 settles its terminal's open batch (DOMAIN §9a): decided by the ledger like any
     /// request (row 3 terminal and sign-on, row 4 repeats), with the batch totals it carries.
     async fn settle(&self, l: &Link, msg: &Message<'_>, now: i64) -> Decided {
-        let kind = Kind::Settlement;
-        let Ok(totals) = batch_totals(msg, l.shape()) else {
+        let kind = Kind::Op(Operation::Settlement);
+        let Ok(totals) = batch_totals(msg, l.dialect.settlement_totals) else {
             return self.answer(l, msg, kind, &Decision::bare(Reason::FORMAT_ERROR), None);
         };
         let mut pan_buf = [0u8; 19];
@@ -1068,7 +1068,7 @@ impl Gateway {
     /// The key of the message's MAC: on `cup_pos` links a terminal with a master key uses its
     /// MAK (none before its first sign-on), any other the link's static key.
     fn mac_key<'l>(&self, l: &'l Link, msg: &Message<'_>) -> Option<KeyRef<'l>> {
-        if l.dialect != Dialect::CupPos || self.terminal_keys.is_empty() {
+        if !l.dialect.terminal_keys || self.terminal_keys.is_empty() {
             return l.mac.as_ref().map(KeyRef::Link);
         }
         match self.terminal_keys.mac_key(msg.merchant(), msg.terminal()) {
@@ -1079,7 +1079,7 @@ impl Gateway {
 
     /// Whether the message comes from a terminal with its own master key on a `cup_pos` link.
     fn keyed(&self, l: &Link, msg: &Message<'_>) -> bool {
-        l.dialect == Dialect::CupPos
+        l.dialect.terminal_keys
             && matches!(
                 self.terminal_keys.mac_key(msg.merchant(), msg.terminal()),
                 TerminalMac::Own(_)
@@ -1104,10 +1104,10 @@ impl Gateway {
             return true;
         }
         let id = (merchant.to_string(), terminal.to_string());
-        if self.sign_ons.admit(id, Instant::now()).allowed() {
+        if self.sign_ons.admit(id, crate::clock::monotonic()).allowed() {
             return true;
         }
-        metrics::counter!(SIGN_ONS_REFUSED_TOTAL, telemetry::LABEL_DIALECT => dialect_label(l.dialect))
+        metrics::counter!(SIGN_ONS_REFUSED_TOTAL, telemetry::LABEL_DIALECT => l.dialect.name())
             .increment(1);
         if let Some(suppressed) = bad_input_admitted() {
             tracing::warn!(
@@ -1130,7 +1130,7 @@ impl Gateway {
         if identities.permits(caller.cert.as_deref(), msg.merchant(), msg.terminal()) {
             return true;
         }
-        metrics::counter!(TERMINAL_NOT_PERMITTED_TOTAL, telemetry::LABEL_DIALECT => dialect_label(l.dialect))
+        metrics::counter!(TERMINAL_NOT_PERMITTED_TOTAL, telemetry::LABEL_DIALECT => l.dialect.name())
             .increment(1);
         if let Some(suppressed) = bad_input_admitted() {
             tracing::warn!(
@@ -1180,12 +1180,9 @@ impl Gateway {
         pan_buf: &'m mut [u8; 19],
         rrn_buf: &'m [u8; 12],
     ) -> Option<ledger::Request<'m>> {
-        let op = match kind {
-            Kind::Sale => Operation::Sale,
-            Kind::Refund => Operation::Refund,
-            Kind::Void => Operation::Void,
-            Kind::Reversal => Operation::Reversal,
-            _ => Operation::Settlement,
+        // Network management never reaches the ledger.
+        let Kind::Op(op) = kind else {
+            return None;
         };
         // A settlement names no card.
         let n = match (msg.pan(), kind) {
@@ -1197,27 +1194,26 @@ impl Gateway {
                 }
                 n
             }
-            (None, Kind::Settlement) => 0,
+            (None, Kind::Op(Operation::Settlement)) => 0,
             (None, _) => return None,
         };
         let pan = std::str::from_utf8(&pan_buf[..n]).ok()?;
-        let shape = l.shape();
-        let original = match (kind, shape) {
-            (Kind::Sale | Kind::Settlement, _) => None,
-            (_, Shape::Ascii) => msg.original_data().map(|od| OriginalRef::Iso {
+        let original = match (kind, l.dialect.original) {
+            (Kind::Op(Operation::Sale | Operation::Settlement), _) => None,
+            (_, OriginalKeys::De90) => msg.original_data().map(|od| OriginalRef::Iso {
                 mti: od.mti.0,
                 stan: od.stan,
                 transmission: od.transmission,
                 rrn: msg.rrn(),
             }),
-            (_, Shape::Cup) => msg.cup61().map(|c| OriginalRef::Cup {
+            (_, OriginalKeys::De61) => msg.cup61().map(|c| OriginalRef::Cup {
                 batch: c.batch,
                 trace: c.trace,
                 date_mmdd: c.date_mmdd,
                 rrn: msg.rrn(),
             }),
         };
-        let rrn = if kind == Kind::Sale {
+        let rrn = if kind == Kind::Op(Operation::Sale) {
             std::str::from_utf8(&rrn_buf[..]).ok()
         } else {
             msg.rrn()
@@ -1229,13 +1225,13 @@ impl Gateway {
             .or_else(|| msg.transmission().map(|t| (t / 1_000_000) as u16))
             .unwrap_or(0);
         Some(ledger::Request {
-            dialect: l.dialect,
+            dialect: l.dialect.ledger_dialect(),
             op,
             repeat: msg.mti().is_repeat(),
             merchant: msg.merchant()?,
             // A 0500 without DE41 is from no configured terminal: row 3 answers it.
             terminal: match kind {
-                Kind::Settlement => msg.terminal().unwrap_or(""),
+                Kind::Op(Operation::Settlement) => msg.terminal().unwrap_or(""),
                 _ => msg.terminal()?,
             },
             stan: msg.stan()?,
@@ -1265,7 +1261,7 @@ fn bad_input_admitted() -> Option<u64> {
     let Some(peer) = Caller::current().peer else {
         return Some(0);
     };
-    match ratelimit::bad_input_log(peer, Instant::now()) {
+    match ratelimit::bad_input_log(peer, crate::clock::monotonic()) {
         Admit::Yes { suppressed } => Some(suppressed),
         Admit::No => None,
     }
@@ -1277,9 +1273,12 @@ fn bad_input_admitted() -> Option<u64> {
 /// amount n12, count n3, reconciliation code n1, then the same for foreign cards; the two
 /// are added (the gateway does not tell them apart). A DE 48 shorter than 30 digits is a
 /// format error.
-fn batch_totals(msg: &Message<'_>, shape: Shape) -> Result<Option<ledger::BatchTotals>, ()> {
-    match shape {
-        Shape::Ascii => {
+fn batch_totals(
+    msg: &Message<'_>,
+    place: SettlementTotals,
+) -> Result<Option<ledger::BatchTotals>, ()> {
+    match place {
+        SettlementTotals::De74 => {
             if ![74, 76, 86, 88].iter().any(|&n| msg.has(n)) {
                 return Ok(None);
             }
@@ -1294,7 +1293,7 @@ fn batch_totals(msg: &Message<'_>, shape: Shape) -> Result<Option<ledger::BatchT
                 debit_amount: get(88)?,
             }))
         }
-        Shape::Cup => {
+        SettlementTotals::De48 => {
             let Some(d) = msg.digits(48) else {
                 return Ok(None);
             };
@@ -1348,14 +1347,6 @@ fn fingerprint(msg: &Message<'_>) -> u64 {
         eat(msg.field_bytes(n).unwrap_or(&[]));
     }
     h
-}
-
-/// Metric label of a dialect.
-pub fn dialect_label(d: Dialect) -> &'static str {
-    match d {
-        Dialect::Ascii1987 => "ascii1987",
-        Dialect::CupPos => "cup_pos",
-    }
 }
 
 /// Metric label of an MTI: known ones by name, anything else `other` (labels stay bounded).
@@ -1480,7 +1471,7 @@ mod tests {
             Arc::new(ledger),
             None,
             clock,
-            vec![Link::plain(Dialect::Ascii1987)],
+            vec![Link::plain(&crate::dialect::ASCII1987)],
         );
         let doc = serde_json::json!({
             "mti": "0200",

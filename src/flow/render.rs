@@ -3,13 +3,12 @@
 use bytes::BytesMut;
 
 use super::{ids, Kind, Link};
+use crate::dialect::NetworkCode;
 use crate::iso8583::{self, FieldList, Message, Value};
-use crate::ledger::{Decision, Dialect, Reason};
+use crate::ledger::Operation;
+use crate::ledger::{Decision, Reason};
 use crate::mac::{self, MacKey};
 
-/// Elements echoed from the request, per dialect.
-const ECHO_ASCII: &[u8] = &[3, 4, 7, 11, 12, 13, 37, 41, 42, 49, 70, 90];
-const ECHO_CUP: &[u8] = &[3, 4, 11, 12, 13, 25, 37, 41, 42, 49, 60, 61];
 /// Elements echoed when the request was malformed: only what identifies it.
 const ECHO_FORMAT_ERROR: &[u8] = &[3, 11, 41, 42];
 
@@ -39,7 +38,7 @@ pub(super) fn response(
     let host = d.host_code();
     let code = match &host {
         Some(c) => &c[..],
-        None => d.de39(l.dialect).as_bytes(),
+        None => d.reason.code(l.dialect.code_column).as_bytes(),
     };
     render(l, req, kind, d, code, sale_rrn, batch, keys, out);
 }
@@ -72,19 +71,24 @@ fn render(
     out: &mut BytesMut,
 ) {
     let mut fields: FieldList<'_, 32> = FieldList::new();
-    let echo = match (d.reason == Reason::FORMAT_ERROR, l.dialect) {
-        (true, _) => ECHO_FORMAT_ERROR,
-        (false, Dialect::Ascii1987) => ECHO_ASCII,
-        (false, Dialect::CupPos) => ECHO_CUP,
+    // A full list cannot happen: 32 slots, a dialect file echoes at most
+    // `dialect::ECHO_FIELDS_MAX` (16) elements and at most 8 more are set here.
+    let echo = match d.reason == Reason::FORMAT_ERROR {
+        true => ECHO_FORMAT_ERROR,
+        false => &l.dialect.echo[..],
     };
     for &n in echo {
-        // A full list cannot happen: 32 slots, at most 18 elements set here.
         let _ = fields.echo(req, n);
     }
     let approved = d.is_approved();
     let rrn_bytes;
     let auth;
-    if approved && matches!(kind, Kind::Sale | Kind::Refund | Kind::Void) {
+    if approved
+        && matches!(
+            kind,
+            Kind::Op(Operation::Sale | Operation::Refund | Operation::Void)
+        )
+    {
         rrn_bytes = sale_rrn.unwrap_or_else(|| {
             let mut r = [b'0'; 12];
             if let Some(x) = req.rrn().map(str::as_bytes).filter(|x| x.len() == 12) {
@@ -106,7 +110,7 @@ fn render(
     let _ = fields.set(39, Value::Text(code));
     let reason = d.reason.as_str();
     let _ = fields.set(44, Value::Text(reason.as_bytes()));
-    let de54 = if matches!(kind, Kind::Refund | Kind::Void) {
+    let de54 = if matches!(kind, Kind::Op(Operation::Refund | Operation::Void)) {
         d.de54()
     } else {
         None
@@ -115,14 +119,14 @@ fn render(
         let _ = fields.set(54, Value::Text(text.as_bytes()));
     }
     let de60;
-    if let (Some(b), Dialect::CupPos) = (batch, l.dialect) {
+    if let (Some(b), NetworkCode::De60_3) = (batch, l.dialect.network_code) {
         de60 = cup_signon_60(b);
         let _ = fields.set(60, Value::Text(&de60));
     }
     if let (Some(de62), true) = (keys.de62, approved) {
         let _ = fields.set(62, Value::Text(de62));
     }
-    let mac_field = mac_field(keys.mac, approved, &fields);
+    let mac_field = mac_field(keys.mac, approved, &fields, l.spec);
     let placeholder = [b'0'; 16];
     if let Some((n, len)) = mac_field {
         let _ = fields.set(n, Value::Text(&placeholder[..len]));
@@ -138,13 +142,7 @@ fn render(
         return;
     }
     if let (Some((_, len)), Some(key)) = (mac_field, keys.mac) {
-        let end = out.len();
-        let value = mac::compute(key, &out[start..end - len]);
-        if len == 16 {
-            out[end - 16..].copy_from_slice(&mac::to_field_hex(&value));
-        } else {
-            out[end - 8..].copy_from_slice(&value);
-        }
+        mac::seal(key, &mut out[start..], len);
     }
 }
 
@@ -154,18 +152,14 @@ fn mac_field(
     key: Option<&MacKey>,
     approved: bool,
     fields: &FieldList<'_, 32>,
+    spec: &iso8583::Spec,
 ) -> Option<(u8, usize)> {
     let key = key?;
     if !approved {
         return None;
     }
     let secondary = fields.as_slice().iter().any(|(n, _)| *n > 64);
-    let n = if secondary { 128 } else { 64 };
-    let len = match key.algorithm() {
-        mac::MacAlgorithm::CupPosEcb => 8,
-        _ => 16,
-    };
-    Some((n, len))
+    mac::field_for(key, spec, secondary)
 }
 
 /// DE60 of a `cup_pos` sign-on answer: 60.1 `00`, 60.2 the batch, 60.3 `001`.

@@ -178,7 +178,106 @@ pub struct Spec {
     /// How bitmaps are written.
     pub bitmap: BitmapEncoding,
     fields: [Option<FieldSpec>; 129],
+    /// The per-element plan the encoder follows, derived from `fields` once.
+    steps: [Step; 129],
     names: Vec<(u8, String)>,
+}
+
+/// What the codec does with one element's content, decided once per dialect from kind,
+/// encoding and `tlv` so that the encoder dispatches on one small value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Content {
+    /// The element is not in the dialect.
+    Undefined,
+    /// ASCII `n`: digits only.
+    AsciiDigits,
+    /// ASCII `z`: digits, `=` and `D`.
+    AsciiTrack,
+    /// ASCII-written `b`: hex characters.
+    AsciiHex,
+    /// Copied as is: ASCII `an`/`ans`, binary-encoded elements that are not TLV.
+    Plain,
+    /// A BER-TLV list (binary).
+    Tlv,
+    /// BCD `n`.
+    BcdDigits,
+    /// BCD `z`: digits and the `D` separator nibble.
+    BcdTrack,
+    /// EBCDIC `n`.
+    EbcdicDigits(CodePage),
+    /// EBCDIC `z`.
+    EbcdicTrack(CodePage),
+    /// EBCDIC `an`/`ans`.
+    EbcdicText(CodePage),
+}
+
+/// One element's plan: everything the hot paths read, in a few bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Step {
+    /// How the content is checked, read and written.
+    pub(crate) content: Content,
+    /// How the length prefix is written.
+    pub(crate) length: LengthEncoding,
+    /// Bytes of the length prefix; 0 for a fixed element.
+    pub(crate) prefix_bytes: u8,
+    /// Digits of the length prefix; 0 for a fixed element.
+    pub(crate) prefix_digits: u8,
+    /// Maximum (or fixed) length in units.
+    pub(crate) max: u16,
+    /// Whether lengths count digits (BCD numerics) rather than bytes.
+    pub(crate) counts_digits: bool,
+    /// Whether an odd BCD digit count is padded on the left.
+    pub(crate) left_pad: bool,
+    /// Whether the element is `n` (takes [`super::Value::Number`]).
+    pub(crate) numeric: bool,
+}
+
+impl Step {
+    const UNDEFINED: Step = Step {
+        content: Content::Undefined,
+        length: LengthEncoding::Ascii,
+        prefix_bytes: 0,
+        prefix_digits: 0,
+        max: 0,
+        counts_digits: false,
+        left_pad: true,
+        numeric: false,
+    };
+
+    fn of(fs: &FieldSpec) -> Step {
+        let content = match (fs.encoding, fs.kind) {
+            _ if fs.tlv => Content::Tlv,
+            (Encoding::Ascii, Kind::Numeric) => Content::AsciiDigits,
+            (Encoding::Ascii, Kind::Track) => Content::AsciiTrack,
+            (Encoding::Ascii, Kind::Binary) => Content::AsciiHex,
+            (Encoding::Bcd, Kind::Track) => Content::BcdTrack,
+            (Encoding::Bcd, _) => Content::BcdDigits,
+            (Encoding::Ebcdic(p), Kind::Numeric) => Content::EbcdicDigits(p),
+            (Encoding::Ebcdic(p), Kind::Track) => Content::EbcdicTrack(p),
+            (Encoding::Ebcdic(p), _) => Content::EbcdicText(p),
+            (Encoding::Ascii | Encoding::Binary, _) => Content::Plain,
+        };
+        Step {
+            content,
+            length: fs.length_encoding,
+            prefix_bytes: fs.length_encoding.prefix_bytes(fs.prefix) as u8,
+            prefix_digits: fs.prefix.digits() as u8,
+            max: fs.max,
+            counts_digits: fs.counts_digits,
+            left_pad: fs.pad == Pad::Left,
+            numeric: fs.kind == Kind::Numeric,
+        }
+    }
+
+    /// Bytes on the wire for a content of `units` length units.
+    #[inline(always)]
+    pub(crate) const fn content_bytes(&self, units: usize) -> usize {
+        if self.counts_digits {
+            units.div_ceil(2)
+        } else {
+            units
+        }
+    }
 }
 
 /// A spec file that cannot be used; the message names the file, field and key.
@@ -214,6 +313,13 @@ impl Spec {
     #[inline]
     pub fn field(&self, field: usize) -> Option<&FieldSpec> {
         self.fields.get(field).and_then(Option::as_ref)
+    }
+
+    /// The plan of data element `n` (0..=128; [`Content::Undefined`] where the dialect has
+    /// none).
+    #[inline(always)]
+    pub(crate) fn step(&self, n: usize) -> &Step {
+        self.steps.get(n).unwrap_or(&Step::UNDEFINED)
     }
 
     /// The human name of a data element, for `describe` output.
@@ -295,11 +401,13 @@ impl Spec {
                 names.push((n as u8, name.clone()));
             }
         }
+        let steps = fields.map(|f| f.as_ref().map_or(Step::UNDEFINED, Step::of));
         Ok(Spec {
             name: raw.name,
             mti,
             bitmap,
             fields,
+            steps,
             names,
         })
     }

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Exit code for errors of the journal's files and directory (`EX_IOERR` in sysexits.h).
-pub const EXIT_IOERR: i32 = 74;
+pub const EXIT_IOERR: i32 = crate::exit::EXIT_IOERR as i32;
 /// Exit code for invalid journal options (`EX_USAGE`, like any bad configuration).
-pub const EXIT_USAGE: i32 = 64;
+pub const EXIT_USAGE: i32 = crate::exit::EXIT_USAGE as i32;
 /// Exit code for a caller's misuse of the API (`EX_SOFTWARE`).
-pub const EXIT_SOFTWARE: i32 = 70;
+pub const EXIT_SOFTWARE: i32 = crate::exit::EXIT_SOFTWARE as i32;
 
 /// Why the journal could not be opened, recovered, verified or snapshotted.
 ///

@@ -240,6 +240,8 @@ pub(crate) struct WriterConfig {
     pub segment_bytes: u64,
     pub batch_records_max: usize,
     pub batch_bytes_max: u64,
+    /// Stepped mode: spare segments are made inline, never on a preallocation thread.
+    pub inline_prealloc: bool,
 }
 
 /// Where the writer starts, as recovery left the directory.
@@ -340,12 +342,7 @@ impl Writer {
             match work {
                 Work::Exit => break,
                 Work::Scrub(done) => {
-                    let result = if self.rewrite || self.dirty_end > self.pos {
-                        self.write(&[])
-                    } else {
-                        Ok(())
-                    };
-                    let _ = done.send(result);
+                    let _ = done.send(self.scrub());
                 }
                 Work::Batch => {
                     self.write_taken(&taken);
@@ -362,6 +359,27 @@ impl Writer {
         if let Some(pending) = self.pending.take() {
             // Let an in-flight preallocation finish so shutdown leaves whole files.
             let _ = pending.join();
+        }
+    }
+
+    /// Stepped mode: takes everything queued, writes and syncs it (waking its waiters, or
+    /// failing it as [`run`](Self::run) would) on the caller's thread. Returns how many
+    /// records were taken.
+    pub(crate) fn step(&mut self) -> usize {
+        let taken = std::mem::take(&mut self.shared.lock_queue().pending);
+        if taken.is_empty() {
+            return 0;
+        }
+        self.write_taken(&taken);
+        taken.len()
+    }
+
+    /// Rewrites a failed region (if any) so the files hold exactly the durable records.
+    pub(crate) fn scrub(&mut self) -> io::Result<()> {
+        if self.rewrite || self.dirty_end > self.pos {
+            self.write(&[])
+        } else {
+            Ok(())
         }
     }
 
@@ -545,7 +563,8 @@ impl Writer {
         Ok(segment)
     }
 
-    /// Starts preallocating the next segment in the background, unless one is ready.
+    /// Starts preallocating the next segment in the background, unless one is ready
+    /// (stepped mode: makes it at once, on the caller's thread).
     fn prepare_spare(&mut self) {
         if !self.spares.is_empty() || self.pending.is_some() {
             return;
@@ -553,6 +572,18 @@ impl Writer {
         let storage = Arc::clone(&self.storage);
         let dir = self.dir.clone();
         let (index, size) = (self.next_index, self.config.segment_bytes);
+        if self.config.inline_prealloc {
+            match segment::create_segment(&storage, &dir, index, size) {
+                Ok(spare) => {
+                    self.spares.push_back(spare);
+                    self.next_index = index + 1;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot preallocate a segment; will create at rotation");
+                }
+            }
+            return;
+        }
         let spawned = thread::Builder::new()
             .name("journal-prealloc".into())
             .spawn(move || segment::create_segment_paced(&storage, &dir, index, size, true));

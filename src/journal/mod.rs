@@ -52,8 +52,9 @@
 //! # Modules
 //!
 //! [`record`], [`segment`], [`snapshot`]: the file formats (sans-IO, plus the file writes);
-//! [`storage`]: the seam for fault injection; `group_commit`: the writer thread; `recovery`:
-//! scan and replay; `verify`: the offline check.
+//! [`storage`]: the seam for fault injection; [`sim_disk`]: the simulator's in-memory storage;
+//! `group_commit`: the writer (a thread, or stepped by the caller with [`Options::stepped`]);
+//! `recovery`: scan and replay; `verify`: the offline check.
 
 mod error;
 mod group_commit;
@@ -61,6 +62,7 @@ pub mod jetstream;
 pub mod record;
 mod recovery;
 pub mod segment;
+pub mod sim_disk;
 pub mod snapshot;
 pub mod storage;
 mod verify;
@@ -73,7 +75,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 pub use error::{JournalError, StoreError, EXIT_IOERR, EXIT_SOFTWARE, EXIT_USAGE};
-pub use recovery::Recovered;
+pub use recovery::{ReadOnly, Recovered};
+pub use sim_disk::{DiskStats, SimDisk};
 pub use snapshot::Snapshot;
 pub use storage::{Faults, FaultyStorage, FsStorage, Storage, StorageFile};
 pub use verify::{run_verify, verify, verify_with, VerifyReport};
@@ -136,6 +139,11 @@ pub struct Options {
     /// (default false: the next append simply retries). For callers that apply a record
     /// before it is durable and must rebuild their state from the journal after a failure.
     pub hold_after_failure: bool,
+    /// Stepped mode, for the deterministic simulator (`refundgate sim --core`): no writer
+    /// thread and no preallocation thread. Nothing is written until the caller runs
+    /// [`Journal::step`]; [`Journal::scrub`] does its work on the caller's thread, and
+    /// dropping the journal writes nothing (like a process that died). Default false.
+    pub stepped: bool,
 }
 
 /// What a snapshot did.
@@ -155,6 +163,8 @@ pub struct SnapshotReport {
 pub struct Journal {
     queue_capacity: usize,
     writer: Option<JoinHandle<()>>,
+    /// Stepped mode ([`Options::stepped`]): the writer, run by [`Journal::step`].
+    stepped: Option<Mutex<Writer>>,
     shared: Arc<Shared>,
     storage: Arc<dyn Storage>,
     dir: PathBuf,
@@ -175,6 +185,7 @@ impl Default for Options {
             batch_bytes_max: BATCH_BYTES_DEFAULT_MAX,
             storage: Arc::new(FsStorage),
             hold_after_failure: false,
+            stepped: false,
         }
     }
 }
@@ -249,6 +260,7 @@ impl Journal {
             segment_bytes: options.segment_bytes,
             batch_records_max: options.batch_records_max,
             batch_bytes_max: options.batch_bytes_max as u64,
+            inline_prealloc: options.stepped,
         };
         shared
             .hold_mode
@@ -260,10 +272,15 @@ impl Journal {
             Arc::clone(&shared),
             start,
         );
-        let writer = thread::Builder::new()
-            .name("journal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| JournalError::io("start writer thread for", dir.clone(), e))?;
+        let (writer, stepped) = if options.stepped {
+            (None, Some(Mutex::new(writer)))
+        } else {
+            let thread = thread::Builder::new()
+                .name("journal-writer".into())
+                .spawn(move || writer.run())
+                .map_err(|e| JournalError::io("start writer thread for", dir.clone(), e))?;
+            (Some(thread), None)
+        };
         let snapshot_seq = recovered.snapshot().map_or(0, |s| s.seq);
         tracing::info!(
             dir = %dir.display(),
@@ -275,7 +292,8 @@ impl Journal {
         );
         let journal = Journal {
             queue_capacity: options.queue_capacity,
-            writer: Some(writer),
+            writer,
+            stepped,
             shared,
             storage,
             dir,
@@ -390,6 +408,17 @@ impl Journal {
     /// the durable records (blocking; call from `spawn_blocking`). Fails while the storage
     /// still fails.
     pub fn scrub(&self) -> Result<(), StoreError> {
+        if let Some(writer) = &self.stepped {
+            if self.shared.lock_queue().closing {
+                return Err(StoreError::Closed);
+            }
+            let mut writer = writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            return writer
+                .scrub()
+                .map_err(|e| StoreError::Unavailable(Arc::new(e)));
+        }
         let (done, result) = std::sync::mpsc::channel();
         {
             let mut q = self.shared.lock_queue();
@@ -404,6 +433,25 @@ impl Journal {
             Ok(Err(e)) => Err(StoreError::Unavailable(Arc::new(e))),
             Err(_) => Err(StoreError::Closed),
         }
+    }
+
+    /// Stepped mode ([`Options::stepped`]): writes and syncs everything queued now, on this
+    /// thread, and wakes its waiters (or fails it, as the writer thread would). Returns how
+    /// many records were taken; 0 when nothing was queued, or when the journal has its own
+    /// writer thread (then it does nothing).
+    pub fn step(&self) -> usize {
+        match &self.stepped {
+            Some(writer) => writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .step(),
+            None => 0,
+        }
+    }
+
+    /// Records queued and not yet taken by the writer.
+    pub fn queued(&self) -> usize {
+        self.shared.lock_queue().pending.len()
     }
 
     /// Accepts appends again after [`scrub`](Self::scrub) (and the caller's rebuild).
@@ -552,7 +600,8 @@ impl Journal {
 
 impl Drop for Journal {
     fn drop(&mut self) {
-        // The writer drains the queue, then returns.
+        // The writer drains the queue, then returns. A stepped journal has no writer: what is
+        // queued is never written (as when the process dies).
         self.shared.lock_queue().closing = true;
         self.shared.wake.notify_one();
         if let Some(writer) = self.writer.take() {

@@ -37,9 +37,34 @@ pub trait Storage: fmt::Debug + Send + Sync + 'static {
 pub const LOCK_FILE_NAME: &str = "LOCK";
 
 /// Holds a journal directory's lock until dropped.
-#[derive(Debug)]
 pub struct DirLock {
-    _file: File,
+    _held: Held,
+}
+
+/// What a [`DirLock`] holds: the `flock`ed file, or another storage's guard.
+enum Held {
+    File(#[allow(dead_code)] File),
+    Guard(#[allow(dead_code)] Box<dyn Send + Sync>),
+}
+
+impl DirLock {
+    /// A lock held by `guard` until the lock is dropped (for a [`Storage`] that is not the
+    /// file system, such as the simulator's disk: the guard's `Drop` releases it).
+    pub fn from_guard(guard: impl Send + Sync + 'static) -> DirLock {
+        DirLock {
+            _held: Held::Guard(Box::new(guard)),
+        }
+    }
+}
+
+impl fmt::Debug for DirLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self._held {
+            Held::File(_) => "file",
+            Held::Guard(_) => "guard",
+        };
+        f.debug_struct("DirLock").field("held", &kind).finish()
+    }
 }
 
 /// An open file with positioned I/O.
@@ -158,7 +183,9 @@ impl Storage for FsStorage {
             .mode(FILE_MODE)
             .open(dir.join(LOCK_FILE_NAME))?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
-        Ok(DirLock { _file: file })
+        Ok(DirLock {
+            _held: Held::File(file),
+        })
     }
 }
 

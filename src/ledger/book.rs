@@ -12,7 +12,8 @@
 use super::counters::{over, Bucket, Held};
 use super::decision::{BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
 use super::event::{
-    AdminAction, AdminChange, AdminId, AnswerKey, EventBody, TerminalId, TxnKey, TxnRecord,
+    AdminAction, AdminChange, AdminId, AnswerKey, EventBody, OriginalSummary, RequestSummary,
+    TerminalId, TxnKey, TxnRecord,
 };
 use super::hash::FastMap;
 use super::idempotency::{pack_key, FullAnswer, RefundAnswer, Stored};
@@ -28,6 +29,10 @@ use crate::limits::{
 };
 
 const SECONDS_PER_DAY: i64 = 86_400;
+
+/// Earlier policies a merchant keeps for the decision trails of older answers (reloads are
+/// rare; an answer older than this many reloads is read against the oldest kept, and says so).
+pub(crate) const POLICY_HISTORY_MAX: usize = 8;
 
 /// A terminal and its sign-on state.
 #[derive(Debug, Clone)]
@@ -84,6 +89,18 @@ pub(crate) struct Ctx {
     pub store_ok: bool,
     /// The batch totals a settlement request carries, if any.
     pub totals: Option<BatchTotals>,
+    /// Set when a journaled request is decided again (policy what-if replay): what the
+    /// journal knows in place of the request's clear fields.
+    pub replayed: Option<Replayed>,
+}
+
+/// What a request decided again from the journal carries instead of its wire fields.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Replayed {
+    /// The sale's RRN, packed as journaled.
+    pub rrn: Option<u64>,
+    /// The original, already looked up on this book (`None`: not found).
+    pub original: Option<u32>,
 }
 
 /// One merchant's state.
@@ -121,6 +138,9 @@ pub(crate) struct Book {
     pub admin_done: std::collections::VecDeque<AdminDone>,
     /// Version of the policy in force (0: the merchant file's at start, never journaled).
     pub policy_version: u32,
+    /// The policies in force before it, oldest first, at most [`POLICY_HISTORY_MAX`]: the
+    /// decision trail of an earlier answer reads the policy it was decided under.
+    pub policy_history: std::collections::VecDeque<(u32, Policy)>,
     // In flight; never journaled.
     pub pending_sales: u64,
     pub pending_debits: u64,
@@ -167,8 +187,9 @@ pub(crate) enum Refusal {
     Stored(Decision),
     /// A refusal that is not remembered (rows 3–5, transient conditions).
     Bare(Decision),
-    /// A decline remembered for repeats: journal it as `Declined`, then apply it.
-    Decline(Decision, AnswerKey),
+    /// A decline remembered for repeats: journal it as `Declined` (with what the request
+    /// asked, for replay), then apply it.
+    Decline(Decision, AnswerKey, Box<RequestSummary>),
 }
 
 impl Term {
@@ -227,6 +248,7 @@ impl Book {
             tombstones: 0,
             admin_done: std::collections::VecDeque::new(),
             policy_version: 0,
+            policy_history: std::collections::VecDeque::new(),
             pending_sales: 0,
             pending_debits: 0,
             held_day: Held::default(),
@@ -345,7 +367,11 @@ impl Book {
                 Ok((body, hold))
             }
             Err(d) if TRANSIENT.contains(&d.reason) => Err(Refusal::Bare(d)),
-            Err(d) => Err(Refusal::Decline(d, answer)),
+            Err(d) => Err(Refusal::Decline(
+                d,
+                answer,
+                Box::new(self.summary(req, ctx, term)),
+            )),
         }
     }
 
@@ -543,13 +569,51 @@ impl Book {
         (EventBody::Sale { answer, txn }, hold)
     }
 
+    /// What a declined request asked, for the journal (policy what-if replay).
+    fn summary(&self, req: &Request<'_>, ctx: &Ctx, term: u16) -> RequestSummary {
+        let original = req.original.map(|o| match o {
+            OriginalRef::Iso {
+                mti,
+                stan,
+                transmission,
+                rrn,
+            } => OriginalSummary::Iso {
+                mti,
+                stan,
+                transmission,
+                rrn: rrn.and_then(rrn_key),
+            },
+            OriginalRef::Cup {
+                batch,
+                trace,
+                date_mmdd,
+                rrn,
+            } => OriginalSummary::Cup {
+                batch,
+                trace,
+                date_mmdd,
+                rrn: rrn.and_then(rrn_key),
+            },
+        });
+        RequestSummary {
+            op: req.op,
+            cup: req.dialect == Dialect::CupPos,
+            txn: self.record(req, ctx, term),
+            currency: req.currency,
+            original,
+        }
+    }
+
     fn record(&self, req: &Request<'_>, ctx: &Ctx, term: u16) -> TxnRecord {
         TxnRecord {
             key: self.txn_key(own_key(req, term)),
-            rrn: req
-                .rrn
-                .filter(|_| req.op == Operation::Sale)
-                .and_then(rrn_key),
+            rrn: match &ctx.replayed {
+                Some(r) => r.rrn.filter(|_| req.op == Operation::Sale),
+                None => req
+                    .rrn
+                    .filter(|_| req.op == Operation::Sale)
+                    .and_then(rrn_key),
+            },
             pan: ctx.pan,
             pan_hash: ctx.pan_hash,
             card: req.card_type,
@@ -566,7 +630,11 @@ impl Book {
         term: u16,
         base: Figures,
     ) -> Result<(u32, Figures), Decision> {
-        let Some(idx) = self.find_original(req, term) else {
+        let found = match &ctx.replayed {
+            Some(r) => r.original,
+            None => self.find_original(req, term),
+        };
+        let Some(idx) = found else {
             return Err(Decision::new(Reason::ORIGINAL_NOT_FOUND, base));
         };
         let e = self.entries[idx as usize];
@@ -1284,6 +1352,26 @@ impl Book {
         self.lookup(req.original?, term)
     }
 
+    /// The entry a journaled request summary names, as [`Book::lookup`] found it live.
+    pub fn resolve(&self, original: &OriginalSummary, term: u16) -> Option<u32> {
+        let (key, rrn, date) = match *original {
+            OriginalSummary::Iso {
+                mti,
+                stan,
+                transmission,
+                rrn,
+            } => (iso_ref_key(term, mti, stan, transmission)?, rrn, None),
+            OriginalSummary::Cup {
+                batch,
+                trace,
+                date_mmdd,
+                rrn,
+            } => (cup_ref_key(term, batch, trace), rrn, date_mmdd),
+            OriginalSummary::Found(key) => return self.by_ref.get(&self.ref_key(&key)?).copied(),
+        };
+        self.lookup_packed(key, rrn, date)
+    }
+
     /// The entry a reference names: by key on this terminal, else by RRN; DE61.3 must match.
     pub fn lookup(&self, original: OriginalRef<'_>, term: u16) -> Option<u32> {
         let (key, rrn, date) = match original {
@@ -1292,32 +1380,22 @@ impl Book {
                 stan,
                 transmission,
                 rrn,
-            } => {
-                if mti / 100 != 2 {
-                    return None;
-                }
-                let tag = u32::try_from(transmission).ok()?;
-                (RefKey { term, stan, tag }, rrn, None)
-            }
+            } => (iso_ref_key(term, mti, stan, transmission)?, rrn, None),
             OriginalRef::Cup {
                 batch,
                 trace,
                 date_mmdd,
                 rrn,
-            } => (
-                RefKey {
-                    term,
-                    stan: trace,
-                    tag: batch | TAG_CUP,
-                },
-                rrn,
-                date_mmdd,
-            ),
+            } => (cup_ref_key(term, batch, trace), rrn, date_mmdd),
         };
+        self.lookup_packed(key, rrn.and_then(rrn_key), date)
+    }
+
+    fn lookup_packed(&self, key: RefKey, rrn: Option<u64>, date: Option<u16>) -> Option<u32> {
         let idx = self
             .by_ref
             .get(&key)
-            .or_else(|| rrn.and_then(rrn_key).and_then(|k| self.by_rrn.get(&k)))
+            .or_else(|| rrn.and_then(|k| self.by_rrn.get(&k)))
             .copied()?;
         let e = self.entries.get(idx as usize)?;
         if let Some(d) = date {
@@ -1358,6 +1436,7 @@ impl Book {
                 fingerprint,
                 at: now,
                 decision: *d,
+                policy_version: self.policy_version,
             },
         );
     }
@@ -1489,6 +1568,7 @@ impl Book {
                 answer,
                 decision,
                 sale,
+                ..
             } => self.apply_declined(at, answer, *decision, sale.as_ref()),
             EventBody::SignOn { terminal } => {
                 if let Some(i) = self.term_index(terminal.as_str()) {
@@ -1524,7 +1604,18 @@ impl Book {
             EventBody::Admin(change) => self.apply_admin(at, change),
             EventBody::PolicySet(change) => {
                 // Counters, originals and funds stay; the next check reads the new policy.
-                self.policy = change.policy.clone();
+                // The one it replaces is kept for the decision trails of earlier answers
+                // (version 0, the merchant file before anything was journaled, is not: a
+                // replay would read today's file for it).
+                if self.policy_version > 0 && self.policy_version != change.version {
+                    let old = std::mem::replace(&mut self.policy, change.policy.clone());
+                    if self.policy_history.len() >= POLICY_HISTORY_MAX {
+                        self.policy_history.pop_front();
+                    }
+                    self.policy_history.push_back((self.policy_version, old));
+                } else {
+                    self.policy = change.policy.clone();
+                }
                 self.policy_version = change.version;
                 Decision::bare(Reason::APPROVED)
             }
@@ -1578,6 +1669,7 @@ impl Book {
                     fingerprint: answer.fingerprint,
                     at,
                     decision,
+                    policy_version: self.policy_version,
                 })),
                 at,
             );
@@ -1753,6 +1845,7 @@ impl Book {
                 original_remaining: figs.original_remaining.unwrap_or(0),
                 day_allowance: figs.day_allowance_remaining,
                 would_pass: figs.would_pass,
+                policy_version: self.policy_version,
             };
             self.store_answer(k, Stored::Refund(Box::new(stored)), at);
         }
@@ -1994,5 +2087,24 @@ fn reversal_target(req: &Request<'_>, term: u16) -> RefKey {
             tag: u32::try_from(transmission).unwrap_or(u32::MAX),
         },
         _ => own_key(req, term),
+    }
+}
+
+/// The key of an ascii original (DE90: a 02xx request's STAN and DE7); `None` for another MTI
+/// class or a DE7 out of range.
+fn iso_ref_key(term: u16, mti: u16, stan: u32, transmission: u64) -> Option<RefKey> {
+    if mti / 100 != 2 {
+        return None;
+    }
+    let tag = u32::try_from(transmission).ok()?;
+    Some(RefKey { term, stan, tag })
+}
+
+/// The key of a cup original (DE61: batch and trace).
+fn cup_ref_key(term: u16, batch: u32, trace: u32) -> RefKey {
+    RefKey {
+        term,
+        stan: trace,
+        tag: batch | TAG_CUP,
     }
 }

@@ -94,6 +94,47 @@ pub struct Request<'a> {
     pub body_fingerprint: u64,
 }
 
+#[cfg(test)]
+impl Request<'static> {
+    /// A test request of terminal T1 of merchant `M` on local date `mmdd`, card VISA
+    /// 4761739001010119; `original` is the STAN of the sale it refers to (DE7 =
+    /// `mmdd` 00:00 + its STAN seconds, as for every request here).
+    pub(crate) fn test_ascii(
+        op: Operation,
+        stan: u32,
+        amount: u64,
+        original: Option<u32>,
+        mmdd: u16,
+    ) -> Request<'static> {
+        const VISA: &str = "4761739001010119";
+        let day = u64::from(mmdd) * 1_000_000;
+        Request {
+            dialect: Dialect::Ascii1987,
+            op,
+            repeat: false,
+            merchant: "M",
+            terminal: "T1",
+            stan,
+            local_date_mmdd: mmdd,
+            mti_class: if op == Operation::Reversal { 4 } else { 2 },
+            transmission: Some(day + u64::from(stan)),
+            rrn: None,
+            batch: None,
+            pan: VISA,
+            amount_minor: amount,
+            currency: 840,
+            card_type: CardType::from_pan(VISA),
+            original: original.map(|stan| OriginalRef::Iso {
+                mti: 200,
+                stan,
+                transmission: day + u64::from(stan),
+                rrn: None,
+            }),
+            body_fingerprint: u64::from(stan) * 7919 + amount,
+        }
+    }
+}
+
 impl fmt::Debug for Request<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Request")

@@ -6,15 +6,17 @@
 //! their ASCII bytes. A PAN is never stored in clear: only the masked form (first 6 + last 4,
 //! packed) and the keyed 64-bit hash.
 
-use super::decision::{Decision, Figures};
+use super::decision::{Decision, Figures, Operation};
 use super::merchants::{Policy, SameDayRefund};
 use super::money::{CardType, MaskedPan, UtcOffset};
 use super::reason::Reason;
 use crate::clock::UnixSeconds;
 
 /// Version byte written first in every event. 2 added DE54 type 92 (`would_pass`) to the
-/// decisions a `Declined` event carries; version 1 events still decode.
-pub const EVENT_VERSION: u8 = 2;
+/// decisions a `Declined` event carries; 3 added the declined request's summary
+/// ([`RequestSummary`], for policy what-if replay). Version 1 and 2 events still decode
+/// (without a summary).
+pub const EVENT_VERSION: u8 = 3;
 
 /// An ASCII identifier of at most `N` bytes, stored inline (DE42: 15, DE41: 8).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -154,6 +156,10 @@ pub enum EventBody {
         decision: Decision,
         /// The declined sale, if it was one.
         sale: Option<TxnRecord>,
+        /// What the request asked, so that replay can decide it again under another policy
+        /// (`None` in events written before version 3). Boxed: declines are the rarer path
+        /// and the hot-path bodies stay small.
+        request: Option<Box<RequestSummary>>,
     },
     /// A `cup_pos` terminal signed on.
     SignOn {
@@ -203,6 +209,79 @@ pub enum EventBody {
     /// start and whenever a reload changes it, so that replay applies every later event
     /// under the policy that was in force when it was decided.
     PolicySet(Box<PolicyChange>),
+}
+
+/// A declined request as far as deciding it again needs (issue 22, policy what-if replay):
+/// the operation, its own key and amount, the card (masked PAN, keyed hash, scheme, never the
+/// PAN in clear) and the original it named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestSummary {
+    /// Sale, refund, void, reversal or settlement.
+    pub op: Operation,
+    /// `cup_pos` (sign-on and batch checks apply) rather than `ascii1987`.
+    pub cup: bool,
+    /// The request as a transaction: its own key, the sale's RRN, the card and the amount.
+    pub txn: TxnRecord,
+    /// DE49 numeric.
+    pub currency: u16,
+    /// The transaction it names (refund, void, reversal).
+    pub original: Option<OriginalSummary>,
+}
+
+/// How a declined request named its original: as it came (DE90 or DE61, RRN packed by
+/// `rrn_key`), or the key the ledger had already found (a decline after the reservation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginalSummary {
+    /// `ascii1987` DE90 (+ DE37).
+    Iso {
+        /// Original MTI as a number.
+        mti: u16,
+        /// Original STAN.
+        stan: u32,
+        /// Original DE7 MMDDhhmmss.
+        transmission: u64,
+        /// DE37 packed.
+        rrn: Option<u64>,
+    },
+    /// `cup_pos` DE61 (+ DE37).
+    Cup {
+        /// DE61.1.
+        batch: u32,
+        /// DE61.2.
+        trace: u32,
+        /// DE61.3 MMDD.
+        date_mmdd: Option<u16>,
+        /// DE37 packed.
+        rrn: Option<u64>,
+    },
+    /// The original the ledger found.
+    Found(TxnKey),
+}
+
+/// The summary of a request that was reserved and is now declined (upstream, or on a
+/// recheck at commit): rebuilt from the event its reservation would have committed.
+pub(crate) fn summary_of_reserved(body: &EventBody, currency: u16) -> Option<Box<RequestSummary>> {
+    let (op, txn, original) = match body {
+        EventBody::Sale { txn, .. } => (Operation::Sale, txn, None),
+        EventBody::Refund { txn, original, .. } => (
+            Operation::Refund,
+            txn,
+            Some(OriginalSummary::Found(*original)),
+        ),
+        EventBody::Void { txn, original, .. } => (
+            Operation::Void,
+            txn,
+            Some(OriginalSummary::Found(*original)),
+        ),
+        _ => return None,
+    };
+    Some(Box::new(RequestSummary {
+        op,
+        cup: txn.key.tag & super::originals::TAG_CUP != 0,
+        txn: *txn,
+        currency,
+        original,
+    }))
 }
 
 /// A merchant's policy as of one journal position.
@@ -342,6 +421,7 @@ impl LedgerEvent {
                 answer,
                 decision,
                 sale,
+                request,
             } => {
                 w.answer(answer);
                 w.decision(decision);
@@ -349,6 +429,13 @@ impl LedgerEvent {
                     Some(t) => {
                         w.u8(1);
                         w.txn(t);
+                    }
+                    None => w.u8(0),
+                }
+                match request {
+                    Some(r) => {
+                        w.u8(1);
+                        w.summary(r);
                     }
                     None => w.u8(0),
                 }
@@ -426,6 +513,11 @@ impl LedgerEvent {
                     0 => None,
                     1 => Some(r.txn()?),
                     _ => return Err(DecodeError::Invalid("declined sale flag")),
+                },
+                request: match if v >= 3 { r.u8()? } else { 0 } {
+                    0 => None,
+                    1 => Some(Box::new(r.summary()?)),
+                    _ => return Err(DecodeError::Invalid("declined request flag")),
                 },
             },
             6 => EventBody::SignOn { terminal: r.id()? },
@@ -578,6 +670,50 @@ impl Writer<'_> {
         self.u8(t.card.to_u8());
         self.u64(t.amount);
         self.u64(u64::from(t.batch));
+    }
+
+    fn summary(&mut self, s: &RequestSummary) {
+        self.u8(match s.op {
+            Operation::Sale => 1,
+            Operation::Refund => 2,
+            Operation::Void => 3,
+            Operation::Reversal => 4,
+            Operation::Settlement => 5,
+        });
+        self.u8(u8::from(s.cup));
+        self.txn(&s.txn);
+        self.u64(u64::from(s.currency));
+        match s.original {
+            None => self.u8(0),
+            Some(OriginalSummary::Iso {
+                mti,
+                stan,
+                transmission,
+                rrn,
+            }) => {
+                self.u8(1);
+                self.u64(u64::from(mti));
+                self.u64(u64::from(stan));
+                self.u64(transmission);
+                self.opt(rrn);
+            }
+            Some(OriginalSummary::Cup {
+                batch,
+                trace,
+                date_mmdd,
+                rrn,
+            }) => {
+                self.u8(2);
+                self.u64(u64::from(batch));
+                self.u64(u64::from(trace));
+                self.opt(date_mmdd.map(u64::from));
+                self.opt(rrn);
+            }
+            Some(OriginalSummary::Found(key)) => {
+                self.u8(3);
+                self.key(&key);
+            }
+        }
     }
 
     pub fn decision(&mut self, d: &Decision) {
@@ -787,6 +923,53 @@ impl Reader<'_> {
             card: CardType::from_u8(self.u8()?).ok_or(DecodeError::Invalid("card type"))?,
             amount: self.u64()?,
             batch: self.u32()?,
+        })
+    }
+
+    /// What [`Writer::summary`] wrote.
+    fn summary(&mut self) -> Result<RequestSummary, DecodeError> {
+        let op = match self.u8()? {
+            1 => Operation::Sale,
+            2 => Operation::Refund,
+            3 => Operation::Void,
+            4 => Operation::Reversal,
+            5 => Operation::Settlement,
+            _ => return Err(DecodeError::Invalid("request operation")),
+        };
+        let cup = match self.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError::Invalid("request dialect")),
+        };
+        let txn = self.txn()?;
+        let currency = u16::try_from(self.u64()?).map_err(|_| DecodeError::Invalid("currency"))?;
+        let original = match self.u8()? {
+            0 => None,
+            1 => Some(OriginalSummary::Iso {
+                mti: u16::try_from(self.u64()?).map_err(|_| DecodeError::Invalid("mti"))?,
+                stan: self.u32()?,
+                transmission: self.u64()?,
+                rrn: self.opt()?,
+            }),
+            2 => Some(OriginalSummary::Cup {
+                batch: self.u32()?,
+                trace: self.u32()?,
+                date_mmdd: self
+                    .opt()?
+                    .map(u16::try_from)
+                    .transpose()
+                    .map_err(|_| DecodeError::Invalid("mmdd"))?,
+                rrn: self.opt()?,
+            }),
+            3 => Some(OriginalSummary::Found(self.key()?)),
+            _ => return Err(DecodeError::Invalid("request original")),
+        };
+        Ok(RequestSummary {
+            op,
+            cup,
+            txn,
+            currency,
+            original,
         })
     }
 

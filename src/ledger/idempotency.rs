@@ -35,6 +35,8 @@ pub(crate) struct RefundAnswer {
     pub original_remaining: u64,
     pub day_allowance: Option<u64>,
     pub would_pass: Option<u64>,
+    /// The merchant's policy version it was decided under (the decision trail reads it).
+    pub policy_version: u32,
 }
 
 /// A boxed stored answer.
@@ -43,6 +45,20 @@ pub(crate) struct FullAnswer {
     pub fingerprint: u64,
     pub at: i64,
     pub decision: Decision,
+    /// The merchant's policy version it was decided under (the decision trail reads it).
+    pub policy_version: u32,
+}
+
+impl Stored {
+    /// The policy version the answer was decided under (`None` for sales: no policy check
+    /// of a sale depends on a knob the trail shows).
+    pub fn policy_version(&self) -> Option<u32> {
+        match self {
+            Stored::Sale { .. } => None,
+            Stored::Refund(a) => Some(a.policy_version),
+            Stored::Full(a) => Some(a.policy_version),
+        }
+    }
 }
 
 impl Stored {

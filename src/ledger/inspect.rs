@@ -52,6 +52,21 @@ pub struct MerchantView {
     pub admin_changes: Vec<AdminRecord>,
 }
 
+/// One card's refunds in the merchant's current local day (committed and in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CardUsage {
+    /// The card, masked.
+    pub pan: MaskedPan,
+    /// Refunded today.
+    pub day_amount: u64,
+    /// Refunds today.
+    pub day_count: u64,
+    /// The per-card day amount cap, if any.
+    pub day_amount_max: Option<u64>,
+    /// The per-card day count cap, if any.
+    pub day_count_max: Option<u64>,
+}
+
 /// A transaction the ledger remembers (no PAN in clear).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxnView {
@@ -89,6 +104,8 @@ pub struct Looked {
     pub txn: Option<TxnView>,
     /// The stored answer (the one a repeat gets).
     pub answer: Option<Decision>,
+    /// The merchant's policy version the answer was decided under (none for a sale).
+    pub policy_version: Option<u32>,
 }
 
 /// "What would pass now" for a refund of one original (DOMAIN §5, DE54 type 92).
@@ -194,6 +211,19 @@ impl Ledger {
         })
     }
 
+    /// The merchant's policy of version `version`: the one in force, or one of the last
+    /// [`POLICY_HISTORY_MAX`](super::book::POLICY_HISTORY_MAX) it replaced.
+    pub fn policy_at(&self, merchant: &str, version: u32) -> Option<Policy> {
+        let book = self.books.get(&MerchantId::new(merchant)?)?;
+        if book.policy_version == version {
+            return Some(book.policy.clone());
+        }
+        book.policy_history
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, p)| p.clone())
+    }
+
     /// The sale with retrieval reference `rrn` and its answer.
     pub fn transaction_by_rrn(&self, merchant: &str, rrn: &str) -> Option<Looked> {
         let book = self.books.get(&MerchantId::new(merchant)?)?;
@@ -203,6 +233,7 @@ impl Ledger {
             txn: Some(txn_view(&book, e)),
             answer: (e.kind == Kind::Sale && e.state != OriginalState::NotApproved)
                 .then(|| book.sale_decision(idx)),
+            policy_version: None,
         })
     }
 
@@ -225,9 +256,14 @@ impl Ledger {
             Some(Stored::Refund(a)) => book.entries.get(a.idx as usize),
             _ => None,
         };
+        let policy_version = match book.answers.get(&key) {
+            Some(s) => s.policy_version(),
+            None => book.declines.get(&key).map(|a| a.policy_version),
+        };
         Some(Looked {
             txn: txn.map(|e| txn_view(&book, e)),
             answer: Some(answer),
+            policy_version,
         })
     }
 
@@ -273,6 +309,29 @@ impl Ledger {
             resets_at,
             void_would_pass,
             use_void: p.same_day_refund == SameDayRefund::UseVoid && void_would_pass,
+        })
+    }
+
+    /// The refunds today (merchant-local day) of the card that paid for the sale with
+    /// retrieval reference `rrn`, committed and in flight, against the per-card caps: the
+    /// operator names the card by a transaction, so no PAN travels in the request.
+    pub fn card_usage(&self, merchant: &str, rrn: &str, now: UnixSeconds) -> Option<CardUsage> {
+        let book = self.books.get(&MerchantId::new(merchant)?)?;
+        let idx = *book.by_rrn.get(&super::money::rrn_key(rrn)?)?;
+        let sale = *book.entries.get(idx as usize)?;
+        let who = Who {
+            term: sale.key.term,
+            pan_hash: sale.pan_hash,
+            card: sale.card,
+        };
+        let (amount, count) = card_used(&book, who, &Period::at(&book.policy, now));
+        let p = &book.policy;
+        Some(CardUsage {
+            pan: txn_view(&book, &sale).pan,
+            day_amount: amount,
+            day_count: count,
+            day_amount_max: p.card_refund_day_amount_max,
+            day_count_max: p.card_refund_day_count_max.map(u64::from),
         })
     }
 
@@ -625,31 +684,19 @@ fn card_used(book: &Book, who: Who, period: &Period) -> (u64, u64) {
     )
 }
 
-/// Days since 1970-01-01 of the first day of month number `m` (`year * 12 + month - 1`);
-/// H. Hinnant's `days_from_civil`.
+/// Days since 1970-01-01 of the first day of month number `m` (`year * 12 + month - 1`).
 fn days_from_month(m: i32) -> i64 {
-    let y = i64::from(m.div_euclid(12));
-    let month = i64::from(m.rem_euclid(12)) + 1;
-    let y = if month <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    crate::date::Civil::first_of_month(i64::from(m)).to_days()
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::days_from_month;
-    use crate::ledger::{
-        CardType, Dialect, Ledger, MerchantSet, Operation, OriginalRef, PanKey, Reason, Request,
-    };
+    use crate::ledger::{Ledger, MerchantSet, Operation, OriginalRef, PanKey, Reason, Request};
 
     /// 2026-01-31T16:00:00Z, which is 2026-02-01T00:00 in +08:00.
     const T0: i64 = 1_769_875_200;
-    const VISA: &str = "4761739001010119";
 
     fn ledger(knobs: &str) -> Ledger {
         let set = MerchantSet::from_toml_str(&format!(
@@ -661,30 +708,7 @@ mod tests {
     }
 
     fn req(op: Operation, stan: u32, amount: u64, original: Option<u32>) -> Request<'static> {
-        Request {
-            dialect: Dialect::Ascii1987,
-            op,
-            repeat: false,
-            merchant: "M",
-            terminal: "T1",
-            stan,
-            local_date_mmdd: 201,
-            mti_class: 2,
-            transmission: Some(201_000_000 + u64::from(stan)),
-            rrn: None,
-            batch: None,
-            pan: VISA,
-            amount_minor: amount,
-            currency: 840,
-            card_type: CardType::from_pan(VISA),
-            original: original.map(|stan| OriginalRef::Iso {
-                mti: 200,
-                stan,
-                transmission: 201_000_000 + u64::from(stan),
-                rrn: None,
-            }),
-            body_fingerprint: u64::from(stan) * 31 + amount,
-        }
+        Request::test_ascii(op, stan, amount, original, 201)
     }
 
     fn sale_ref() -> OriginalRef<'static> {

@@ -64,6 +64,7 @@ pub mod reload;
 #[cfg(feature = "sim-mutations")]
 pub mod sim_mutation;
 mod snapshot;
+pub mod whatif;
 pub use snapshot::RestoreError;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,11 +76,11 @@ use book::{Book, Ctx, Hold, Refusal};
 
 pub use decision::{format_de54, BatchTotals, Decision, Figures, Operation, OriginalRef, Request};
 pub use event::{
-    AdminAction, AdminChange, AdminId, DecodeError, EventBody, LedgerEvent, MerchantId,
-    PolicyChange, TerminalId,
+    AdminAction, AdminChange, AdminId, AnswerKey, DecodeError, EventBody, LedgerEvent, MerchantId,
+    OriginalSummary, PolicyChange, RequestSummary, TerminalId, TxnKey, TxnRecord,
 };
 pub use inspect::{
-    AdminIntent, AdminOutcome, AdminRecord, Looked, MerchantView, TxnView, WouldPass,
+    AdminIntent, AdminOutcome, AdminRecord, CardUsage, Looked, MerchantView, TxnView, WouldPass,
 };
 pub use merchants::{ConfigError, MerchantConfig, MerchantSet, Policy, SameDayRefund};
 pub use money::{CardType, MaskedPan, PanKey};
@@ -270,7 +271,7 @@ fn refused<E>(
             after: book.last_logged,
         },
         Refusal::Bare(decision) => Logged::Unlogged { decision, after: 0 },
-        Refusal::Decline(decision, answer) => {
+        Refusal::Decline(decision, answer, request) => {
             let event = LedgerEvent {
                 merchant: book.id,
                 at: now,
@@ -278,6 +279,7 @@ fn refused<E>(
                     answer,
                     decision,
                     sale: None,
+                    request: Some(request),
                 },
             };
             apply_logged(book, &event, false, log)
@@ -335,7 +337,7 @@ impl Ledger {
         match book.check(req, &ctx) {
             Ok((body, hold)) => Ok(reservation(&book, now, body, hold)),
             Err(Refusal::Stored(d) | Refusal::Bare(d)) => Err(d),
-            Err(Refusal::Decline(d, answer)) => {
+            Err(Refusal::Decline(d, answer, _)) => {
                 book.remember_unlogged(&answer, now, &d);
                 Err(d)
             }
@@ -457,6 +459,7 @@ impl Ledger {
             pan_hash,
             store_ok,
             totals: None,
+            replayed: None,
         };
         Ok((book, ctx))
     }
@@ -594,6 +597,7 @@ impl Ledger {
         let Some(answer) = answer else {
             return Logged::Unlogged { decision, after: 0 };
         };
+        let request = event::summary_of_reserved(&r.event.body, book.policy.currency);
         let event = LedgerEvent {
             merchant: r.event.merchant,
             at: r.event.at,
@@ -601,6 +605,7 @@ impl Ledger {
                 answer,
                 decision,
                 sale,
+                request,
             },
         };
         apply_logged(&mut book, &event, false, log)

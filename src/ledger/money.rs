@@ -225,11 +225,11 @@ impl UtcOffset {
     pub fn local(self, now: UnixSeconds) -> LocalDate {
         let local = now.saturating_add(i64::from(self.0));
         let day = local.div_euclid(SECONDS_PER_DAY);
-        let (y, m, d) = civil_from_days(day);
+        let date = crate::date::Civil::from_days(day);
         LocalDate {
             day: i32::try_from(day).unwrap_or(i32::MAX),
-            month: i32::try_from(y * 12 + i64::from(m) - 1).unwrap_or(i32::MAX),
-            mmdd: (m * 100 + d) as u16,
+            month: i32::try_from(date.month_number()).unwrap_or(i32::MAX),
+            mmdd: date.mmdd(),
         }
     }
 }
@@ -243,20 +243,6 @@ pub struct LocalDate {
     pub month: i32,
     /// Month and day as the number MMDD (e.g. 1121), as DE13 and DE61.3 carry it.
     pub mmdd: u16,
-}
-
-/// Days since the epoch to (year, month 1–12, day 1–31); H. Hinnant's `civil_from_days`.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]

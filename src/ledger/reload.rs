@@ -111,10 +111,9 @@ impl Ledger {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::ledger::{CardType, Dialect, Operation, OriginalRef, PanKey, Reason, Request};
+    use crate::ledger::{Operation, PanKey, Reason, Request};
 
     const T0: i64 = 1_769_871_600;
-    const VISA: &str = "4761739001010119";
 
     fn set(cap: u64, offset: &str) -> MerchantSet {
         MerchantSet::from_toml_str(&format!(
@@ -126,30 +125,7 @@ mod tests {
     }
 
     fn req(op: Operation, stan: u32, amount: u64, original: Option<u32>) -> Request<'static> {
-        Request {
-            dialect: Dialect::Ascii1987,
-            op,
-            repeat: false,
-            merchant: "M",
-            terminal: "T1",
-            stan,
-            local_date_mmdd: 131,
-            mti_class: 2,
-            transmission: Some(131_000_000 + u64::from(stan)),
-            rrn: None,
-            batch: None,
-            pan: VISA,
-            amount_minor: amount,
-            currency: 840,
-            card_type: CardType::from_pan(VISA),
-            original: original.map(|stan| OriginalRef::Iso {
-                mti: 200,
-                stan,
-                transmission: 131_000_000 + u64::from(stan),
-                rrn: None,
-            }),
-            body_fingerprint: u64::from(stan) * 7919 + amount,
-        }
+        Request::test_ascii(op, stan, amount, original, 131)
     }
 
     fn who(s: &str) -> AdminId {
@@ -164,6 +140,12 @@ mod tests {
             events.push(e.clone());
             Ok(events.len() as u64)
         }
+    }
+
+    /// Reloads `l` with the one-merchant set of single refund cap `cap` (UTC), journaled.
+    fn reload(l: &Ledger, cap: u64, by: &str, journal: &mut Vec<LedgerEvent>) {
+        l.reload_logged(&set(cap, "+00:00"), who(by), T0, logger(journal))
+            .unwrap();
     }
 
     #[test]
@@ -296,5 +278,43 @@ mod tests {
             naive.apply(e).unwrap();
         }
         assert_eq!(naive.usage("M", late).unwrap().day_amount, 3_000);
+    }
+
+    /// The policies a reload replaced stay readable by version (the decision trail of an
+    /// older answer), through a snapshot and restore too, and only the last few are kept.
+    #[test]
+    fn replaced_policies_are_kept_by_version_through_a_snapshot_and_bounded() {
+        use crate::ledger::book::POLICY_HISTORY_MAX;
+        let l = Ledger::new(&set(5_000, "+00:00"), PanKey::new(&[1; 16]));
+        let mut journal = Vec::new();
+        reload(&l, 5_000, "startup", &mut journal);
+        reload(&l, 1_000, "api", &mut journal);
+        let cap = |p: Option<crate::ledger::Policy>| p.and_then(|p| p.refund_single_max);
+        assert_eq!(cap(l.policy_at("M", 1)), Some(5_000));
+        assert_eq!(cap(l.policy_at("M", 2)), Some(1_000));
+        assert_eq!(cap(l.policy_at("M", 3)), None);
+        let mut snap = Vec::new();
+        l.snapshot(&mut snap);
+        let restored =
+            Ledger::restore(&set(7_000, "+00:00"), PanKey::new(&[1; 16]), &snap).unwrap();
+        assert_eq!(cap(restored.policy_at("M", 1)), Some(5_000));
+        assert_eq!(cap(restored.policy_at("M", 2)), Some(1_000));
+        let mut again = Vec::new();
+        restored.snapshot(&mut again);
+        assert_eq!(snap, again, "restore then snapshot is the identity");
+
+        for n in 0..POLICY_HISTORY_MAX as u64 + 2 {
+            reload(&l, 2_000 + n, "api", &mut journal);
+        }
+        let newest = l.policy_version("M").unwrap();
+        assert_eq!(
+            cap(l.policy_at("M", newest)),
+            Some(2_000 + POLICY_HISTORY_MAX as u64 + 1)
+        );
+        let kept = (1..newest)
+            .filter(|v| l.policy_at("M", *v).is_some())
+            .count();
+        assert_eq!(kept, POLICY_HISTORY_MAX);
+        assert_eq!(cap(l.policy_at("M", 1)), None, "the oldest went first");
     }
 }

@@ -20,7 +20,7 @@ const MAGIC: &[u8; 4] = b"RGLS";
 /// Snapshot layout version. 2 added per-terminal settlement epochs, the entries' base index
 /// and the reconciliation list; 3 the terminals' refund switches and the operators' changes
 /// (admin API, issue 22). Older snapshots still restore.
-const SNAPSHOT_VERSION: u8 = 3;
+const SNAPSHOT_VERSION: u8 = 4;
 
 /// A snapshot that cannot be restored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,12 +175,14 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
                 w.u64(a.original_remaining);
                 w.opt(a.day_allowance);
                 w.opt(a.would_pass);
+                w.u64(u64::from(a.policy_version));
             }
             Stored::Full(a) => {
                 w.u8(1);
                 w.0.extend_from_slice(&a.fingerprint.to_le_bytes());
                 w.i64(a.at);
                 w.decision(&a.decision);
+                w.u64(u64::from(a.policy_version));
             }
         }
     }
@@ -200,6 +202,12 @@ fn write_book(w: &mut Writer<'_>, b: &Book) {
     }
     w.u64(u64::from(b.policy_version));
     w.policy(&b.policy);
+    // Version 4: the earlier policies (the stored answers carry their versions).
+    w.u64(b.policy_history.len() as u64);
+    for (version, policy) in &b.policy_history {
+        w.u64(u64::from(*version));
+        w.policy(policy);
+    }
 }
 
 fn write_entry(w: &mut Writer<'_>, e: &Entry) {
@@ -321,6 +329,7 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
                 fingerprint: r.fixed_u64()?,
                 at: r.i64()?,
                 decision: r.decision_v(version)?,
+                policy_version: if version >= 4 { r.u32()? } else { 0 },
             })),
             2 => Stored::Refund(Box::new(RefundAnswer {
                 fingerprint: r.fixed_u64()?,
@@ -328,6 +337,7 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
                 original_remaining: r.u64()?,
                 day_allowance: r.opt()?,
                 would_pass: if version >= 2 { r.opt()? } else { None },
+                policy_version: if version >= 4 { r.u32()? } else { 0 },
             })),
             _ => return Err(DecodeError::Invalid("answer tag").into()),
         };
@@ -349,6 +359,16 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
         }
         b.policy_version = r.u32()?;
         b.policy = r.policy()?;
+    }
+    if version >= 4 {
+        for _ in 0..count(r)? {
+            let v = r.u32()?;
+            let policy = r.policy()?;
+            if b.policy_history.len() >= super::book::POLICY_HISTORY_MAX {
+                return Err(DecodeError::Invalid("policy history").into());
+            }
+            b.policy_history.push_back((v, policy));
+        }
     }
     check_indexes(b)
 }
@@ -406,13 +426,10 @@ fn check_indexes(b: &Book) -> Result<(), RestoreError> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::ledger::{
-        CardType, Dialect, MerchantId, Operation, OriginalRef, Reason, Refused, Request,
-    };
+    use crate::ledger::{MerchantId, Operation, Reason, Refused, Request};
 
     const T0: i64 = 1_769_871_600;
     const DAY: i64 = 86_400;
-    const VISA: &str = "4761739001010119";
     const KEY: &[u8; 16] = b"test-pan-key-16b";
 
     fn set() -> MerchantSet {
@@ -426,30 +443,7 @@ mod tests {
 
     /// An ascii request of terminal T1; `original` is the STAN of the sale it refers to.
     fn req(op: Operation, stan: u32, amount: u64, original: Option<u32>) -> Request<'static> {
-        Request {
-            dialect: Dialect::Ascii1987,
-            op,
-            repeat: false,
-            merchant: "M",
-            terminal: "T1",
-            stan,
-            local_date_mmdd: 131,
-            mti_class: if op == Operation::Reversal { 4 } else { 2 },
-            transmission: Some(131_000_000 + u64::from(stan)),
-            rrn: None,
-            batch: None,
-            pan: VISA,
-            amount_minor: amount,
-            currency: 840,
-            card_type: CardType::from_pan(VISA),
-            original: original.map(|stan| OriginalRef::Iso {
-                mti: 200,
-                stan,
-                transmission: 131_000_000 + u64::from(stan),
-                rrn: None,
-            }),
-            body_fingerprint: u64::from(stan) * 7919 + amount,
-        }
+        Request::test_ascii(op, stan, amount, original, 131)
     }
 
     /// Two sales, one refunded: entries 0 (sale 1), 1 (sale 2), 2 (refund of sale 1).

@@ -703,7 +703,7 @@ impl<'s> Conn<'s> {
             return Err(Broken::Scenario("answer for a step out of range".into()));
         };
         let name = || format!("{}/{}", session.name, step.name);
-        let head = shared.scenario.dialect.head_bytes();
+        let head = shared.scenario.dialect.header_bytes();
         let decoded = body
             .get(head..)
             .ok_or_else(|| "shorter than the TPDU and header".to_string())

@@ -9,7 +9,7 @@
 //! refundgate load --target 127.0.0.1:18583 --scenario fixtures/replay/ceiling-echo.toml \
 //!     --connections 64 --in-flight 8 [--closed | --rate 5000] [--duration 10 | --count N] \
 //!     [--json] [--ca gateway.pem [--server-name localhost] | --insecure-skip-verify] \
-//!     [--dialect ascii1987|cup_pos] [--timeout 10] [--allow-remote] [--quiet] [--threads N]
+//!     [--dialect ascii1987|cup_pos|iso87b] [--timeout 10] [--allow-remote] [--quiet] [--threads N]
 //!     [--stan-start N]
 //! ```
 //!
@@ -63,16 +63,7 @@ pub const TIMEOUT_S_MAX: f64 = 600.0;
 /// Most worker threads the generator's runtime may use.
 pub const THREADS_MAX: usize = 64;
 
-/// Exit code: the run finished but some answers did not match.
-pub const EXIT_MISMATCH: u8 = 1;
-/// Exit code: every answer matched, but requests failed (timeouts, broken connections).
-pub const EXIT_ERRORS: u8 = 2;
-/// Exit code: bad arguments or scenario (sysexits `EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code: the target could not be reached, or its setup steps failed (`EX_UNAVAILABLE`).
-pub const EXIT_UNAVAILABLE: u8 = 69;
-/// Exit code: the generator itself failed (`EX_SOFTWARE`).
-pub const EXIT_SOFTWARE: u8 = 70;
+pub use crate::exit::{EXIT_ERRORS, EXIT_MISMATCH, EXIT_SOFTWARE, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 /// Arguments of `refundgate load`.
 #[derive(Debug, Clone, clap::Args)]
@@ -81,7 +72,7 @@ pub struct LoadArgs {
     #[arg(long)]
     pub target: String,
     /// Dialect; must match the scenario's `dialect` (which it defaults to).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = crate::dialect::Dialect::named)]
     pub dialect: Option<Dialect>,
     /// The replay scenario (fixtures/replay/*.toml).
     #[arg(long)]

@@ -22,6 +22,7 @@
 //! same DE7), `remove = [N, …]` drops some, and `fields` overrides or adds.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
@@ -42,42 +43,8 @@ pub const SCENARIO_BYTES_MAX: u64 = 1 << 20;
 /// Number of distinct STANs (000001..=999999).
 pub const STAN_SPACE: u64 = 999_999;
 
-/// The dialect a scenario speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Dialect {
-    /// ISO 8583:1987 with ASCII fields (the default; what `ceiling serve` speaks).
-    Ascii1987,
-    /// China UnionPay POS: TPDU + header before a BCD message.
-    #[value(name = "cup_pos")]
-    CupPos,
-}
-
-impl Dialect {
-    /// The codec's spec for this dialect.
-    pub fn spec(self) -> &'static Spec {
-        match self {
-            Dialect::Ascii1987 => &iso8583::ASCII1987,
-            Dialect::CupPos => &iso8583::CUP_POS,
-        }
-    }
-
-    /// The name used in scenario files and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Dialect::Ascii1987 => "ascii1987",
-            Dialect::CupPos => "cup_pos",
-        }
-    }
-
-    /// Bytes before the MTI in a frame body (TPDU + header for `cup_pos`).
-    pub fn head_bytes(self) -> usize {
-        match self {
-            Dialect::Ascii1987 => 0,
-            Dialect::CupPos => 11,
-        }
-    }
-}
+/// The dialect a scenario speaks: one of the registry's (`src/dialect.rs`).
+pub type Dialect = &'static crate::dialect::Dialect;
 
 /// A scenario file that cannot be used; the message names the file and the step or key.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +58,7 @@ pub struct Scenario {
     pub name: String,
     /// Its dialect.
     pub dialect: Dialect,
-    /// TPDU + header written before each `cup_pos` message (empty for `ascii1987`).
+    /// TPDU + header written before each message of a dialect with a CUP header (else empty).
     pub(crate) head: Vec<u8>,
     /// Offset of local time from UTC, in seconds, for `{time}` and `{date}`.
     pub(crate) utc_offset_s: i64,
@@ -327,6 +294,7 @@ impl Scenario {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("scenario");
+        load_dialect_file(path, &text).map_err(|e| ScenarioError(format!("{name}: {e}")))?;
         Scenario::from_toml(stem, &text).map_err(|e| ScenarioError(format!("{name}: {}", e.0)))
     }
 
@@ -760,6 +728,10 @@ struct FileDoc {
     #[allow(dead_code)] // Read by people; kept so a typo in the key is still rejected.
     description: Option<String>,
     dialect: String,
+    /// A dialect file (relative to the scenario) loaded before `dialect` is looked up; read
+    /// by [`Scenario::load`] only.
+    #[allow(dead_code)]
+    dialect_file: Option<PathBuf>,
     tpdu: Option<String>,
     header: Option<String>,
     utc_offset: Option<String>,
@@ -813,6 +785,27 @@ enum Codes {
 // ---------------------------------------------------------------------------------------------
 // Compilation.
 
+/// Loads the scenario's `dialect_file` (relative to the scenario file) into the registry.
+fn load_dialect_file(scenario: &std::path::Path, text: &str) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Listed {
+        dialect_file: Option<PathBuf>,
+    }
+    let Ok(Listed {
+        dialect_file: Some(file),
+    }) = toml::from_str::<Listed>(text)
+    else {
+        return Ok(()); // None listed; or the full parse names the error.
+    };
+    let path = scenario
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(file);
+    crate::dialect::Dialect::load_file(&path)
+        .map(|_| ())
+        .map_err(|e| format!("dialect_file: {e}"))
+}
+
 /// Names and field texts of steps compiled so far, for references and `copy`.
 struct Known<'d> {
     /// (name, request field numbers) of the setup steps.
@@ -823,15 +816,8 @@ struct Known<'d> {
 
 fn compile(default_name: &str, doc: FileDoc) -> Result<Scenario, ScenarioError> {
     let err = |m: String| ScenarioError(m);
-    let dialect = match doc.dialect.as_str() {
-        "ascii1987" => Dialect::Ascii1987,
-        "cup_pos" | "cup_bcd" => Dialect::CupPos,
-        other => {
-            return Err(err(format!(
-                "dialect: unknown {other:?} (ascii1987 or cup_pos)"
-            )))
-        }
-    };
+    let dialect =
+        crate::dialect::Dialect::named(&doc.dialect).map_err(|e| err(format!("dialect: {e}")))?;
     let head = head(dialect, doc.tpdu.as_deref(), doc.header.as_deref())?;
     let utc_offset_s = match doc.utc_offset.as_deref() {
         None => 0,
@@ -944,9 +930,12 @@ fn head(
     tpdu: Option<&str>,
     header: Option<&str>,
 ) -> Result<Vec<u8>, ScenarioError> {
-    if dialect == Dialect::Ascii1987 {
+    if !dialect.has_tpdu() {
         if tpdu.is_some() || header.is_some() {
-            return Err(ScenarioError("tpdu/header: only for cup_pos".into()));
+            return Err(ScenarioError(format!(
+                "tpdu/header: {} frames carry none",
+                dialect.name()
+            )));
         }
         return Ok(Vec::new());
     }
@@ -1284,29 +1273,16 @@ struct Civil {
 }
 
 impl Civil {
-    /// Howard Hinnant's `civil_from_days`, proleptic Gregorian.
     fn from_unix(unix_s: i64) -> Civil {
-        let days = unix_s.div_euclid(86_400);
         let secs = unix_s.rem_euclid(86_400) as u32;
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy_mar + 2) / 153;
-        let day = (doy_mar - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-        const BEFORE: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-        let day_of_year = BEFORE[(month - 1) as usize] + day + u32::from(leap && month > 2);
+        let date = crate::date::Civil::from_unix(unix_s);
         Civil {
-            month,
-            day,
+            month: date.month,
+            day: date.day,
             hour: secs / 3600,
             minute: secs / 60 % 60,
             second: secs % 60,
-            day_of_year,
+            day_of_year: date.day_of_year(),
         }
     }
 }

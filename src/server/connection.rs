@@ -77,7 +77,7 @@ pub(crate) async fn accept_tls(
     match accepted.acceptor.accept(stream).await {
         Ok(tls) => Some(tls),
         Err(e) => {
-            telemetry::count_handshake_failure(accepted.info.dialect.as_str());
+            telemetry::count_handshake_failure(accepted.info.dialect.name());
             tracing::debug!(conn = accepted.id, peer = %accepted.peer, listener = %accepted.info.name, error = %e, "tls handshake failed");
             None
         }
@@ -101,7 +101,7 @@ pub(crate) async fn serve<D: Dispatch>(
         mut shutdown,
         ..
     } = accepted;
-    let dialect = info.dialect.as_str();
+    let dialect = info.dialect.name();
     let _open = telemetry::OpenConnection::new(dialect);
     let client_cert = tls
         .get_ref()
@@ -112,7 +112,7 @@ pub(crate) async fn serve<D: Dispatch>(
     let client_cert_subject = client_cert.as_ref().and_then(|c| c.subject.clone());
     let codec = FrameCodec::new(
         info.framing,
-        info.dialect.has_cup_header(),
+        info.dialect.has_tpdu(),
         config.limits.max_frame_bytes,
     );
     let framed = Framed::with_capacity(tls, codec, limits::CONNECTION_READ_BUFFER_BYTES);
@@ -146,7 +146,7 @@ struct Handler<'a, D> {
 impl<'a, D: Dispatch> Handler<'a, D> {
     async fn run(mut self, shutdown: &mut Shutdown) -> End {
         let limits = &self.config.limits;
-        let dialect = self.ctx.listener.dialect.as_str();
+        let dialect = self.ctx.listener.dialect.name();
         let max_in_flight = limits.max_in_flight_per_connection;
         let idle = Duration::from_millis(limits.idle_timeout_ms);
         let (ctx, dispatch) = (self.ctx, self.dispatch);
@@ -262,7 +262,7 @@ impl<'a, D: Dispatch> Handler<'a, D> {
             Err(e) => {
                 // The reply cannot be framed (too long, empty): nothing was written, the
                 // stream is intact; drop this answer only.
-                telemetry::count_message_error(self.ctx.listener.dialect.as_str());
+                telemetry::count_message_error(self.ctx.listener.dialect.name());
                 tracing::warn!(conn = self.ctx.connection_id, error = %e, "reply dropped");
                 Ok(())
             }
@@ -302,9 +302,9 @@ impl<'a, D: Dispatch> Handler<'a, D> {
             tracing::debug!(conn = self.ctx.connection_id, error = %io, "read failed");
             return End::Broken;
         }
-        telemetry::count_framing_error(self.ctx.listener.dialect.as_str());
+        telemetry::count_framing_error(self.ctx.listener.dialect.name());
         // One line per source per interval: a flood of bad frames must not flood the log.
-        let now = std::time::Instant::now();
+        let now = crate::clock::monotonic();
         if let crate::ratelimit::Admit::Yes { suppressed } =
             crate::ratelimit::bad_input_log(self.ctx.peer.ip(), now)
         {
@@ -351,7 +351,7 @@ async fn process<D: Dispatch>(
         .map(|frame| match frame {
             Frame::KeepAlive => Some(Frame::KeepAlive),
             Frame::Undersized { len } => {
-                telemetry::count_message_error(ctx.listener.dialect.as_str());
+                telemetry::count_message_error(ctx.listener.dialect.name());
                 tracing::debug!(
                     conn = ctx.connection_id,
                     len,

@@ -117,7 +117,7 @@ async fn admit_and_serve<D: Dispatch>(
     mut ticket: admission::HandshakeTicket,
     dispatch: Arc<D>,
 ) {
-    let dialect = accepted.info.dialect.as_str();
+    let dialect = accepted.info.dialect.name();
     let timeout = Duration::from_millis(accepted.config.limits.handshake_timeout_ms);
     let mut shutdown = accepted.shutdown.clone();
     let handshake = async {

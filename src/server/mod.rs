@@ -164,8 +164,8 @@ impl ServerError {
     /// (`EX_OSERR`) when a socket cannot be bound.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ServerError::Config(_) => 64,
-            ServerError::Bind { .. } => 71,
+            ServerError::Config(_) => i32::from(crate::exit::EXIT_USAGE),
+            ServerError::Bind { .. } => i32::from(crate::exit::EXIT_OSERR),
         }
     }
 }
@@ -240,7 +240,7 @@ impl Server {
             })?;
             let info = Arc::new(ListenerInfo {
                 index,
-                name: format!("{}@{addr}", lc.dialect.as_str()),
+                name: format!("{}@{addr}", lc.dialect.name()),
                 addr,
                 dialect: lc.dialect,
                 framing: lc.framing,

@@ -40,12 +40,13 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::config::Dialect;
+use crate::dialect::{Dialect, NetworkCode};
 use crate::frame::{Frame, FrameCodec, Framing};
 use crate::iso8583::{self, FieldList, Message, Mti, Spec, Value};
 use crate::limits::{
     UPSTREAM_CONNECT_TIMEOUT_MAX_MS, UPSTREAM_FRAME_BYTES_MAX, UPSTREAM_QUARANTINE_TIMEOUTS,
 };
+use crate::mac::{self, MacKey};
 
 /// `refundgate_upstream_up{upstream}`: 1 while the link is connected and signed on.
 pub const UPSTREAM_UP: &str = "refundgate_upstream_up";
@@ -88,6 +89,9 @@ impl Unmatched {
         }
     }
 }
+/// `refundgate_upstream_bad_macs_total{upstream}`: answers whose MAC was wrong, or approvals
+/// without one, on a link with a MAC key (each also logged once).
+pub const UPSTREAM_BAD_MACS_TOTAL: &str = "refundgate_upstream_bad_macs_total";
 /// `refundgate_upstream_connects_total{upstream}`: connections established (signed on).
 pub const UPSTREAM_CONNECTS_TOTAL: &str = "refundgate_upstream_connects_total";
 /// `refundgate_upstream_disconnects_total{upstream,reason}`: signed-on connections dropped, by
@@ -108,7 +112,9 @@ pub struct LinkConfig {
     /// Addresses in priority order.
     pub addrs: Vec<SocketAddr>,
     /// Dialect spoken on the link.
-    pub dialect: Dialect,
+    pub dialect: &'static Dialect,
+    /// MAC key of the link: requests are MACed with it and answers checked (never logged).
+    pub mac: Option<MacKey>,
     /// Length header.
     pub framing: Framing,
     /// rustls client configuration (CA, client certificate).
@@ -131,6 +137,8 @@ pub struct LinkConfig {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// Wall time (DE7 of the link's own sign-ons and echoes): the gateway's injected clock.
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 /// What identifies an answer's request: MTI (origin digit cleared), DE41, DE42, DE11.
@@ -164,6 +172,10 @@ pub enum LinkError {
     /// The message has no readable MTI/DE11 (never sent).
     #[error("message cannot be keyed")]
     Unkeyed,
+    /// Sent, and answered with a wrong MAC (or an approval without one): the answer is not
+    /// trusted, so whether the host acted is unknown, as after a timeout.
+    #[error("answer with a bad MAC")]
+    BadMac,
 }
 
 /// A running link; dropping it stops its supervisor and closes the connection.
@@ -225,6 +237,22 @@ impl Key {
     }
 }
 
+/// Whether an answer may be trusted on a MAC link: its MAC verifies, or it carries none and
+/// is not an approval (declines are sent without a MAC, DOMAIN §11). Network management is
+/// never MACed; an answer that does not decode is left to the caller (it decides nothing).
+fn answer_mac_holds(spec: &Spec, key: &MacKey, answer: &[u8]) -> bool {
+    let Ok(msg) = iso8583::decode(spec, answer) else {
+        return true;
+    };
+    if msg.mti().class() == 8 {
+        return true;
+    }
+    match msg.mac() {
+        Some((mab, value)) => mac::verify(key, mab, value),
+        None => msg.response_code() != Some("00"),
+    }
+}
+
 /// The request MTI of a request or answer, origin digit cleared: 0201→0200, 0210→0200.
 pub fn request_mti(mti: Mti) -> u16 {
     let tens = mti.0 / 10;
@@ -241,10 +269,7 @@ impl Link {
     /// Starts the supervisor: it connects in the background; until it is signed on requests
     /// fail with [`LinkError::Down`].
     pub fn start(config: LinkConfig) -> Link {
-        let spec: &'static Spec = match config.dialect {
-            Dialect::Ascii1987 => &iso8583::ASCII1987,
-            Dialect::CupPos => &iso8583::CUP_POS,
-        };
+        let spec: &'static Spec = config.dialect.spec();
         metrics::gauge!(UPSTREAM_UP, "upstream" => config.name.to_string()).set(0.0);
         let shared = Arc::new(Shared {
             config,
@@ -268,7 +293,7 @@ impl Link {
     }
 
     /// The dialect spoken on the link.
-    pub fn dialect(&self) -> Dialect {
+    pub fn dialect(&self) -> &'static Dialect {
         self.shared.config.dialect
     }
 
@@ -341,6 +366,10 @@ impl Shared {
             .ok()
             .and_then(|o| o.clone())
             .ok_or(LinkError::Down)?;
+        let body = match &self.config.mac {
+            Some(key) => mac::sign_message(self.spec, key, &body).ok_or(LinkError::Unkeyed)?,
+            None => body,
+        };
         let (tx, mut rx) = oneshot::channel();
         {
             let mut pending = self.pending.lock().map_err(|_| LinkError::Down)?;
@@ -359,7 +388,7 @@ impl Shared {
             return Err(LinkError::Down);
         }
         match tokio::time::timeout(self.config.timeout, &mut rx).await {
-            Ok(Ok(answer)) => Ok(answer),
+            Ok(Ok(answer)) => self.checked(key, answer),
             Ok(Err(_)) => Err(LinkError::Timeout),
             Err(_) => {
                 self.forget(&key);
@@ -371,6 +400,27 @@ impl Shared {
                 late
             }
         }
+    }
+
+    /// `answer` when the link has no MAC key or its MAC holds; else counted, logged once and
+    /// refused.
+    fn checked(&self, key: Key, answer: Bytes) -> Result<Bytes, LinkError> {
+        let Some(mac_key) = &self.config.mac else {
+            return Ok(answer);
+        };
+        if answer_mac_holds(self.spec, mac_key, &answer) {
+            return Ok(answer);
+        }
+        metrics::counter!(UPSTREAM_BAD_MACS_TOTAL, "upstream" => self.config.name.to_string())
+            .increment(1);
+        tracing::warn!(
+            upstream = %self.config.name,
+            mti = key.mti,
+            terminal = key.terminal_str(),
+            stan = key.stan,
+            "answer from host with a bad or missing MAC; not trusted, treated as no answer"
+        );
+        Err(LinkError::BadMac)
     }
 
     fn quarantined(&self, key: &Key) -> bool {
@@ -539,20 +589,20 @@ impl Shared {
         let mut fields: FieldList<'_, 8> = FieldList::new();
         let cup60 = format!("00000000{code:03}");
         fields.set(11, Value::Number(u64::from(stan))).ok()?;
-        let mti = match self.config.dialect {
-            Dialect::Ascii1987 => {
-                fields.set(7, Value::Number(transmission_now())).ok()?;
+        let dialect = self.config.dialect;
+        match dialect.network_code {
+            NetworkCode::De70 => {
+                let now = self.config.clock.now_unix_s();
+                fields.set(7, Value::Number(transmission_at(now))).ok()?;
                 fields.set(70, Value::Number(u64::from(code))).ok()?;
-                Mti(800)
             }
-            Dialect::CupPos => {
+            NetworkCode::De60_3 => {
                 fields.set(60, Value::Text(cup60.as_bytes())).ok()?;
-                if code == 301 {
-                    Mti(820)
-                } else {
-                    Mti(800)
-                }
             }
+        }
+        let mti = match code {
+            301 => Mti(dialect.echo_mti),
+            _ => Mti(800),
         };
         let mut out = BytesMut::with_capacity(64);
         iso8583::encode(self.spec, mti, fields.as_slice(), &mut out).ok()?;
@@ -566,7 +616,7 @@ impl Shared {
     }
 
     fn frame(&self, body: Bytes) -> Frame {
-        let cup = self.config.dialect.has_cup_header();
+        let cup = self.config.dialect.has_tpdu();
         Frame::Message {
             tpdu: cup.then_some(CUP_TPDU),
             header: cup.then_some(CUP_HEADER),
@@ -587,20 +637,10 @@ impl Shared {
     }
 }
 
-/// DE7 (MMDDhhmmss, UTC) now.
-fn transmission_now() -> u64 {
-    use crate::clock::Clock;
-    let now = u64::try_from(crate::clock::SystemClock.now_unix_s()).unwrap_or(0);
-    let days = i64::try_from(now / 86_400).unwrap_or(0);
-    let z = days + 719_468;
-    let doe = z - z.div_euclid(146_097) * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let s = now % 86_400;
-    let mmdd = u64::try_from(m * 100 + d).unwrap_or(101);
+/// DE7 (MMDDhhmmss, UTC) of Unix second `now`.
+fn transmission_at(now: crate::clock::UnixSeconds) -> u64 {
+    let mmdd = u64::from(crate::date::Civil::from_unix(now).mmdd());
+    let s = u64::try_from(now.rem_euclid(86_400)).unwrap_or(0);
     mmdd * 1_000_000 + s / 3600 * 10_000 + s % 3600 / 60 * 100 + s % 60
 }
 
@@ -710,7 +750,7 @@ async fn sign_on(shared: &Shared, conn: &mut Conn) -> Result<(), String> {
     let (_, body) = shared
         .network_message(1)
         .ok_or_else(|| "cannot encode sign-on".to_string())?;
-    let cup = shared.config.dialect.has_cup_header();
+    let cup = shared.config.dialect.has_tpdu();
     let mut framed = tokio_util::codec::Framed::new(
         conn,
         FrameCodec::new(shared.config.framing, cup, UPSTREAM_FRAME_BYTES_MAX),
@@ -743,7 +783,7 @@ async fn session(
     conn: Conn,
     stop: &mut watch::Receiver<bool>,
 ) -> &'static str {
-    let cup = shared.config.dialect.has_cup_header();
+    let cup = shared.config.dialect.has_tpdu();
     let framing = shared.config.framing;
     let (r, w) = tokio::io::split(conn);
     let mut reader = FramedRead::new(r, FrameCodec::new(framing, cup, UPSTREAM_FRAME_BYTES_MAX));
@@ -848,7 +888,8 @@ mod tests {
             config: LinkConfig {
                 name: Arc::from("bank"),
                 addrs: Vec::new(),
-                dialect: Dialect::Ascii1987,
+                dialect: &crate::dialect::ASCII1987,
+                mac: None,
                 framing: Framing::Binary2,
                 tls: Arc::new(tls),
                 server_name: None,
@@ -858,6 +899,7 @@ mod tests {
                 max_pending: 8,
                 echo_interval: Duration::from_secs(30),
                 reconnect_min: Duration::from_millis(10),
+                clock: Arc::new(crate::clock::SystemClock),
                 reconnect_max: Duration::from_millis(10),
             },
             spec: &iso8583::ASCII1987,
@@ -949,7 +991,11 @@ mod tests {
 
     #[test]
     fn transmission_time_is_mmddhhmmss() {
-        let t = transmission_now();
-        assert!((101_000_000..=1_231_235_959).contains(&t), "{t}");
+        // 2026-12-04T09:31:05Z.
+        assert_eq!(
+            transmission_at(1_796_342_400 + 9 * 3600 + 31 * 60 + 5),
+            1_204_093_105
+        );
+        assert_eq!(transmission_at(0), 101_000_000);
     }
 }

@@ -19,6 +19,7 @@
 pub mod link;
 pub mod route;
 pub mod store_forward;
+pub mod translate;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,10 +30,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::config::{self, Config, Dialect};
-use crate::flow::Kind;
-use crate::iso8583::{self, FieldList, Message, Mti, Spec, Value};
-use crate::{journal, ledger};
+use crate::config::{self, Config};
+use crate::dialect::Kind;
+use crate::dialect::{Dialect, OriginalKeys};
+use crate::iso8583::{self, FieldList, Message, Mti, Value};
+use crate::journal;
+use crate::ledger::Operation;
 pub use link::{Key, Link, LinkConfig, LinkError};
 pub use route::Routes;
 pub use store_forward::{DeadLetter, DeadReason, Entry, SafOptions, StoreForward};
@@ -57,7 +60,7 @@ pub enum Verdict {
     Unreachable,
     /// No answer in time; a reversal is queued: 91 / CUP 98 `HOST_TIMEOUT`.
     Timeout,
-    /// The route names no configured upstream, or one of another dialect: 92 `NO_ROUTE`.
+    /// The route names no configured upstream: 92 `NO_ROUTE`.
     NoRoute,
 }
 
@@ -82,7 +85,7 @@ impl Plan {
             .upstreams
             .iter()
             .enumerate()
-            .map(|(i, u)| route::link_config(i, u))
+            .map(|(i, u)| route::link_config(i, u, Arc::clone(&clock)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(PlanError::Config)?;
         let dir = saf_dir(&config.journal.dir);
@@ -210,7 +213,7 @@ impl Upstreams {
     /// queued for the host (durably) and then decided locally. Everything else is local.
     pub async fn forward(
         &self,
-        dialect: ledger::Dialect,
+        dialect: &'static Dialect,
         msg: &Message<'_>,
         kind: Kind,
     ) -> Verdict {
@@ -220,32 +223,37 @@ impl Upstreams {
         let Some(link) = self.links.get(name) else {
             return Verdict::NoRoute;
         };
-        if !same_dialect(link.dialect(), dialect) {
-            return Verdict::NoRoute;
+        if !matches!(
+            kind,
+            Kind::Op(Operation::Sale | Operation::Refund | Operation::Void | Operation::Reversal)
+        ) {
+            return Verdict::Local;
         }
-        let Some(key) = Key::of(msg) else {
+        // The request as the host reads it: the terminal's own bytes (without its MAC) on a
+        // link of the same dialect, else translated field by field.
+        let Some(body) = outgoing(dialect, link.dialect(), msg, kind) else {
             return Verdict::Unreachable;
         };
-        match kind {
-            Kind::Sale | Kind::Refund | Kind::Void => {}
-            Kind::Reversal => {
-                return match self.queue_as_is(link, key, msg).await {
-                    true => Verdict::Local,
-                    false => Verdict::Unreachable,
-                };
-            }
-            _ => return Verdict::Local,
-        }
-        let Some(body) = upstream_body(msg) else {
+        let Ok(sent) = iso8583::decode(link.dialect().spec(), &body) else {
             return Verdict::Unreachable;
         };
-        let verdict = match link.call(key, body).await {
-            Ok(answer) => verdict_of(link.dialect(), &answer),
-            Err(LinkError::Timeout) => Verdict::Timeout,
+        let Some(key) = Key::of(&sent) else {
+            return Verdict::Unreachable;
+        };
+        if kind == Kind::Op(Operation::Reversal) {
+            return match self.queue_as_is(link, key, body).await {
+                true => Verdict::Local,
+                false => Verdict::Unreachable,
+            };
+        }
+        let verdict = match link.call(key, body.clone()).await {
+            Ok(answer) => verdict_of(link.dialect(), dialect, &answer),
+            // An answer that cannot be trusted leaves the outcome unknown, as no answer does.
+            Err(LinkError::Timeout | LinkError::BadMac) => Verdict::Timeout,
             Err(_) => Verdict::Unreachable,
         };
         if verdict == Verdict::Timeout {
-            self.queue_reversal(link, msg).await;
+            self.queue_reversal(link, &sent).await;
         }
         let outcome = match verdict {
             Verdict::Approved => "approved",
@@ -260,16 +268,30 @@ impl Upstreams {
 
     /// Queues the reversal of a request the host approved but the gateway did not (journal
     /// failure, decline at commit); returns once it is durable (or logged as lost).
-    pub async fn reverse(&self, dialect: ledger::Dialect, msg: &Message<'_>) {
+    pub async fn reverse(&self, dialect: &'static Dialect, msg: &Message<'_>) {
         let Some(name) = msg.merchant().and_then(|m| self.routes.upstream_for(m)) else {
             return;
         };
-        if let Some(link) = self
-            .links
-            .get(name)
-            .filter(|l| same_dialect(l.dialect(), dialect))
+        let Some(link) = self.links.get(name) else {
+            return;
+        };
+        let sent = dialect
+            .classify(msg)
+            .and_then(|kind| outgoing(dialect, link.dialect(), msg, kind));
+        match sent
+            .as_deref()
+            .map(|b| iso8583::decode(link.dialect().spec(), b))
         {
-            self.queue_reversal(link, msg).await;
+            Some(Ok(sent)) => self.queue_reversal(link, &sent).await,
+            _ => {
+                metrics::counter!(SAF_ENQUEUE_FAILURES_TOTAL).increment(1);
+                tracing::error!(
+                    upstream = link.name(),
+                    terminal = msg.terminal().unwrap_or(""),
+                    stan = msg.stan().unwrap_or(0),
+                    "reversal of a host-approved request could not be built"
+                );
+            }
         }
     }
 
@@ -296,11 +318,9 @@ impl Upstreams {
         }
     }
 
-    /// Queues a terminal's own reversal for the host; true once it is durable.
-    async fn queue_as_is(&self, link: &Link, key: Key, msg: &Message<'_>) -> bool {
-        let Some(body) = upstream_body(msg) else {
-            return false;
-        };
+    /// Queues a terminal's own reversal (as the host reads it) for the host; true once it is
+    /// durable.
+    async fn queue_as_is(&self, link: &Link, key: Key, body: Bytes) -> bool {
         let body = first_send(link.dialect(), body);
         match self
             .saf
@@ -335,22 +355,6 @@ impl std::fmt::Debug for Upstreams {
     }
 }
 
-/// The spec of a dialect.
-pub fn spec_of(dialect: Dialect) -> &'static Spec {
-    match dialect {
-        Dialect::Ascii1987 => &iso8583::ASCII1987,
-        Dialect::CupPos => &iso8583::CUP_POS,
-    }
-}
-
-fn same_dialect(a: Dialect, b: ledger::Dialect) -> bool {
-    matches!(
-        (a, b),
-        (Dialect::Ascii1987, ledger::Dialect::Ascii1987)
-            | (Dialect::CupPos, ledger::Dialect::CupPos)
-    )
-}
-
 /// The terminal's message as the host gets it: unchanged, except that a MAC (computed with
 /// the terminal's key, meaningless to the host) is left out.
 fn upstream_body(msg: &Message<'_>) -> Option<Bytes> {
@@ -367,23 +371,27 @@ fn upstream_body(msg: &Message<'_>) -> Option<Bytes> {
 }
 
 /// The message with its MTI origin digit cleared (the SAF worker marks later sends repeats).
-fn first_send(dialect: Dialect, body: Bytes) -> Bytes {
-    let mut out = body.to_vec();
-    match dialect {
-        Dialect::Ascii1987 if out.len() >= 4 => out[3] = b'0',
-        Dialect::CupPos if out.len() >= 2 => out[1] &= 0xf0,
-        _ => {}
-    }
-    Bytes::from(out)
+fn first_send(dialect: &Dialect, body: Bytes) -> Bytes {
+    dialect.with_origin(&body, false)
 }
 
-fn verdict_of(dialect: Dialect, answer: &[u8]) -> Verdict {
-    let code = iso8583::decode(spec_of(dialect), answer)
+/// `msg` (of `terminal`, asking for `kind`) as it goes to a host speaking `host`.
+fn outgoing(terminal: &Dialect, host: &Dialect, msg: &Message<'_>, kind: Kind) -> Option<Bytes> {
+    match terminal == host {
+        true => upstream_body(msg),
+        false => translate::request(terminal, host, msg, kind),
+    }
+}
+
+/// What the host's answer (of `host`) decides; a decline's code as the terminal's dialect
+/// writes it.
+fn verdict_of(host: &Dialect, terminal: &Dialect, answer: &[u8]) -> Verdict {
+    let code = iso8583::decode(host.spec(), answer)
         .ok()
         .and_then(|m| m.response_code().map(str::as_bytes).map(<[u8]>::to_vec));
     match code.as_deref() {
         Some(b"00") => Verdict::Approved,
-        Some(&[a, b]) => Verdict::Declined([a, b]),
+        Some(&[a, b]) => Verdict::Declined(translate::answer_code(host, terminal, [a, b])),
         // An answer we cannot read: whether the host acted is unknown, like a timeout.
         _ => Verdict::Timeout,
     }
@@ -391,14 +399,15 @@ fn verdict_of(dialect: Dialect, answer: &[u8]) -> Verdict {
 
 /// The reversal (0400) of a request that timed out, keyed by (0400, DE41, DE11).
 ///
-/// `ascii1987`: DE 3, 4, 7, 11, 12, 13, 22, 25, 37, 41, 42, 49 of the original and DE90 naming
-/// it (MTI, STAN, DE7). `cup_pos`: DE 3, 4, 11, 22, 25, 37, 41, 42, 49, 60, 61 and DE39 `98`
-/// (reversal reason: no answer). No PAN, track or PIN data: hosts match reversals without them.
-pub fn reversal_of(dialect: Dialect, msg: &Message<'_>) -> Option<(Key, Bytes)> {
+/// Dialects naming originals by DE90 (`ascii1987`, `iso87b`): DE 3, 4, 7, 11, 12, 13, 22, 25,
+/// 37, 41, 42, 49 of the original and DE90 naming it (MTI, STAN, DE7). By DE61 (`cup_pos`):
+/// DE 3, 4, 11, 22, 25, 37, 41, 42, 49, 60, 61 and DE39 `98` (reversal reason: no answer).
+/// No PAN, track or PIN data: hosts match reversals without them.
+pub fn reversal_of(dialect: &Dialect, msg: &Message<'_>) -> Option<(Key, Bytes)> {
     let mut fields: FieldList<'_, 16> = FieldList::new();
     let de90;
-    match dialect {
-        Dialect::Ascii1987 => {
+    match dialect.original {
+        OriginalKeys::De90 => {
             for n in [3, 4, 7, 11, 12, 13, 22, 25, 37, 41, 42, 49] {
                 fields.echo(msg, n).ok()?;
             }
@@ -412,14 +421,14 @@ pub fn reversal_of(dialect: Dialect, msg: &Message<'_>) -> Option<(Key, Bytes)> 
             );
             fields.set(90, Value::Text(de90.as_bytes())).ok()?;
         }
-        Dialect::CupPos => {
+        OriginalKeys::De61 => {
             for n in [3, 4, 11, 22, 25, 37, 41, 42, 49, 60, 61] {
                 fields.echo(msg, n).ok()?;
             }
             fields.set(39, Value::Text(b"98")).ok()?;
         }
     }
-    let spec = spec_of(dialect);
+    let spec = dialect.spec();
     let mut out = BytesMut::with_capacity(128);
     iso8583::encode(spec, Mti(400), fields.as_slice(), &mut out).ok()?;
     let body = out.freeze();

@@ -59,7 +59,11 @@ impl Routes {
 }
 
 /// The link settings of one validated `[[upstreams]]` table; errors name the key.
-pub fn link_config(index: usize, u: &UpstreamConfig) -> Result<LinkConfig, String> {
+pub fn link_config(
+    index: usize,
+    u: &UpstreamConfig,
+    clock: Arc<dyn crate::clock::Clock>,
+) -> Result<LinkConfig, String> {
     let key = |k: &str| format!("upstreams[{index}].{k}");
     let server_name = match &u.server_name {
         Some(n) => Some(
@@ -67,8 +71,25 @@ pub fn link_config(index: usize, u: &UpstreamConfig) -> Result<LinkConfig, Strin
         ),
         None => None,
     };
+    let mac = match &u.mac {
+        Some(m) => {
+            let k = crate::mac::key_from_config(&m.algorithm, &m.key)
+                .map_err(|e| format!("{}.{e}", key("mac")))?;
+            if crate::mac::field_for(&k, u.dialect.spec(), false).is_none() {
+                return Err(format!(
+                    "{}: the {} MAC element cannot carry a {} MAC",
+                    key("mac.algorithm"),
+                    u.dialect.name(),
+                    m.algorithm
+                ));
+            }
+            Some(k)
+        }
+        None => None,
+    };
     Ok(LinkConfig {
         name: Arc::from(u.name.as_str()),
+        mac,
         addrs: u.addrs.clone(),
         dialect: u.dialect,
         framing: u.framing,
@@ -81,6 +102,7 @@ pub fn link_config(index: usize, u: &UpstreamConfig) -> Result<LinkConfig, Strin
         echo_interval: Duration::from_millis(u.echo_interval_ms),
         reconnect_min: Duration::from_millis(u.reconnect_min_ms),
         reconnect_max: Duration::from_millis(u.reconnect_max_ms),
+        clock,
     })
 }
 

@@ -10,7 +10,8 @@
 //! accepted, or is older than `expiry_s`, moves to the dead-letter list (journaled too), counted
 //! in `refundgate_saf_dead_letters` and shown by `refundgate saf list`.
 //!
-//! Records (payloads of the SAF journal): `1 id created dialect upstream body` (added),
+//! Records (payloads of the SAF journal): `1 id created dialect upstream body` (added; the
+//! dialect is `0` ascii1987, `1` cup_pos, or `255` followed by its name as `u8` length + bytes),
 //! `2 id` (delivered), `3 id reason at attempts` (dead letter). Replay rebuilds the queue.
 //! Every [`SAF_SNAPSHOT_RECORDS`] records the worker snapshots the live queue (pending entries
 //! and kept dead letters, as the same records) so the journal's old segments are removed and
@@ -20,7 +21,8 @@
 //! Send counts are not journaled: after a restart an entry gets `max_retries` sends again
 //! (its age still bounds it through `expiry_s`).
 //!
-//! Stored messages keep only an allow-list of elements ([`KEPT_ASCII1987`], [`KEPT_CUP_POS`]):
+//! Stored messages keep only an allow-list of elements ([`KEPT`], and [`KEPT_DE61`] in dialects
+//! naming originals by DE61):
 //! no track (35, 36, 45), PIN (52, 53), chip (55), key (62, 96) or MAC data reaches the SAF
 //! files (DOMAIN §10). A PAN (DE2) the message carried is kept only sealed with AES-256-GCM
 //! under the key set by [`StoreForward::set_pan_cipher`] (kept outside the data directory),
@@ -39,7 +41,7 @@ use tokio::time::Instant;
 
 use super::link::{Key, Link, LinkError};
 use crate::clock::{Clock, UnixSeconds};
-use crate::config::Dialect;
+use crate::dialect::{Dialect, OriginalKeys};
 use crate::iso8583;
 use crate::journal::{self, Journal, JournalError};
 pub use crate::limits::{
@@ -47,14 +49,17 @@ pub use crate::limits::{
     SAF_SEGMENT_BYTES, SAF_SNAPSHOT_RECORDS,
 };
 
-/// Elements an `ascii1987` queued message keeps (besides DE2, sealed apart).
-pub const KEPT_ASCII1987: &[u8] = &[
+/// Elements a queued message keeps (besides DE2, sealed apart), as far as it carries them.
+pub const KEPT: &[u8] = &[
     3, 4, 7, 11, 12, 13, 22, 25, 32, 37, 38, 39, 41, 42, 49, 90, 95,
 ];
-/// Elements a `cup_pos` queued message keeps (besides DE2, sealed apart).
-pub const KEPT_CUP_POS: &[u8] = &[
-    3, 4, 11, 12, 13, 22, 25, 32, 37, 38, 39, 41, 42, 49, 60, 61, 90,
-];
+/// Elements kept besides [`KEPT`] in dialects naming the original by DE61 (`cup_pos`): the
+/// message type and batch in DE60, the original in DE61.
+pub const KEPT_DE61: &[u8] = &[60, 61];
+
+/// Dialect tag of a record naming its dialect by name (tags 0 and 1 are the two dialects
+/// earlier versions wrote).
+const DIALECT_BY_NAME: u8 = 255;
 
 /// Version tag at the start of a SAF snapshot.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SAF1";
@@ -89,7 +94,7 @@ pub struct Entry {
     /// The upstream it goes to.
     pub upstream: String,
     /// Dialect of `body`.
-    pub dialect: Dialect,
+    pub dialect: &'static Dialect,
     /// When it was queued (unix seconds).
     pub created_s: i64,
     /// What identifies its answer.
@@ -254,7 +259,7 @@ impl StoreForward {
     pub async fn enqueue(
         &self,
         upstream: &str,
-        dialect: Dialect,
+        dialect: &'static Dialect,
         key: Key,
         body: Bytes,
     ) -> Result<u64, SafError> {
@@ -427,7 +432,7 @@ impl StoreForward {
             Ok(answer) if accepted(entry.dialect, &answer) => {
                 return self.delivered(entry.id).await;
             }
-            Ok(_) | Err(LinkError::Timeout) => true,
+            Ok(_) | Err(LinkError::Timeout | LinkError::BadMac) => true,
             Err(LinkError::Down | LinkError::Full | LinkError::Busy | LinkError::Unkeyed) => false,
         };
         self.retry(entry.id, sent);
@@ -690,10 +695,15 @@ impl Record {
                 out.push(if e.sealed_pan.is_some() { 4 } else { 1 });
                 out.extend_from_slice(&e.id.to_be_bytes());
                 out.extend_from_slice(&e.created_s.to_be_bytes());
-                out.push(match e.dialect {
-                    Dialect::Ascii1987 => 0,
-                    Dialect::CupPos => 1,
-                });
+                match e.dialect.name() {
+                    "ascii1987" => out.push(0),
+                    "cup_pos" => out.push(1),
+                    name => {
+                        out.push(DIALECT_BY_NAME);
+                        out.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+                        out.extend_from_slice(&name.as_bytes()[..name.len().min(255)]);
+                    }
+                }
                 out.push(u8::try_from(e.upstream.len()).unwrap_or(u8::MAX));
                 out.extend_from_slice(&e.upstream.as_bytes()[..e.upstream.len().min(255)]);
                 out.extend_from_slice(&u16::try_from(e.body.len()).unwrap_or(0).to_be_bytes());
@@ -732,15 +742,19 @@ impl Record {
                 let id = r.u64()?;
                 let created_s = UnixSeconds::from_be_bytes(r.take(8)?.try_into().ok()?);
                 let dialect = match r.u8()? {
-                    0 => Dialect::Ascii1987,
-                    1 => Dialect::CupPos,
+                    0 => Dialect::by_name("ascii1987")?,
+                    1 => Dialect::by_name("cup_pos")?,
+                    DIALECT_BY_NAME => {
+                        let n = usize::from(r.u8()?);
+                        Dialect::by_name(std::str::from_utf8(r.take(n)?).ok()?)?
+                    }
                     _ => return None,
                 };
                 let ulen = usize::from(r.u8()?);
                 let upstream = std::str::from_utf8(r.take(ulen)?).ok()?.to_string();
                 let blen = usize::from(u16::from_be_bytes(r.take(2)?.try_into().ok()?));
                 let body = Bytes::copy_from_slice(r.take(blen)?);
-                let spec = super::spec_of(dialect);
+                let spec = dialect.spec();
                 let key = Key::of(&iso8583::decode(spec, &body).ok()?)?;
                 let sealed_pan = match tag {
                     4 => {
@@ -896,15 +910,17 @@ fn pan_aad(id: u64, upstream: &str) -> Vec<u8> {
 
 /// The message reduced to the allow-listed elements of its dialect, and its PAN (ASCII
 /// digits) apart; `None` when it does not decode.
-fn reduce(dialect: Dialect, body: &[u8]) -> Option<(Bytes, Option<Vec<u8>>)> {
-    let spec = super::spec_of(dialect);
+fn reduce(dialect: &Dialect, body: &[u8]) -> Option<(Bytes, Option<Vec<u8>>)> {
+    let spec = dialect.spec();
     let msg = iso8583::decode(spec, body).ok()?;
-    let kept = match dialect {
-        Dialect::Ascii1987 => KEPT_ASCII1987,
-        Dialect::CupPos => KEPT_CUP_POS,
+    let extra = match dialect.original {
+        OriginalKeys::De90 => &[][..],
+        OriginalKeys::De61 => KEPT_DE61,
     };
+    let mut kept: Vec<u8> = KEPT.iter().chain(extra).copied().collect();
+    kept.sort_unstable();
     let mut fields: iso8583::FieldList<'_, 32> = iso8583::FieldList::new();
-    for &n in kept {
+    for n in kept {
         fields.echo(&msg, n).ok()?;
     }
     let mut out = bytes::BytesMut::with_capacity(body.len());
@@ -914,8 +930,8 @@ fn reduce(dialect: Dialect, body: &[u8]) -> Option<(Bytes, Option<Vec<u8>>)> {
 }
 
 /// `body` (without DE2) with DE2 = `pan` put back.
-fn with_pan(dialect: Dialect, body: &[u8], pan: &[u8]) -> Option<Bytes> {
-    let spec = super::spec_of(dialect);
+fn with_pan(dialect: &Dialect, body: &[u8], pan: &[u8]) -> Option<Bytes> {
+    let spec = dialect.spec();
     let msg = iso8583::decode(spec, body).ok()?;
     let mut fields: iso8583::FieldList<'_, 33> = iso8583::FieldList::new();
     fields.set(2, iso8583::Value::Text(pan)).ok()?;
@@ -928,19 +944,13 @@ fn with_pan(dialect: Dialect, body: &[u8], pan: &[u8]) -> Option<Bytes> {
 }
 
 /// The same message with the MTI's origin digit set to 1 (0400 → 0401, 0220 → 0221).
-pub fn mark_repeat(dialect: Dialect, body: &Bytes) -> Bytes {
-    let mut out = body.to_vec();
-    match dialect {
-        Dialect::Ascii1987 if out.len() >= 4 && out[3] == b'0' => out[3] = b'1',
-        Dialect::CupPos if out.len() >= 2 && out[1] & 0x0f == 0 => out[1] |= 0x01,
-        _ => {}
-    }
-    Bytes::from(out)
+pub fn mark_repeat(dialect: &Dialect, body: &Bytes) -> Bytes {
+    dialect.with_origin(body, true)
 }
 
 /// Whether a host's answer ends an entry: `00`, or `25` (the host has nothing to reverse).
-fn accepted(dialect: Dialect, answer: &[u8]) -> bool {
-    iso8583::decode(super::spec_of(dialect), answer)
+fn accepted(dialect: &Dialect, answer: &[u8]) -> bool {
+    iso8583::decode(dialect.spec(), answer)
         .ok()
         .and_then(|m| m.response_code().map(|c| c == "00" || c == "25"))
         .unwrap_or(false)
@@ -954,13 +964,59 @@ mod tests {
     #[test]
     fn repeats_set_the_origin_digit_in_both_dialects() {
         assert_eq!(
-            &mark_repeat(Dialect::Ascii1987, &Bytes::from_static(b"0400xyz"))[..],
+            &mark_repeat(&crate::dialect::ASCII1987, &Bytes::from_static(b"0400xyz"))[..],
             b"0401xyz"
         );
         assert_eq!(
-            &mark_repeat(Dialect::CupPos, &Bytes::from_static(&[0x04, 0x00, 0xff]))[..],
+            &mark_repeat(
+                &crate::dialect::CUP_POS,
+                &Bytes::from_static(&[0x04, 0x00, 0xff])
+            )[..],
             &[0x04, 0x01, 0xff]
         );
+        assert_eq!(
+            &mark_repeat(
+                &crate::dialect::ISO87B,
+                &Bytes::from_static(&[0x04, 0x20, 0xff])
+            )[..],
+            &[0x04, 0x21, 0xff]
+        );
+    }
+
+    #[test]
+    fn an_entry_of_a_dialect_added_as_data_survives_a_restart() {
+        let mut fields: iso8583::FieldList<'_, 8> = iso8583::FieldList::new();
+        fields.set(3, iso8583::Value::Number(0)).unwrap();
+        fields.set(4, iso8583::Value::Number(1000)).unwrap();
+        fields
+            .set(7, iso8583::Value::Number(1_125_093_015))
+            .unwrap();
+        fields.set(11, iso8583::Value::Number(42)).unwrap();
+        fields.set(41, iso8583::Value::Text(b"TERM0001")).unwrap();
+        fields
+            .set(42, iso8583::Value::Text(b"MERCHANT 000001"))
+            .unwrap();
+        let spec = crate::dialect::ISO87B.spec();
+        let mut out = bytes::BytesMut::new();
+        iso8583::encode(spec, crate::iso8583::Mti(200), fields.as_slice(), &mut out).unwrap();
+        let msg = iso8583::decode(spec, &out).unwrap();
+        let (key, body) = super::super::reversal_of(&crate::dialect::ISO87B, &msg).unwrap();
+        let entry = Entry {
+            id: 7,
+            upstream: "bank".into(),
+            dialect: &crate::dialect::ISO87B,
+            created_s: 1,
+            key,
+            body,
+            sealed_pan: None,
+        };
+        let mut buf = Vec::new();
+        Record::Add(entry.clone()).encode(&mut buf);
+        let Some(Record::Add(back)) = Record::decode(&buf) else {
+            panic!("the record did not decode");
+        };
+        assert_eq!(back.dialect.name(), "iso87b");
+        assert_eq!((back.key, &back.body[..]), (entry.key, &entry.body[..]));
     }
 
     fn reversal(stan: u32) -> (Key, Bytes) {
@@ -973,11 +1029,11 @@ mod tests {
         fields.set(41, Value::Text(b"TERM0001")).unwrap();
         fields.set(42, Value::Text(b"MERCHANT 000001")).unwrap();
         fields.set(49, Value::Number(840)).unwrap();
-        let spec = super::super::spec_of(Dialect::Ascii1987);
+        let spec = crate::dialect::ASCII1987.spec();
         let mut out = bytes::BytesMut::new();
         iso8583::encode(spec, Mti(200), fields.as_slice(), &mut out).unwrap();
         let msg = iso8583::decode(spec, &out).unwrap();
-        super::super::reversal_of(Dialect::Ascii1987, &msg).unwrap()
+        super::super::reversal_of(&crate::dialect::ASCII1987, &msg).unwrap()
     }
 
     /// One send, then a dead letter; retries 1 ms apart; no fsync.
@@ -1002,12 +1058,14 @@ mod tests {
         let saf = open_quick(dir.path());
         for stan in 1..=5 {
             let (key, body) = reversal(stan);
-            saf.enqueue("bank", Dialect::Ascii1987, key, body)
+            saf.enqueue("bank", &crate::dialect::ASCII1987, key, body)
                 .await
                 .unwrap();
         }
         let (key, body) = reversal(1);
-        let again = saf.enqueue("bank", Dialect::Ascii1987, key, body).await;
+        let again = saf
+            .enqueue("bank", &crate::dialect::ASCII1987, key, body)
+            .await;
         assert_eq!(again.unwrap(), saf.pending()[0].id, "not queued twice");
         let ids: Vec<u64> = saf.pending().iter().map(|e| e.id).collect();
         saf.delivered(ids[0]).await;
@@ -1015,7 +1073,7 @@ mod tests {
         saf.compact().await.unwrap();
         let (key, body) = reversal(6);
         let last = saf
-            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .enqueue("bank", &crate::dialect::ASCII1987, key, body)
             .await
             .unwrap();
         drop(saf);
@@ -1028,7 +1086,7 @@ mod tests {
         assert_eq!(saf.dead_letters()[0].reason, DeadReason::Expired);
         let (key, body) = reversal(7);
         let next = saf
-            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .enqueue("bank", &crate::dialect::ASCII1987, key, body)
             .await
             .unwrap();
         assert!(next > last, "ids stay unique across snapshot and restart");
@@ -1041,7 +1099,7 @@ mod tests {
         let saf = open_quick(dir.path());
         let (key, body) = reversal(1);
         let id = saf
-            .enqueue("bank", Dialect::Ascii1987, key, body)
+            .enqueue("bank", &crate::dialect::ASCII1987, key, body)
             .await
             .unwrap();
         saf.give_up(id, DeadReason::RetriesExhausted, 0).await;
@@ -1080,7 +1138,7 @@ mod tests {
         fields.set(42, Value::Text(b"MERCHANT 000001")).unwrap();
         fields.set(49, Value::Number(840)).unwrap();
         fields.set(52, Value::Text(b"0123456789ABCDEF")).unwrap();
-        let spec = super::super::spec_of(Dialect::Ascii1987);
+        let spec = crate::dialect::ASCII1987.spec();
         let mut out = bytes::BytesMut::new();
         iso8583::encode(spec, Mti(400), fields.as_slice(), &mut out).unwrap();
         let key = Key::of(&iso8583::decode(spec, &out).unwrap()).unwrap();
@@ -1091,17 +1149,17 @@ mod tests {
     async fn queued_messages_keep_allowed_elements_and_a_sealed_pan_only() {
         let dir = tempfile::tempdir().unwrap();
         let cipher = || crate::at_rest::PanCipher::new(&[9; 32]).unwrap();
-        let spec = super::super::spec_of(Dialect::Ascii1987);
+        let spec = crate::dialect::ASCII1987.spec();
         {
             let saf = open_quick(dir.path());
             // Without a cipher the PAN is not kept at all.
             let (key, body) = terminal_reversal(1);
-            saf.enqueue("bank", Dialect::Ascii1987, key, body)
+            saf.enqueue("bank", &crate::dialect::ASCII1987, key, body)
                 .await
                 .unwrap();
             saf.set_pan_cipher(cipher());
             let (key, body) = terminal_reversal(2);
-            saf.enqueue("bank", Dialect::Ascii1987, key, body)
+            saf.enqueue("bank", &crate::dialect::ASCII1987, key, body)
                 .await
                 .unwrap();
             assert!(saf.holds_sealed_pans());

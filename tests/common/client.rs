@@ -39,6 +39,22 @@ pub async fn try_connect(
     cert: &CertificateDer<'static>,
     addr: SocketAddr,
 ) -> std::io::Result<Client> {
+    connect_framed(cert, addr, FrameCodec::new(Framing::Binary2, false, 8192)).await
+}
+
+/// Connects to an in-process gateway's listener, with its framing (and cup TPDU + header).
+pub async fn connect_listener(info: &refundgate::server::ListenerInfo) -> Client {
+    let codec = FrameCodec::new(info.framing, info.dialect.has_tpdu(), 8192);
+    connect_framed(&info.cert_der, info.addr, codec)
+        .await
+        .unwrap()
+}
+
+async fn connect_framed(
+    cert: &CertificateDer<'static>,
+    addr: SocketAddr,
+    codec: FrameCodec,
+) -> std::io::Result<Client> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
@@ -50,10 +66,7 @@ pub async fn try_connect(
     let tls = TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await?;
-    Ok(Framed::new(
-        tls,
-        FrameCodec::new(Framing::Binary2, false, 8192),
-    ))
+    Ok(Framed::new(tls, codec))
 }
 
 /// What a terminal sees of an answer.

@@ -1,0 +1,1269 @@
+//! `refundgate sim --core`: the deterministic simulation of the real gateway core (issue 17).
+//!
+//! One thread, one seed. Unlike the model mode of [`super::run`], nothing here imitates
+//! `flow`: the terminals' requests are real ISO 8583 bytes (the ascii1987 spec encoder), given
+//! in batches to the real [`Gateway::handle_batch`] on two links, decided by the real ledger,
+//! journaled by the real [`Journal`] in its stepped mode ([`Options::stepped`]) over a
+//! [`SimDisk`], and answered with bytes read back by the real decoder. The gateway's clock is
+//! a [`ManualClock`] the seed moves (from 2026-01-31 across merchant-local days and a month).
+//! The gateway runs inside a current-thread tokio runtime that this thread drives: each step
+//! polls the batches until they wait for the journal, steps the journal (with the seed's
+//! faults: failed syncs, torn writes, a full disk), and polls again until every batch is
+//! answered. The request deadline is a day, so no timer fires: real time never enters a
+//! decision. Crashes come at random steps, also between a batch's decision and its sync, and
+//! between the sync and the answers leaving: the gateway, journal and runtime are dropped, the
+//! disk loses what was not synced (or keeps part of it, the last write possibly torn), and the
+//! gateway is started again the way `serve` starts it (`Journal::open`, snapshot restore and
+//! replay through [`recover_ledger`], the startup policies journaled). Snapshots are written
+//! at random durable points the way `serve`'s snapshot task writes them.
+//!
+//! Invariants, on the real stack:
+//! - (b) at every durable point (nothing queued, the journal not holding after a failure),
+//!   replay of the journal (the newest snapshot and the records after it, as a restart reads
+//!   them) equals the live ledger byte for byte (snapshot encoding). Every snapshot was itself
+//!   taken at such a point, so by induction this is replay from scratch;
+//! - (c) a repeat (0201/0401) or identical retransmission of an acknowledged request gets the
+//!   acknowledged DE39, DE44 and DE54, declines included, before and after crashes (after each
+//!   restart a sample of the acknowledged answers is repeated at once), and journals nothing;
+//!   another request reusing its key gets 94 and journals nothing;
+//! - (a) no refund limit exceeded, recomputed from the acknowledged answers alone (per
+//!   original: the sale; per merchant-local day: the amount and count caps; a refund any
+//!   reversal was sent for is left out), and the ledger's own day usage never below those sums;
+//! - (settle) a 0500 of a terminal that never sent a sign-on gets 03;
+//! - (f) no panic, and every batch is answered (a batch that cannot finish is reported).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+
+use super::{
+    merchant_set, month_of, pan_key, transient, Failure, DAY_CAP, DAY_COUNT_CAP, MERCHANTS,
+    OFFSET_S, PANS, REPEAT_HORIZON_S, T0, TERMINALS, TRACE_KEPT,
+};
+use crate::clock::{Clock, ManualClock};
+use crate::flow::{recover_ledger, Gateway, Link, Outcome, Summary};
+use crate::iso8583::{self, FieldList, Mti, Value, ASCII1987};
+use crate::journal::{Durability, Journal, Options, SimDisk};
+use crate::ledger::{AdminId, Ledger, LedgerEvent, MerchantSet, Reason};
+
+/// A bug to re-introduce, from the simulator's side, to show the invariants have teeth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CoreMutation {
+    /// The gateway as built.
+    #[default]
+    None,
+    /// Answers leave before the sync that makes their record durable: the journal runs with
+    /// `Durability::UnsafeNoFsync` (acknowledged after the write alone).
+    AckBeforeSync,
+    /// The disk loses synced writes in a crash (a disk that lies about `fdatasync`): the
+    /// simulator must notice that acknowledged answers were lost.
+    LostSyncedWrites,
+    /// Declines are applied in memory but not journaled (a switch in `flow`, compiled only
+    /// with the test-only `sim-mutations` feature).
+    #[cfg(feature = "sim-mutations")]
+    DeclinesNotJournaled,
+}
+
+/// What one core run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CoreReport {
+    /// Steps run.
+    pub steps: u32,
+    /// Messages given to the gateway (repeats included).
+    pub messages: u64,
+    /// Batches given to `handle_batch`.
+    pub batches: u64,
+    /// Answers acknowledged to the terminals and remembered for repeats.
+    pub acknowledged: u64,
+    /// Approvals (00) among the answers.
+    pub approved: u64,
+    /// Answers 96 (the journal failed or was full).
+    pub store_unavailable: u64,
+    /// Crashes and restarts.
+    pub crashes: u32,
+    /// Of those, crashes between a batch's decisions and the answers leaving.
+    pub crashes_mid_batch: u32,
+    /// Restarts that restored a snapshot.
+    pub snapshot_restores: u32,
+    /// Snapshots written.
+    pub snapshots: u32,
+    /// Journal steps whose sync or write failed by injection.
+    pub failed_steps: u32,
+    /// Steps the disk was full.
+    pub disk_full_steps: u32,
+    /// Durable points checked by (b).
+    pub durable_points: u32,
+    /// Repeats and retransmissions checked against the acknowledged answer.
+    pub repeats_checked: u64,
+    /// Requests reusing an acknowledged request's key (checked: 94).
+    pub key_reuses: u32,
+    /// Bad messages sent.
+    pub bad_messages: u32,
+}
+
+impl CoreReport {
+    /// Adds the counts of another run (totals over seeds).
+    pub fn add(&mut self, other: &CoreReport) {
+        self.steps = self.steps.saturating_add(other.steps);
+        self.messages = self.messages.saturating_add(other.messages);
+        self.batches = self.batches.saturating_add(other.batches);
+        self.acknowledged = self.acknowledged.saturating_add(other.acknowledged);
+        self.approved = self.approved.saturating_add(other.approved);
+        self.store_unavailable = self
+            .store_unavailable
+            .saturating_add(other.store_unavailable);
+        self.crashes = self.crashes.saturating_add(other.crashes);
+        self.crashes_mid_batch = self
+            .crashes_mid_batch
+            .saturating_add(other.crashes_mid_batch);
+        self.snapshot_restores = self
+            .snapshot_restores
+            .saturating_add(other.snapshot_restores);
+        self.snapshots = self.snapshots.saturating_add(other.snapshots);
+        self.failed_steps = self.failed_steps.saturating_add(other.failed_steps);
+        self.disk_full_steps = self.disk_full_steps.saturating_add(other.disk_full_steps);
+        self.durable_points = self.durable_points.saturating_add(other.durable_points);
+        self.repeats_checked = self.repeats_checked.saturating_add(other.repeats_checked);
+        self.key_reuses = self.key_reuses.saturating_add(other.key_reuses);
+        self.bad_messages = self.bad_messages.saturating_add(other.bad_messages);
+    }
+}
+
+/// Where the journal lives on the simulated disk.
+const ROOT: &str = "/sim";
+const DIR: &str = "/sim/journal";
+/// Small segments, so runs rotate and snapshots delete covered segments.
+const SEGMENT_BYTES: u64 = 16 * 1024;
+/// No timer may fire within a run: the deadline is far beyond any run's real duration.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(86_400);
+/// A batch that cannot finish in this much real time is reported (f).
+const STUCK: std::time::Duration = std::time::Duration::from_secs(120);
+/// Acknowledged answers repeated right after each restart.
+const REPEATS_AFTER_RESTART: usize = 6;
+/// One durable-point check in this many (on average) replays the journal afresh.
+const FULL_REPLAY_EVERY: u64 = 16;
+
+/// What a terminal sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Sale,
+    Refund,
+    Void,
+    Reversal,
+    SignOn,
+    Settle,
+    Bad,
+}
+
+/// One request, as the terminal built it.
+#[derive(Debug, Clone)]
+struct Req {
+    op: Op,
+    merchant: usize,
+    terminal: usize,
+    stan: u32,
+    /// DE7 MMDDhhmmss (UTC) and DE13 MMDD, DE12 hhmmss (merchant-local).
+    de7: u64,
+    mmdd: u16,
+    hhmmss: u32,
+    pan: &'static str,
+    amount: u64,
+    /// The request (index) this one names in DE90.
+    original: Option<usize>,
+    /// Bad messages: the bytes.
+    raw: Option<Vec<u8>>,
+}
+
+/// DE39, DE44, DE54 of an answer as the terminal got them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Answer {
+    de39: String,
+    de44: String,
+    de54: String,
+}
+
+impl std::fmt::Display for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.de39, self.de44)?;
+        if !self.de54.is_empty() {
+            write!(f, " [{}]", self.de54)?;
+        }
+        Ok(())
+    }
+}
+
+/// An acknowledged answer.
+#[derive(Debug, Clone)]
+struct Ack {
+    req: usize,
+    at: i64,
+    answer: Answer,
+}
+
+/// What the driver sends in one batch.
+struct Batch {
+    link: usize,
+    /// (request index, repeat flag) per message.
+    msgs: Vec<(usize, bool)>,
+    bodies: Vec<Vec<u8>>,
+    /// Check: a lone repeat, retransmission or key reuse of acknowledged `Ack`.
+    check: Option<(Check, Ack)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Repeat,
+    Retransmission,
+    KeyReuse,
+}
+
+/// One life of the gateway: from a start to the next crash.
+struct Life {
+    runtime: tokio::runtime::Runtime,
+    gateway: Gateway,
+    journal: Arc<Journal>,
+}
+
+type Answers = Vec<(Outcome, Summary)>;
+type BatchFuture<'a> = Pin<Box<dyn Future<Output = Answers> + 'a>>;
+
+/// Where a crash hits a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrashAt {
+    /// After the batches were decided, before the journal step.
+    BeforeSync,
+    /// After the journal step, before the answers leave.
+    AfterSync,
+}
+
+/// How a step's batches ended.
+enum Driven {
+    Answered(Vec<Answers>),
+    Crashed,
+}
+
+struct State {
+    seed: u64,
+    rng: u64,
+    mutation: CoreMutation,
+    merchants: MerchantSet,
+    disk: SimDisk,
+    clock: Arc<ManualClock>,
+    step: u32,
+    stan: u32,
+    reqs: Vec<Req>,
+    acked: Vec<Ack>,
+    /// Approved sales, refunds/voids, reversals (request indexes).
+    sales: Vec<usize>,
+    debits: Vec<usize>,
+    /// Originals some reversal was sent for.
+    reversal_sent: HashSet<usize>,
+    /// Sales whose reversal was sent first.
+    future: Vec<usize>,
+    /// (merchant, terminal) that ever sent a sign-on.
+    signed_on: HashSet<(usize, usize)>,
+    full_until: u32,
+    /// The replay of the journal at the last durable point (b).
+    shadow: Option<Shadow>,
+    trace: VecDeque<String>,
+    report: CoreReport,
+}
+
+/// A ledger replayed from the journal, and the last seq it applied.
+struct Shadow {
+    ledger: Ledger,
+    seq: u64,
+}
+
+/// Runs `steps` steps of seed `seed` on the real gateway core.
+pub fn run_core(seed: u64, steps: u32, mutation: CoreMutation) -> Result<CoreReport, Failure> {
+    let setup = |detail: String| Failure {
+        seed,
+        step: 0,
+        invariant: "setup",
+        detail,
+        trace: Vec::new(),
+    };
+    let merchants = merchant_set().map_err(setup)?;
+    let mut state = State {
+        seed,
+        rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d | 1,
+        mutation,
+        merchants,
+        disk: SimDisk::new(Path::new(ROOT), seed),
+        clock: Arc::new(ManualClock::new(T0)),
+        step: 0,
+        stan: 0,
+        reqs: Vec::new(),
+        acked: Vec::new(),
+        sales: Vec::new(),
+        debits: Vec::new(),
+        reversal_sent: HashSet::new(),
+        future: Vec::new(),
+        signed_on: HashSet::new(),
+        full_until: 0,
+        shadow: None,
+        trace: VecDeque::new(),
+        report: CoreReport::default(),
+    };
+    let _switch = FlowMutation::on(mutation);
+    let mut life = state.start().map_err(|e| state.fail("recovery", e))?;
+    for step in 0..steps {
+        state.step = step;
+        life = state.one_step(life)?;
+        state.report.steps = step + 1;
+    }
+    Ok(state.report)
+}
+
+/// Turns the flow-side mutation on for this thread, off again when dropped.
+struct FlowMutation;
+
+impl FlowMutation {
+    fn on(mutation: CoreMutation) -> FlowMutation {
+        #[cfg(feature = "sim-mutations")]
+        super::switches::set_declines_not_journaled(mutation == CoreMutation::DeclinesNotJournaled);
+        let _ = mutation;
+        FlowMutation
+    }
+}
+
+impl Drop for FlowMutation {
+    fn drop(&mut self) {
+        #[cfg(feature = "sim-mutations")]
+        super::switches::set_declines_not_journaled(false);
+    }
+}
+
+/// Polls every unfinished batch once; true once all are answered.
+fn poll_all(
+    futures: &mut [Option<BatchFuture<'_>>],
+    answers: &mut [Option<Answers>],
+    cx: &mut Context<'_>,
+) -> bool {
+    let mut all = true;
+    for (slot, answer) in futures.iter_mut().zip(answers.iter_mut()) {
+        if let Some(f) = slot {
+            match f.as_mut().poll(cx) {
+                Poll::Ready(out) => {
+                    *answer = Some(out);
+                    *slot = None;
+                }
+                Poll::Pending => all = false,
+            }
+        }
+    }
+    all
+}
+
+impl State {
+    fn next(&mut self, n: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % n.max(1)
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_unix_s()
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() == TRACE_KEPT {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("#{} {line}", self.step));
+    }
+
+    fn fail(&self, invariant: &'static str, detail: String) -> Failure {
+        Failure {
+            seed: self.seed,
+            step: self.step,
+            invariant,
+            detail,
+            trace: self.trace.iter().cloned().collect(),
+        }
+    }
+
+    /// Starts the gateway on what the disk holds, as `serve::prepare` does.
+    fn start(&mut self) -> Result<Life, String> {
+        let options = Options {
+            durability: match self.mutation {
+                CoreMutation::AckBeforeSync => Durability::UnsafeNoFsync,
+                _ => Durability::Fdatasync,
+            },
+            segment_bytes: SEGMENT_BYTES,
+            storage: Arc::new(self.disk.clone()),
+            stepped: true,
+            ..Options::default()
+        };
+        let (journal, mut recovered) =
+            Journal::open(DIR, options).map_err(|e| format!("journal open: {e}"))?;
+        if recovered.snapshot().is_some() {
+            self.report.snapshot_restores += 1;
+        }
+        let (ledger, replayed) = recover_ledger(&self.merchants, pan_key(), &mut recovered, None)?;
+        let startup = AdminId::new("startup").unwrap_or_default();
+        ledger
+            .reload_logged(&self.merchants, startup, self.now(), |e| {
+                let mut payload = Vec::with_capacity(128);
+                e.encode(&mut payload);
+                journal.enqueue(payload).map(|t| t.seq)
+            })
+            .map_err(|e| format!("startup policies: {e:?}"))?;
+        self.note(format!(
+            "start: {} records replayed, snapshot {}",
+            replayed,
+            recovered.snapshot().map_or(0, |s| s.seq)
+        ));
+        let journal = Arc::new(journal);
+        let clock: Arc<dyn Clock> = self.clock.clone();
+        let gateway = Gateway::new(
+            Arc::new(ledger),
+            Some(Arc::clone(&journal)),
+            clock,
+            vec![
+                Link::plain(&crate::dialect::ASCII1987),
+                Link::plain(&crate::dialect::ASCII1987),
+            ],
+        )
+        .with_request_deadline(DEADLINE);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?;
+        Ok(Life {
+            runtime,
+            gateway,
+            journal,
+        })
+    }
+
+    fn one_step(&mut self, life: Life) -> Result<Life, Failure> {
+        let dt = self.next(90) as i64;
+        self.clock.advance(dt);
+        if self.next(60) == 0 {
+            self.clock.advance(5 * 3600);
+        }
+        if self.next(120) == 0 {
+            self.full_until = self.step + 1 + self.next(8) as u32;
+            self.note(format!("disk full until #{}", self.full_until));
+        }
+        let full = self.step < self.full_until;
+        self.disk.set_full(full);
+        if full {
+            self.report.disk_full_steps += 1;
+        }
+        let crash = match self.next(100) {
+            0 => Some(Some(CrashAt::BeforeSync)),
+            1 => Some(Some(CrashAt::AfterSync)),
+            2 => Some(None),
+            _ => None,
+        };
+        let batches = self.batches();
+        let held = life.journal.is_held();
+        let crash_at = match crash {
+            Some(Some(at)) if !held => Some(at),
+            _ => None,
+        };
+        let seq_before = life.journal.last_ticket().seq;
+        let driven = self.drive(&life, &batches, crash_at)?;
+        match driven {
+            Driven::Crashed => {
+                self.report.crashes_mid_batch += 1;
+                return self.crash(life, "mid-batch");
+            }
+            Driven::Answered(answers) => {
+                for (batch, out) in batches.iter().zip(answers) {
+                    self.answered(&life, batch, out, seq_before)?;
+                }
+            }
+        }
+        self.check_limits(&life)?;
+        if !life.journal.is_held() && life.journal.queued() == 0 {
+            self.check_durable(&life)?;
+            if self.next(8) == 0 {
+                self.snapshot(&life);
+            }
+        }
+        if crash == Some(None) || (crash.is_some() && crash_at.is_none()) {
+            return self.crash(life, "between steps");
+        }
+        Ok(life)
+    }
+
+    /// Gives the step's batches to the gateway, steps the journal, and collects the answers
+    /// (or crashes at `crash_at`).
+    fn drive(
+        &mut self,
+        life: &Life,
+        batches: &[Batch],
+        crash_at: Option<CrashAt>,
+    ) -> Result<Driven, Failure> {
+        let gateway = &life.gateway;
+        let journal = &life.journal;
+        let mut futures: Vec<Option<BatchFuture<'_>>> = batches
+            .iter()
+            .map(|b| {
+                let f: BatchFuture<'_> = Box::pin(async move {
+                    let mut out = Vec::with_capacity(b.bodies.len());
+                    gateway.handle_batch(b.link, &b.bodies, &mut out).await;
+                    out
+                });
+                Some(f)
+            })
+            .collect();
+        let mut answers: Vec<Option<Answers>> = batches.iter().map(|_| None).collect();
+        self.report.batches += batches.len() as u64;
+        self.report.messages += batches.iter().map(|b| b.bodies.len() as u64).sum::<u64>();
+        let outcome = life.runtime.block_on(async {
+            let mut synced_once = false;
+            // Every batch decides and enqueues, then waits for the journal.
+            let mut done =
+                std::future::poll_fn(|cx| Poll::Ready(poll_all(&mut futures, &mut answers, cx)))
+                    .await;
+            if crash_at == Some(CrashAt::BeforeSync) && journal.queued() > 0 {
+                return Ok(false);
+            }
+            let stuck_since = crate::clock::monotonic();
+            while !done {
+                if journal.queued() > 0 {
+                    self.inject_faults();
+                    let taken = journal.step();
+                    let failed = !synced_once && journal.is_held();
+                    self.note(format!(
+                        "journal step: {taken} records{}",
+                        if failed { ", failed" } else { "" }
+                    ));
+                    if failed {
+                        self.report.failed_steps += 1;
+                    }
+                    if crash_at == Some(CrashAt::AfterSync) && !synced_once {
+                        return Ok(false);
+                    }
+                    synced_once = true;
+                    done = std::future::poll_fn(|cx| {
+                        Poll::Ready(poll_all(&mut futures, &mut answers, cx))
+                    })
+                    .await;
+                    continue;
+                }
+                // Waiting for a rebuild or scrub on the blocking pool (the journal holds,
+                // so nothing can be queued meanwhile): poll again when it wakes a batch.
+                let wait = std::future::poll_fn(|cx| {
+                    if poll_all(&mut futures, &mut answers, cx) {
+                        return Poll::Ready(true);
+                    }
+                    if journal.queued() > 0 {
+                        return Poll::Ready(false);
+                    }
+                    Poll::Pending
+                });
+                match tokio::time::timeout(STUCK, wait).await {
+                    Ok(all) => done = all,
+                    Err(_) => return Err(stuck_since.elapsed()),
+                }
+            }
+            Ok(true)
+        });
+        drop(futures);
+        match outcome {
+            Ok(true) => Ok(Driven::Answered(answers.into_iter().flatten().collect())),
+            Ok(false) => Ok(Driven::Crashed),
+            Err(waited) => Err(self.fail(
+                "f (stuck)",
+                format!("a batch was not answered after {waited:?}"),
+            )),
+        }
+    }
+
+    /// The seed's faults for the next journal step.
+    fn inject_faults(&mut self) {
+        match self.next(40) {
+            0 => {
+                let n = 1 + self.next(2) as u32;
+                self.disk.fail_next_syncs(n);
+            }
+            1 => self.disk.tear_next_writes(1),
+            _ => {}
+        }
+    }
+
+    /// Builds this step's batches: 1..=3 batches of new requests, or a lone check.
+    fn batches(&mut self) -> Vec<Batch> {
+        if self.next(4) == 0 {
+            if let Some(b) = self.check_batch() {
+                return vec![b];
+            }
+        }
+        let n = 1 + self.next(3) as usize;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k = 1 + self.next(3) as usize;
+            let mut msgs = Vec::with_capacity(k);
+            for _ in 0..k {
+                let idx = self.new_request();
+                msgs.push((idx, false));
+            }
+            let bodies = msgs.iter().map(|&(i, r)| self.encode(i, r)).collect();
+            out.push(Batch {
+                link: self.next(2) as usize,
+                msgs,
+                bodies,
+                check: None,
+            });
+        }
+        out
+    }
+
+    /// A repeat, identical retransmission or key reuse of a recent acknowledged answer.
+    fn check_batch(&mut self) -> Option<Batch> {
+        let ack = self.recent_ack()?;
+        let has_amount = self.reqs[ack.req].op != Op::Settle;
+        let check = match self.next(4) {
+            0 => Check::Retransmission,
+            1 if has_amount => Check::KeyReuse,
+            _ => Check::Repeat,
+        };
+        Some(self.check_of(ack, check))
+    }
+
+    fn check_of(&mut self, ack: Ack, check: Check) -> Batch {
+        let (idx, repeat) = match check {
+            Check::Repeat => (ack.req, true),
+            Check::Retransmission => (ack.req, false),
+            Check::KeyReuse => {
+                let mut other = self.reqs[ack.req].clone();
+                other.amount += 1;
+                self.reqs.push(other);
+                (self.reqs.len() - 1, false)
+            }
+        };
+        let body = self.encode(idx, repeat);
+        Batch {
+            link: self.next(2) as usize,
+            msgs: vec![(idx, repeat)],
+            bodies: vec![body],
+            check: Some((check, ack)),
+        }
+    }
+
+    fn recent_ack(&mut self) -> Option<Ack> {
+        let now = self.now();
+        let recent = self
+            .acked
+            .iter()
+            .rev()
+            .take_while(|a| now - a.at < REPEAT_HORIZON_S)
+            .count();
+        if recent == 0 {
+            return None;
+        }
+        let pick = self.acked.len() - 1 - self.next(recent as u64) as usize;
+        Some(self.acked[pick].clone())
+    }
+
+    fn new_req(&mut self, op: Op, merchant: usize) -> Req {
+        self.stan = self.stan % 999_998 + 1;
+        let now = self.now();
+        let local = now + OFFSET_S;
+        let secs = local.rem_euclid(86_400);
+        let hhmmss = (secs / 3600 * 10_000 + secs % 3600 / 60 * 100 + secs % 60) as u32;
+        let utc = now.rem_euclid(86_400);
+        let utc_hhmmss = (utc / 3600 * 10_000 + utc % 3600 / 60 * 100 + utc % 60) as u64;
+        Req {
+            op,
+            merchant,
+            terminal: self.next(2) as usize,
+            stan: self.stan,
+            de7: u64::from(crate::clock::mmdd_of(now)) * 1_000_000 + utc_hhmmss,
+            mmdd: crate::clock::mmdd_of(local),
+            hhmmss,
+            pan: PANS[self.next(3) as usize],
+            amount: 1 + self.next(30_000),
+            original: None,
+            raw: None,
+        }
+    }
+
+    fn push(&mut self, r: Req) -> usize {
+        self.reqs.push(r);
+        self.reqs.len() - 1
+    }
+
+    /// A new request of the workload; returns its index.
+    fn new_request(&mut self) -> usize {
+        match self.next(100) {
+            0..=29 => self.sale(),
+            30..=54 => self.child(Op::Refund),
+            55..=59 => self.child(Op::Void),
+            60..=71 => self.reversal(),
+            72..=77 => self.bad(),
+            78..=83 => {
+                let (m, t) = (self.next(2) as usize, self.next(2) as usize);
+                let mut r = self.new_req(Op::SignOn, m);
+                r.terminal = t;
+                self.signed_on.insert((m, t));
+                self.push(r)
+            }
+            84..=89 => {
+                let m = self.next(2) as usize;
+                let r = self.new_req(Op::Settle, m);
+                self.push(r)
+            }
+            _ => self.sale(),
+        }
+    }
+
+    fn sale(&mut self) -> usize {
+        if !self.future.is_empty() && self.next(3) == 0 {
+            // A sale whose reversal overtook it.
+            return self.future.remove(0);
+        }
+        let r = self.new_sale();
+        self.push(r)
+    }
+
+    fn new_sale(&mut self) -> Req {
+        let m = self.next(2) as usize;
+        let mut r = self.new_req(Op::Sale, m);
+        r.amount = 1_000 + self.next(29_000);
+        r
+    }
+
+    /// A refund, void or reversal of an approved sale.
+    fn child(&mut self, op: Op) -> usize {
+        if self.sales.is_empty() {
+            return self.sale();
+        }
+        let at = self.next(self.sales.len() as u64) as usize;
+        let pick = self.sales[at];
+        self.child_of(op, pick)
+    }
+
+    fn child_of(&mut self, op: Op, pick: usize) -> usize {
+        let original = self.reqs[pick].clone();
+        let mut r = self.new_req(op, original.merchant);
+        r.terminal = original.terminal;
+        r.pan = original.pan;
+        r.original = Some(pick);
+        r.amount = match op {
+            Op::Refund => 1 + self.next(original.amount + original.amount / 4),
+            _ => original.amount,
+        };
+        if op == Op::Reversal {
+            self.reversal_sent.insert(pick);
+        }
+        self.push(r)
+    }
+
+    fn reversal(&mut self) -> usize {
+        match self.next(4) {
+            0 if self.future.len() < 8 => {
+                // Reordered: the reversal of a sale arrives before the sale.
+                let sale = self.new_sale();
+                let s = self.push(sale);
+                self.future.push(s);
+                self.child_of(Op::Reversal, s)
+            }
+            1 if !self.debits.is_empty() => {
+                let at = self.next(self.debits.len() as u64) as usize;
+                let pick = self.debits[at];
+                self.child_of(Op::Reversal, pick)
+            }
+            _ => self.child(Op::Reversal),
+        }
+    }
+
+    fn bad(&mut self) -> usize {
+        self.report.bad_messages += 1;
+        let m = self.next(2) as usize;
+        let mut r = self.new_req(Op::Bad, m);
+        let mut bytes = self.encode_req(
+            &Req {
+                op: Op::Sale,
+                ..r.clone()
+            },
+            false,
+        );
+        match self.next(3) {
+            0 => bytes.truncate(self.next(bytes.len() as u64) as usize),
+            1 => {
+                let at = self.next(bytes.len() as u64) as usize;
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = self.next(256) as u8;
+                }
+            }
+            _ => {
+                let n = self.next(40) as usize;
+                bytes = (0..n).map(|_| self.next(256) as u8).collect();
+            }
+        }
+        r.raw = Some(bytes);
+        self.push(r)
+    }
+
+    fn encode(&mut self, idx: usize, repeat: bool) -> Vec<u8> {
+        let r = self.reqs[idx].clone();
+        match &r.raw {
+            Some(raw) => raw.clone(),
+            None => self.encode_req(&r, repeat),
+        }
+    }
+
+    /// The request's bytes through the real ascii1987 encoder.
+    fn encode_req(&self, r: &Req, repeat: bool) -> Vec<u8> {
+        let de7 = format!("{:010}", r.de7);
+        let stan = format!("{:06}", r.stan);
+        let hhmmss = format!("{:06}", r.hhmmss);
+        let mmdd = format!("{:04}", r.mmdd);
+        let amount = format!("{:012}", r.amount);
+        let de90 = r.original.map(|o| {
+            let o = &self.reqs[o];
+            format!("0200{:06}{:010}{:022}", o.stan, o.de7, 0)
+        });
+        let pc = match (r.op, r.original.map(|o| self.reqs[o].op)) {
+            (Op::Refund, _) | (Op::Reversal, Some(Op::Refund)) => "200000",
+            (Op::Void, _) | (Op::Reversal, Some(Op::Void)) => "020000",
+            _ => "000000",
+        };
+        let mti = match r.op {
+            Op::Reversal => 400,
+            Op::SignOn => 800,
+            Op::Settle => 500,
+            _ => 200,
+        } + u16::from(repeat);
+        let mut fields: Vec<(u8, &[u8])> = Vec::with_capacity(16);
+        let card = matches!(r.op, Op::Sale | Op::Refund | Op::Void | Op::Reversal);
+        if card {
+            fields.push((2, r.pan.as_bytes()));
+            fields.push((3, pc.as_bytes()));
+            fields.push((4, amount.as_bytes()));
+        }
+        fields.push((7, de7.as_bytes()));
+        fields.push((11, stan.as_bytes()));
+        if card {
+            fields.push((12, hhmmss.as_bytes()));
+            fields.push((13, mmdd.as_bytes()));
+            fields.push((22, b"051"));
+            fields.push((25, b"00"));
+        }
+        fields.push((41, TERMINALS[r.terminal].as_bytes()));
+        fields.push((42, MERCHANTS[r.merchant].as_bytes()));
+        if card {
+            fields.push((49, b"840"));
+        }
+        if r.op == Op::SignOn {
+            fields.push((70, b"001"));
+        }
+        if let Some(de90) = &de90 {
+            fields.push((90, de90.as_bytes()));
+        }
+        let mut list: FieldList<'_, 24> = FieldList::new();
+        for (n, v) in fields {
+            let _ = list.set(n, Value::Text(v));
+        }
+        let mut out = BytesMut::with_capacity(256);
+        // Our own fields within the spec: an encoding error would show as a 30 answer.
+        let _ = iso8583::encode(&ASCII1987, Mti(mti), list.as_slice(), &mut out);
+        out.to_vec()
+    }
+
+    fn describe(&self, idx: usize, repeat: bool) -> String {
+        let r = &self.reqs[idx];
+        format!(
+            "{:?} m{} t{} stan {} amount {}{}{}",
+            r.op,
+            r.merchant,
+            r.terminal,
+            r.stan,
+            r.amount,
+            r.original
+                .map_or(String::new(), |o| format!(" of stan {}", self.reqs[o].stan)),
+            if repeat { " (repeat)" } else { "" }
+        )
+    }
+
+    /// Reads the answers of one batch and checks what can be checked at once.
+    fn answered(
+        &mut self,
+        life: &Life,
+        batch: &Batch,
+        out: Answers,
+        seq_before: u64,
+    ) -> Result<(), Failure> {
+        if out.len() != batch.msgs.len() {
+            return Err(self.fail(
+                "f",
+                format!("{} answers for {} messages", out.len(), batch.msgs.len()),
+            ));
+        }
+        for (&(idx, repeat), (outcome, summary)) in batch.msgs.iter().zip(out) {
+            let answer = match outcome {
+                Outcome::Drop => {
+                    self.note(format!("{} -> dropped", self.describe(idx, repeat)));
+                    if self.reqs[idx].op != Op::Bad {
+                        return Err(
+                            self.fail("f", format!("{} was dropped", self.describe(idx, repeat)))
+                        );
+                    }
+                    continue;
+                }
+                Outcome::Reply(bytes) => match decode_answer(&bytes) {
+                    Some(a) => a,
+                    None => {
+                        return Err(self.fail(
+                            "f",
+                            format!(
+                                "answer to {} does not decode ({:?})",
+                                self.describe(idx, repeat),
+                                summary.code
+                            ),
+                        ))
+                    }
+                },
+            };
+            self.note(format!("{} -> {answer}", self.describe(idx, repeat)));
+            if answer.de44 == Reason::STORE_UNAVAILABLE.as_str() {
+                self.report.store_unavailable += 1;
+            }
+            if answer.de39 == "00" {
+                self.report.approved += 1;
+            }
+            match &batch.check {
+                Some((check, ack)) => self.check_answer(life, *check, ack, &answer, seq_before)?,
+                None => self.acknowledge(idx, answer)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, idx: usize, answer: Answer) -> Result<(), Failure> {
+        let r = self.reqs[idx].clone();
+        if matches!(r.op, Op::Bad | Op::SignOn) {
+            // Bad bytes are not stored; a sign-on is decided again each time.
+            return Ok(());
+        }
+        if r.op == Op::Settle
+            && !self.signed_on.contains(&(r.merchant, r.terminal))
+            && answer.de44 != Reason::STORE_UNAVAILABLE.as_str()
+            && answer.de44 != Reason::UNKNOWN_TERMINAL.as_str()
+        {
+            return Err(self.fail(
+                "settle",
+                format!(
+                    "{} from a terminal that never signed on answered {answer}",
+                    self.describe(idx, false)
+                ),
+            ));
+        }
+        if answer.de39 == "00" {
+            match r.op {
+                Op::Sale => self.sales.push(idx),
+                Op::Refund | Op::Void => self.debits.push(idx),
+                _ => {}
+            }
+        }
+        if !is_transient(&answer.de44) {
+            self.report.acknowledged += 1;
+            self.acked.push(Ack {
+                req: idx,
+                at: self.now(),
+                answer,
+            });
+        }
+        Ok(())
+    }
+
+    /// (c): a lone repeat or retransmission gets the acknowledged answer, a key reuse 94,
+    /// and neither journals anything.
+    fn check_answer(
+        &mut self,
+        life: &Life,
+        check: Check,
+        ack: &Ack,
+        answer: &Answer,
+        seq_before: u64,
+    ) -> Result<(), Failure> {
+        if answer.de44 == Reason::STORE_UNAVAILABLE.as_str() {
+            return Ok(());
+        }
+        let seq_after = life.journal.last_ticket().seq;
+        let what = match check {
+            Check::Repeat => "repeat",
+            Check::Retransmission => "retransmission",
+            Check::KeyReuse => "key reuse",
+        };
+        if seq_after > seq_before {
+            return Err(self.fail(
+                "c",
+                format!(
+                    "a {what} of {} (acknowledged {}) journaled {} records: it was decided again",
+                    self.describe(ack.req, false),
+                    ack.answer,
+                    seq_after - seq_before
+                ),
+            ));
+        }
+        if check == Check::KeyReuse {
+            self.report.key_reuses += 1;
+            if answer.de44 != Reason::DUPLICATE.as_str() {
+                return Err(self.fail(
+                    "c (key reused)",
+                    format!(
+                        "a request reusing the key of {} got {answer}",
+                        self.describe(ack.req, false)
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        self.report.repeats_checked += 1;
+        if *answer != ack.answer {
+            return Err(self.fail(
+                "c",
+                format!(
+                    "{what} of {} answered {answer}, acknowledged {}",
+                    self.describe(ack.req, false),
+                    ack.answer
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// (b): replay of the journal equals the live ledger. The replay is kept between
+    /// durable points and brought forward with the records that became durable since (the
+    /// records up to a durable seq never change); every [`FULL_REPLAY_EVERY`]th check, and
+    /// the first after each start, replays the journal afresh the way a restart does.
+    fn check_durable(&mut self, life: &Life) -> Result<(), Failure> {
+        const B: &str = "b (durable point)";
+        self.report.durable_points += 1;
+        let mut recovered = life
+            .journal
+            .reread()
+            .map_err(|e| self.fail(B, format!("reread: {e}")))?;
+        let durable = life.journal.durable_seq();
+        let full = self.next(FULL_REPLAY_EVERY) == 0;
+        let shadow = match self.shadow.take() {
+            Some(mut shadow) if !full => {
+                let mut bad = None;
+                recovered
+                    .replay(|seq, payload| {
+                        if seq <= shadow.seq || bad.is_some() {
+                            return;
+                        }
+                        match LedgerEvent::decode(payload) {
+                            // As `recover_ledger`: an event of a merchant no longer
+                            // configured is skipped.
+                            Ok(event) => {
+                                let _ = shadow.ledger.apply(&event);
+                            }
+                            Err(e) => bad = Some(format!("record {seq}: {e}")),
+                        }
+                        shadow.seq = seq;
+                    })
+                    .map_err(|e| self.fail(B, format!("replay: {e}")))?;
+                if let Some(bad) = bad {
+                    return Err(self.fail(B, bad));
+                }
+                shadow
+            }
+            _ => {
+                let (ledger, _) = recover_ledger(&self.merchants, pan_key(), &mut recovered, None)
+                    .map_err(|e| self.fail(B, format!("replay: {e}")))?;
+                Shadow {
+                    ledger,
+                    seq: durable,
+                }
+            }
+        };
+        let mut from_journal = Vec::new();
+        shadow.ledger.snapshot(&mut from_journal);
+        let mut live = Vec::new();
+        life.gateway.ledger().snapshot(&mut live);
+        let seq = shadow.seq;
+        self.shadow = Some(shadow);
+        if seq != durable || from_journal != live {
+            return Err(self.fail(
+                B,
+                format!(
+                    "replay of the journal to seq {seq} ({} bytes) differs from the live ledger ({} bytes) at durable seq {durable}",
+                    from_journal.len(),
+                    live.len(),
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A snapshot written the way `serve`'s snapshot task writes it.
+    fn snapshot(&mut self, life: &Life) {
+        let journal = &life.journal;
+        let gateway = &life.gateway;
+        let taken = life.runtime.block_on(async {
+            let (ticket, bytes) = gateway.snapshot().await?;
+            journal.is_durable(ticket).then_some((ticket.seq, bytes))
+        });
+        let Some((seq, bytes)) = taken else {
+            return;
+        };
+        match journal.snapshot(seq, &bytes) {
+            Ok(_) => {
+                self.report.snapshots += 1;
+                self.note(format!("snapshot at seq {seq}"));
+            }
+            Err(e) => self.note(format!("snapshot at seq {seq} failed: {e}")),
+        }
+    }
+
+    /// kill -9 and power loss; then a start as `serve` does, and repeats of a sample of the
+    /// acknowledged answers.
+    fn crash(&mut self, life: Life, when: &str) -> Result<Life, Failure> {
+        self.report.crashes += 1;
+        drop(life);
+        self.shadow = None;
+        let keep = self.next(2) == 0;
+        if self.mutation == CoreMutation::LostSyncedWrites {
+            self.disk.lose_synced_tail();
+        }
+        self.disk.crash(keep);
+        self.full_until = 0;
+        self.note(format!(
+            "crash {when}{}",
+            if keep {
+                ", some unsynced writes kept"
+            } else {
+                ""
+            }
+        ));
+        let life = self.start().map_err(|e| self.fail("recovery", e))?;
+        // The newest acknowledged answers (those a lost sync would take), then a sample.
+        let now = self.now();
+        let mut picks: Vec<Ack> = self
+            .acked
+            .iter()
+            .rev()
+            .take_while(|a| now - a.at < REPEAT_HORIZON_S)
+            .take(REPEATS_AFTER_RESTART)
+            .cloned()
+            .collect();
+        for _ in 0..REPEATS_AFTER_RESTART / 2 {
+            picks.extend(self.recent_ack());
+        }
+        for ack in picks {
+            let check = if self.next(3) == 0 {
+                Check::Retransmission
+            } else {
+                Check::Repeat
+            };
+            let batch = self.check_of(ack, check);
+            let seq_before = life.journal.last_ticket().seq;
+            if let Driven::Answered(mut answers) =
+                self.drive(&life, std::slice::from_ref(&batch), None)?
+            {
+                let out = answers.pop().unwrap_or_default();
+                self.answered(&life, &batch, out, seq_before)?;
+            }
+        }
+        Ok(life)
+    }
+
+    /// (a): limits recomputed from the acknowledged answers.
+    fn check_limits(&self, life: &Life) -> Result<(), Failure> {
+        let mut per_original: HashMap<usize, u64> = HashMap::new();
+        let mut per_day: HashMap<(usize, i64), (u64, u32)> = HashMap::new();
+        let mut per_month: HashMap<(usize, i64), (u64, u32)> = HashMap::new();
+        for a in &self.acked {
+            let r = &self.reqs[a.req];
+            if r.op != Op::Refund || a.answer.de39 != "00" {
+                continue;
+            }
+            let Some(original) = r.original else {
+                continue;
+            };
+            if self.reversal_sent.contains(&a.req) {
+                continue;
+            }
+            let sum = per_original.entry(original).or_default();
+            *sum += r.amount;
+            let sale = self.reqs[original].amount;
+            if *sum > sale {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "refunds of m{} stan {} acknowledged {} > sale {sale}",
+                        r.merchant, self.reqs[original].stan, *sum
+                    ),
+                ));
+            }
+            let day = (a.at + OFFSET_S).div_euclid(86_400);
+            let d = per_day.entry((r.merchant, day)).or_default();
+            d.0 += r.amount;
+            d.1 += 1;
+            if d.0 > DAY_CAP || d.1 > DAY_COUNT_CAP {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{} day {day}: {} refunds for {} acknowledged (caps {DAY_COUNT_CAP}, {DAY_CAP})",
+                        r.merchant, d.1, d.0
+                    ),
+                ));
+            }
+            let m = per_month.entry((r.merchant, month_of(day))).or_default();
+            m.0 += r.amount;
+            m.1 += 1;
+        }
+        let now = self.now();
+        let day = (now + OFFSET_S).div_euclid(86_400);
+        for (m, id) in MERCHANTS.iter().enumerate() {
+            let Some(usage) = life.gateway.ledger().usage(id, now) else {
+                continue;
+            };
+            let today = per_day.get(&(m, day)).copied().unwrap_or_default();
+            let month = per_month
+                .get(&(m, month_of(day)))
+                .copied()
+                .unwrap_or_default();
+            if usage.day_amount < today.0
+                || usage.day_count < today.1
+                || usage.month_amount < month.0
+                || usage.month_count < month.1
+            {
+                return Err(self.fail(
+                    "a",
+                    format!(
+                        "m{m}: the ledger counts {usage:?}, the acknowledged answers {today:?} today and {month:?} this month"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// DE39, DE44, DE54 of an answer, read by the real decoder.
+fn decode_answer(bytes: &[u8]) -> Option<Answer> {
+    let msg = iso8583::decode(&ASCII1987, bytes).ok()?;
+    let text = |n: usize| {
+        msg.field_bytes(n)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
+    Some(Answer {
+        de39: text(39),
+        de44: text(44),
+        de54: text(54),
+    })
+}
+
+fn is_transient(de44: &str) -> bool {
+    Reason::all()
+        .find(|r| r.as_str() == de44)
+        .is_none_or(transient)
+}
