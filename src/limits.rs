@@ -157,3 +157,28 @@ pub const SIGN_ON_INTERVAL_S: u64 = 60;
 /// Terminals whose sign-ons are counted at once; only configured terminals are counted, so
 /// a fleet up to this size never resets its limits.
 pub const SIGN_ON_TERMINALS_TRACKED_MAX: usize = 200_000;
+
+/// Connections the host simulator (`refundgate host`) serves at once over all its listeners.
+pub const HOST_CONNECTIONS_MAX: usize = 256;
+/// Requests of one host simulator connection answered at once; requests beyond it wait to be
+/// read. Above the gateway's [`IN_FLIGHT_PER_CONNECTION_HARD_MAX`]: the host stands in for a
+/// bank host that takes a whole switch's traffic over one multiplexed link
+/// ([`UPSTREAM_PENDING_DEFAULT_MAX`] requests pending per link).
+pub const HOST_IN_FLIGHT_PER_CONNECTION_MAX: usize = 4096;
+/// (DE41, DE11) keys whose reversals the host simulator tracks in its stats; more are only
+/// counted.
+pub const HOST_REVERSAL_KEYS_MAX: usize = 100_000;
+/// Largest host simulator admin request body (a fault set is a few dozen bytes).
+pub const HOST_ADMIN_BODY_BYTES_MAX: usize = 4096;
+/// Longest latency a host simulator fault set may ask for (one hour).
+pub const HOST_LATENCY_MAX_MS: u64 = 3_600_000;
+/// How long a host simulator connection may stay idle: a bank host keeps a quiet link open
+/// (the switch's echoes are what test it), and fault drills leave links silent for long.
+pub const HOST_IDLE_TIMEOUT_MS: u64 = TIMEOUT_HARD_MAX_MS;
+/// How often a connection whose dispatch paused its reading (the host simulator's
+/// `stop_reading`) asks again whether to read.
+pub const READING_PAUSED_RECHECK_MS: u64 = 50;
+
+const _: () = assert!(HOST_IN_FLIGHT_PER_CONNECTION_MAX >= UPSTREAM_PENDING_DEFAULT_MAX);
+const _: () = assert!(HOST_CONNECTIONS_MAX <= CONNECTIONS_HARD_MAX);
+const _: () = assert!(HOST_LATENCY_MAX_MS <= TIMEOUT_HARD_MAX_MS);

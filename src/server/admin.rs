@@ -1,5 +1,6 @@
-//! Admin HTTP (hyper 1, HTTP/1.1): `/metrics`, `/healthz`, `/readyz` open; `/v1/…` is the
-//! authenticated admin API ([`crate::admin`], bearer token); 404 otherwise.
+//! Admin HTTP (hyper 1, HTTP/1.1): `/metrics`, `/healthz`, `/readyz` open; the paths of its
+//! [`AdminRoutes`] (the gateway's: `/v1/…`, the authenticated admin API, [`crate::admin`],
+//! bearer token; the host simulator's: `/faults`, `/stats`); 404 otherwise.
 //!
 //! Plain HTTP meant for loopback or a private network. Bounded: at most
 //! [`limits::ADMIN_CONNECTIONS_MAX`] connections, request headers within
@@ -8,6 +9,8 @@
 //! never reads the answers cannot keep a slot), and every connection is aborted on shutdown.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,14 +31,54 @@ use crate::{limits, telemetry};
 /// How often histogram buckets are folded (metrics-exporter-prometheus upkeep).
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Paths an admin server answers beyond `/metrics`, `/healthz` and `/readyz`.
+pub(crate) trait AdminRoutes: Send + Sync + 'static {
+    /// Whether `path` is one of these routes (asked before the built-in ones).
+    fn serves(&self, path: &str) -> bool;
+
+    /// The answer to a request for one of these routes (the body is read by the handler,
+    /// bounded).
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send;
+}
+
+/// The gateway's: `/v1/…`.
+impl AdminRoutes for AdminApi {
+    fn serves(&self, path: &str) -> bool {
+        path.starts_with("/v1/")
+    }
+
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        call_api(self, req, peer)
+    }
+}
+
+/// A bound admin socket and what it serves.
+pub(crate) struct Site<R> {
+    pub(crate) listener: TcpListener,
+    /// Behind `/readyz`.
+    pub(crate) readiness: Readiness,
+    /// `None`: only the built-in paths.
+    pub(crate) routes: Option<Arc<R>>,
+    /// Longest one admin connection may stay open, whatever it does.
+    pub(crate) connection_timeout: Duration,
+}
+
 /// Serves the admin endpoints until shutdown, then aborts open admin connections.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    readiness: Readiness,
-    api: Option<Arc<AdminApi>>,
-    connection_timeout: Duration,
-    mut shutdown: Shutdown,
-) {
+pub(crate) async fn serve<R: AdminRoutes>(site: Site<R>, mut shutdown: Shutdown) {
+    let Site {
+        listener,
+        readiness,
+        routes,
+        connection_timeout,
+    } = site;
     let slots = Arc::new(Semaphore::new(limits::ADMIN_CONNECTIONS_MAX));
     let mut tasks = JoinSet::new();
     let mut upkeep = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
@@ -65,17 +108,15 @@ pub(crate) async fn serve(
             continue; // Dropped: too many admin connections.
         };
         let readiness = readiness.clone();
-        let api = api.clone();
+        let routes = routes.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let readiness = readiness.clone();
-                let api = api.clone();
+                let routes = routes.clone();
                 async move {
-                    if req.uri().path().starts_with("/v1/") {
-                        if let Some(api) = api {
-                            return Ok::<_, Infallible>(call_api(&api, req, peer.ip()).await);
-                        }
+                    if let Some(routes) = routes.filter(|r| r.serves(req.uri().path())) {
+                        return Ok::<_, Infallible>(routes.call(req, peer.ip()).await);
                     }
                     Ok::<_, Infallible>(respond(&req, &readiness))
                 }
@@ -120,18 +161,14 @@ fn respond(req: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Byte
 
 /// Hands a `/v1/` request to the admin API: the body is read up to
 /// [`admin::BODY_BYTES_MAX`] (413 beyond), headers that are not UTF-8 are left out.
-async fn call_api(
-    api: &AdminApi,
-    req: Request<Incoming>,
-    peer: std::net::IpAddr,
-) -> Response<Full<Bytes>> {
+async fn call_api(api: &AdminApi, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, admin::BODY_BYTES_MAX).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             return json(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "{\"error\":\"body too large or unreadable\"}\n".into(),
+                "{\"error\":\"body too large or unreadable\"}\n",
             )
         }
     };
@@ -155,8 +192,9 @@ async fn call_api(
     response
 }
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+/// A JSON answer.
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -165,8 +203,9 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// A plain-text answer.
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
 }

@@ -3,20 +3,24 @@
 //! Reading: every complete frame already received is taken at once (up to
 //! `max_in_flight_per_connection` frames in flight) and dispatched as one batch
 //! ([`Dispatch::handle_batch`]: decided in order, one wait for the journal); batches run
-//! concurrently in a `FuturesOrdered`, so answers come out in request order. Writing: all
+//! concurrently in a `FuturesOrdered`, so answers come out in request order. (On a listener
+//! whose answers go out as ready, [`AnswerOrder::AsReady`], each frame is dispatched on its
+//! own into a `FuturesUnordered` instead.) Writing: all
 //! answers that are ready are encoded into the write buffer, then flushed once, so a burst of
 //! pipelined requests costs one TLS write rather than one per answer.
 //!
-//! Ends: EOF or a framing error stop reading and the answers in flight are still sent
-//! (bounded); an idle timeout closes at once; shutdown stops reading and sends what is in
-//! flight within the grace period.
+//! Ends: EOF, a framing error or the dispatch's [`Intake::Close`] stop reading and the answers
+//! in flight are still sent (bounded); an idle timeout closes at once; shutdown stops reading
+//! and sends what is in flight within the grace period. The dispatch may also pause reading
+//! ([`Dispatch::reading_paused`], [`Intake::Pause`]); the gateway never does.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::FuturesOrdered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::{FutureExt, SinkExt, Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -26,8 +30,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 
 use super::shutdown::Shutdown;
-use super::{tls, Dispatch, Handled, ListenerInfo, RequestCtx};
-use crate::config::Config;
+use super::{tls, AnswerOrder, Dispatch, Handled, Intake, ListenerInfo, RequestCtx};
+use crate::config::LimitsConfig;
 use crate::frame::{swap_tpdu, Frame, FrameCodec, FrameError};
 use crate::{limits, telemetry};
 
@@ -38,7 +42,7 @@ pub(crate) struct Accepted {
     pub(crate) id: u64,
     pub(crate) info: Arc<ListenerInfo>,
     pub(crate) acceptor: TlsAcceptor,
-    pub(crate) config: Arc<Config>,
+    pub(crate) limits: Arc<LimitsConfig>,
     pub(crate) shutdown: Shutdown,
 }
 
@@ -57,6 +61,8 @@ enum End {
     Shutdown,
     /// The transport failed or a write did not complete in time.
     Broken,
+    /// The dispatch closed it ([`Intake::Close`]).
+    Closed,
 }
 
 enum Event {
@@ -64,6 +70,44 @@ enum Event {
     Answer(Option<Vec<Option<Frame>>>),
     Read(Option<Result<Frame, FrameError>>),
     Idle,
+    /// Reading is paused: time to ask the dispatch again.
+    Paused,
+}
+
+/// The answers in flight of one connection, by [`AnswerOrder`]: a `FuturesOrdered` yields
+/// them in request order, a `FuturesUnordered` as they are ready.
+trait InFlight<F: Future>: Stream<Item = F::Output> + Unpin {
+    /// Whether each frame is dispatched on its own, rather than with the rest of its read.
+    const PER_FRAME: bool;
+    fn push(&mut self, batch: F);
+    fn is_empty(&self) -> bool;
+    fn len(&self) -> usize;
+}
+
+impl<F: Future> InFlight<F> for FuturesOrdered<F> {
+    const PER_FRAME: bool = false;
+    fn push(&mut self, batch: F) {
+        self.push_back(batch);
+    }
+    fn is_empty(&self) -> bool {
+        FuturesOrdered::is_empty(self)
+    }
+    fn len(&self) -> usize {
+        FuturesOrdered::len(self)
+    }
+}
+
+impl<F: Future> InFlight<F> for FuturesUnordered<F> {
+    const PER_FRAME: bool = true;
+    fn push(&mut self, batch: F) {
+        FuturesUnordered::push(self, batch);
+    }
+    fn is_empty(&self) -> bool {
+        FuturesUnordered::is_empty(self)
+    }
+    fn len(&self) -> usize {
+        FuturesUnordered::len(self)
+    }
 }
 
 /// The TLS handshake of an accepted socket. The caller bounds it (handshake timeout, budget
@@ -97,7 +141,7 @@ pub(crate) async fn serve<D: Dispatch>(
         peer,
         id,
         info,
-        config,
+        limits,
         mut shutdown,
         ..
     } = accepted;
@@ -113,7 +157,7 @@ pub(crate) async fn serve<D: Dispatch>(
     let codec = FrameCodec::new(
         info.framing,
         info.dialect.has_tpdu(),
-        config.limits.max_frame_bytes,
+        limits.max_frame_bytes,
     );
     let framed = Framed::with_capacity(tls, codec, limits::CONNECTION_READ_BUFFER_BYTES);
     let ctx = RequestCtx {
@@ -124,14 +168,28 @@ pub(crate) async fn serve<D: Dispatch>(
         connection_id: id,
     };
     tracing::debug!(conn = id, %peer, listener = %ctx.listener.name, "connection open");
-    let end = Handler {
+    dispatch.opened(&ctx);
+    let handler = Handler {
         framed,
         ctx: &ctx,
         dispatch: &*dispatch,
-        config: &config,
-    }
-    .run(&mut shutdown)
-    .await;
+        limits: &limits,
+    };
+    let (dispatch, ctx_ref) = (&*dispatch, &ctx);
+    let decide = move |frames| process(dispatch, ctx_ref, frames);
+    // Chosen once per connection; each order is its own monomorphic loop.
+    let end = match ctx.listener.answer_order {
+        AnswerOrder::Request => {
+            handler
+                .run(&mut shutdown, FuturesOrdered::new(), decide)
+                .await
+        }
+        AnswerOrder::AsReady => {
+            handler
+                .run(&mut shutdown, FuturesUnordered::new(), decide)
+                .await
+        }
+    };
     tracing::debug!(conn = id, %peer, end = ?end, "connection closed");
 }
 
@@ -140,31 +198,48 @@ struct Handler<'a, D> {
     framed: Transport,
     ctx: &'a RequestCtx,
     dispatch: &'a D,
-    config: &'a Config,
+    limits: &'a LimitsConfig,
 }
 
 impl<'a, D: Dispatch> Handler<'a, D> {
-    async fn run(mut self, shutdown: &mut Shutdown) -> End {
-        let limits = &self.config.limits;
+    /// Runs the loop with `in_flight` (ordered or not, see [`AnswerOrder`]) holding the
+    /// answers being decided, `process` turning frames into them.
+    async fn run<Q, F>(
+        mut self,
+        shutdown: &mut Shutdown,
+        mut in_flight: Q,
+        process: impl Fn(Vec<Frame>) -> F,
+    ) -> End
+    where
+        Q: InFlight<F>,
+        F: Future<Output = Vec<Option<Frame>>>,
+    {
+        let limits = self.limits;
         let dialect = self.ctx.listener.dialect.name();
         let max_in_flight = limits.max_in_flight_per_connection;
         let idle = Duration::from_millis(limits.idle_timeout_ms);
+        let paused_recheck = Duration::from_millis(limits::READING_PAUSED_RECHECK_MS);
         let (ctx, dispatch) = (self.ctx, self.dispatch);
-        let mut in_flight = FuturesOrdered::new();
         // Frames dispatched and not yet answered (batches hold several).
         let mut frames = 0usize;
+        // Frames taken from this connection so far ([`Dispatch::intake`]).
+        let mut taken = 0u64;
         let idle_sleep = tokio::time::sleep(idle);
         tokio::pin!(idle_sleep);
         let end = loop {
+            let paused = dispatch.reading_paused(ctx);
             let event = tokio::select! {
                 biased;
                 () = shutdown.recv() => Event::Shutdown,
                 answer = in_flight.next(), if !in_flight.is_empty() => Event::Answer(answer),
-                read = self.framed.next(), if frames < max_in_flight => Event::Read(read),
+                read = self.framed.next(), if frames < max_in_flight && !paused => Event::Read(read),
+                // An async block: no timer is made unless reading is paused.
+                () = async { tokio::time::sleep(paused_recheck).await }, if paused => Event::Paused,
                 () = &mut idle_sleep, if in_flight.is_empty() => Event::Idle,
             };
             match event {
                 Event::Shutdown => break End::Shutdown,
+                Event::Paused => {}
                 Event::Idle => {
                     telemetry::count_idle_timeout(dialect);
                     tracing::debug!(conn = ctx.connection_id, "idle timeout");
@@ -187,7 +262,14 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                         match read {
                             None => break Some(End::Eof),
                             Some(Err(e)) => break Some(self.framing_error(&e)),
-                            Some(Ok(frame)) => batch.push(frame),
+                            Some(Ok(frame)) => match dispatch.intake(ctx, taken) {
+                                Intake::Take => {
+                                    taken += 1;
+                                    batch.push(frame);
+                                }
+                                Intake::Pause => break None,
+                                Intake::Close => break Some(End::Closed),
+                            },
                         }
                         if frames + batch.len() >= max_in_flight {
                             break None;
@@ -199,7 +281,13 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                     };
                     if !batch.is_empty() {
                         frames += batch.len();
-                        in_flight.push_back(process(dispatch, ctx, batch));
+                        if Q::PER_FRAME {
+                            for frame in batch {
+                                in_flight.push(process(vec![frame]));
+                            }
+                        } else {
+                            in_flight.push(process(batch));
+                        }
                     }
                     idle_sleep.as_mut().reset(Instant::now() + idle);
                     if let Some(end) = stop {
@@ -208,7 +296,9 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                 }
             }
         };
-        if matches!(end, End::Eof | End::Framing | End::Shutdown) && !in_flight.is_empty() {
+        if matches!(end, End::Eof | End::Framing | End::Closed | End::Shutdown)
+            && !in_flight.is_empty()
+        {
             let grace = match end {
                 End::Shutdown => Duration::from_millis(limits.shutdown_grace_ms),
                 _ => idle,
@@ -222,14 +312,15 @@ impl<'a, D: Dispatch> Handler<'a, D> {
     /// Writes the answers of `first` and of every other batch already complete, then flushes
     /// once; returns how many frames were answered. Bounded by the idle timeout: a peer that
     /// stops reading does not hold the connection forever.
-    async fn write_ready<F>(
+    async fn write_ready<Q, F>(
         &mut self,
         first: Vec<Option<Frame>>,
-        in_flight: &mut FuturesOrdered<F>,
+        in_flight: &mut Q,
         limit: Duration,
     ) -> Result<usize, End>
     where
-        F: std::future::Future<Output = Vec<Option<Frame>>>,
+        Q: InFlight<F>,
+        F: Future<Output = Vec<Option<Frame>>>,
     {
         let written = tokio::time::timeout(limit, async {
             let mut answered = first.len();
@@ -270,9 +361,10 @@ impl<'a, D: Dispatch> Handler<'a, D> {
     }
 
     /// Sends the answers still in flight, each as soon as it is ready, within `grace`.
-    async fn drain<F>(&mut self, in_flight: &mut FuturesOrdered<F>, grace: Duration)
+    async fn drain<Q, F>(&mut self, in_flight: &mut Q, grace: Duration)
     where
-        F: std::future::Future<Output = Vec<Option<Frame>>>,
+        Q: InFlight<F>,
+        F: Future<Output = Vec<Option<Frame>>>,
     {
         let left = in_flight.len();
         let drained = tokio::time::timeout(grace, async {

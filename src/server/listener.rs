@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use super::admission::{self, Admission, Refusal};
 use super::shutdown::Shutdown;
 use super::{connection, Dispatch, ListenerInfo};
-use crate::config::Config;
+use crate::config::LimitsConfig;
 use crate::{limits, telemetry};
 
 /// Process-wide connection numbers, for logs.
@@ -44,7 +44,7 @@ impl Listener {
         self,
         dispatch: Arc<D>,
         admission: Arc<Admission>,
-        config: Arc<Config>,
+        limits: Arc<LimitsConfig>,
         mut shutdown: Shutdown,
     ) {
         let mut tasks = JoinSet::new();
@@ -87,14 +87,14 @@ impl Listener {
                 id,
                 info: self.info.clone(),
                 acceptor: self.acceptor.clone(),
-                config: config.clone(),
+                limits: limits.clone(),
                 shutdown: shutdown.clone(),
             };
             tasks.spawn(admit_and_serve(accepted, stream, ticket, dispatch.clone()));
         }
         drop(self.tcp);
         let grace =
-            Duration::from_millis(config.limits.shutdown_grace_ms + limits::CLOSE_FLUSH_TIMEOUT_MS);
+            Duration::from_millis(limits.shutdown_grace_ms + limits::CLOSE_FLUSH_TIMEOUT_MS);
         let drained =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
@@ -118,7 +118,7 @@ async fn admit_and_serve<D: Dispatch>(
     dispatch: Arc<D>,
 ) {
     let dialect = accepted.info.dialect.name();
-    let timeout = Duration::from_millis(accepted.config.limits.handshake_timeout_ms);
+    let timeout = Duration::from_millis(accepted.limits.handshake_timeout_ms);
     let mut shutdown = accepted.shutdown.clone();
     let handshake = async {
         // Not TLS at all: refuse before running the handshake.

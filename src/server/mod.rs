@@ -9,16 +9,17 @@
 //!
 //! The server knows nothing of ISO 8583 fields or the ledger: each framed message body goes to
 //! a [`Dispatch`] (the seam the integrator implements) and its [`Handled`] answer is framed
-//! back in request order.
+//! back in request order (or, on a listener whose [`ListenerInfo::answer_order`] is
+//! [`AnswerOrder::AsReady`], each as soon as it is ready: the host simulator's listeners).
 //!
 //! - `listener.rs`: accept loop, drain; `admission.rs`: handshake budget and connection limits.
 //! - `connection.rs`: TLS handshake, pipelined read loop, batched writes.
 //! - `tls.rs`: rustls configuration; `shutdown.rs`: the signal; `admin.rs`: `/metrics` etc.
 
-mod admin;
+pub(crate) mod admin;
 mod admission;
 mod connection;
-mod listener;
+pub(crate) mod listener;
 pub mod shutdown;
 pub mod tls;
 
@@ -31,7 +32,7 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ConfigError, Dialect, MacConfig};
+use crate::config::{Config, ConfigError, Dialect, LimitsConfig, MacConfig};
 use crate::frame::Framing;
 use crate::limits;
 use crate::telemetry;
@@ -57,6 +58,33 @@ pub struct ListenerInfo {
     pub cert_der: CertificateDer<'static>,
     /// Lower-case hex SHA-256 of [`Self::cert_der`].
     pub cert_sha256: String,
+    /// In which order the answers of one connection are sent.
+    pub answer_order: AnswerOrder,
+}
+
+/// In which order a connection sends its answers (chosen per listener, once per connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AnswerOrder {
+    /// In request order, whatever order they are decided in (the gateway: what a terminal
+    /// expects). The frames of one read go to [`Dispatch::handle_batch`] together.
+    #[default]
+    Request,
+    /// Each as soon as it is ready (a multiplexed bank host: its answers come out of order,
+    /// the switch matches them by key). Each frame goes to [`Dispatch::handle`] on its own.
+    AsReady,
+}
+
+/// What a connection does with a frame it has just read ([`Dispatch::intake`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intake {
+    /// Dispatch it (the default).
+    Take,
+    /// Drop it unanswered, as if it had not been read, and read nothing more until
+    /// [`Dispatch::reading_paused`] says otherwise (the peer's writes then pile up in the socket
+    /// buffers).
+    Pause,
+    /// Drop it unanswered, stop reading, send the answers in flight, then close.
+    Close,
 }
 
 /// Who sent a request: passed to [`Dispatch::handle`] with every message.
@@ -88,7 +116,7 @@ pub enum Handled {
 ///
 /// Called once per framed message with the bytes from the MTI onward. Up to
 /// `max_in_flight_per_connection` calls of one connection run at once; their answers are sent
-/// in request order. The future should not outlive `shutdown_grace_ms` once shutdown starts:
+/// in request order (or as ready, see [`AnswerOrder`]). The future should not outlive `shutdown_grace_ms` once shutdown starts:
 /// after that the connection is closed without its answer.
 ///
 /// ```no_run
@@ -127,6 +155,23 @@ pub trait Dispatch: Send + Sync + 'static {
             }
             out
         }
+    }
+
+    /// Called once per connection when its TLS handshake has completed, before anything is
+    /// read. By default, nothing.
+    fn opened(&self, _ctx: &RequestCtx) {}
+
+    /// Asked before each read: whether the connection leaves its socket unread for now (asked
+    /// again every [`limits::READING_PAUSED_RECHECK_MS`]; answers in flight are still sent).
+    /// By default, never: the gateway always reads.
+    fn reading_paused(&self, _ctx: &RequestCtx) -> bool {
+        false
+    }
+
+    /// Asked for each frame read, before it is dispatched; `taken` counts the frames this
+    /// connection took before it. By default, [`Intake::Take`].
+    fn intake(&self, _ctx: &RequestCtx, _taken: u64) -> Intake {
+        Intake::Take
     }
 }
 
@@ -248,6 +293,7 @@ impl Server {
                 client_auth: tls.client_auth,
                 cert_der: tls.cert_der.clone(),
                 cert_sha256: tls.cert_sha256.clone(),
+                answer_order: AnswerOrder::Request,
             });
             tracing::info!(
                 listener = %info.name,
@@ -307,52 +353,79 @@ impl Server {
         dispatch: Arc<D>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
-        let limits = &self.config.limits;
-        let (trigger, shutdown_rx) = shutdown::channel();
-        let admission = admission::Admission::new(limits);
-        let accepting = futures::future::join_all(self.listeners.into_iter().map(|l| {
-            l.serve(
-                dispatch.clone(),
-                admission.clone(),
-                self.config.clone(),
-                shutdown_rx.clone(),
-            )
-        }));
-        let admin = admin::serve(
-            self.admin,
-            self.readiness.clone(),
-            self.admin_api.clone(),
-            Duration::from_millis(self.config.admin.connection_timeout_ms),
-            shutdown_rx,
-        );
-        let serving = futures::future::join(accepting, admin);
-        tokio::pin!(serving, shutdown);
-        self.readiness.set_accepting(true);
-        tokio::select! {
-            _ = &mut serving => {
-                // Accept loops only end on shutdown; reaching here means the signal was
-                // dropped. Treat it as a shutdown that has already drained.
-                self.readiness.set_accepting(false);
-                return Ok(());
-            }
-            () = &mut shutdown => {}
-        }
-        tracing::info!(
-            grace_ms = limits.shutdown_grace_ms,
-            "shutdown: no longer accepting, draining connections"
-        );
-        self.readiness.set_accepting(false);
-        trigger.fire();
-        // Each listener bounds its own drain by the grace period and then aborts what is
-        // left; this outer bound is a backstop.
-        let backstop =
-            Duration::from_millis(limits.shutdown_grace_ms + 2 * limits::CLOSE_FLUSH_TIMEOUT_MS);
-        if tokio::time::timeout(backstop, serving).await.is_err() {
-            tracing::warn!("shutdown: drain backstop reached");
-        }
-        tracing::info!("shutdown: done");
+        let limits = Arc::new(self.config.limits.clone());
+        let admin = Some(admin::Site {
+            listener: self.admin,
+            readiness: self.readiness.clone(),
+            routes: self.admin_api.clone(),
+            connection_timeout: Duration::from_millis(self.config.admin.connection_timeout_ms),
+        });
+        serve(
+            self.listeners,
+            admin,
+            limits,
+            dispatch,
+            &self.readiness,
+            shutdown,
+        )
+        .await;
         Ok(())
     }
+}
+
+/// Accepts on every listener and serves `admin` until `shutdown` completes, then stops
+/// accepting, drains connections within `limits.shutdown_grace_ms` (closing the rest) and
+/// returns: [`Server::run`], and the host simulator's (`host_sim.rs`) with its own dispatch,
+/// limits and admin routes.
+pub(crate) async fn serve<D: Dispatch, R: admin::AdminRoutes>(
+    listeners: Vec<listener::Listener>,
+    admin: Option<admin::Site<R>>,
+    limits: Arc<LimitsConfig>,
+    dispatch: Arc<D>,
+    readiness: &Readiness,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (trigger, shutdown_rx) = shutdown::channel();
+    let admission = admission::Admission::new(&limits);
+    let accepting = futures::future::join_all(listeners.into_iter().map(|l| {
+        l.serve(
+            dispatch.clone(),
+            admission.clone(),
+            limits.clone(),
+            shutdown_rx.clone(),
+        )
+    }));
+    let admin = async {
+        if let Some(site) = admin {
+            admin::serve(site, shutdown_rx).await;
+        }
+    };
+    let serving = futures::future::join(accepting, admin);
+    tokio::pin!(serving, shutdown);
+    readiness.set_accepting(true);
+    tokio::select! {
+        _ = &mut serving => {
+            // Accept loops only end on shutdown; reaching here means the signal was
+            // dropped. Treat it as a shutdown that has already drained.
+            readiness.set_accepting(false);
+            return;
+        }
+        () = &mut shutdown => {}
+    }
+    tracing::info!(
+        grace_ms = limits.shutdown_grace_ms,
+        "shutdown: no longer accepting, draining connections"
+    );
+    readiness.set_accepting(false);
+    trigger.fire();
+    // Each listener bounds its own drain by the grace period and then aborts what is
+    // left; this outer bound is a backstop.
+    let backstop =
+        Duration::from_millis(limits.shutdown_grace_ms + 2 * limits::CLOSE_FLUSH_TIMEOUT_MS);
+    if tokio::time::timeout(backstop, serving).await.is_err() {
+        tracing::warn!("shutdown: drain backstop reached");
+    }
+    tracing::info!("shutdown: done");
 }
 
 async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
