@@ -10,15 +10,21 @@
 //!   left out mean "no fault"): `{"latency_ms":0,"latency_max_ms":0,"drop_percent":0,
 //!   "decline":null,"close_after":null,"no_echo":false,"stop_reading":false}`.
 //! - `GET /stats` → counters and the reversals received per (DE41, DE11).
+//! - `GET /healthz`, `/readyz`, `/metrics`: the server's own (its connection counters;
+//!   `refundgate host` installs the recorder, a host in a test shares its caller's).
 //!
-//! Each request is answered by its own task after its latency, so with a random latency
+//! The transport is the gateway's own (`src/server/`): its accept loop and admission (handshake
+//! budget, connection limits), its connection loop and its admin HTTP, with the host's
+//! [`Dispatch`] deciding the answers. Its listeners send each answer as soon as it is ready
+//! ([`AnswerOrder::AsReady`]), each request waiting its own latency, so with a random latency
 //! pipelined requests are answered out of order (what a multiplexed link must cope with).
-//! Everything is bounded: answers in flight per connection, connections, tracked reversal keys,
-//! admin bodies.
+//! `stop_reading` and `close_after` are the dispatch's [`Dispatch::reading_paused`] and
+//! [`Dispatch::intake`]. Everything is bounded (`HOST_*` in [`crate::limits`]): answers in
+//! flight per connection, connections, tracked reversal keys, admin bodies, latencies.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,43 +32,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::net::TcpListener;
 
-use crate::config::TlsConfig;
+use crate::config::{LimitsConfig, TlsConfig};
 use crate::dialect::Dialect;
-use crate::frame::{Frame, FrameCodec, Framing};
+use crate::frame::Framing;
 use crate::iso8583::{self, FieldList, Message, Value};
-use crate::limits;
+use crate::limits::{self, HOST_LATENCY_MAX_MS, HOST_REVERSAL_KEYS_MAX};
 use crate::mac::{self, MacKey};
-use crate::server::tls;
-
-/// Answers in flight on one host connection; requests beyond it wait to be read.
-pub const HOST_IN_FLIGHT_PER_CONNECTION_MAX: usize = 4096;
-/// Connections the host serves at once over all listeners.
-pub const HOST_CONNECTIONS_MAX: usize = 256;
-/// (DE41, DE11) keys whose reversals are tracked in the stats; more are only counted.
-pub const HOST_REVERSAL_KEYS_MAX: usize = 100_000;
-/// Largest admin request body (a fault set is a few dozen bytes).
-pub const HOST_ADMIN_BODY_BYTES_MAX: usize = 4096;
-/// Longest latency a fault set may ask for (one hour).
-pub const HOST_LATENCY_MAX_MS: u64 = 3_600_000;
-/// Largest frame the host reads or writes.
-const HOST_FRAME_BYTES_MAX: usize = limits::FRAME_BYTES_DEFAULT_MAX;
-/// How often a connection that stopped reading looks at the faults again.
-const STOP_READING_RECHECK: Duration = Duration::from_millis(50);
-/// Admin connections served at once.
-const HOST_ADMIN_CONNECTIONS_MAX: usize = 16;
+use crate::server::admin::{self, AdminRoutes};
+use crate::server::listener::Listener;
+use crate::server::{
+    self, tls, AnswerOrder, Dispatch, Handled, Intake, ListenerInfo, Readiness, RequestCtx,
+};
 
 /// The faults the host injects; all off by default (an always-approving host).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,9 +167,11 @@ struct HostState {
 
 /// A host whose sockets are bound; [`Host::run`] serves them.
 pub struct Host {
-    listeners: Vec<(TcpListener, HostListener)>,
+    /// The server's listeners, in option order.
+    sockets: Vec<Listener>,
+    /// What each of them is, with its real port.
+    listeners: Vec<HostListener>,
     admin: Option<TcpListener>,
-    acceptor: TlsAcceptor,
     cert_der: CertificateDer<'static>,
     cert_sha256: String,
     control: HostControl,
@@ -273,6 +262,14 @@ impl HostControl {
         self.0.faults.lock().map(|f| f.clone()).unwrap_or_default()
     }
 
+    /// `f` of the current fault set, without copying it (asked for every frame read).
+    fn with_faults<T>(&self, f: impl FnOnce(&Faults) -> T) -> T {
+        match self.0.faults.lock() {
+            Ok(faults) => f(&faults),
+            Err(_) => f(&Faults::default()),
+        }
+    }
+
     /// Replaces the fault set (it applies to requests read from now on).
     pub fn set_faults(&self, faults: Faults) -> Result<(), String> {
         faults.validate()?;
@@ -354,15 +351,30 @@ impl Host {
         let mut self_signed = None;
         let tls = tls::listener_tls(&TlsConfig::default(), 0, &mut self_signed)
             .map_err(|e| HostError::Tls(e.to_string()))?;
+        let mut sockets = Vec::with_capacity(options.listeners.len());
         let mut listeners = Vec::with_capacity(options.listeners.len());
-        for l in &options.listeners {
+        for (index, l) in options.listeners.iter().enumerate() {
             let tcp = bind(l.addr).await?;
             let addr = tcp.local_addr().map_err(|source| HostError::Bind {
                 addr: l.addr,
                 source,
             })?;
             tracing::info!(%addr, dialect = l.dialect.name(), cert_sha256 = %tls.cert_sha256, "host listening");
-            listeners.push((tcp, HostListener { addr, ..*l }));
+            let info = Arc::new(ListenerInfo {
+                index,
+                name: format!("host:{}@{addr}", l.dialect.name()),
+                addr,
+                dialect: l.dialect,
+                framing: l.framing,
+                // The host's MAC key is its control's, changeable at run time.
+                mac: None,
+                client_auth: tls.client_auth,
+                cert_der: tls.cert_der.clone(),
+                cert_sha256: tls.cert_sha256.clone(),
+                answer_order: AnswerOrder::AsReady,
+            });
+            sockets.push(Listener::new(tcp, info, tls.acceptor.clone()));
+            listeners.push(HostListener { addr, ..*l });
         }
         let admin = match options.admin {
             Some(addr) => {
@@ -373,9 +385,9 @@ impl Host {
             None => None,
         };
         Ok(Host {
+            sockets,
             listeners,
             admin,
-            acceptor: tls.acceptor,
             cert_der: tls.cert_der,
             cert_sha256: tls.cert_sha256,
             control: HostControl::new(options.faults),
@@ -384,7 +396,7 @@ impl Host {
 
     /// The bound listeners (real ports), in option order.
     pub fn listeners(&self) -> Vec<HostListener> {
-        self.listeners.iter().map(|(_, l)| *l).collect()
+        self.listeners.clone()
     }
 
     /// The bound admin address.
@@ -409,26 +421,40 @@ impl Host {
 
     /// Serves until `shutdown` completes, then closes every connection at once (a host that
     /// goes away does not drain).
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let slots = Arc::new(Semaphore::new(HOST_CONNECTIONS_MAX));
-        let mut tasks = JoinSet::new();
-        for (tcp, l) in self.listeners {
-            tasks.spawn(accept_loop(
-                tcp,
-                l,
-                self.acceptor.clone(),
-                self.control.clone(),
-                slots.clone(),
-                stop_rx.clone(),
-            ));
-        }
-        if let Some(admin) = self.admin {
-            tasks.spawn(admin_loop(admin, self.control.clone(), stop_rx.clone()));
-        }
-        shutdown.await;
-        let _ = stop_tx.send(true);
-        tasks.shutdown().await;
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let readiness = Readiness::default();
+        // Nothing to load: ready once accepting.
+        readiness.set_merchants_loaded(true);
+        let service = Arc::new(HostService(self.control));
+        let admin = self.admin.map(|listener| admin::Site {
+            listener,
+            readiness: readiness.clone(),
+            routes: Some(service.clone()),
+            connection_timeout: Duration::from_millis(limits::ADMIN_CONNECTION_TIMEOUT_DEFAULT_MS),
+        });
+        server::serve(
+            self.sockets,
+            admin,
+            Arc::new(host_limits()),
+            service,
+            &readiness,
+            shutdown,
+        )
+        .await;
+    }
+}
+
+/// The server limits of the host: the gateway's defaults (handshake budget, handshake
+/// timeout, frame size) but for its own connection and in-flight bounds, a long idle time and
+/// no drain.
+fn host_limits() -> LimitsConfig {
+    LimitsConfig {
+        max_connections: limits::HOST_CONNECTIONS_MAX,
+        max_in_flight_per_connection: limits::HOST_IN_FLIGHT_PER_CONNECTION_MAX,
+        idle_timeout_ms: limits::HOST_IDLE_TIMEOUT_MS,
+        // A host that goes away does not drain.
+        shutdown_grace_ms: 0,
+        ..LimitsConfig::default()
     }
 }
 
@@ -438,123 +464,69 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, HostError> {
         .map_err(|source| HostError::Bind { addr, source })
 }
 
-async fn accept_loop(
-    tcp: TcpListener,
-    l: HostListener,
-    acceptor: TlsAcceptor,
-    control: HostControl,
-    slots: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut conns = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.changed() => break,
-            a = tcp.accept() => a,
-        };
-        while conns.try_join_next().is_some() {}
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(limits::ACCEPT_BACKOFF_MAX_MS / 10)).await;
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue; // Too many connections: dropped at once.
-        };
-        control.count(|s| s.connections += 1);
-        let acceptor = acceptor.clone();
-        let control = control.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            serve_connection(stream, l, acceptor, control).await;
-        });
-    }
-    conns.shutdown().await;
-}
+/// The host's behaviour behind the server's listeners and admin HTTP.
+struct HostService(HostControl);
 
-async fn serve_connection(
-    stream: TcpStream,
-    l: HostListener,
-    acceptor: TlsAcceptor,
-    control: HostControl,
-) {
-    let _ = stream.set_nodelay(true);
-    let handshake = tokio::time::timeout(
-        Duration::from_millis(limits::HANDSHAKE_TIMEOUT_DEFAULT_MS),
-        acceptor.accept(stream),
-    )
-    .await;
-    let Ok(Ok(tls)) = handshake else {
-        return;
-    };
-    let cup = l.dialect.has_tpdu();
-    let (r, w) = tokio::io::split(tls);
-    let mut reader = FramedRead::new(r, FrameCodec::new(l.framing, cup, HOST_FRAME_BYTES_MAX));
-    let mut writer = FramedWrite::new(w, FrameCodec::new(l.framing, cup, HOST_FRAME_BYTES_MAX));
-    let (tx, mut rx) = mpsc::channel::<Frame>(64);
-    let in_flight = Arc::new(Semaphore::new(HOST_IN_FLIGHT_PER_CONNECTION_MAX));
-    let mut answers = JoinSet::new();
-    let dialect = l.dialect;
-    let mut carried = 0u64;
-    loop {
-        let reading = !control.faults().stop_reading;
-        tokio::select! {
-            // Re-reads the faults while not reading, so reading resumes when they change.
-            () = tokio::time::sleep(STOP_READING_RECHECK), if !reading => {}
-            frame = reader.next(), if reading => {
-                let Some(Ok(frame)) = frame else { break };
-                if control.faults().stop_reading {
-                    continue; // Set while this frame was arriving: not read, as it were.
-                }
-                while answers.try_join_next().is_some() {}
-                carried += 1;
-                let faults = control.faults();
-                if faults.close_after.is_some_and(|n| carried > n) {
-                    // Answer what is in flight, then close without reading this one.
-                    control.count(|s| s.closed_by_fault += 1);
-                    drop(tx);
-                    let drain = async {
-                        while let Some(reply) = rx.recv().await {
-                            if writer.send(reply).await.is_err() {
-                                break;
-                            }
-                        }
-                    };
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(limits::SHUTDOWN_GRACE_DEFAULT_MS),
-                        drain,
-                    )
-                    .await;
-                    break;
-                }
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-                let (tx, control) = (tx.clone(), control.clone());
-                answers.spawn(async move {
-                    let _permit = permit;
-                    if let Some(reply) = answer(dialect, &frame, &faults, &control).await {
-                        let _ = tx.send(reply).await;
-                    }
-                });
-            }
-            Some(reply) = rx.recv() => {
-                if writer.send(reply).await.is_err() {
-                    break;
-                }
+impl Dispatch for HostService {
+    fn handle(&self, ctx: &RequestCtx, body: Bytes) -> impl Future<Output = Handled> + Send {
+        let dialect = ctx.listener.dialect;
+        // The faults when the request is dispatched (as soon as it is read) apply to it,
+        // whatever its latency.
+        let faults = self.0.faults();
+        async move {
+            match answer(dialect, &body, &faults, &self.0).await {
+                Some(reply) => Handled::Reply(reply),
+                None => Handled::Drop,
             }
         }
     }
-    answers.shutdown().await;
+
+    fn opened(&self, _ctx: &RequestCtx) {
+        self.0.count(|s| s.connections += 1);
+    }
+
+    fn reading_paused(&self, _ctx: &RequestCtx) -> bool {
+        self.0.with_faults(|f| f.stop_reading)
+    }
+
+    fn intake(&self, _ctx: &RequestCtx, taken: u64) -> Intake {
+        let (stop_reading, close_after) = self.0.with_faults(|f| (f.stop_reading, f.close_after));
+        if stop_reading {
+            // Set while this frame was arriving: not read, as it were.
+            return Intake::Pause;
+        }
+        if close_after.is_some_and(|n| taken >= n) {
+            // Answer what is in flight, then close without reading this one.
+            self.0.count(|s| s.closed_by_fault += 1);
+            return Intake::Close;
+        }
+        Intake::Take
+    }
 }
 
-/// Decides and renders the answer to one frame after its latency; `None`: no answer.
+/// `GET /faults`, `POST /faults`, `GET /stats`.
+impl AdminRoutes for HostService {
+    fn serves(&self, path: &str) -> bool {
+        matches!(path, "/faults" | "/stats")
+    }
+
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        _peer: IpAddr,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        admin_respond(req, &self.0)
+    }
+}
+
+/// Decides and renders the answer to one message (from its MTI on) after its latency;
+/// `None`: no answer.
 async fn answer(
     dialect: &'static Dialect,
-    frame: &Frame,
+    body: &[u8],
     faults: &Faults,
     control: &HostControl,
-) -> Option<Frame> {
-    let Frame::Message { body, .. } = frame else {
-        return None;
-    };
+) -> Option<BytesMut> {
     control.count(|s| s.requests += 1);
     let spec = dialect.spec();
     let msg = iso8583::decode(spec, body).ok()?;
@@ -590,7 +562,7 @@ async fn answer(
             control.count(|s| s.bad_macs += 1);
             let code = crate::ledger::Reason::MAC_INVALID.code(dialect.code_column);
             financial_answer(&msg, code, None, &mut out)?;
-            return Some(frame.reply(out.freeze()));
+            return Some(out);
         }
     }
     let rendered = match mti.class() {
@@ -616,27 +588,24 @@ async fn answer(
     };
     rendered?;
     let approved = iso8583::decode(spec, &out).is_ok_and(|a| a.response_code() == Some("00"));
-    let body = match (&key, approved) {
+    match (&key, approved) {
         (Some(key), true) => {
-            let signed = mac::sign_message(spec, key, &out)?;
-            match faults.bad_answer_mac {
-                true => corrupt_last_byte(&signed),
-                false => signed,
+            let mut signed = BytesMut::from(&mac::sign_message(spec, key, &out)?[..]);
+            if faults.bad_answer_mac {
+                corrupt_last_byte(&mut signed);
             }
+            Some(signed)
         }
-        _ => out.freeze(),
-    };
-    Some(frame.reply(body))
+        _ => Some(out),
+    }
 }
 
-/// `body` with its last byte changed (to another hex digit when it was one): a wrong MAC that
+/// Changes the last byte of `body` (to another hex digit when it was one): a wrong MAC that
 /// still decodes.
-fn corrupt_last_byte(body: &Bytes) -> Bytes {
-    let mut out = body.to_vec();
-    if let Some(b) = out.last_mut() {
+fn corrupt_last_byte(body: &mut BytesMut) {
+    if let Some(b) = body.last_mut() {
         *b = if *b == b'0' { b'1' } else { b'0' };
     }
-    Bytes::from(out)
 }
 
 /// Sign-on and echo answers: DE 7, 11, 41, 42, 60, 70 echoed, DE39 `00`.
@@ -691,82 +660,36 @@ fn financial_answer(
 
 // === admin ===
 
-async fn admin_loop(tcp: TcpListener, control: HostControl, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(HOST_ADMIN_CONNECTIONS_MAX));
-    let mut conns = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.changed() => break,
-            a = tcp.accept() => a,
-        };
-        while conns.try_join_next().is_some() {}
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(limits::ACCEPT_BACKOFF_MAX_MS / 10)).await;
-            continue;
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let control = control.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let control = control.clone();
-                async move { Ok::<_, Infallible>(admin_respond(req, &control).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_millis(limits::ADMIN_HEADER_READ_TIMEOUT_MS))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-    conns.shutdown().await;
-}
-
 async fn admin_respond(req: Request<Incoming>, control: &HostControl) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/faults") => json(StatusCode::OK, &control.faults()),
         (&Method::GET, "/stats") => json(StatusCode::OK, &control.stats()),
         (&Method::POST, "/faults") => {
-            let body = match Limited::new(req.into_body(), HOST_ADMIN_BODY_BYTES_MAX)
+            let body = match Limited::new(req.into_body(), limits::HOST_ADMIN_BODY_BYTES_MAX)
                 .collect()
                 .await
             {
                 Ok(b) => b.to_bytes(),
-                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+                Err(_) => return admin::text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
             };
             let faults: Faults = match serde_json::from_slice(&body) {
                 Ok(f) => f,
-                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+                Err(e) => return admin::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             };
             match control.set_faults(faults) {
                 Ok(()) => {
                     tracing::info!(faults = ?control.faults(), "host faults changed");
                     json(StatusCode::OK, &control.faults())
                 }
-                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+                Err(e) => admin::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => admin::text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
+    admin::json(status, serde_json::to_vec(value).unwrap_or_default())
 }
 
 // === command line ===
@@ -983,6 +906,11 @@ pub fn run(args: &HostArgs) -> ExitCode {
             return ExitCode::from(crate::exit::EXIT_USAGE);
         }
     };
+    // `/metrics` of its admin: the server's connection counters (admission refusals and the
+    // like) for the host's listeners.
+    if let Err(e) = crate::telemetry::install_metrics() {
+        tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -277,6 +277,49 @@ mod host {
         assert_eq!(answered, 2);
         host.stop().await;
     }
+
+    /// The host is served by the gateway's listener code, admission included: sockets that
+    /// connect and never say hello, more than it has connection slots, cannot lock a switch
+    /// out (they wait in the handshake budget, oldest evicted, and never take a slot), and its
+    /// admin answers the server's `/healthz` and `/readyz` beside `/faults` and `/stats`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_sockets_beyond_the_hosts_connection_slots_do_not_lock_out_a_switch() {
+        let host = start_host(Faults::default()).await;
+        let addr = host.listeners[0].addr;
+        let mut silent = Vec::new();
+        for _ in 0..refundgate::limits::HOST_CONNECTIONS_MAX + 8 {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Every silent socket accepted before the switch connects.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(WAIT, async {
+            let mut c = connect_raw(addr, &host.cert, false).await;
+            c.send(frame(false, encode("ascii1987", &host_sale(1))))
+                .await
+                .unwrap();
+            next_body(&mut c).await
+        })
+        .await
+        .expect("answered while the silent sockets are open");
+        assert_eq!(decode("ascii1987", &answer).response_code(), Some("00"));
+        // Not by waiting for their handshake timeout to free a slot.
+        assert!(
+            started.elapsed()
+                < Duration::from_millis(refundgate::limits::HANDSHAKE_TIMEOUT_DEFAULT_MS),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            host.control.stats().connections,
+            1,
+            "only the switch is counted"
+        );
+        assert_eq!(http(host.admin, "GET", "/healthz", "").await, "ok\n");
+        assert_eq!(http(host.admin, "GET", "/readyz", "").await, "ready\n");
+        drop(silent);
+        host.stop().await;
+    }
 }
 
 // === the gateway with upstreams ===
