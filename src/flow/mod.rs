@@ -519,9 +519,14 @@ impl Gateway {
             return;
         };
         let first = out.len();
+        // Decoded once: the decision, a lost record's 96 and the log line all read these.
+        let messages: Vec<_> = bodies
+            .iter()
+            .map(|body| iso8583::decode_partial(l.spec, body.as_ref()))
+            .collect();
         let mut decided = Vec::with_capacity(bodies.len());
-        for body in bodies {
-            decided.push(self.decide_message(l, body.as_ref()).await);
+        for (msg, err) in &messages {
+            decided.push(self.decide_message(l, msg, err.as_ref()).await);
         }
         if let Some(journal) = &self.journal {
             let deadline = tokio::time::Instant::from_std(started) + self.request_deadline;
@@ -533,7 +538,7 @@ impl Gateway {
             if let Some(t) = newest {
                 let _ = tokio::time::timeout_at(deadline, journal.durable(t)).await;
             }
-            for (body, d) in bodies.iter().zip(decided.iter_mut()) {
+            for ((msg, _), d) in messages.iter().zip(decided.iter_mut()) {
                 let Some(Decided {
                     wait: Some(t),
                     forwarded,
@@ -549,7 +554,7 @@ impl Gateway {
                         tracing::warn!("journal write failed; answering 96");
                         // Drop what the lost record changed before the 96 leaves.
                         let _ = self.store_ready().await;
-                        *d = Some(Box::pin(self.lost(l, body.as_ref(), forwarded)).await);
+                        *d = Some(Box::pin(self.lost(l, msg, forwarded)).await);
                     }
                     Err(_) => {
                         // The record may still become durable: the outcome is unknown, and
@@ -558,29 +563,25 @@ impl Gateway {
                             "journal not durable within the request deadline; answering 96"
                         );
                         telemetry::count_request_deadline(l.dialect.name());
-                        *d = Some(Box::pin(self.lost(l, body.as_ref(), false)).await);
+                        *d = Some(Box::pin(self.lost(l, msg, false)).await);
                     }
                 }
             }
         }
         let micros = started.elapsed().as_micros() as u64;
-        for (body, d) in bodies.iter().zip(decided) {
-            out.push(self.finish(l, body.as_ref(), d, micros));
+        for ((msg, _), d) in messages.iter().zip(decided) {
+            out.push(self.finish(l, msg, d, micros));
         }
         debug_assert_eq!(out.len() - first, bodies.len());
     }
 
     /// The answer of a message whose record the journal lost: 96, and the host told.
-    async fn lost(&self, l: &Link, body: &[u8], forwarded: bool) -> Decided {
-        let (msg, _) = iso8583::decode_partial(l.spec, body);
-        self.reverse_forwarded(l, &msg, forwarded).await;
-        let kind = l
-            .dialect
-            .classify(&msg)
-            .unwrap_or(Kind::Op(Operation::Sale));
+    async fn lost(&self, l: &Link, msg: &Message<'_>, forwarded: bool) -> Decided {
+        self.reverse_forwarded(l, msg, forwarded).await;
+        let kind = l.dialect.classify(msg).unwrap_or(Kind::Op(Operation::Sale));
         self.answer(
             l,
-            &msg,
+            msg,
             kind,
             &Decision::bare(Reason::STORE_UNAVAILABLE),
             None,
@@ -588,7 +589,13 @@ impl Gateway {
     }
 
     /// Logs and counts one answered message.
-    fn finish(&self, l: &Link, body: &[u8], d: Option<Decided>, micros: u64) -> (Outcome, Summary) {
+    fn finish(
+        &self,
+        l: &Link,
+        msg: &Message<'_>,
+        d: Option<Decided>,
+        micros: u64,
+    ) -> (Outcome, Summary) {
         let Some(Decided {
             out, decision, mti, ..
         }) = d
@@ -605,21 +612,18 @@ impl Gateway {
         let reason = decision.reason.as_str();
         telemetry::record_request(l.dialect.name(), mti_label(mti), code, reason);
         telemetry::record_decision_seconds(l.dialect.name(), micros as f64 / 1e6);
-        if tracing::enabled!(tracing::Level::INFO) {
-            // Decoded again only for the log line: nothing of it outlives the decision.
-            let (msg, _) = iso8583::decode_partial(l.spec, body);
+        if telemetry::request_line_enabled() {
             let masked = msg.pan().map(|p| p.masked());
-            tracing::info!(
-                dialect = l.spec.name(),
-                mti = %msg.mti(),
-                pan = masked.as_ref().map_or("", |m| m.as_str()),
-                stan = msg.stan().unwrap_or(0),
-                terminal = msg.terminal().unwrap_or(""),
+            telemetry::log_request(&telemetry::RequestLine {
+                dialect: l.spec.name(),
+                mti: msg.mti().0,
+                pan: masked.as_ref().map_or("", |m| m.as_str()),
+                stan: msg.stan().unwrap_or(0),
+                terminal: msg.terminal().unwrap_or(""),
                 code,
                 reason,
-                us = micros,
-                "request"
-            );
+                us: micros,
+            });
         }
         (
             Outcome::Reply(out),
@@ -631,8 +635,12 @@ impl Gateway {
     }
 
     /// Decodes and decides one message; `None` when it cannot be answered (dropped).
-    async fn decide_message(&self, l: &Link, body: &[u8]) -> Option<Decided> {
-        let (msg, err) = iso8583::decode_partial(l.spec, body);
+    async fn decide_message(
+        &self,
+        l: &Link,
+        msg: &Message<'_>,
+        err: Option<&iso8583::DecodeError>,
+    ) -> Option<Decided> {
         match err {
             Some(e) if e.answerable() => {
                 if let Some(suppressed) = bad_input_admitted() {
@@ -641,7 +649,7 @@ impl Gateway {
                 telemetry::count_message_error(l.dialect.name());
                 Some(self.answer(
                     l,
-                    &msg,
+                    msg,
                     Kind::Op(Operation::Sale),
                     &Decision::bare(Reason::FORMAT_ERROR),
                     None,
@@ -654,7 +662,7 @@ impl Gateway {
                 telemetry::count_message_error(l.dialect.name());
                 None
             }
-            None => Some(self.decide(l, &msg).await),
+            None => Some(self.decide(l, msg).await),
         }
     }
 
