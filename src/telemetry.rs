@@ -6,27 +6,27 @@
 //! ([`install_metrics`]) and rendered by the admin server's `/metrics`.
 //!
 //! Log lines never block a decision: [`init_logging`] formats each event in the calling task
-//! and hands the line to a writer thread over a bounded channel.
+//! and appends the line to one bounded in-memory buffer (`LineSink`); a writer thread takes
+//! the whole buffer every [`LOG_FLUSH_DELAY`] or so and writes it to stdout in one call. No
+//! line costs an allocation, a channel message or a wake-up of that thread.
 //!
-//! - Lines below WARN (the per-request line at `info`, debug, trace) go through a **lossy**
-//!   channel of [`LOG_LINES_BUFFERED_MAX`] lines: when the writer falls behind, new lines are
-//!   dropped, never waited for, and counted in [`LOG_LINES_DROPPED_TOTAL`].
+//! - Lines below WARN (the per-request line at `info`, debug, trace) are **lossy**: once
+//!   [`LOG_BUFFER_BYTES`] are waiting, new ones are dropped, never waited for, and counted in
+//!   [`LOG_LINES_DROPPED_TOTAL`].
 //! - WARN and ERROR lines (storage trouble, skipped journal events, failed snapshots: the
-//!   audit-worthy ones, and rare) go through a second, **non-lossy** channel and writer thread:
-//!   none is dropped; a caller waits only if a flood of them filled that channel.
+//!   audit-worthy ones, and rare) are **never dropped**: they may use
+//!   [`AUDIT_EXTRA_BYTES`] more, and a caller waits only if a flood of them filled even that.
 //!
-//! Both writer threads write whole lines, a batch at a time (every few milliseconds under
-//! load, not per line), to stdout, so lines of the two never interleave within a line (their
-//! relative order is not kept). Colours (ANSI) only
+//! Lines of both kinds go through the one buffer, so they keep their order. Colours (ANSI) only
 //! when stdout is a terminal and `NO_COLOR` is unset.
 
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use tracing::Level;
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::fmt::writer::MakeWriterExt;
 
 use crate::config::LogFormat;
 
@@ -62,14 +62,13 @@ pub const LABEL_OUTCOME: &str = "outcome";
 /// fell behind (brought up to date whenever [`metrics_handle`] is asked for).
 pub const LOG_LINES_DROPPED_TOTAL: &str = "refundgate_log_lines_dropped_total";
 
-/// Lines below WARN waiting for the log writer at most; more are dropped and counted.
-pub const LOG_LINES_BUFFERED_MAX: usize = 65_536;
-/// WARN and ERROR lines waiting for their writer at most; a caller then waits (never drops).
-pub const AUDIT_LINES_BUFFERED_MAX: usize = 16_384;
-/// Bytes of whole lines a log writer thread gathers before one write to stdout.
-pub const LOG_WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// How long a log writer thread lets lines gather before writing a small batch: lines reach
-/// stdout at most about this much later.
+/// Bytes of lines below WARN waiting for the log writer at most; more are dropped and counted.
+pub const LOG_BUFFER_BYTES: usize = 8 << 20;
+/// Bytes WARN and ERROR lines may use beyond [`LOG_BUFFER_BYTES`]; a caller then waits (never
+/// drops).
+pub const AUDIT_EXTRA_BYTES: usize = 2 << 20;
+/// How long the log writer thread lets lines gather before it takes them: lines reach stdout
+/// at most about this much later.
 pub const LOG_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Buckets of [`DECISION_SECONDS`]: from a cached answer (sub-millisecond) through a group
@@ -94,19 +93,28 @@ pub enum TelemetryError {
 }
 
 static METRICS: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-/// Dropped-line counter of the installed lossy log writer.
-static LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
-/// The lossy writer, for per-request lines written without the fmt layer ([`log_request`]):
-/// set only when lines are plain text without colours.
-static REQUEST_LINES: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock::new();
+/// The installed log buffer (its dropped-line count feeds [`LOG_LINES_DROPPED_TOTAL`]).
+static LOG_SINK: OnceLock<Arc<LineSink>> = OnceLock::new();
+/// Whether per-request lines are written without the fmt layer ([`log_request`]): plain text
+/// without colours.
+static REQUEST_LINES_DIRECT: OnceLock<bool> = OnceLock::new();
 
-/// Keeps the log writer threads alive; dropping it writes out the lines still buffered. Hold
+/// Keeps the log writer thread alive; dropping it writes out the lines still buffered. Hold
 /// it until the process is about to exit.
-#[must_use = "dropping the guard stops the log writers"]
+#[must_use = "dropping the guard stops the log writer"]
 #[derive(Debug)]
 pub struct LogGuard {
-    _lossy: WorkerGuard,
-    _audit: WorkerGuard,
+    sink: Arc<LineSink>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.sink.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Installs the global `tracing` subscriber: `format` lines, filtered by `RUST_LOG` when set,
@@ -118,41 +126,172 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<LogGuard, Telemet
         _ => tracing_subscriber::EnvFilter::try_new(filter),
     }
     .map_err(|e| TelemetryError::Filter(e.to_string()))?;
-    let (lossy, lossy_guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_LINES_BUFFERED_MAX)
-        .thread_name("refundgate-log")
-        .finish(LineBatches::stdout());
-    let (audit, audit_guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(AUDIT_LINES_BUFFERED_MAX)
-        .thread_name("refundgate-log-audit")
-        .finish(LineBatches::stdout());
-    let drops = lossy.error_counter();
+    let sink = Arc::new(LineSink::new(LOG_BUFFER_BYTES, AUDIT_EXTRA_BYTES));
     let ansi = ansi_wanted(std::io::stdout().is_terminal());
-    let request_lines = (format == LogFormat::Plain && !ansi).then(|| lossy.clone());
-    // WARN and ERROR to the writer that never drops, everything else to the lossy one.
-    let writer = audit
-        .with_max_level(Level::WARN)
-        .and(lossy.with_min_level(Level::INFO));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_timer(UtcMicros)
         .with_ansi(ansi)
-        .with_writer(writer);
+        .with_writer(SinkWriters(sink.clone()));
     let installed = match format {
         LogFormat::Plain => builder.fmt_fields(PlainFields).try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
     installed.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
-    let _ = LOG_DROPS.set(drops);
-    if let Some(w) = request_lines {
-        let _ = REQUEST_LINES.set(w);
-    }
+    let thread = sink
+        .clone()
+        .spawn_writer(std::io::stdout())
+        .map_err(|e| TelemetryError::AlreadyInstalled(format!("log writer thread: {e}")))?;
+    let _ = LOG_SINK.set(sink.clone());
+    let _ = REQUEST_LINES_DIRECT.set(format == LogFormat::Plain && !ansi);
     Ok(LogGuard {
-        _lossy: lossy_guard,
-        _audit: audit_guard,
+        sink,
+        thread: Some(thread),
     })
+}
+
+/// The bounded buffer every log line goes through (module documentation).
+#[derive(Debug)]
+pub(crate) struct LineSink {
+    state: Mutex<SinkState>,
+    /// Wakes the writer thread: the buffer stopped being empty, or closing.
+    gathered: Condvar,
+    /// Wakes WARN/ERROR callers waiting for room.
+    room: Condvar,
+    dropped: AtomicU64,
+    lossy_bytes: usize,
+    audit_extra_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct SinkState {
+    buf: Vec<u8>,
+    closing: bool,
+}
+
+impl LineSink {
+    fn new(lossy_bytes: usize, audit_extra_bytes: usize) -> LineSink {
+        LineSink {
+            state: Mutex::new(SinkState::default()),
+            gathered: Condvar::new(),
+            room: Condvar::new(),
+            dropped: AtomicU64::new(0),
+            lossy_bytes,
+            audit_extra_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one whole line: dropped (and counted) when a lossy line does not fit; a
+    /// lossless one waits for room beyond the lossy share.
+    fn push(&self, line: &[u8], lossless: bool) {
+        let mut st = self.lock();
+        if lossless {
+            while !st.closing
+                && !st.buf.is_empty()
+                && st.buf.len() + line.len() > self.lossy_bytes + self.audit_extra_bytes
+            {
+                st = self.room.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        } else if st.buf.len() + line.len() > self.lossy_bytes {
+            drop(st);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let was_empty = st.buf.is_empty();
+        st.buf.extend_from_slice(line);
+        drop(st);
+        if was_empty {
+            // Once per batch, not per line: the writer sleeps only on an empty buffer.
+            self.gathered.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closing = true;
+        self.gathered.notify_all();
+        self.room.notify_all();
+    }
+
+    /// Lines dropped so far.
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The writer thread: sleeps while the buffer is empty; otherwise lets lines gather for
+    /// [`LOG_FLUSH_DELAY`], takes them all and writes them in one call. On close it writes
+    /// what is left and ends.
+    fn spawn_writer<W: Write + Send + 'static>(
+        self: Arc<Self>,
+        mut out: W,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("refundgate-log".into())
+            .spawn(move || {
+                let mut taken = Vec::new();
+                loop {
+                    let closing = {
+                        let mut st = self.lock();
+                        while st.buf.is_empty() && !st.closing {
+                            st = self.gathered.wait(st).unwrap_or_else(|p| p.into_inner());
+                        }
+                        if st.buf.is_empty() {
+                            return;
+                        }
+                        st.closing
+                    };
+                    if !closing {
+                        std::thread::sleep(LOG_FLUSH_DELAY);
+                    }
+                    std::mem::swap(&mut self.lock().buf, &mut taken);
+                    self.room.notify_all();
+                    // A failed write loses this batch rather than retrying it forever.
+                    let _ = out.write_all(&taken).and_then(|()| out.flush());
+                    taken.clear();
+                }
+            })
+    }
+}
+
+/// The fmt layer's writers: WARN and ERROR lossless, the rest lossy.
+struct SinkWriters(Arc<LineSink>);
+
+/// One line's writer (the fmt layer writes each line with one `write_all`).
+pub(crate) struct SinkWriter<'a> {
+    sink: &'a LineSink,
+    lossless: bool,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SinkWriters {
+    type Writer = SinkWriter<'a>;
+
+    fn make_writer(&'a self) -> SinkWriter<'a> {
+        SinkWriter {
+            sink: &self.0,
+            lossless: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> SinkWriter<'a> {
+        SinkWriter {
+            sink: &self.0,
+            lossless: *meta.level() <= Level::WARN,
+        }
+    }
+}
+
+impl Write for SinkWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.sink.push(line, self.lossless);
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The fmt layer's timestamp (RFC 3339, UTC, microseconds: `2026-12-04T16:18:56.227651Z`, as
@@ -230,7 +369,7 @@ pub fn request_line_enabled() -> bool {
 /// machinery cost about a third of the gateway's CPU per answer. Otherwise (JSON, colours,
 /// a field that needs escaping, no writer installed), through `tracing` as any other line.
 pub fn log_request(line: &RequestLine<'_>) {
-    if let Some(writer) = REQUEST_LINES.get() {
+    if let (Some(true), Some(sink)) = (REQUEST_LINES_DIRECT.get(), LOG_SINK.get()) {
         if [
             line.dialect,
             line.pan,
@@ -248,8 +387,8 @@ pub fn log_request(line: &RequestLine<'_>) {
                 buf.clear();
                 let (text, tail) = utc_micros_now();
                 write_request_line(buf, &text, &tail, line);
-                // The lossy writer never blocks: a full channel drops and counts the line.
-                let _ = writer.clone().write_all(buf);
+                // Lossy: never waits; a full buffer drops and counts the line.
+                sink.push(buf, false);
             });
             return;
         }
@@ -477,67 +616,9 @@ fn ansi_wanted(terminal: bool) -> bool {
     terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// Sets [`LOG_LINES_DROPPED_TOTAL`] from a lossy writer's counter.
-fn publish_dropped_lines(counter: &ErrorCounter) {
-    metrics::counter!(LOG_LINES_DROPPED_TOTAL).absolute(counter.dropped_lines() as u64);
-}
-
-/// The sink of a log writer thread: whole lines gathered, then written to stdout in one call
-/// (under stdout's lock), when the batch is full or the thread has drained its channel.
-struct LineBatches<W: Write> {
-    out: W,
-    batch: Vec<u8>,
-}
-
-impl LineBatches<std::io::Stdout> {
-    fn stdout() -> Self {
-        LineBatches::new(std::io::stdout())
-    }
-}
-
-impl<W: Write> LineBatches<W> {
-    fn new(out: W) -> Self {
-        LineBatches {
-            out,
-            batch: Vec::with_capacity(LOG_WRITE_BATCH_BYTES),
-        }
-    }
-
-    fn write_batch(&mut self) -> std::io::Result<()> {
-        if !self.batch.is_empty() {
-            let result = self.out.write_all(&self.batch);
-            // A failed write loses this batch rather than retrying it forever.
-            self.batch.clear();
-            result?;
-        }
-        Ok(())
-    }
-}
-
-impl<W: Write> Write for LineBatches<W> {
-    /// The writer thread hands over one whole line per call.
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        if self.batch.len() + line.len() > LOG_WRITE_BATCH_BYTES {
-            self.write_batch()?;
-        }
-        if line.len() > LOG_WRITE_BATCH_BYTES {
-            self.out.write_all(line)?;
-        } else {
-            self.batch.extend_from_slice(line);
-        }
-        Ok(line.len())
-    }
-
-    /// Called by the writer thread each time it has drained its channel. Waiting a moment
-    /// first lets the next lines gather in the channel: under load the thread writes once
-    /// per [`LOG_FLUSH_DELAY`] instead of being woken (and calling write) per line.
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.batch.is_empty() && self.batch.len() < LOG_WRITE_BATCH_BYTES / 2 {
-            std::thread::sleep(LOG_FLUSH_DELAY);
-        }
-        self.write_batch()?;
-        self.out.flush()
-    }
+/// Sets [`LOG_LINES_DROPPED_TOTAL`] from a log buffer's count.
+fn publish_dropped_lines(sink: &LineSink) {
+    metrics::counter!(LOG_LINES_DROPPED_TOTAL).absolute(sink.dropped());
 }
 
 /// Installs the Prometheus recorder on the first call and returns its handle; later calls
@@ -564,8 +645,8 @@ pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
 /// `/metrics` render and every upkeep interval).
 pub fn metrics_handle() -> Option<PrometheusHandle> {
     let handle = METRICS.get().and_then(|r| r.as_ref().ok()).cloned()?;
-    if let Some(drops) = LOG_DROPS.get() {
-        publish_dropped_lines(drops);
+    if let Some(sink) = LOG_SINK.get() {
+        publish_dropped_lines(sink);
     }
     Some(handle)
 }
@@ -879,60 +960,95 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lines_dropped_by_a_stuck_lossy_writer_are_counted_in_the_metric() {
-        let handle = install_metrics().unwrap();
+    /// A sink, the sender that lets its writer go on, what the writer wrote, its thread.
+    type StuckSink = (
+        Arc<LineSink>,
+        std::sync::mpsc::Sender<()>,
+        Arc<Mutex<Vec<u8>>>,
+        std::thread::JoinHandle<()>,
+    );
+
+    /// A sink whose writer thread writes only once it is told to go on.
+    fn stuck_sink(lossy_bytes: usize, audit_extra_bytes: usize) -> StuckSink {
         let (go_tx, go) = std::sync::mpsc::channel();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = Stuck {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = Stuck {
             go,
             lines: lines.clone(),
             waited: false,
         };
-        let (mut writer, guard) = NonBlockingBuilder::default()
-            .lossy(true)
-            .buffered_lines_limit(4)
-            .finish(sink);
-        let counter = writer.error_counter();
-        // The writer thread takes at most one line and then waits; the channel holds 4.
+        let sink = Arc::new(LineSink::new(lossy_bytes, audit_extra_bytes));
+        let thread = sink.clone().spawn_writer(out).unwrap();
+        (sink, go_tx, lines, thread)
+    }
+
+    fn count_lines(lines: &Mutex<Vec<u8>>) -> usize {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
+    #[test]
+    fn lines_dropped_by_a_stuck_lossy_writer_are_counted_in_the_metric() {
+        let handle = install_metrics().unwrap();
+        // Room for 4 lines of 8 bytes; the writer thread takes what is there and then waits.
+        let (sink, go, lines, thread) = stuck_sink(32, 32);
+        let mut w = SinkWriter {
+            sink: &sink,
+            lossless: false,
+        };
         for i in 0..100 {
-            // Never blocks: a full channel drops the line.
-            writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
+            // Never blocks: a full buffer drops the line.
+            w.write_all(format!("line {i:02}\n").as_bytes()).unwrap();
         }
-        let dropped = counter.dropped_lines();
-        assert!((95..=96).contains(&dropped), "dropped {dropped}");
-        publish_dropped_lines(&counter);
+        let dropped = sink.dropped();
+        assert!((88..=96).contains(&dropped), "dropped {dropped}");
+        publish_dropped_lines(&sink);
         let text = handle.render();
         assert!(
             text.contains(&format!("{LOG_LINES_DROPPED_TOTAL} {dropped}")),
             "{text}"
         );
-        go_tx.send(()).unwrap();
-        drop(guard);
-        let kept = lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count();
-        assert_eq!(kept + dropped, 100);
+        go.send(()).unwrap();
+        sink.close();
+        thread.join().unwrap();
+        assert_eq!(count_lines(&lines) as u64 + dropped, 100);
     }
 
     #[test]
-    fn line_batches_write_whole_lines_and_only_on_flush_or_when_full() {
-        let mut out = LineBatches::new(Vec::new());
-        out.write_all(b"one\n").unwrap();
-        out.write_all(b"two\n").unwrap();
-        assert!(out.out.is_empty());
-        out.flush().unwrap();
-        assert_eq!(out.out, b"one\ntwo\n");
-        let long = vec![b'x'; LOG_WRITE_BATCH_BYTES - 2];
-        out.write_all(&long).unwrap();
-        out.write_all(b"three\n").unwrap();
-        // The batch was written before the line that would not fit.
-        assert_eq!(out.out.len(), 8 + long.len());
-        out.flush().unwrap();
-        assert!(out.out.ends_with(b"three\n"));
+    fn warnings_are_never_dropped_and_keep_their_order_with_the_rest() {
+        let (sink, go, lines, thread) = stuck_sink(32, 32);
+        let s = sink.clone();
+        // 100 WARN lines do not fit either: the caller waits until the writer goes on.
+        let caller = std::thread::spawn(move || {
+            let mut info = SinkWriter {
+                sink: &s,
+                lossless: false,
+            };
+            info.write_all(b"info 00\n").unwrap();
+            let mut warn = SinkWriter {
+                sink: &s,
+                lossless: true,
+            };
+            for i in 0..100 {
+                warn.write_all(format!("warn {i:02}\n").as_bytes()).unwrap();
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!caller.is_finished(), "a full buffer must make WARN wait");
+        go.send(()).unwrap();
+        caller.join().unwrap();
+        sink.close();
+        thread.join().unwrap();
+        assert_eq!(sink.dropped(), 0);
+        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        let expected: String = std::iter::once("info 00\n".to_string())
+            .chain((0..100).map(|i| format!("warn {i:02}\n")))
+            .collect();
+        assert_eq!(text, expected);
     }
 
     #[test]
