@@ -718,6 +718,12 @@ fn a_restarted_node_loads_the_snapshot_and_reads_only_the_stream_after_it() {
 
     let node0 = cluster.start(0);
     assert_eq!(
+        merchant_state(&cluster, 0),
+        before,
+        "money and memory as before the stop"
+    );
+    rt.block_on(repeats_get_their_answers(&cluster, &node0, &sent));
+    assert_eq!(
         metric(&cluster, 0, "refundgate_journal_replica_start_snapshot_seq"),
         seq as f64,
         "the node started from the newest snapshot"
@@ -731,13 +737,7 @@ fn a_restarted_node_loads_the_snapshot_and_reads_only_the_stream_after_it() {
         expected as f64,
         "events read from the stream at start: only those after the snapshot ({all} in all)"
     );
-    assert_eq!(
-        merchant_state(&cluster, 0),
-        before,
-        "money and memory as before the stop"
-    );
     rt.block_on(async {
-        repeats_get_their_answers(&cluster, &node0, &sent).await;
         // It goes on deciding from there: one more race, then the state moved by exactly it.
         refund_races(&cluster, &node0, 1, 400).await;
     });
@@ -803,4 +803,130 @@ fn a_corrupt_snapshot_is_skipped_and_the_node_reads_the_whole_stream() {
     );
     assert_eq!(merchant_state(&cluster, 0), before);
     rt.block_on(repeats_get_their_answers(&cluster, &node0, &sent));
+}
+
+/// A sale of 25.00 on the embedded sample merchant, STAN `stan`.
+fn sample_sale(stan: u32) -> refundgate::ledger::Request<'static> {
+    use refundgate::ledger::{CardType, Dialect, Operation, Request};
+    let pan = "4761739001010119";
+    Request {
+        dialect: Dialect::Ascii1987,
+        op: Operation::Sale,
+        repeat: false,
+        merchant: "MERCHANT 000001",
+        terminal: "TERM0001",
+        stan,
+        local_date_mmdd: 101,
+        mti_class: 2,
+        transmission: Some(101_000_000),
+        rrn: None,
+        batch: None,
+        pan,
+        amount_minor: 2_500,
+        currency: 840,
+        card_type: CardType::from_pan(pan),
+        original: None,
+        body_fingerprint: u64::from(stan),
+    }
+}
+
+#[test]
+fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once() {
+    use refundgate::journal::jetstream::{Replica, Settings};
+    use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+    let Some(bin) = need_nats() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(&bin, dir.path());
+    let settings = Settings {
+        servers: nats
+            .client_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect(),
+        stream: "SNAPTEST".into(),
+        subject_prefix: "snaptest".into(),
+        replicas: 3,
+        ack_timeout: Duration::from_secs(5),
+    };
+    let merchants = MerchantSet::embedded().unwrap();
+    let key = PanKey::new(&[7; 16]);
+    let now = 1_790_000_000;
+    runtime().block_on(async {
+        let ledger = Arc::new(Ledger::new(&merchants, key.clone()));
+        let (a, _) = Replica::connect(&settings, Arc::clone(&ledger))
+            .await
+            .unwrap();
+        let a = Arc::new(a);
+        let decide = |stan| {
+            let a = Arc::clone(&a);
+            async move {
+                let logged = a.decide(&sample_sale(stan), now).await;
+                assert!(matches!(logged, Logged::Applied { .. }), "{stan}");
+            }
+        };
+        for stan in 1..=5 {
+            decide(stan).await;
+        }
+        // The tail reads those five, then stops: the next five are applied by this node's own
+        // appends only, past the tail's position.
+        let tail = tokio::spawn(Arc::clone(&a).tail(0));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.snapshot().await.seq < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "the tail did not read five events"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tail.abort();
+        for stan in 6..=10 {
+            decide(stan).await;
+        }
+        let snapshot = a.snapshot().await;
+        assert_eq!(snapshot.seq, 5);
+        assert_eq!(snapshot.last.iter().map(|(_, l)| *l).max(), Some(10));
+        let client = async_nats::connect(settings.servers[0].as_str())
+            .await
+            .unwrap();
+        let store = async_nats::jetstream::new(client)
+            .get_object_store(jetstream::snapshot_bucket("SNAPTEST"))
+            .await
+            .unwrap();
+        let name = jetstream::snapshot_object_name(snapshot.seq);
+        store
+            .put(name.as_str(), &mut snapshot.encode().as_slice())
+            .await
+            .unwrap();
+        for stan in 11..=13 {
+            decide(stan).await;
+        }
+
+        // A new node: the snapshot, then the stream from 6, where 6 to 10 are already in it.
+        let fresh = Arc::new(Ledger::new(&merchants, key.clone()));
+        let (b, state) = Replica::connect(&settings, Arc::clone(&fresh))
+            .await
+            .unwrap();
+        let applied = b.load(state.last_sequence).await.unwrap();
+        assert_eq!(b.counters.start_snapshot_seq.load(Relaxed), 5);
+        assert_eq!(
+            b.counters.start_replayed.load(Relaxed),
+            8,
+            "events 6 to 13 read"
+        );
+        assert_eq!(applied, 3, "only 11 to 13 applied");
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        ledger.snapshot(&mut want);
+        fresh.snapshot(&mut got);
+        assert!(want == got, "the new node's ledger is the writer's");
+        // And it appends after the merchant's last event (its expected sequence is right).
+        let b = Arc::new(b);
+        let logged = b.decide(&sample_sale(14), now).await;
+        assert!(
+            matches!(logged, Logged::Applied { seq: 14, .. }),
+            "{logged:?}"
+        );
+        assert_eq!(b.counters.conflicts.load(Relaxed), 0);
+    });
 }
