@@ -77,6 +77,10 @@ impl From<crate::ledger::Refused> for ReplError {
 /// Attempts of one step before it gives up on a contended merchant.
 const ATTEMPTS: u32 = 64;
 
+/// Unusable snapshots a node remembers from its start (the bucket keeps
+/// [`crate::limits::CLUSTER_SNAPSHOTS_KEPT`], unless writers race).
+const UNUSABLE_REMEMBERED_MAX: usize = 16;
+
 /// This node's view of one merchant's subject.
 #[derive(Default)]
 struct Part {
@@ -212,6 +216,9 @@ pub struct Replica {
     snapshots: Option<object_store::ObjectStore>,
     /// Stream sequence of the newest snapshot known in the bucket.
     newest_snapshot: AtomicU64,
+    /// Snapshots this node found unusable at start: not counted as the newest, and removed
+    /// once this node wrote a usable one (a few at most: the bucket keeps few).
+    unusable: std::sync::Mutex<Vec<String>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -308,6 +315,7 @@ impl Replica {
                 tailed: AtomicU64::new(0),
                 snapshots,
                 newest_snapshot: AtomicU64::new(0),
+                unusable: std::sync::Mutex::new(Vec::new()),
                 counters: Counters::default(),
             },
             state,
@@ -866,7 +874,13 @@ impl Replica {
             return Ok(None);
         }
         // Another node may have written one since: look before serialising the ledger.
-        let names = self.snapshot_names(store).await?;
+        let unusable = self.unusable_snapshots();
+        let names: Vec<(u64, String)> = self
+            .snapshot_names(store)
+            .await?
+            .into_iter()
+            .filter(|(_, name)| !unusable.contains(name))
+            .collect();
         if let Some((newest, _)) = names.first() {
             self.newest_snapshot.fetch_max(*newest, Ordering::AcqRel);
         }
@@ -891,13 +905,40 @@ impl Replica {
         self.counters
             .snapshots_written
             .fetch_add(1, Ordering::Relaxed);
-        let older = names.iter().filter(|(s, _)| *s < seq);
-        for (_, old) in older.skip(crate::limits::CLUSTER_SNAPSHOTS_KEPT.saturating_sub(1)) {
+        let older = names.iter().filter(|(s, _)| *s < seq).map(|(_, n)| n);
+        let kept = crate::limits::CLUSTER_SNAPSHOTS_KEPT.saturating_sub(1);
+        // An unusable one of the same name was just replaced.
+        let replaced = unusable.iter().filter(|n| **n != name);
+        for old in older.skip(kept).chain(replaced) {
             if let Err(e) = store.delete(old).await {
                 tracing::debug!(object = old, error = %e, "old ledger snapshot not removed");
             }
         }
+        if !unusable.is_empty() {
+            self.forget_unusable();
+        }
         Ok(Some(seq))
+    }
+
+    fn unusable_snapshots(&self) -> Vec<String> {
+        self.unusable
+            .lock()
+            .map(|names| names.clone())
+            .unwrap_or_default()
+    }
+
+    fn forget_unusable(&self) {
+        if let Ok(mut names) = self.unusable.lock() {
+            names.clear();
+        }
+    }
+
+    fn remember_unusable(&self, name: &str) {
+        if let Ok(mut names) = self.unusable.lock() {
+            if names.len() < UNUSABLE_REMEMBERED_MAX {
+                names.push(name.to_string());
+            }
+        }
     }
 
     /// The snapshots in the bucket, newest first.
@@ -942,6 +983,7 @@ impl Replica {
                     return Some((seq, last));
                 }
                 Err(why) => {
+                    self.remember_unusable(&name);
                     telemetry::count_replica_snapshot("unreadable");
                     tracing::warn!(object = name, error = %why, "ledger snapshot unusable; skipped");
                 }
@@ -969,10 +1011,20 @@ impl Replica {
             .await
             .map_err(|e| e.to_string())?;
         let snapshot = ClusterSnapshot::decode(&bytes).map_err(str::to_string)?;
+        let last: HashMap<MerchantId, u64> = snapshot.last.into_iter().collect();
+        // A merchant without its sequence would miss its events before the snapshot (a
+        // writer with another merchant file): the stream has them, the snapshot does not.
+        let order = self.ledger.snapshot_order();
+        if let Some(missing) = order.iter().find(|id| !last.contains_key(*id)) {
+            return Err(format!(
+                "merchant {} is not in it (written with another merchant file?)",
+                missing.as_str()
+            ));
+        }
         self.ledger
             .restore_in_place(&snapshot.ledger)
             .map_err(|e| e.to_string())?;
-        Ok(snapshot.last.into_iter().collect())
+        Ok(last)
     }
 }
 
