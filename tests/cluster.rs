@@ -251,6 +251,19 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     }
 }
 
+/// A connection to `node`'s admin address (bound just after the listeners are logged: a
+/// started node may take a moment).
+fn admin_connection(cluster: &Cluster, node: usize) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect(("127.0.0.1", cluster.admin[node])) {
+            Ok(tcp) => return tcp,
+            Err(e) => assert!(Instant::now() < deadline, "admin of node {node}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One admin API call to `node` (HTTP/1.1, bearer token); status and JSON body.
 fn admin(
     cluster: &Cluster,
@@ -261,7 +274,7 @@ fn admin(
     body: &str,
 ) -> (u16, Json) {
     use std::io::{Read, Write};
-    let mut tcp = TcpStream::connect(("127.0.0.1", cluster.admin[node])).unwrap();
+    let mut tcp = admin_connection(cluster, node);
     let token = TOKEN.split_once(':').unwrap().1;
     write!(
         tcp,
@@ -611,8 +624,13 @@ fn merchant_state(cluster: &Cluster, node: usize) -> Json {
 
 /// The value of the metric line starting with `series` on `node`'s `/metrics`.
 fn metric(cluster: &Cluster, node: usize, series: &str) -> f64 {
+    metric_if_any(cluster, node, series).unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+/// [`metric`], or `None` while the series does not exist yet.
+fn metric_if_any(cluster: &Cluster, node: usize, series: &str) -> Option<f64> {
     use std::io::{Read, Write};
-    let mut tcp = TcpStream::connect(("127.0.0.1", cluster.admin[node])).unwrap();
+    let mut tcp = admin_connection(cluster, node);
     write!(
         tcp,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -622,7 +640,6 @@ fn metric(cluster: &Cluster, node: usize, series: &str) -> f64 {
     tcp.read_to_string(&mut text).unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
 }
 
 async fn jetstream(cluster: &Cluster) -> async_nats::jetstream::Context {
@@ -803,6 +820,20 @@ fn a_corrupt_snapshot_is_skipped_and_the_node_reads_the_whole_stream() {
     );
     assert_eq!(merchant_state(&cluster, 0), before);
     rt.block_on(repeats_get_their_answers(&cluster, &node0, &sent));
+    // The node writes a usable snapshot in their place, and removes them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let written = "refundgate_journal_replica_snapshots_total{outcome=\"written\"}";
+    while metric_if_any(&cluster, 0, written).unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot written after the corrupt ones"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (_, name) in rt.block_on(snapshots(&js)) {
+        let bytes = rt.block_on(object(&js, &name));
+        assert!(jetstream::ClusterSnapshot::decode(&bytes).is_ok(), "{name}");
+    }
 }
 
 /// A sale of 25.00 on the embedded sample merchant, STAN `stan`.
