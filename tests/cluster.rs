@@ -959,5 +959,30 @@ fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once
             "{logged:?}"
         );
         assert_eq!(b.counters.conflicts.load(Relaxed), 0);
+
+        // The stream deleted and made again (the bucket stays): six new sales, past the
+        // snapshot's sequence 5. A node starting then refuses the old stream's snapshot.
+        drop(b);
+        let js = async_nats::jetstream::new(
+            async_nats::connect(settings.servers[0].as_str())
+                .await
+                .unwrap(),
+        );
+        js.delete_stream("SNAPTEST").await.unwrap();
+        let (c, _) = Replica::connect(&settings, Arc::new(Ledger::new(&merchants, key.clone())))
+            .await
+            .unwrap();
+        let c = Arc::new(c);
+        for stan in 1..=6 {
+            let logged = c.decide(&sample_sale(stan), now).await;
+            assert!(matches!(logged, Logged::Applied { .. }), "{logged:?}");
+        }
+        let fresh = Arc::new(Ledger::new(&merchants, key.clone()));
+        let (d, state) = Replica::connect(&settings, Arc::clone(&fresh))
+            .await
+            .unwrap();
+        assert_eq!(state.last_sequence, 6);
+        assert_eq!(d.load(6).await.unwrap(), 6, "the new stream read whole");
+        assert_eq!(d.counters.start_snapshot_seq.load(Relaxed), 0);
     });
 }

@@ -219,6 +219,9 @@ pub struct Replica {
     /// Snapshots this node found unusable at start: not counted as the newest, and removed
     /// once this node wrote a usable one (a few at most: the bucket keeps few).
     unusable: std::sync::Mutex<Vec<String>>,
+    /// When the stream was created (ns since the epoch): a snapshot names the stream it was
+    /// taken of, so one left in the bucket from a deleted stream of the same name is refused.
+    stream_created_ns: i128,
     /// Counters.
     pub counters: Counters,
 }
@@ -301,6 +304,7 @@ impl Replica {
         };
         let info = stream.info().await.map_err(unavailable)?;
         let snapshots = snapshot_store(&js, settings).await;
+        let stream_created_ns = info.created.unix_timestamp_nanos();
         let state = StreamState {
             messages: info.state.messages,
             last_sequence: info.state.last_sequence,
@@ -316,6 +320,7 @@ impl Replica {
                 snapshots,
                 newest_snapshot: AtomicU64::new(0),
                 unusable: std::sync::Mutex::new(Vec::new()),
+                stream_created_ns,
                 counters: Counters::default(),
             },
             state,
@@ -359,8 +364,8 @@ impl Replica {
 
     /// Rebuilds the ledger, up to `upto` (the stream's last sequence when the node
     /// connected), before the node serves: from the newest usable snapshot in the bucket and
-    /// the stream after it, or from the whole stream. Returns the events read from the stream
-    /// and applied.
+    /// the stream after it, or from the whole stream. Returns the events of the stream
+    /// applied.
     pub async fn load(&self, upto: u64) -> Result<u64, ReplError> {
         if upto == 0 {
             return Ok(0);
@@ -783,6 +788,8 @@ async fn snapshot_store(
 /// stream sequence `seq`, and each merchant's events up to its own `last` (at least `seq`'s).
 #[derive(Debug, PartialEq, Eq)]
 pub struct ClusterSnapshot {
+    /// When the stream it was taken of was created (ns since the epoch).
+    pub stream_created_ns: i128,
     /// Replay resumes after this sequence.
     pub seq: u64,
     /// Each merchant's last sequence applied to its book.
@@ -793,10 +800,12 @@ pub struct ClusterSnapshot {
 
 impl ClusterSnapshot {
     /// The object's bytes: the snapshot file layout (`journal::snapshot::frame`: magic,
-    /// version, `seq`, length, CRC32C) around the merchants' last sequences (count u64, then
-    /// per merchant its id's length u8, id, sequence u64, little endian) and the ledger bytes.
+    /// version, `seq`, length, CRC32C) around the stream's creation time (i128), the
+    /// merchants' last sequences (count u64, then per merchant its id's length u8, id,
+    /// sequence u64), little endian, and the ledger bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(8 + self.last.len() * 32 + self.ledger.len());
+        let mut body = Vec::with_capacity(24 + self.last.len() * 32 + self.ledger.len());
+        body.extend_from_slice(&self.stream_created_ns.to_le_bytes());
         body.extend_from_slice(&(self.last.len() as u64).to_le_bytes());
         for (id, seq) in &self.last {
             let id = id.as_str().as_bytes();
@@ -821,6 +830,10 @@ impl ClusterSnapshot {
             Ok(head)
         };
         let u64_of = |b: &[u8]| b.try_into().map(u64::from_le_bytes).unwrap_or(u64::MAX);
+        let created = take(16)?
+            .try_into()
+            .map(i128::from_le_bytes)
+            .map_err(|_| "snapshot cut inside its stream's creation time")?;
         let count = u64_of(take(8)?);
         let mut last = Vec::new();
         for _ in 0..count {
@@ -832,6 +845,7 @@ impl ClusterSnapshot {
             last.push((id, u64_of(take(8)?)));
         }
         Ok(ClusterSnapshot {
+            stream_created_ns: created,
             seq: framed.seq,
             last,
             ledger: rest.to_vec(),
@@ -858,7 +872,12 @@ impl Replica {
             last.push((*id, p.last));
             drop(p);
         }
-        ClusterSnapshot { seq, last, ledger }
+        ClusterSnapshot {
+            stream_created_ns: self.stream_created_ns,
+            seq,
+            last,
+            ledger,
+        }
     }
 
     /// Writes a ledger snapshot to the bucket when the tail is `every` sequences or more past
@@ -1011,6 +1030,9 @@ impl Replica {
             .await
             .map_err(|e| e.to_string())?;
         let snapshot = ClusterSnapshot::decode(&bytes).map_err(str::to_string)?;
+        if snapshot.stream_created_ns != self.stream_created_ns {
+            return Err("taken of another stream of this name (deleted since)".into());
+        }
         let last: HashMap<MerchantId, u64> = snapshot.last.into_iter().collect();
         // A merchant without its sequence would miss its events before the snapshot (a
         // writer with another merchant file): the stream has them, the snapshot does not.
@@ -1037,6 +1059,7 @@ mod tests {
         let a = MerchantId::new("MERCHANT 000001").unwrap();
         let b = MerchantId::new("M2").unwrap();
         let snap = ClusterSnapshot {
+            stream_created_ns: 1_790_000_000_123_456_789,
             seq: 77,
             last: vec![(a, 80), (b, 0)],
             ledger: b"RGLS ledger bytes".to_vec(),
