@@ -13,7 +13,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use refundgate::journal::jetstream::{encode_group, Replica, Settings};
+use refundgate::journal::jetstream::{
+    encode_group, snapshot_bucket, snapshot_object_name, Replica, Settings,
+};
 use refundgate::ledger::{
     CardType, Dialect, Ledger, LedgerEvent, MerchantSet, Operation, PanKey, Request,
 };
@@ -142,6 +144,41 @@ fn main() {
             took.as_secs_f64(),
             applied as f64 / took.as_secs_f64()
         );
+
+        // The same from a ledger snapshot covering the whole stream (what a restarted node
+        // loads when one was written lately): the snapshot, then nothing left to read.
+        // The tail marks the stream read up to where the load stopped.
+        let replica = Arc::new(replica);
+        let tail = tokio::spawn(Arc::clone(&replica).tail(state.last_sequence));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let snapshot = replica.snapshot().await;
+        tail.abort();
+        assert_eq!(
+            snapshot.seq, state.last_sequence,
+            "the snapshot covers the stream"
+        );
+        let bytes = snapshot.encode();
+        let store = js.get_object_store(snapshot_bucket(&stream)).await.unwrap();
+        let name = snapshot_object_name(snapshot.seq);
+        store
+            .put(name.as_str(), &mut bytes.as_slice())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let ledger = Arc::new(Ledger::new(&merchants, key.clone()));
+        let (replica, state) = Replica::connect(&settings, Arc::clone(&ledger))
+            .await
+            .unwrap();
+        replica.load(state.last_sequence).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(ledger.entries(), writer.entries(), "same originals");
+        println!(
+            "start from a snapshot at seq {} ({} bytes): {:.2} s",
+            snapshot.seq,
+            bytes.len(),
+            took.as_secs_f64()
+        );
         let _ = js.delete_stream(&stream).await;
+        let _ = js.delete_object_store(snapshot_bucket(&stream)).await;
     });
 }

@@ -39,7 +39,9 @@ connection_timeout_ms = 30000
 dir = "data/journal"
 # "fdatasync" (an approval is sent only once durable) or "unsafe_no_fsync" (tests, benchmarks).
 durability = "fdatasync"
-# Write a ledger snapshot after this many journal records (bounds start-up replay).
+# Write a ledger snapshot after this many journal records (bounds start-up replay). With
+# backend = "jetstream": once the stream is this many sequences past the newest snapshot in
+# the object store bucket "<stream>_SNAPSHOTS" (any node writes it; starts read the rest).
 snapshot_every_records = 1000000
 # Size of each journal segment file, preallocated when it is created (4096 ..= 1073741824).
 segment_bytes = 67108864
@@ -354,7 +356,8 @@ pub struct JournalConfig {
     /// Whether an approval waits for `fdatasync`.
     pub durability: Durability,
     /// A ledger snapshot is written once this many records were journaled since the last
-    /// one, so that start-up replays at most about this many records.
+    /// one, so that start-up replays at most about this many records (with the replicated
+    /// journal: stream sequences past the newest snapshot in its bucket).
     pub snapshot_every_records: u64,
     /// Bytes of each segment file, preallocated at creation (tests use small ones).
     pub segment_bytes: u64,

@@ -31,8 +31,15 @@ pub const RECONCILIATION_LIST_MAX: usize = 10_000;
 pub const ADMIN_REQUESTS_PER_MERCHANT_MAX: usize = 4096;
 /// Largest snapshot section accepted on restore, as a count of items.
 pub const SNAPSHOT_ITEMS_MAX: u64 = 1 << 32;
+/// Largest ledger snapshot written to, or read from, the replicated journal's bucket (it is
+/// read whole into memory at start).
+pub const CLUSTER_SNAPSHOT_BYTES_MAX: u64 = 1 << 32;
+/// Ledger snapshots kept in the replicated journal's bucket: the newest, and one older to
+/// fall back to when the newest is unreadable.
+pub const CLUSTER_SNAPSHOTS_KEPT: usize = 2;
 
 const _: () = assert!(ANSWER_RETENTION_S >= 24 * 3600);
+const _: () = assert!(CLUSTER_SNAPSHOTS_KEPT >= 1);
 const _: () = assert!(ORIGINALS_PER_MERCHANT_MAX < u32::MAX as usize);
 
 /// Most connections one process may be configured to hold open (file descriptors, memory).

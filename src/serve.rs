@@ -234,6 +234,10 @@ async fn replica(prepared: &Prepared) -> Result<Option<Arc<Replica>>, String> {
         .map_err(|e| format!("journal.jetstream: {e}"))?;
     tracing::info!(
         applied,
+        snapshot_seq = replica
+            .counters
+            .start_snapshot_seq
+            .load(std::sync::atomic::Ordering::Relaxed),
         last_sequence = state.last_sequence,
         ms = started.elapsed().as_millis() as u64,
         "ledger rebuilt from the replicated journal"
@@ -423,6 +427,35 @@ async fn snapshot_loop(gateway: Arc<Gateway>, journal: Arc<Journal>, every: u64)
     }
 }
 
+/// With the replicated journal: writes a ledger snapshot to the stream's bucket whenever the
+/// stream grew `every` sequences past the newest one there (any node may; see
+/// [`Replica::write_snapshot`]). A failure is logged when it starts, not at every check.
+async fn replica_snapshot_loop(replica: Arc<Replica>, every: u64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(SNAPSHOT_CHECK_MS));
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match replica.write_snapshot(every).await {
+            Ok(Some(seq)) => {
+                telemetry::count_replica_snapshot("written");
+                tracing::info!(
+                    seq,
+                    "ledger snapshot written to the replicated journal's bucket"
+                );
+                failing = false;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                telemetry::count_replica_snapshot("failed");
+                if !failing {
+                    tracing::warn!(error = %e, "ledger snapshot not written; starts read more of the stream");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
 /// Runs `serve` to completion and returns the process exit code.
 pub fn run(args: &ServeArgs) -> ExitCode {
     let log = Config::load(args.config.as_deref())
@@ -509,11 +542,17 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             Arc::clone(&prepared.journal),
             snapshot_every,
         ));
+        let replica_snapshots = gateway
+            .replica()
+            .map(|r| tokio::spawn(replica_snapshot_loop(Arc::clone(r), snapshot_every)));
         let cutovers = tokio::spawn(cutover_loop(Arc::clone(&gateway)));
         let served = server
             .run(Arc::clone(&gateway), server::shutdown::signal())
             .await;
         snapshots.abort();
+        if let Some(r) = replica_snapshots {
+            r.abort();
+        }
         cutovers.abort();
         reloads.abort();
         if let Some(u) = upstreams {

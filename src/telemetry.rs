@@ -58,6 +58,14 @@ pub const REQUEST_DEADLINE_TOTAL: &str = "refundgate_request_deadline_exceeded_t
 pub const REPLICA_EVENTS_TOTAL: &str = "refundgate_journal_replica_events_total";
 /// Label of [`REPLICA_EVENTS_TOTAL`].
 pub const LABEL_OUTCOME: &str = "outcome";
+/// Ledger snapshots of the replicated journal by outcome: `written`, `failed` (not written),
+/// `unreadable` (skipped at start).
+pub const REPLICA_SNAPSHOTS_TOTAL: &str = "refundgate_journal_replica_snapshots_total";
+/// Gauge: events read from the stream when this node started (after its snapshot, if it had
+/// one).
+pub const REPLICA_START_REPLAYED: &str = "refundgate_journal_replica_start_replayed_events";
+/// Gauge: stream sequence of the ledger snapshot this node started from (0: none).
+pub const REPLICA_START_SNAPSHOT_SEQ: &str = "refundgate_journal_replica_start_snapshot_seq";
 /// `refundgate_log_lines_dropped_total`: log lines below WARN dropped because the log writer
 /// fell behind (brought up to date whenever [`metrics_handle`] is asked for).
 pub const LOG_LINES_DROPPED_TOTAL: &str = "refundgate_log_lines_dropped_total";
@@ -686,6 +694,19 @@ pub fn count_replica(outcome: &'static str) {
     metrics::counter!(REPLICA_EVENTS_TOTAL, LABEL_OUTCOME => outcome).increment(1);
 }
 
+/// Counts one ledger snapshot of the replicated journal: `written`, `failed` or
+/// `unreadable` (skipped at start).
+pub fn count_replica_snapshot(outcome: &'static str) {
+    metrics::counter!(REPLICA_SNAPSHOTS_TOTAL, LABEL_OUTCOME => outcome).increment(1);
+}
+
+/// Records how this node's ledger was rebuilt at start: `replayed` events read from the stream
+/// after the snapshot at stream sequence `snapshot_seq` (0: none).
+pub fn count_replica_start(replayed: u64, snapshot_seq: u64) {
+    metrics::gauge!(REPLICA_START_REPLAYED).set(replayed as f64);
+    metrics::gauge!(REPLICA_START_SNAPSHOT_SEQ).set(snapshot_seq as f64);
+}
+
 /// Counts one well-framed message that could not be used (DOMAIN §2).
 pub fn count_message_error(dialect: &'static str) {
     metrics::counter!(MESSAGE_ERRORS_TOTAL, LABEL_DIALECT => dialect).increment(1);
@@ -893,6 +914,18 @@ fn describe_metrics() {
     describe_counter!(
         REPLICA_EVENTS_TOTAL,
         "Events of the replicated journal: appended, conflict (decided again), remote, unavailable, skipped."
+    );
+    describe_counter!(
+        REPLICA_SNAPSHOTS_TOTAL,
+        "Ledger snapshots of the replicated journal: written, failed, unreadable (skipped at start)."
+    );
+    describe_gauge!(
+        REPLICA_START_REPLAYED,
+        "Events read from the replicated journal at start, after the snapshot."
+    );
+    describe_gauge!(
+        REPLICA_START_SNAPSHOT_SEQ,
+        "Stream sequence of the ledger snapshot this node started from (0: none)."
     );
     describe_counter!(
         LOG_LINES_DROPPED_TOTAL,

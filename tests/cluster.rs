@@ -21,6 +21,7 @@ use serde_json::Value as Json;
 
 use common::client::{self, ask, de54_amount, receive, repeat, send, Answer, Client};
 use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
+use refundgate::journal::jetstream;
 
 /// Sale 1,000.00 at most per refund; a day cap of 500.00 over the merchant.
 const MERCHANTS: &str = r#"
@@ -168,12 +169,19 @@ struct Cluster {
     nats: Nats,
     /// Each node's admin address.
     admin: Vec<u16>,
+    /// `journal.snapshot_every_records` of every node.
+    snapshot_every: u64,
 }
 
 const TOKEN: &str = "ops:s3cret-token-for-the-cluster-test";
 
 impl Cluster {
     fn new(bin: &Path) -> Cluster {
+        Cluster::with_snapshot_every(bin, 1_000_000)
+    }
+
+    /// A cluster whose nodes write a ledger snapshot every `every` stream sequences.
+    fn with_snapshot_every(bin: &Path, every: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (pem, key, cert) = client::localhost_cert();
         std::fs::write(dir.path().join("server.pem"), pem).unwrap();
@@ -191,6 +199,7 @@ impl Cluster {
             cert,
             nats,
             admin,
+            snapshot_every: every,
         };
         for node in 0..3 {
             cluster.write_config(node);
@@ -208,6 +217,7 @@ token_file = "{d}/admin.tokens"
 [journal]
 dir = "{d}/node{node}/journal"
 backend = "jetstream"
+snapshot_every_records = {every}
 [journal.jetstream]
 servers = [{urls}]
 replicas = 3
@@ -221,7 +231,8 @@ framing = "binary2"
 tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
 {SERVE_LOG_TOML}"#,
             urls = self.nats.urls(),
-            admin = self.admin[node]
+            admin = self.admin[node],
+            every = self.snapshot_every
         );
         std::fs::create_dir_all(self.dir.path().join(format!("node{node}"))).unwrap();
         std::fs::write(self.config(node), config).unwrap();
@@ -240,6 +251,19 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     }
 }
 
+/// A connection to `node`'s admin address (bound just after the listeners are logged: a
+/// started node may take a moment).
+fn admin_connection(cluster: &Cluster, node: usize) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect(("127.0.0.1", cluster.admin[node])) {
+            Ok(tcp) => return tcp,
+            Err(e) => assert!(Instant::now() < deadline, "admin of node {node}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One admin API call to `node` (HTTP/1.1, bearer token); status and JSON body.
 fn admin(
     cluster: &Cluster,
@@ -250,7 +274,7 @@ fn admin(
     body: &str,
 ) -> (u16, Json) {
     use std::io::{Read, Write};
-    let mut tcp = TcpStream::connect(("127.0.0.1", cluster.admin[node])).unwrap();
+    let mut tcp = admin_connection(cluster, node);
     let token = TOKEN.split_once(':').unwrap().1;
     write!(
         tcp,
@@ -525,4 +549,440 @@ fn an_operators_top_up_on_one_node_is_applied_once_on_every_node() {
         assert_eq!(reserve(node).as_u64(), Some(before + 5000), "node {node}");
     }
     drop(nodes);
+}
+
+/// `rounds` sales on `node`, each followed by two refunds of 60 % of it sent at once on two
+/// connections (one passes): every request and its answer.
+async fn refund_races(
+    cluster: &Cluster,
+    node: &ServeProcess,
+    rounds: u32,
+    stan: u32,
+) -> Vec<(Json, Answer)> {
+    let mut a = cluster.connect(node).await;
+    let mut b = cluster.connect(node).await;
+    let mut sent = Vec::new();
+    for i in 0..rounds {
+        let amount = 1_000 + u64::from(i);
+        let sale = ascii_request("0200", "000000", amount, stan + 3 * i, &[]);
+        let sa = ask(&mut a, &sale).await;
+        assert_eq!(sa.code, "00", "{sa:?}");
+        let original = [("37", sa.rrn.clone().unwrap()), ("90", de90(&sale))];
+        let r1 = ascii_request(
+            "0200",
+            "200000",
+            amount * 6 / 10,
+            stan + 3 * i + 1,
+            &original,
+        );
+        let r2 = ascii_request(
+            "0200",
+            "200000",
+            amount * 6 / 10,
+            stan + 3 * i + 2,
+            &original,
+        );
+        send(&mut a, &r1).await;
+        send(&mut b, &r2).await;
+        let (x, y) = tokio::join!(receive(&mut a), receive(&mut b));
+        assert_eq!([&x, &y].iter().filter(|a| a.code == "00").count(), 1);
+        sent.extend([(sale, sa), (r1, x), (r2, y)]);
+    }
+    sent
+}
+
+/// Every request of `sent`, repeated on `node`, gets the answer it got.
+async fn repeats_get_their_answers(
+    cluster: &Cluster,
+    node: &ServeProcess,
+    sent: &[(Json, Answer)],
+) {
+    let mut c = cluster.connect(node).await;
+    for (doc, before) in sent {
+        let after = ask(&mut c, &repeat(doc)).await;
+        assert_eq!(
+            (&after.code, &after.reason, &after.de54),
+            (&before.code, &before.reason, &before.de54),
+            "repeat of {doc}"
+        );
+    }
+}
+
+/// What the admin API tells of the merchant's money and memory (not the time of day).
+fn merchant_state(cluster: &Cluster, node: usize) -> Json {
+    let (status, v) = admin(
+        cluster,
+        node,
+        "GET",
+        "/v1/merchants/MERCHANT%20000001",
+        "-",
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    serde_json::json!([v["usage"], v["funds"], v["remembered_transactions"]])
+}
+
+/// The value of the metric line starting with `series` on `node`'s `/metrics`.
+fn metric(cluster: &Cluster, node: usize, series: &str) -> f64 {
+    metric_if_any(cluster, node, series).unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+/// [`metric`], or `None` while the series does not exist yet.
+fn metric_if_any(cluster: &Cluster, node: usize, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut tcp = admin_connection(cluster, node);
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+async fn jetstream(cluster: &Cluster) -> async_nats::jetstream::Context {
+    let url = format!("nats://127.0.0.1:{}", cluster.nats.client_ports[1]);
+    async_nats::jetstream::new(async_nats::connect(url).await.unwrap())
+}
+
+/// The ledger snapshots in the bucket, newest first.
+async fn snapshots(js: &async_nats::jetstream::Context) -> Vec<(u64, String)> {
+    use futures::StreamExt;
+    let Ok(store) = js.get_object_store("REFUNDGATE_SNAPSHOTS").await else {
+        return Vec::new();
+    };
+    let mut list = store.list().await.unwrap();
+    let mut names = Vec::new();
+    while let Some(info) = list.next().await {
+        let name = info.unwrap().name;
+        if let Some(seq) = jetstream::parse_snapshot_object_name(&name) {
+            names.push((seq, name));
+        }
+    }
+    names.sort_unstable_by(|a, b| b.cmp(a));
+    names
+}
+
+/// Waits (at most 10 s) for a snapshot at or past `seq` in the bucket.
+async fn snapshot_written(js: &async_nats::jetstream::Context, seq: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some((newest, _)) = snapshots(js).await.first().filter(|(s, _)| *s >= seq) {
+            return *newest;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ledger snapshot past {seq} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn object(js: &async_nats::jetstream::Context, name: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let store = js.get_object_store("REFUNDGATE_SNAPSHOTS").await.unwrap();
+    let mut bytes = Vec::new();
+    store
+        .get(name)
+        .await
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .await
+        .unwrap();
+    bytes
+}
+
+/// The stream's last sequence, and the events of its messages after `from`.
+async fn events_after(js: &async_nats::jetstream::Context, from: u64) -> (u64, u64) {
+    let mut stream = js.get_stream("REFUNDGATE").await.unwrap();
+    let end = stream.info().await.unwrap().state.last_sequence;
+    let mut events = 0;
+    for seq in from + 1..=end {
+        let m = stream.direct_get(seq).await.unwrap();
+        events += jetstream::decode_group(&m.payload).unwrap().len() as u64;
+    }
+    (end, events)
+}
+
+#[test]
+fn a_restarted_node_loads_the_snapshot_and_reads_only_the_stream_after_it() {
+    let Some(bin) = need_nats() else { return };
+    let cluster = Cluster::with_snapshot_every(&bin, 20);
+    let node0 = cluster.start(0);
+    let rt = runtime();
+    let (sent, before, snapshot) = rt.block_on(async {
+        let js = jetstream(&cluster).await;
+        let mut sent = refund_races(&cluster, &node0, 15, 10).await;
+        snapshot_written(&js, 20).await;
+        // More after the snapshot: the restarted node must read these from the stream.
+        sent.extend(refund_races(&cluster, &node0, 4, 200).await);
+        (sent, merchant_state(&cluster, 0), js)
+    });
+    drop(node0);
+    let js = snapshot;
+    let (seq, name) = rt.block_on(snapshots(&js)).first().cloned().unwrap();
+    let loaded = jetstream::ClusterSnapshot::decode(&rt.block_on(object(&js, &name))).unwrap();
+    assert_eq!(loaded.seq, seq);
+    let (end, expected) = rt.block_on(events_after(&js, seq));
+    let (_, all) = rt.block_on(events_after(&js, 0));
+    eprintln!("snapshot at stream seq {seq} of {end}: {expected} of {all} events to read after it");
+    assert!(
+        seq >= 20 && expected > 0 && expected < all,
+        "snapshot at {seq} of {end}: {expected} of {all} events after it"
+    );
+
+    let node0 = cluster.start(0);
+    assert_eq!(
+        merchant_state(&cluster, 0),
+        before,
+        "money and memory as before the stop"
+    );
+    rt.block_on(repeats_get_their_answers(&cluster, &node0, &sent));
+    assert_eq!(
+        metric(&cluster, 0, "refundgate_journal_replica_start_snapshot_seq"),
+        seq as f64,
+        "the node started from the newest snapshot"
+    );
+    assert_eq!(
+        metric(
+            &cluster,
+            0,
+            "refundgate_journal_replica_start_replayed_events"
+        ),
+        expected as f64,
+        "events read from the stream at start: only those after the snapshot ({all} in all)"
+    );
+    rt.block_on(async {
+        // It goes on deciding from there: one more race, then the state moved by exactly it.
+        refund_races(&cluster, &node0, 1, 400).await;
+    });
+    let after = merchant_state(&cluster, 0);
+    assert_eq!(
+        after[0]["day"]["amount"].as_u64().unwrap(),
+        before[0]["day"]["amount"].as_u64().unwrap() + 600,
+        "{after}"
+    );
+}
+
+#[test]
+fn a_corrupt_snapshot_is_skipped_and_the_node_reads_the_whole_stream() {
+    let Some(bin) = need_nats() else { return };
+    let cluster = Cluster::with_snapshot_every(&bin, 20);
+    let node0 = cluster.start(0);
+    let rt = runtime();
+    let js = rt.block_on(jetstream(&cluster));
+    let (sent, before) = rt.block_on(async {
+        let sent = refund_races(&cluster, &node0, 12, 10).await;
+        snapshot_written(&js, 20).await;
+        (sent, merchant_state(&cluster, 0))
+    });
+    drop(node0);
+    // One byte of each snapshot's ledger flipped, stored again under its name.
+    let names = rt.block_on(snapshots(&js));
+    assert!(!names.is_empty());
+    rt.block_on(async {
+        let store = js.get_object_store("REFUNDGATE_SNAPSHOTS").await.unwrap();
+        for (_, name) in &names {
+            let mut bytes = object(&js, name).await;
+            let at = bytes.len() - 10;
+            bytes[at] ^= 0x01;
+            store
+                .put(name.as_str(), &mut bytes.as_slice())
+                .await
+                .unwrap();
+        }
+    });
+    let (_, all) = rt.block_on(events_after(&js, 0));
+
+    let node0 = cluster.start(0);
+    assert_eq!(
+        metric(
+            &cluster,
+            0,
+            "refundgate_journal_replica_snapshots_total{outcome=\"unreadable\"}"
+        ),
+        names.len() as f64
+    );
+    assert_eq!(
+        metric(&cluster, 0, "refundgate_journal_replica_start_snapshot_seq"),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &cluster,
+            0,
+            "refundgate_journal_replica_start_replayed_events"
+        ),
+        all as f64,
+        "the whole stream read"
+    );
+    assert_eq!(merchant_state(&cluster, 0), before);
+    rt.block_on(repeats_get_their_answers(&cluster, &node0, &sent));
+    // The node writes a usable snapshot in their place, and removes them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let written = "refundgate_journal_replica_snapshots_total{outcome=\"written\"}";
+    while metric_if_any(&cluster, 0, written).unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot written after the corrupt ones"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (_, name) in rt.block_on(snapshots(&js)) {
+        let bytes = rt.block_on(object(&js, &name));
+        assert!(jetstream::ClusterSnapshot::decode(&bytes).is_ok(), "{name}");
+    }
+}
+
+/// A sale of 25.00 on the embedded sample merchant, STAN `stan`.
+fn sample_sale(stan: u32) -> refundgate::ledger::Request<'static> {
+    use refundgate::ledger::{CardType, Dialect, Operation, Request};
+    let pan = "4761739001010119";
+    Request {
+        dialect: Dialect::Ascii1987,
+        op: Operation::Sale,
+        repeat: false,
+        merchant: "MERCHANT 000001",
+        terminal: "TERM0001",
+        stan,
+        local_date_mmdd: 101,
+        mti_class: 2,
+        transmission: Some(101_000_000),
+        rrn: None,
+        batch: None,
+        pan,
+        amount_minor: 2_500,
+        currency: 840,
+        card_type: CardType::from_pan(pan),
+        original: None,
+        body_fingerprint: u64::from(stan),
+    }
+}
+
+#[test]
+fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once() {
+    use refundgate::journal::jetstream::{Replica, Settings};
+    use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+    let Some(bin) = need_nats() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(&bin, dir.path());
+    let settings = Settings {
+        servers: nats
+            .client_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect(),
+        stream: "SNAPTEST".into(),
+        subject_prefix: "snaptest".into(),
+        replicas: 3,
+        ack_timeout: Duration::from_secs(5),
+    };
+    let merchants = MerchantSet::embedded().unwrap();
+    let key = PanKey::new(&[7; 16]);
+    let now = 1_790_000_000;
+    runtime().block_on(async {
+        let ledger = Arc::new(Ledger::new(&merchants, key.clone()));
+        let (a, _) = Replica::connect(&settings, Arc::clone(&ledger))
+            .await
+            .unwrap();
+        let a = Arc::new(a);
+        let decide = |stan| {
+            let a = Arc::clone(&a);
+            async move {
+                let logged = a.decide(&sample_sale(stan), now).await;
+                assert!(matches!(logged, Logged::Applied { .. }), "{stan}");
+            }
+        };
+        for stan in 1..=5 {
+            decide(stan).await;
+        }
+        // The tail reads those five, then stops: the next five are applied by this node's own
+        // appends only, past the tail's position.
+        let tail = tokio::spawn(Arc::clone(&a).tail(0));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.snapshot().await.seq < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "the tail did not read five events"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tail.abort();
+        for stan in 6..=10 {
+            decide(stan).await;
+        }
+        let snapshot = a.snapshot().await;
+        assert_eq!(snapshot.seq, 5);
+        assert_eq!(snapshot.last.iter().map(|(_, l)| *l).max(), Some(10));
+        let client = async_nats::connect(settings.servers[0].as_str())
+            .await
+            .unwrap();
+        let store = async_nats::jetstream::new(client)
+            .get_object_store(jetstream::snapshot_bucket("SNAPTEST"))
+            .await
+            .unwrap();
+        let name = jetstream::snapshot_object_name(snapshot.seq);
+        store
+            .put(name.as_str(), &mut snapshot.encode().as_slice())
+            .await
+            .unwrap();
+        for stan in 11..=13 {
+            decide(stan).await;
+        }
+
+        // A new node: the snapshot, then the stream from 6, where 6 to 10 are already in it.
+        let fresh = Arc::new(Ledger::new(&merchants, key.clone()));
+        let (b, state) = Replica::connect(&settings, Arc::clone(&fresh))
+            .await
+            .unwrap();
+        let applied = b.load(state.last_sequence).await.unwrap();
+        assert_eq!(b.counters.start_snapshot_seq.load(Relaxed), 5);
+        assert_eq!(
+            b.counters.start_replayed.load(Relaxed),
+            8,
+            "events 6 to 13 read"
+        );
+        assert_eq!(applied, 3, "only 11 to 13 applied");
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        ledger.snapshot(&mut want);
+        fresh.snapshot(&mut got);
+        assert!(want == got, "the new node's ledger is the writer's");
+        // And it appends after the merchant's last event (its expected sequence is right).
+        let b = Arc::new(b);
+        let logged = b.decide(&sample_sale(14), now).await;
+        assert!(
+            matches!(logged, Logged::Applied { seq: 14, .. }),
+            "{logged:?}"
+        );
+        assert_eq!(b.counters.conflicts.load(Relaxed), 0);
+
+        // The stream deleted and made again (the bucket stays): six new sales, past the
+        // snapshot's sequence 5. A node starting then refuses the old stream's snapshot.
+        drop(b);
+        let js = async_nats::jetstream::new(
+            async_nats::connect(settings.servers[0].as_str())
+                .await
+                .unwrap(),
+        );
+        js.delete_stream("SNAPTEST").await.unwrap();
+        let (c, _) = Replica::connect(&settings, Arc::new(Ledger::new(&merchants, key.clone())))
+            .await
+            .unwrap();
+        let c = Arc::new(c);
+        for stan in 1..=6 {
+            let logged = c.decide(&sample_sale(stan), now).await;
+            assert!(matches!(logged, Logged::Applied { .. }), "{logged:?}");
+        }
+        let fresh = Arc::new(Ledger::new(&merchants, key.clone()));
+        let (d, state) = Replica::connect(&settings, Arc::clone(&fresh))
+            .await
+            .unwrap();
+        assert_eq!(state.last_sequence, 6);
+        assert_eq!(d.load(6).await.unwrap(), 6, "the new stream read whole");
+        assert_eq!(d.counters.start_snapshot_seq.load(Relaxed), 0);
+    });
 }

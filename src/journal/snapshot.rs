@@ -77,14 +77,7 @@ pub(crate) fn write(
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io("remove", &tmp)(e)),
         _ => {}
     }
-    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
-    header[..8].copy_from_slice(&SNAPSHOT_MAGIC);
-    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header[12..16].copy_from_slice(&(SNAPSHOT_HEADER_BYTES as u32).to_le_bytes());
-    header[16..24].copy_from_slice(&seq.to_le_bytes());
-    header[24..32].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..32]), bytes);
-    header[32..36].copy_from_slice(&crc.to_le_bytes());
+    let header = header(seq, bytes);
     let file = storage.create(&tmp).map_err(io("create", &tmp))?;
     file.write_at(&header, 0).map_err(io("write", &tmp))?;
     file.write_at(bytes, SNAPSHOT_HEADER_BYTES as u64)
@@ -94,6 +87,58 @@ pub(crate) fn write(
     storage.rename(&tmp, &path).map_err(io("rename", &tmp))?;
     storage.sync_dir(dir).map_err(io("sync", dir))?;
     Ok(path)
+}
+
+/// The header of the snapshot (`seq`, `bytes`), checksum included.
+fn header(seq: u64, bytes: &[u8]) -> [u8; SNAPSHOT_HEADER_BYTES] {
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    header[..8].copy_from_slice(&SNAPSHOT_MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..16].copy_from_slice(&(SNAPSHOT_HEADER_BYTES as u32).to_le_bytes());
+    header[16..24].copy_from_slice(&seq.to_le_bytes());
+    header[24..32].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..32]), bytes);
+    header[32..36].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// A snapshot as one byte string in the layout of a snapshot file (header, then `bytes`): the
+/// replicated journal stores it as an object.
+pub fn frame(seq: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + bytes.len());
+    out.extend_from_slice(&header(seq, bytes));
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// The snapshot in `framed` (made by [`frame`]), or why it cannot be used: a foreign, other
+/// version, cut or damaged one (checksum) is refused.
+pub fn unframe(framed: &[u8]) -> Result<Snapshot, &'static str> {
+    let (head, bytes) = framed
+        .split_first_chunk::<SNAPSHOT_HEADER_BYTES>()
+        .ok_or("snapshot shorter than its header")?;
+    if head[..8] != SNAPSHOT_MAGIC {
+        return Err("not a snapshot");
+    }
+    if head[8..12] != FORMAT_VERSION.to_le_bytes() {
+        return Err("snapshot of another format version");
+    }
+    let field = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&head[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let (seq, len) = (field(16), field(24));
+    if len != bytes.len() as u64 {
+        return Err("snapshot length does not match its size");
+    }
+    if header(seq, bytes) != *head {
+        return Err("snapshot checksum mismatch");
+    }
+    Ok(Snapshot {
+        seq,
+        bytes: bytes.to_vec(),
+    })
 }
 
 /// Reads the snapshot at `path`.
@@ -158,6 +203,23 @@ pub(crate) fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_framed_snapshot_unframes_and_any_flipped_byte_is_refused() {
+        let framed = frame(42, b"ledger state");
+        let snap = unframe(&framed).unwrap();
+        assert_eq!(
+            (snap.seq, snap.bytes.as_slice()),
+            (42, &b"ledger state"[..])
+        );
+        for i in 0..framed.len() {
+            let mut bad = framed.clone();
+            bad[i] ^= 0x01;
+            assert!(unframe(&bad).is_err(), "byte {i} flipped");
+        }
+        assert!(unframe(&framed[..framed.len() - 1]).is_err());
+        assert!(unframe(&framed[..10]).is_err());
+    }
 
     #[test]
     fn snapshot_names_parse() {

@@ -49,15 +49,44 @@ pub enum RestoreError {
 impl Ledger {
     /// Appends a snapshot of the durable state to `out`.
     pub fn snapshot(&self, out: &mut Vec<u8>) {
+        self.snapshot_head(out);
+        for id in &self.order {
+            self.snapshot_book(id, out);
+        }
+    }
+
+    /// The merchants of a snapshot, in the order [`Ledger::snapshot_book`] must write them.
+    pub fn snapshot_order(&self) -> &[super::MerchantId] {
+        &self.order
+    }
+
+    /// Appends the head of a snapshot (magic, version, merchant count) to `out`: then call
+    /// [`Ledger::snapshot_book`] for each merchant of [`Ledger::snapshot_order`], in order.
+    /// The bytes are those of [`Ledger::snapshot`]; taken book by book, a caller can hold
+    /// each merchant still (the replicated journal's per-merchant lock) only while its book
+    /// is written.
+    pub fn snapshot_head(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(MAGIC);
         let w = &mut Writer(out);
         w.u8(SNAPSHOT_VERSION);
         w.u64(self.order.len() as u64);
-        for id in &self.order {
-            if let Some(book) = self.books.get(id) {
-                write_book(w, &book);
-            }
+    }
+
+    /// Appends the durable state of merchant `id`'s book to `out` (see
+    /// [`Ledger::snapshot_head`]).
+    pub fn snapshot_book(&self, id: &super::MerchantId, out: &mut Vec<u8>) {
+        if let Some(book) = self.books.get(id) {
+            write_book(&mut Writer(out), &book);
         }
+    }
+
+    /// Replaces every book's durable state with a snapshot's, keeping the reservations in
+    /// flight (the replicated journal loads a snapshot into the ledger the gateway already
+    /// shares). Nothing changes when the snapshot cannot be restored.
+    pub fn restore_in_place(&self, bytes: &[u8]) -> Result<(), RestoreError> {
+        let restored = Ledger::restore(&self.merchants, self.pan_key.clone(), bytes)?;
+        self.adopt_durable(restored);
+        Ok(())
     }
 
     /// A ledger for `merchants` in the state a snapshot recorded (policies come from
