@@ -15,7 +15,7 @@ use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value as Json};
 
 use common::client::{ask, de54_amount, receive, repeat, send, Answer, Client};
-use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
+use common::{ascii_request, de90, spawn_serve, ServeProcess};
 
 /// Day cap 10,000,000.00: high enough that the pairs never hit it, so the allowance left is
 /// the cap less the refunds acknowledged.
@@ -56,23 +56,7 @@ fn setup() -> Setup {
     std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
     std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
     std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
-    let d = dir.path().display();
-    let config = format!(
-        r#"merchants = "{d}/merchants.toml"
-[admin]
-addr = "127.0.0.1:0"
-[journal]
-dir = "{d}/journal"
-durability = "fdatasync"
-segment_bytes = 1048576
-[[listeners]]
-addr = "127.0.0.1:0"
-dialect = "ascii1987"
-framing = "binary2"
-tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
-{SERVE_LOG_TOML}"#
-    );
-    std::fs::write(dir.path().join("refundgate.toml"), config).unwrap();
+    common::write_one_listener_config(dir.path());
     Setup {
         dir,
         cert: cert.der().clone(),

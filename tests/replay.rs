@@ -14,7 +14,7 @@ use std::process::Command;
 use serde_json::{json, Value as Json};
 
 use common::client::{ask, Client};
-use common::{ascii_request, de90, spawn_serve, SERVE_LOG_TOML};
+use common::{ascii_request, de90, spawn_serve};
 
 const VISA: &str = "4761739001010119";
 
@@ -127,23 +127,7 @@ fn setup() -> (tempfile::TempDir, rustls_pki_types::CertificateDer<'static>) {
         merchants(SINGLE, DAY, 100),
     )
     .unwrap();
-    let d = dir.path().display();
-    let config = format!(
-        r#"merchants = "{d}/merchants.toml"
-[admin]
-addr = "127.0.0.1:0"
-[journal]
-dir = "{d}/journal"
-durability = "fdatasync"
-segment_bytes = 1048576
-[[listeners]]
-addr = "127.0.0.1:0"
-dialect = "ascii1987"
-framing = "binary2"
-tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
-{SERVE_LOG_TOML}"#
-    );
-    std::fs::write(dir.path().join("refundgate.toml"), config).unwrap();
+    common::write_one_listener_config(dir.path());
     (dir, der)
 }
 

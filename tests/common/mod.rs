@@ -80,6 +80,29 @@ impl Drop for ServeProcess {
 pub const SERVE_LOG_TOML: &str =
     "\n[log]\nformat = \"json\"\nfilter = \"warn,refundgate::server=info\"\n";
 
+/// Writes `dir/refundgate.toml` for [`spawn_serve`]: the merchants of `dir/merchants.toml`, an
+/// fdatasync journal in `dir/journal` (1 MiB segments), one ascii1987 listener (binary2
+/// framing) with the TLS pair `dir/server.pem` / `dir/server.key`, ports chosen by the system.
+pub fn write_one_listener_config(dir: &std::path::Path) {
+    let d = dir.display();
+    let config = format!(
+        r#"merchants = "{d}/merchants.toml"
+[admin]
+addr = "127.0.0.1:0"
+[journal]
+dir = "{d}/journal"
+durability = "fdatasync"
+segment_bytes = 1048576
+[[listeners]]
+addr = "127.0.0.1:0"
+dialect = "ascii1987"
+framing = "binary2"
+tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
+{SERVE_LOG_TOML}"#
+    );
+    std::fs::write(dir.join("refundgate.toml"), config).unwrap();
+}
+
 /// Starts `refundgate serve --config config` and waits (up to 20 s) until it logged
 /// `listeners` bound listener addresses.
 pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
