@@ -83,22 +83,9 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 
 // --- the NATS cluster ----------------------------------------------------------------------
 
-fn nats_server() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("REFUNDGATE_NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/nats-server");
-    if venv.exists() {
-        return Some(venv);
-    }
-    let on_path = Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    on_path.then(|| PathBuf::from("nats-server"))
-}
+#[path = "../tests/common/nats.rs"]
+mod nats;
+use nats::nats_server;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

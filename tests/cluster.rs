@@ -44,22 +44,7 @@ utc_offset = "+00:00"
 terminals = [{ id = "TERM0001" }]
 "#;
 
-fn nats_server() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("REFUNDGATE_NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/nats-server");
-    if venv.exists() {
-        return Some(venv);
-    }
-    let on_path = Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    on_path.then(|| PathBuf::from("nats-server"))
-}
+use common::nats::nats_server;
 
 /// The nats-server to use, or `None` (test skipped) outside CI.
 fn need_nats() -> Option<PathBuf> {

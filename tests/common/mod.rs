@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod client;
+pub mod nats;
 
 use refundgate::clock::{Clock, SystemClock};
 use serde_json::{json, Value as Json};
