@@ -10,34 +10,20 @@ Exit 0 when every answer decoded, 1 otherwise, 77 when pyiso8583 is not installe
 import os
 import socket
 import ssl
-import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     import iso8583
     from gen_iso87b import ISO87B as spec
+    import framing
 except ImportError:
     print("pyiso8583 not installed")
     sys.exit(77)
 
 
-def read_exactly(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise RuntimeError("connection closed")
-        data += chunk
-    return data
-
-
 def exchange(sock, doc):
-    raw, _ = iso8583.encode(doc, spec)
-    sock.sendall(struct.pack(">H", len(raw)) + bytes(raw))
-    (length,) = struct.unpack(">H", read_exactly(sock, 2))
-    answer, _ = iso8583.decode(bytearray(read_exactly(sock, length)), spec)
-    return answer
+    return framing.exchange(sock, doc, spec)
 
 
 def show(name, a):

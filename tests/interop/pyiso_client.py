@@ -6,35 +6,20 @@ Exit 0 when both answers are 00, 1 otherwise, 77 when pyiso8583 is not installed
 """
 import socket
 import ssl
-import struct
 import sys
 import time
 
 try:
     import iso8583
     from iso8583.specs import default_ascii as spec
+    import framing
 except ImportError:
     print("pyiso8583 not installed")
     sys.exit(77)
 
 
-def read_exactly(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise RuntimeError("connection closed")
-        data += chunk
-    return data
-
-
 def exchange(sock, doc):
-    raw, _ = iso8583.encode(doc, spec)
-    sock.sendall(struct.pack(">H", len(raw)) + bytes(raw))
-    (length,) = struct.unpack(">H", read_exactly(sock, 2))
-    body = read_exactly(sock, length)
-    answer, _ = iso8583.decode(bytearray(body), spec)
-    return answer
+    return framing.exchange(sock, doc, spec)
 
 
 def main():
