@@ -284,19 +284,7 @@ impl StorageFile for MemFile {
 
 /// A journal snapshot file (header + `bytes`) with a valid checksum.
 pub fn snapshot_file(seq: u64, bytes: &[u8]) -> Vec<u8> {
-    use refundgate::journal::segment::FORMAT_VERSION;
-    use refundgate::journal::snapshot::{SNAPSHOT_HEADER_BYTES, SNAPSHOT_MAGIC};
-    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
-    header[..8].copy_from_slice(&SNAPSHOT_MAGIC);
-    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header[12..16].copy_from_slice(&(SNAPSHOT_HEADER_BYTES as u32).to_le_bytes());
-    header[16..24].copy_from_slice(&seq.to_le_bytes());
-    header[24..32].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..32]), bytes);
-    header[32..36].copy_from_slice(&crc.to_le_bytes());
-    let mut out = header.to_vec();
-    out.extend_from_slice(bytes);
-    out
+    refundgate::journal::snapshot::frame(seq, bytes)
 }
 
 /// Reads a little "program" off the fuzz input.
