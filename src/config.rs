@@ -733,12 +733,6 @@ impl Config {
                     format!("outside 1..={}", limits::TIMEOUT_HARD_MAX_MS),
                 ));
             }
-            if !self.upstreams.is_empty() {
-                return Err(error(
-                    "journal.backend",
-                    "\"jetstream\" does not route to upstream hosts yet: use \"file\" with [[upstreams]]",
-                ));
-            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return Err(error("log.filter", e.to_string()));

@@ -242,6 +242,11 @@ async fn replica(prepared: &Prepared) -> Result<Option<Arc<Replica>>, String> {
         ms = started.elapsed().as_millis() as u64,
         "ledger rebuilt from the replicated journal"
     );
+    if let Some(plan) = &prepared.upstreams {
+        plan.connect_cluster(replica.jetstream())
+            .await
+            .map_err(|e| format!("store-and-forward: {e}"))?;
+    }
     let replica = Arc::new(replica);
     tokio::spawn(Arc::clone(&replica).tail(state.last_sequence));
     Ok(Some(replica))

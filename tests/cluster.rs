@@ -156,6 +156,8 @@ struct Cluster {
     admin: Vec<u16>,
     /// `journal.snapshot_every_records` of every node.
     snapshot_every: u64,
+    /// TOML appended to every node's configuration (upstreams, routes).
+    extra: String,
 }
 
 const TOKEN: &str = "ops:s3cret-token-for-the-cluster-test";
@@ -167,7 +169,41 @@ impl Cluster {
 
     /// A cluster whose nodes write a ledger snapshot every `every` stream sequences.
     fn with_snapshot_every(bin: &Path, every: u64) -> Cluster {
+        Cluster::build(bin, every, |_| String::new())
+    }
+
+    /// A cluster whose nodes route the merchant to the ascii1987 host at `host` (whose
+    /// certificate is `host_cert`): 300 ms timeout, SAF retries 50 to 200 ms apart.
+    fn with_upstream(bin: &Path, host: std::net::SocketAddr, host_cert: &[u8]) -> Cluster {
+        let ca = refundgate::host_sim::pem_of(host_cert);
+        Cluster::build(bin, 1_000_000, move |dir| {
+            std::fs::write(dir.join("host-ca.pem"), &ca).unwrap();
+            format!(
+                r#"
+[[upstreams]]
+name = "bank"
+addrs = ["{host}"]
+dialect = "ascii1987"
+timeout_ms = 300
+echo_interval_ms = 2000
+reconnect_min_ms = 20
+reconnect_max_ms = 200
+tls = {{ ca = "{}" }}
+[routes]
+merchants = {{ "MERCHANT 000001" = "bank" }}
+[saf]
+max_retries = 100
+retry_min_ms = 50
+retry_max_ms = 200
+"#,
+                dir.join("host-ca.pem").display()
+            )
+        })
+    }
+
+    fn build(bin: &Path, every: u64, extra: impl FnOnce(&Path) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra(dir.path());
         let (pem, key, cert) = client::localhost_cert();
         std::fs::write(dir.path().join("server.pem"), pem).unwrap();
         std::fs::write(dir.path().join("server.key"), key).unwrap();
@@ -185,6 +221,7 @@ impl Cluster {
             nats,
             admin,
             snapshot_every: every,
+            extra,
         };
         for node in 0..3 {
             cluster.write_config(node);
@@ -209,15 +246,17 @@ replicas = 3
 ack_timeout_ms = 1500
 [security]
 pan_hash_key = "{d}/keys/pan-hash.key"
+saf_pan_key = "{d}/keys/saf-pan.key"
 [[listeners]]
 addr = "127.0.0.1:0"
 dialect = "ascii1987"
 framing = "binary2"
 tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
-{SERVE_LOG_TOML}"#,
+{SERVE_LOG_TOML}{extra}"#,
             urls = self.nats.urls(),
             admin = self.admin[node],
-            every = self.snapshot_every
+            every = self.snapshot_every,
+            extra = self.extra
         );
         std::fs::create_dir_all(self.dir.path().join(format!("node{node}"))).unwrap();
         std::fs::write(self.config(node), config).unwrap();
@@ -970,4 +1009,149 @@ fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once
         assert_eq!(d.load(6).await.unwrap(), 6, "the new stream read whole");
         assert_eq!(d.counters.start_snapshot_seq.load(Relaxed), 0);
     });
+}
+
+/// The host simulator with one ascii1987 listener, run on the current runtime; the sender
+/// stops it.
+async fn start_host(
+    faults: refundgate::host_sim::Faults,
+) -> (
+    std::net::SocketAddr,
+    Vec<u8>,
+    refundgate::host_sim::HostControl,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use refundgate::host_sim::{Host, HostListener, HostOptions};
+    let host = Host::bind(HostOptions {
+        listeners: vec![HostListener {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dialect: &refundgate::dialect::ASCII1987,
+            framing: refundgate::frame::Framing::Binary2,
+        }],
+        admin: None,
+        faults,
+    })
+    .await
+    .unwrap();
+    let addr = host.listeners()[0].addr;
+    let cert = host.cert_der().to_vec();
+    let control = host.control();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(host.run(async move {
+        let _ = stopped.await;
+    }));
+    (addr, cert, control, stop)
+}
+
+/// Issue #20, must show 5: a routed sale times out at a host that stopped answering, so the
+/// gateway that took it queues its reversal (durably, before the terminal's 91) and is then
+/// killed with SIGKILL while the host is still down. Once the host is back, another gateway
+/// delivers that reversal: the host receives it answered exactly once, sent as a first
+/// reversal at most once (every other send marked a repeat), and the terminal's repeat of
+/// the approved sale before it gets its stored answer from a surviving node without a new
+/// trip to the host.
+#[test]
+fn a_reversal_queued_by_a_gateway_killed_while_the_host_is_down_is_delivered_once_by_another() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream(&bin, host_addr, &host_cert);
+    let mut nodes: Vec<Option<ServeProcess>> = (0..3).map(|n| Some(cluster.start(n))).collect();
+    let (approved, approved_answer, timed_out) = rt.block_on(async {
+        let mut c = cluster.connect(nodes[0].as_ref().unwrap()).await;
+        // Until node 0's link is signed on, a sale is refused (91 HOST_UNREACHABLE).
+        let started = Instant::now();
+        let mut stan = 100;
+        let (sale, answer) = loop {
+            stan += 1;
+            let sale = ascii_request("0200", "000000", 1_000, stan, &[]);
+            let a = ask(&mut c, &sale).await;
+            if a.code == "00" {
+                break (sale, a);
+            }
+            assert_eq!(
+                (a.code.as_str(), a.reason.as_str()),
+                ("91", "HOST_UNREACHABLE")
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "link never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // The host stops answering: the next sale times out and its reversal is queued.
+        host.set_faults(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .unwrap();
+        let lost = ascii_request("0200", "000000", 2_000, 500, &[]);
+        let a = ask(&mut c, &lost).await;
+        assert_eq!(
+            (a.code.as_str(), a.reason.as_str()),
+            ("91", "HOST_TIMEOUT"),
+            "{a:?}"
+        );
+        (sale, answer, 500u32)
+    });
+    // kill -9 of the node that queued the reversal, while the host is still down.
+    drop(nodes[0].take());
+    let surviving = [1usize, 2];
+    let pending = |cluster: &Cluster| -> f64 {
+        surviving
+            .iter()
+            .map(|&n| metric_if_any(cluster, n, "refundgate_saf_pending").unwrap_or(0.0))
+            .fold(0.0, f64::max)
+    };
+    host.set_faults(Faults::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host.reversals_answered("TERM0001", timed_out) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reversal queued by the killed node was never delivered: {:?}",
+            host.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending(&cluster) > 0.0 {
+        assert!(Instant::now() < deadline, "the queue never emptied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Longer than the queue's ack wait: a second delivery would have happened by now.
+    std::thread::sleep(Duration::from_secs(7));
+    let stats = host.stats();
+    let r: Vec<_> = stats.reversals.iter().collect();
+    assert_eq!(r.len(), 1, "only the timed-out sale is reversed: {stats:?}");
+    assert_eq!(
+        (r[0].terminal.as_str(), r[0].stan, r[0].answered),
+        ("TERM0001", timed_out, 1),
+        "{stats:?}"
+    );
+    assert!(
+        r[0].answered + r[0].dropped - r[0].repeats <= 1,
+        "a reversal not marked as a repeat reached the host twice: {stats:?}"
+    );
+    let delivered: f64 = surviving
+        .iter()
+        .map(|&n| metric(&cluster, n, "refundgate_saf_delivered_total"))
+        .sum();
+    assert_eq!(delivered, 1.0, "delivered by a surviving node, once");
+    // The terminal's repeat of the approved sale, on a surviving node: its stored answer,
+    // not a new request to the host.
+    let financial = host.stats().financial;
+    rt.block_on(async {
+        let mut c = cluster.connect(nodes[1].as_ref().unwrap()).await;
+        let again = ask(&mut c, &repeat(&approved)).await;
+        assert_eq!(
+            (&again.code, &again.rrn),
+            (&approved_answer.code, &approved_answer.rrn)
+        );
+    });
+    assert_eq!(
+        host.stats().financial,
+        financial,
+        "the repeat went to the host"
+    );
 }

@@ -327,6 +327,11 @@ impl Replica {
         ))
     }
 
+    /// The JetStream context of this node's connection (the store-and-forward queue shares it).
+    pub fn jetstream(&self) -> jetstream::Context {
+        self.js.clone()
+    }
+
     /// The subject of a merchant's events.
     fn subject(&self, merchant: &MerchantId) -> String {
         format!("{}.{}", self.prefix, hex::encode(merchant.as_str()))
@@ -660,6 +665,72 @@ impl Replica {
             }
             cell.acked.notify_waiters();
         }
+    }
+
+    /// For a merchant routed to an upstream host: places the request's holds on this node
+    /// without an event (the host is asked next, then [`Replica::decide`] appends the approval
+    /// against the stream). A refusal is returned as it was logged: a decline to remember
+    /// goes through the stream first, a stored answer or a bare refusal is returned at once.
+    pub async fn reserve(
+        &self,
+        req: &Request<'_>,
+        now: i64,
+    ) -> Result<Reservation, Logged<ReplError>> {
+        for _ in 0..ATTEMPTS {
+            let mut reserved: Option<Reservation> = None;
+            let stepped = self
+                .step(req.merchant, |log| {
+                    match self.ledger.reserve_logged(req, now, &mut *log) {
+                        Ok(r) => {
+                            if let Some(old) = reserved.replace(r) {
+                                self.ledger.release(old);
+                            }
+                            None
+                        }
+                        Err(logged) => Some(logged),
+                    }
+                })
+                .await;
+            match stepped {
+                Ok(Some(logged)) => {
+                    if let Some(r) = reserved.take() {
+                        self.ledger.release(r);
+                    }
+                    return Err(logged);
+                }
+                Ok(None) => {
+                    if let Some(r) = reserved.take() {
+                        return Ok(r);
+                    }
+                }
+                Err(e) => {
+                    if let Some(r) = reserved.take() {
+                        self.ledger.release(r);
+                    }
+                    return Err(Logged::Failed(e));
+                }
+            }
+        }
+        Err(Logged::Failed(ReplError::Contended(ATTEMPTS)))
+    }
+
+    /// For a merchant routed to an upstream host: journals the host's decline `code` of the
+    /// request (so a repeat gets it back on any node) and applies it.
+    pub async fn decline_by_host(
+        &self,
+        req: &Request<'_>,
+        now: i64,
+        code: [u8; 2],
+    ) -> Logged<ReplError> {
+        let stepped = self
+            .step(req.merchant, |log| {
+                match self.ledger.reserve_logged(req, now, &mut *log) {
+                    Ok(r) => self.ledger.decline_by_host_logged(r, code, &mut *log),
+                    Err(logged) => logged,
+                }
+            })
+            .await;
+        stepped.unwrap_or_else(Logged::Failed)
     }
 
     /// Runs one logged ledger call for `merchant` against the stream (sign-ons, settlements,
