@@ -175,6 +175,16 @@ impl Cluster {
     /// A cluster whose nodes route the merchant to the ascii1987 host at `host` (whose
     /// certificate is `host_cert`): 300 ms timeout, SAF retries 50 to 200 ms apart.
     fn with_upstream(bin: &Path, host: std::net::SocketAddr, host_cert: &[u8]) -> Cluster {
+        Cluster::with_upstream_retries(bin, host, host_cert, 100)
+    }
+
+    /// [`Cluster::with_upstream`] with `saf.max_retries = max_retries`.
+    fn with_upstream_retries(
+        bin: &Path,
+        host: std::net::SocketAddr,
+        host_cert: &[u8],
+        max_retries: u32,
+    ) -> Cluster {
         let ca = refundgate::host_sim::pem_of(host_cert);
         Cluster::build(bin, 1_000_000, move |dir| {
             std::fs::write(dir.join("host-ca.pem"), &ca).unwrap();
@@ -192,7 +202,7 @@ tls = {{ ca = "{}" }}
 [routes]
 merchants = {{ "MERCHANT 000001" = "bank" }}
 [saf]
-max_retries = 100
+max_retries = {max_retries}
 retry_min_ms = 50
 retry_max_ms = 200
 "#,
@@ -1154,4 +1164,196 @@ fn a_reversal_queued_by_a_gateway_killed_while_the_host_is_down_is_delivered_onc
         financial,
         "the repeat went to the host"
     );
+}
+
+/// Sends sales on `c` until one is approved (the node's link is signed on); that sale and its
+/// answer.
+async fn first_approved_sale(c: &mut Client, mut stan: u32) -> (Json, Answer) {
+    let started = Instant::now();
+    loop {
+        stan += 1;
+        let sale = ascii_request("0200", "000000", 1_000, stan, &[]);
+        let a = ask(c, &sale).await;
+        if a.code == "00" {
+            return (sale, a);
+        }
+        assert_eq!(
+            (a.code.as_str(), a.reason.as_str()),
+            ("91", "HOST_UNREACHABLE")
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "link never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The host's reversal count of (TERM0001, `stan`): answered, and sent as a first reversal
+/// (not marked a repeat), answered or dropped.
+fn reversal_counts(host: &refundgate::host_sim::HostControl, stan: u32) -> (u32, u32) {
+    host.stats()
+        .reversals
+        .iter()
+        .find(|r| r.terminal == "TERM0001" && r.stan == stan)
+        .map_or((0, 0), |r| (r.answered, r.answered + r.dropped - r.repeats))
+}
+
+/// The node delivering a queued reversal is killed with SIGKILL after its first send reached
+/// the (still silent) host: the message is held by it or given back with a delay, never
+/// acknowledged. Another node, started afterwards, delivers it once the host is back, and
+/// marks it a repeat (0401): the host got exactly one first reversal for the sale.
+#[test]
+fn a_reversal_whose_delivering_gateway_dies_is_delivered_by_another_as_a_repeat() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream(&bin, host_addr, &host_cert);
+    let mut node0 = Some(cluster.start(0));
+    let stan = 700;
+    rt.block_on(async {
+        let mut c = cluster.connect(node0.as_ref().unwrap()).await;
+        first_approved_sale(&mut c, 100).await;
+        host.set_faults(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .unwrap();
+        let a = ask(&mut c, &ascii_request("0200", "000000", 2_000, stan, &[])).await;
+        assert_eq!((a.code.as_str(), a.reason.as_str()), ("91", "HOST_TIMEOUT"));
+    });
+    // Node 0 (the only node) delivers: wait for its first send to reach the host.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.stats().reversals.is_empty() {
+        assert!(Instant::now() < deadline, "node 0 never sent the reversal");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(node0.take());
+    let (_, first_sends) = reversal_counts(&host, stan);
+    assert_eq!(first_sends, 1, "node 0's first send is the first reversal");
+    let node1 = cluster.start(1);
+    host.set_faults(Faults::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reversal_counts(&host, stan).0 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reversal node 0 was delivering was never delivered: {:?}",
+            host.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Longer than the queue's ack wait: a second delivery would have happened by now.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(
+        reversal_counts(&host, stan),
+        (1, 1),
+        "answered once, one first reversal (node 1 sent a repeat): {:?}",
+        host.stats()
+    );
+    assert_eq!(metric(&cluster, 1, "refundgate_saf_delivered_total"), 1.0);
+    assert_eq!(metric(&cluster, 1, "refundgate_saf_pending"), 0.0);
+    drop(node1);
+}
+
+/// A reversal the host never accepts is dead-lettered after `saf.max_retries` deliveries
+/// (by whichever nodes held it), listed by every node's `/v1/exceptions` and counted in
+/// `refundgate_saf_dead_letters`; an operator's retry on another node puts it back, and it
+/// is delivered once, as a repeat, when the host is back.
+#[test]
+fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream_retries(&bin, host_addr, &host_cert, 2);
+    let nodes: Vec<ServeProcess> = (0..2).map(|n| cluster.start(n)).collect();
+    for n in 0..2 {
+        assert_eq!(metric(&cluster, n, "refundgate_saf_dead_letters"), 0.0);
+        assert_eq!(metric(&cluster, n, "refundgate_saf_pending"), 0.0);
+        assert_eq!(metric(&cluster, n, "refundgate_saf_delivered_total"), 0.0);
+    }
+    let stan = 800;
+    rt.block_on(async {
+        let mut c = cluster.connect(&nodes[0]).await;
+        first_approved_sale(&mut c, 100).await;
+        host.set_faults(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .unwrap();
+        let a = ask(&mut c, &ascii_request("0200", "000000", 2_000, stan, &[])).await;
+        assert_eq!((a.code.as_str(), a.reason.as_str()), ("91", "HOST_TIMEOUT"));
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&cluster, 1, "refundgate_saf_dead_letters") < 1.0 {
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, dropped_first) = reversal_counts(&host, stan);
+    assert_eq!(dropped_first, 1, "{:?}", host.stats());
+    let listed = |node: usize| -> Vec<Json> {
+        let (status, v) = admin(&cluster, node, "GET", "/v1/exceptions", "-", "");
+        assert_eq!(status, 200, "{v}");
+        v["saf_dead_letters"].as_array().unwrap().clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dead = loop {
+        let d = listed(1);
+        if !d.is_empty() || Instant::now() > deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["stan"], stan, "{dead:?}");
+    assert_eq!(dead[0]["reason"], "RetriesExhausted", "{dead:?}");
+    assert_eq!(dead[0]["attempts"], 2, "{dead:?}");
+    assert_eq!(metric(&cluster, 0, "refundgate_saf_pending"), 0.0);
+    // The operator retries it on the other node once the host is back.
+    host.set_faults(Faults::default()).unwrap();
+    let id = dead[0]["id"].as_u64().unwrap();
+    let (status, v) = admin(
+        &cluster,
+        0,
+        "POST",
+        &format!("/v1/saf/dead-letters/{id}/retry"),
+        "retry-1",
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reversal_counts(&host, stan).0 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the retried dead letter was never delivered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        reversal_counts(&host, stan),
+        (1, 1),
+        "answered once; the retry was sent as a repeat: {:?}",
+        host.stats()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !listed(1).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the retried dead letter is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _) = admin(
+        &cluster,
+        1,
+        "POST",
+        &format!("/v1/saf/dead-letters/{id}/retry"),
+        "retry-2",
+        "",
+    );
+    assert_eq!(status, 404, "retried once only");
+    // Dead letters ever recorded, as the local queue counts them.
+    assert_eq!(metric(&cluster, 1, "refundgate_saf_dead_letters"), 1.0);
 }
