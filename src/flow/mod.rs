@@ -815,7 +815,13 @@ impl Gateway {
                 // meanwhile): an approval is appended with the merchant's expected sequence.
                 // Not approved now: the host's approval is reversed below.
                 self.ledger.release(reservation);
-                let logged = Box::pin(replica.decide(req, now)).await;
+                let mut logged = Box::pin(replica.decide(req, now)).await;
+                if forwarded && matches!(logged, ledger::Logged::Failed(_)) {
+                    // The host approved and the append's outcome is unknown: ask the stream
+                    // once more (an append that did land comes back as this request's stored
+                    // answer) before the host's approval is reversed below.
+                    logged = Box::pin(replica.decide(req, now)).await;
+                }
                 self.logged(l, msg, kind, logged, None, 0, rrn)
             }
             None => {
