@@ -1433,6 +1433,12 @@ max_retries = 3
             let err = Config::from_toml(&bad).unwrap_err();
             assert_eq!(err.key, key, "{bad} gave {err}");
         }
+        // With the replicated journal too: the SAF queue is then in the cluster (it was
+        // refused at start before).
+        let replicated = format!("{text}\n[journal]\nbackend = \"jetstream\"\n");
+        let config = Config::from_toml(&replicated).unwrap();
+        assert_eq!(config.journal.backend, JournalBackend::Jetstream);
+        assert_eq!(config.upstreams.len(), 1);
     }
 
     #[test]
