@@ -1357,3 +1357,95 @@ fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
     // Dead letters ever recorded, as the local queue counts them.
     assert_eq!(metric(&cluster, 1, "refundgate_saf_dead_letters"), 1.0);
 }
+
+/// What the cluster's store-and-forward stream keeps of a terminal's reversal carrying PAN,
+/// track 2 and a PIN block (DOMAIN §10): the allow-listed elements and the PAN sealed under
+/// the SAF key, nothing in clear in any server's store; the same reversal queued twice (two
+/// nodes, or one twice) is stored once; the entry reads back with its PAN under the key.
+#[test]
+fn the_cluster_queue_stores_no_clear_pan_and_queues_a_reversal_once() {
+    use refundgate::upstream::store_forward::cluster::{ClusterSaf, ClusterSettings};
+    use refundgate::upstream::{Key, SafOptions};
+    let Some(bin) = need_nats() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(&bin, dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        let url = format!("nats://127.0.0.1:{}", nats.client_ports[0]);
+        let open = || async {
+            let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+            let saf = ClusterSaf::new(
+                ClusterSettings {
+                    stream: "T".into(),
+                    replicas: 3,
+                    ack_wait: Duration::from_secs(5),
+                },
+                SafOptions {
+                    max_retries: 5,
+                    expiry_s: 3600,
+                    retry_min: Duration::from_millis(50),
+                    retry_max: Duration::from_millis(100),
+                    durability: refundgate::journal::Durability::UnsafeNoFsync,
+                },
+                std::sync::Arc::new(refundgate::clock::SystemClock),
+            );
+            saf.set_pan_cipher(refundgate::at_rest::PanCipher::new(&[9; 32]).unwrap());
+            saf.connect(js).await.unwrap();
+            saf
+        };
+        // Two nodes.
+        let (a, b) = (open().await, open().await);
+        let mut doc = ascii_request(
+            "0400",
+            "000000",
+            1_000,
+            42,
+            &[
+                ("35", "4761739001010119=25121011000012345678".to_string()),
+                ("52", "0123456789ABCDEF".to_string()),
+            ],
+        );
+        doc["fields"]["90"] = Json::String(format!("0200000042{:032}", 0));
+        let mut body = bytes::BytesMut::new();
+        refundgate::iso8583::json::from_json(&refundgate::iso8583::ASCII1987, &doc, &mut body)
+            .unwrap();
+        let body = body.freeze();
+        let msg = refundgate::iso8583::decode(&refundgate::iso8583::ASCII1987, &body).unwrap();
+        let key = Key::of(&msg).unwrap();
+        let dialect = &refundgate::dialect::ASCII1987;
+        let id = a.enqueue("bank", dialect, key, body.clone()).await.unwrap();
+        let again = b.enqueue("bank", dialect, key, body.clone()).await.unwrap();
+        assert_eq!(again, id, "queued once across two nodes");
+        b.refresh().await;
+        assert_eq!(b.pending_count(), 1);
+        let pending = b.pending();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].id, pending[0].key), (id, key));
+        assert!(pending[0].sealed_pan.is_some(), "the PAN is kept sealed");
+        let stored =
+            refundgate::iso8583::decode(&refundgate::iso8583::ASCII1987, &pending[0].body).unwrap();
+        assert!(!stored.has(2) && !stored.has(35) && !stored.has(52));
+    });
+    // Nothing secret in clear in any server's files.
+    let mut files = vec![dir.path().to_path_buf()];
+    let mut scanned = 0;
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                files.push(e.unwrap().path());
+            }
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        scanned += 1;
+        for secret in [&b"4761739001010119"[..], b"=2512", b"0123456789ABCDEF"] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "{} holds a secret in clear",
+                p.display()
+            );
+        }
+    }
+    assert!(scanned > 3, "the servers' stores were scanned");
+    drop(nats);
+}

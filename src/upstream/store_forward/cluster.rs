@@ -630,8 +630,9 @@ impl ClusterSaf {
         }
     }
 
-    /// Reads the figures (and, when they changed, the lists) from the streams.
-    async fn refresh(&self) {
+    /// Reads the figures (and, when they changed, the lists) from the streams ([`ClusterSaf::run`]
+    /// does every [`REFRESH`]).
+    pub async fn refresh(&self) {
         let Ok(conn) = self.conn() else { return };
         if let Ok(info) = conn.queue.get_info().await {
             let s = info.state;
