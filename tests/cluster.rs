@@ -1252,7 +1252,11 @@ fn a_reversal_whose_delivering_gateway_dies_is_delivered_by_another_as_a_repeat(
         host.stats()
     );
     assert_eq!(metric(&cluster, 1, "refundgate_saf_delivered_total"), 1.0);
-    assert_eq!(metric(&cluster, 1, "refundgate_saf_pending"), 0.0);
+    assert_eq!(
+        metric(&cluster, 1, "refundgate_saf_pending"),
+        0.0,
+        "read a second after"
+    );
     drop(node1);
 }
 
@@ -1309,7 +1313,15 @@ fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
     assert_eq!(dead[0]["stan"], stan, "{dead:?}");
     assert_eq!(dead[0]["reason"], "RetriesExhausted", "{dead:?}");
     assert_eq!(dead[0]["attempts"], 2, "{dead:?}");
-    assert_eq!(metric(&cluster, 0, "refundgate_saf_pending"), 0.0);
+    // Read from the stream every second on each node.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&cluster, 0, "refundgate_saf_pending") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 still counts the entry as pending"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The operator retries it on the other node once the host is back.
     host.set_faults(Faults::default()).unwrap();
     let id = dead[0]["id"].as_u64().unwrap();
@@ -1448,4 +1460,71 @@ fn the_cluster_queue_stores_no_clear_pan_and_queues_a_reversal_once() {
     }
     assert!(scanned > 3, "the servers' stores were scanned");
     drop(nats);
+}
+
+/// Routed merchants on the replicated journal: 32 refunds of 10.00 of one 100.00 sale, raced
+/// over three gateways that all ask the host (which approves everything). Exactly ten are
+/// approved across the nodes; every refund the host approved and the gateways did not is
+/// reversed at the host (through the cluster's queue), once; none is answered 96.
+#[test]
+fn routed_refunds_raced_over_three_gateways_never_exceed_a_limit_and_the_rest_are_reversed() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream(&bin, host_addr, &host_cert);
+    let nodes: Vec<ServeProcess> = (0..3).map(|n| cluster.start(n)).collect();
+    let refs: Vec<&ServeProcess> = nodes.iter().collect();
+    let answers = rt.block_on(async {
+        // Every node's link up: a sale through each.
+        let mut sale = None;
+        for (n, node) in nodes.iter().enumerate() {
+            let mut c = cluster.connect(node).await;
+            let (doc, a) = first_approved_sale(&mut c, 100 * (n as u32 + 1)).await;
+            if n == 0 {
+                sale = Some((doc, a));
+            }
+        }
+        let (sale, sa) = sale.unwrap();
+        let original = [("37", sa.rrn.clone().unwrap()), ("90", de90(&sale))];
+        let refunds: Vec<Json> = (0..32)
+            .map(|i| ascii_request("0200", "200000", 100, 1_000 + i, &original))
+            .collect();
+        race32(&cluster, &refs, &refunds).await
+    });
+    let approved = answers.iter().filter(|a| a.code == "00").count();
+    assert_eq!(
+        approved, 10,
+        "refunds approved across three nodes: {answers:?}"
+    );
+    assert!(answers.iter().all(|a| a.code != "96"), "{answers:?}");
+    // The host approved every refund it saw; those the gateways declined after it are reversed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = host.stats();
+        let host_refunds = stats.approved - 3; // the three sales
+        let reversed = stats.reversals.iter().filter(|r| r.answered >= 1).count() as u64;
+        if reversed == host_refunds - 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{reversed} reversals answered for {host_refunds} host-approved refunds: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let stats = host.stats();
+    assert!(
+        stats
+            .reversals
+            .iter()
+            .all(|r| r.answered == 1 && r.stan >= 1_000),
+        "each reversed once, refunds only: {stats:?}"
+    );
+    eprintln!(
+        "{} refunds approved by the host, 10 by the gateways, {} reversed at the host",
+        stats.approved - 3,
+        stats.reversals.len()
+    );
 }

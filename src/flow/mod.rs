@@ -764,10 +764,7 @@ impl Gateway {
             Verdict::Approved => true,
             Verdict::Declined(code) => {
                 let logged = match &self.replica {
-                    Some(replica) => {
-                        self.ledger.release(reservation);
-                        Box::pin(replica.decline_by_host(req, now, code)).await
-                    }
+                    Some(replica) => Box::pin(replica.decline_by_host(reservation, code)).await,
                     None => {
                         let _gate = self.gate.read().await;
                         self.ledger

@@ -104,8 +104,10 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     std::fs::write(dir.join("refundgate.toml"), config).unwrap();
 }
 
-/// Starts `refundgate serve --config config` and waits (up to 20 s) until it logged
-/// `listeners` bound listener addresses.
+/// Starts `refundgate serve --config config` and waits (up to 60 s) until it logged
+/// `listeners` bound listener addresses. (The first node of a fresh three-server NATS
+/// cluster creates its streams before it listens: 1.5 to 11 s each in one run of
+/// tests/cluster.rs, two tests at a time on two cores; 20 s was once too short.)
 pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refundgate"))
@@ -142,7 +144,7 @@ pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
         }
     });
     while process.listeners.len() < listeners {
-        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
             Ok(addr) => process.listeners.push(addr),
             Err(e) => panic!("refundgate serve did not log its listeners: {e}"),
         }

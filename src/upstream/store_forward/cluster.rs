@@ -295,8 +295,8 @@ impl ClusterSaf {
                 });
             return Ok(first.unwrap_or(id));
         }
-        self.lock().pending_count += 1;
-        metrics::gauge!(SAF_PENDING).increment(1.0);
+        // The figures follow at the next refresh (counted here, a refresh that already saw
+        // the message would count it twice).
         Ok(id)
     }
 
@@ -306,7 +306,7 @@ impl ClusterSaf {
         self.lock().pending.clone()
     }
 
-    /// Entries waiting, as counted at the last refresh (or queued by this node since).
+    /// Entries waiting, as counted at the last refresh.
     pub fn pending_count(&self) -> u64 {
         self.lock().pending_count
     }
@@ -528,9 +528,6 @@ impl ClusterSaf {
                 Ok(()) => {
                     self.delivered_total.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(SAF_DELIVERED_TOTAL).increment(1);
-                    let mut c = self.lock();
-                    c.pending_count = c.pending_count.saturating_sub(1);
-                    metrics::gauge!(SAF_PENDING).set(c.pending_count as f64);
                 }
                 Err(e) => {
                     // Delivered again later, as a repeat (the host treats it as a no-op).
