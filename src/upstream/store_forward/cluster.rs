@@ -410,22 +410,9 @@ impl ClusterSaf {
             max_ack_pending: i64::try_from(4 * SAF_IN_FLIGHT_MAX).unwrap_or(1024),
             ..Default::default()
         };
-        let consumer: consumer::PullConsumer = loop {
-            match conn
-                .queue
-                .get_or_create_consumer(&name, config.clone())
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(upstream, error = %e, "store-and-forward consumer unavailable; retrying");
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        };
+        // Opened again after a failed fetch (the consumer may have been deleted, or its
+        // stream moved to another leader).
+        let mut open: Option<consumer::PullConsumer> = None;
         let mut tasks = JoinSet::new();
         let mut failing = false;
         loop {
@@ -433,6 +420,30 @@ impl ClusterSaf {
             if *stop.borrow() {
                 break;
             }
+            let consumer = match &open {
+                Some(c) => c.clone(),
+                None => match conn
+                    .queue
+                    .get_or_create_consumer(&name, config.clone())
+                    .await
+                {
+                    Ok(c) => {
+                        open = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(upstream, error = %e, "store-and-forward consumer unavailable; retrying");
+                        }
+                        failing = true;
+                        tokio::select! {
+                            _ = stop.changed() => break,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
+                    }
+                },
+            };
             let room = SAF_IN_FLIGHT_MAX.saturating_sub(tasks.len());
             if !link.is_up() || room == 0 {
                 tokio::select! {
@@ -471,6 +482,7 @@ impl ClusterSaf {
                         tracing::warn!(upstream, error = %e, "store-and-forward fetch failed; retrying");
                     }
                     failing = true;
+                    open = None;
                     tokio::select! {
                         _ = stop.changed() => break,
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
