@@ -171,8 +171,8 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         "ledger recovered from the journal"
     );
     let journal = Arc::new(journal);
-    // With the replicated journal the local one only holds the directory (and the SAF files):
-    // events go to the stream.
+    // With the replicated journal the local one only holds the directory: events go to the
+    // stream, and the SAF queue to the cluster's SAF streams.
     let gateway = Gateway::new(
         Arc::new(ledger),
         (!replicated).then(|| Arc::clone(&journal)),

@@ -152,8 +152,9 @@ struct Cluster {
     dir: tempfile::TempDir,
     cert: CertificateDer<'static>,
     nats: Nats,
-    /// Each node's admin address.
-    admin: Vec<u16>,
+    /// Each node's admin port, as its last start bound it (port 0 in the configuration: a
+    /// port chosen ahead could be taken by another test's socket meanwhile).
+    admin: std::sync::Mutex<Vec<u16>>,
     /// `journal.snapshot_every_records` of every node.
     snapshot_every: u64,
     /// TOML appended to every node's configuration (upstreams, routes).
@@ -224,7 +225,7 @@ retry_max_ms = 200
         std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let nats = Nats::start(bin, dir.path());
-        let admin = (0..3).map(|_| free_port()).collect();
+        let admin = std::sync::Mutex::new(vec![0; 3]);
         let cluster = Cluster {
             dir,
             cert,
@@ -244,7 +245,7 @@ retry_max_ms = 200
         let config = format!(
             r#"merchants = "{d}/merchants.toml"
 [admin]
-addr = "127.0.0.1:{admin}"
+addr = "127.0.0.1:0"
 token_file = "{d}/admin.tokens"
 [journal]
 dir = "{d}/node{node}/journal"
@@ -264,7 +265,6 @@ framing = "binary2"
 tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
 {SERVE_LOG_TOML}{extra}"#,
             urls = self.nats.urls(),
-            admin = self.admin[node],
             every = self.snapshot_every,
             extra = self.extra
         );
@@ -277,7 +277,9 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     }
 
     fn start(&self, node: usize) -> ServeProcess {
-        spawn_serve(&self.config(node), 1)
+        let process = spawn_serve(&self.config(node), 1);
+        self.admin.lock().unwrap()[node] = process.admin.port();
+        process
     }
 
     async fn connect(&self, node: &ServeProcess) -> Client {
@@ -290,7 +292,8 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
 fn admin_connection(cluster: &Cluster, node: usize) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match TcpStream::connect(("127.0.0.1", cluster.admin[node])) {
+        let port = cluster.admin.lock().unwrap()[node];
+        match TcpStream::connect(("127.0.0.1", port)) {
             Ok(tcp) => return tcp,
             Err(e) => assert!(Instant::now() < deadline, "admin of node {node}: {e}"),
         }
