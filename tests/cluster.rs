@@ -1325,6 +1325,41 @@ fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A node whose SAF PAN key file is created by its own start is refused: the streams hold
+    // an entry sealed under the other nodes' key.
+    let d = cluster.dir.path().display().to_string();
+    let text = std::fs::read_to_string(cluster.config(2)).unwrap().replace(
+        &format!("{d}/keys/saf-pan.key"),
+        &format!("{d}/keys/another-saf-pan.key"),
+    );
+    let fresh_key = cluster.dir.path().join("node2-fresh-key.toml");
+    std::fs::write(&fresh_key, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refundgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&fresh_key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a node with a new SAF key started on streams holding entries");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("security.saf_pan_key was created by this start"),
+        "{stderr}"
+    );
     // The operator retries it on the other node once the host is back.
     host.set_faults(Faults::default()).unwrap();
     let id = dead[0]["id"].as_u64().unwrap();
