@@ -162,7 +162,8 @@ merchants = {}
 # others may read them. Default: a directory beside the journal, <journal.dir>-keys.
 # PAN hash key (16 bytes): PAN hashes in the ledger and journal.
 # pan_hash_key = "/etc/refundgate/keys/pan-hash.key"
-# AES-256-GCM key (32 bytes) of PANs store-and-forward keeps for queued messages.
+# AES-256-GCM key (32 bytes) of PANs store-and-forward keeps for queued messages (with
+# journal.backend = "jetstream": the same file on every node).
 # saf_pan_key = "/etc/refundgate/keys/saf-pan.key"
 # Terminal master keys (DOMAIN §11), 0600, outside journal.dir; never created. Absent: no
 # terminal has its own keys. A TOML file of
@@ -173,8 +174,10 @@ merchants = {}
 # terminal_keys = "/etc/refundgate/keys/terminal-keys.toml"
 
 [saf]
-# Store-and-forward of reversals (<journal.dir>/saf): sends without an accepted answer before
-# an entry is dead-lettered, age after which it is, and the retry backoff.
+# Store-and-forward of reversals (<journal.dir>/saf; with journal.backend = "jetstream" the
+# streams <stream>_SAF and <stream>_SAF_DEAD, shared by every node, where every delivery
+# counts as a send): sends without an accepted answer before an entry is dead-lettered, age
+# after which it is, and the retry backoff.
 max_retries = 20
 expiry_s = 86400
 retry_min_ms = 1000
@@ -731,12 +734,6 @@ impl Config {
                 return Err(error(
                     "journal.jetstream.ack_timeout_ms",
                     format!("outside 1..={}", limits::TIMEOUT_HARD_MAX_MS),
-                ));
-            }
-            if !self.upstreams.is_empty() {
-                return Err(error(
-                    "journal.backend",
-                    "\"jetstream\" does not route to upstream hosts yet: use \"file\" with [[upstreams]]",
                 ));
             }
         }
@@ -1436,6 +1433,12 @@ max_retries = 3
             let err = Config::from_toml(&bad).unwrap_err();
             assert_eq!(err.key, key, "{bad} gave {err}");
         }
+        // With the replicated journal too: the SAF queue is then in the cluster (it was
+        // refused at start before).
+        let replicated = format!("{text}\n[journal]\nbackend = \"jetstream\"\n");
+        let config = Config::from_toml(&replicated).unwrap();
+        assert_eq!(config.journal.backend, JournalBackend::Jetstream);
+        assert_eq!(config.upstreams.len(), 1);
     }
 
     #[test]

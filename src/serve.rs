@@ -171,8 +171,8 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
         "ledger recovered from the journal"
     );
     let journal = Arc::new(journal);
-    // With the replicated journal the local one only holds the directory (and the SAF files):
-    // events go to the stream.
+    // With the replicated journal the local one only holds the directory: events go to the
+    // stream, and the SAF queue to the cluster's SAF streams.
     let gateway = Gateway::new(
         Arc::new(ledger),
         (!replicated).then(|| Arc::clone(&journal)),
@@ -242,6 +242,11 @@ async fn replica(prepared: &Prepared) -> Result<Option<Arc<Replica>>, String> {
         ms = started.elapsed().as_millis() as u64,
         "ledger rebuilt from the replicated journal"
     );
+    if let Some(plan) = &prepared.upstreams {
+        plan.connect_cluster(replica.jetstream())
+            .await
+            .map_err(|e| format!("store-and-forward: {e}"))?;
+    }
     let replica = Arc::new(replica);
     tokio::spawn(Arc::clone(&replica).tail(state.last_sequence));
     Ok(Some(replica))

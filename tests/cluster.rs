@@ -152,10 +152,13 @@ struct Cluster {
     dir: tempfile::TempDir,
     cert: CertificateDer<'static>,
     nats: Nats,
-    /// Each node's admin address.
-    admin: Vec<u16>,
+    /// Each node's admin port, as its last start bound it (port 0 in the configuration: a
+    /// port chosen ahead could be taken by another test's socket meanwhile).
+    admin: std::sync::Mutex<Vec<u16>>,
     /// `journal.snapshot_every_records` of every node.
     snapshot_every: u64,
+    /// TOML appended to every node's configuration (upstreams, routes).
+    extra: String,
 }
 
 const TOKEN: &str = "ops:s3cret-token-for-the-cluster-test";
@@ -167,7 +170,51 @@ impl Cluster {
 
     /// A cluster whose nodes write a ledger snapshot every `every` stream sequences.
     fn with_snapshot_every(bin: &Path, every: u64) -> Cluster {
+        Cluster::build(bin, every, |_| String::new())
+    }
+
+    /// A cluster whose nodes route the merchant to the ascii1987 host at `host` (whose
+    /// certificate is `host_cert`): 300 ms timeout, SAF retries 50 to 200 ms apart.
+    fn with_upstream(bin: &Path, host: std::net::SocketAddr, host_cert: &[u8]) -> Cluster {
+        Cluster::with_upstream_retries(bin, host, host_cert, 100)
+    }
+
+    /// [`Cluster::with_upstream`] with `saf.max_retries = max_retries`.
+    fn with_upstream_retries(
+        bin: &Path,
+        host: std::net::SocketAddr,
+        host_cert: &[u8],
+        max_retries: u32,
+    ) -> Cluster {
+        let ca = refundgate::host_sim::pem_of(host_cert);
+        Cluster::build(bin, 1_000_000, move |dir| {
+            std::fs::write(dir.join("host-ca.pem"), &ca).unwrap();
+            format!(
+                r#"
+[[upstreams]]
+name = "bank"
+addrs = ["{host}"]
+dialect = "ascii1987"
+timeout_ms = 300
+echo_interval_ms = 2000
+reconnect_min_ms = 20
+reconnect_max_ms = 200
+tls = {{ ca = "{}" }}
+[routes]
+merchants = {{ "MERCHANT 000001" = "bank" }}
+[saf]
+max_retries = {max_retries}
+retry_min_ms = 50
+retry_max_ms = 200
+"#,
+                dir.join("host-ca.pem").display()
+            )
+        })
+    }
+
+    fn build(bin: &Path, every: u64, extra: impl FnOnce(&Path) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra(dir.path());
         let (pem, key, cert) = client::localhost_cert();
         std::fs::write(dir.path().join("server.pem"), pem).unwrap();
         std::fs::write(dir.path().join("server.key"), key).unwrap();
@@ -178,13 +225,14 @@ impl Cluster {
         std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
         let nats = Nats::start(bin, dir.path());
-        let admin = (0..3).map(|_| free_port()).collect();
+        let admin = std::sync::Mutex::new(vec![0; 3]);
         let cluster = Cluster {
             dir,
             cert,
             nats,
             admin,
             snapshot_every: every,
+            extra,
         };
         for node in 0..3 {
             cluster.write_config(node);
@@ -197,7 +245,7 @@ impl Cluster {
         let config = format!(
             r#"merchants = "{d}/merchants.toml"
 [admin]
-addr = "127.0.0.1:{admin}"
+addr = "127.0.0.1:0"
 token_file = "{d}/admin.tokens"
 [journal]
 dir = "{d}/node{node}/journal"
@@ -209,15 +257,16 @@ replicas = 3
 ack_timeout_ms = 1500
 [security]
 pan_hash_key = "{d}/keys/pan-hash.key"
+saf_pan_key = "{d}/keys/saf-pan.key"
 [[listeners]]
 addr = "127.0.0.1:0"
 dialect = "ascii1987"
 framing = "binary2"
 tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
-{SERVE_LOG_TOML}"#,
+{SERVE_LOG_TOML}{extra}"#,
             urls = self.nats.urls(),
-            admin = self.admin[node],
-            every = self.snapshot_every
+            every = self.snapshot_every,
+            extra = self.extra
         );
         std::fs::create_dir_all(self.dir.path().join(format!("node{node}"))).unwrap();
         std::fs::write(self.config(node), config).unwrap();
@@ -228,7 +277,9 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     }
 
     fn start(&self, node: usize) -> ServeProcess {
-        spawn_serve(&self.config(node), 1)
+        let process = spawn_serve(&self.config(node), 1);
+        self.admin.lock().unwrap()[node] = process.admin.port();
+        process
     }
 
     async fn connect(&self, node: &ServeProcess) -> Client {
@@ -241,7 +292,8 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
 fn admin_connection(cluster: &Cluster, node: usize) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match TcpStream::connect(("127.0.0.1", cluster.admin[node])) {
+        let port = cluster.admin.lock().unwrap()[node];
+        match TcpStream::connect(("127.0.0.1", port)) {
             Ok(tcp) => return tcp,
             Err(e) => assert!(Instant::now() < deadline, "admin of node {node}: {e}"),
         }
@@ -970,4 +1022,547 @@ fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once
         assert_eq!(d.load(6).await.unwrap(), 6, "the new stream read whole");
         assert_eq!(d.counters.start_snapshot_seq.load(Relaxed), 0);
     });
+}
+
+/// The host simulator with one ascii1987 listener, run on the current runtime; the sender
+/// stops it.
+async fn start_host(
+    faults: refundgate::host_sim::Faults,
+) -> (
+    std::net::SocketAddr,
+    Vec<u8>,
+    refundgate::host_sim::HostControl,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use refundgate::host_sim::{Host, HostListener, HostOptions};
+    let host = Host::bind(HostOptions {
+        listeners: vec![HostListener {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dialect: &refundgate::dialect::ASCII1987,
+            framing: refundgate::frame::Framing::Binary2,
+        }],
+        admin: None,
+        faults,
+    })
+    .await
+    .unwrap();
+    let addr = host.listeners()[0].addr;
+    let cert = host.cert_der().to_vec();
+    let control = host.control();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(host.run(async move {
+        let _ = stopped.await;
+    }));
+    (addr, cert, control, stop)
+}
+
+/// Issue #20, must show 5: a routed sale times out at a host that stopped answering, so the
+/// gateway that took it queues its reversal (durably, before the terminal's 91) and is then
+/// killed with SIGKILL while the host is still down. Once the host is back, another gateway
+/// delivers that reversal: the host receives it answered exactly once, sent as a first
+/// reversal at most once (every other send marked a repeat), and the terminal's repeat of
+/// the approved sale before it gets its stored answer from a surviving node without a new
+/// trip to the host.
+#[test]
+fn a_reversal_queued_by_a_gateway_killed_while_the_host_is_down_is_delivered_once_by_another() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream(&bin, host_addr, &host_cert);
+    let mut nodes: Vec<Option<ServeProcess>> = (0..3).map(|n| Some(cluster.start(n))).collect();
+    let (approved, approved_answer, timed_out) = rt.block_on(async {
+        let mut c = cluster.connect(nodes[0].as_ref().unwrap()).await;
+        // Until node 0's link is signed on, a sale is refused (91 HOST_UNREACHABLE).
+        let started = Instant::now();
+        let mut stan = 100;
+        let (sale, answer) = loop {
+            stan += 1;
+            let sale = ascii_request("0200", "000000", 1_000, stan, &[]);
+            let a = ask(&mut c, &sale).await;
+            if a.code == "00" {
+                break (sale, a);
+            }
+            assert_eq!(
+                (a.code.as_str(), a.reason.as_str()),
+                ("91", "HOST_UNREACHABLE")
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "link never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // The host stops answering: the next sale times out and its reversal is queued.
+        host.set_faults(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .unwrap();
+        let lost = ascii_request("0200", "000000", 2_000, 500, &[]);
+        let a = ask(&mut c, &lost).await;
+        assert_eq!(
+            (a.code.as_str(), a.reason.as_str()),
+            ("91", "HOST_TIMEOUT"),
+            "{a:?}"
+        );
+        (sale, answer, 500u32)
+    });
+    // kill -9 of the node that queued the reversal, while the host is still down.
+    drop(nodes[0].take());
+    let surviving = [1usize, 2];
+    let pending = |cluster: &Cluster| -> f64 {
+        surviving
+            .iter()
+            .map(|&n| metric_if_any(cluster, n, "refundgate_saf_pending").unwrap_or(0.0))
+            .fold(0.0, f64::max)
+    };
+    host.set_faults(Faults::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host.reversals_answered("TERM0001", timed_out) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reversal queued by the killed node was never delivered: {:?}",
+            host.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pending(&cluster) > 0.0 {
+        assert!(Instant::now() < deadline, "the queue never emptied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Longer than the queue's ack wait: a second delivery would have happened by now.
+    std::thread::sleep(Duration::from_secs(7));
+    let stats = host.stats();
+    let r: Vec<_> = stats.reversals.iter().collect();
+    assert_eq!(r.len(), 1, "only the timed-out sale is reversed: {stats:?}");
+    assert_eq!(
+        (r[0].terminal.as_str(), r[0].stan, r[0].answered),
+        ("TERM0001", timed_out, 1),
+        "{stats:?}"
+    );
+    assert!(
+        r[0].answered + r[0].dropped - r[0].repeats <= 1,
+        "a reversal not marked as a repeat reached the host twice: {stats:?}"
+    );
+    let delivered: f64 = surviving
+        .iter()
+        .map(|&n| metric(&cluster, n, "refundgate_saf_delivered_total"))
+        .sum();
+    assert_eq!(delivered, 1.0, "delivered by a surviving node, once");
+    // The terminal's repeat of the approved sale, on a surviving node: its stored answer,
+    // not a new request to the host.
+    let financial = host.stats().financial;
+    rt.block_on(async {
+        let mut c = cluster.connect(nodes[1].as_ref().unwrap()).await;
+        let again = ask(&mut c, &repeat(&approved)).await;
+        assert_eq!(
+            (&again.code, &again.rrn),
+            (&approved_answer.code, &approved_answer.rrn)
+        );
+    });
+    assert_eq!(
+        host.stats().financial,
+        financial,
+        "the repeat went to the host"
+    );
+}
+
+/// Sends sales on `c` until one is approved (the node's link is signed on); that sale and its
+/// answer.
+async fn first_approved_sale(c: &mut Client, mut stan: u32) -> (Json, Answer) {
+    let started = Instant::now();
+    loop {
+        stan += 1;
+        let sale = ascii_request("0200", "000000", 1_000, stan, &[]);
+        let a = ask(c, &sale).await;
+        if a.code == "00" {
+            return (sale, a);
+        }
+        assert_eq!(
+            (a.code.as_str(), a.reason.as_str()),
+            ("91", "HOST_UNREACHABLE")
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "link never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The host's reversal count of (TERM0001, `stan`): answered, and sent as a first reversal
+/// (not marked a repeat), answered or dropped.
+fn reversal_counts(host: &refundgate::host_sim::HostControl, stan: u32) -> (u32, u32) {
+    host.stats()
+        .reversals
+        .iter()
+        .find(|r| r.terminal == "TERM0001" && r.stan == stan)
+        .map_or((0, 0), |r| (r.answered, r.answered + r.dropped - r.repeats))
+}
+
+/// The node delivering a queued reversal is killed with SIGKILL after its first send reached
+/// the (still silent) host: the message is held by it or given back with a delay, never
+/// acknowledged. Another node, started afterwards, delivers it once the host is back, and
+/// marks it a repeat (0401): the host got exactly one first reversal for the sale.
+#[test]
+fn a_reversal_whose_delivering_gateway_dies_is_delivered_by_another_as_a_repeat() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream(&bin, host_addr, &host_cert);
+    let mut node0 = Some(cluster.start(0));
+    let stan = 700;
+    rt.block_on(async {
+        let mut c = cluster.connect(node0.as_ref().unwrap()).await;
+        first_approved_sale(&mut c, 100).await;
+        host.set_faults(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .unwrap();
+        let a = ask(&mut c, &ascii_request("0200", "000000", 2_000, stan, &[])).await;
+        assert_eq!((a.code.as_str(), a.reason.as_str()), ("91", "HOST_TIMEOUT"));
+    });
+    // Node 0 (the only node) delivers: wait for its first send to reach the host.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host.stats().reversals.is_empty() {
+        assert!(Instant::now() < deadline, "node 0 never sent the reversal");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(node0.take());
+    let (_, first_sends) = reversal_counts(&host, stan);
+    assert_eq!(first_sends, 1, "node 0's first send is the first reversal");
+    let node1 = cluster.start(1);
+    host.set_faults(Faults::default()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reversal_counts(&host, stan).0 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reversal node 0 was delivering was never delivered: {:?}",
+            host.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Longer than the queue's ack wait: a second delivery would have happened by now.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(
+        reversal_counts(&host, stan),
+        (1, 1),
+        "answered once, one first reversal (node 1 sent a repeat): {:?}",
+        host.stats()
+    );
+    assert_eq!(metric(&cluster, 1, "refundgate_saf_delivered_total"), 1.0);
+    assert_eq!(
+        metric(&cluster, 1, "refundgate_saf_pending"),
+        0.0,
+        "read a second after"
+    );
+    drop(node1);
+}
+
+/// A reversal the host never accepts is dead-lettered after `saf.max_retries` deliveries
+/// (by whichever nodes held it), listed by every node's `/v1/exceptions` and counted in
+/// `refundgate_saf_dead_letters`; an operator's retry on another node puts it back, and it
+/// is delivered once, as a repeat, when the host is back.
+#[test]
+fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream_retries(&bin, host_addr, &host_cert, 2);
+    let nodes: Vec<ServeProcess> = (0..2).map(|n| cluster.start(n)).collect();
+    for n in 0..2 {
+        assert_eq!(metric(&cluster, n, "refundgate_saf_dead_letters"), 0.0);
+        assert_eq!(metric(&cluster, n, "refundgate_saf_pending"), 0.0);
+        assert_eq!(metric(&cluster, n, "refundgate_saf_delivered_total"), 0.0);
+    }
+    let stan = 800;
+    rt.block_on(async {
+        let mut c = cluster.connect(&nodes[0]).await;
+        first_approved_sale(&mut c, 100).await;
+        host.set_faults(Faults {
+            drop_percent: 100,
+            ..Faults::default()
+        })
+        .unwrap();
+        let a = ask(&mut c, &ascii_request("0200", "000000", 2_000, stan, &[])).await;
+        assert_eq!((a.code.as_str(), a.reason.as_str()), ("91", "HOST_TIMEOUT"));
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&cluster, 1, "refundgate_saf_dead_letters") < 1.0 {
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, dropped_first) = reversal_counts(&host, stan);
+    assert_eq!(dropped_first, 1, "{:?}", host.stats());
+    let listed = |node: usize| -> Vec<Json> {
+        let (status, v) = admin(&cluster, node, "GET", "/v1/exceptions", "-", "");
+        assert_eq!(status, 200, "{v}");
+        v["saf_dead_letters"].as_array().unwrap().clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dead = loop {
+        let d = listed(1);
+        if !d.is_empty() || Instant::now() > deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["stan"], stan, "{dead:?}");
+    assert_eq!(dead[0]["reason"], "RetriesExhausted", "{dead:?}");
+    assert_eq!(dead[0]["attempts"], 2, "{dead:?}");
+    // Read from the stream every second on each node.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&cluster, 0, "refundgate_saf_pending") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 still counts the entry as pending"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A node whose SAF PAN key file is created by its own start is refused: the streams hold
+    // an entry sealed under the other nodes' key.
+    let d = cluster.dir.path().display().to_string();
+    let text = std::fs::read_to_string(cluster.config(2)).unwrap().replace(
+        &format!("{d}/keys/saf-pan.key"),
+        &format!("{d}/keys/another-saf-pan.key"),
+    );
+    let fresh_key = cluster.dir.path().join("node2-fresh-key.toml");
+    std::fs::write(&fresh_key, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_refundgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&fresh_key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a node with a new SAF key started on streams holding entries");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("security.saf_pan_key was created by this start"),
+        "{stderr}"
+    );
+    // The operator retries it on the other node once the host is back.
+    host.set_faults(Faults::default()).unwrap();
+    let id = dead[0]["id"].as_u64().unwrap();
+    let (status, v) = admin(
+        &cluster,
+        0,
+        "POST",
+        &format!("/v1/saf/dead-letters/{id}/retry"),
+        "retry-1",
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reversal_counts(&host, stan).0 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the retried dead letter was never delivered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        reversal_counts(&host, stan),
+        (1, 1),
+        "answered once; the retry was sent as a repeat: {:?}",
+        host.stats()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !listed(1).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the retried dead letter is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _) = admin(
+        &cluster,
+        1,
+        "POST",
+        &format!("/v1/saf/dead-letters/{id}/retry"),
+        "retry-2",
+        "",
+    );
+    assert_eq!(status, 404, "retried once only");
+    // Dead letters ever recorded, as the local queue counts them.
+    assert_eq!(metric(&cluster, 1, "refundgate_saf_dead_letters"), 1.0);
+}
+
+/// What the cluster's store-and-forward stream keeps of a terminal's reversal carrying PAN,
+/// track 2 and a PIN block (DOMAIN §10): the allow-listed elements and the PAN sealed under
+/// the SAF key, nothing in clear in any server's store; the same reversal queued twice (two
+/// nodes, or one twice) is stored once; the entry reads back with its PAN under the key.
+#[test]
+fn the_cluster_queue_stores_no_clear_pan_and_queues_a_reversal_once() {
+    use refundgate::upstream::store_forward::cluster::{ClusterSaf, ClusterSettings};
+    use refundgate::upstream::{Key, SafOptions};
+    let Some(bin) = need_nats() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(&bin, dir.path());
+    let rt = runtime();
+    rt.block_on(async {
+        let url = format!("nats://127.0.0.1:{}", nats.client_ports[0]);
+        let open = || async {
+            let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+            let saf = ClusterSaf::new(
+                ClusterSettings {
+                    stream: "T".into(),
+                    replicas: 3,
+                    ack_wait: Duration::from_secs(5),
+                },
+                SafOptions {
+                    max_retries: 5,
+                    expiry_s: 3600,
+                    retry_min: Duration::from_millis(50),
+                    retry_max: Duration::from_millis(100),
+                    durability: refundgate::journal::Durability::UnsafeNoFsync,
+                },
+                std::sync::Arc::new(refundgate::clock::SystemClock),
+            );
+            saf.set_pan_cipher(refundgate::at_rest::PanCipher::new(&[9; 32]).unwrap());
+            saf.connect(js).await.unwrap();
+            saf
+        };
+        // Two nodes.
+        let (a, b) = (open().await, open().await);
+        let mut doc = ascii_request(
+            "0400",
+            "000000",
+            1_000,
+            42,
+            &[
+                ("35", "4761739001010119=25121011000012345678".to_string()),
+                ("52", "0123456789ABCDEF".to_string()),
+            ],
+        );
+        doc["fields"]["90"] = Json::String(format!("0200000042{:032}", 0));
+        let mut body = bytes::BytesMut::new();
+        refundgate::iso8583::json::from_json(&refundgate::iso8583::ASCII1987, &doc, &mut body)
+            .unwrap();
+        let body = body.freeze();
+        let msg = refundgate::iso8583::decode(&refundgate::iso8583::ASCII1987, &body).unwrap();
+        let key = Key::of(&msg).unwrap();
+        let dialect = &refundgate::dialect::ASCII1987;
+        let id = a.enqueue("bank", dialect, key, body.clone()).await.unwrap();
+        let again = b.enqueue("bank", dialect, key, body.clone()).await.unwrap();
+        assert_eq!(again, id, "queued once across two nodes");
+        b.refresh().await;
+        assert_eq!(b.pending_count(), 1);
+        let pending = b.pending();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].id, pending[0].key), (id, key));
+        assert!(pending[0].sealed_pan.is_some(), "the PAN is kept sealed");
+        let stored =
+            refundgate::iso8583::decode(&refundgate::iso8583::ASCII1987, &pending[0].body).unwrap();
+        assert!(!stored.has(2) && !stored.has(35) && !stored.has(52));
+    });
+    // Nothing secret in clear in any server's files.
+    let mut files = vec![dir.path().to_path_buf()];
+    let mut scanned = 0;
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                files.push(e.unwrap().path());
+            }
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        scanned += 1;
+        for secret in [&b"4761739001010119"[..], b"=2512", b"0123456789ABCDEF"] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "{} holds a secret in clear",
+                p.display()
+            );
+        }
+    }
+    assert!(scanned > 3, "the servers' stores were scanned");
+    drop(nats);
+}
+
+/// Routed merchants on the replicated journal: 32 refunds of 10.00 of one 100.00 sale, raced
+/// over three gateways that all ask the host (which approves everything). Exactly ten are
+/// approved across the nodes; every refund the host approved and the gateways did not is
+/// reversed at the host (through the cluster's queue), once; none is answered 96.
+#[test]
+fn routed_refunds_raced_over_three_gateways_never_exceed_a_limit_and_the_rest_are_reversed() {
+    use refundgate::host_sim::Faults;
+    let Some(bin) = need_nats() else { return };
+    let rt = runtime();
+    let (host_addr, host_cert, host, _stop_host) = rt.block_on(start_host(Faults::default()));
+    let cluster = Cluster::with_upstream(&bin, host_addr, &host_cert);
+    let nodes: Vec<ServeProcess> = (0..3).map(|n| cluster.start(n)).collect();
+    let refs: Vec<&ServeProcess> = nodes.iter().collect();
+    let answers = rt.block_on(async {
+        // Every node's link up: a sale through each.
+        let mut sale = None;
+        for (n, node) in nodes.iter().enumerate() {
+            let mut c = cluster.connect(node).await;
+            let (doc, a) = first_approved_sale(&mut c, 100 * (n as u32 + 1)).await;
+            if n == 0 {
+                sale = Some((doc, a));
+            }
+        }
+        let (sale, sa) = sale.unwrap();
+        let original = [("37", sa.rrn.clone().unwrap()), ("90", de90(&sale))];
+        let refunds: Vec<Json> = (0..32)
+            .map(|i| ascii_request("0200", "200000", 100, 1_000 + i, &original))
+            .collect();
+        race32(&cluster, &refs, &refunds).await
+    });
+    let approved = answers.iter().filter(|a| a.code == "00").count();
+    assert_eq!(
+        approved, 10,
+        "refunds approved across three nodes: {answers:?}"
+    );
+    assert!(answers.iter().all(|a| a.code != "96"), "{answers:?}");
+    // The host approved every refund it saw; those the gateways declined after it are reversed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = host.stats();
+        let host_refunds = stats.approved - 3; // the three sales
+        let reversed = stats.reversals.iter().filter(|r| r.answered >= 1).count() as u64;
+        if reversed == host_refunds - 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{reversed} reversals answered for {host_refunds} host-approved refunds: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let stats = host.stats();
+    assert!(
+        stats
+            .reversals
+            .iter()
+            .all(|r| r.answered == 1 && r.stan >= 1_000),
+        "each reversed once, refunds only: {stats:?}"
+    );
+    eprintln!(
+        "{} refunds approved by the host, 10 by the gateways, {} reversed at the host",
+        stats.approved - 3,
+        stats.reversals.len()
+    );
 }

@@ -5,6 +5,10 @@
 # NATS clients: 4222, 4223, 4224. Every node decides for the same merchants (the embedded
 # sample set, or REFUNDGATE_MERCHANTS=FILE). Data and logs go to WORKDIR (default
 # target/cluster); delete it for a fresh stream.
+# REFUNDGATE_HOST=1 also starts the stand-in bank host (`refundgate host`, ascii1987 on
+# 127.0.0.1:9683, admin :9684) and routes MERCHANT 000001 to it on every node: the
+# store-and-forward queue is then in the cluster (manual run in deploy/cluster/README.md).
+# REFUNDGATE_BIN=path uses that refundgate binary instead of building the release one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work="${1:-target/cluster}"
@@ -23,8 +27,12 @@ if [ -z "$nats" ]; then
 fi
 echo "nats-server: $("$nats" --version)"
 
-cargo build --release --locked -q
-bin="$PWD/target/release/refundgate"
+if [ -n "${REFUNDGATE_BIN:-}" ]; then
+  bin="$(realpath "$REFUNDGATE_BIN")"
+else
+  cargo build --release --locked -q
+  bin="$PWD/target/release/refundgate"
+fi
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -41,6 +49,53 @@ CONF
   "$nats" -c "$work/nats$i.conf" >"$work/nats$i.log" 2>&1 &
   pids+=($!)
 done
+
+upstream=""
+if [ "${REFUNDGATE_HOST:-}" = 1 ]; then
+  rm -f "$work/host.pem"
+  "$bin" host --addr 127.0.0.1:9683 --dialect ascii1987 --admin 127.0.0.1:9684 \
+    --cert-out "$work/host.pem" >"$work/host.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do [ -s "$work/host.pem" ] && break; sleep 0.1; done
+  # One sale of MERCHANT 000001 per session, for `refundgate load --scenario`, expected to
+  # time out at a silent host (91 HOST_TIMEOUT).
+  cat > "$work/sale.toml" <<'SCENARIO'
+name = "sales-to-a-silent-host"
+dialect = "ascii1987"
+utc_offset = "+00:00"
+[[session]]
+name = "sale"
+[[session.step]]
+name = "sale"
+mti = "0200"
+expect = { code = "91" }
+[session.step.fields]
+2 = "4761739001010119"
+3 = "000000"
+4 = "000000001000"
+7 = "{de7}"
+11 = "{stan}"
+12 = "{time}"
+13 = "{date}"
+22 = "051"
+25 = "00"
+41 = "TERM0001"
+42 = "MERCHANT 000001"
+49 = "840"
+SCENARIO
+  upstream="
+[[upstreams]]
+name = \"bank\"
+addrs = [\"127.0.0.1:9683\"]
+dialect = \"ascii1987\"
+timeout_ms = 2000
+tls = { ca = \"$work/host.pem\" }
+[routes]
+merchants = { \"MERCHANT 000001\" = \"bank\" }
+[saf]
+retry_min_ms = 200
+retry_max_ms = 2000"
+fi
 
 mkdir -p -m 700 "$work/keys"
 merchants_line=""
@@ -67,13 +122,19 @@ dialect = "ascii1987"
 framing = "binary2"
 [log]
 filter = "${REFUNDGATE_LOG:-warn,refundgate::serve=info,refundgate::server=info}"
+$upstream
 CONF
   # The first node creates the shared key; the others start once it exists.
   "$bin" serve --config "$work/node$i.toml" >"$work/node$i.log" 2>&1 &
   pids+=($!)
+  echo $! > "$work/node$i.pid"
   for _ in $(seq 100); do [ -f "$work/keys/pan-hash.key" ] && break; sleep 0.1; done
   sleep 0.5
 done
 echo "cluster up: terminals on 127.0.0.1:8583 :8593 :8603; logs in $work/*.log; Ctrl-C stops it"
-wait -n "${pids[@]}"
-echo "a process of the cluster exited; stopping the others" >&2
+# A process that exits (say a node killed with kill -9 to watch another take over) leaves the
+# others running; Ctrl-C stops them all.
+while [ -n "$(jobs -rp)" ]; do
+  wait -n || true
+  echo "a process of the cluster exited; the others go on (Ctrl-C stops them)" >&2
+done

@@ -745,10 +745,15 @@ impl Gateway {
         rrn: Option<[u8; 12]>,
     ) -> Decided {
         let mut ticket = None;
-        let reservation = {
-            let _gate = self.gate.read().await;
-            self.ledger
-                .reserve_logged(req, now, |e| self.enqueue(e, &mut ticket))
+        let reservation = match &self.replica {
+            // The holds are placed on this node only; the stream decides at commit.
+            Some(replica) => Box::pin(replica.reserve(req, now)).await,
+            None => {
+                let _gate = self.gate.read().await;
+                self.ledger
+                    .reserve_logged(req, now, |e| self.enqueue(e, &mut ticket))
+                    .map_err(|l| l.map_err(|e| ReplError::Unavailable(e.to_string())))
+            }
         };
         let reservation = match reservation {
             Ok(r) => r,
@@ -758,10 +763,16 @@ impl Gateway {
             Verdict::Local => false,
             Verdict::Approved => true,
             Verdict::Declined(code) => {
-                let logged = {
-                    let _gate = self.gate.read().await;
-                    self.ledger
-                        .decline_by_host_logged(reservation, code, |e| self.enqueue(e, &mut ticket))
+                let logged = match &self.replica {
+                    Some(replica) => Box::pin(replica.decline_by_host(reservation, code)).await,
+                    None => {
+                        let _gate = self.gate.read().await;
+                        self.ledger
+                            .decline_by_host_logged(reservation, code, |e| {
+                                self.enqueue(e, &mut ticket)
+                            })
+                            .map_err(|e| ReplError::Unavailable(e.to_string()))
+                    }
                 };
                 return match logged.decision() {
                     Some(d) => {
@@ -795,12 +806,30 @@ impl Gateway {
                 return self.answer(l, msg, kind, &Decision::bare(reason), None);
             }
         };
-        let logged = {
-            let _gate = self.gate.read().await;
-            self.ledger
-                .commit_logged(reservation, |e| self.enqueue(e, &mut ticket))
+        let mut decided = match &self.replica {
+            Some(replica) => {
+                // Decided again against the stream (another node may have used the limits
+                // meanwhile): an approval is appended with the merchant's expected sequence.
+                // Not approved now: the host's approval is reversed below.
+                self.ledger.release(reservation);
+                let mut logged = Box::pin(replica.decide(req, now)).await;
+                if forwarded && matches!(logged, ledger::Logged::Failed(_)) {
+                    // The host approved and the append's outcome is unknown: ask the stream
+                    // once more (an append that did land comes back as this request's stored
+                    // answer) before the host's approval is reversed below.
+                    logged = Box::pin(replica.decide(req, now)).await;
+                }
+                self.logged(l, msg, kind, logged, None, 0, rrn)
+            }
+            None => {
+                let logged = {
+                    let _gate = self.gate.read().await;
+                    self.ledger
+                        .commit_logged(reservation, |e| self.enqueue(e, &mut ticket))
+                };
+                self.logged(l, msg, kind, logged, ticket, epoch, rrn)
+            }
         };
-        let mut decided = self.logged(l, msg, kind, logged, ticket, epoch, rrn);
         if forwarded {
             if decided.decision.is_approved() {
                 decided.forwarded = true;

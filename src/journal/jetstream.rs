@@ -327,6 +327,11 @@ impl Replica {
         ))
     }
 
+    /// The JetStream context of this node's connection (the store-and-forward queue shares it).
+    pub fn jetstream(&self) -> jetstream::Context {
+        self.js.clone()
+    }
+
     /// The subject of a merchant's events.
     fn subject(&self, merchant: &MerchantId) -> String {
         format!("{}.{}", self.prefix, hex::encode(merchant.as_str()))
@@ -659,6 +664,121 @@ impl Replica {
                 }
             }
             cell.acked.notify_waiters();
+        }
+    }
+
+    /// For a merchant routed to an upstream host: places the request's holds on this node
+    /// without an event (the host is asked next, then [`Replica::decide`] appends the approval
+    /// against the stream). A refusal is returned as it was logged: a decline to remember is
+    /// appended to the stream first and then applied as appended (it may rest on holds of
+    /// other requests at their hosts, released meanwhile: it is not decided twice), a stored
+    /// answer or a bare refusal is returned at once.
+    pub async fn reserve(
+        &self,
+        req: &Request<'_>,
+        now: i64,
+    ) -> Result<Reservation, Logged<ReplError>> {
+        let Some(merchant) = MerchantId::new(req.merchant) else {
+            // An id no merchant can have: the ledger answers it without an event.
+            return self.ledger.reserve_logged(req, now, |_| {
+                Err(ReplError::Refused(crate::ledger::Reason::UNKNOWN_MERCHANT))
+            });
+        };
+        let cell = self.part(&merchant);
+        let mut p = cell.settled().await;
+        if p.stale {
+            self.catch_up(&merchant, &mut p)
+                .await
+                .map_err(Logged::Failed)?;
+        }
+        for attempt in 1..=ATTEMPTS {
+            let mut captured: Option<LedgerEvent> = None;
+            let event = match self.ledger.reserve_logged(req, now, |e: &LedgerEvent| {
+                captured = Some(e.clone());
+                Err(ReplError::Deferred)
+            }) {
+                Ok(r) => return Ok(r),
+                Err(Logged::Failed(ReplError::Deferred)) => match captured {
+                    Some(e) => e,
+                    None => return Err(Logged::Failed(ReplError::Corrupt("no event".into()))),
+                },
+                Err(other) => return Err(other),
+            };
+            match self.append_applied(&merchant, &mut p, &event).await {
+                Ok(logged) => return Err(logged),
+                Err(ReplError::Deferred) => {
+                    tracing::debug!(attempt, "another node appended first; deciding again");
+                }
+                Err(e) => return Err(Logged::Failed(e)),
+            }
+        }
+        Err(Logged::Failed(ReplError::Contended(ATTEMPTS)))
+    }
+
+    /// For a merchant routed to an upstream host: the host declined the request reserved as
+    /// `r` with `code`. The decline is appended to the stream (so a repeat gets it back on any
+    /// node) and applied; the holds are released.
+    pub async fn decline_by_host(&self, r: Reservation, code: [u8; 2]) -> Logged<ReplError> {
+        let merchant = r.event().merchant;
+        let mut captured: Option<LedgerEvent> = None;
+        let logged = self
+            .ledger
+            .decline_by_host_logged(r, code, |e: &LedgerEvent| {
+                captured = Some(e.clone());
+                Err(ReplError::Deferred)
+            });
+        let event = match (logged, captured) {
+            (Logged::Failed(ReplError::Deferred), Some(e)) => e,
+            (other, _) => return other,
+        };
+        let cell = self.part(&merchant);
+        let mut p = cell.settled().await;
+        if p.stale {
+            if let Err(e) = self.catch_up(&merchant, &mut p).await {
+                return Logged::Failed(e);
+            }
+        }
+        for _ in 0..ATTEMPTS {
+            // A decline moves no money: after another node's events it is appended as it is.
+            match self.append_applied(&merchant, &mut p, &event).await {
+                Ok(logged) => return logged,
+                Err(ReplError::Deferred) => continue,
+                Err(e) => return Logged::Failed(e),
+            }
+        }
+        Logged::Failed(ReplError::Contended(ATTEMPTS))
+    }
+
+    /// Appends `event` with the merchant's expected last sequence and applies it once
+    /// acknowledged. `Err(Deferred)`: another node appended first (caught up: try again).
+    async fn append_applied(
+        &self,
+        merchant: &MerchantId,
+        p: &mut Part,
+        event: &LedgerEvent,
+    ) -> Result<Logged<ReplError>, ReplError> {
+        let bytes = encode_group(std::iter::once(event));
+        match self.append(merchant, bytes, p.last).await {
+            Ok(seq) => {
+                p.last = seq;
+                self.counters.appended.fetch_add(1, Ordering::Relaxed);
+                telemetry::count_replica("appended");
+                Ok(match self.ledger.apply(event) {
+                    Ok(decision) => Logged::Applied { decision, seq },
+                    Err(r) => Logged::Failed(r.into()),
+                })
+            }
+            Err(e) if is_conflict(&e) => {
+                self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                telemetry::count_replica("conflict");
+                self.catch_up(merchant, p).await?;
+                Err(ReplError::Deferred)
+            }
+            Err(e) => {
+                p.stale = true;
+                telemetry::count_replica("unavailable");
+                Err(unavailable(e))
+            }
         }
     }
 

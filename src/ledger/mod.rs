@@ -204,6 +204,17 @@ impl<E> Logged<E> {
     }
 }
 
+impl<E> Logged<E> {
+    /// The same outcome with the journal's error mapped by `f`.
+    pub fn map_err<F>(self, f: impl FnOnce(E) -> F) -> Logged<F> {
+        match self {
+            Logged::Unlogged { decision, after } => Logged::Unlogged { decision, after },
+            Logged::Applied { decision, seq } => Logged::Applied { decision, seq },
+            Logged::Failed(e) => Logged::Failed(f(e)),
+        }
+    }
+}
+
 impl Logged<std::convert::Infallible> {
     fn widen<E>(self) -> Logged<E> {
         match self {

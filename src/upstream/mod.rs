@@ -38,7 +38,7 @@ use crate::journal;
 use crate::ledger::Operation;
 pub use link::{Key, Link, LinkConfig, LinkError};
 pub use route::Routes;
-pub use store_forward::{DeadLetter, DeadReason, Entry, SafOptions, StoreForward};
+pub use store_forward::{DeadLetter, DeadReason, Entry, Saf, SafOptions, StoreForward};
 
 /// `refundgate_upstream_requests_total{upstream,outcome}`: forwarded requests by outcome
 /// (`approved`, `declined`, `unreachable`, `timeout`).
@@ -70,13 +70,14 @@ pub struct Plan {
     pub links: Vec<LinkConfig>,
     /// `[routes]`.
     pub routes: Routes,
-    /// The recovered SAF queue.
-    pub saf: Arc<StoreForward>,
+    /// The recovered SAF queue (the cluster's: connected by [`Plan::connect_cluster`]).
+    pub saf: Saf,
 }
 
 impl Plan {
     /// The links, routes and SAF queue of a validated `config`; `None` when it has no
-    /// upstreams. Opens the SAF journal in `<journal.dir>/saf`.
+    /// upstreams. Opens the SAF journal in `<journal.dir>/saf`, or with `journal.backend =
+    /// "jetstream"` prepares the cluster's queue (connected by [`Plan::connect_cluster`]).
     pub fn from_config(config: &Config, clock: Arc<dyn Clock>) -> Result<Option<Plan>, PlanError> {
         if config.upstreams.is_empty() {
             return Ok(None);
@@ -88,6 +89,9 @@ impl Plan {
             .map(|(i, u)| route::link_config(i, u, Arc::clone(&clock)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(PlanError::Config)?;
+        if config.journal.backend == config::JournalBackend::Jetstream {
+            return Plan::cluster(config, clock, links);
+        }
         let dir = saf_dir(&config.journal.dir);
         crate::at_rest::check_private_tree(&dir).map_err(|e| PlanError::Store(e.to_string()))?;
         let saf = StoreForward::open(&dir, saf_options(config), clock).map_err(|e| {
@@ -111,8 +115,64 @@ impl Plan {
         Ok(Some(Plan {
             links,
             routes: Routes::from_config(&config.routes),
-            saf: Arc::new(saf),
+            saf: Saf::File(Arc::new(saf)),
         }))
+    }
+
+    /// [`Plan::from_config`] with the replicated journal: the SAF queue is in the cluster.
+    /// Every node must use the same `security.saf_pan_key`; one created by this start is
+    /// refused by [`Plan::connect_cluster`] when the queue already holds entries.
+    fn cluster(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        links: Vec<LinkConfig>,
+    ) -> Result<Option<Plan>, PlanError> {
+        let key_path = config.saf_pan_key_path();
+        let fresh = !key_path.exists();
+        let key = crate::at_rest::load_or_create_key(
+            &key_path,
+            crate::at_rest::PanCipher::KEY_BYTES,
+            Ok(()),
+            "security.saf_pan_key",
+        )
+        .map_err(|e| PlanError::Store(e.to_string()))?;
+        let cipher = crate::at_rest::PanCipher::new(&key)
+            .ok_or_else(|| PlanError::Store("security.saf_pan_key: not a 32-byte key".into()))?;
+        // Longer than any send (a call ends at its upstream's timeout): a node holds a
+        // message for one send at a time.
+        let longest_ms = config
+            .upstreams
+            .iter()
+            .map(|u| u.timeout_ms)
+            .max()
+            .unwrap_or(0);
+        let settings = store_forward::cluster::ClusterSettings {
+            stream: config.journal.jetstream.stream.clone(),
+            replicas: config.journal.jetstream.replicas,
+            ack_wait: Duration::from_millis(longest_ms.saturating_mul(2).saturating_add(5_000)),
+        };
+        let saf = store_forward::cluster::ClusterSaf::new(settings, saf_options(config), clock);
+        saf.set_pan_cipher(cipher);
+        if fresh {
+            saf.set_fresh_key();
+        }
+        Ok(Some(Plan {
+            links,
+            routes: Routes::from_config(&config.routes),
+            saf: Saf::Cluster(Arc::new(saf)),
+        }))
+    }
+
+    /// With the replicated journal: creates (or opens) the SAF streams on the cluster `js`
+    /// is connected to. Does nothing with the local queue.
+    pub async fn connect_cluster(
+        &self,
+        js: async_nats::jetstream::Context,
+    ) -> Result<(), PlanError> {
+        match &self.saf {
+            Saf::File(_) => Ok(()),
+            Saf::Cluster(saf) => saf.connect(js).await.map_err(PlanError::Store),
+        }
     }
 
     /// Starts the links and the SAF worker (inside a tokio runtime).
@@ -155,21 +215,25 @@ pub fn saf_options(config: &Config) -> SafOptions {
 pub struct Upstreams {
     links: Arc<HashMap<String, Arc<Link>>>,
     routes: Routes,
-    saf: Arc<StoreForward>,
+    saf: Arc<Saf>,
     stop: watch::Sender<bool>,
     worker: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Upstreams {
     /// Starts one link per config and the SAF worker (call inside a tokio runtime).
-    pub fn start(links: Vec<LinkConfig>, routes: Routes, saf: Arc<StoreForward>) -> Upstreams {
+    pub fn start(links: Vec<LinkConfig>, routes: Routes, saf: impl Into<Saf>) -> Upstreams {
+        let saf = Arc::new(saf.into());
         let links: HashMap<String, Arc<Link>> = links
             .into_iter()
             .map(|c| (c.name.to_string(), Arc::new(Link::start(c))))
             .collect();
         let links = Arc::new(links);
         let (stop, stopped) = watch::channel(false);
-        let worker = tokio::spawn(Arc::clone(&saf).run(Arc::clone(&links), stopped));
+        let worker = {
+            let (saf, links) = (Arc::clone(&saf), Arc::clone(&links));
+            tokio::spawn(async move { saf.run(links, stopped).await })
+        };
         Upstreams {
             links,
             routes,
@@ -190,7 +254,7 @@ impl Upstreams {
     }
 
     /// The SAF queue.
-    pub fn saf(&self) -> &Arc<StoreForward> {
+    pub fn saf(&self) -> &Arc<Saf> {
         &self.saf
     }
 

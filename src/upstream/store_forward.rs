@@ -29,6 +29,8 @@
 //! bound to its entry, and put back into the message only when it is sent; without a cipher
 //! it is not kept at all. Record `4` is record `1` followed by the sealed PAN.
 
+pub mod cluster;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -70,6 +72,97 @@ pub const SAF_PENDING: &str = "refundgate_saf_pending";
 pub const SAF_DEAD_LETTERS: &str = "refundgate_saf_dead_letters";
 /// `refundgate_saf_delivered_total`: entries accepted by their host.
 pub const SAF_DELIVERED_TOTAL: &str = "refundgate_saf_delivered_total";
+
+/// The store-and-forward queue of a gateway: a local journal (single node), or streams in
+/// the NATS JetStream cluster the ledger's journal is replicated on (`journal.backend =
+/// "jetstream"`: any node delivers what any node queued).
+#[derive(Debug)]
+pub enum Saf {
+    /// `<journal.dir>/saf`.
+    File(Arc<StoreForward>),
+    /// `<stream>_SAF` and `<stream>_SAF_DEAD`.
+    Cluster(Arc<cluster::ClusterSaf>),
+}
+
+impl From<Arc<StoreForward>> for Saf {
+    fn from(saf: Arc<StoreForward>) -> Saf {
+        Saf::File(saf)
+    }
+}
+
+impl Saf {
+    /// Queues `body` for `upstream`; returns once the entry is durable (on disk, or stored on
+    /// a quorum of the cluster).
+    pub async fn enqueue(
+        &self,
+        upstream: &str,
+        dialect: &'static Dialect,
+        key: Key,
+        body: Bytes,
+    ) -> Result<u64, SafError> {
+        match self {
+            Saf::File(s) => s.enqueue(upstream, dialect, key, body).await,
+            Saf::Cluster(s) => s.enqueue(upstream, dialect, key, body).await,
+        }
+    }
+
+    /// Entries waiting, oldest first (the cluster's: as read at its last refresh, at most
+    /// [`cluster::PENDING_LISTED_MAX`]).
+    pub fn pending(&self) -> Vec<Entry> {
+        match self {
+            Saf::File(s) => s.pending(),
+            Saf::Cluster(s) => s.pending(),
+        }
+    }
+
+    /// Puts dead letter `id` back in the queue; `Ok(false)` when there is no such dead letter.
+    pub async fn retry_dead(&self, id: u64) -> Result<bool, String> {
+        match self {
+            Saf::File(s) => s.retry_dead(id).await,
+            Saf::Cluster(s) => s.retry_dead(id).await,
+        }
+    }
+
+    /// The dead letters kept, oldest first.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        match self {
+            Saf::File(s) => s.dead_letters(),
+            Saf::Cluster(s) => s.dead_letters(),
+        }
+    }
+
+    /// Dead letters ever recorded.
+    pub fn dead_total(&self) -> u64 {
+        match self {
+            Saf::File(s) => s.dead_total(),
+            Saf::Cluster(s) => s.dead_total(),
+        }
+    }
+
+    /// Entries this gateway delivered since start.
+    pub fn delivered_total(&self) -> u64 {
+        match self {
+            Saf::File(s) => s.delivered_total(),
+            Saf::Cluster(s) => s.delivered_total(),
+        }
+    }
+
+    /// Sets the cipher of queued PANs (once).
+    pub fn set_pan_cipher(&self, cipher: crate::at_rest::PanCipher) {
+        match self {
+            Saf::File(s) => s.set_pan_cipher(cipher),
+            Saf::Cluster(s) => s.set_pan_cipher(cipher),
+        }
+    }
+
+    /// Delivers queued entries on `links` until `stop` turns true.
+    pub async fn run(&self, links: Arc<HashMap<String, Arc<Link>>>, stop: watch::Receiver<bool>) {
+        match self {
+            Saf::File(s) => Arc::clone(s).run(links, stop).await,
+            Saf::Cluster(s) => Arc::clone(s).run(links, stop).await,
+        }
+    }
+}
 
 /// How the queue retries.
 #[derive(Debug, Clone)]

@@ -68,6 +68,8 @@ pub struct ServeProcess {
     pub child: std::process::Child,
     /// The listeners' bound addresses, in configuration order.
     pub listeners: Vec<std::net::SocketAddr>,
+    /// The admin socket's bound address.
+    pub admin: std::net::SocketAddr,
 }
 
 impl Drop for ServeProcess {
@@ -104,8 +106,11 @@ tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
     std::fs::write(dir.join("refundgate.toml"), config).unwrap();
 }
 
-/// Starts `refundgate serve --config config` and waits (up to 20 s) until it logged
-/// `listeners` bound listener addresses.
+/// Starts `refundgate serve --config config` and waits (up to 60 s) until it logged
+/// `listeners` bound listener addresses and its admin address (bound right after: a
+/// configuration may say port 0 for both, so no port chosen ahead can be taken meanwhile). (The first node of a fresh three-server NATS
+/// cluster creates its streams before it listens: 1.5 to 11 s each in one run of
+/// tests/cluster.rs, two tests at a time on two cores; 20 s was once too short.)
 pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_refundgate"))
@@ -117,10 +122,8 @@ pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let mut process = ServeProcess {
-        child,
-        listeners: Vec::new(),
-    };
+    let mut listening = Vec::new();
+    let mut admin = None;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // Reads the log to its end, so the child never blocks on a full pipe.
@@ -136,16 +139,30 @@ pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
                     .as_str()
                     .and_then(|l| l.split_once('@'));
                 if let Some(addr) = bound.and_then(|(_, a)| a.parse().ok()) {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((false, addr));
+                }
+            }
+            if v["fields"]["message"] == "admin http listening" {
+                if let Some(addr) = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok()) {
+                    let _ = tx.send((true, addr));
                 }
             }
         }
     });
-    while process.listeners.len() < listeners {
-        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
-            Ok(addr) => process.listeners.push(addr),
-            Err(e) => panic!("refundgate serve did not log its listeners: {e}"),
+    while listening.len() < listeners || admin.is_none() {
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok((true, addr)) => admin = Some(addr),
+            Ok((false, addr)) => listening.push(addr),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("refundgate serve did not log its listeners and admin address: {e}")
+            }
         }
     }
-    process
+    ServeProcess {
+        child,
+        listeners: listening,
+        admin: admin.unwrap(),
+    }
 }
