@@ -23,6 +23,49 @@ pub fn monotonic() -> std::time::Instant {
     std::time::Instant::now()
 }
 
+thread_local! {
+    /// The deterministic simulator's jitter sequence on its thread (`None`: the OS's
+    /// randomness, as in every gateway a user runs).
+    static SEEDED_JITTER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes [`jitter`] and [`random_below`] on this thread a sequence drawn from `seed` (the
+/// simulator, `refundgate sim --core`, so that a seed reproduces its reconnect and retry
+/// timings bit for bit), or the OS's randomness again (`None`).
+pub fn seed_jitter(seed: Option<u64>) {
+    SEEDED_JITTER.with(|c| c.set(seed.map(|s| s.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)));
+}
+
+/// The next number of this thread's seeded sequence, if [`seed_jitter`] set one.
+fn seeded_next() -> Option<u64> {
+    SEEDED_JITTER.with(|c| {
+        let mut x = c.get()?;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.set(Some(x));
+        Some(x)
+    })
+}
+
+/// A jitter factor in `0.75..1.25` (reconnect and retry backoffs, so many switches do not
+/// retry in step).
+pub fn jitter() -> f64 {
+    match seeded_next() {
+        Some(x) => 0.75 + (x >> 11) as f64 / (1u64 << 53) as f64 * 0.5,
+        None => rand::random_range(0.75..1.25),
+    }
+}
+
+/// A number in `0..n` (`n` at least 1): a link's first STAN.
+pub fn random_below(n: u32) -> u32 {
+    let n = n.max(1);
+    match seeded_next() {
+        Some(x) => u32::try_from(x % u64::from(n)).unwrap_or(0),
+        None => rand::random_range(0..n),
+    }
+}
+
 /// The operating system's wall clock.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SystemClock;

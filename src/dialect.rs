@@ -270,6 +270,12 @@ impl Dialect {
     /// (`repeat`: 0400 → 0401) or cleared (0401 → 0400). A body too short is returned as is.
     pub fn with_origin(&self, body: &[u8], repeat: bool) -> bytes::Bytes {
         use crate::iso8583::spec::MtiEncoding;
+        #[cfg(feature = "sim-mutations")]
+        if repeat && crate::sim::switches::repeats_unmarked() {
+            // The core simulator's re-introduced bug (test builds only): a store-and-forward
+            // retry goes out as a new message.
+            return bytes::Bytes::copy_from_slice(body);
+        }
         let mut out = body.to_vec();
         match self.spec.mti {
             MtiEncoding::Ascii if out.len() >= 4 => out[3] = if repeat { b'1' } else { b'0' },

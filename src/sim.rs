@@ -48,6 +48,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 
 pub mod core_mode;
+mod host;
 #[cfg(feature = "sim-mutations")]
 pub mod switches;
 
@@ -1468,7 +1469,7 @@ fn main_core(args: &SimArgs) -> std::process::ExitCode {
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     println!(
-        "sim --core: {} seeds from {} x {} steps: {} messages in {} batches, {} answers acknowledged ({} approved, {} answered 96), {} crashes ({} mid-batch), {} failed journal steps, {} full-disk steps, {} snapshots, {} restarts from a snapshot, {} durable points replayed, {} repeats checked, {} keys reused, {} bad messages; all invariants held ({:.1} seeds/s)",
+        "sim --core: {} seeds from {} x {} steps: {} messages in {} batches, {} answers acknowledged ({} approved, {} answered 96), {} crashes ({} mid-batch), {} failed journal steps, {} full-disk steps, {} snapshots, {} restarts from a snapshot, {} durable points replayed, {} repeats checked, {} keys reused, {} bad messages; upstream: {} routed answers ({} host timeouts), {} host-fault steps, {} host connections, {} reversals owed, {} gateway reversals at the host ({} as repeats); {} funds checks; all invariants held ({:.1} seeds/s)",
         args.seeds,
         args.seed,
         args.steps,
@@ -1487,6 +1488,14 @@ fn main_core(args: &SimArgs) -> std::process::ExitCode {
         total.repeats_checked,
         total.key_reuses,
         total.bad_messages,
+        total.routed,
+        total.host_timeouts,
+        total.host_fault_steps,
+        total.host_connections,
+        total.owed_reversals,
+        total.reversals_at_host,
+        total.repeats_at_host,
+        total.funds_checks,
         args.seeds as f64 / secs
     );
     std::process::ExitCode::SUCCESS

@@ -1304,6 +1304,7 @@ mod link {
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(100),
             clock: Arc::new(SystemClock),
+            connector: None,
         }
     }
 
@@ -1642,6 +1643,7 @@ mod more {
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(100),
             clock: Arc::new(SystemClock),
+            connector: None,
         };
         let routes = Routes::new(
             [

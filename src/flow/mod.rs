@@ -802,6 +802,12 @@ impl Gateway {
                     Verdict::NoRoute => Reason::NO_ROUTE,
                     _ => Reason::HOST_UNREACHABLE,
                 };
+                #[cfg(feature = "sim-mutations")]
+                if reason == Reason::HOST_TIMEOUT && crate::sim::switches::hold_not_released() {
+                    // The core simulator's re-introduced bug (test builds only): the
+                    // reservation of a request the host did not answer is never given back.
+                    return self.answer(l, msg, kind, &Decision::bare(reason), None);
+                }
                 self.ledger.release(reservation);
                 return self.answer(l, msg, kind, &Decision::bare(reason), None);
             }
@@ -923,10 +929,7 @@ impl Gateway {
             self.rebuilt_epoch.store(epoch, Ordering::Release);
         }
         let j = Arc::clone(journal);
-        if !matches!(
-            tokio::task::spawn_blocking(move || j.scrub()).await,
-            Ok(Ok(()))
-        ) {
+        if !matches!(off_thread(journal, move || j.scrub()).await, Ok(Ok(()))) {
             return false;
         }
         if self.rebuilt_epoch.load(Ordering::Acquire) != epoch {
@@ -945,7 +948,7 @@ impl Gateway {
         let _exclusive = self.gate.write().await;
         let j = Arc::clone(journal);
         let ledger = Arc::clone(&self.ledger);
-        let rebuilt = tokio::task::spawn_blocking(move || {
+        let rebuilt = off_thread(journal, move || {
             let mut recovered = j.reread().map_err(|e| e.to_string())?;
             let (merchants, pan_key) = ledger.origin();
             recover_ledger(merchants, pan_key, &mut recovered, Some(j.durable_seq()))
@@ -1475,6 +1478,19 @@ pub fn recover_ledger(
         Some(b) => Err(b),
         None => Ok((ledger, replayed)),
     }
+}
+
+/// Runs `f` on tokio's blocking pool; inline when `journal` is stepped (the deterministic
+/// simulator, `refundgate sim --core`, which is single-threaded by design: a blocking thread
+/// finishing at a moment real time decides would make a seed's runs differ).
+async fn off_thread<R: Send + 'static>(
+    journal: &Journal,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, tokio::task::JoinError> {
+    if journal.is_stepped() {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f).await
 }
 
 #[cfg(test)]

@@ -449,6 +449,11 @@ impl Journal {
         }
     }
 
+    /// Whether the journal runs in stepped mode ([`Options::stepped`]: the simulator).
+    pub fn is_stepped(&self) -> bool {
+        self.stepped.is_some()
+    }
+
     /// Records queued and not yet taken by the writer.
     pub fn queued(&self) -> usize {
         self.shared.lock_queue().pending.len()

@@ -32,7 +32,7 @@
 //! - (settle) a 0500 of a terminal that never sent a sign-on gets 03;
 //! - (f) no panic, and every batch is answered (a batch that cannot finish is reported).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -41,6 +41,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 
+use super::host::{self, Host, HostState, PostingKey, Weather, LINK_TIMEOUT_MS, UPSTREAM};
 use super::{
     merchant_set, month_of, pan_key, transient, Failure, DAY_CAP, DAY_COUNT_CAP, MERCHANTS,
     OFFSET_S, PANS, REPEAT_HORIZON_S, T0, TERMINALS, TRACE_KEPT,
@@ -50,6 +51,7 @@ use crate::flow::{recover_ledger, Gateway, Link, Outcome, Summary};
 use crate::iso8583::{self, FieldList, Mti, Value, ASCII1987};
 use crate::journal::{Durability, Journal, Options, SimDisk};
 use crate::ledger::{AdminId, Ledger, LedgerEvent, MerchantSet, Reason};
+use crate::upstream::{LinkConfig, Routes, SafOptions, StoreForward, Upstreams};
 
 /// A bug to re-introduce, from the simulator's side, to show the invariants have teeth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -67,6 +69,18 @@ pub enum CoreMutation {
     /// with the test-only `sim-mutations` feature).
     #[cfg(feature = "sim-mutations")]
     DeclinesNotJournaled,
+    /// A routed request whose host timed out keeps its reservation (a switch in `flow`,
+    /// test builds only).
+    #[cfg(feature = "sim-mutations")]
+    HoldNotReleased,
+    /// A routed request whose host timed out is answered 91 and never reversed (a switch in
+    /// `upstream`, test builds only).
+    #[cfg(feature = "sim-mutations")]
+    ReversalNotQueued,
+    /// Store-and-forward retries are not marked as repeats (0400 again): the host takes each
+    /// for a new reversal (a switch in `Dialect::with_origin`, test builds only).
+    #[cfg(feature = "sim-mutations")]
+    RepeatsUnmarked,
 }
 
 /// What one core run did.
@@ -104,6 +118,22 @@ pub struct CoreReport {
     pub key_reuses: u32,
     /// Bad messages sent.
     pub bad_messages: u32,
+    /// Answers to requests of the merchant routed to the simulated host.
+    pub routed: u64,
+    /// Of those, answered 91 `HOST_TIMEOUT`.
+    pub host_timeouts: u64,
+    /// Requests the host approved and the terminal got a failure for: each owed one reversal.
+    pub owed_reversals: u64,
+    /// Reversals built by the gateway that reached the host (repeats included).
+    pub reversals_at_host: u64,
+    /// Of those, marked as repeats (0401).
+    pub repeats_at_host: u64,
+    /// Steps the host was not healthy (slow, silent, down, partitioned or flapping).
+    pub host_fault_steps: u32,
+    /// Connections the host accepted.
+    pub host_connections: u64,
+    /// (e) checks of the funds equation (per merchant and step).
+    pub funds_checks: u64,
 }
 
 impl CoreReport {
@@ -131,6 +161,16 @@ impl CoreReport {
         self.repeats_checked = self.repeats_checked.saturating_add(other.repeats_checked);
         self.key_reuses = self.key_reuses.saturating_add(other.key_reuses);
         self.bad_messages = self.bad_messages.saturating_add(other.bad_messages);
+        self.routed = self.routed.saturating_add(other.routed);
+        self.host_timeouts = self.host_timeouts.saturating_add(other.host_timeouts);
+        self.owed_reversals = self.owed_reversals.saturating_add(other.owed_reversals);
+        self.reversals_at_host = self
+            .reversals_at_host
+            .saturating_add(other.reversals_at_host);
+        self.repeats_at_host = self.repeats_at_host.saturating_add(other.repeats_at_host);
+        self.host_fault_steps = self.host_fault_steps.saturating_add(other.host_fault_steps);
+        self.host_connections = self.host_connections.saturating_add(other.host_connections);
+        self.funds_checks = self.funds_checks.saturating_add(other.funds_checks);
     }
 }
 
@@ -141,8 +181,22 @@ const DIR: &str = "/sim/journal";
 const SEGMENT_BYTES: u64 = 16 * 1024;
 /// No timer may fire within a run: the deadline is far beyond any run's real duration.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(86_400);
-/// A batch that cannot finish in this much real time is reported (f).
-const STUCK: std::time::Duration = std::time::Duration::from_secs(120);
+/// A batch that cannot finish in this much time (virtual: tokio's clock is paused) is
+/// reported (f).
+const STUCK: std::time::Duration = std::time::Duration::from_secs(3_600);
+/// How often (virtual time) the driver looks at the journals while it waits for the upstream
+/// world: what the store-and-forward queue appended is stepped at the next look.
+const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often the driver looks at the queue's journal between steps (nothing waits on it but
+/// the queue's own bookkeeping).
+const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+/// The store-and-forward journal, on a disk of its own.
+const SAF_ROOT: &str = "/saf";
+const SAF_DIR: &str = "/saf/journal";
+/// The merchant routed to the simulated host (the other is decided locally).
+const ROUTED: usize = 1;
+/// Longest the world runs (virtual) after the last step for the queue to drain.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(600);
 /// Acknowledged answers repeated right after each restart.
 const REPEATS_AFTER_RESTART: usize = 6;
 /// One durable-point check in this many (on average) replays the journal afresh.
@@ -227,6 +281,8 @@ struct Life {
     runtime: tokio::runtime::Runtime,
     gateway: Gateway,
     journal: Arc<Journal>,
+    /// The store-and-forward queue (its journal stepped by the driver).
+    saf: Arc<StoreForward>,
 }
 
 type Answers = Vec<(Outcome, Summary)>;
@@ -270,6 +326,14 @@ struct State {
     full_until: u32,
     /// The replay of the journal at the last durable point (b).
     shadow: Option<Shadow>,
+    /// The bank host and the disk of the store-and-forward journal (kept across crashes).
+    host: Host,
+    saf_disk: SimDisk,
+    tls: Arc<rustls::ClientConfig>,
+    /// The first answer the terminal got to each routed sale, refund and void (DE39).
+    routed_answers: BTreeMap<PostingKey, String>,
+    /// The first answer (DE39) to each request, when one was read.
+    first_answer: HashMap<usize, String>,
     trace: VecDeque<String>,
     report: CoreReport,
 }
@@ -290,6 +354,7 @@ pub fn run_core(seed: u64, steps: u32, mutation: CoreMutation) -> Result<CoreRep
         trace: Vec::new(),
     };
     let merchants = merchant_set().map_err(setup)?;
+    let tls = crate::upstream::route::client_tls_trusting(&[]).map_err(setup)?;
     let mut state = State {
         seed,
         rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d | 1,
@@ -308,17 +373,42 @@ pub fn run_core(seed: u64, steps: u32, mutation: CoreMutation) -> Result<CoreRep
         signed_on: HashSet::new(),
         full_until: 0,
         shadow: None,
+        host: HostState::new(seed),
+        saf_disk: SimDisk::new(Path::new(SAF_ROOT), seed ^ 0x5af),
+        tls: Arc::new(tls),
+        routed_answers: BTreeMap::new(),
+        first_answer: HashMap::new(),
         trace: VecDeque::new(),
         report: CoreReport::default(),
     };
     let _switch = FlowMutation::on(mutation);
+    let _jitter = SeededJitter::on(seed);
     let mut life = state.start().map_err(|e| state.fail("recovery", e))?;
     for step in 0..steps {
         state.step = step;
         life = state.one_step(life)?;
         state.report.steps = step + 1;
     }
+    state.step = steps;
+    state.drain(&life)?;
     Ok(state.report)
+}
+
+/// Reconnect and retry jitter of the links and the queue drawn from the seed on this thread
+/// (so a seed reproduces its timings), the OS's randomness again when dropped.
+struct SeededJitter;
+
+impl SeededJitter {
+    fn on(seed: u64) -> SeededJitter {
+        crate::clock::seed_jitter(Some(seed));
+        SeededJitter
+    }
+}
+
+impl Drop for SeededJitter {
+    fn drop(&mut self) {
+        crate::clock::seed_jitter(None);
+    }
 }
 
 /// Turns the flow-side mutation on for this thread, off again when dropped.
@@ -327,7 +417,16 @@ struct FlowMutation;
 impl FlowMutation {
     fn on(mutation: CoreMutation) -> FlowMutation {
         #[cfg(feature = "sim-mutations")]
-        super::switches::set_declines_not_journaled(mutation == CoreMutation::DeclinesNotJournaled);
+        {
+            use super::switches::{set, Switch};
+            set(match mutation {
+                CoreMutation::DeclinesNotJournaled => Some(Switch::DeclinesNotJournaled),
+                CoreMutation::HoldNotReleased => Some(Switch::HoldNotReleased),
+                CoreMutation::ReversalNotQueued => Some(Switch::ReversalNotQueued),
+                CoreMutation::RepeatsUnmarked => Some(Switch::RepeatsUnmarked),
+                _ => None,
+            });
+        }
         let _ = mutation;
         FlowMutation
     }
@@ -336,7 +435,7 @@ impl FlowMutation {
 impl Drop for FlowMutation {
     fn drop(&mut self) {
         #[cfg(feature = "sim-mutations")]
-        super::switches::set_declines_not_journaled(false);
+        super::switches::set(None);
     }
 }
 
@@ -423,6 +522,58 @@ impl State {
         ));
         let journal = Arc::new(journal);
         let clock: Arc<dyn Clock> = self.clock.clone();
+        // tokio's clock paused: the links' and the queue's timeouts, backoffs and the host's
+        // delays are virtual, and the runtime jumps to the next timer when all else waits.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?;
+        let saf = StoreForward::open_on(
+            Path::new(SAF_DIR),
+            SafOptions {
+                max_retries: u32::MAX,
+                expiry_s: 400 * 86_400,
+                retry_min: std::time::Duration::from_millis(200),
+                retry_max: std::time::Duration::from_secs(4),
+                durability: Durability::Fdatasync,
+            },
+            Arc::clone(&clock),
+            Options {
+                storage: Arc::new(self.saf_disk.clone()),
+                segment_bytes: SEGMENT_BYTES,
+                stepped: true,
+                ..Options::default()
+            },
+        )
+        .map_err(|e| format!("store-and-forward open: {e}"))?;
+        let saf = Arc::new(saf);
+        let link = LinkConfig {
+            name: Arc::from(UPSTREAM),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 9))],
+            dialect: &crate::dialect::ASCII1987,
+            mac: None,
+            framing: crate::frame::Framing::Binary2,
+            tls: Arc::clone(&self.tls),
+            server_name: None,
+            timeout: std::time::Duration::from_millis(LINK_TIMEOUT_MS),
+            write_timeout: std::time::Duration::from_millis(LINK_TIMEOUT_MS),
+            read_timeout: std::time::Duration::from_millis(2 * LINK_TIMEOUT_MS),
+            max_pending: 16,
+            echo_interval: std::time::Duration::from_secs(10),
+            reconnect_min: std::time::Duration::from_millis(100),
+            reconnect_max: std::time::Duration::from_secs(2),
+            clock: Arc::clone(&clock),
+            connector: Some(host::connector(Arc::clone(&self.host))),
+        };
+        let upstreams = {
+            let _inside = runtime.enter();
+            Upstreams::start(
+                vec![link],
+                Routes::new([(MERCHANTS[ROUTED], UPSTREAM)], None),
+                Arc::clone(&saf),
+            )
+        };
         let gateway = Gateway::new(
             Arc::new(ledger),
             Some(Arc::clone(&journal)),
@@ -432,15 +583,13 @@ impl State {
                 Link::plain(&crate::dialect::ASCII1987),
             ],
         )
-        .with_request_deadline(DEADLINE);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("runtime: {e}"))?;
+        .with_request_deadline(DEADLINE)
+        .with_upstreams(Arc::new(upstreams));
         Ok(Life {
             runtime,
             gateway,
             journal,
+            saf,
         })
     }
 
@@ -459,6 +608,7 @@ impl State {
         if full {
             self.report.disk_full_steps += 1;
         }
+        self.weather();
         let crash = match self.next(100) {
             0 => Some(Some(CrashAt::BeforeSync)),
             1 => Some(Some(CrashAt::AfterSync)),
@@ -484,7 +634,12 @@ impl State {
                 }
             }
         }
+        // The upstream world runs on: late answers, reconnects, the queue's deliveries.
+        let idle = std::time::Duration::from_millis(self.next(3_000));
+        self.idle(&life, idle, false);
         self.check_limits(&life)?;
+        self.check_funds(&life)?;
+        self.check_reversals(&life, false)?;
         if !life.journal.is_held() && life.journal.queued() == 0 {
             self.check_durable(&life)?;
             if self.next(8) == 0 {
@@ -521,21 +676,28 @@ impl State {
         let mut answers: Vec<Option<Answers>> = batches.iter().map(|_| None).collect();
         self.report.batches += batches.len() as u64;
         self.report.messages += batches.iter().map(|b| b.bodies.len() as u64).sum::<u64>();
+        let saf = life.saf.journal();
         let outcome = life.runtime.block_on(async {
             let mut synced_once = false;
-            // Every batch decides and enqueues, then waits for the journal.
-            let mut done =
-                std::future::poll_fn(|cx| Poll::Ready(poll_all(&mut futures, &mut answers, cx)))
-                    .await;
-            if crash_at == Some(CrashAt::BeforeSync) && journal.queued() > 0 {
-                return Ok(false);
-            }
-            let stuck_since = crate::clock::monotonic();
-            while !done {
+            let started = tokio::time::Instant::now();
+            loop {
+                // Every batch decides (forwarding routed requests), enqueues, then waits for
+                // the journal, the host or the queue.
+                let done = std::future::poll_fn(|cx| {
+                    Poll::Ready(poll_all(&mut futures, &mut answers, cx))
+                })
+                .await;
+                if done {
+                    return Ok(true);
+                }
                 if journal.queued() > 0 {
+                    if crash_at == Some(CrashAt::BeforeSync) {
+                        return Ok(false);
+                    }
                     self.inject_faults();
+                    let held_before = journal.is_held();
                     let taken = journal.step();
-                    let failed = !synced_once && journal.is_held();
+                    let failed = !held_before && journal.is_held();
                     self.note(format!(
                         "journal step: {taken} records{}",
                         if failed { ", failed" } else { "" }
@@ -547,29 +709,21 @@ impl State {
                         return Ok(false);
                     }
                     synced_once = true;
-                    done = std::future::poll_fn(|cx| {
-                        Poll::Ready(poll_all(&mut futures, &mut answers, cx))
-                    })
-                    .await;
                     continue;
                 }
-                // Waiting for a rebuild or scrub on the blocking pool (the journal holds,
-                // so nothing can be queued meanwhile): poll again when it wakes a batch.
-                let wait = std::future::poll_fn(|cx| {
-                    if poll_all(&mut futures, &mut answers, cx) {
-                        return Poll::Ready(true);
-                    }
-                    if journal.queued() > 0 {
-                        return Poll::Ready(false);
-                    }
-                    Poll::Pending
-                });
-                match tokio::time::timeout(STUCK, wait).await {
-                    Ok(all) => done = all,
-                    Err(_) => return Err(stuck_since.elapsed()),
+                if saf.queued() > 0 {
+                    // A reversal queued before its terminal's 91, or a delivery recorded.
+                    saf.step();
+                    continue;
                 }
+                // Waiting for the host: virtual time moves, the journals are looked at again
+                // every tick. (A stepped journal's rebuild and scrub after a failure run
+                // inline, on this thread.)
+                if started.elapsed() > STUCK {
+                    return Err(started.elapsed());
+                }
+                tokio::time::sleep(TICK).await;
             }
-            Ok(true)
         });
         drop(futures);
         match outcome {
@@ -577,7 +731,7 @@ impl State {
             Ok(false) => Ok(Driven::Crashed),
             Err(waited) => Err(self.fail(
                 "f (stuck)",
-                format!("a batch was not answered after {waited:?}"),
+                format!("a batch was not answered after {waited:?} (virtual)"),
             )),
         }
     }
@@ -935,6 +1089,26 @@ impl State {
             if answer.de39 == "00" {
                 self.report.approved += 1;
             }
+            if batch.check.is_none() {
+                self.first_answer
+                    .entry(idx)
+                    .or_insert_with(|| answer.de39.clone());
+                let r = &self.reqs[idx];
+                if r.merchant == ROUTED && matches!(r.op, Op::Sale | Op::Refund | Op::Void) {
+                    self.report.routed += 1;
+                    if answer.de44 == Reason::HOST_TIMEOUT.as_str() {
+                        self.report.host_timeouts += 1;
+                    }
+                    let key = (
+                        TERMINALS[r.terminal].to_string(),
+                        MERCHANTS[r.merchant].to_string(),
+                        r.stan,
+                    );
+                    self.routed_answers
+                        .entry(key)
+                        .or_insert_with(|| answer.de39.clone());
+                }
+            }
             match &batch.check {
                 Some((check, ack)) => self.check_answer(life, *check, ack, &answer, seq_before)?,
                 None => self.acknowledge(idx, answer)?,
@@ -1133,6 +1307,7 @@ impl State {
             self.disk.lose_synced_tail();
         }
         self.disk.crash(keep);
+        self.saf_disk.crash(keep);
         self.full_until = 0;
         self.note(format!(
             "crash {when}{}",
@@ -1172,6 +1347,187 @@ impl State {
             }
         }
         Ok(life)
+    }
+
+    /// The seed's weather between the gateway and its host.
+    fn weather(&mut self) {
+        if self.next(10) == 0 {
+            let weather = match self.next(10) {
+                0..=3 => Weather::Healthy,
+                4 | 5 => Weather::Slow,
+                6 => Weather::Silent,
+                7 => Weather::Down,
+                8 => Weather::Partitioned,
+                _ => Weather::Flapping,
+            };
+            host::lock(&self.host).weather = weather;
+            self.note(format!("host {weather:?}"));
+        }
+        if host::lock(&self.host).weather != Weather::Healthy {
+            self.report.host_fault_steps += 1;
+        }
+    }
+
+    /// Lets the upstream world run for `duration` of virtual time (or, `drain`, until the
+    /// queue is empty, at most that long), stepping the queue's journal at each look.
+    fn idle(&self, life: &Life, duration: std::time::Duration, drain: bool) {
+        let saf = &life.saf;
+        life.runtime.block_on(async {
+            let until = tokio::time::Instant::now() + duration;
+            loop {
+                if saf.journal().queued() > 0 {
+                    saf.journal().step();
+                    continue;
+                }
+                let now = tokio::time::Instant::now();
+                if now >= until || (drain && saf.pending().is_empty()) {
+                    break;
+                }
+                tokio::time::sleep_until(until.min(now + IDLE_TICK)).await;
+            }
+        });
+    }
+
+    /// After the last step: the host heals, the queue drains, and every reversal owed must
+    /// have reached it (d).
+    fn drain(&mut self, life: &Life) -> Result<(), Failure> {
+        host::lock(&self.host).weather = Weather::Healthy;
+        self.note("host Healthy; draining the queue".to_string());
+        self.idle(life, DRAIN, true);
+        self.check_reversals(life, true)?;
+        let host = host::lock(&self.host);
+        for (key, p) in &host.postings {
+            if self.routed_answers.get(key).is_some_and(|c| c != "00") {
+                self.report.owed_reversals += 1;
+            }
+            self.report.reversals_at_host += u64::from(p.gateway_sends);
+            self.report.repeats_at_host +=
+                u64::from(p.gateway_sends.saturating_sub(p.gateway_first_sends));
+        }
+        self.report.host_connections = host.connections;
+        Ok(())
+    }
+
+    /// (d): at most one reversal not marked as a repeat reaches the host per request it
+    /// approved; none built by the gateway for one the terminal was answered 00; and once the
+    /// queue is empty, every request the host approved and the terminal was answered as failed
+    /// (91 timeout, 96, a decline at commit) is reversed at the host. `drained`: after the
+    /// last step, with the host healthy, the queue must have emptied.
+    fn check_reversals(&mut self, life: &Life, drained: bool) -> Result<(), Failure> {
+        const D: &str = "d";
+        let queue_empty = life.saf.pending().is_empty();
+        let dead = life.saf.dead_letters().len();
+        let mut bad = None;
+        {
+            let host = host::lock(&self.host);
+            for ((terminal, merchant, stan), p) in &host.postings {
+                let key = (terminal.clone(), merchant.clone(), *stan);
+                let what = format!("{merchant} {terminal} stan {stan} amount {}", p.amount);
+                if p.gateway_first_sends > 1 {
+                    bad = Some(format!(
+                        "{what}: {} reversals not marked as repeats reached the host (it reversed {} times)",
+                        p.gateway_first_sends, p.gateway_first_sends
+                    ));
+                    break;
+                }
+                match self.routed_answers.get(&key) {
+                    Some(code) if code == "00" && p.gateway_sends > 0 => {
+                        bad = Some(format!(
+                            "{what}: answered 00, and the gateway reversed it at the host"
+                        ));
+                        break;
+                    }
+                    Some(code) if code != "00" && queue_empty && !p.reversed => {
+                        bad = Some(format!(
+                            "{what}: approved by the host, answered {code}, and no reversal reached the host (queue empty)"
+                        ));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(detail) = bad {
+            return Err(self.fail(D, detail));
+        }
+        if dead > 0 {
+            return Err(self.fail(D, format!("{dead} reversals dead-lettered")));
+        }
+        if drained && !queue_empty {
+            return Err(self.fail(
+                D,
+                format!(
+                    "{} reversals still queued after {DRAIN:?} with the host healthy",
+                    life.saf.pending().len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// (e): the funds equation of DOMAIN §4 on the ledger's own figures; with no request in
+    /// flight (between steps) nothing reserved; and the sales and refunds the ledger holds
+    /// never more than those the terminals could have been approved (answered 00, 96 or not
+    /// at all), recomputed from the answers.
+    fn check_funds(&mut self, life: &Life) -> Result<(), Failure> {
+        const E: &str = "e";
+        for (m, id) in MERCHANTS.iter().enumerate() {
+            let Some(f) = life.gateway.ledger().funds(id) else {
+                continue;
+            };
+            self.report.funds_checks += 1;
+            let equation = (i128::from(f.reserve) + i128::from(f.unsettled_sales)
+                - i128::from(f.refunds_committed)
+                - i128::from(f.refunds_reserved))
+            .max(0);
+            if i128::from(f.available) != equation {
+                return Err(self.fail(
+                    E,
+                    format!("m{m}: available {} but {f:?} gives {equation}", f.available),
+                ));
+            }
+            if f.refunds_reserved != 0 || f.sales_pending != 0 {
+                return Err(self.fail(
+                    E,
+                    format!(
+                        "m{m}: every request answered, yet {} of refunds and {} of sales stay reserved ({f:?})",
+                        f.refunds_reserved, f.sales_pending
+                    ),
+                ));
+            }
+            let (mut sales, mut refunds) = (0u64, 0u64);
+            for (i, r) in self.reqs.iter().enumerate() {
+                let maybe = self
+                    .first_answer
+                    .get(&i)
+                    .is_none_or(|c| c == "00" || c == "96");
+                if !maybe || (r.merchant != m && r.op != Op::Bad) {
+                    continue;
+                }
+                match r.op {
+                    Op::Sale => sales += r.amount,
+                    Op::Refund | Op::Void => refunds += r.amount,
+                    Op::Bad => {
+                        // Damaged bytes that still decode may be any request of any
+                        // merchant, for the amount they now carry.
+                        let amount = r.raw.as_deref().map_or(0, amount_of);
+                        sales += amount;
+                        refunds += amount;
+                    }
+                    _ => {}
+                }
+            }
+            if f.unsettled_sales > sales || f.refunds_committed > refunds {
+                return Err(self.fail(
+                    E,
+                    format!(
+                        "m{m}: the ledger holds {} of unsettled sales and {} of refunds; the answers allow at most {sales} and {refunds}",
+                        f.unsettled_sales, f.refunds_committed
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// (a): limits recomputed from the acknowledged answers.
@@ -1247,6 +1603,18 @@ impl State {
     }
 }
 
+/// DE4 of a message, read by the real decoder (0 when it does not decode or has none).
+fn amount_of(bytes: &[u8]) -> u64 {
+    iso8583::decode(&ASCII1987, bytes)
+        .ok()
+        .and_then(|m| {
+            m.field_bytes(4)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// DE39, DE44, DE54 of an answer, read by the real decoder.
 fn decode_answer(bytes: &[u8]) -> Option<Answer> {
     let msg = iso8583::decode(&ASCII1987, bytes).ok()?;
@@ -1263,6 +1631,10 @@ fn decode_answer(bytes: &[u8]) -> Option<Answer> {
 }
 
 fn is_transient(de44: &str) -> bool {
+    // The upstream's 91/92 are not stored either: a repeat is forwarded again.
+    if de44 == Reason::HOST_UNREACHABLE.as_str() || de44 == Reason::NO_ROUTE.as_str() {
+        return true;
+    }
     Reason::all()
         .find(|r| r.as_str() == de44)
         .is_none_or(transient)

@@ -139,7 +139,25 @@ pub struct LinkConfig {
     pub reconnect_max: Duration,
     /// Wall time (DE7 of the link's own sign-ons and echoes): the gateway's injected clock.
     pub clock: Arc<dyn crate::clock::Clock>,
+    /// How a connection is opened: `None`, TCP and TLS to the address (every configured
+    /// upstream); the deterministic simulator gives its simulated network here.
+    pub connector: Option<Connector>,
 }
+
+/// A byte stream to a host (TLS over TCP, or the simulator's in-memory pipe).
+pub trait HostIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> HostIo for T {}
+
+/// Opens a connection to one address instead of TCP + TLS ([`LinkConfig::connector`]).
+pub type Connector = Arc<
+    dyn Fn(
+            SocketAddr,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<Box<dyn HostIo>>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 /// What identifies an answer's request: MTI (origin digit cleared), DE41, DE42, DE11.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -278,7 +296,7 @@ impl Link {
             quarantine: Mutex::new(HashMap::new()),
             delivered: Mutex::new(std::collections::VecDeque::new()),
             outbox: Mutex::new(None),
-            stan: AtomicU32::new(rand::random_range(1..900_000)),
+            stan: AtomicU32::new(1 + crate::clock::random_below(899_999)),
             late: AtomicU64::new(0),
             connects: AtomicU64::new(0),
         });
@@ -646,7 +664,7 @@ fn transmission_at(now: crate::clock::UnixSeconds) -> u64 {
 
 // === the supervisor ===
 
-type Conn = TlsStream<TcpStream>;
+type Conn = Box<dyn HostIo>;
 
 async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut failed_rounds = 0u32;
@@ -690,6 +708,7 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let delay = backoff(&shared.config, failed_rounds);
         tokio::select! {
+            biased;
             _ = stop.changed() => return,
             () = tokio::time::sleep(delay) => {}
         }
@@ -716,8 +735,7 @@ fn backoff(config: &LinkConfig, rounds: u32) -> Duration {
         .reconnect_min
         .saturating_mul(1u32 << rounds.saturating_sub(1).min(16))
         .min(config.reconnect_max);
-    let jitter = rand::random_range(0.75..1.25);
-    base.mul_f64(jitter)
+    base.mul_f64(crate::clock::jitter())
 }
 
 async fn connect(shared: &Shared, addr: SocketAddr) -> Result<Conn, String> {
@@ -731,12 +749,16 @@ async fn connect(shared: &Shared, addr: SocketAddr) -> Result<Conn, String> {
         .clone()
         .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
     let connecting = async {
+        if let Some(connector) = &shared.config.connector {
+            return connector(addr).await.map_err(|e| e.to_string());
+        }
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
-        TlsConnector::from(Arc::clone(&shared.config.tls))
+        let tls: TlsStream<TcpStream> = TlsConnector::from(Arc::clone(&shared.config.tls))
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("tls: {e}"))
+            .map_err(|e| format!("tls: {e}"))?;
+        Ok(Box::new(tls) as Conn)
     };
     let mut conn = tokio::time::timeout(budget, connecting)
         .await
@@ -801,7 +823,11 @@ async fn session(
         .clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     loop {
+        // Biased, in this order: an answer that arrived is read before the deadlines are
+        // looked at, and the order of the branches is the same on every run (the
+        // deterministic simulator replays a seed bit for bit; an unbiased select draws it).
         tokio::select! {
+            biased;
             _ = stop.changed() => return "stopped",
             frame = reader.next() => match frame {
                 Some(Ok(Frame::Message { body, .. })) => {
@@ -901,6 +927,7 @@ mod tests {
                 reconnect_min: Duration::from_millis(10),
                 clock: Arc::new(crate::clock::SystemClock),
                 reconnect_max: Duration::from_millis(10),
+                connector: None,
             },
             spec: &iso8583::ASCII1987,
             pending: Mutex::new(HashMap::new()),

@@ -316,7 +316,7 @@ impl Upstreams {
             Err(LinkError::Timeout | LinkError::BadMac) => Verdict::Timeout,
             Err(_) => Verdict::Unreachable,
         };
-        if verdict == Verdict::Timeout {
+        if verdict == Verdict::Timeout && !reversal_skipped() {
             self.queue_reversal(link, &sent).await;
         }
         let outcome = match verdict {
@@ -417,6 +417,15 @@ impl std::fmt::Debug for Upstreams {
             .field("saf", &self.saf)
             .finish_non_exhaustive()
     }
+}
+
+/// The core simulator's `reversal-not-queued` mutation (test builds only): a timed-out
+/// request is answered 91 and never reversed.
+fn reversal_skipped() -> bool {
+    #[cfg(feature = "sim-mutations")]
+    return crate::sim::switches::reversal_not_queued();
+    #[cfg(not(feature = "sim-mutations"))]
+    false
 }
 
 /// The terminal's message as the host gets it: unchanged, except that a MAC (computed with

@@ -103,6 +103,7 @@ pub fn link_config(
         reconnect_min: Duration::from_millis(u.reconnect_min_ms),
         reconnect_max: Duration::from_millis(u.reconnect_max_ms),
         clock,
+        connector: None,
     })
 }
 

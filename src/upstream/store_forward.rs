@@ -290,10 +290,25 @@ impl StoreForward {
         options: SafOptions,
         clock: Arc<dyn Clock>,
     ) -> Result<StoreForward, JournalError> {
-        let journal_options = journal::Options {
-            durability: options.durability,
+        let on = journal::Options {
             segment_bytes: SAF_SEGMENT_BYTES,
             ..journal::Options::default()
+        };
+        Self::open_on(dir, options, clock, on)
+    }
+
+    /// [`StoreForward::open`] with the journal options `on` (its durability from `options`):
+    /// the deterministic simulator's `SimDisk`, small segments, stepped by its driver through
+    /// [`StoreForward::journal`].
+    pub fn open_on(
+        dir: &Path,
+        options: SafOptions,
+        clock: Arc<dyn Clock>,
+        on: journal::Options,
+    ) -> Result<StoreForward, JournalError> {
+        let journal_options = journal::Options {
+            durability: options.durability,
+            ..on
         };
         let (journal, mut recovered) = Journal::open(dir, journal_options)?;
         let mut state = State {
@@ -332,6 +347,11 @@ impl StoreForward {
         };
         saf.publish();
         Ok(saf)
+    }
+
+    /// The SAF journal (the simulator steps it when it runs in stepped mode).
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
     }
 
     /// Sets the cipher of the PANs kept for queued messages (once; later calls are ignored).
@@ -571,7 +591,7 @@ impl StoreForward {
             .retry_min
             .saturating_mul(1u32 << tries.saturating_sub(1).min(16))
             .min(self.options.retry_max);
-        base.mul_f64(rand::random_range(0.75..1.25))
+        base.mul_f64(crate::clock::jitter())
     }
 
     async fn delivered(&self, id: u64) {
