@@ -326,12 +326,6 @@ impl ClusterSaf {
         self.delivered_total.load(Ordering::Relaxed)
     }
 
-    /// Whether the streams may hold sealed PANs (any entry at the last refresh).
-    pub fn holds_sealed_pans(&self) -> bool {
-        let c = self.lock();
-        c.pending_count > 0 || !c.dead.is_empty()
-    }
-
     /// Puts dead letter `id` back in the queue, to be sent as a repeat. `Ok(false)` when no
     /// dead letter has that id.
     pub async fn retry_dead(&self, id: u64) -> Result<bool, String> {
