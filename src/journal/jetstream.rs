@@ -495,11 +495,23 @@ impl Replica {
         }
     }
 
-    /// Applies the merchant's messages after `p.last` that this node has not applied yet.
-    /// Only while no group append of the merchant awaits its acknowledgement.
+    /// Applies the merchant's messages after `p.last` that this node has not applied yet, up
+    /// to the subject's last sequence **when the call starts** (one direct get of it first),
+    /// then returns: a node chasing another node's tail reads a bounded backlog, releases the
+    /// merchant's lock and lets its decision retry, instead of reading until the other node
+    /// pauses. Only while no group append of the merchant awaits its acknowledgement.
     async fn catch_up(&self, merchant: &MerchantId, p: &mut Part) -> Result<(), ReplError> {
         let subject = self.subject(merchant);
-        loop {
+        let upto = match self
+            .stream
+            .direct_get_last_for_subject(subject.clone())
+            .await
+        {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => 0,
+            Err(e) => return Err(unavailable(e)),
+        };
+        while p.last < upto {
             let m = match self
                 .stream
                 .direct_get_next_for_subject(subject.clone(), Some(p.last + 1))
@@ -509,7 +521,7 @@ impl Replica {
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
                 Err(e) => return Err(unavailable(e)),
             };
-            if m.sequence <= p.last {
+            if m.sequence <= p.last || m.sequence > upto {
                 break;
             }
             self.retry_open(p);
@@ -518,6 +530,20 @@ impl Replica {
         }
         p.stale = false;
         Ok(())
+    }
+
+    /// Reads and applies the events of `merchant` this node has not applied yet, up to the
+    /// subject's last sequence when called (bounded, like the catch-up after a refused
+    /// append); returns the merchant's last sequence applied. A new lease owner calls it
+    /// before deciding, so its first append rarely conflicts.
+    pub async fn refresh(&self, merchant: &str) -> Result<u64, ReplError> {
+        let Some(merchant) = &MerchantId::new(merchant) else {
+            return Err(ReplError::Refused(crate::ledger::Reason::UNKNOWN_MERCHANT));
+        };
+        let cell = self.part(merchant);
+        let mut p = cell.settled().await;
+        self.catch_up(merchant, &mut p).await?;
+        Ok(p.last)
     }
 
     /// Appends `payload` to the merchant's subject if its last sequence is still `expected`.
