@@ -222,6 +222,9 @@ pub struct Replica {
     /// When the stream was created (ns since the epoch): a snapshot names the stream it was
     /// taken of, so one left in the bucket from a deleted stream of the same name is refused.
     stream_created_ns: i128,
+    /// One writer per merchant (`journal.jetstream.lease_ttl_ms` > 0): decisions go to the
+    /// merchant's lease owner (see [`super::lease`]); unset, any node decides.
+    leases: std::sync::OnceLock<Arc<super::lease::Leases>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -237,7 +240,7 @@ impl std::fmt::Debug for Replica {
 /// Whether a refused append means another node appended first: the server says "wrong last
 /// sequence" (10071, and 10164 from servers ≥ 2.12 for the per-subject check), or the
 /// per-subject check is not ready yet on a new leader (10163): read the subject and retry.
-fn is_conflict(e: &jetstream::context::PublishError) -> bool {
+pub(crate) fn is_conflict(e: &jetstream::context::PublishError) -> bool {
     if e.kind() == PublishErrorKind::WrongLastSequence {
         return true;
     }
@@ -321,6 +324,7 @@ impl Replica {
                 newest_snapshot: AtomicU64::new(0),
                 unusable: std::sync::Mutex::new(Vec::new()),
                 stream_created_ns,
+                leases: std::sync::OnceLock::new(),
                 counters: Counters::default(),
             },
             state,
@@ -569,7 +573,26 @@ impl Replica {
     /// per decision. The decision places its holds at once, so the next ones see it; it is
     /// applied once its group is acknowledged, and taken again if another node appended
     /// first.
+    ///
+    /// With leases on ([`Replica::use_leases`]) the decision is taken at the merchant's lease
+    /// owner: here, or forwarded.
     pub async fn decide(self: &Arc<Self>, req: &Request<'_>, now: i64) -> Logged<ReplError> {
+        if let Some(leases) = self.leases.get() {
+            return Box::pin(leases.decide(self, req, now)).await;
+        }
+        self.decide_here(req, now).await
+    }
+
+    /// Routes this node's decisions through `leases` from now on (once; later calls change
+    /// nothing).
+    pub fn use_leases(&self, leases: Arc<super::lease::Leases>) {
+        let _ = self.leases.set(leases);
+    }
+
+    /// [`Replica::decide`] on this node, whatever the leases say: what a lease owner runs,
+    /// and what a holder whose lease lapsed while it decided ends up appending (the
+    /// expected-sequence check refuses it if another node appended meanwhile).
+    pub async fn decide_here(self: &Arc<Self>, req: &Request<'_>, now: i64) -> Logged<ReplError> {
         let Some(merchant) = &MerchantId::new(req.merchant) else {
             // An id no merchant can have: the ledger answers it without an event.
             return self.ledger.decide_logged(req, now, |_| {
