@@ -505,8 +505,9 @@ impl Leases {
 
 // --- the forwarded request and its answer ------------------------------------------------
 
-/// A ledger request owned (decoded from a forward).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A ledger request owned (decoded from a forward). Its `Debug` is the request's (PAN
+/// masked).
+#[derive(Clone)]
 pub struct OwnedRequest {
     dialect: Dialect,
     op: Operation,
@@ -527,7 +528,13 @@ pub struct OwnedRequest {
     body_fingerprint: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl std::fmt::Debug for OwnedRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_request().fmt(f)
+    }
+}
+
+#[derive(Clone)]
 enum OwnedOriginal {
     Iso {
         mti: u16,
