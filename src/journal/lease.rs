@@ -324,9 +324,9 @@ impl Leases {
                 let publish = jetstream::message::PublishMessage::build()
                     .payload(Bytes::from(self.node.clone()))
                     .expected_last_subject_sequence(rev);
-                acks.push((m, self.js.send_publish(self.key(&m), publish).await));
+                acks.push((m, rev, self.js.send_publish(self.key(&m), publish).await));
             }
-            for (m, ack) in acks {
+            for (m, rev, ack) in acks {
                 let result = match ack {
                     Ok(a) => a.await,
                     Err(e) => Err(e),
@@ -334,15 +334,20 @@ impl Leases {
                 let Ok(mut held) = self.held.lock() else {
                     continue;
                 };
+                // Only the revision renewed: a decision may have taken the lease back (a
+                // newer revision) meanwhile.
+                let current = held.get(&m).is_some_and(|l| l.rev == rev);
                 match result {
                     Ok(a) => {
-                        if let Some(l) = held.get_mut(&m) {
+                        if let Some(l) = held.get_mut(&m).filter(|_| current) {
                             l.rev = a.sequence;
                             l.valid_until = sent + self.ttl.mul_f64(0.9);
                         }
                     }
                     Err(e) if is_conflict(&e) => {
-                        held.remove(&m);
+                        if current {
+                            held.remove(&m);
+                        }
                         self.counters.lost.fetch_add(1, Ordering::Relaxed);
                         telemetry::count_replica("lease_lost");
                     }
