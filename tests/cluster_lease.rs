@@ -215,6 +215,19 @@ fn a_lease_that_lapsed_while_its_holder_still_appends_is_refused_by_the_fence() 
             a.counters.conflicts.load(Ordering::Relaxed) > conflicts,
             "the stream did not refuse the lapsed holder's append"
         );
+        // A merchant id nobody configured takes no lease (the bucket stays bounded by the
+        // merchant file) and is refused.
+        let mut stranger = sample_sale(50);
+        stranger.merchant = "NOBODY 00000001";
+        let taken = b_leases.counters.taken.load(Ordering::Relaxed);
+        let refused = b.decide(&stranger, now).await;
+        assert!(
+            refused.decision().is_none_or(|d| !d.is_approved()),
+            "{refused:?}"
+        );
+        assert_eq!(b_leases.counters.taken.load(Ordering::Relaxed), taken);
+        let nobody = refundgate::ledger::MerchantId::new("NOBODY 00000001").unwrap();
+        assert!(b_leases.owner(&nobody).await.unwrap().is_none());
         for (_, l) in &nodes {
             l.stop();
         }

@@ -583,6 +583,12 @@ impl Replica {
         self.decide_here(req, now).await
     }
 
+    /// Whether `merchant` is in this node's merchant file (only those get a lease: a request
+    /// naming any other is answered here, without an event).
+    pub(crate) fn serves(&self, merchant: &MerchantId) -> bool {
+        self.ledger.funds(merchant.as_str()).is_some()
+    }
+
     /// Routes this node's decisions through `leases` from now on (once; later calls change
     /// nothing).
     pub fn use_leases(&self, leases: Arc<super::lease::Leases>) {

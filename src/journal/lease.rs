@@ -400,7 +400,9 @@ impl Leases {
         req: &Request<'_>,
         now: i64,
     ) -> Logged<ReplError> {
-        let Some(m) = MerchantId::new(req.merchant) else {
+        // A merchant id nobody configured takes no lease (the bucket and the renewals stay
+        // bounded by the merchant file): the ledger refuses it here.
+        let Some(m) = MerchantId::new(req.merchant).filter(|m| replica.serves(m)) else {
             return replica.decide_here(req, now).await;
         };
         let until = Instant::now() + self.deadline;
