@@ -407,6 +407,34 @@ fn a_32_way_race_over_three_leased_gateways_approves_what_the_limits_allow() {
 /// both survivors, gets its stored answer) and a refund race afterwards still sees them.
 #[test]
 fn kill_9_of_the_lease_owner_mid_load_resumes_within_the_ttl_and_loses_nothing() {
+    owner_lost_mid_load(Loss::Kill);
+}
+
+/// The same with an owner that hangs instead of dying (SIGSTOP: its connections stay open,
+/// forwards reach it and are never answered, its renewals stop): the forwarders stop waiting
+/// once its lease expired and go to the next owner. Resumed, SIGCONT: its lease is gone, it
+/// decides nothing as owner any more (its answers are checked like the others').
+#[test]
+fn a_hung_lease_owner_is_left_once_its_lease_expires() {
+    owner_lost_mid_load(Loss::Stop);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loss {
+    Kill,
+    Stop,
+}
+
+fn signal(node: &ServeProcess, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(sig)
+        .arg(node.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig}");
+}
+
+fn owner_lost_mid_load(loss: Loss) {
     let Some(bin) = need_nats() else { return };
     let g = Gateways::new(&bin);
     // Node 0 alone first: it takes the merchant's lease with the first sale.
@@ -450,8 +478,11 @@ fn kill_9_of_the_lease_owner_mid_load_resumes_within_the_ttl_and_loses_nothing()
             }));
         }
         tokio::time::sleep(Duration::from_millis(1_500)).await;
-        // kill -9 of the owner, mid-load.
-        drop(node0.take());
+        // kill -9 (or SIGSTOP) of the owner, mid-load.
+        match loss {
+            Loss::Kill => drop(node0.take()),
+            Loss::Stop => signal(node0.as_ref().unwrap(), "-STOP"),
+        }
         *kill_at.lock().unwrap() = Some(Instant::now());
         tokio::time::sleep(Duration::from_millis(TTL_MS + 3_000)).await;
         stop.store(true, Ordering::Release);
@@ -468,7 +499,7 @@ fn kill_9_of_the_lease_owner_mid_load_resumes_within_the_ttl_and_loses_nothing()
     let before = sent.iter().filter(|(_, _, t)| *t < kill).count();
     let after = sent.len() - before;
     eprintln!(
-        "lease owner killed: {before} sales before, {after} after; first approval started after the kill on each survivor: {resumed:?}"
+        "lease owner lost ({loss:?}): {before} sales before, {after} after; first approval started after the kill on each survivor: {resumed:?}"
     );
     assert!(before > 0, "no load before the kill");
     let bad: Vec<_> = sent.iter().filter(|(_, a, _)| a.code != "00").collect();
@@ -486,8 +517,14 @@ fn kill_9_of_the_lease_owner_mid_load_resumes_within_the_ttl_and_loses_nothing()
             owner.as_ref().is_some_and(|o| *o != owner0),
             "the lease did not move: {owner:?}, was {owner0}"
         );
-        // Every acknowledged answer, on both survivors: its repeat gets the stored answer.
-        for node in &nodes {
+        // Every acknowledged answer, on both survivors (and on the hung owner, resumed): its
+        // repeat gets the stored answer.
+        let mut asked: Vec<&ServeProcess> = nodes.iter().collect();
+        if let Some(hung) = &node0 {
+            signal(hung, "-CONT");
+            asked.push(hung);
+        }
+        for node in asked {
             let mut c = g.connect(node).await;
             let a = ask(&mut c, &repeat(&first)).await;
             assert_eq!((&a.code, &a.rrn), (&first_answer.code, &first_answer.rrn));
