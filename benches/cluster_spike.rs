@@ -38,7 +38,7 @@
 //! and exits, so `cargo bench --no-run` needs no server). Environment: `DURATION=10` s
 //! measured per run after `WARMUP=2` s, `DECIDERS=48` closed-loop deciders (a third per node),
 //! `MERCHANTS=100`, `LEASE_TTL_MS=2000`, `KILL_TRIALS=3`, `SKEWS="uniform zipf hot"`,
-//! `STRATEGIES="A B"`.
+//! `STRATEGIES="A B"` (`L`: B as shipped, `src/journal/lease.rs`, through `Replica::decide`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 #![allow(clippy::disallowed_methods)] // These benches measure real elapsed time; the product reads `clock::monotonic()`.
 
@@ -56,8 +56,9 @@ use hdrhistogram::Histogram;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use refundgate::journal::jetstream::{Replica, Settings};
+use refundgate::journal::lease::{lease_bucket, Leases};
 use refundgate::ledger::{
-    CardType, Dialect, Ledger, Logged, MerchantSet, Operation, PanKey, Request,
+    CardType, Dialect, Ledger, Logged, MerchantId, MerchantSet, Operation, PanKey, Request,
 };
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -563,12 +564,15 @@ impl LeaseNode {
 enum Strategy {
     A,
     B,
+    /// B as shipped: `src/journal/lease.rs` (`journal.jetstream.lease_ttl_ms`).
+    L,
 }
 
 /// A node of either strategy.
 enum Node {
     A(Arc<Replica>, AtomicBool),
     B(Arc<LeaseNode>),
+    L(Arc<Replica>, Arc<Leases>, AtomicBool),
 }
 
 impl Node {
@@ -576,6 +580,7 @@ impl Node {
         match self {
             Node::A(_, d) => d.load(Ordering::Acquire),
             Node::B(n) => n.dead.load(Ordering::Acquire),
+            Node::L(_, _, d) => d.load(Ordering::Acquire),
         }
     }
 
@@ -583,13 +588,15 @@ impl Node {
         match self {
             Node::A(r, _) => r,
             Node::B(n) => &n.replica,
+            Node::L(r, _, _) => r,
         }
     }
 
     async fn decide(&self, work: &Work, m: usize) -> Res<Done> {
         let c = work.next(m);
         match self {
-            Node::A(r, _) => decide_local(r, work, m, c).await,
+            // L: Replica::decide routes through the leases.
+            Node::A(r, _) | Node::L(r, _, _) => decide_local(r, work, m, c).await,
             Node::B(n) => n.decide(m, c).await,
         }
     }
@@ -623,6 +630,22 @@ struct Outcome {
 }
 
 static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// Decisions forwarded and leases taken so far: the spike's B counters plus the shipped
+/// leases' (L).
+fn lease_totals(nodes: &[Arc<Node>], stats: &LeaseStats) -> (u64, u64) {
+    let (mut fwd, mut taken) = (
+        stats.forwarded.load(Ordering::Relaxed),
+        stats.acquired.load(Ordering::Relaxed),
+    );
+    for n in nodes {
+        if let Node::L(_, l, _) = &**n {
+            fwd += l.counters.forwarded.load(Ordering::Relaxed);
+            taken += l.counters.taken.load(Ordering::Relaxed);
+        }
+    }
+    (fwd, taken)
+}
 
 async fn run(
     urls: &[String],
@@ -659,6 +682,19 @@ async fn run(
         let mut handles = vec![tokio::spawn(Arc::clone(&replica).tail(state.last_sequence))];
         let node = match strategy {
             Strategy::A => Node::A(replica, AtomicBool::new(false)),
+            Strategy::L => {
+                let leases = Leases::start(&replica, &s, p.ttl, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if admin.is_none() {
+                    let client = async_nats::connect(s.servers[0].as_str()).await?;
+                    admin = Some((
+                        jetstream::new(client),
+                        format!("KV_{}", lease_bucket(&s.stream)),
+                    ));
+                }
+                Node::L(replica, leases, AtomicBool::new(false))
+            }
             Strategy::B => {
                 let client = async_nats::ConnectOptions::new()
                     .request_timeout(Some(Duration::from_secs(1)))
@@ -793,8 +829,7 @@ async fn run(
         .iter()
         .map(|n| n.replica().counters.conflicts.load(Ordering::Relaxed))
         .sum();
-    let fwd_before = stats.forwarded.load(Ordering::Relaxed);
-    let acq_before = stats.acquired.load(Ordering::Relaxed);
+    let (fwd_before, acq_before) = lease_totals(&nodes, &stats);
     window
         .0
         .store(started.elapsed().as_nanos() as u64, Ordering::Release);
@@ -811,11 +846,29 @@ async fn run(
                 };
                 n.read_lease(0).await?.unwrap_or(0)
             }
+            Strategy::L => {
+                let Node::L(_, leases, _) = &*nodes[0] else {
+                    unreachable!()
+                };
+                let hot = work.request(0, 0);
+                let hot = MerchantId::new(hot.merchant).ok_or("merchant id")?;
+                let owner = leases.owner(&hot).await.map_err(|e| e.to_string())?;
+                nodes
+                    .iter()
+                    .position(|n| {
+                        matches!(&**n, Node::L(_, l, _) if owner.as_ref().is_some_and(|(o, _)| o == l.node()))
+                    })
+                    .unwrap_or(0)
+            }
         };
         kill_at_ns.store(started.elapsed().as_nanos() as u64, Ordering::Release);
         match &*nodes[victim] {
             Node::A(_, dead) => dead.store(true, Ordering::Release),
             Node::B(n) => n.dead.store(true, Ordering::Release),
+            Node::L(_, leases, dead) => {
+                dead.store(true, Ordering::Release);
+                leases.stop();
+            }
         }
         for t in &tasks[victim] {
             t.abort();
@@ -861,6 +914,12 @@ async fn run(
             t.abort();
         }
     }
+    for n in &nodes {
+        if let Node::L(_, leases, _) = &**n {
+            leases.stop();
+        }
+    }
+    let (fwd_after, acq_after) = lease_totals(&nodes, &stats);
     let first = first_hot_after_kill.load(Ordering::Relaxed);
     eprintln!(
         "   decisions per node {per_node:?} unfinished {unfinished} max {} ms; appended {:?} \
@@ -891,8 +950,8 @@ async fn run(
         hist,
         per_node,
         unfinished,
-        forwarded: stats.forwarded.load(Ordering::Relaxed) - fwd_before,
-        acquired: stats.acquired.load(Ordering::Relaxed) - acq_before,
+        forwarded: fwd_after - fwd_before,
+        acquired: acq_after - acq_before,
         failover: (kill && first != u64::MAX).then(|| Duration::from_nanos(first)),
         longest_hot: Duration::from_micros(longest_hot.load(Ordering::Relaxed)),
     };
@@ -931,7 +990,8 @@ fn main() {
         .map(|s| match s.as_str() {
             "A" => Strategy::A,
             "B" => Strategy::B,
-            other => panic!("unknown strategy {other} (A, B)"),
+            "L" => Strategy::L,
+            other => panic!("unknown strategy {other} (A, B, L)"),
         })
         .collect();
     let version = Command::new(&bin)
@@ -976,6 +1036,7 @@ fn main() {
                     match strategy {
                         Strategy::A => "A optimistic",
                         Strategy::B => "B lease",
+                        Strategy::L => "B lease (shipped)",
                     },
                     skew.name(),
                     o.decisions as f64 / o.seconds,

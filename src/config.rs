@@ -59,6 +59,10 @@ subject_prefix = "refundgate.events"
 replicas = 1
 # Longest wait for the stream's acknowledgement of one event (then 96, outcome unknown).
 ack_timeout_ms = 2000
+# One writer per merchant: > 0 turns leases on (a key-value bucket "<stream>_LEASES" with this
+# TTL names each merchant's owner; other nodes forward its decisions to it); 0: any node
+# decides, optimistic appends (see deploy/cluster/README.md). 0 or 300 ..= 60000.
+lease_ttl_ms = 0
 
 [log]
 # "plain" or "json".
@@ -394,6 +398,8 @@ pub struct JetStreamConfig {
     pub replicas: usize,
     /// Longest wait for one append's acknowledgement.
     pub ack_timeout_ms: u64,
+    /// TTL of a merchant's lease (one writer per merchant); 0: leases off.
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for JetStreamConfig {
@@ -404,6 +410,7 @@ impl Default for JetStreamConfig {
             subject_prefix: "refundgate.events".to_string(),
             replicas: 1,
             ack_timeout_ms: 2000,
+            lease_ttl_ms: 0,
         }
     }
 }
@@ -734,6 +741,12 @@ impl Config {
                 return Err(error(
                     "journal.jetstream.ack_timeout_ms",
                     format!("outside 1..={}", limits::TIMEOUT_HARD_MAX_MS),
+                ));
+            }
+            if js.lease_ttl_ms != 0 && !(300..=60_000).contains(&js.lease_ttl_ms) {
+                return Err(error(
+                    "journal.jetstream.lease_ttl_ms",
+                    "want 0 (leases off) or 300 ..= 60000",
                 ));
             }
         }

@@ -249,6 +249,13 @@ async fn replica(prepared: &Prepared) -> Result<Option<Arc<Replica>>, String> {
     }
     let replica = Arc::new(replica);
     tokio::spawn(Arc::clone(&replica).tail(state.last_sequence));
+    if js.lease_ttl_ms > 0 {
+        let ttl = std::time::Duration::from_millis(js.lease_ttl_ms);
+        let deadline = std::time::Duration::from_millis(prepared.config.limits.request_deadline_ms);
+        crate::journal::lease::Leases::start(&replica, &settings, ttl, deadline)
+            .await
+            .map_err(|e| format!("journal.jetstream (leases): {e}"))?;
+    }
     Ok(Some(replica))
 }
 

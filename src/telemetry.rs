@@ -913,7 +913,7 @@ fn describe_metrics() {
     describe_counter!(IDLE_TIMEOUTS_TOTAL, "Connections closed for being idle.");
     describe_counter!(
         REPLICA_EVENTS_TOTAL,
-        "Events of the replicated journal: appended, conflict (decided again), remote, unavailable, skipped."
+        "Events of the replicated journal: appended, conflict (decided again), remote, unavailable, skipped; with leases: lease_taken, lease_lost, forwarded, no_owner."
     );
     describe_counter!(
         REPLICA_SNAPSHOTS_TOTAL,

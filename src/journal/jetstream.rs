@@ -222,6 +222,9 @@ pub struct Replica {
     /// When the stream was created (ns since the epoch): a snapshot names the stream it was
     /// taken of, so one left in the bucket from a deleted stream of the same name is refused.
     stream_created_ns: i128,
+    /// One writer per merchant (`journal.jetstream.lease_ttl_ms` > 0): decisions go to the
+    /// merchant's lease owner (see [`super::lease`]); unset, any node decides.
+    leases: std::sync::OnceLock<Arc<super::lease::Leases>>,
     /// Counters.
     pub counters: Counters,
 }
@@ -237,7 +240,7 @@ impl std::fmt::Debug for Replica {
 /// Whether a refused append means another node appended first: the server says "wrong last
 /// sequence" (10071, and 10164 from servers ≥ 2.12 for the per-subject check), or the
 /// per-subject check is not ready yet on a new leader (10163): read the subject and retry.
-fn is_conflict(e: &jetstream::context::PublishError) -> bool {
+pub(crate) fn is_conflict(e: &jetstream::context::PublishError) -> bool {
     if e.kind() == PublishErrorKind::WrongLastSequence {
         return true;
     }
@@ -321,6 +324,7 @@ impl Replica {
                 newest_snapshot: AtomicU64::new(0),
                 unusable: std::sync::Mutex::new(Vec::new()),
                 stream_created_ns,
+                leases: std::sync::OnceLock::new(),
                 counters: Counters::default(),
             },
             state,
@@ -500,11 +504,23 @@ impl Replica {
         }
     }
 
-    /// Applies the merchant's messages after `p.last` that this node has not applied yet.
-    /// Only while no group append of the merchant awaits its acknowledgement.
+    /// Applies the merchant's messages after `p.last` that this node has not applied yet, up
+    /// to the subject's last sequence **when the call starts** (one direct get of it first),
+    /// then returns: a node chasing another node's tail reads a bounded backlog, releases the
+    /// merchant's lock and lets its decision retry, instead of reading until the other node
+    /// pauses. Only while no group append of the merchant awaits its acknowledgement.
     async fn catch_up(&self, merchant: &MerchantId, p: &mut Part) -> Result<(), ReplError> {
         let subject = self.subject(merchant);
-        loop {
+        let upto = match self
+            .stream
+            .direct_get_last_for_subject(subject.clone())
+            .await
+        {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => 0,
+            Err(e) => return Err(unavailable(e)),
+        };
+        while p.last < upto {
             let m = match self
                 .stream
                 .direct_get_next_for_subject(subject.clone(), Some(p.last + 1))
@@ -514,7 +530,7 @@ impl Replica {
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
                 Err(e) => return Err(unavailable(e)),
             };
-            if m.sequence <= p.last {
+            if m.sequence <= p.last || m.sequence > upto {
                 break;
             }
             self.retry_open(p);
@@ -523,6 +539,20 @@ impl Replica {
         }
         p.stale = false;
         Ok(())
+    }
+
+    /// Reads and applies the events of `merchant` this node has not applied yet, up to the
+    /// subject's last sequence when called (bounded, like the catch-up after a refused
+    /// append); returns the merchant's last sequence applied. A new lease owner calls it
+    /// before deciding, so its first append rarely conflicts.
+    pub async fn refresh(&self, merchant: &str) -> Result<u64, ReplError> {
+        let Some(merchant) = &MerchantId::new(merchant) else {
+            return Err(ReplError::Refused(crate::ledger::Reason::UNKNOWN_MERCHANT));
+        };
+        let cell = self.part(merchant);
+        let mut p = cell.settled().await;
+        self.catch_up(merchant, &mut p).await?;
+        Ok(p.last)
     }
 
     /// Appends `payload` to the merchant's subject if its last sequence is still `expected`.
@@ -548,7 +578,32 @@ impl Replica {
     /// per decision. The decision places its holds at once, so the next ones see it; it is
     /// applied once its group is acknowledged, and taken again if another node appended
     /// first.
+    ///
+    /// With leases on ([`Replica::use_leases`]) the decision is taken at the merchant's lease
+    /// owner: here, or forwarded.
     pub async fn decide(self: &Arc<Self>, req: &Request<'_>, now: i64) -> Logged<ReplError> {
+        if let Some(leases) = self.leases.get() {
+            return Box::pin(leases.decide(self, req, now)).await;
+        }
+        self.decide_here(req, now).await
+    }
+
+    /// Whether `merchant` is in this node's merchant file (only those get a lease: a request
+    /// naming any other is answered here, without an event).
+    pub(crate) fn serves(&self, merchant: &MerchantId) -> bool {
+        self.ledger.funds(merchant.as_str()).is_some()
+    }
+
+    /// Routes this node's decisions through `leases` from now on (once; later calls change
+    /// nothing).
+    pub fn use_leases(&self, leases: Arc<super::lease::Leases>) {
+        let _ = self.leases.set(leases);
+    }
+
+    /// [`Replica::decide`] on this node, whatever the leases say: what a lease owner runs,
+    /// and what a holder whose lease lapsed while it decided ends up appending (the
+    /// expected-sequence check refuses it if another node appended meanwhile).
+    pub async fn decide_here(self: &Arc<Self>, req: &Request<'_>, now: i64) -> Logged<ReplError> {
         let Some(merchant) = &MerchantId::new(req.merchant) else {
             // An id no merchant can have: the ledger answers it without an event.
             return self.ledger.decide_logged(req, now, |_| {

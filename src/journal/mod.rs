@@ -59,6 +59,7 @@
 mod error;
 mod group_commit;
 pub mod jetstream;
+pub mod lease;
 pub mod record;
 mod recovery;
 pub mod segment;

