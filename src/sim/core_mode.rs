@@ -529,6 +529,9 @@ impl State {
             .start_paused(true)
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
+        // Inside the runtime: the queue dates its recovered entries by tokio's (paused) clock,
+        // not by the real one it would read outside.
+        let inside = runtime.enter();
         let saf = StoreForward::open_on(
             Path::new(SAF_DIR),
             SafOptions {
@@ -566,14 +569,12 @@ impl State {
             clock: Arc::clone(&clock),
             connector: Some(host::connector(Arc::clone(&self.host))),
         };
-        let upstreams = {
-            let _inside = runtime.enter();
-            Upstreams::start(
-                vec![link],
-                Routes::new([(MERCHANTS[ROUTED], UPSTREAM)], None),
-                Arc::clone(&saf),
-            )
-        };
+        let upstreams = Upstreams::start(
+            vec![link],
+            Routes::new([(MERCHANTS[ROUTED], UPSTREAM)], None),
+            Arc::clone(&saf),
+        );
+        drop(inside);
         let gateway = Gateway::new(
             Arc::new(ledger),
             Some(Arc::clone(&journal)),
