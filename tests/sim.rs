@@ -216,8 +216,8 @@ fn a_core_seed_reproduces_bit_for_bit() {
     let failed_b = run_core(3, CORE_STEPS, CoreMutation::AckBeforeSync).unwrap_err();
     assert_eq!(failed_a.to_string(), failed_b.to_string());
     // A failure the upstream world (link timings, host delays, queue retries) leads to.
-    let failed_a = run_core(1, CORE_STEPS, CoreMutation::RepeatsUnmarked).unwrap_err();
-    let failed_b = run_core(1, CORE_STEPS, CoreMutation::RepeatsUnmarked).unwrap_err();
+    let failed_a = run_core(2, CORE_STEPS, CoreMutation::RepeatsUnmarked).unwrap_err();
+    let failed_b = run_core(2, CORE_STEPS, CoreMutation::RepeatsUnmarked).unwrap_err();
     assert_eq!(failed_a.to_string(), failed_b.to_string());
 }
 
