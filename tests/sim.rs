@@ -128,7 +128,7 @@ fn a_reservation_carried_across_a_rebuild_never_pushes_a_limit_past_its_cap() {
 
 use refundgate::sim::{run_core, CoreMutation, CoreReport};
 
-const CORE_STEPS: u32 = 150;
+const CORE_STEPS: u32 = 100;
 
 #[test]
 fn core_two_hundred_seeds_hold_every_invariant_on_the_real_stack() {
@@ -176,8 +176,34 @@ fn core_two_hundred_seeds_hold_every_invariant_on_the_real_stack() {
     );
     assert!(total.key_reuses > n, "too few reused keys: {total:?}");
     assert!(
-        total.durable_points > n * 100,
+        total.durable_points > n * 60,
         "too few durable points: {total:?}"
+    );
+    // The upstream world: timeouts, reversals owed and delivered (also retried as repeats),
+    // host faults and reconnects, and the funds equation looked at every step.
+    assert!(
+        total.host_timeouts > seeds * 5,
+        "too few host timeouts: {total:?}"
+    );
+    assert!(
+        total.owed_reversals > seeds * 5,
+        "too few debits answered as failed at an approving host: {total:?}"
+    );
+    assert!(
+        total.repeats_at_host > seeds * 5,
+        "too few reversals retried as repeats: {total:?}"
+    );
+    assert!(
+        total.host_fault_steps > n * 40,
+        "too few host faults: {total:?}"
+    );
+    assert!(
+        total.host_connections > seeds * 5,
+        "too few reconnects: {total:?}"
+    );
+    assert!(
+        total.funds_checks > seeds * u64::from(CORE_STEPS) * 3 / 2,
+        "(e) not checked after most steps: {total:?}"
     );
 }
 
@@ -188,6 +214,10 @@ fn a_core_seed_reproduces_bit_for_bit() {
     assert_eq!(a, b);
     let failed_a = run_core(3, CORE_STEPS, CoreMutation::AckBeforeSync).unwrap_err();
     let failed_b = run_core(3, CORE_STEPS, CoreMutation::AckBeforeSync).unwrap_err();
+    assert_eq!(failed_a.to_string(), failed_b.to_string());
+    // A failure the upstream world (link timings, host delays, queue retries) leads to.
+    let failed_a = run_core(2, CORE_STEPS, CoreMutation::RepeatsUnmarked).unwrap_err();
+    let failed_b = run_core(2, CORE_STEPS, CoreMutation::RepeatsUnmarked).unwrap_err();
     assert_eq!(failed_a.to_string(), failed_b.to_string());
 }
 
@@ -230,4 +260,22 @@ fn core_declines_not_journaled_are_caught() {
         invariant.starts_with('b') || invariant.starts_with('c'),
         "{invariant}"
     );
+}
+
+#[test]
+fn core_a_reservation_kept_after_a_host_timeout_is_caught() {
+    let (_, _, invariant) = core_caught(CoreMutation::HoldNotReleased);
+    assert_eq!(invariant, "e");
+}
+
+#[test]
+fn core_a_timeout_never_reversed_is_caught() {
+    let (_, _, invariant) = core_caught(CoreMutation::ReversalNotQueued);
+    assert_eq!(invariant, "d");
+}
+
+#[test]
+fn core_reversal_retries_not_marked_as_repeats_are_caught() {
+    let (_, _, invariant) = core_caught(CoreMutation::RepeatsUnmarked);
+    assert_eq!(invariant, "d");
 }

@@ -30,7 +30,26 @@
 //!   original: the sale; per merchant-local day: the amount and count caps; a refund any
 //!   reversal was sent for is left out), and the ledger's own day usage never below those sums;
 //! - (settle) a 0500 of a terminal that never sent a sign-on gets 03;
-//! - (f) no panic, and every batch is answered (a batch that cannot finish is reported).
+//! - (f) no panic, and every batch is answered (a batch that cannot finish is reported);
+//! - (d) one reversal per request the host approved and the terminal was answered as failed
+//!   (see `State::check_reversals`): at most one gateway-built reversal not marked as a
+//!   repeat reaches the host, none for a request answered 00, and once the queue is empty each
+//!   owed one has reversed its posting; after the last step the host heals and the queue must
+//!   drain;
+//! - (e) the funds equation of DOMAIN §4 on `Ledger::funds`, nothing reserved with every
+//!   request answered, and the ledger's sales and refunds within what the answers allow.
+//!
+//! The upstream world (`src/sim/host.rs`): merchant 2 is routed to a bank host in process. The
+//! real [`crate::upstream::Link`] reaches it through [`LinkConfig::connector`] over
+//! `tokio::io::duplex` pipes, and the real [`StoreForward`] queue keeps its journal, stepped
+//! by this driver, on a `SimDisk` of its own (crashed with the gateway). The runtime starts
+//! with tokio's clock paused: link timeouts, backoffs and the host's delays are virtual, and
+//! the runtime jumps to the next timer when everything waits. The driver looks at both
+//! journals every `TICK` while batches wait and lets the world run 0–3 s after each step.
+//! For a seed to replay bit for bit, nothing on this thread may depend on real time or on
+//! unseeded randomness: backoff jitter comes from [`crate::clock::jitter`] (seeded here), the
+//! upstream `select!`s are biased, a broken link fails its requests in key order, and the
+//! gateway runs a stepped journal's rebuild and scrub inline.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -529,6 +548,9 @@ impl State {
             .start_paused(true)
             .build()
             .map_err(|e| format!("runtime: {e}"))?;
+        // Inside the runtime: the queue dates its recovered entries by tokio's (paused) clock,
+        // not by the real one it would read outside.
+        let inside = runtime.enter();
         let saf = StoreForward::open_on(
             Path::new(SAF_DIR),
             SafOptions {
@@ -566,14 +588,12 @@ impl State {
             clock: Arc::clone(&clock),
             connector: Some(host::connector(Arc::clone(&self.host))),
         };
-        let upstreams = {
-            let _inside = runtime.enter();
-            Upstreams::start(
-                vec![link],
-                Routes::new([(MERCHANTS[ROUTED], UPSTREAM)], None),
-                Arc::clone(&saf),
-            )
-        };
+        let upstreams = Upstreams::start(
+            vec![link],
+            Routes::new([(MERCHANTS[ROUTED], UPSTREAM)], None),
+            Arc::clone(&saf),
+        );
+        drop(inside);
         let gateway = Gateway::new(
             Arc::new(ledger),
             Some(Arc::clone(&journal)),

@@ -160,7 +160,7 @@ pub type Connector = Arc<
 >;
 
 /// What identifies an answer's request: MTI (origin digit cleared), DE41, DE42, DE11.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     /// Request MTI with the origin digit cleared (0200, 0220, 0400, 0800, …).
     pub mti: u16,
@@ -686,9 +686,15 @@ async fn supervise(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     shared.set_up(None);
                     // Their answers cannot come any more: fail them now as timeouts (the host
                     // may have acted on them) instead of letting each wait out its budget.
-                    if let Ok(mut p) = shared.pending.lock() {
-                        p.clear();
-                    }
+                    // In key order (a map's own order is random), so the deterministic
+                    // simulator's runs of one seed wake the callers alike.
+                    let mut failed: Vec<_> = shared
+                        .pending
+                        .lock()
+                        .map(|mut p| p.drain().collect())
+                        .unwrap_or_default();
+                    failed.sort_unstable_by_key(|(key, _)| *key);
+                    drop(failed);
                     metrics::counter!(
                         UPSTREAM_DISCONNECTS_TOTAL,
                         "upstream" => shared.config.name.to_string(),

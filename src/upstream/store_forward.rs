@@ -471,7 +471,10 @@ impl StoreForward {
         loop {
             self.compact_if_due().await;
             let wake = self.start_due(&links, &mut tasks);
+            // Biased: the same branch order on every run (the deterministic simulator
+            // replays a seed bit for bit); each branch is ready only once per event.
             tokio::select! {
+                biased;
                 _ = stop.changed() => break,
                 () = self.notify.notified() => {}
                 () = tokio::time::sleep_until(wake) => {}
