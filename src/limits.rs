@@ -38,6 +38,15 @@ pub const CLUSTER_SNAPSHOT_BYTES_MAX: u64 = 1 << 32;
 /// fall back to when the newest is unreadable.
 pub const CLUSTER_SNAPSHOTS_KEPT: usize = 2;
 
+/// How long a decision on a merchant contended by other nodes keeps trying (besides at
+/// least [`CLUSTER_CONTENDED_ATTEMPTS_MIN`] attempts) before it is answered 96. Each attempt
+/// ends as soon as another node's append is read, so under heavy contention a count alone
+/// runs out in milliseconds; the terminal waits tens of seconds.
+pub const CLUSTER_CONTENDED_BUDGET_MS: u64 = 5_000;
+
+/// Attempts a contended decision always gets, however fast they fail.
+pub const CLUSTER_CONTENDED_ATTEMPTS_MIN: u32 = 64;
+
 const _: () = assert!(ANSWER_RETENTION_S >= 24 * 3600);
 const _: () = assert!(CLUSTER_SNAPSHOTS_KEPT >= 1);
 const _: () = assert!(ORIGINALS_PER_MERCHANT_MAX < u32::MAX as usize);

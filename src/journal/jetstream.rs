@@ -74,8 +74,35 @@ impl From<crate::ledger::Refused> for ReplError {
     }
 }
 
-/// Attempts of one step before it gives up on a contended merchant.
-const ATTEMPTS: u32 = 64;
+/// How long and how often a decision on a contended merchant is tried before it gives up:
+/// at least [`crate::limits::CLUSTER_CONTENDED_ATTEMPTS_MIN`] attempts and
+/// [`crate::limits::CLUSTER_CONTENDED_BUDGET_MS`] (a bounded catch-up makes each attempt
+/// short, so a count alone gave up within milliseconds under contention).
+struct Budget {
+    started: tokio::time::Instant,
+    attempts: u32,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            started: tokio::time::Instant::now(),
+            attempts: 0,
+        }
+    }
+
+    /// Counts one attempt; `false` once both the attempts and the time are used up.
+    fn next(&mut self) -> bool {
+        self.attempts = self.attempts.saturating_add(1);
+        self.attempts <= crate::limits::CLUSTER_CONTENDED_ATTEMPTS_MIN
+            || self.started.elapsed()
+                < std::time::Duration::from_millis(crate::limits::CLUSTER_CONTENDED_BUDGET_MS)
+    }
+
+    fn spent(&self) -> ReplError {
+        ReplError::Contended(self.attempts.saturating_sub(1))
+    }
+}
 
 /// Unusable snapshots a node remembers from its start (the bucket keeps
 /// [`crate::limits::CLUSTER_SNAPSHOTS_KEPT`], unless writers race).
@@ -611,7 +638,8 @@ impl Replica {
             });
         };
         let cell = self.part(merchant);
-        for _ in 0..ATTEMPTS {
+        let mut budget = Budget::new();
+        while budget.next() {
             let rx = {
                 let mut p = cell.state.lock().await;
                 if p.stale && !p.awaiting_ack {
@@ -646,7 +674,7 @@ impl Replica {
                 Err(_) => return Logged::Failed(ReplError::Unavailable("flush task gone".into())),
             }
         }
-        Logged::Failed(ReplError::Contended(ATTEMPTS))
+        Logged::Failed(budget.spent())
     }
 
     /// Appends the merchant's open decisions as one group, applies them on the
@@ -746,7 +774,9 @@ impl Replica {
                 .await
                 .map_err(Logged::Failed)?;
         }
-        for attempt in 1..=ATTEMPTS {
+        let mut budget = Budget::new();
+        while budget.next() {
+            let attempt = budget.attempts;
             let mut captured: Option<LedgerEvent> = None;
             let event = match self.ledger.reserve_logged(req, now, |e: &LedgerEvent| {
                 captured = Some(e.clone());
@@ -767,7 +797,7 @@ impl Replica {
                 Err(e) => return Err(Logged::Failed(e)),
             }
         }
-        Err(Logged::Failed(ReplError::Contended(ATTEMPTS)))
+        Err(Logged::Failed(budget.spent()))
     }
 
     /// For a merchant routed to an upstream host: the host declined the request reserved as
@@ -793,7 +823,8 @@ impl Replica {
                 return Logged::Failed(e);
             }
         }
-        for _ in 0..ATTEMPTS {
+        let mut budget = Budget::new();
+        while budget.next() {
             // A decline moves no money: after another node's events it is appended as it is.
             match self.append_applied(&merchant, &mut p, &event).await {
                 Ok(logged) => return logged,
@@ -801,7 +832,7 @@ impl Replica {
                 Err(e) => return Logged::Failed(e),
             }
         }
-        Logged::Failed(ReplError::Contended(ATTEMPTS))
+        Logged::Failed(budget.spent())
     }
 
     /// Appends `event` with the merchant's expected last sequence and applies it once
@@ -860,7 +891,9 @@ impl Replica {
         if p.stale {
             self.catch_up(merchant, &mut p).await?;
         }
-        for attempt in 1..=ATTEMPTS {
+        let mut budget = Budget::new();
+        while budget.next() {
+            let attempt = budget.attempts;
             let mut captured: Option<LedgerEvent> = None;
             let first = call(&mut |e: &LedgerEvent| {
                 captured = Some(e.clone());
@@ -909,7 +942,7 @@ impl Replica {
                 }
             }
         }
-        Err(ReplError::Contended(ATTEMPTS))
+        Err(budget.spent())
     }
 }
 
