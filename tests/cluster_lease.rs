@@ -241,26 +241,7 @@ use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
 use rustls_pki_types::CertificateDer;
 use serde_json::Value as Json;
 
-/// Sale 1,000.00 at most per refund; a day cap of 500.00 over the merchant (as tests/cluster.rs).
-const MERCHANTS: &str = r#"
-[profiles.cluster]
-refund_window_days = 180
-refund_single_max = 100000
-refund_day_amount_max = 50000
-refund_month_amount_max = 10000000
-refund_day_count_max = 100000
-refund_month_count_max = 1000000
-refundable_share_percent = 100
-same_day_refund = "allow"
-
-[[merchants]]
-id = "MERCHANT 000001"
-profile = "cluster"
-currency = 840
-reserve = 100000000
-utc_offset = "+00:00"
-terminals = [{ id = "TERM0001" }]
-"#;
+use common::nats_cluster::CLUSTER_MERCHANTS as MERCHANTS;
 
 /// Lease TTL of the gateway processes.
 const TTL_MS: u64 = 1_000;

@@ -1,6 +1,5 @@
 //! A JetStream cluster of `nats-server` processes on loopback for the several-node tests
-//! (`tests/cluster_lease.rs`; `tests/cluster.rs` has its own copy of the same start-up, to be
-//! folded into this one once the store-and-forward work on that file is merged).
+//! (`tests/cluster.rs`, `tests/cluster_lease.rs`).
 #![allow(clippy::disallowed_methods)] // Waits for the servers' ports are bounded in real time.
 
 use std::net::{TcpListener, TcpStream};
@@ -9,6 +8,28 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::nats::nats_server;
+
+/// The merchant file of the several-node tests: sale 1,000.00 at most per refund; a day cap of
+/// 500.00 over the merchant.
+pub const CLUSTER_MERCHANTS: &str = r#"
+[profiles.cluster]
+refund_window_days = 180
+refund_single_max = 100000
+refund_day_amount_max = 50000
+refund_month_amount_max = 10000000
+refund_day_count_max = 100000
+refund_month_count_max = 1000000
+refundable_share_percent = 100
+same_day_refund = "allow"
+
+[[merchants]]
+id = "MERCHANT 000001"
+profile = "cluster"
+currency = 840
+reserve = 100000000
+utc_offset = "+00:00"
+terminals = [{ id = "TERM0001" }]
+"#;
 
 /// The nats-server to use, or `None` (test skipped, with a line saying so) outside CI; under
 /// `CI=true` its absence fails the test.
