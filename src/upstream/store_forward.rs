@@ -538,7 +538,7 @@ impl StoreForward {
         let Some(link) = link else {
             return self.retry(entry.id, false);
         };
-        let body = self.body_to_send(&entry);
+        let body = body_to_send(self.pan_cipher.get(), &entry);
         let body = if repeat {
             mark_repeat(entry.dialect, &body)
         } else {
@@ -552,27 +552,6 @@ impl StoreForward {
             Err(LinkError::Down | LinkError::Full | LinkError::Busy | LinkError::Unkeyed) => false,
         };
         self.retry(entry.id, sent);
-    }
-
-    /// The stored message with its PAN unsealed and put back, when it had one.
-    fn body_to_send(&self, entry: &Entry) -> Bytes {
-        let Some(sealed) = &entry.sealed_pan else {
-            return entry.body.clone();
-        };
-        let pan = self
-            .pan_cipher
-            .get()
-            .and_then(|c| c.open(sealed, &pan_aad(entry.id, &entry.upstream)));
-        match pan.and_then(|pan| with_pan(entry.dialect, &entry.body, &pan)) {
-            Some(body) => body,
-            None => {
-                tracing::warn!(
-                    id = entry.id,
-                    "sealed PAN of a queued message cannot be opened; sent without it"
-                );
-                entry.body.clone()
-            }
-        }
     }
 
     fn retry(&self, id: u64, sent: bool) {
@@ -1017,6 +996,25 @@ fn render_list(saf: &StoreForward) -> String {
 }
 
 /// Associated data binding a sealed PAN to its entry.
+/// The stored message with its PAN unsealed (by `cipher`) and put back, when it had one
+/// (the local queue and the cluster's).
+fn body_to_send(cipher: Option<&crate::at_rest::PanCipher>, entry: &Entry) -> Bytes {
+    let Some(sealed) = &entry.sealed_pan else {
+        return entry.body.clone();
+    };
+    let pan = cipher.and_then(|c| c.open(sealed, &pan_aad(entry.id, &entry.upstream)));
+    match pan.and_then(|pan| with_pan(entry.dialect, &entry.body, &pan)) {
+        Some(body) => body,
+        None => {
+            tracing::warn!(
+                id = entry.id,
+                "sealed PAN of a queued message cannot be opened; sent without it"
+            );
+            entry.body.clone()
+        }
+    }
+}
+
 fn pan_aad(id: u64, upstream: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(8 + upstream.len());
     aad.extend_from_slice(&id.to_be_bytes());
@@ -1299,7 +1297,7 @@ mod tests {
             );
         }
         assert!(pending[0].sealed_pan.is_none());
-        let sent = saf.body_to_send(&pending[1]);
+        let sent = body_to_send(saf.pan_cipher.get(), &pending[1]);
         let sent = iso8583::decode(spec, &sent).unwrap();
         assert_eq!(
             sent.text(2),
@@ -1310,9 +1308,11 @@ mod tests {
         // Under another key (or entry) the sealed PAN does not open: sent without it.
         let other = open_quick(tempfile::tempdir().unwrap().path());
         other.set_pan_cipher(crate::at_rest::PanCipher::new(&[1; 32]).unwrap());
-        assert!(!iso8583::decode(spec, &other.body_to_send(&pending[1]))
-            .unwrap()
-            .has(2));
+        assert!(
+            !iso8583::decode(spec, &body_to_send(other.pan_cipher.get(), &pending[1]))
+                .unwrap()
+                .has(2)
+        );
     }
 
     #[test]

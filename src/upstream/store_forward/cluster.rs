@@ -43,8 +43,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{
-    accepted, mark_repeat, pan_aad, reduce, with_pan, DeadLetter, DeadReason, Entry, Record,
-    SafError, SafOptions, SAF_DEAD_LETTERS, SAF_DELIVERED_TOTAL, SAF_PENDING,
+    accepted, mark_repeat, pan_aad, reduce, DeadLetter, DeadReason, Entry, Record, SafError,
+    SafOptions, SAF_DEAD_LETTERS, SAF_DELIVERED_TOTAL, SAF_PENDING,
 };
 use crate::clock::Clock;
 use crate::dialect::Dialect;
@@ -524,7 +524,7 @@ impl ClusterSaf {
                 .give_up(msg, seq, entry, DeadReason::RetriesExhausted, attempts)
                 .await;
         }
-        let body = self.body_to_send(&entry);
+        let body = super::body_to_send(self.pan_cipher.get(), &entry);
         let body = match delivered > 1 || sent_before {
             true => mark_repeat(entry.dialect, &body),
             false => body,
@@ -608,27 +608,6 @@ impl ClusterSaf {
             Err(e) => {
                 tracing::warn!(id, error = %e, "store-and-forward dead letter not recorded; retried");
                 self.later(&msg, attempts.saturating_add(1)).await;
-            }
-        }
-    }
-
-    /// The stored message with its PAN unsealed and put back, when it had one.
-    fn body_to_send(&self, entry: &Entry) -> Bytes {
-        let Some(sealed) = &entry.sealed_pan else {
-            return entry.body.clone();
-        };
-        let pan = self
-            .pan_cipher
-            .get()
-            .and_then(|c| c.open(sealed, &pan_aad(entry.id, &entry.upstream)));
-        match pan.and_then(|pan| with_pan(entry.dialect, &entry.body, &pan)) {
-            Some(body) => body,
-            None => {
-                tracing::warn!(
-                    id = entry.id,
-                    "sealed PAN of a queued message cannot be opened; sent without it"
-                );
-                entry.body.clone()
             }
         }
     }
