@@ -25,7 +25,7 @@ use refundgate::journal::jetstream;
 
 use common::nats_cluster::CLUSTER_MERCHANTS as MERCHANTS;
 
-use common::nats_cluster::{need_nats, NatsCluster};
+use common::nats_cluster::{need_nats, sample_sale, NatsCluster};
 
 /// Three gateway nodes' configurations on one stream, sharing the merchants and the PAN
 /// hash key.
@@ -751,31 +751,6 @@ fn a_corrupt_snapshot_is_skipped_and_the_node_reads_the_whole_stream() {
     for (_, name) in rt.block_on(snapshots(&js)) {
         let bytes = rt.block_on(object(&js, &name));
         assert!(jetstream::ClusterSnapshot::decode(&bytes).is_ok(), "{name}");
-    }
-}
-
-/// A sale of 25.00 on the embedded sample merchant, STAN `stan`.
-fn sample_sale(stan: u32) -> refundgate::ledger::Request<'static> {
-    use refundgate::ledger::{CardType, Dialect, Operation, Request};
-    let pan = "4761739001010119";
-    Request {
-        dialect: Dialect::Ascii1987,
-        op: Operation::Sale,
-        repeat: false,
-        merchant: "MERCHANT 000001",
-        terminal: "TERM0001",
-        stan,
-        local_date_mmdd: 101,
-        mti_class: 2,
-        transmission: Some(101_000_000),
-        rrn: None,
-        batch: None,
-        pan,
-        amount_minor: 2_500,
-        currency: 840,
-        card_type: CardType::from_pan(pan),
-        original: None,
-        body_fingerprint: u64::from(stan),
     }
 }
 

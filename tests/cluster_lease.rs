@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nats_cluster::{need_nats, NatsCluster};
+use common::nats_cluster::{need_nats, sample_sale, NatsCluster};
 use refundgate::journal::jetstream::{Replica, Settings};
-use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey, Request};
+use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -23,31 +23,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// A sale of 25.00 on the embedded sample merchant, STAN `stan`.
-fn sample_sale(stan: u32) -> Request<'static> {
-    use refundgate::ledger::{CardType, Dialect, Operation};
-    let pan = "4761739001010119";
-    Request {
-        dialect: Dialect::Ascii1987,
-        op: Operation::Sale,
-        repeat: false,
-        merchant: "MERCHANT 000001",
-        terminal: "TERM0001",
-        stan,
-        local_date_mmdd: 101,
-        mti_class: 2,
-        transmission: Some(101_000_000),
-        rrn: None,
-        batch: None,
-        pan,
-        amount_minor: 2_500,
-        currency: 840,
-        card_type: CardType::from_pan(pan),
-        original: None,
-        body_fingerprint: u64::from(stan),
-    }
 }
 
 fn settings(nats: &NatsCluster, stream: &str, replicas: usize) -> Settings {

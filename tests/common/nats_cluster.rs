@@ -151,3 +151,28 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// A 25.00 sale of `MERCHANT 000001` at `TERM0001` with STAN `stan`, as a ledger request.
+pub fn sample_sale(stan: u32) -> refundgate::ledger::Request<'static> {
+    use refundgate::ledger::{CardType, Dialect, Operation, Request};
+    let pan = "4761739001010119";
+    Request {
+        dialect: Dialect::Ascii1987,
+        op: Operation::Sale,
+        repeat: false,
+        merchant: "MERCHANT 000001",
+        terminal: "TERM0001",
+        stan,
+        local_date_mmdd: 101,
+        mti_class: 2,
+        transmission: Some(101_000_000),
+        rrn: None,
+        batch: None,
+        pan,
+        amount_minor: 2_500,
+        currency: 840,
+        card_type: CardType::from_pan(pan),
+        original: None,
+        body_fingerprint: u64::from(stan),
+    }
+}
