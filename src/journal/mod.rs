@@ -353,7 +353,9 @@ impl Journal {
         q.next_seq += 1;
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         q.pending.push(Request { seq, payload });
-        let wake = q.idle;
+        // Only the first append after the writer went idle wakes it: every `notify_one` is a
+        // futex syscall, and appenders hold a ledger shard's lock here.
+        let wake = std::mem::replace(&mut q.idle, false);
         drop(q);
         if wake {
             self.shared.wake.notify_one();

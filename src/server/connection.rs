@@ -224,13 +224,22 @@ impl<'a, D: Dispatch> Handler<'a, D> {
         let mut frames = 0usize;
         // Frames taken from this connection so far ([`Dispatch::intake`]).
         let mut taken = 0u64;
+        // Armed once and moved lazily: activity only records its time, and the timer, when it
+        // fires, is set again from the last activity (a reset per request costs a timer-wheel
+        // update).
         let idle_sleep = tokio::time::sleep(idle);
         tokio::pin!(idle_sleep);
+        let mut last_active = Instant::now();
+        // One registration with the shutdown signal for the whole connection: a `recv()` per
+        // loop turn would lock the channel's waiter list, shared by every connection, twice
+        // per request.
+        let stopping = shutdown.recv();
+        tokio::pin!(stopping);
         let end = loop {
             let paused = dispatch.reading_paused(ctx);
             let event = tokio::select! {
                 biased;
-                () = shutdown.recv() => Event::Shutdown,
+                () = &mut stopping => Event::Shutdown,
                 answer = in_flight.next(), if !in_flight.is_empty() => Event::Answer(answer),
                 read = self.framed.next(), if frames < max_in_flight && !paused => Event::Read(read),
                 // An async block: no timer is made unless reading is paused.
@@ -241,6 +250,11 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                 Event::Shutdown => break End::Shutdown,
                 Event::Paused => {}
                 Event::Idle => {
+                    let due = last_active + idle;
+                    if due > Instant::now() {
+                        idle_sleep.as_mut().reset(due);
+                        continue;
+                    }
                     telemetry::count_idle_timeout(dialect);
                     tracing::debug!(conn = ctx.connection_id, "idle timeout");
                     break End::Idle;
@@ -251,7 +265,7 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                         Ok(answered) => frames = frames.saturating_sub(answered),
                         Err(end) => break end,
                     }
-                    idle_sleep.as_mut().reset(Instant::now() + idle);
+                    last_active = Instant::now();
                 }
                 Event::Read(read) => {
                     let mut read = read;
@@ -289,7 +303,7 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                             in_flight.push(process(batch));
                         }
                     }
-                    idle_sleep.as_mut().reset(Instant::now() + idle);
+                    last_active = Instant::now();
                     if let Some(end) = stop {
                         break end;
                     }
