@@ -861,15 +861,9 @@ fn encode_decision(w: &mut Writer, d: &Decision) {
     let f = &d.figures;
     w.u64(f.amount);
     w.u16(f.currency);
-    w.opt_u64(f.limit);
-    w.opt_u64(f.used);
-    w.opt_u64(f.remaining);
-    w.opt_u64(f.window_days.map(u64::from));
-    w.opt_u64(f.original_amount);
-    w.opt_u64(f.original_remaining);
-    w.opt_u64(f.day_allowance_remaining);
-    w.opt_u64(f.would_pass);
-    w.opt_u64(f.host_code.map(u64::from));
+    for v in f.optionals() {
+        w.opt_u64(v);
+    }
 }
 
 fn decode_decision(r: &mut Reader<'_>) -> Option<Decision> {

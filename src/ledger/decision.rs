@@ -202,6 +202,38 @@ pub struct Figures {
     pub host_code: Option<u16>,
 }
 
+impl Figures {
+    /// The optional figures, widened, in the order the journal, snapshots and lease
+    /// forwards write them (after `amount` and `currency`).
+    pub(crate) fn optionals(&self) -> [Option<u64>; 9] {
+        // Destructured so that a new field cannot be left out unnoticed.
+        let Figures {
+            amount: _,
+            currency: _,
+            limit,
+            used,
+            remaining,
+            window_days,
+            original_amount,
+            original_remaining,
+            day_allowance_remaining,
+            would_pass,
+            host_code,
+        } = *self;
+        [
+            limit,
+            used,
+            remaining,
+            window_days.map(u64::from),
+            original_amount,
+            original_remaining,
+            day_allowance_remaining,
+            would_pass,
+            host_code.map(u64::from),
+        ]
+    }
+}
+
 /// The answer: a dialect-neutral code, the reason (DE44) and the figures (DE54, `explain`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {

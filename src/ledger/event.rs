@@ -721,15 +721,9 @@ impl Writer<'_> {
         self.u8(d.reason.to_u8());
         self.u64(f.amount);
         self.u64(u64::from(f.currency));
-        self.opt(f.limit);
-        self.opt(f.used);
-        self.opt(f.remaining);
-        self.opt(f.window_days.map(u64::from));
-        self.opt(f.original_amount);
-        self.opt(f.original_remaining);
-        self.opt(f.day_allowance_remaining);
-        self.opt(f.would_pass);
-        self.opt(f.host_code.map(u64::from));
+        for v in f.optionals() {
+            self.opt(v);
+        }
     }
 }
 

@@ -199,6 +199,34 @@ pub struct Entry {
     pub sealed_pan: Option<Bytes>,
 }
 
+impl Entry {
+    /// A new entry for `reduced` (the body and PAN from [`reduce`]), its PAN sealed under
+    /// `cipher` (bound to `id` and `upstream`); without a cipher the PAN is not kept.
+    fn sealed(
+        id: u64,
+        upstream: &str,
+        dialect: &'static Dialect,
+        created_s: UnixSeconds,
+        key: Key,
+        (body, pan): (Bytes, Option<Vec<u8>>),
+        cipher: Option<&crate::at_rest::PanCipher>,
+    ) -> Entry {
+        let sealed_pan = match (pan, cipher) {
+            (Some(pan), Some(cipher)) => cipher.seal(&pan, &pan_aad(id, upstream)).map(Bytes::from),
+            _ => None,
+        };
+        Entry {
+            id,
+            upstream: upstream.to_string(),
+            dialect,
+            created_s,
+            key,
+            body,
+            sealed_pan,
+        }
+    }
+}
+
 /// Why an entry was given up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadReason {
@@ -395,23 +423,19 @@ impl StoreForward {
             s.next_id += 1;
             s.next_id - 1
         };
-        let Some((body, pan)) = reduce(dialect, &body) else {
+        let Some(reduced) = reduce(dialect, &body) else {
             self.lock().reserved -= 1;
             return Err(SafError::Store("message cannot be decoded".to_string()));
         };
-        let sealed_pan = match (pan, self.pan_cipher.get()) {
-            (Some(pan), Some(cipher)) => cipher.seal(&pan, &pan_aad(id, upstream)).map(Bytes::from),
-            _ => None,
-        };
-        let entry = Entry {
+        let entry = Entry::sealed(
             id,
-            upstream: upstream.to_string(),
+            upstream,
             dialect,
-            created_s: self.clock.now_unix_s(),
+            self.clock.now_unix_s(),
             key,
-            body,
-            sealed_pan,
-        };
+            reduced,
+            self.pan_cipher.get(),
+        );
         let appended = self.append_apply(Record::Add(entry)).await;
         self.lock().reserved -= 1;
         appended.map_err(SafError::Store)?;

@@ -43,8 +43,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{
-    accepted, mark_repeat, pan_aad, reduce, DeadLetter, DeadReason, Entry, Record, SafError,
-    SafOptions, SAF_DEAD_LETTERS, SAF_DELIVERED_TOTAL, SAF_PENDING,
+    accepted, mark_repeat, reduce, DeadLetter, DeadReason, Entry, Record, SafError, SafOptions,
+    SAF_DEAD_LETTERS, SAF_DELIVERED_TOTAL, SAF_PENDING,
 };
 use crate::clock::Clock;
 use crate::dialect::Dialect;
@@ -241,24 +241,20 @@ impl ClusterSaf {
             return Err(SafError::TooLarge);
         }
         let conn = self.conn()?;
-        let Some((body, pan)) = reduce(dialect, &body) else {
+        let Some(reduced) = reduce(dialect, &body) else {
             return Err(SafError::Store("message cannot be decoded".to_string()));
         };
         // Unique across nodes without coordination; below 2^53 so JSON readers keep it exact.
         let id = (rand::random::<u64>() & ((1 << 53) - 1)).max(1);
-        let sealed_pan = match (pan, self.pan_cipher.get()) {
-            (Some(pan), Some(cipher)) => cipher.seal(&pan, &pan_aad(id, upstream)).map(Bytes::from),
-            _ => None,
-        };
-        let entry = Entry {
+        let entry = Entry::sealed(
             id,
-            upstream: upstream.to_string(),
+            upstream,
             dialect,
-            created_s: self.clock.now_unix_s(),
+            self.clock.now_unix_s(),
             key,
-            body,
-            sealed_pan,
-        };
+            reduced,
+            self.pan_cipher.get(),
+        );
         let mut payload = Vec::with_capacity(128 + entry.body.len());
         Record::Add(entry).encode(&mut payload);
         let publish = jetstream::message::PublishMessage::build()
