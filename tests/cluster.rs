@@ -20,10 +20,11 @@ use rustls_pki_types::CertificateDer;
 use serde_json::Value as Json;
 
 use common::client::{self, ask, de54_amount, receive, repeat, send, Answer, Client};
-use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
+use common::{
+    ascii_request, de90, race_two, spawn_serve, write_cluster_gateway_files, ServeProcess,
+    SERVE_LOG_TOML,
+};
 use refundgate::journal::jetstream;
-
-use common::nats_cluster::CLUSTER_MERCHANTS as MERCHANTS;
 
 use common::nats_cluster::{need_nats, sample_sale, NatsCluster};
 
@@ -96,11 +97,7 @@ retry_max_ms = 200
     fn build(bin: &Path, every: u64, extra: impl FnOnce(&Path) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let extra = extra(dir.path());
-        let (pem, key, cert) = client::localhost_cert();
-        std::fs::write(dir.path().join("server.pem"), pem).unwrap();
-        std::fs::write(dir.path().join("server.key"), key).unwrap();
-        std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
-        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let cert = write_cluster_gateway_files(dir.path());
         let tokens = dir.path().join("admin.tokens");
         std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
         std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -328,14 +325,7 @@ fn kill_9_of_a_gateway_loses_no_acknowledged_answer() {
             let part = (1_000 + u64::from(i)) * 6 / 10;
             let r1 = ascii_request("0200", "200000", part, 11 + 3 * i, &original);
             let r2 = ascii_request("0200", "200000", part, 12 + 3 * i, &original);
-            send(&mut a, &r1).await;
-            send(&mut b, &r2).await;
-            let (x, y) = tokio::join!(receive(&mut a), receive(&mut b));
-            assert_eq!(
-                [&x, &y].iter().filter(|a| a.code == "00").count(),
-                1,
-                "{x:?} {y:?}"
-            );
+            let (x, y) = race_two(&mut a, &r1, &mut b, &r2).await;
             sent.push((sale, sa));
             sent.push((r1, x));
             sent.push((r2, y));
@@ -500,10 +490,7 @@ async fn refund_races(
             stan + 3 * i + 2,
             &original,
         );
-        send(&mut a, &r1).await;
-        send(&mut b, &r2).await;
-        let (x, y) = tokio::join!(receive(&mut a), receive(&mut b));
-        assert_eq!([&x, &y].iter().filter(|a| a.code == "00").count(), 1);
+        let (x, y) = race_two(&mut a, &r1, &mut b, &r2).await;
         sent.extend([(sale, sa), (r1, x), (r2, y)]);
     }
     sent

@@ -212,11 +212,12 @@ fn a_lease_that_lapsed_while_its_holder_still_appends_is_refused_by_the_fence() 
 // --- three gateway processes with leases on ------------------------------------------------
 
 use common::client::{self, ask, de54_amount, receive, repeat, send, Answer, Client};
-use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
+use common::{
+    ascii_request, de90, race_two, spawn_serve, write_cluster_gateway_files, ServeProcess,
+    SERVE_LOG_TOML,
+};
 use rustls_pki_types::CertificateDer;
 use serde_json::Value as Json;
-
-use common::nats_cluster::CLUSTER_MERCHANTS as MERCHANTS;
 
 /// Lease TTL of the gateway processes.
 const TTL_MS: u64 = 1_000;
@@ -232,11 +233,7 @@ struct Gateways {
 impl Gateways {
     fn new(bin: &std::path::Path) -> Gateways {
         let dir = tempfile::tempdir().unwrap();
-        let (pem, key, cert) = client::localhost_cert();
-        std::fs::write(dir.path().join("server.pem"), pem).unwrap();
-        std::fs::write(dir.path().join("server.key"), key).unwrap();
-        std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
-        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let cert = write_cluster_gateway_files(dir.path());
         let nats = NatsCluster::start(bin, dir.path(), 3);
         let g = Gateways { dir, cert, nats };
         for node in 0..3 {
@@ -503,13 +500,6 @@ fn owner_lost_mid_load(loss: Loss) {
         let r2 = ascii_request("0200", "200000", 6_000, 901, &original);
         let mut a = g.connect(&nodes[0]).await;
         let mut b = g.connect(&nodes[1]).await;
-        send(&mut a, &r1).await;
-        send(&mut b, &r2).await;
-        let (x, y) = tokio::join!(receive(&mut a), receive(&mut b));
-        assert_eq!(
-            [&x, &y].iter().filter(|a| a.code == "00").count(),
-            1,
-            "{x:?} {y:?}"
-        );
+        race_two(&mut a, &r1, &mut b, &r2).await;
     });
 }
