@@ -1,5 +1,6 @@
 //! A JetStream cluster of `nats-server` processes on loopback for the several-node tests
-//! (`tests/cluster.rs`, `tests/cluster_lease.rs`).
+//! (`tests/cluster.rs`, `tests/cluster_lease.rs`; `benches/cluster_spike.rs` and
+//! `benches/cluster_catchup.rs` include it by path).
 #![allow(clippy::disallowed_methods)] // Waits for the servers' ports are bounded in real time.
 
 use std::net::{TcpListener, TcpStream};
