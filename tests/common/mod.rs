@@ -175,17 +175,24 @@ pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
 pub fn write_cluster_gateway_files(
     dir: &std::path::Path,
 ) -> rustls_pki_types::CertificateDer<'static> {
-    let (pem, key, cert) = client::localhost_cert();
-    std::fs::write(dir.join("server.pem"), pem).unwrap();
-    std::fs::write(dir.join("server.key"), key).unwrap();
+    let cert = write_tls_pair(dir);
     std::fs::write(dir.join("merchants.toml"), nats_cluster::CLUSTER_MERCHANTS).unwrap();
     std::fs::create_dir(dir.join("keys")).unwrap();
     cert
 }
 
-/// Sends `r1` on `a` and `r2` on `b` before reading either answer, and checks that exactly one
-/// of the two is approved (two refunds racing over two nodes). Both answers.
-pub async fn race_two(
+/// Writes a TLS pair for localhost into `dir` (`server.pem`, `server.key`); the certificate
+/// to trust.
+pub fn write_tls_pair(dir: &std::path::Path) -> rustls_pki_types::CertificateDer<'static> {
+    let (pem, key, cert) = client::localhost_cert();
+    std::fs::write(dir.join("server.pem"), pem).unwrap();
+    std::fs::write(dir.join("server.key"), key).unwrap();
+    cert
+}
+
+/// Sends `r1` on `a` and `r2` on `b` before reading either answer (a race over two
+/// connections); both answers.
+pub async fn race(
     a: &mut client::Client,
     r1: &Json,
     b: &mut client::Client,
@@ -193,7 +200,18 @@ pub async fn race_two(
 ) -> (client::Answer, client::Answer) {
     client::send(a, r1).await;
     client::send(b, r2).await;
-    let (x, y) = tokio::join!(client::receive(a), client::receive(b));
+    tokio::join!(client::receive(a), client::receive(b))
+}
+
+/// [`race`], checking that exactly one of the two is approved (two refunds racing over two
+/// nodes). Both answers.
+pub async fn race_two(
+    a: &mut client::Client,
+    r1: &Json,
+    b: &mut client::Client,
+    r2: &Json,
+) -> (client::Answer, client::Answer) {
+    let (x, y) = race(a, r1, b, r2).await;
     assert_eq!(
         [&x, &y].iter().filter(|a| a.code == "00").count(),
         1,
