@@ -49,11 +49,7 @@ fn main() {
         replicas,
         ack_timeout: Duration::from_secs(10),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = nats_cluster::runtime();
 
     // The events: sales decided by a ledger, as a node would journal them.
     let writer = Ledger::new(&merchants, key.clone());

@@ -931,11 +931,7 @@ fn main() {
         .unwrap_or_default();
     eprintln!("cluster_spike: {version}, 3 servers, R3, file storage");
     let cluster = Cluster::start(&bin);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = nats_cluster::runtime();
     println!(
         "\n{} deciders closed loop (a third per node), {} merchants, sales, {} s measured after \
          {} s warm-up, lease TTL {} ms, nats-server {version}\n",

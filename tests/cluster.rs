@@ -26,7 +26,7 @@ use common::{
 };
 use refundgate::journal::jetstream;
 
-use common::nats_cluster::{need_nats, sample_sale, NatsCluster};
+use common::nats_cluster::{need_nats, runtime, sample_sale, NatsCluster};
 
 /// Three gateway nodes' configurations on one stream, sharing the merchants and the PAN
 /// hash key.
@@ -202,14 +202,6 @@ fn admin(
     let status = text[9..12].parse().unwrap();
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(Json::Null))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn amount(doc: &Json) -> u64 {

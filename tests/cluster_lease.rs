@@ -13,17 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nats_cluster::{need_nats, sample_sale, NatsCluster};
+use common::nats_cluster::{need_nats, runtime, sample_sale, NatsCluster};
 use refundgate::journal::jetstream::{Replica, Settings};
 use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn settings(nats: &NatsCluster, stream: &str, replicas: usize) -> Settings {
     Settings {

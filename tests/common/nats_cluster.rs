@@ -153,6 +153,16 @@ impl Drop for NatsCluster {
     }
 }
 
+/// The runtime of the several-node tests and benches: multi-threaded, two workers, I/O and
+/// timers on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A 25.00 sale of `MERCHANT 000001` at `TERM0001` with STAN `stan`, as a ledger request.
 pub fn sample_sale(stan: u32) -> refundgate::ledger::Request<'static> {
     use refundgate::ledger::{CardType, Dialect, Operation, Request};
