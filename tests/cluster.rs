@@ -733,24 +733,14 @@ fn a_corrupt_snapshot_is_skipped_and_the_node_reads_the_whole_stream() {
 
 #[test]
 fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once() {
-    use refundgate::journal::jetstream::{Replica, Settings};
+    use refundgate::journal::jetstream::Replica;
     use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
     use std::sync::atomic::Ordering::Relaxed;
     use std::sync::Arc;
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin, dir.path(), 3);
-    let settings = Settings {
-        servers: nats
-            .client_ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect(),
-        stream: "SNAPTEST".into(),
-        subject_prefix: "snaptest".into(),
-        replicas: 3,
-        ack_timeout: Duration::from_secs(5),
-    };
+    let settings = nats.replica_settings("SNAPTEST", 3);
     let merchants = MerchantSet::embedded().unwrap();
     let key = PanKey::new(&[7; 16]);
     let now = 1_790_000_000;

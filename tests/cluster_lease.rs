@@ -14,18 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::nats_cluster::{need_nats, runtime, sample_sale, NatsCluster};
-use refundgate::journal::jetstream::{Replica, Settings};
+use refundgate::journal::jetstream::Replica;
 use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
-
-fn settings(nats: &NatsCluster, stream: &str, replicas: usize) -> Settings {
-    Settings {
-        servers: nats.urls(),
-        stream: stream.into(),
-        subject_prefix: stream.to_lowercase(),
-        replicas,
-        ack_timeout: Duration::from_secs(5),
-    }
-}
 
 /// Issue #20 step 1: a node reading the events another node keeps appending for a merchant
 /// reads up to the subject's last sequence when it started, then returns (and releases the
@@ -38,7 +28,7 @@ fn catch_up_behind_a_node_that_keeps_appending_returns() {
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin, dir.path(), 1);
-    let settings = settings(&nats, "CHASE", 1);
+    let settings = nats.replica_settings("CHASE", 1);
     let merchants = MerchantSet::embedded().unwrap();
     let key = PanKey::new(&[7; 16]);
     runtime().block_on(async {
@@ -123,7 +113,7 @@ fn a_lease_that_lapsed_while_its_holder_still_appends_is_refused_by_the_fence() 
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin, dir.path(), 1);
-    let settings = settings(&nats, "LAPSE", 1);
+    let settings = nats.replica_settings("LAPSE", 1);
     let merchants = MerchantSet::embedded().unwrap();
     let key = PanKey::new(&[7; 16]);
     let now = 1_790_000_000;

@@ -136,6 +136,22 @@ impl NatsCluster {
             .join(", ")
     }
 
+    /// The settings of a journal replica on these servers: stream `stream`, its subjects
+    /// under the stream's name in lower case, `replicas` replicas, a 5 s ack timeout.
+    pub fn replica_settings(
+        &self,
+        stream: &str,
+        replicas: usize,
+    ) -> refundgate::journal::jetstream::Settings {
+        refundgate::journal::jetstream::Settings {
+            servers: self.urls(),
+            stream: stream.into(),
+            subject_prefix: stream.to_lowercase(),
+            replicas,
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+
     /// kill -9 of server `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].take() {
