@@ -16,9 +16,14 @@ use std::time::{Duration, Instant};
 use refundgate::journal::jetstream::{
     encode_group, snapshot_bucket, snapshot_object_name, Replica, Settings,
 };
-use refundgate::ledger::{
-    CardType, Dialect, Ledger, LedgerEvent, MerchantSet, Operation, PanKey, Request,
-};
+use refundgate::ledger::{Ledger, LedgerEvent, MerchantSet, PanKey, Request};
+
+#[path = "../tests/common/nats.rs"]
+#[allow(dead_code)] // Only `nats_cluster` needs it.
+mod nats;
+#[path = "../tests/common/nats_cluster.rs"]
+#[allow(dead_code)] // Only its sample sale.
+mod nats_cluster;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -44,36 +49,17 @@ fn main() {
         replicas,
         ack_timeout: Duration::from_secs(10),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = nats_cluster::runtime();
 
     // The events: sales decided by a ledger, as a node would journal them.
     let writer = Ledger::new(&merchants, key.clone());
     let mut payloads: Vec<(String, Vec<u8>)> = Vec::with_capacity(events as usize);
     let now = 1_790_000_000i64;
-    let pan = "4761739001010119";
     for i in 0..events {
         let req = Request {
-            dialect: Dialect::Ascii1987,
-            op: Operation::Sale,
-            repeat: false,
-            merchant: "MERCHANT 000001",
-            terminal: "TERM0001",
-            stan: (i % 999_999) as u32 + 1,
-            local_date_mmdd: 101,
-            mti_class: 2,
             transmission: Some(101_000_000 + i / 999_999),
-            rrn: None,
-            batch: None,
-            pan,
-            amount_minor: 2_500,
-            currency: 840,
-            card_type: CardType::from_pan(pan),
-            original: None,
             body_fingerprint: i,
+            ..nats_cluster::sample_sale((i % 999_999) as u32 + 1)
         };
         let mut captured = None;
         let _ = writer.decide_logged(&req, now, |e: &LedgerEvent| {

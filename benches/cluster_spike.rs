@@ -43,9 +43,8 @@
 #![allow(clippy::disallowed_methods)] // These benches measure real elapsed time; the product reads `clock::monotonic()`.
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,15 +56,12 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use refundgate::journal::jetstream::{Replica, Settings};
 use refundgate::journal::lease::{lease_bucket, Leases};
-use refundgate::ledger::{
-    CardType, Dialect, Ledger, Logged, MerchantId, MerchantSet, Operation, PanKey, Request,
-};
+use refundgate::ledger::{Ledger, Logged, MerchantId, MerchantSet, PanKey, Request};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, Error>;
 
 const NOW: i64 = 1_790_000_000;
-const PAN: &str = "4761739001010119";
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -88,80 +84,26 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 mod nats;
 use nats::nats_server;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../tests/common/nats_cluster.rs"]
+#[allow(dead_code)] // The tests' helpers besides the servers.
+mod nats_cluster;
+use nats_cluster::NatsCluster;
 
 /// Three nats-server processes, one JetStream cluster on loopback; killed on drop.
 struct Cluster {
-    children: Vec<Child>,
     urls: Vec<String>,
+    _nats: NatsCluster,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    fn start(bin: &PathBuf) -> Cluster {
+    fn start(bin: &Path) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let route: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes = route
-            .iter()
-            .map(|p| format!("nats-route://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut children = Vec::new();
-        for i in 0..3 {
-            let conf = dir.path().join(format!("nats{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: s{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\ncluster {{ name: spike, listen: 127.0.0.1:{}, routes: [{routes}] }}\n",
-                    client[i],
-                    dir.path().join(format!("js{i}")).display(),
-                    route[i]
-                ),
-            )
-            .unwrap();
-            children.push(
-                Command::new(bin)
-                    .arg("-c")
-                    .arg(&conf)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
-        }
-        for p in &client {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while TcpStream::connect(("127.0.0.1", *p)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "nats-server on {p} did not start"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        let nats = NatsCluster::start(bin, dir.path(), 3);
         Cluster {
-            children,
-            urls: client
-                .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect(),
+            urls: nats.urls(),
+            _nats: nats,
             _dir: dir,
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -265,23 +207,11 @@ impl Work {
     /// The `c`-th sale of merchant `m` (25.00).
     fn request(&self, m: usize, c: u64) -> Request<'static> {
         Request {
-            dialect: Dialect::Ascii1987,
-            op: Operation::Sale,
-            repeat: false,
             merchant: self.merchants[m],
             terminal: self.terminals[m],
-            stan: (c % 999_999) as u32 + 1,
-            local_date_mmdd: 101,
-            mti_class: 2,
             transmission: Some(101_000_000 + c / 999_999),
-            rrn: None,
-            batch: None,
-            pan: PAN,
-            amount_minor: 2_500,
-            currency: 840,
-            card_type: CardType::from_pan(PAN),
-            original: None,
             body_fingerprint: c,
+            ..nats_cluster::sample_sale((c % 999_999) as u32 + 1)
         }
     }
 }
@@ -1001,11 +931,7 @@ fn main() {
         .unwrap_or_default();
     eprintln!("cluster_spike: {version}, 3 servers, R3, file storage");
     let cluster = Cluster::start(&bin);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = nats_cluster::runtime();
     println!(
         "\n{} deciders closed loop (a third per node), {} merchants, sales, {} s measured after \
          {} s warm-up, lease TTL {} ms, nats-server {version}\n",

@@ -20,12 +20,13 @@ use rustls_pki_types::CertificateDer;
 use serde_json::Value as Json;
 
 use common::client::{self, ask, de54_amount, receive, repeat, send, Answer, Client};
-use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
+use common::{
+    ascii_request, de90, race_two, spawn_serve, write_cluster_gateway_files, ServeProcess,
+    SERVE_LOG_TOML,
+};
 use refundgate::journal::jetstream;
 
-use common::nats_cluster::CLUSTER_MERCHANTS as MERCHANTS;
-
-use common::nats_cluster::{need_nats, sample_sale, NatsCluster};
+use common::nats_cluster::{need_nats, runtime, sample_sale, NatsCluster};
 
 /// Three gateway nodes' configurations on one stream, sharing the merchants and the PAN
 /// hash key.
@@ -96,11 +97,7 @@ retry_max_ms = 200
     fn build(bin: &Path, every: u64, extra: impl FnOnce(&Path) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let extra = extra(dir.path());
-        let (pem, key, cert) = client::localhost_cert();
-        std::fs::write(dir.path().join("server.pem"), pem).unwrap();
-        std::fs::write(dir.path().join("server.key"), key).unwrap();
-        std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
-        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let cert = write_cluster_gateway_files(dir.path());
         let tokens = dir.path().join("admin.tokens");
         std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
         std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -205,14 +202,6 @@ fn admin(
     let status = text[9..12].parse().unwrap();
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(Json::Null))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn amount(doc: &Json) -> u64 {
@@ -328,14 +317,7 @@ fn kill_9_of_a_gateway_loses_no_acknowledged_answer() {
             let part = (1_000 + u64::from(i)) * 6 / 10;
             let r1 = ascii_request("0200", "200000", part, 11 + 3 * i, &original);
             let r2 = ascii_request("0200", "200000", part, 12 + 3 * i, &original);
-            send(&mut a, &r1).await;
-            send(&mut b, &r2).await;
-            let (x, y) = tokio::join!(receive(&mut a), receive(&mut b));
-            assert_eq!(
-                [&x, &y].iter().filter(|a| a.code == "00").count(),
-                1,
-                "{x:?} {y:?}"
-            );
+            let (x, y) = race_two(&mut a, &r1, &mut b, &r2).await;
             sent.push((sale, sa));
             sent.push((r1, x));
             sent.push((r2, y));
@@ -500,10 +482,7 @@ async fn refund_races(
             stan + 3 * i + 2,
             &original,
         );
-        send(&mut a, &r1).await;
-        send(&mut b, &r2).await;
-        let (x, y) = tokio::join!(receive(&mut a), receive(&mut b));
-        assert_eq!([&x, &y].iter().filter(|a| a.code == "00").count(), 1);
+        let (x, y) = race_two(&mut a, &r1, &mut b, &r2).await;
         sent.extend([(sale, sa), (r1, x), (r2, y)]);
     }
     sent
@@ -739,15 +718,13 @@ fn a_corrupt_snapshot_is_skipped_and_the_node_reads_the_whole_stream() {
     assert_eq!(merchant_state(&cluster, 0), before);
     rt.block_on(repeats_get_their_answers(&cluster, &node0, &sent));
     // The node writes a usable snapshot in their place, and removes them.
-    let deadline = Instant::now() + Duration::from_secs(10);
     let written = "refundgate_journal_replica_snapshots_total{outcome=\"written\"}";
-    while metric_if_any(&cluster, 0, written).unwrap_or(0.0) < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "no snapshot written after the corrupt ones"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || metric_if_any(&cluster, 0, written).unwrap_or(0.0) >= 1.0,
+        || "no snapshot written after the corrupt ones".into(),
+    );
     for (_, name) in rt.block_on(snapshots(&js)) {
         let bytes = rt.block_on(object(&js, &name));
         assert!(jetstream::ClusterSnapshot::decode(&bytes).is_ok(), "{name}");
@@ -756,24 +733,14 @@ fn a_corrupt_snapshot_is_skipped_and_the_node_reads_the_whole_stream() {
 
 #[test]
 fn a_snapshot_with_a_merchants_own_appends_past_the_tail_applies_each_event_once() {
-    use refundgate::journal::jetstream::{Replica, Settings};
+    use refundgate::journal::jetstream::Replica;
     use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
     use std::sync::atomic::Ordering::Relaxed;
     use std::sync::Arc;
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin, dir.path(), 3);
-    let settings = Settings {
-        servers: nats
-            .client_ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect(),
-        stream: "SNAPTEST".into(),
-        subject_prefix: "snaptest".into(),
-        replicas: 3,
-        ack_timeout: Duration::from_secs(5),
-    };
+    let settings = nats.replica_settings("SNAPTEST", 3);
     let merchants = MerchantSet::embedded().unwrap();
     let key = PanKey::new(&[7; 16]);
     let now = 1_790_000_000;
@@ -929,40 +896,9 @@ fn a_reversal_queued_by_a_gateway_killed_while_the_host_is_down_is_delivered_onc
     let mut nodes: Vec<Option<ServeProcess>> = (0..3).map(|n| Some(cluster.start(n))).collect();
     let (approved, approved_answer, timed_out) = rt.block_on(async {
         let mut c = cluster.connect(nodes[0].as_ref().unwrap()).await;
-        // Until node 0's link is signed on, a sale is refused (91 HOST_UNREACHABLE).
-        let started = Instant::now();
-        let mut stan = 100;
-        let (sale, answer) = loop {
-            stan += 1;
-            let sale = ascii_request("0200", "000000", 1_000, stan, &[]);
-            let a = ask(&mut c, &sale).await;
-            if a.code == "00" {
-                break (sale, a);
-            }
-            assert_eq!(
-                (a.code.as_str(), a.reason.as_str()),
-                ("91", "HOST_UNREACHABLE")
-            );
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "link never came up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        // The host stops answering: the next sale times out and its reversal is queued.
-        host.set_faults(Faults {
-            drop_percent: 100,
-            ..Faults::default()
-        })
-        .unwrap();
-        let lost = ascii_request("0200", "000000", 2_000, 500, &[]);
-        let a = ask(&mut c, &lost).await;
-        assert_eq!(
-            (a.code.as_str(), a.reason.as_str()),
-            ("91", "HOST_TIMEOUT"),
-            "{a:?}"
-        );
-        (sale, answer, 500u32)
+        // Until node 0's link is signed on, a sale is refused (91 HOST_UNREACHABLE); then the
+        // host stops answering: the next sale times out and its reversal is queued.
+        approved_sale_then_a_timeout(&mut c, &host, 100, 500).await
     });
     // kill -9 of the node that queued the reversal, while the host is still down.
     drop(nodes[0].take());
@@ -974,20 +910,23 @@ fn a_reversal_queued_by_a_gateway_killed_while_the_host_is_down_is_delivered_onc
             .fold(0.0, f64::max)
     };
     host.set_faults(Faults::default()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while host.reversals_answered("TERM0001", timed_out) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the reversal queued by the killed node was never delivered: {:?}",
-            host.stats()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pending(&cluster) > 0.0 {
-        assert!(Instant::now() < deadline, "the queue never emptied");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || host.reversals_answered("TERM0001", timed_out) != 0,
+        || {
+            format!(
+                "the reversal queued by the killed node was never delivered: {:?}",
+                host.stats()
+            )
+        },
+    );
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || pending(&cluster) <= 0.0,
+        || "the queue never emptied".into(),
+    );
     // Longer than the queue's ack wait: a second delivery would have happened by now.
     std::thread::sleep(Duration::from_secs(7));
     let stats = host.stats();
@@ -1058,6 +997,46 @@ fn reversal_counts(host: &refundgate::host_sim::HostControl, stan: u32) -> (u32,
         .map_or((0, 0), |r| (r.answered, r.answered + r.dropped - r.repeats))
 }
 
+/// Polls `done` every `poll` until it holds; fails with `what()` once `within` has passed
+/// without it.
+fn wait_until(
+    within: Duration,
+    poll: Duration,
+    mut done: impl FnMut() -> bool,
+    what: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", what());
+        std::thread::sleep(poll);
+    }
+}
+
+/// On `c`: a first approved sale (link up, STANs from `first_stan` + 1), then the host stops
+/// answering and the sale with STAN `stan` times out (91 HOST_TIMEOUT), its reversal queued.
+/// The approved sale, its answer, and `stan`.
+async fn approved_sale_then_a_timeout(
+    c: &mut Client,
+    host: &refundgate::host_sim::HostControl,
+    first_stan: u32,
+    stan: u32,
+) -> (Json, Answer, u32) {
+    use refundgate::host_sim::Faults;
+    let (sale, answer) = first_approved_sale(c, first_stan).await;
+    host.set_faults(Faults {
+        drop_percent: 100,
+        ..Faults::default()
+    })
+    .unwrap();
+    let a = ask(c, &ascii_request("0200", "000000", 2_000, stan, &[])).await;
+    assert_eq!(
+        (a.code.as_str(), a.reason.as_str()),
+        ("91", "HOST_TIMEOUT"),
+        "{a:?}"
+    );
+    (sale, answer, stan)
+}
+
 /// The node delivering a queued reversal is killed with SIGKILL after its first send reached
 /// the (still silent) host: the message is held by it or given back with a delay, never
 /// acknowledged. Another node, started afterwards, delivers it once the host is back, and
@@ -1073,35 +1052,31 @@ fn a_reversal_whose_delivering_gateway_dies_is_delivered_by_another_as_a_repeat(
     let stan = 700;
     rt.block_on(async {
         let mut c = cluster.connect(node0.as_ref().unwrap()).await;
-        first_approved_sale(&mut c, 100).await;
-        host.set_faults(Faults {
-            drop_percent: 100,
-            ..Faults::default()
-        })
-        .unwrap();
-        let a = ask(&mut c, &ascii_request("0200", "000000", 2_000, stan, &[])).await;
-        assert_eq!((a.code.as_str(), a.reason.as_str()), ("91", "HOST_TIMEOUT"));
+        approved_sale_then_a_timeout(&mut c, &host, 100, stan).await;
     });
     // Node 0 (the only node) delivers: wait for its first send to reach the host.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while host.stats().reversals.is_empty() {
-        assert!(Instant::now() < deadline, "node 0 never sent the reversal");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        || !host.stats().reversals.is_empty(),
+        || "node 0 never sent the reversal".into(),
+    );
     drop(node0.take());
     let (_, first_sends) = reversal_counts(&host, stan);
     assert_eq!(first_sends, 1, "node 0's first send is the first reversal");
     let node1 = cluster.start(1);
     host.set_faults(Faults::default()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reversal_counts(&host, stan).0 == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the reversal node 0 was delivering was never delivered: {:?}",
-            host.stats()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || reversal_counts(&host, stan).0 != 0,
+        || {
+            format!(
+                "the reversal node 0 was delivering was never delivered: {:?}",
+                host.stats()
+            )
+        },
+    );
     // Longer than the queue's ack wait: a second delivery would have happened by now.
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(
@@ -1139,20 +1114,14 @@ fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
     let stan = 800;
     rt.block_on(async {
         let mut c = cluster.connect(&nodes[0]).await;
-        first_approved_sale(&mut c, 100).await;
-        host.set_faults(Faults {
-            drop_percent: 100,
-            ..Faults::default()
-        })
-        .unwrap();
-        let a = ask(&mut c, &ascii_request("0200", "000000", 2_000, stan, &[])).await;
-        assert_eq!((a.code.as_str(), a.reason.as_str()), ("91", "HOST_TIMEOUT"));
+        approved_sale_then_a_timeout(&mut c, &host, 100, stan).await;
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&cluster, 1, "refundgate_saf_dead_letters") < 1.0 {
-        assert!(Instant::now() < deadline, "never dead-lettered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || metric(&cluster, 1, "refundgate_saf_dead_letters") >= 1.0,
+        || "never dead-lettered".into(),
+    );
     let (_, dropped_first) = reversal_counts(&host, stan);
     assert_eq!(dropped_first, 1, "{:?}", host.stats());
     let listed = |node: usize| -> Vec<Json> {
@@ -1173,14 +1142,12 @@ fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
     assert_eq!(dead[0]["reason"], "RetriesExhausted", "{dead:?}");
     assert_eq!(dead[0]["attempts"], 2, "{dead:?}");
     // Read from the stream every second on each node.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&cluster, 0, "refundgate_saf_pending") != 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "node 0 still counts the entry as pending"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || metric(&cluster, 0, "refundgate_saf_pending") == 0.0,
+        || "node 0 still counts the entry as pending".into(),
+    );
     // A node whose SAF PAN key file is created by its own start is refused: the streams hold
     // an entry sealed under the other nodes' key.
     let d = cluster.dir.path().display().to_string();
@@ -1228,14 +1195,12 @@ fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
         "",
     );
     assert_eq!(status, 200, "{v}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reversal_counts(&host, stan).0 == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the retried dead letter was never delivered"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || reversal_counts(&host, stan).0 != 0,
+        || "the retried dead letter was never delivered".into(),
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         reversal_counts(&host, stan),
@@ -1243,14 +1208,12 @@ fn a_cluster_dead_letter_is_listed_by_every_node_and_retried_from_any() {
         "answered once; the retry was sent as a repeat: {:?}",
         host.stats()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !listed(1).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the retried dead letter is still listed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || listed(1).is_empty(),
+        || "the retried dead letter is still listed".into(),
+    );
     let (status, _) = admin(
         &cluster,
         1,

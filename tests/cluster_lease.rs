@@ -13,27 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::nats_cluster::{need_nats, sample_sale, NatsCluster};
-use refundgate::journal::jetstream::{Replica, Settings};
+use common::nats_cluster::{need_nats, runtime, sample_sale, NatsCluster};
+use refundgate::journal::jetstream::Replica;
 use refundgate::ledger::{Ledger, Logged, MerchantSet, PanKey};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn settings(nats: &NatsCluster, stream: &str, replicas: usize) -> Settings {
-    Settings {
-        servers: nats.urls(),
-        stream: stream.into(),
-        subject_prefix: stream.to_lowercase(),
-        replicas,
-        ack_timeout: Duration::from_secs(5),
-    }
-}
 
 /// Issue #20 step 1: a node reading the events another node keeps appending for a merchant
 /// reads up to the subject's last sequence when it started, then returns (and releases the
@@ -46,7 +28,7 @@ fn catch_up_behind_a_node_that_keeps_appending_returns() {
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin, dir.path(), 1);
-    let settings = settings(&nats, "CHASE", 1);
+    let settings = nats.replica_settings("CHASE", 1);
     let merchants = MerchantSet::embedded().unwrap();
     let key = PanKey::new(&[7; 16]);
     runtime().block_on(async {
@@ -131,7 +113,7 @@ fn a_lease_that_lapsed_while_its_holder_still_appends_is_refused_by_the_fence() 
     let Some(bin) = need_nats() else { return };
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(&bin, dir.path(), 1);
-    let settings = settings(&nats, "LAPSE", 1);
+    let settings = nats.replica_settings("LAPSE", 1);
     let merchants = MerchantSet::embedded().unwrap();
     let key = PanKey::new(&[7; 16]);
     let now = 1_790_000_000;
@@ -212,11 +194,12 @@ fn a_lease_that_lapsed_while_its_holder_still_appends_is_refused_by_the_fence() 
 // --- three gateway processes with leases on ------------------------------------------------
 
 use common::client::{self, ask, de54_amount, receive, repeat, send, Answer, Client};
-use common::{ascii_request, de90, spawn_serve, ServeProcess, SERVE_LOG_TOML};
+use common::{
+    ascii_request, de90, race_two, spawn_serve, write_cluster_gateway_files, ServeProcess,
+    SERVE_LOG_TOML,
+};
 use rustls_pki_types::CertificateDer;
 use serde_json::Value as Json;
-
-use common::nats_cluster::CLUSTER_MERCHANTS as MERCHANTS;
 
 /// Lease TTL of the gateway processes.
 const TTL_MS: u64 = 1_000;
@@ -232,11 +215,7 @@ struct Gateways {
 impl Gateways {
     fn new(bin: &std::path::Path) -> Gateways {
         let dir = tempfile::tempdir().unwrap();
-        let (pem, key, cert) = client::localhost_cert();
-        std::fs::write(dir.path().join("server.pem"), pem).unwrap();
-        std::fs::write(dir.path().join("server.key"), key).unwrap();
-        std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
-        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let cert = write_cluster_gateway_files(dir.path());
         let nats = NatsCluster::start(bin, dir.path(), 3);
         let g = Gateways { dir, cert, nats };
         for node in 0..3 {
@@ -503,13 +482,6 @@ fn owner_lost_mid_load(loss: Loss) {
         let r2 = ascii_request("0200", "200000", 6_000, 901, &original);
         let mut a = g.connect(&nodes[0]).await;
         let mut b = g.connect(&nodes[1]).await;
-        send(&mut a, &r1).await;
-        send(&mut b, &r2).await;
-        let (x, y) = tokio::join!(receive(&mut a), receive(&mut b));
-        assert_eq!(
-            [&x, &y].iter().filter(|a| a.code == "00").count(),
-            1,
-            "{x:?} {y:?}"
-        );
+        race_two(&mut a, &r1, &mut b, &r2).await;
     });
 }

@@ -14,8 +14,8 @@ mod common;
 use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value as Json};
 
-use common::client::{ask, de54_amount, receive, repeat, send, Answer, Client};
-use common::{ascii_request, de90, spawn_serve, ServeProcess};
+use common::client::{ask, de54_amount, repeat, Answer, Client};
+use common::{ascii_request, de90, race, spawn_serve, ServeProcess};
 
 /// Day cap 10,000,000.00: high enough that the pairs never hit it, so the allowance left is
 /// the cap less the refunds acknowledged.
@@ -48,19 +48,10 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    let cert = common::write_tls_pair(dir.path());
     std::fs::write(dir.path().join("merchants.toml"), MERCHANTS).unwrap();
     common::write_one_listener_config(dir.path());
-    Setup {
-        dir,
-        cert: cert.der().clone(),
-    }
+    Setup { dir, cert }
 }
 
 /// The real binary on port 0; killed (SIGKILL) when dropped.
@@ -70,13 +61,6 @@ fn start(setup: &Setup) -> ServeProcess {
 
 async fn connect(setup: &Setup, gateway: &ServeProcess) -> Client {
     common::client::connect(&setup.cert, gateway.listeners[0]).await
-}
-
-/// Sends `a` on one connection and `b` on the other at the same instant.
-async fn race(x: &mut Client, y: &mut Client, a: &Json, b: &Json) -> (Answer, Answer) {
-    send(x, a).await;
-    send(y, b).await;
-    tokio::join!(receive(x), receive(y))
 }
 
 #[test]
@@ -131,9 +115,9 @@ fn raced_conflicts_keep_their_answers_across_kill_9() {
                 }
             };
             let (ra, rb) = if i % 2 == 0 {
-                race(&mut x, &mut y, &a, &b).await
+                race(&mut x, &a, &mut y, &b).await
             } else {
-                let (rb, ra) = race(&mut x, &mut y, &b, &a).await;
+                let (rb, ra) = race(&mut x, &b, &mut y, &a).await;
                 (ra, rb)
             };
             for (doc, ans) in [(&a, &ra), (&b, &rb)] {

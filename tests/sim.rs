@@ -3,25 +3,67 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 #![allow(clippy::disallowed_methods)] // These tests bound their waits in real time; the product reads `clock::monotonic()`.
 
-use refundgate::sim::{run, Mutation};
+use refundgate::sim::{run, Failure, Mutation};
 
 const STEPS: u32 = 300;
 
-#[test]
-fn two_hundred_seeds_hold_every_invariant() {
-    let seeds: u64 = std::env::var("REFUNDGATE_SIM_SEEDS")
+/// How many seeds `var` asks for (200 without it).
+fn seed_count(var: &str) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let mut total = refundgate::sim::Report::default();
-    for seed in 1..=seeds {
-        match run(seed, STEPS, Mutation::None) {
-            Ok(r) => {
-                total.add(&r);
-            }
-            Err(f) => panic!("{f}"),
+        .unwrap_or(200)
+}
+
+/// Runs each of `seeds`; a failure fails the test (the failure, then `suffix`), each run's
+/// report goes to `add`.
+fn hold_on_seeds<R>(
+    seeds: impl IntoIterator<Item = u64>,
+    suffix: &str,
+    run: impl Fn(u64) -> Result<R, Failure>,
+    mut add: impl FnMut(R),
+) {
+    for seed in seeds {
+        match run(seed) {
+            Ok(r) => add(r),
+            Err(f) => panic!("{f}{suffix}"),
         }
     }
+}
+
+/// The first seed (of 1..=`seeds`) whose run catches `mutation` (`mode`: "" or "core "), the
+/// step and the invariant.
+fn first_caught<M: std::fmt::Debug, R>(
+    mode: &str,
+    mutation: M,
+    seeds: u64,
+    run: impl Fn(u64) -> Result<R, Failure>,
+) -> (u64, u32, &'static str) {
+    let started = std::time::Instant::now();
+    for seed in 1..=seeds {
+        if let Err(f) = run(seed) {
+            eprintln!(
+                "{mode}{mutation:?}: seed {seed}, step {}, invariant {} ({:?})\n{f}",
+                f.step,
+                f.invariant,
+                started.elapsed()
+            );
+            return (seed, f.step, f.invariant);
+        }
+    }
+    panic!("{mode}{mutation:?} was not caught by {seeds} seeds");
+}
+
+#[test]
+fn two_hundred_seeds_hold_every_invariant() {
+    let seeds = seed_count("REFUNDGATE_SIM_SEEDS");
+    let mut total = refundgate::sim::Report::default();
+    hold_on_seeds(
+        1..=seeds,
+        "",
+        |seed| run(seed, STEPS, Mutation::None),
+        |r| total.add(&r),
+    );
     // The runs must have exercised what the invariants are about.
     let n = seeds as u32;
     assert!(total.crashes > n, "too few crashes: {total:?}");
@@ -58,19 +100,7 @@ fn a_seed_reproduces_bit_for_bit() {
 
 /// The first seed (of 1..=100) whose run catches `mutation`, and the invariant.
 fn caught(mutation: Mutation) -> (u64, u32, &'static str) {
-    let started = std::time::Instant::now();
-    for seed in 1..=100 {
-        if let Err(f) = run(seed, STEPS, mutation) {
-            eprintln!(
-                "{mutation:?}: seed {seed}, step {}, invariant {} ({:?})",
-                f.step,
-                f.invariant,
-                started.elapsed()
-            );
-            return (seed, f.step, f.invariant);
-        }
-    }
-    panic!("{mutation:?} was not caught by 100 seeds");
+    first_caught("", mutation, 100, |seed| run(seed, STEPS, mutation))
 }
 
 #[test]
@@ -116,11 +146,12 @@ fn a_reversal_applied_twice_is_caught() {
 /// Now a reservation older than the last rebuild is checked again at commit.
 #[test]
 fn a_reservation_carried_across_a_rebuild_never_pushes_a_limit_past_its_cap() {
-    for seed in [618, 1456, 4762, 4899, 4912, 5011] {
-        if let Err(f) = run(seed, STEPS, Mutation::None) {
-            panic!("{f}");
-        }
-    }
+    hold_on_seeds(
+        [618, 1456, 4762, 4899, 4912, 5011],
+        "",
+        |seed| run(seed, STEPS, Mutation::None),
+        |_| {},
+    );
 }
 
 // ---- The real gateway core (`refundgate sim --core`): codec, flow::Gateway::handle_batch,
@@ -132,20 +163,15 @@ const CORE_STEPS: u32 = 100;
 
 #[test]
 fn core_two_hundred_seeds_hold_every_invariant_on_the_real_stack() {
-    let seeds: u64 = std::env::var("REFUNDGATE_SIM_CORE_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let seeds = seed_count("REFUNDGATE_SIM_CORE_SEEDS");
     let started = std::time::Instant::now();
     let mut total = CoreReport::default();
-    for seed in 1..=seeds {
-        match run_core(seed, CORE_STEPS, CoreMutation::None) {
-            Ok(r) => {
-                total.add(&r);
-            }
-            Err(f) => panic!("{f} --core"),
-        }
-    }
+    hold_on_seeds(
+        1..=seeds,
+        " --core",
+        |seed| run_core(seed, CORE_STEPS, CoreMutation::None),
+        |r| total.add(&r),
+    );
     eprintln!(
         "core: {seeds} seeds x {CORE_STEPS} steps in {:?}: {total:?}",
         started.elapsed()
@@ -223,19 +249,9 @@ fn a_core_seed_reproduces_bit_for_bit() {
 
 /// The first seed (of 1..=50) whose core run catches `mutation`.
 fn core_caught(mutation: CoreMutation) -> (u64, u32, &'static str) {
-    let started = std::time::Instant::now();
-    for seed in 1..=50 {
-        if let Err(f) = run_core(seed, CORE_STEPS, mutation) {
-            eprintln!(
-                "core {mutation:?}: seed {seed}, step {}, invariant {} ({:?})\n{f}",
-                f.step,
-                f.invariant,
-                started.elapsed()
-            );
-            return (seed, f.step, f.invariant);
-        }
-    }
-    panic!("{mutation:?} was not caught by 50 seeds of the core mode");
+    first_caught("core ", mutation, 50, |seed| {
+        run_core(seed, CORE_STEPS, mutation)
+    })
 }
 
 #[test]

@@ -167,3 +167,55 @@ pub fn spawn_serve(config: &std::path::Path, listeners: usize) -> ServeProcess {
         admin: admin.unwrap(),
     }
 }
+
+/// Writes what every gateway node of the several-node tests (`tests/cluster.rs`,
+/// `tests/cluster_lease.rs`) shares into `dir`: a TLS pair for localhost (`server.pem`,
+/// `server.key`), the merchants ([`nats_cluster::CLUSTER_MERCHANTS`] as `merchants.toml`) and
+/// an empty `keys/` for the key files the nodes create. The certificate to trust.
+pub fn write_cluster_gateway_files(
+    dir: &std::path::Path,
+) -> rustls_pki_types::CertificateDer<'static> {
+    let cert = write_tls_pair(dir);
+    std::fs::write(dir.join("merchants.toml"), nats_cluster::CLUSTER_MERCHANTS).unwrap();
+    std::fs::create_dir(dir.join("keys")).unwrap();
+    cert
+}
+
+/// Writes a TLS pair for localhost into `dir` (`server.pem`, `server.key`); the certificate
+/// to trust.
+pub fn write_tls_pair(dir: &std::path::Path) -> rustls_pki_types::CertificateDer<'static> {
+    let (pem, key, cert) = client::localhost_cert();
+    std::fs::write(dir.join("server.pem"), pem).unwrap();
+    std::fs::write(dir.join("server.key"), key).unwrap();
+    cert
+}
+
+/// Sends `r1` on `a` and `r2` on `b` before reading either answer (a race over two
+/// connections); both answers.
+pub async fn race(
+    a: &mut client::Client,
+    r1: &Json,
+    b: &mut client::Client,
+    r2: &Json,
+) -> (client::Answer, client::Answer) {
+    client::send(a, r1).await;
+    client::send(b, r2).await;
+    tokio::join!(client::receive(a), client::receive(b))
+}
+
+/// [`race`], checking that exactly one of the two is approved (two refunds racing over two
+/// nodes). Both answers.
+pub async fn race_two(
+    a: &mut client::Client,
+    r1: &Json,
+    b: &mut client::Client,
+    r2: &Json,
+) -> (client::Answer, client::Answer) {
+    let (x, y) = race(a, r1, b, r2).await;
+    assert_eq!(
+        [&x, &y].iter().filter(|a| a.code == "00").count(),
+        1,
+        "{x:?} {y:?}"
+    );
+    (x, y)
+}

@@ -1,5 +1,6 @@
 //! A JetStream cluster of `nats-server` processes on loopback for the several-node tests
-//! (`tests/cluster.rs`, `tests/cluster_lease.rs`).
+//! (`tests/cluster.rs`, `tests/cluster_lease.rs`; `benches/cluster_spike.rs` and
+//! `benches/cluster_catchup.rs` include it by path).
 #![allow(clippy::disallowed_methods)] // Waits for the servers' ports are bounded in real time.
 
 use std::net::{TcpListener, TcpStream};
@@ -135,6 +136,22 @@ impl NatsCluster {
             .join(", ")
     }
 
+    /// The settings of a journal replica on these servers: stream `stream`, its subjects
+    /// under the stream's name in lower case, `replicas` replicas, a 5 s ack timeout.
+    pub fn replica_settings(
+        &self,
+        stream: &str,
+        replicas: usize,
+    ) -> refundgate::journal::jetstream::Settings {
+        refundgate::journal::jetstream::Settings {
+            servers: self.urls(),
+            stream: stream.into(),
+            subject_prefix: stream.to_lowercase(),
+            replicas,
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+
     /// kill -9 of server `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.servers[i].take() {
@@ -150,6 +167,16 @@ impl Drop for NatsCluster {
             self.kill(i);
         }
     }
+}
+
+/// The runtime of the several-node tests and benches: multi-threaded, two workers, I/O and
+/// timers on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// A 25.00 sale of `MERCHANT 000001` at `TERM0001` with STAN `stan`, as a ledger request.
