@@ -45,6 +45,12 @@ durability = "fdatasync"
 snapshot_every_records = 1000000
 # Size of each journal segment file, preallocated when it is created (4096 ..= 1073741824).
 segment_bytes = 67108864
+# Group commit under load: while the journal takes more than gather_above_per_s records a
+# second, its writer waits gather_us after taking a batch and adds what arrived meanwhile,
+# so one fdatasync covers more answers (each sync costs CPU the decisions could use). Below
+# that rate a batch is written at once. gather_us = 0: never wait (0 ..= 5000).
+gather_us = 1000
+gather_above_per_s = 10000
 # "file" (this directory, one node) or "jetstream" (replicated on a NATS JetStream cluster:
 # several gateway nodes for the same merchants; see [journal.jetstream] and deploy/cluster/).
 backend = "file"
@@ -368,11 +374,26 @@ pub struct JournalConfig {
     pub snapshot_every_records: u64,
     /// Bytes of each segment file, preallocated at creation (tests use small ones).
     pub segment_bytes: u64,
+    /// Microseconds the journal writer waits for more records after taking a batch, while
+    /// the intake is above `gather_above_per_s`; 0: never.
+    pub gather_us: u64,
+    /// Records per second above which the writer waits `gather_us` (file backend).
+    pub gather_above_per_s: u64,
     /// Where the ledger's events are journaled.
     pub backend: JournalBackend,
     /// `[journal.jetstream]`: the replicated journal (`backend = "jetstream"`).
     pub jetstream: JetStreamConfig,
 }
+
+/// `journal.gather_us` by default. On a 2-core machine under closed-loop load (256
+/// connections, one request each) it cut the syncs to a quarter (12 -> 62 records each) and
+/// raised the answers per second by 20-40 %; 500 µs gained less, 2,000 µs no more.
+pub const GATHER_US_DEFAULT: u64 = 1_000;
+/// Longest `journal.gather_us`: every answer under load waits this much more.
+pub const GATHER_US_MAX: u64 = 5_000;
+/// `journal.gather_above_per_s` by default: well above one node's light load, so a quiet
+/// gateway answers without the wait.
+pub const GATHER_ABOVE_PER_S_DEFAULT: u64 = 10_000;
 
 /// `journal.backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -707,6 +728,12 @@ impl Config {
             return Err(error(
                 "journal.segment_bytes",
                 format!("want {} ..= {}", segment.start(), segment.end()),
+            ));
+        }
+        if self.journal.gather_us > GATHER_US_MAX {
+            return Err(error(
+                "journal.gather_us",
+                format!("want 0 ..= {GATHER_US_MAX}"),
             ));
         }
         if self.journal.backend == JournalBackend::Jetstream {
@@ -1066,6 +1093,8 @@ impl Default for JournalConfig {
             durability: Durability::Fdatasync,
             snapshot_every_records: 1_000_000,
             segment_bytes: crate::journal::segment::SEGMENT_BYTES_DEFAULT,
+            gather_us: GATHER_US_DEFAULT,
+            gather_above_per_s: GATHER_ABOVE_PER_S_DEFAULT,
             backend: JournalBackend::File,
             jetstream: JetStreamConfig::default(),
         }

@@ -107,6 +107,10 @@ pub fn prepare(args: &ServeArgs) -> Result<Prepared, StartError> {
     let options = journal::Options {
         durability,
         segment_bytes: config.journal.segment_bytes,
+        gather: journal::GatherConfig {
+            wait: std::time::Duration::from_micros(config.journal.gather_us),
+            above_per_s: config.journal.gather_above_per_s,
+        },
         ..journal::Options::default()
     };
     // DOMAIN §10: refuse a data directory others may read before touching it.

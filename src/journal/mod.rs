@@ -76,6 +76,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 pub use error::{JournalError, StoreError, EXIT_IOERR, EXIT_SOFTWARE, EXIT_USAGE};
+pub use group_commit::GatherConfig;
 pub use recovery::{ReadOnly, Recovered};
 pub use sim_disk::{DiskStats, SimDisk};
 pub use snapshot::Snapshot;
@@ -145,6 +146,10 @@ pub struct Options {
     /// [`Journal::step`]; [`Journal::scrub`] does its work on the caller's thread, and
     /// dropping the journal writes nothing (like a process that died). Default false.
     pub stepped: bool,
+    /// Waiting for more records under load before a write (default
+    /// [`GatherConfig::OFF`]; see [`group_commit`](self::group_commit)'s docs). Stepped mode
+    /// never waits.
+    pub gather: GatherConfig,
 }
 
 /// What a snapshot did.
@@ -187,6 +192,7 @@ impl Default for Options {
             storage: Arc::new(FsStorage),
             hold_after_failure: false,
             stepped: false,
+            gather: GatherConfig::OFF,
         }
     }
 }
@@ -262,6 +268,7 @@ impl Journal {
             batch_records_max: options.batch_records_max,
             batch_bytes_max: options.batch_bytes_max as u64,
             inline_prealloc: options.stepped,
+            gather: options.gather,
         };
         shared
             .hold_mode
