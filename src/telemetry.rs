@@ -54,6 +54,12 @@ pub const MESSAGE_ERRORS_TOTAL: &str = "refundgate_message_errors_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "refundgate_idle_timeouts_total";
 /// Counter: requests answered 96 because their record was not durable within the deadline.
 pub const REQUEST_DEADLINE_TOTAL: &str = "refundgate_request_deadline_exceeded_total";
+/// Batches the file journal wrote: one `pwrite` and, with `journal.durability = "fdatasync"`,
+/// one `fdatasync` each.
+pub const JOURNAL_BATCHES_TOTAL: &str = "refundgate_journal_batches_total";
+/// Records the file journal wrote; divided by [`JOURNAL_BATCHES_TOTAL`], the records each
+/// sync covered (raised under load by `journal.gather_us`).
+pub const JOURNAL_RECORDS_TOTAL: &str = "refundgate_journal_records_total";
 /// Events of the replicated journal by outcome (`journal.backend = "jetstream"`).
 pub const REPLICA_EVENTS_TOTAL: &str = "refundgate_journal_replica_events_total";
 /// Label of [`REPLICA_EVENTS_TOTAL`].
@@ -764,6 +770,12 @@ pub(crate) fn count_handshake_failure(dialect: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, LABEL_DIALECT => dialect).increment(1);
 }
 
+/// Counts one batch of `records` the file journal wrote (and synced).
+pub(crate) fn count_journal_batch(records: usize) {
+    metrics::counter!(JOURNAL_BATCHES_TOTAL).increment(1);
+    metrics::counter!(JOURNAL_RECORDS_TOTAL).increment(records as u64);
+}
+
 pub(crate) fn count_idle_timeout(dialect: &'static str) {
     metrics::counter!(IDLE_TIMEOUTS_TOTAL, LABEL_DIALECT => dialect).increment(1);
 }
@@ -896,6 +908,8 @@ pub fn export_zeros(dialects: &[&'static str], upstreams: &[String]) {
     metrics::gauge!(SAF_DEAD_LETTERS).increment(0.0);
     metrics::counter!(SAF_DELIVERED_TOTAL).increment(0);
     metrics::counter!(SAF_ENQUEUE_FAILURES_TOTAL).increment(0);
+    metrics::counter!(JOURNAL_BATCHES_TOTAL).increment(0);
+    metrics::counter!(JOURNAL_RECORDS_TOTAL).increment(0);
     for u in upstreams {
         metrics::gauge!(UPSTREAM_UP, "upstream" => u.clone()).increment(0.0);
         for name in [
@@ -934,6 +948,14 @@ fn describe_metrics() {
         "Time from a decoded request to its decision."
     );
     describe_gauge!(CONNECTIONS_OPEN, "Connections currently open.");
+    describe_counter!(
+        JOURNAL_BATCHES_TOTAL,
+        "Batches the file journal wrote, each with one write and one fdatasync."
+    );
+    describe_counter!(
+        JOURNAL_RECORDS_TOTAL,
+        "Records the file journal wrote; per batch: the records one fdatasync covered."
+    );
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
         "Sockets closed by admission control, by cause."

@@ -294,6 +294,33 @@ fn answer(dialect: &str, bytes: &[u8]) -> Answer {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_counts_its_batches_and_the_records_they_wrote() {
+    const RECORDS: &str = "refundgate_journal_records_total";
+    const BATCHES: &str = "refundgate_journal_batches_total";
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let records_before = metric(gw.admin, RECORDS).await;
+    let batches_before = metric(gw.admin, BATCHES).await;
+    for stan in 1..=5 {
+        let sale = ascii("0200", "000000", 1000, stan, &[]);
+        let a = answer(
+            "ascii1987",
+            &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+        );
+        assert_eq!(a.code.as_str(), "00");
+    }
+    // Other tests of this binary journal too: the counters move at least by these sales.
+    let records = metric(gw.admin, RECORDS).await - records_before;
+    let batches = metric(gw.admin, BATCHES).await - batches_before;
+    assert!(records >= 5.0, "{records} records for 5 approved sales");
+    // Sent one at a time, each approval waited for a batch of its own.
+    assert!(
+        (5.0..=records).contains(&batches),
+        "{batches} batches for {records} records"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ascii_sale_refund_over_limit_refund_void_and_reversal_get_the_domain_codes() {
     let gw = start().await;
     let mut c = connect(&gw.listeners[0]).await;

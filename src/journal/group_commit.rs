@@ -491,6 +491,7 @@ impl Writer {
                 self.fail(&error);
                 return;
             }
+            crate::telemetry::count_journal_batch(j - i);
             if self.failing_batches > 0 {
                 tracing::info!(
                     failed_batches = self.failing_batches,
