@@ -720,14 +720,19 @@ mod tests {
         last
     }
 
-    #[test]
-    fn a_batch_waits_only_while_the_intake_is_above_the_rate() {
+    /// A gather of 500 µs above 10,000 records/s, its config, and the instant it starts at.
+    fn gather_above_10k() -> (Gather, GatherConfig, Instant) {
         let config = GatherConfig {
             wait: Duration::from_micros(500),
             above_per_s: 10_000,
         };
-        let mut now = crate::clock::monotonic();
-        let mut gather = Gather::new(config, now);
+        let now = crate::clock::monotonic();
+        (Gather::new(config, now), config, now)
+    }
+
+    #[test]
+    fn a_batch_waits_only_while_the_intake_is_above_the_rate() {
+        let (mut gather, config, mut now) = gather_above_10k();
         // 5,000 records/s (500 per 100 ms window): written at once.
         let light = feed(&mut gather, &mut now, 3, 500, 2);
         assert!(light.iter().all(Option::is_none), "{light:?}");
@@ -741,12 +746,7 @@ mod tests {
 
     #[test]
     fn records_gathered_while_waiting_count_toward_the_rate() {
-        let config = GatherConfig {
-            wait: Duration::from_micros(500),
-            above_per_s: 10_000,
-        };
-        let mut now = crate::clock::monotonic();
-        let mut gather = Gather::new(config, now);
+        let (mut gather, _, mut now) = gather_above_10k();
         // 1 record per batch taken, 14 more gathered while it waited: 15,000/s in all,
         // of which the batches taken alone are 1,000/s.
         for _ in 0..200 {
