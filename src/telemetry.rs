@@ -60,6 +60,9 @@ pub const JOURNAL_BATCHES_TOTAL: &str = "refundgate_journal_batches_total";
 /// Records the file journal wrote; divided by [`JOURNAL_BATCHES_TOTAL`], the records each
 /// sync covered (raised under load by `journal.gather_us`).
 pub const JOURNAL_RECORDS_TOTAL: &str = "refundgate_journal_records_total";
+/// Seconds each file-journal batch took to write and `fdatasync` (the write alone with
+/// `journal.durability = "unsafe_no_fsync"`): the disk's share of every approval's wait.
+pub const JOURNAL_SYNC_SECONDS: &str = "refundgate_journal_sync_seconds";
 /// Events of the replicated journal by outcome (`journal.backend = "jetstream"`).
 pub const REPLICA_EVENTS_TOTAL: &str = "refundgate_journal_replica_events_total";
 /// Label of [`REPLICA_EVENTS_TOTAL`].
@@ -90,6 +93,12 @@ pub const LOG_FLUSH_DELAY: std::time::Duration = std::time::Duration::from_milli
 pub const DECISION_SECONDS_BUCKETS: &[f64] = &[
     0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
     10.0, 30.0,
+];
+
+/// Buckets of [`JOURNAL_SYNC_SECONDS`]: a healthy local disk syncs in 0.1–1 ms; tens of
+/// milliseconds mean approvals wait on a slow or shared disk.
+pub const JOURNAL_SYNC_SECONDS_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
 /// Label name of the dialect (`ascii1987`, `cup_pos`).
@@ -645,6 +654,12 @@ pub fn install_metrics() -> Result<PrometheusHandle, TelemetryError> {
                     Matcher::Full(DECISION_SECONDS.to_string()),
                     DECISION_SECONDS_BUCKETS,
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(JOURNAL_SYNC_SECONDS.to_string()),
+                        JOURNAL_SYNC_SECONDS_BUCKETS,
+                    )
+                })
                 .and_then(PrometheusBuilder::install_recorder)
                 .map_err(|e| e.to_string())?;
             describe_metrics();
@@ -770,10 +785,11 @@ pub(crate) fn count_handshake_failure(dialect: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, LABEL_DIALECT => dialect).increment(1);
 }
 
-/// Counts one batch of `records` the file journal wrote (and synced).
-pub(crate) fn count_journal_batch(records: usize) {
+/// Counts one batch of `records` the file journal wrote (and synced) in `took`.
+pub(crate) fn count_journal_batch(records: usize, took: std::time::Duration) {
     metrics::counter!(JOURNAL_BATCHES_TOTAL).increment(1);
     metrics::counter!(JOURNAL_RECORDS_TOTAL).increment(records as u64);
+    metrics::histogram!(JOURNAL_SYNC_SECONDS).record(took.as_secs_f64());
 }
 
 pub(crate) fn count_idle_timeout(dialect: &'static str) {
@@ -910,6 +926,7 @@ pub fn export_zeros(dialects: &[&'static str], upstreams: &[String]) {
     metrics::counter!(SAF_ENQUEUE_FAILURES_TOTAL).increment(0);
     metrics::counter!(JOURNAL_BATCHES_TOTAL).increment(0);
     metrics::counter!(JOURNAL_RECORDS_TOTAL).increment(0);
+    let _registered = metrics::histogram!(JOURNAL_SYNC_SECONDS);
     for u in upstreams {
         metrics::gauge!(UPSTREAM_UP, "upstream" => u.clone()).increment(0.0);
         for name in [
@@ -955,6 +972,11 @@ fn describe_metrics() {
     describe_counter!(
         JOURNAL_RECORDS_TOTAL,
         "Records the file journal wrote; per batch: the records one fdatasync covered."
+    );
+    describe_histogram!(
+        JOURNAL_SYNC_SECONDS,
+        Unit::Seconds,
+        "Time each file-journal batch took to write and fdatasync."
     );
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,

@@ -192,6 +192,18 @@ async fn serve_gateway(config: Config, gateway: Gateway, dir: Arc<tempfile::Temp
 
 /// The value of the `/metrics` sample `name` (labels included, as rendered), 0 when absent.
 async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    metric_value(&scrape(admin).await, name)
+}
+
+/// The value of the sample `name` (with its labels, if any) in a `/metrics` text; 0 if absent.
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One `/metrics` scrape: samples read from it together are consistent with each other.
+async fn scrape(admin: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = TcpStream::connect(admin).await.unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -202,9 +214,7 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
         .await
         .unwrap()
         .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    text
 }
 
 /// The amount of the DE54 block of `amount_type` (90: still refundable on the original).
@@ -299,8 +309,7 @@ async fn the_journal_counts_its_batches_and_the_records_they_wrote() {
     const BATCHES: &str = "refundgate_journal_batches_total";
     let gw = start().await;
     let mut c = connect(&gw.listeners[0]).await;
-    let records_before = metric(gw.admin, RECORDS).await;
-    let batches_before = metric(gw.admin, BATCHES).await;
+    let before = scrape(gw.admin).await;
     for stan in 1..=5 {
         let sale = ascii("0200", "000000", 1000, stan, &[]);
         let a = answer(
@@ -310,13 +319,47 @@ async fn the_journal_counts_its_batches_and_the_records_they_wrote() {
         assert_eq!(a.code.as_str(), "00");
     }
     // Other tests of this binary journal too: the counters move at least by these sales.
-    let records = metric(gw.admin, RECORDS).await - records_before;
-    let batches = metric(gw.admin, BATCHES).await - batches_before;
+    // Both read from one scrape each, so another test's batch counts in both or in neither.
+    let after = scrape(gw.admin).await;
+    let records = metric_value(&after, RECORDS) - metric_value(&before, RECORDS);
+    let batches = metric_value(&after, BATCHES) - metric_value(&before, BATCHES);
     assert!(records >= 5.0, "{records} records for 5 approved sales");
     // Sent one at a time, each approval waited for a batch of its own.
     assert!(
         (5.0..=records).contains(&batches),
         "{batches} batches for {records} records"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_reports_how_long_its_syncs_take_in_buckets() {
+    const COUNT: &str = "refundgate_journal_sync_seconds_count";
+    const SUM: &str = "refundgate_journal_sync_seconds_sum";
+    const ALL: &str = "refundgate_journal_sync_seconds_bucket{le=\"+Inf\"}";
+    let gw = start().await;
+    let mut c = connect(&gw.listeners[0]).await;
+    let before = scrape(gw.admin).await;
+    for stan in 1..=5 {
+        let sale = ascii("0200", "000000", 1000, stan, &[]);
+        let a = answer(
+            "ascii1987",
+            &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
+        );
+        assert_eq!(a.code.as_str(), "00");
+    }
+    // Sent one at a time: each approval waited for a sync of its own (other tests of this
+    // binary journal too, so at least these five).
+    let after = scrape(gw.admin).await;
+    let count = metric_value(&after, COUNT) - metric_value(&before, COUNT);
+    assert!(count >= 5.0, "{count} syncs timed for 5 approved sales");
+    let sum = metric_value(&after, SUM) - metric_value(&before, SUM);
+    assert!(sum > 0.0, "the syncs took {sum} s in all");
+    // Buckets, not a summary: the alert's histogram_quantile needs them.
+    let in_buckets = metric_value(&after, ALL);
+    assert_eq!(
+        in_buckets,
+        metric_value(&after, COUNT),
+        "+Inf bucket holds every sync"
     );
 }
 

@@ -487,11 +487,15 @@ impl Writer {
                 bytes += n;
                 j += 1;
             }
+            let started = crate::clock::monotonic();
             if let Err(error) = self.write(&taken[i..j]) {
                 self.fail(&error);
                 return;
             }
-            crate::telemetry::count_journal_batch(j - i);
+            crate::telemetry::count_journal_batch(
+                j - i,
+                crate::clock::monotonic().saturating_duration_since(started),
+            );
             if self.failing_batches > 0 {
                 tracing::info!(
                     failed_batches = self.failing_batches,
