@@ -233,6 +233,22 @@ fn core_two_hundred_seeds_hold_every_invariant_on_the_real_stack() {
     );
 }
 
+/// Found by the long search (seed 3546 of 1..=10,000 at 100 steps): damaged bytes of a sale
+/// to the routed merchant still decoded, now with STAN 283 instead of 263; the gateway
+/// approved them and the host posted them under 283. The terminal's own sale 283 came later
+/// with another amount and was rightly answered 94, so nothing was owed to the host, yet (d)
+/// took that 94 for the answer to the host's posting and reported a missing reversal. The
+/// simulator now keys an approved damaged request by the fields the gateway read from it.
+#[test]
+fn core_damaged_bytes_that_take_another_requests_key_are_not_taken_for_it() {
+    hold_on_seeds(
+        [3546],
+        " --core",
+        |seed| run_core(seed, CORE_STEPS, CoreMutation::None),
+        |_| {},
+    );
+}
+
 #[test]
 fn a_core_seed_reproduces_bit_for_bit() {
     let a = run_core(42, CORE_STEPS, CoreMutation::None).unwrap();

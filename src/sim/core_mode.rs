@@ -1127,6 +1127,15 @@ impl State {
                     self.routed_answers
                         .entry(key)
                         .or_insert_with(|| answer.de39.clone());
+                } else if r.op == Op::Bad && answer.de39 == "00" {
+                    // Damaged bytes the gateway approved were forwarded under the keys it
+                    // read from them, which may be another request's: that key's posting
+                    // is theirs, answered 00.
+                    if let Some(key) = r.raw.as_deref().and_then(routed_key_of) {
+                        self.routed_answers
+                            .entry(key)
+                            .or_insert_with(|| answer.de39.clone());
+                    }
                 }
             }
             match &batch.check {
@@ -1633,6 +1642,24 @@ fn amount_of(bytes: &[u8]) -> u64 {
                 .and_then(|s| s.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The host's posting key (DE41, DE42, DE11) of `bytes`, if they decode as a financial
+/// request (0200/0220, repeats included) to the routed merchant.
+fn routed_key_of(bytes: &[u8]) -> Option<PostingKey> {
+    let msg = iso8583::decode(&ASCII1987, bytes).ok()?;
+    if !matches!(msg.mti().0, 200 | 201 | 220 | 221) {
+        return None;
+    }
+    let merchant = msg.merchant()?.trim_end();
+    if merchant != MERCHANTS[ROUTED] {
+        return None;
+    }
+    Some((
+        msg.terminal()?.trim_end().to_string(),
+        merchant.to_string(),
+        msg.stan()?,
+    ))
 }
 
 /// DE39, DE44, DE54 of an answer, read by the real decoder.
