@@ -303,10 +303,8 @@ fn answer(dialect: &str, bytes: &[u8]) -> Answer {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_journal_counts_its_batches_and_the_records_they_wrote() {
-    const RECORDS: &str = "refundgate_journal_records_total";
-    const BATCHES: &str = "refundgate_journal_batches_total";
+/// `/metrics` before and after five approved sales, sent one at a time on one connection.
+async fn scrapes_around_five_sales() -> (String, String) {
     let gw = start().await;
     let mut c = connect(&gw.listeners[0]).await;
     let before = scrape(gw.admin).await;
@@ -318,9 +316,16 @@ async fn the_journal_counts_its_batches_and_the_records_they_wrote() {
         );
         assert_eq!(a.code.as_str(), "00");
     }
+    (before, scrape(gw.admin).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_counts_its_batches_and_the_records_they_wrote() {
+    const RECORDS: &str = "refundgate_journal_records_total";
+    const BATCHES: &str = "refundgate_journal_batches_total";
     // Other tests of this binary journal too: the counters move at least by these sales.
     // Both read from one scrape each, so another test's batch counts in both or in neither.
-    let after = scrape(gw.admin).await;
+    let (before, after) = scrapes_around_five_sales().await;
     let records = metric_value(&after, RECORDS) - metric_value(&before, RECORDS);
     let batches = metric_value(&after, BATCHES) - metric_value(&before, BATCHES);
     assert!(records >= 5.0, "{records} records for 5 approved sales");
@@ -336,20 +341,9 @@ async fn the_journal_reports_how_long_its_syncs_take_in_buckets() {
     const COUNT: &str = "refundgate_journal_sync_seconds_count";
     const SUM: &str = "refundgate_journal_sync_seconds_sum";
     const ALL: &str = "refundgate_journal_sync_seconds_bucket{le=\"+Inf\"}";
-    let gw = start().await;
-    let mut c = connect(&gw.listeners[0]).await;
-    let before = scrape(gw.admin).await;
-    for stan in 1..=5 {
-        let sale = ascii("0200", "000000", 1000, stan, &[]);
-        let a = answer(
-            "ascii1987",
-            &exchange(&mut c, false, &encode("ascii1987", &sale)).await,
-        );
-        assert_eq!(a.code.as_str(), "00");
-    }
     // Sent one at a time: each approval waited for a sync of its own (other tests of this
     // binary journal too, so at least these five).
-    let after = scrape(gw.admin).await;
+    let (before, after) = scrapes_around_five_sales().await;
     let count = metric_value(&after, COUNT) - metric_value(&before, COUNT);
     assert!(count >= 5.0, "{count} syncs timed for 5 approved sales");
     let sum = metric_value(&after, SUM) - metric_value(&before, SUM);
