@@ -66,7 +66,25 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts the servers (their stores under `dir`) and waits until each accepts clients.
+    /// The ports are picked free but can be taken by another test before a server binds
+    /// them: a server that exits at start, or does not listen in time, has the whole cluster
+    /// started again on new ports (its log, `nats{i}.log` under `dir`, says why).
     pub fn start(bin: &Path, dir: &Path, n: usize) -> NatsCluster {
+        const ATTEMPTS: usize = 4;
+        let mut why = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_start(bin, dir, n, attempt) {
+                Ok(cluster) => return cluster,
+                Err(e) => {
+                    eprintln!("nats cluster, attempt {attempt} of {ATTEMPTS}: {e}");
+                    why = e;
+                }
+            }
+        }
+        panic!("nats cluster did not start in {ATTEMPTS} attempts: {why}");
+    }
+
+    fn try_start(bin: &Path, dir: &Path, n: usize, attempt: usize) -> Result<NatsCluster, String> {
         let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes = route_ports
@@ -74,10 +92,14 @@ impl NatsCluster {
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut servers = Vec::new();
+        // Dropped on failure: the servers already started are killed.
+        let mut cluster = NatsCluster {
+            servers: Vec::new(),
+            client_ports: client_ports.clone(),
+        };
         for i in 0..n {
             let conf = dir.join(format!("nats{i}.conf"));
-            let cluster = if n > 1 {
+            let cluster_conf = if n > 1 {
                 format!(
                     "cluster {{ name: rg, listen: 127.0.0.1:{}, routes: [{routes}] }}\n",
                     route_ports[i]
@@ -88,35 +110,52 @@ impl NatsCluster {
             std::fs::write(
                 &conf,
                 format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n{cluster}",
+                    "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n{cluster_conf}",
                     client_ports[i],
-                    dir.join(format!("js{i}")).display(),
+                    dir.join(format!("js{i}-{attempt}")).display(),
                 ),
             )
             .unwrap();
+            let log = std::fs::File::create(dir.join(format!("nats{i}.log"))).unwrap();
             let child = Command::new(bin)
                 .arg("-c")
                 .arg(&conf)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()
                 .unwrap();
-            servers.push(Some(child));
+            cluster.servers.push(Some(child));
         }
-        for p in &client_ports {
+        let exited = |cluster: &mut NatsCluster, i: usize| {
+            let status = cluster.servers[i].as_mut()?.try_wait().ok()??;
+            let log = std::fs::read_to_string(dir.join(format!("nats{i}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            Some(format!(
+                "nats-server {i} on {} exited ({status}): {}",
+                client_ports[i],
+                tail.join(" | ")
+            ))
+        };
+        for (i, p) in client_ports.iter().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(20);
             while TcpStream::connect(("127.0.0.1", *p)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "nats-server on {p} did not start"
-                );
+                if let Some(e) = exited(&mut cluster, i) {
+                    return Err(e);
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("nats-server {i} on {p} did not listen within 20 s"));
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        NatsCluster {
-            servers,
-            client_ports,
+        // A port answered, but it may be another test's: each server must still be running.
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..n {
+            if let Some(e) = exited(&mut cluster, i) {
+                return Err(e);
+            }
         }
+        Ok(cluster)
     }
 
     /// The servers' URLs.
