@@ -13,7 +13,10 @@
 #      the ports and the journal directory moved so it cannot clash with a running gateway),
 #      fresh journal, driven by the same client with the same traffic and shapes.
 # Then `ceiling fsync --batch 1` on the gateway's journal directory (same file system as the
-# default data/journal: it lives under target/).
+# default data/journal: it lives under target/). Per round it also prints how many of the
+# gateway's journal syncs during its open-loop run took over 2.5 ms and over 10 ms (its
+# refundgate_journal_sync_seconds, scraped before and after): each holds every answer decided
+# meanwhile, and a few of them decide that run's p99.
 #
 # Targets (issue 15): 256x1 >= 0.85, 64x8 >= 0.45 of ceiling serve; open-loop p99 <= ceiling
 # p99 + 2 x fsync batch-1 p99; generator >= 0.80 of ceiling load; 0 mismatches in every run.
@@ -70,6 +73,20 @@ wait_port() { # port pid
 stop() { # pid
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
+}
+
+# sync_buckets FILE: the gateway's journal sync histogram now, one "le count" line per bucket
+sync_buckets() {
+    curl -s "127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null \
+        | sed -n 's/^refundgate_journal_sync_seconds_bucket{le="\([^"]*\)"} \([0-9.e+]*\)$/\1 \2/p' >"$1" || true
+}
+
+# slow_syncs BEFORE AFTER: the syncs between two sync_buckets, and how many took over 2.5 ms
+# and over 10 ms (each such sync holds every answer decided while it runs)
+slow_syncs() {
+    awk 'NR == FNR { b[$1] = $2; next } { d[$1] = $2 - b[$1] }
+         END { printf "%d syncs, %d over 2.5 ms, %d over 10 ms", d["+Inf"], d["+Inf"] - d["0.0025"], d["+Inf"] - d["0.01"] }' "$1" "$2" 2>/dev/null \
+        || echo "no journal histogram"
 }
 
 # --- build ------------------------------------------------------------------------------------
@@ -173,7 +190,11 @@ for r in $(seq "$ROUNDS"); do
     else
         run "r$r-gw-64x8" "$GATEWAY_PORT" "$SCENARIO" 64 8 --closed
     fi
+    sync_buckets "$OUT/r$r-sync-before.txt"
     run "r$r-gw-open" "$GATEWAY_PORT" "$SCENARIO" 64 8 --rate "$RATE"
+    sync_buckets "$OUT/r$r-sync-after.txt"
+    slow_syncs "$OUT/r$r-sync-before.txt" "$OUT/r$r-sync-after.txt" >"$OUT/r$r-open-syncs.txt"
+    say "   r$r-gw-open journal: $(cat "$OUT/r$r-open-syncs.txt")"
     if [ "${MIXED:-0}" = 1 ]; then
         run "r$r-gw-mixed-64x8" "$GATEWAY_PORT" fixtures/replay/mixed-day-ascii1987.toml 64 8 --closed
     fi
@@ -234,13 +255,15 @@ printf '%-44s %-14s %-40s %-7s %s\n' "generator: refundgate load 64 x 8 -> ceili
 printf '%-44s %-14s %-40s %-7s %s\n' "mismatches / errors, all load runs" "$MISMATCHES / $ERRORS" "" "" "0 $( [ "$MISMATCHES" = 0 ] && echo met || echo MISSED)"
 echo "log lines dropped by the gateway per round: $(cat "$OUT"/r*-dropped.txt 2>/dev/null | tr '\n' ' ')"
 echo
-echo "per round (ratio 256x1, ratio 64x8, gateway p99 / ceiling p99 us, generator ratio):"
+echo "per round (ratio 256x1, ratio 64x8, gateway p99 / ceiling p99 us, generator ratio; the"
+echo "gateway's journal syncs during its open-loop run, from refundgate_journal_sync_seconds):"
 for r in $(seq "$ROUNDS"); do
-    printf '  round %s: %s  %s  %s / %s  %s\n' "$r" \
+    printf '  round %s: %s  %s  %s / %s  %s  (%s)\n' "$r" \
         "$(ratio_rounds gw-256x1 ceiling-256x1 | sed -n "${r}p" | xargs printf '%.2f')" \
         "$(ratio_rounds gw-64x8 ceiling-64x8 | sed -n "${r}p" | xargs printf '%.2f')" \
         "$(p99_of "r$r-gw-open")" "$(p99_of "r$r-ceiling-open")" \
-        "$(gen_rounds | sed -n "${r}p" | xargs printf '%.2f')"
+        "$(gen_rounds | sed -n "${r}p" | xargs printf '%.2f')" \
+        "$(cat "$OUT/r$r-open-syncs.txt" 2>/dev/null || echo "no journal histogram")"
 done
 if [ "${MIXED:-0}" = 1 ]; then
     echo "gateway 64 x 8 mixed-day (informational): $(per_round tput_of gw-mixed-64x8 | median | xargs printf '%.0f')/s"
