@@ -22,12 +22,18 @@
 //! If the write or the sync fails, every record not yet durable — the failed chunk, the rest
 //! of the batch and everything queued behind it — is dropped: their waiters get
 //! [`StoreError::Unavailable`] (their failure epoch has ended below their seq), and the next
-//! record takes the first failed seq again and is written at the same offset. The failed bytes
-//! may be in the page cache or on disk, or neither, so the next write (records, or zeros if
-//! there are none) also covers the whole failed region, and starts at the page boundary before
-//! it with the bytes of that page kept in memory: nothing written before a failed sync is
-//! trusted to be on disk until a later sync covering it succeeds. Before moving to a new
-//! segment the failed region is zeroed and synced the same way.
+//! record takes the first failed seq again. The failed bytes may be in the page cache or on
+//! disk, whole, torn or not at all, and a crash may keep any of them, so they are never
+//! written over: an overwrite torn by a crash could leave zeros in front of whole failed
+//! records, which recovery must take for damage in the middle of the log. Instead the writer
+//! leaves the segment as it is and goes on in a fresh one that starts with a void marker
+//! ([`record::encode_void`]): "records from seq `from` on, before this, were never
+//! acknowledged". The marker goes out with the next batch (in its write and sync), or alone
+//! on [`scrub`](Writer::scrub) and at shutdown, so a restart does not replay appends answered
+//! as failed; if the marker never reaches the disk, recovery's caveat applies (see
+//! [`Journal::append`](super::Journal::append)). A failure in the fresh segment moves on
+//! again. Each failure costs a segment file, so a flapping disk leaves short segments behind;
+//! snapshots remove them like any other.
 //!
 //! With `hold_after_failure`, the journal then refuses appends until the caller has
 //! [`scrub`](super::Journal::scrub)bed the failed region, rebuilt its state from what is
@@ -51,8 +57,7 @@ use super::segment::{self, Segment, SEGMENT_HEADER_BYTES};
 use super::storage::Storage;
 use super::{Durability, StoreError};
 
-/// The page size assumed when rewriting after a fault (the start of a failed write is
-/// rewritten from this boundary).
+/// The page size: the segment's size floor (see `segment::SEGMENT_BYTES_MIN`).
 pub(crate) const PAGE_BYTES: u64 = 4096;
 
 /// Failure epochs remembered for late waiters.
@@ -321,8 +326,6 @@ pub(crate) struct WriterStart {
     pub active: Segment,
     pub active_last_seq: Option<u64>,
     pub pos: u64,
-    /// Bytes `[pos rounded down to a page, pos)` of the active segment.
-    pub tail: Vec<u8>,
     pub next_seq: u64,
     pub spares: VecDeque<Segment>,
     pub next_index: u64,
@@ -337,11 +340,11 @@ pub(crate) struct Writer {
     active: Segment,
     active_last_seq: Option<u64>,
     pos: u64,
-    tail: Vec<u8>,
-    /// After a failure: end of the region that may hold failed bytes (else equals `pos`).
-    dirty_end: u64,
-    /// After a failure: rewrite from the page boundary before `pos`.
-    rewrite: bool,
+    /// A write or sync in the active segment failed: nothing more is written to it.
+    abandoned: bool,
+    /// The active segment is fresh after a failure: its first write starts with a void
+    /// marker from this seq (`pos` is past the room kept for it).
+    void_from: Option<u64>,
     next_seq: u64,
     spares: VecDeque<Segment>,
     pending: Option<JoinHandle<io::Result<Segment>>>,
@@ -374,9 +377,8 @@ impl Writer {
             active: start.active,
             active_last_seq: start.active_last_seq,
             pos: start.pos,
-            tail: start.tail,
-            dirty_end: start.pos,
-            rewrite: false,
+            abandoned: false,
+            void_from: None,
             next_seq: start.next_seq,
             spares: start.spares,
             pending: None,
@@ -430,12 +432,10 @@ impl Writer {
                 }
             }
         }
-        if self.rewrite || self.dirty_end > self.pos {
-            // Wipe a failed region at shutdown too, so a clean restart cannot replay appends
-            // that were answered as failed. If the storage is still failing, recovery's
-            // caveat applies (see `Journal::append`).
-            let _ = self.write(&[]);
-        }
+        // Void a failed region at shutdown too, so a clean restart cannot replay appends
+        // that were answered as failed. If the storage is still failing, recovery's caveat
+        // applies (see `Journal::append`).
+        let _ = self.scrub();
         if let Some(pending) = self.pending.take() {
             // Let an in-flight preallocation finish so shutdown leaves whole files.
             let _ = pending.join();
@@ -454,13 +454,25 @@ impl Writer {
         taken.len()
     }
 
-    /// Rewrites a failed region (if any) so the files hold exactly the durable records.
+    /// Voids a failed region (if any), so the files replay exactly the durable records: moves
+    /// to a fresh segment and writes its void marker alone.
     pub(crate) fn scrub(&mut self) -> io::Result<()> {
-        if self.rewrite || self.dirty_end > self.pos {
+        if self.abandoned {
+            self.leave_failed_segment()?;
+        }
+        if self.void_from.is_some() {
             self.write(&[])
         } else {
             Ok(())
         }
+    }
+
+    /// Moves to a fresh segment after a failure, keeping room for its void marker.
+    fn leave_failed_segment(&mut self) -> io::Result<()> {
+        self.void_from = Some(self.next_seq);
+        self.switch_segment()?;
+        self.abandoned = false;
+        Ok(())
     }
 
     /// Writes `taken` in chunks that fit the batch limits and the segment; stops at the first
@@ -468,6 +480,12 @@ impl Writer {
     fn write_taken(&mut self, taken: &[Request]) {
         let mut i = 0;
         while i < taken.len() {
+            if self.abandoned {
+                if let Err(error) = self.leave_failed_segment() {
+                    self.fail(&error);
+                    return;
+                }
+            }
             let need = record::encoded_len(taken[i].payload.len()) as u64;
             if self.pos + need > self.active.size {
                 if let Err(error) = self.rotate() {
@@ -499,7 +517,7 @@ impl Writer {
             if self.failing_batches > 0 {
                 tracing::info!(
                     failed_batches = self.failing_batches,
-                    "journal storage recovered; failed region rewritten"
+                    "journal storage recovered; failed region voided, writing in a fresh segment"
                 );
                 self.failing_batches = 0;
             }
@@ -557,14 +575,16 @@ impl Writer {
         self.shared.moved.notify_waiters();
     }
 
-    /// Writes `batch` (possibly empty, to scrub a failed region) at `pos` and syncs it.
+    /// Writes `batch` at `pos` (after the void marker, if the segment owes one; an empty
+    /// batch writes just the marker) and syncs it.
     fn write(&mut self, batch: &[Request]) -> io::Result<()> {
         self.buf.clear();
-        let (start, prefix) = if self.rewrite {
-            self.buf.extend_from_slice(&self.tail);
-            (self.pos - self.tail.len() as u64, self.tail.len())
-        } else {
-            (self.pos, 0)
+        let start = match self.void_from {
+            Some(from) => {
+                record::encode_void(from, &mut self.buf);
+                SEGMENT_HEADER_BYTES as u64
+            }
+            None => self.pos,
         };
         let mut seq = self.next_seq;
         for request in batch {
@@ -572,10 +592,6 @@ impl Writer {
             record::encode(seq, &request.payload, &mut self.buf);
             seq += 1;
         }
-        let records_len = self.buf.len() - prefix;
-        let records_end = self.pos + records_len as u64;
-        let write_end = records_end.max(self.dirty_end);
-        self.buf.resize((write_end - start) as usize, 0);
         let result = self.active.file.write_at(&self.buf, start).and_then(|()| {
             match self.config.durability {
                 Durability::Fdatasync => self.active.file.sync_data(),
@@ -583,18 +599,11 @@ impl Writer {
             }
         });
         if let Err(error) = result {
-            self.dirty_end = self.dirty_end.max(write_end);
-            self.rewrite = true;
+            self.abandoned = true;
             return Err(error);
         }
-        advance_tail(
-            &mut self.tail,
-            &self.buf[prefix..prefix + records_len],
-            records_end,
-        );
-        self.pos = records_end;
-        self.dirty_end = records_end;
-        self.rewrite = false;
+        self.pos = start + self.buf.len() as u64;
+        self.void_from = None;
         if seq > self.next_seq {
             self.active_last_seq = Some(seq - 1);
             self.shared.durable_seq.store(seq - 1, Ordering::Release);
@@ -604,13 +613,15 @@ impl Writer {
         Ok(())
     }
 
+    /// Rotates when the active segment is full.
     fn rotate(&mut self) -> io::Result<()> {
-        if self.rewrite || self.dirty_end > self.pos {
-            self.write(&[])?;
-        }
+        self.switch_segment()
+    }
+
+    /// Closes the active segment and moves to a spare (a void marker still owed goes with it).
+    fn switch_segment(&mut self) -> io::Result<()> {
         let next = self.take_spare()?;
-        tracing::debug!(segment = %next.path.display(), "journal rotates to a new segment");
-        self.tail = segment::encode_header(next.index).to_vec();
+        tracing::debug!(segment = %next.path.display(), index = next.index, "journal moves to a new segment");
         let old = std::mem::replace(&mut self.active, next);
         let closed = ClosedSegment {
             path: old.path,
@@ -622,19 +633,15 @@ impl Writer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(closed);
         self.pos = SEGMENT_HEADER_BYTES as u64;
-        self.dirty_end = self.pos;
+        if self.void_from.is_some() {
+            self.pos += record::VOID_BYTES as u64;
+        }
         Ok(())
     }
 
     fn take_spare(&mut self) -> io::Result<Segment> {
         if let Some(spare) = self.spares.pop_front() {
             return Ok(spare);
-        }
-        if self.rewrite || self.dirty_end > self.pos {
-            // Wipe a failed region at shutdown too, so a clean restart cannot replay appends
-            // that were answered as failed. If the storage is still failing, recovery's
-            // caveat applies (see `Journal::append`).
-            let _ = self.write(&[]);
         }
         if let Some(pending) = self.pending.take() {
             return pending
@@ -681,20 +688,6 @@ impl Writer {
                 tracing::warn!(error = %error, "cannot start segment preallocation; will create at rotation");
             }
         }
-    }
-}
-
-/// Keeps `tail` = the bytes from the page boundary before `new_pos` up to `new_pos`, after
-/// `records` were written ending at `new_pos` (and `tail` held the same for the old position).
-fn advance_tail(tail: &mut Vec<u8>, records: &[u8], new_pos: u64) {
-    let keep = (new_pos % PAGE_BYTES) as usize;
-    if records.len() >= keep {
-        tail.clear();
-        tail.extend_from_slice(&records[records.len() - keep..]);
-    } else {
-        let from_old = keep - records.len();
-        tail.drain(..tail.len() - from_old);
-        tail.extend_from_slice(records);
     }
 }
 
@@ -769,18 +762,5 @@ mod tests {
         let mut gather = Gather::new(GatherConfig::OFF, now);
         let heavy = feed(&mut gather, &mut now, 3, 50_000, 100);
         assert!(heavy.iter().all(Option::is_none), "{heavy:?}");
-    }
-
-    #[test]
-    fn the_tail_tracks_the_last_partial_page() {
-        let mut file = vec![7u8; 32];
-        let mut tail = file.clone();
-        for len in [10usize, 5000, 3, 4096 - 45 - 5000 % 4096 + 4096, 1, 8000] {
-            let records: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            file.extend_from_slice(&records);
-            advance_tail(&mut tail, &records, file.len() as u64);
-            let floor = file.len() / 4096 * 4096;
-            assert_eq!(tail, file[floor..], "after {len}");
-        }
     }
 }

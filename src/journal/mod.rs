@@ -29,19 +29,21 @@
 //! # Faults
 //!
 //! A failed write or sync fails every append of its batch with [`StoreError`] (answer 96)
-//! and acknowledges nothing. The journal stays on the same segment and offset: the next
-//! batch reuses the failed seqs, rewrites from the page boundary before the failed region
-//! (from a copy kept in memory, since after a failed `fdatasync` the page cache cannot be
-//! trusted to reach the disk) and zeroes whatever of the failed region its records do not
-//! cover, so replay returns exactly what was acknowledged. The writer does this again before
-//! rotating and at shutdown. Caveat: if the process dies while the storage is failing, bytes
+//! and acknowledges nothing. The failed bytes are never written over (a torn overwrite could
+//! leave zeros in front of whole failed records, which recovery must refuse as damage in the
+//! middle): the writer leaves that segment and goes on in a fresh one whose first record is a
+//! void marker, "records from seq `from` on, before me, were never acknowledged"; the next
+//! batch reuses the failed seqs after it, and replay returns exactly what was acknowledged.
+//! [`Journal::scrub`] and shutdown write the marker alone. Caveat: if the process dies while the storage is failing, bytes
 //! the storage persisted despite reporting failure may be replayed — the 96 answer means
 //! "outcome unknown", and the terminal's reversal settles it.
 //!
 //! # Recovery
 //!
 //! A bad record followed by nothing but zeros or garbage is a torn tail: zeroed at open
-//! with one warning. A bad record with any valid record after it, or a seq gap, refuses
+//! with one warning; so is garbage in a later segment with nothing valid after it (a write
+//! in the fresh segment that failed too). A segment that starts with a void marker cuts the
+//! records it voids from the segments before it, and clears their torn tails. A bad record with any valid record after it, or a seq gap, refuses
 //! the open naming the file and byte offset. This is conservative: a torn multi-page batch
 //! whose later pages reached the disk before its earlier ones is refused too, rather than
 //! guessed about; `verify` shows where.
@@ -665,7 +667,7 @@ fn prepare(
             _ => {}
         }
     }
-    if let Some(torn) = &scan.torn {
+    for torn in &scan.torn {
         let io = |op| move |e| JournalError::io(op, torn.path.clone(), e);
         let file = storage.open(&torn.path, true).map_err(io("open"))?;
         let zeros = vec![0u8; (torn.garbage_end - torn.offset) as usize];
@@ -684,7 +686,6 @@ fn prepare(
         let active = segment::create_segment(storage, dir, 0, options.segment_bytes)
             .map_err(|e| JournalError::io("create segment in", dir.to_path_buf(), e))?;
         let start = WriterStart {
-            tail: segment::encode_header(0).to_vec(),
             active,
             active_last_seq: None,
             pos: SEGMENT_HEADER_BYTES as u64,
@@ -694,10 +695,12 @@ fn prepare(
         };
         return Ok((start, Vec::new()));
     };
+    // The last segment holding anything (records or a void marker): writing on in an earlier
+    // one would put acknowledged records in front of a void marker that cuts them.
     let at = scan
         .segments
         .iter()
-        .rposition(|s| s.records > 0)
+        .rposition(|s| s.end > SEGMENT_HEADER_BYTES as u64)
         .unwrap_or(0);
     let closed = scan.segments[..at]
         .iter()
@@ -708,13 +711,6 @@ fn prepare(
         .collect();
     let active_scan = &scan.segments[at];
     let active = open_segment(storage, active_scan)?;
-    let tail_start = active_scan.end / PAGE_BYTES * PAGE_BYTES;
-    let mut tail = vec![0u8; (active_scan.end - tail_start) as usize];
-    let n = active
-        .file
-        .read_at(&mut tail, tail_start)
-        .map_err(|e| JournalError::io("read", active.path.clone(), e))?;
-    tail.truncate(n);
     let spares = scan.segments[at + 1..]
         .iter()
         .map(|s| open_segment(storage, s))
@@ -723,7 +719,6 @@ fn prepare(
         active,
         active_last_seq: active_scan.last_seq,
         pos: active_scan.end,
-        tail,
         next_seq,
         spares,
         next_index: last.index + 1,

@@ -4,6 +4,11 @@
 //! the records in a segment (segments are pre-zeroed). The CRC32C covers the length word,
 //! the sequence number and the payload, so a damaged length is caught as surely as a
 //! damaged payload.
+//!
+//! Seq 0 is never a ledger record: a record with seq 0 is a *void marker* whose payload is
+//! the seq `from` (u64 LE). The writer puts one at the start of the segment it moves to after
+//! a failed write: every record with a seq of `from` or above in the segments before it was
+//! never acknowledged, and replay skips it (see `recovery`).
 
 /// Bytes in front of every payload: length, CRC32C, sequence number.
 pub const RECORD_HEADER_BYTES: usize = 16;
@@ -45,6 +50,22 @@ pub fn encode(seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&seq);
     out.extend_from_slice(payload);
+}
+
+/// The seq field of a void marker.
+pub const VOID_SEQ: u64 = 0;
+/// Bytes of a whole void marker.
+pub const VOID_BYTES: usize = encoded_len(8);
+
+/// Appends a void marker: records from seq `from` on, before it, are void.
+pub fn encode_void(from: u64, out: &mut Vec<u8>) {
+    encode(VOID_SEQ, &from.to_le_bytes(), out);
+}
+
+/// The `from` of a void marker's payload (`None`: not one).
+pub fn void_from(payload: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = payload.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
 }
 
 /// Decodes the record at the start of `buf` (which runs to the end of the segment).
@@ -179,6 +200,21 @@ mod tests {
             proptest::prop_assert_eq!(decoded, expected);
             proptest::prop_assert_eq!(frame(&out), Some((seq, payload.as_slice())));
         }
+    }
+
+    #[test]
+    fn a_void_marker_round_trips() {
+        let mut out = Vec::new();
+        encode_void(42, &mut out);
+        assert_eq!(out.len(), VOID_BYTES);
+        match decode(&out) {
+            Decoded::Record { seq, payload, .. } => {
+                assert_eq!(seq, VOID_SEQ);
+                assert_eq!(void_from(payload), Some(42));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(void_from(b"short"), None);
     }
 
     #[test]

@@ -8,7 +8,15 @@
 //!   segment, means the damage is in the middle of the log: [`JournalError::Corrupt`] names
 //!   the file and byte offset, and nothing is changed;
 //! - otherwise it is a torn tail (a write that never completed its sync, so never
-//!   acknowledged): the open zeroes it and logs one warning; `verify` reports it.
+//!   acknowledged): the open zeroes it and logs one warning; `verify` reports it. Later
+//!   segments holding only garbage are torn tails too (a write that failed after the writer
+//!   left a failed segment).
+//!
+//! A segment that starts with a void marker (seq 0, payload `from`; see [`record`]) was
+//! begun after a failed write: every record from seq `from` on in the segments before it was
+//! never acknowledged, so the scan cuts them (a segment's `end` moves back to the record
+//! `from`) and clears the torn tails found so far, which can only lie in that failed region.
+//! `from` must not be past the last record plus one. Replay skips the markers.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +50,8 @@ pub(crate) struct SegmentScan {
     pub last_seq: Option<u64>,
     /// Offset just after the last valid record (the header length when there is none).
     pub end: u64,
+    /// Where its records start: after the header, and after a void marker if it has one.
+    pub records_start: u64,
 }
 
 /// A torn tail: bytes `[offset, garbage_end)` of a segment hold no valid record.
@@ -60,7 +70,8 @@ pub(crate) struct Scan {
     pub snapshot: Option<Snapshot>,
     /// Leftover `.tmp` files of interrupted preallocations or snapshot writes.
     pub stale: Vec<PathBuf>,
-    pub torn: Option<Torn>,
+    /// Torn tails, in file order (more than one only across segments left after failures).
+    pub torn: Vec<Torn>,
     /// The last seq recovered: the last record's, or the snapshot's if that is higher.
     pub last_seq: u64,
 }
@@ -103,7 +114,7 @@ impl Recovered {
             after_seq,
             records,
             last_seq: scan.last_seq,
-            torn_tail: scan.torn.is_some(),
+            torn_tail: !scan.torn.is_empty(),
         }
     }
 
@@ -154,6 +165,10 @@ impl Recovered {
                 let Some((seq, payload)) = record::frame(&buf[off..]) else {
                     return Err(changed(&segment.path, off));
                 };
+                if seq == record::VOID_SEQ {
+                    off += record::encoded_len(payload.len());
+                    continue;
+                }
                 if seq > self.after_seq {
                     if seq != expected {
                         return Err(changed(&segment.path, off));
@@ -212,7 +227,7 @@ impl ReadOnly {
         Ok(ReadOnly {
             first_seq: scan.segments.iter().find_map(|s| s.first_seq),
             last_seq: scan.last_seq,
-            torn_tail: scan.torn.is_some(),
+            torn_tail: !scan.torn.is_empty(),
             snapshot: scan.snapshot,
             segments: scan
                 .segments
@@ -247,6 +262,10 @@ impl ReadOnly {
                 let Some((seq, payload)) = record::frame(&buf[off..]) else {
                     return Err(changed(&segment.path, off));
                 };
+                if seq == record::VOID_SEQ {
+                    off += record::encoded_len(payload.len());
+                    continue;
+                }
                 if expected.is_some_and(|e| e != seq) {
                     return Err(changed(&segment.path, off));
                 }
@@ -390,7 +409,7 @@ struct Walk {
     snapshot_seq: u64,
     expected: Option<u64>,
     last_good: u64,
-    torn: Option<Torn>,
+    torn: Vec<Torn>,
     segments: Vec<SegmentScan>,
 }
 
@@ -400,7 +419,7 @@ impl Walk {
             snapshot_seq,
             expected: None,
             last_good: snapshot_seq,
-            torn: None,
+            torn: Vec::new(),
             segments: Vec::new(),
         }
     }
@@ -422,10 +441,28 @@ impl Walk {
             first_seq: None,
             last_seq: None,
             end: SEGMENT_HEADER_BYTES as u64,
+            records_start: SEGMENT_HEADER_BYTES as u64,
         };
         let mut off = SEGMENT_HEADER_BYTES;
+        if let Decoded::Record {
+            seq: record::VOID_SEQ,
+            payload,
+            encoded_len,
+        } = record::decode(&buf[off..])
+        {
+            let Some(from) = record::void_from(payload) else {
+                return Err(corrupt(path, off as u64, "void marker with a bad payload"));
+            };
+            self.void(storage, path, off as u64, from)?;
+            off += encoded_len;
+            scan.records_start = off as u64;
+        }
         let reason = loop {
             let (seq, encoded_len) = match record::decode(&buf[off..]) {
+                Decoded::Record {
+                    seq: record::VOID_SEQ,
+                    ..
+                } => break "void marker after the start of a segment",
                 Decoded::Record {
                     seq, encoded_len, ..
                 } => (seq, encoded_len),
@@ -442,14 +479,11 @@ impl Walk {
         scan.end = off as u64;
         let rest = &buf[off..];
         if !record::is_zero(rest) {
-            if let Some(torn) = &self.torn {
-                return Err(corrupt(&torn.path, torn.offset, torn.reason));
-            }
             if find_record_after(rest, self.last_good, &mut ScanWork::default()).is_some() {
                 return Err(corrupt(path, off as u64, reason));
             }
             let garbage = rest.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-            self.torn = Some(Torn {
+            self.torn.push(Torn {
                 path: path.to_path_buf(),
                 offset: off as u64,
                 garbage_end: (off + garbage) as u64,
@@ -460,8 +494,63 @@ impl Walk {
         Ok(())
     }
 
+    /// A void marker at `offset` of `path`: cuts every record from seq `from` on out of the
+    /// segments scanned so far.
+    fn void(
+        &mut self,
+        storage: &Arc<dyn Storage>,
+        path: &Path,
+        offset: u64,
+        from: u64,
+    ) -> Result<(), JournalError> {
+        if from == 0 || from > self.last_good + 1 {
+            return Err(corrupt(path, offset, "void marker past the last record"));
+        }
+        let mut buf = Vec::new();
+        for scan in self.segments.iter_mut().rev() {
+            let (Some(first), Some(last)) = (scan.first_seq, scan.last_seq) else {
+                continue;
+            };
+            if last < from {
+                break;
+            }
+            if first >= from {
+                scan.records = 0;
+                scan.record_bytes = 0;
+                scan.first_seq = None;
+                scan.last_seq = None;
+                scan.end = scan.records_start;
+                continue;
+            }
+            read_whole(storage, &scan.path, scan.end, &mut buf)?;
+            let mut at = scan.records_start as usize;
+            let (mut records, mut bytes) = (0u64, 0u64);
+            loop {
+                let Some((seq, payload)) = buf.get(at..).and_then(record::frame) else {
+                    return Err(changed(&scan.path, at));
+                };
+                if seq >= from {
+                    break;
+                }
+                let len = record::encoded_len(payload.len());
+                records += 1;
+                bytes += len as u64;
+                at += len;
+            }
+            scan.records = records;
+            scan.record_bytes = bytes;
+            scan.last_seq = Some(from - 1);
+            scan.end = at as u64;
+            break;
+        }
+        self.torn.clear();
+        self.expected = Some(from);
+        self.last_good = self.snapshot_seq.max(from - 1);
+        Ok(())
+    }
+
     fn check_seq(&mut self, path: &Path, offset: u64, seq: u64) -> Result<(), JournalError> {
-        if let Some(torn) = &self.torn {
+        if let Some(torn) = self.torn.first() {
             return Err(corrupt(&torn.path, torn.offset, torn.reason));
         }
         match self.expected {

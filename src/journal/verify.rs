@@ -54,7 +54,7 @@ pub fn verify_with(storage: &Arc<dyn Storage>, dir: &Path) -> Result<VerifyRepor
         snapshot_seq: scan.snapshot.as_ref().map(|s| s.seq),
         torn_tail: scan
             .torn
-            .as_ref()
+            .first()
             .map(|t| (t.path.clone(), t.offset, t.garbage_end - t.offset)),
     })
 }
