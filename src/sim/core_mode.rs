@@ -1130,11 +1130,14 @@ impl State {
                 } else if r.op == Op::Bad && answer.de39 == "00" {
                     // Damaged bytes the gateway approved were forwarded under the keys it
                     // read from them, which may be another request's: that key's posting
-                    // is theirs, answered 00.
+                    // is theirs, answered 00. Also when that request was answered 91 or 96
+                    // before: those are not stored, so the key was decided again, and what
+                    // the host holds under it was answered 00 (seed 40009).
                     if let Some(key) = r.raw.as_deref().and_then(routed_key_of) {
-                        self.routed_answers
-                            .entry(key)
-                            .or_insert_with(|| answer.de39.clone());
+                        let code = self.routed_answers.entry(key).or_default();
+                        if code.is_empty() || is_transient_code(code) {
+                            *code = answer.de39.clone();
+                        }
                     }
                 }
             }
@@ -1675,6 +1678,12 @@ fn decode_answer(bytes: &[u8]) -> Option<Answer> {
         de44: text(44),
         de54: text(54),
     })
+}
+
+/// A DE39 the gateway does not store for a routed request (91 host, 96 journal): a request
+/// with the same key later is decided again.
+fn is_transient_code(de39: &str) -> bool {
+    matches!(de39, "91" | "96")
 }
 
 fn is_transient(de44: &str) -> bool {
