@@ -154,3 +154,103 @@ fn a_scrubbed_failed_batch_is_never_replayed() {
         }
     }
 }
+
+/// (seq, payload) records.
+type Records = Vec<(u64, Vec<u8>)>;
+
+/// Segment files written by hand: `segments[i]` holds (void marker from, records).
+fn hand_written(dir: &std::path::Path, segments: &[(Option<u64>, Records)]) {
+    use refundgate::journal::record;
+    use refundgate::journal::segment::{encode_header, segment_file_name};
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, (void, records)) in segments.iter().enumerate() {
+        let mut bytes = encode_header(i as u64).to_vec();
+        if let Some(from) = void {
+            record::encode_void(*from, &mut bytes);
+        }
+        for (seq, p) in records {
+            record::encode(*seq, p, &mut bytes);
+        }
+        bytes.resize(64 * 1024, 0);
+        std::fs::write(dir.join(segment_file_name(i as u64)), bytes).unwrap();
+    }
+}
+
+fn fs_options() -> Options {
+    Options {
+        segment_bytes: 64 * 1024,
+        ..Options::default()
+    }
+}
+
+#[test]
+fn a_void_marker_cuts_the_records_it_voids_and_appends_go_on_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old: Records = (1..=5).map(|s| (s, payload("old", s))).collect();
+    let new: Records = (3..=4).map(|s| (s, payload("new", s))).collect();
+    hand_written(tmp.path(), &[(None, old.clone()), (Some(3), new.clone())]);
+    let report = refundgate::journal::verify(tmp.path()).unwrap();
+    assert_eq!(
+        (report.records, report.last_seq),
+        (4, Some(4)),
+        "{report:?}"
+    );
+    let (journal, recovered) = Journal::open(tmp.path(), fs_options()).unwrap();
+    let mut records = Vec::new();
+    recovered
+        .replay(|seq, p| records.push((seq, p.to_vec())))
+        .unwrap();
+    let expected: Records = old[..2].iter().chain(&new).cloned().collect();
+    assert_eq!(
+        records, expected,
+        "records 3..5 of the first segment are void"
+    );
+    assert_eq!(recovered.records_to_replay(), 4);
+    assert_eq!(journal.append_blocking(payload("after", 5)).unwrap(), 5);
+    drop(journal);
+    let view = refundgate::journal::ReadOnly::open(tmp.path()).unwrap();
+    let mut seen = Vec::new();
+    view.records(0, |seq, p| seen.push((seq, p.to_vec())))
+        .unwrap();
+    let mut expected = expected;
+    expected.push((5, payload("after", 5)));
+    assert_eq!(seen, expected, "the read-only view skips the marker too");
+}
+
+#[test]
+fn a_void_marker_past_the_last_record_refuses_the_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old: Records = (1..=3).map(|s| (s, payload("old", s))).collect();
+    hand_written(
+        tmp.path(),
+        &[(None, old), (Some(6), vec![(6, payload("new", 6))])],
+    );
+    let error = Journal::open(tmp.path(), fs_options()).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("void marker past the last record"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_torn_tail_followed_by_a_plain_record_in_the_next_segment_is_still_refused() {
+    // Only a void marker explains records after garbage; a plain record there is damage in
+    // the middle of the log, as before.
+    let tmp = tempfile::tempdir().unwrap();
+    let old: Records = (1..=3).map(|s| (s, payload("old", s))).collect();
+    hand_written(
+        tmp.path(),
+        &[(None, old), (None, vec![(4, payload("new", 4))])],
+    );
+    let seg0 = tmp
+        .path()
+        .join(refundgate::journal::segment::segment_file_name(0));
+    let mut bytes = std::fs::read(&seg0).unwrap();
+    let end = bytes.len() - bytes.iter().rev().position(|&b| b != 0).unwrap();
+    bytes[end + 8..end + 40].fill(0xAB);
+    std::fs::write(&seg0, bytes).unwrap();
+    let error = Journal::open(tmp.path(), fs_options()).unwrap_err();
+    assert!(error.to_string().contains("refusing to start"), "{error}");
+}

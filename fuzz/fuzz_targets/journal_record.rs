@@ -2,7 +2,8 @@
 //!
 //! Input byte 0 picks the mode. Raw: the rest is a segment body after a valid header. Built:
 //! the input describes records (encoded with valid checksums), damage (a byte flipped, a
-//! garbage tail), a second segment and a snapshot file. The directory lives in memory
+//! garbage tail), a second segment (maybe opening with a void marker, maybe with garbage)
+//! and a snapshot file. The directory lives in memory
 //! ([`MemStorage`]) and is scanned read-only; the scan must not panic and must not take time
 //! beyond linear in the bytes (libFuzzer's `-timeout` catches a slow one).
 #![no_main]
@@ -68,9 +69,21 @@ fuzz_target!(|data: &[u8]| {
         seg.resize(seg.len() + zeros, 0);
         let flags = input.u8();
         if flags & 1 != 0 {
-            // A second segment holding the next record.
+            // A second segment holding the next record, or (as the writer leaves one after a
+            // failed write) a void marker from some seq and the records from there.
             let mut next = encode_header(1).to_vec();
-            record::encode(seq + 1, b"next", &mut next);
+            let first = if flags & 4 != 0 {
+                let from = u64::from(input.u8() % 24);
+                record::encode_void(from, &mut next);
+                from
+            } else {
+                seq + 1
+            };
+            record::encode(first, b"next", &mut next);
+            if flags & 8 != 0 {
+                let garbage = usize::from(input.u8());
+                next.extend_from_slice(input.bytes(garbage));
+            }
             next.resize(next.len() + 64, 0);
             mem.put(&dir.join(segment_file_name(1)), next);
         }

@@ -503,7 +503,7 @@ impl Walk {
         offset: u64,
         from: u64,
     ) -> Result<(), JournalError> {
-        if from == 0 || from > self.last_good + 1 {
+        if from == 0 || from > self.last_good.saturating_add(1) {
             return Err(corrupt(path, offset, "void marker past the last record"));
         }
         let mut buf = Vec::new();
