@@ -141,6 +141,10 @@ const _: () = assert!(UPSTREAM_PENDING_DEFAULT_MAX <= UPSTREAM_PENDING_HARD_MAX)
 pub const SAF_PENDING_MAX: usize = 100_000;
 /// Dead letters kept in memory for `saf list` and the admin; older ones are only counted.
 pub const SAF_DEAD_LETTERS_KEPT_MAX: usize = 10_000;
+/// Keys of delivered store-and-forward entries remembered (oldest dropped first, kept in
+/// snapshots): an entry queued again under one of them is sent marked as a repeat (0401),
+/// since the host has already seen a reversal of that key.
+pub const SAF_DELIVERED_KEYS_KEPT: usize = 16_384;
 /// Entries sent at once by the worker.
 pub const SAF_IN_FLIGHT_MAX: usize = 64;
 /// Largest stored message.

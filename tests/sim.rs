@@ -282,6 +282,21 @@ fn core_damaged_bytes_that_reuse_a_key_answered_91_are_its_posting() {
     );
 }
 
+/// Found by the long search (seed 99290 of 70,001..=100,000 at 100 steps): damaged bytes
+/// read as STAN 180 were answered 91 and their reversal reached the host; the terminal's own
+/// sale 180 (same key) was answered 91 later, and its reversal reached the host as a first
+/// 0400 again, where (d) allows one. The queue now remembers the keys it delivered (in its
+/// snapshots too) and sends a later entry under one of them as a repeat (0401).
+#[test]
+fn core_a_second_reversal_of_a_key_goes_as_a_repeat() {
+    hold_on_seeds(
+        [99290],
+        " --core",
+        |seed| run_core(seed, CORE_STEPS, CoreMutation::None),
+        |_| {},
+    );
+}
+
 #[test]
 fn a_core_seed_reproduces_bit_for_bit() {
     let a = run_core(42, CORE_STEPS, CoreMutation::None).unwrap();

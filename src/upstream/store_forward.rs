@@ -47,8 +47,8 @@ use crate::dialect::{Dialect, OriginalKeys};
 use crate::iso8583;
 use crate::journal::{self, Journal, JournalError};
 pub use crate::limits::{
-    SAF_BODY_BYTES_MAX, SAF_DEAD_LETTERS_KEPT_MAX, SAF_IN_FLIGHT_MAX, SAF_PENDING_MAX,
-    SAF_SEGMENT_BYTES, SAF_SNAPSHOT_RECORDS,
+    SAF_BODY_BYTES_MAX, SAF_DEAD_LETTERS_KEPT_MAX, SAF_DELIVERED_KEYS_KEPT, SAF_IN_FLIGHT_MAX,
+    SAF_PENDING_MAX, SAF_SEGMENT_BYTES, SAF_SNAPSHOT_RECORDS,
 };
 
 /// Elements a queued message keeps (besides DE2, sealed apart), as far as it carries them.
@@ -282,6 +282,10 @@ struct State {
     dead: VecDeque<DeadLetter>,
     dead_total: u64,
     delivered_total: u64,
+    /// Keys (upstream, key) of delivered entries, oldest first, at most
+    /// [`SAF_DELIVERED_KEYS_KEPT`]: a new entry under one of them goes as a repeat.
+    delivered_keys: VecDeque<(String, Key)>,
+    delivered_set: std::collections::HashSet<(String, Key)>,
     next_id: u64,
     reserved: usize,
     recovering: bool,
@@ -300,6 +304,11 @@ enum Record {
     Add(Entry),
     Done {
         id: u64,
+    },
+    /// In snapshots only: a key whose entry was delivered (see `State::delivered_keys`).
+    Delivered {
+        upstream: String,
+        key: Key,
     },
     Dead {
         id: u64,
@@ -709,6 +718,10 @@ impl State {
                 let before = self.dead.len();
                 self.dead.retain(|d| d.entry.id != entry.id);
                 let retried = self.dead.len() != before;
+                // A reversal of this key already reached the host: this one is a repeat to it.
+                let seen = self
+                    .delivered_set
+                    .contains(&(entry.upstream.clone(), entry.key));
                 self.pending.insert(
                     entry.id,
                     Slot {
@@ -716,15 +729,18 @@ impl State {
                         attempts: 0,
                         tries: 0,
                         // Recovered entries may have been sent before the restart.
-                        repeat: self.recovering || retried,
+                        repeat: self.recovering || retried || seen,
                         next_at: now,
                         in_flight: false,
                     },
                 );
             }
             Record::Done { id } => {
-                self.pending.remove(&id);
+                if let Some(slot) = self.pending.remove(&id) {
+                    self.remember_delivered(slot.entry.upstream, slot.entry.key);
+                }
             }
+            Record::Delivered { upstream, key } => self.remember_delivered(upstream, key),
             Record::Dead {
                 id,
                 reason,
@@ -750,9 +766,33 @@ impl State {
 }
 
 impl State {
+    fn remember_delivered(&mut self, upstream: String, key: Key) {
+        let k = (upstream, key);
+        if self.delivered_set.contains(&k) {
+            return;
+        }
+        if self.delivered_keys.len() >= SAF_DELIVERED_KEYS_KEPT {
+            if let Some(old) = self.delivered_keys.pop_front() {
+                self.delivered_set.remove(&old);
+            }
+        }
+        self.delivered_set.insert(k.clone());
+        self.delivered_keys.push_back(k);
+    }
+
     /// The live queue as a snapshot: header, then the records that rebuild it.
     fn snapshot(&self) -> Vec<u8> {
-        let mut records: Vec<Record> = Vec::with_capacity(self.pending.len() + 2 * self.dead.len());
+        let mut records: Vec<Record> = Vec::with_capacity(
+            self.delivered_keys.len() + self.pending.len() + 2 * self.dead.len(),
+        );
+        records.extend(
+            self.delivered_keys
+                .iter()
+                .map(|(upstream, key)| Record::Delivered {
+                    upstream: upstream.clone(),
+                    key: *key,
+                }),
+        );
         for d in &self.dead {
             records.push(Record::Add(d.entry.clone()));
             records.push(Record::Dead {
@@ -836,6 +876,15 @@ impl Record {
                 out.push(2);
                 out.extend_from_slice(&id.to_be_bytes());
             }
+            Record::Delivered { upstream, key } => {
+                out.push(5);
+                out.push(u8::try_from(upstream.len()).unwrap_or(u8::MAX));
+                out.extend_from_slice(&upstream.as_bytes()[..upstream.len().min(255)]);
+                out.extend_from_slice(&key.mti.to_be_bytes());
+                out.extend_from_slice(&key.terminal);
+                out.extend_from_slice(&key.merchant);
+                out.extend_from_slice(&key.stan.to_be_bytes());
+            }
             Record::Dead {
                 id,
                 reason,
@@ -893,6 +942,23 @@ impl Record {
                 }))
             }
             2 => Some(Record::Done { id: r.u64()? }),
+            5 => {
+                let ulen = usize::from(r.u8()?);
+                let upstream = std::str::from_utf8(r.take(ulen)?).ok()?.to_string();
+                let mti = u16::from_be_bytes(r.take(2)?.try_into().ok()?);
+                let terminal = r.take(8)?.try_into().ok()?;
+                let merchant = r.take(15)?.try_into().ok()?;
+                let stan = u32::from_be_bytes(r.take(4)?.try_into().ok()?);
+                Some(Record::Delivered {
+                    upstream,
+                    key: Key {
+                        mti,
+                        terminal,
+                        merchant,
+                        stan,
+                    },
+                })
+            }
             3 => {
                 let id = r.u64()?;
                 let reason = match r.u8()? {
@@ -1229,6 +1295,46 @@ mod tests {
             .unwrap();
         assert!(next > last, "ids stay unique across snapshot and restart");
         assert!(saf.pending().iter().all(|e| e.key.mti == 400));
+    }
+
+    /// Found by `refundgate sim --core` (seed 99290): a sale answered 91 got its reversal
+    /// delivered; a later request under the same key (here damaged bytes read as that STAN)
+    /// was answered 91 too, and its reversal reached the host as a first 0400 again.
+    #[tokio::test]
+    async fn a_reversal_of_a_key_already_reversed_goes_as_a_repeat_also_after_a_snapshot_and_restart(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let saf = open_quick(dir.path());
+        async fn enqueue(saf: &StoreForward, stan: u32) -> u64 {
+            let (key, body) = reversal(stan);
+            saf.enqueue("bank", &crate::dialect::ASCII1987, key, body)
+                .await
+                .unwrap()
+        }
+        let first = enqueue(&saf, 1).await;
+        assert!(!saf.lock().pending[&first].repeat, "a first send");
+        saf.delivered(first).await;
+        let again = enqueue(&saf, 1).await;
+        assert_ne!(again, first, "a new entry: the first one was delivered");
+        assert!(
+            saf.lock().pending[&again].repeat,
+            "the host has seen a reversal of this key: 0401"
+        );
+        let other = enqueue(&saf, 2).await;
+        assert!(!saf.lock().pending[&other].repeat, "another key: 0400");
+        saf.delivered(again).await;
+        saf.delivered(other).await;
+        saf.compact().await.unwrap();
+        drop(saf);
+        let saf = open_quick(dir.path());
+        assert!(saf.pending().is_empty());
+        let third = enqueue(&saf, 1).await;
+        assert!(
+            saf.lock().pending[&third].repeat,
+            "remembered across a snapshot and a restart"
+        );
+        let fresh = enqueue(&saf, 3).await;
+        assert!(!saf.lock().pending[&fresh].repeat);
     }
 
     #[tokio::test]
