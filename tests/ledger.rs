@@ -636,6 +636,42 @@ fn void_after_settlement_is_declined_12_use_refund() {
     ok(&l, &s.refund(3, 4200), T0);
 }
 
+/// Found by `refundgate sim --core` (seed 100182): a void held while the upstream host
+/// decided it, the terminal's batch settled meanwhile (its payout keeping back what backs the
+/// void), then the host approved the void. Committing it took the sale back from a batch
+/// already paid out: from the reserve (which went to 0, losing the rest silently), and a
+/// later reversal of the void counted the sale a second time. The batch closed first, in
+/// journal order, so the void is what a void after settlement gets: 12 (and the caller
+/// reverses it at the host, as for any decline at commit).
+#[test]
+fn a_void_committed_after_its_sales_batch_settled_is_declined_12_and_moves_no_money() {
+    let l = ledger_with("reserve = 20000");
+    let s = sale(1, 28128);
+    ok(&l, &s, T0);
+    let void = l.reserve(&s.void(2).req(), T0).unwrap();
+    let before = l.funds("M").unwrap();
+    l.sign_on("M", "T1", T0).unwrap();
+    let d = settle(&l, &settlement("T1", 3), None, T0 + 1);
+    assert!(d.is_approved(), "{d:?}");
+    let settled = l.funds("M").unwrap();
+    let d = l.commit(void);
+    assert_eq!(d.reason, Reason::USE_REFUND, "{d:?}");
+    let after = l.funds("M").unwrap();
+    assert_eq!(after.reserve, before.reserve, "the reserve is not touched");
+    assert_eq!(
+        (after.unsettled_sales, after.refunds_committed),
+        (settled.unsettled_sales, settled.refunds_committed),
+        "nothing moves: the void is declined"
+    );
+    assert_eq!(
+        after.available,
+        settled.available + 28128,
+        "only the void's hold is given back"
+    );
+    // The sale stands (settled): a refund of it is still possible.
+    ok(&l, &s.refund(4, 1000), T0 + 2);
+}
+
 #[test]
 fn void_on_the_next_merchant_local_day_is_declined_12_use_refund() {
     let l = ledger_with("");

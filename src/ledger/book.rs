@@ -1904,6 +1904,13 @@ impl Book {
                 Decision::new(Reason::VOID_AMOUNT_MISMATCH, base),
             );
         }
+        // The sale's batch was settled between the check and now (a void held while the
+        // upstream host decided it): the batch closed first, in journal order, so this is a
+        // void after settlement (row 9). Taking the sale back now would take money the
+        // settlement already paid out.
+        if !self.in_open_batch(&self.entries[sale_idx as usize]) {
+            return self.finish(at, answer, Decision::new(Reason::USE_REFUND, base));
+        }
         self.push_entry(at, txn, key, Kind::Void, OriginalState::Approved, sale_idx);
         let sale = &mut self.entries[sale_idx as usize];
         sale.state = OriginalState::Voided;
