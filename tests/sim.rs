@@ -284,9 +284,12 @@ fn core_damaged_bytes_that_reuse_a_key_answered_91_are_its_posting() {
 
 /// Found by the long search (seed 99290 of 70,001..=100,000 at 100 steps): damaged bytes
 /// read as STAN 180 were answered 91 and their reversal reached the host; the terminal's own
-/// sale 180 (same key) was answered 91 later, and its reversal reached the host as a first
-/// 0400 again, where (d) allows one. The queue now remembers the keys it delivered (in its
-/// snapshots too) and sends a later entry under one of them as a repeat (0401).
+/// sale 180 (same link key, another DE7 and DE13) was answered 91 later, and its reversal
+/// reached the host as a first 0400 too. The host model then keyed postings by (DE41, DE42,
+/// DE11) alone and took both for one posting reversed twice. It now keys them as a host does
+/// (DE7 and DE13 too; seed 179029), so these are two postings, each reversed once. The
+/// store-and-forward queue also sends a later entry under a delivered key as a repeat (0401;
+/// its unit test covers a second reversal of the same original).
 #[test]
 fn core_a_second_reversal_of_a_key_goes_as_a_repeat() {
     hold_on_seeds(
@@ -308,6 +311,23 @@ fn core_a_second_reversal_of_a_key_goes_as_a_repeat() {
 fn core_a_void_committed_after_its_batch_settled_moves_no_money() {
     hold_on_seeds(
         [100182],
+        " --core",
+        |seed| run_core(seed, CORE_STEPS, CoreMutation::None),
+        |_| {},
+    );
+}
+
+/// Found by the long search (seed 179029 of 150,001..=200,000 at 100 steps): damaged bytes
+/// read as STAN 257 were approved on local day 01-31; the terminal's own sale 257 came on
+/// local day 02-01, a new request for the gateway (keyed by local date, DOMAIN §6), was
+/// answered 91 and reversed at the host. The host model keyed postings by (DE41, DE42,
+/// DE11) alone, so that reversal undid the damaged request's posting, answered 00. The
+/// simulator's fault: the host now keys postings by DE7 and DE13 too, and matches a
+/// reversal by DE90 (STAN and DE7).
+#[test]
+fn core_a_stan_used_again_on_another_day_is_another_posting_at_the_host() {
+    hold_on_seeds(
+        [179029],
         " --core",
         |seed| run_core(seed, CORE_STEPS, CoreMutation::None),
         |_| {},

@@ -1123,6 +1123,8 @@ impl State {
                         TERMINALS[r.terminal].to_string(),
                         MERCHANTS[r.merchant].to_string(),
                         r.stan,
+                        format!("{:010}", r.de7),
+                        format!("{:04}", r.mmdd),
                     );
                     self.routed_answers
                         .entry(key)
@@ -1452,9 +1454,12 @@ impl State {
         let mut bad = None;
         {
             let host = host::lock(&self.host);
-            for ((terminal, merchant, stan), p) in &host.postings {
-                let key = (terminal.clone(), merchant.clone(), *stan);
-                let what = format!("{merchant} {terminal} stan {stan} amount {}", p.amount);
+            for (key, p) in &host.postings {
+                let (terminal, merchant, stan, de7, _) = key;
+                let what = format!(
+                    "{merchant} {terminal} stan {stan} (DE7 {de7}) amount {}",
+                    p.amount
+                );
                 if p.gateway_first_sends > 1 {
                     bad = Some(format!(
                         "{what}: {} reversals not marked as repeats reached the host (it reversed {} times)",
@@ -1462,7 +1467,7 @@ impl State {
                     ));
                     break;
                 }
-                match self.routed_answers.get(&key) {
+                match self.routed_answers.get(key) {
                     Some(code) if code == "00" && p.gateway_sends > 0 => {
                         bad = Some(format!(
                             "{what}: answered 00, and the gateway reversed it at the host"
@@ -1647,22 +1652,17 @@ fn amount_of(bytes: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-/// The host's posting key (DE41, DE42, DE11) of `bytes`, if they decode as a financial
+/// The host's posting key (DE41, DE42, DE11, DE7, DE13) of `bytes`, if they decode as a financial
 /// request (0200/0220, repeats included) to the routed merchant.
 fn routed_key_of(bytes: &[u8]) -> Option<PostingKey> {
     let msg = iso8583::decode(&ASCII1987, bytes).ok()?;
     if !matches!(msg.mti().0, 200 | 201 | 220 | 221) {
         return None;
     }
-    let merchant = msg.merchant()?.trim_end();
-    if merchant != MERCHANTS[ROUTED] {
+    if msg.merchant()?.trim_end() != MERCHANTS[ROUTED] {
         return None;
     }
-    Some((
-        msg.terminal()?.trim_end().to_string(),
-        merchant.to_string(),
-        msg.stan()?,
-    ))
+    host::posting_key(&msg)
 }
 
 /// DE39, DE44, DE54 of an answer, read by the real decoder.

@@ -54,8 +54,11 @@ pub(super) enum Weather {
     Flapping,
 }
 
-/// (DE41, DE42, DE11) of a financial request.
-pub(super) type PostingKey = (String, String, u32);
+/// (DE41, DE42, DE11, DE7, DE13) of a financial request: a STAN is unique per terminal and
+/// transmission time, as a host keeps it (a terminal may use a STAN again on another day; the
+/// gateway keys by local date, DOMAIN §6). A reversal names its original by DE90 (MTI, STAN,
+/// DE7).
+pub(super) type PostingKey = (String, String, u32, String, String);
 
 /// A financial request the host approved, and what it got about it since.
 #[derive(Debug, Clone, Default)]
@@ -194,7 +197,7 @@ impl HostState {
     /// A sale, refund or void: approved (a posting) or declined 05; the same key again gets
     /// the same answer and posts nothing.
     fn financial(&mut self, msg: &Message<'_>) -> &'static [u8; 2] {
-        let Some(key) = posting_key(msg, msg.stan()) else {
+        let Some(key) = posting_key(msg) else {
             return b"30";
         };
         if let Some(p) = self.postings.get(&key) {
@@ -221,19 +224,35 @@ impl HostState {
 
     /// A reversal, by the original DE90 names (MTI n4, STAN n6, …).
     fn reversal(&mut self, msg: &Message<'_>, repeat: bool) -> &'static [u8; 2] {
-        let original_stan = msg
+        let de90 = msg
             .field_bytes(90)
-            .and_then(|b| b.get(4..10))
-            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|b| std::str::from_utf8(b).ok());
+        let original_stan = de90
+            .and_then(|s| s.get(4..10))
             .and_then(|s| s.parse::<u32>().ok());
-        let Some(key) = posting_key(msg, original_stan) else {
+        let original_de7 = de90.and_then(|s| s.get(10..20));
+        let (Some(terminal), Some(merchant), Some(stan), Some(de7)) =
+            (msg.terminal(), msg.merchant(), original_stan, original_de7)
+        else {
             self.reversals_of_nothing += 1;
             return b"25";
         };
+        let (terminal, merchant) = (terminal.trim_end(), merchant.trim_end());
         let by_gateway = msg.stan() == original_stan;
-        let Some(p) = self.postings.get_mut(&key) else {
+        // The original by DE90; of two postings under it (another DE13), one not yet reversed.
+        let mut named = self
+            .postings
+            .iter_mut()
+            .filter(|(k, _)| k.0 == terminal && k.1 == merchant && k.2 == stan && k.3 == de7)
+            .map(|(_, p)| p);
+        let Some(first) = named.next() else {
             self.reversals_of_nothing += 1;
             return b"25";
+        };
+        let p = if first.reversed {
+            named.find(|p| !p.reversed).unwrap_or(first)
+        } else {
+            first
         };
         p.reversed = true;
         if by_gateway {
@@ -248,12 +267,19 @@ impl HostState {
     }
 }
 
-/// (DE41, DE42, `stan`) of a message.
-fn posting_key(msg: &Message<'_>, stan: Option<u32>) -> Option<PostingKey> {
+/// The [`PostingKey`] of a financial request.
+pub(super) fn posting_key(msg: &Message<'_>) -> Option<PostingKey> {
+    let text = |n: usize| {
+        msg.field_bytes(n)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
     Some((
         msg.terminal()?.trim_end().to_string(),
         msg.merchant()?.trim_end().to_string(),
-        stan?,
+        msg.stan()?,
+        text(7),
+        text(13),
     ))
 }
 
