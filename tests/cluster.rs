@@ -981,13 +981,19 @@ async fn first_approved_sale(c: &mut Client, mut stan: u32) -> (Json, Answer) {
         if a.code == "00" {
             return (sale, a);
         }
-        assert_eq!(
-            (a.code.as_str(), a.reason.as_str()),
-            ("91", "HOST_UNREACHABLE")
+        // Before the link is signed on: 91. Before the node's replicated journal takes
+        // appends (its stream still being joined on a loaded machine): 96. Both are what a
+        // terminal retries; anything else fails.
+        assert!(
+            matches!(
+                (a.code.as_str(), a.reason.as_str()),
+                ("91", "HOST_UNREACHABLE") | ("96", "STORE_UNAVAILABLE")
+            ),
+            "{a:?}"
         );
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "link never came up"
+            "link or journal never came up: last answer {a:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
