@@ -488,7 +488,7 @@ impl Writer {
             }
             let need = record::encoded_len(taken[i].payload.len()) as u64;
             if self.pos + need > self.active.size {
-                if let Err(error) = self.rotate() {
+                if let Err(error) = self.switch_segment() {
                     self.fail(&error);
                     return;
                 }
@@ -611,11 +611,6 @@ impl Writer {
         }
         self.next_seq = seq;
         Ok(())
-    }
-
-    /// Rotates when the active segment is full.
-    fn rotate(&mut self) -> io::Result<()> {
-        self.switch_segment()
     }
 
     /// Closes the active segment and moves to a spare (a void marker still owed goes with it).
