@@ -550,16 +550,22 @@ async fn jetstream(cluster: &Cluster) -> async_nats::jetstream::Context {
     async_nats::jetstream::new(async_nats::connect(url).await.unwrap())
 }
 
-/// The ledger snapshots in the bucket, newest first.
+/// The ledger snapshots in the bucket, newest first. A request that times out (a loaded
+/// machine) lists what was read so far; callers that wait for a snapshot ask again.
 async fn snapshots(js: &async_nats::jetstream::Context) -> Vec<(u64, String)> {
     use futures::StreamExt;
     let Ok(store) = js.get_object_store("REFUNDGATE_SNAPSHOTS").await else {
         return Vec::new();
     };
-    let mut list = store.list().await.unwrap();
+    let Ok(mut list) = store.list().await else {
+        return Vec::new();
+    };
     let mut names = Vec::new();
     while let Some(info) = list.next().await {
-        let name = info.unwrap().name;
+        let Ok(info) = info else {
+            break;
+        };
+        let name = info.name;
         if let Some(seq) = jetstream::parse_snapshot_object_name(&name) {
             names.push((seq, name));
         }
