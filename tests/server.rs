@@ -387,6 +387,31 @@ const HANDSHAKE_CUP: &str = "refundgate_tls_handshake_failures_total{dialect=\"c
 const REFUSED: &str = "refundgate_connections_refused_total{cause=\"max_connections\"}";
 const OPEN_ASCII: &str = "refundgate_connections_open{dialect=\"ascii1987\"}";
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_that_pipelines_and_never_reads_is_closed_once_its_answers_back_up() {
+    const IDLE: Duration = Duration::from_millis(400);
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
+    cfg.limits.idle_timeout_ms = IDLE.as_millis() as u64;
+    let running = start_alone(cfg).await;
+    let info = Arc::clone(&running.listeners[0]);
+    let (mut requests, _never_read) = framed_client(&info).await.split();
+    // Sends until the socket fills: the answers (2 kB each) are never read, so they back up
+    // until the gateway's write cannot complete.
+    let writer = tokio::spawn(async move {
+        let body = vec![b'x'; 2000];
+        for _ in 0..100_000 {
+            if requests.send(request(&info, &body)).await.is_err() {
+                break;
+            }
+        }
+    });
+    running.wait_open(1.0).await;
+    // The write that cannot complete is bounded by the idle timeout: the slot is freed.
+    running.wait_open(0.0).await;
+    writer.abort();
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_and_zero_length_frames_close_the_connection() {
     let running = start_alone(config(vec![

@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, FuturesUnordered};
@@ -336,7 +337,7 @@ impl<'a, D: Dispatch> Handler<'a, D> {
         Q: InFlight<F>,
         F: Future<Output = Vec<Option<Frame>>>,
     {
-        let written = tokio::time::timeout(limit, async {
+        let write = async {
             let mut answered = first.len();
             for answer in first {
                 self.feed(answer).await?;
@@ -351,9 +352,16 @@ impl<'a, D: Dispatch> Handler<'a, D> {
                 .await
                 .map_err(|_| End::Broken)?;
             Ok(answered)
-        })
-        .await;
-        written.unwrap_or(Err(End::Broken))
+        };
+        tokio::pin!(write);
+        // Nearly every write completes at once (the socket has room): only one that has to
+        // wait gets a timer, so the common case costs no timer-wheel work.
+        if let Poll::Ready(done) = futures::poll!(write.as_mut()) {
+            return done;
+        }
+        tokio::time::timeout(limit, write)
+            .await
+            .unwrap_or(Err(End::Broken))
     }
 
     /// Encodes one answer into the write buffer (writing out only if the buffer is full).
