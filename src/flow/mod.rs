@@ -535,7 +535,7 @@ impl Gateway {
                 .iter()
                 .filter_map(|d| d.as_ref().and_then(|d| d.wait))
                 .max_by_key(|t| (t.epoch, t.seq));
-            if let Some(t) = newest {
+            if let Some(t) = newest.filter(|t| journal.status(*t).is_none()) {
                 let _ = tokio::time::timeout_at(deadline, journal.durable(t)).await;
             }
             for ((msg, _), d) in messages.iter().zip(decided.iter_mut()) {
@@ -548,7 +548,13 @@ impl Gateway {
                     continue;
                 };
                 let forwarded = *forwarded;
-                match tokio::time::timeout_at(deadline, journal.durable(*t)).await {
+                // After the wait above the outcome is known, or the deadline has passed: a
+                // plain look, no timer per record (the timed wait stays as a fallback).
+                let status = match journal.status(*t) {
+                    Some(known) => Ok(known),
+                    None => tokio::time::timeout_at(deadline, journal.durable(*t)).await,
+                };
+                match status {
                     Ok(Ok(_)) => {}
                     Ok(Err(_)) => {
                         tracing::warn!("journal write failed; answering 96");

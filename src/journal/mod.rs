@@ -385,6 +385,12 @@ impl Journal {
         .await
     }
 
+    /// The outcome of `ticket`'s record if known: durable (`Some(Ok)`), dropped by a failure
+    /// (`Some(Err)`), or still pending (`None`). [`Journal::durable`] without the wait.
+    pub fn status(&self, ticket: Ticket) -> Option<Result<u64, StoreError>> {
+        self.shared.status(ticket.seq, ticket.epoch)
+    }
+
     /// Whether the record of `ticket` is durable already (no wait needed).
     pub fn is_durable(&self, ticket: Ticket) -> bool {
         matches!(self.shared.status(ticket.seq, ticket.epoch), Some(Ok(_)))
