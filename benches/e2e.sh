@@ -21,6 +21,10 @@
 # refundgate_journal_sync_seconds, scraped before and after): each holds every answer decided
 # meanwhile, and a few of them decide that run's p99.
 #
+# Each run also reads the server's CPU time (user + system, /proc/PID/stat) before and after,
+# and prints the CPU per answer of the gateway and of the ceiling: steadier than throughput on
+# a shared machine, and it shows what a ratio would need (the client shares the cores).
+#
 # Targets (issue 15): 256x1 >= 0.85, 64x8 >= 0.45 of ceiling serve; open-loop p99 <= ceiling
 # p99 + 2 x fsync batch-1 p99; generator >= 0.80 of ceiling load; 0 mismatches in every run.
 #
@@ -102,21 +106,32 @@ SELF=target/release/refundgate
 GATEWAY=${GATEWAY:-$SELF}
 STAN_NEXT=1
 
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+# The process serving the current run (ceiling serve or the gateway): its CPU time is read
+# before and after each run from /proc (user + system, all threads).
+SERVER_PID=
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
 # run NAME PORT SCENARIO CONNECTIONS IN_FLIGHT [extra load args...]: refundgate load, report
-# in $OUT/NAME.json; a run that is not clean is reported, not fatal. STANs continue from the
-# previous run so none repeats within the gateway's duplicate window.
+# in $OUT/NAME.json, the server's CPU per answer (us) in $OUT/NAME.cpu; a run that is not
+# clean is reported, not fatal. STANs continue from the previous run so none repeats within
+# the gateway's duplicate window.
 run() {
     local name=$1 port=$2 scenario=$3 conns=$4 depth=$5
     shift 5
-    local rc=0
+    local rc=0 t0
+    t0=$(cpu_ticks "$SERVER_PID")
     "$SELF" load --target "127.0.0.1:$port" --scenario "$scenario" --connections "$conns" \
         --in-flight "$depth" --duration "$DURATION" --json --quiet --insecure-skip-verify \
         --stan-start "$STAN_NEXT" "$@" >"$OUT/$name.json" || rc=$?
     if [ "$rc" -ne 0 ]; then
         say "$name: exit $rc (1 = mismatches, 2 = errors); see $OUT/$name.json"
     fi
+    awk -v a="$t0" -v b="$(cpu_ticks "$SERVER_PID")" -v hz="$CLK_TCK" \
+        -v n="$(jq -r '.answered // 0' "$OUT/$name.json" 2>/dev/null || echo 0)" \
+        'BEGIN { printf "%.2f\n", (n > 0 ? (b - a) * 1e6 / hz / n : 0) }' >"$OUT/$name.cpu"
     STAN_NEXT=$(jq -r '.stan_next // 1' "$OUT/$name.json" 2>/dev/null || echo 1)
-    jq -r --arg n "$name" '"   \($n): \(.throughput_per_s|floor)/s  p50 \(.latency_us.p50) us  p99 \(.latency_us.p99) us  mismatches \(.mismatches)  errors \(.errors.connect + .errors.io + .errors.timeouts + .errors.lost)"' \
+    jq -r --arg n "$name" --arg cpu "$(cat "$OUT/$name.cpu")" '"   \($n): \(.throughput_per_s|floor)/s  p50 \(.latency_us.p50) us  p99 \(.latency_us.p99) us  mismatches \(.mismatches)  errors \(.errors.connect + .errors.io + .errors.timeouts + .errors.lost)  server CPU \($cpu) us/answer"' \
         "$OUT/$name.json" >&2 || true
 }
 
@@ -160,6 +175,7 @@ for r in $(seq "$ROUNDS"); do
     "$CEILING" serve --addr "127.0.0.1:$CEILING_PORT" 2>"$OUT/ceiling.log" &
     cpid=$!
     PIDS+=("$cpid")
+    SERVER_PID=$cpid
     wait_port "$CEILING_PORT" "$cpid"
     run "r$r-ceiling-256x1" "$CEILING_PORT" "$SCENARIO" 256 1 --closed
     # The generator check brackets refundgate load with ceiling load, so a machine whose load
@@ -185,6 +201,7 @@ for r in $(seq "$ROUNDS"); do
         "$GATEWAY" serve --config "$(gateway_config "$jdir")" >"$OUT/r$r-gateway-$what.log" 2>&1 &
         gpid=$!
         PIDS+=("$gpid")
+        SERVER_PID=$gpid
         if ! wait_port "$GATEWAY_PORT" "$gpid"; then
             say "the gateway did not start; see $OUT/r$r-gateway-$what.log"
             continue
@@ -265,6 +282,12 @@ printf '%-44s %-14s %-40s %-7s %s\n' "gateway open ${RATE}/s, 64 conns, p99" "$(
 printf '%-44s %-14s %-40s %-7s %s\n' "generator: refundgate load 64 x 8 -> ceiling" "$(printf '%.0f/s' "$(per_round tput_of ceiling-64x8 | median)")" \
     "$(printf '%.0f/s ceiling load' "$CL64")" "$(printf '%.2f' "$RGEN")" ">= 0.80 $(verdict "$RGEN" 0.80 '>=')"
 printf '%-44s %-14s %-40s %-7s %s\n' "mismatches / errors, all load runs" "$MISMATCHES / $ERRORS" "" "" "0 $( [ "$MISMATCHES" = 0 ] && echo met || echo MISSED)"
+cpu_of() { cat "$OUT/$1.cpu" 2>/dev/null || echo 0; }
+for shape in 256x1 64x8; do
+    GC=$(per_round cpu_of "gw-$shape" | median); CC=$(per_round cpu_of "ceiling-$shape" | median)
+    printf '%-44s %-14s %-40s %-7s %s\n' "server CPU per answer, $shape" "$(printf '%.2f us' "$GC")" \
+        "$(printf '%.2f us ceiling serve' "$CC")" "$(awk -v g="$GC" -v c="$CC" 'BEGIN { printf "%.2f", (c > 0 ? g / c : 0) }')" "(informational)"
+done
 echo "log lines dropped by the gateway per round: $(cat "$OUT"/r*-dropped.txt 2>/dev/null | tr '\n' ' ')"
 echo
 echo "per round (ratio 256x1, ratio 64x8, gateway p99 / ceiling p99 us, generator ratio; the"
