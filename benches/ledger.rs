@@ -238,6 +238,7 @@ fn bench(c: &mut Criterion) {
     drop(spread);
 
     throughput_one_thread();
+    growth_stalls();
     bytes_per_original();
     originals_over_400_days();
 }
@@ -267,6 +268,43 @@ fn throughput_one_thread() {
     println!(
         "declined in the committed loops: {}",
         DECLINED.load(Ordering::Relaxed)
+    );
+}
+
+/// One merchant growing to 2M originals (sales over 64 terminals): the longest single
+/// decisions. Each waits for whatever the insert moved under the merchant's lock; with plain
+/// maps and a ring buffer that was the whole table at each doubling (86 ms at 1.8M).
+fn growth_stalls() {
+    let l = Ledger::new(&merchants(1, TERMINALS), PanKey::new(&[7; 16]));
+    let all: Vec<Ids> = (0..TERMINALS).map(|t| ids(0, t)).collect();
+    let n = 2_000_000u32;
+    let mut lat: Vec<(Duration, u32)> = Vec::with_capacity(n as usize);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let id = &all[i as usize % TERMINALS];
+        let stan = i / TERMINALS as u32 + 1;
+        let s = Instant::now();
+        let d = l.decide(&sale(id, stan, 100), NOW);
+        lat.push((s.elapsed(), i));
+        assert!(d.is_approved());
+    }
+    let total = t0.elapsed();
+    let over = |ms: f64| {
+        lat.iter()
+            .filter(|(d, _)| d.as_secs_f64() * 1e3 > ms)
+            .count()
+    };
+    let (over1, over10) = (over(1.0), over(10.0));
+    lat.sort_by_key(|l| std::cmp::Reverse(l.0));
+    let longest: Vec<String> = lat
+        .iter()
+        .take(3)
+        .map(|(d, i)| format!("{:.2} ms at original {i}", d.as_secs_f64() * 1e3))
+        .collect();
+    println!(
+        "growth to {n} originals on one merchant: mean {:.0} ns; longest decisions {}; over 1 ms: {over1}, over 10 ms: {over10}",
+        total.as_nanos() as f64 / f64::from(n),
+        longest.join(", ")
     );
 }
 

@@ -67,12 +67,23 @@ pub(crate) struct Entry {
     pub card: CardType,
 }
 
+/// Entries per chunk of [`Entries`] (72 kB of entries at most).
+const CHUNK: usize = 1024;
+
 /// A merchant's remembered transactions, oldest first, addressed by a logical index that
 /// never changes: pruning the oldest ones moves `base` on instead of renumbering the rest.
+///
+/// Held in chunks of [`CHUNK`] entries, not one ring buffer: a ring doubles by copying every
+/// entry within one push, under the merchant's lock (40 ms at 1M originals in the ledger
+/// bench, and twice the memory meanwhile). A chunk grows like a `Vec` up to [`CHUNK`]; every
+/// chunk but the last is full.
 #[derive(Debug, Default)]
 pub(crate) struct Entries {
     base: u32,
-    items: VecDeque<Entry>,
+    /// Entries dropped from the front of `chunks[0]`.
+    head: usize,
+    len: usize,
+    chunks: VecDeque<Vec<Entry>>,
 }
 
 impl Entries {
@@ -80,13 +91,13 @@ impl Entries {
     pub fn starting_at(base: u32) -> Entries {
         Entries {
             base,
-            items: VecDeque::new(),
+            ..Entries::default()
         }
     }
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.len
     }
 
     /// Index of the oldest entry held.
@@ -96,42 +107,71 @@ impl Entries {
 
     /// The index the next entry gets.
     pub fn next_index(&self) -> u32 {
-        let n = u32::try_from(self.items.len()).unwrap_or(u32::MAX);
+        let n = u32::try_from(self.len).unwrap_or(u32::MAX);
         self.base.saturating_add(n)
     }
 
+    /// Chunk and position of the entry `off` places after the oldest.
+    fn locate(&self, off: usize) -> Option<(usize, usize)> {
+        if off >= self.len {
+            return None;
+        }
+        let p = self.head + off;
+        Some((p / CHUNK, p % CHUNK))
+    }
+
     pub fn get(&self, i: usize) -> Option<&Entry> {
-        let off = i.checked_sub(self.base as usize)?;
-        self.items.get(off)
+        let (c, k) = self.locate(i.checked_sub(self.base as usize)?)?;
+        self.chunks.get(c)?.get(k)
     }
 
     pub fn get_mut(&mut self, i: usize) -> Option<&mut Entry> {
-        let off = i.checked_sub(self.base as usize)?;
-        self.items.get_mut(off)
+        let (c, k) = self.locate(i.checked_sub(self.base as usize)?)?;
+        self.chunks.get_mut(c)?.get_mut(k)
     }
 
     pub fn push(&mut self, e: Entry) {
-        self.items.push_back(e);
+        match self.chunks.back_mut() {
+            Some(last) if last.len() < CHUNK => last.push(e),
+            _ => {
+                let mut chunk = Vec::with_capacity(if self.chunks.is_empty() { 4 } else { CHUNK });
+                chunk.push(e);
+                self.chunks.push_back(chunk);
+            }
+        }
+        self.len += 1;
     }
 
+    /// Makes room for `n` more entries' chunk pointers (the chunks come as they fill).
     pub fn reserve(&mut self, n: usize) {
-        self.items.reserve(n);
+        self.chunks.reserve(n / CHUNK + 1);
     }
 
     pub fn front(&self) -> Option<&Entry> {
-        self.items.front()
+        self.get(self.base as usize)
     }
 
     /// Drops the oldest entry; returns its index and the entry.
     pub fn pop_front(&mut self) -> Option<(u32, Entry)> {
-        let e = self.items.pop_front()?;
+        let e = *self.front()?;
         let i = self.base;
         self.base = self.base.saturating_add(1);
+        self.len -= 1;
+        self.head += 1;
+        if self.head == CHUNK || self.len == 0 {
+            // The first chunk is used up (or everything is): drop it, so memory follows the
+            // entries held.
+            self.chunks.pop_front();
+            self.head = 0;
+            if self.len == 0 {
+                self.chunks.clear();
+            }
+        }
         Some((i, e))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Entry> + '_ {
-        self.items.iter()
+        self.chunks.iter().flatten().skip(self.head)
     }
 }
 
@@ -139,13 +179,20 @@ impl Index<usize> for Entries {
     type Output = Entry;
 
     fn index(&self, i: usize) -> &Entry {
-        &self.items[i.wrapping_sub(self.base as usize)]
+        match self.get(i) {
+            Some(e) => e,
+            None => panic!("no entry {i} (base {}, {} held)", self.base, self.len),
+        }
     }
 }
 
 impl IndexMut<usize> for Entries {
     fn index_mut(&mut self, i: usize) -> &mut Entry {
-        &mut self.items[i.wrapping_sub(self.base as usize)]
+        let (base, len) = (self.base, self.len);
+        match self.get_mut(i) {
+            Some(e) => e,
+            None => panic!("no entry {i} (base {base}, {len} held)"),
+        }
     }
 }
 
@@ -195,6 +242,68 @@ impl OriginalState {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    fn entry(amount: u64) -> Entry {
+        Entry {
+            amount,
+            refunded: 0,
+            pan_hash: 0,
+            at: 0,
+            pan: MaskedPan::default(),
+            key: RefKey {
+                term: 0,
+                stan: 0,
+                tag: 0,
+            },
+            link: NO_LINK,
+            epoch: 0,
+            batch: 0,
+            refund_count: 0,
+            kind: Kind::Sale,
+            state: OriginalState::Approved,
+            card: CardType::Visa,
+        }
+    }
+
+    #[test]
+    fn entries_keep_their_index_across_chunks_while_the_oldest_are_dropped() {
+        let mut list = Entries::starting_at(10);
+        let n = CHUNK * 3 + 17;
+        for i in 0..n {
+            list.push(entry(i as u64));
+        }
+        assert_eq!(
+            (list.len(), list.base(), list.next_index()),
+            (n, 10, 10 + n as u32)
+        );
+        assert_eq!(list.get(9).map(|e| e.amount), None);
+        assert_eq!(list.get(10 + n).map(|e| e.amount), None);
+        for i in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, n - 1] {
+            assert_eq!(list[10 + i].amount, i as u64);
+        }
+        list[10 + CHUNK].refunded = 5;
+        assert_eq!(list.get(10 + CHUNK).map(|e| e.refunded), Some(5));
+        // Drop past the first chunk boundary: indexes stay, memory follows.
+        for want in 0..(CHUNK + 3) {
+            let (i, e) = list.pop_front().unwrap();
+            assert_eq!((i as usize, e.amount), (10 + want, want as u64));
+        }
+        assert_eq!(list.chunks.len(), 3);
+        assert_eq!(list.front().map(|e| e.amount), Some(CHUNK as u64 + 3));
+        assert_eq!(list.get(10 + CHUNK + 2).map(|e| e.amount), None);
+        assert_eq!(list[10 + 2 * CHUNK].amount, 2 * CHUNK as u64);
+        let amounts: Vec<u64> = list.iter().map(|e| e.amount).collect();
+        assert_eq!(amounts, ((CHUNK + 3) as u64..n as u64).collect::<Vec<_>>());
+        // Drop everything, then go on: the next entry gets the next index.
+        while list.pop_front().is_some() {}
+        assert_eq!(
+            (list.len(), list.base(), list.iter().count()),
+            (0, 10 + n as u32, 0)
+        );
+        list.push(entry(7));
+        assert_eq!(list[10 + n].amount, 7);
+        assert_eq!(list.next_index(), 11 + n as u32);
+    }
 
     #[test]
     fn an_entry_stays_small() {

@@ -298,6 +298,8 @@ fn read_book(r: &mut Reader<'_>, b: &mut Book, version: u8) -> Result<(), Restor
     }
     b.answers_prune_len =
         usize::try_from(r.u64()?).map_err(|_| DecodeError::Invalid("prune length"))?;
+    // Not in the snapshot: unknown, so the next prune scans (and finds the oldest).
+    b.answers_oldest_at = crate::clock::UnixSeconds::MIN;
     let nt = count(r)?;
     let mut terms: Vec<Term> = Vec::new();
     for _ in 0..nt {
@@ -498,6 +500,41 @@ mod tests {
 
     fn restore(snap: &[u8]) -> Result<Ledger, RestoreError> {
         Ledger::restore(&set(), PanKey::new(KEY), snap)
+    }
+
+    /// The scan that drops stored answers past their retention is skipped while none can
+    /// have expired (it would keep them all), and still drops them once they have: live, and
+    /// on a book restored from a snapshot.
+    #[test]
+    fn expired_stored_answers_are_dropped_as_the_book_grows_on_live_and_after_a_restore() {
+        let answers = |l: &Ledger| {
+            l.books
+                .get(&MerchantId::new("M").unwrap())
+                .unwrap()
+                .answers
+                .len()
+        };
+        for restored in [false, true] {
+            let mut l = Ledger::new(&set(), PanKey::new(KEY));
+            // Past the first prune threshold (1,024 answers): none has expired, none is dropped.
+            for stan in 1..=1100 {
+                let d = l.decide(&req(Operation::Sale, stan, 100, None), T0);
+                assert_eq!(d.reason, Reason::APPROVED);
+            }
+            assert_eq!(answers(&l), 1100);
+            if restored {
+                let mut snap = Vec::new();
+                l.snapshot(&mut snap);
+                l = restore(&snap).unwrap();
+            }
+            // 26 h later the book grows past the next threshold (2,048): the first day's
+            // answers are dropped, the new ones kept.
+            for stan in 2001..=3100 {
+                let d = l.decide(&req(Operation::Sale, stan, 100, None), T0 + 26 * 3600);
+                assert_eq!(d.reason, Reason::APPROVED);
+            }
+            assert_eq!(answers(&l), 1100, "restored: {restored}");
+        }
     }
 
     #[test]
