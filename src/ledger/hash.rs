@@ -138,7 +138,8 @@ impl<K: Hash + Eq, V> SplitMap<K, V> {
             return;
         }
         let state = *self.one.hasher();
-        let each = (self.one.len() / SPLIT_PARTS) * 2;
+        // As many buckets in all as the single map had: no more memory for the split.
+        let each = self.one.len() / SPLIT_PARTS + 1;
         self.parts = (0..SPLIT_PARTS)
             .map(|_| HashMap::with_capacity_and_hasher(each, state))
             .collect();
