@@ -150,36 +150,24 @@ impl Recovered {
     /// were validated (checksums included) at open; here their framing and seq order are
     /// checked again as they are read.
     pub fn replay(&self, mut apply: impl FnMut(u64, &[u8])) -> Result<u64, JournalError> {
-        let mut buf = Vec::new();
         let mut applied = 0;
         let mut expected = self.after_seq + 1;
-        for segment in &self.segments {
-            if segment.last_seq.is_none_or(|last| last <= self.after_seq) {
-                continue;
-            }
-            read_whole(&self.storage, &segment.path, segment.end, &mut buf)?;
-            let mut off = SEGMENT_HEADER_BYTES;
-            while off < buf.len() {
-                // Checksums were verified by the scan at open; here only the framing and the
-                // seq order are rechecked, so a file changed since then is still caught.
-                let Some((seq, payload)) = record::frame(&buf[off..]) else {
-                    return Err(changed(&segment.path, off));
-                };
-                if seq == record::VOID_SEQ {
-                    off += record::encoded_len(payload.len());
-                    continue;
-                }
+        each_record(
+            &self.storage,
+            &self.segments,
+            self.after_seq,
+            |seq, payload| {
                 if seq > self.after_seq {
                     if seq != expected {
-                        return Err(changed(&segment.path, off));
+                        return false;
                     }
                     apply(seq, payload);
                     applied += 1;
                     expected += 1;
                 }
-                off += record::encoded_len(payload.len());
-            }
-        }
+                true
+            },
+        )?;
         Ok(applied)
     }
 }
@@ -249,34 +237,19 @@ impl ReadOnly {
         after_seq: u64,
         mut each: impl FnMut(u64, &[u8]),
     ) -> Result<u64, JournalError> {
-        let mut buf = Vec::new();
         let mut read = 0;
         let mut expected: Option<u64> = None;
-        for segment in &self.segments {
-            if segment.last_seq.is_none_or(|last| last <= after_seq) {
-                continue;
+        each_record(&self.storage, &self.segments, after_seq, |seq, payload| {
+            if expected.is_some_and(|e| e != seq) {
+                return false;
             }
-            read_whole(&self.storage, &segment.path, segment.end, &mut buf)?;
-            let mut off = SEGMENT_HEADER_BYTES;
-            while off < buf.len() {
-                let Some((seq, payload)) = record::frame(&buf[off..]) else {
-                    return Err(changed(&segment.path, off));
-                };
-                if seq == record::VOID_SEQ {
-                    off += record::encoded_len(payload.len());
-                    continue;
-                }
-                if expected.is_some_and(|e| e != seq) {
-                    return Err(changed(&segment.path, off));
-                }
-                expected = Some(seq + 1);
-                if seq > after_seq {
-                    each(seq, payload);
-                    read += 1;
-                }
-                off += record::encoded_len(payload.len());
+            expected = Some(seq + 1);
+            if seq > after_seq {
+                each(seq, payload);
+                read += 1;
             }
-        }
+            true
+        })?;
         Ok(read)
     }
 }
@@ -850,6 +823,36 @@ fn read_whole(
         return Err(corrupt(path, n as u64, "segment shorter than expected"));
     }
     Ok(size)
+}
+
+/// Reads the records of every segment that holds one past `after_seq`, in file order, and
+/// hands each `(seq, payload)` to `take` (void markers skipped); `take` returns false when the
+/// seq is out of order. Checksums were verified by the scan at open: here only the framing
+/// and (through `take`) the seq order are rechecked, so a file changed since is still caught.
+fn each_record(
+    storage: &Arc<dyn Storage>,
+    segments: &[ReplaySegment],
+    after_seq: u64,
+    mut take: impl FnMut(u64, &[u8]) -> bool,
+) -> Result<(), JournalError> {
+    let mut buf = Vec::new();
+    for segment in segments {
+        if segment.last_seq.is_none_or(|last| last <= after_seq) {
+            continue;
+        }
+        read_whole(storage, &segment.path, segment.end, &mut buf)?;
+        let mut off = SEGMENT_HEADER_BYTES;
+        while off < buf.len() {
+            let Some((seq, payload)) = record::frame(&buf[off..]) else {
+                return Err(changed(&segment.path, off));
+            };
+            if seq != record::VOID_SEQ && !take(seq, payload) {
+                return Err(changed(&segment.path, off));
+            }
+            off += record::encoded_len(payload.len());
+        }
+    }
+    Ok(())
 }
 
 fn changed(path: &Path, offset: usize) -> JournalError {
