@@ -75,7 +75,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let method = ["GET", "POST", "PUT", "HEAD", "G\u{e9}T"][usize::from(flags & 3) % 5];
-    let method = if flags & 0x80 != 0 { method_of(flags) } else { method };
+    let method = if flags & 0x80 != 0 {
+        method_of(flags)
+    } else {
+        method
+    };
     let mut parts = rest.splitn(3, |&b| b == b'\n');
     let target = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
     let key = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();

@@ -86,4 +86,3 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = std::fs::remove_dir_all(&dir);
 });
-
