@@ -393,7 +393,7 @@ impl Journal {
 
     /// Whether the record of `ticket` is durable already (no wait needed).
     pub fn is_durable(&self, ticket: Ticket) -> bool {
-        matches!(self.shared.status(ticket.seq, ticket.epoch), Some(Ok(_)))
+        matches!(self.status(ticket), Some(Ok(_)))
     }
 
     /// A ticket that is durable once everything enqueued so far is: for answers that
