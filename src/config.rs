@@ -46,9 +46,10 @@ snapshot_every_records = 1000000
 # Size of each journal segment file, preallocated when it is created (4096 ..= 1073741824).
 segment_bytes = 67108864
 # Group commit under load: while the journal takes more than gather_above_per_s records a
-# second, its writer waits gather_us after taking a batch and adds what arrived meanwhile,
-# so one fdatasync covers more answers (each sync costs CPU the decisions could use). Below
-# that rate a batch is written at once. gather_us = 0: never wait (0 ..= 5000).
+# second, its writer writes at most once per gather_us (it waits until gather_us after its
+# previous write began, adding what arrives meanwhile), so one fdatasync covers more answers
+# (each sync costs CPU the decisions could use). A sync slower than gather_us is followed
+# at once. Below that rate a batch is written at once. gather_us = 0: never wait (0 ..= 5000).
 gather_us = 1000
 gather_above_per_s = 10000
 # "file" (this directory, one node) or "jetstream" (replicated on a NATS JetStream cluster:
@@ -374,8 +375,8 @@ pub struct JournalConfig {
     pub snapshot_every_records: u64,
     /// Bytes of each segment file, preallocated at creation (tests use small ones).
     pub segment_bytes: u64,
-    /// Microseconds the journal writer waits for more records after taking a batch, while
-    /// the intake is above `gather_above_per_s`; 0: never.
+    /// While the intake is above `gather_above_per_s`, the journal writer writes at most
+    /// once per this many microseconds, gathering records meanwhile; 0: never waits.
     pub gather_us: u64,
     /// Records per second above which the writer waits `gather_us` (file backend).
     pub gather_above_per_s: u64,
