@@ -30,7 +30,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 
-use super::shutdown::Shutdown;
+use super::shutdown::{Shutdown, WokenOnly};
 use super::{tls, AnswerOrder, Dispatch, Handled, Intake, ListenerInfo, RequestCtx};
 use crate::config::LimitsConfig;
 use crate::frame::{swap_tpdu, Frame, FrameCodec, FrameError};
@@ -233,9 +233,8 @@ impl<'a, D: Dispatch> Handler<'a, D> {
         let mut last_active = Instant::now();
         // One registration with the shutdown signal for the whole connection: a `recv()` per
         // loop turn would lock the channel's waiter list, shared by every connection, twice
-        // per request.
-        let stopping = shutdown.recv();
-        tokio::pin!(stopping);
+        // per request; and polled only once it woke the task (see `WokenOnly`).
+        let mut stopping = WokenOnly::new(shutdown.recv());
         let end = loop {
             let paused = dispatch.reading_paused(ctx);
             let event = tokio::select! {
