@@ -4,11 +4,11 @@
 //! `max_in_flight_per_connection` frames in flight) and dispatched as one batch
 //! ([`Dispatch::handle_batch`]: decided in order, one wait for the journal); batches run
 //! concurrently (a lone one polled directly, several in a `FuturesOrdered`), so answers come
-//! out in request order. (On a listener
-//! whose answers go out as ready, [`AnswerOrder::AsReady`], each frame is dispatched on its
-//! own into a `FuturesUnordered` instead.) Writing: all
-//! answers that are ready are encoded into the write buffer, then flushed once, so a burst of
-//! pipelined requests costs one TLS write rather than one per answer.
+//! out in request order. (On a listener whose answers go out as ready,
+//! [`AnswerOrder::AsReady`], each frame is dispatched on its own into a `FuturesUnordered`
+//! instead.) Writing: all answers that are ready are encoded into the write buffer, then
+//! flushed once, so a burst of pipelined requests costs one TLS write rather than one per
+//! answer.
 //!
 //! Ends: EOF, a framing error or the dispatch's [`Intake::Close`] stop reading and the answers
 //! in flight are still sent (bounded); an idle timeout closes at once; shutdown stops reading
@@ -93,7 +93,7 @@ trait InFlight<F: Future>: Stream<Item = F::Output> + Unpin {
 ///
 /// With one request per connection (the common terminal) every batch was a `FuturesOrdered`
 /// task node: an allocation linked into its list, a ready queue and a waker of its own, 3 %
-/// of the gateway's CPU at 256 connections x 1 in a perf profile. A lone batch costs one box.
+/// of the gateway's CPU at 256 connections × 1 in a perf profile. A lone batch costs one box.
 enum Ordered<F: Future> {
     Empty,
     One(Pin<Box<F>>),
