@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use futures::task::AtomicWaker;
 use tokio::sync::watch;
 
 /// Tells every task of the server to stop; sent once by [`super::Server::run`].
@@ -67,7 +68,7 @@ pub(crate) struct WokenOnly<F> {
 /// The waker handed to the inner future: sets the flag, then wakes the task.
 struct Flag {
     set: AtomicBool,
-    task: std::sync::Mutex<Option<Waker>>,
+    task: AtomicWaker,
 }
 
 impl Wake for Flag {
@@ -77,14 +78,7 @@ impl Wake for Flag {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.set.store(true, Ordering::Release);
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if let Some(task) = task {
-            task.wake();
-        }
+        self.task.wake();
     }
 }
 
@@ -94,7 +88,7 @@ impl<F: Future> WokenOnly<F> {
             inner: Box::pin(inner),
             woken: Arc::new(Flag {
                 set: AtomicBool::new(false),
-                task: std::sync::Mutex::new(None),
+                task: AtomicWaker::new(),
             }),
             polled_for: None,
         }
@@ -114,11 +108,7 @@ impl<F: Future> Future for WokenOnly<F> {
             return Poll::Pending;
         }
         if !same_task {
-            *this
-                .woken
-                .task
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cx.waker().clone());
+            this.woken.task.register(cx.waker());
             this.polled_for = Some(cx.waker().clone());
         }
         let waker = Waker::from(this.woken.clone());
