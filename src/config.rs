@@ -124,6 +124,9 @@ per_ip_exempt_loopback = true
 max_frame_bytes = 8192
 # Requests of one connection dispatched at once; answers still go out in request order.
 max_in_flight_per_connection = 8
+# Threads that serve the TLS connections, each with a single-threaded runtime of its own;
+# a connection stays on one of them, handshake included (0 = one per core, at most 256).
+connection_threads = 0
 # Longest a new socket may take to send its ClientHello, and then to finish the handshake.
 handshake_timeout_ms = 5000
 # A connection with nothing in flight and no complete frame for this long is closed.
@@ -566,6 +569,8 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     /// Requests of one connection dispatched at once.
     pub max_in_flight_per_connection: usize,
+    /// Threads serving the connections (a single-threaded runtime each); 0 = one per core.
+    pub connection_threads: usize,
     /// Longest a TLS handshake may take.
     pub handshake_timeout_ms: u64,
     /// Longest a connection may stay without a complete frame while nothing is in flight.
@@ -1245,6 +1250,7 @@ impl Default for LimitsConfig {
             per_ip_exempt_loopback: true,
             max_frame_bytes: limits::FRAME_BYTES_DEFAULT_MAX,
             max_in_flight_per_connection: limits::IN_FLIGHT_PER_CONNECTION_DEFAULT_MAX,
+            connection_threads: 0,
             handshake_timeout_ms: limits::HANDSHAKE_TIMEOUT_DEFAULT_MS,
             idle_timeout_ms: limits::IDLE_TIMEOUT_DEFAULT_MS,
             shutdown_grace_ms: limits::SHUTDOWN_GRACE_DEFAULT_MS,
@@ -1297,6 +1303,12 @@ impl LimitsConfig {
             wide(self.max_in_flight_per_connection),
             1,
             wide(limits::IN_FLIGHT_PER_CONNECTION_HARD_MAX),
+        )?;
+        range(
+            "connection_threads",
+            wide(self.connection_threads),
+            0,
+            wide(limits::CONNECTION_THREADS_MAX),
         )?;
         let max_ms = limits::TIMEOUT_HARD_MAX_MS;
         range("handshake_timeout_ms", self.handshake_timeout_ms, 1, max_ms)?;

@@ -59,6 +59,8 @@ pub const CONNECTIONS_DEFAULT_MAX: usize = 1024;
 pub const IN_FLIGHT_PER_CONNECTION_HARD_MAX: usize = 1024;
 /// Default `limits.max_in_flight_per_connection`.
 pub const IN_FLIGHT_PER_CONNECTION_DEFAULT_MAX: usize = 8;
+/// Most connection threads (`limits.connection_threads`).
+pub const CONNECTION_THREADS_MAX: usize = 256;
 /// Smallest `limits.max_frame_bytes`: a `cup_pos` TPDU + header + MTI + bitmap must fit.
 pub const FRAME_BYTES_MIN: usize = 64;
 /// Default `limits.max_handshakes`: sockets accepted but not yet admitted to a connection

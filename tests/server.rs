@@ -63,6 +63,13 @@ impl Dispatch for Echo {
             let who = ctx.client_cert_subject.clone().unwrap_or_default();
             return Handled::Reply(BytesMut::from(who.as_bytes()));
         }
+        if &body[..] == b"THREAD" {
+            let name = std::thread::current()
+                .name()
+                .unwrap_or_default()
+                .to_string();
+            return Handled::Reply(BytesMut::from(name.as_bytes()));
+        }
         let mut reply = BytesMut::from(&b"R:"[..]);
         reply.extend_from_slice(&body);
         Handled::Reply(reply)
@@ -328,6 +335,60 @@ async fn pipelined_requests_are_answered_in_request_order() {
     for body in &bodies {
         let answer = next_frame(&mut client).await;
         assert_eq!(body_of(&answer), format!("R:{body}").as_bytes());
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn connections_are_served_on_the_connection_threads_round_robin() {
+    let mut cfg = config(vec![listener(&ASCII1987, Framing::Binary2)]);
+    cfg.limits.connection_threads = 3;
+    let running = start(cfg).await;
+    let info = &running.listeners[0];
+    let mut threads = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let mut client = framed_client(info).await;
+        client.send(request(info, b"THREAD")).await.unwrap();
+        let answer = next_frame(&mut client).await;
+        threads.push(String::from_utf8(body_of(&answer).to_vec()).unwrap());
+        clients.push(client);
+    }
+    // Round-robin over the three, never on the test's (accepting) runtime.
+    let mut distinct = threads.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        [
+            "refundgate-conn-0",
+            "refundgate-conn-1",
+            "refundgate-conn-2"
+        ],
+        "{threads:?}"
+    );
+    assert_eq!(threads[0..3], threads[3..6], "{threads:?}");
+    // Every connection still answers pipelined requests in order, on its thread.
+    for client in &mut clients {
+        for i in 0..8 {
+            client
+                .feed(request(
+                    info,
+                    format!("SLEEP{}:{i}", (8 - i) * 2).as_bytes(),
+                ))
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+    }
+    for client in &mut clients {
+        for i in 0..8 {
+            let answer = next_frame(client).await;
+            assert_eq!(
+                body_of(&answer),
+                format!("R:SLEEP{}:{i}", (8 - i) * 2).as_bytes()
+            );
+        }
     }
     running.stop().await;
 }

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use super::admission::{self, Admission, Refusal};
+use super::lanes::Lanes;
 use super::shutdown::Shutdown;
 use super::{connection, Dispatch, ListenerInfo};
 use crate::config::LimitsConfig;
@@ -38,13 +39,15 @@ impl Listener {
         &self.info
     }
 
-    /// Accepts until shutdown, then closes the socket and waits for this listener's
-    /// connections for at most the grace period (aborting the rest).
+    /// Accepts until shutdown, serving each connection on one of `lanes`, then closes the
+    /// socket and waits for this listener's connections for at most the grace period
+    /// (aborting the rest).
     pub(crate) async fn serve<D: Dispatch>(
         self,
         dispatch: Arc<D>,
         admission: Arc<Admission>,
         limits: Arc<LimitsConfig>,
+        lanes: Arc<Lanes>,
         mut shutdown: Shutdown,
     ) {
         let mut tasks = JoinSet::new();
@@ -90,7 +93,31 @@ impl Listener {
                 limits: limits.clone(),
                 shutdown: shutdown.clone(),
             };
-            tasks.spawn(admit_and_serve(accepted, stream, ticket, dispatch.clone()));
+            let Some(lane) = lanes.next() else {
+                tasks.spawn(admit_and_serve(accepted, stream, ticket, dispatch.clone()));
+                continue;
+            };
+            // The socket moves to the lane's own reactor: deregistered here, registered
+            // again on the lane when its task starts.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(listener = %self.info.name, %peer, error = %e, "accepted socket lost");
+                    continue;
+                }
+            };
+            let dispatch = dispatch.clone();
+            tasks.spawn_on(
+                async move {
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => admit_and_serve(accepted, stream, ticket, dispatch).await,
+                        Err(e) => {
+                            tracing::debug!(peer = %accepted.peer, error = %e, "accepted socket lost");
+                        }
+                    }
+                },
+                lane,
+            );
         }
         drop(self.tcp);
         let grace =

@@ -13,12 +13,15 @@
 //! [`AnswerOrder::AsReady`], each as soon as it is ready: the host simulator's listeners).
 //!
 //! - `listener.rs`: accept loop, drain; `admission.rs`: handshake budget and connection limits.
+//! - `lanes.rs`: the connection threads, each a single-threaded runtime the listeners hand
+//!   accepted sockets to (`limits.connection_threads`).
 //! - `connection.rs`: TLS handshake, pipelined read loop, batched writes.
 //! - `tls.rs`: rustls configuration; `shutdown.rs`: the signal; `admin.rs`: `/metrics` etc.
 
 pub(crate) mod admin;
 mod admission;
 mod connection;
+mod lanes;
 pub(crate) mod listener;
 pub mod shutdown;
 pub mod tls;
@@ -387,11 +390,20 @@ pub(crate) async fn serve<D: Dispatch, R: admin::AdminRoutes>(
 ) {
     let (trigger, shutdown_rx) = shutdown::channel();
     let admission = admission::Admission::new(&limits);
+    // Dropped when this returns, after every listener drained (or aborted) its connections.
+    let lanes = match lanes::Lanes::start(limits.connection_threads) {
+        Ok(lanes) => Arc::new(lanes),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the connection threads; serving connections on the main runtime");
+            Arc::new(lanes::Lanes::none())
+        }
+    };
     let accepting = futures::future::join_all(listeners.into_iter().map(|l| {
         l.serve(
             dispatch.clone(),
             admission.clone(),
             limits.clone(),
+            lanes.clone(),
             shutdown_rx.clone(),
         )
     }));
