@@ -49,7 +49,8 @@ segment_bytes = 67108864
 # second, its writer writes at most once per gather_us (it waits until gather_us after its
 # previous write began, adding what arrives meanwhile), so one fdatasync covers more answers
 # (each sync costs CPU the decisions could use). A sync slower than gather_us is followed
-# at once. Below that rate a batch is written at once. gather_us = 0: never wait (0 ..= 5000).
+# at once, and so is the moment every connection thread has run out of work (nothing more
+# can come). Below that rate a batch is written at once. gather_us = 0: never wait (0 ..= 5000).
 gather_us = 1000
 gather_above_per_s = 10000
 # "file" (this directory, one node) or "jetstream" (replicated on a NATS JetStream cluster:

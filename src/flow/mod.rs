@@ -1414,6 +1414,12 @@ pub fn mti_label(mti: u16) -> &'static str {
 }
 
 impl Dispatch for Gateway {
+    fn idle(&self) {
+        if let Some(journal) = &self.journal {
+            journal.idle_hint();
+        }
+    }
+
     fn handle(
         &self,
         ctx: &RequestCtx,

@@ -20,6 +20,11 @@
 //! while every request waited, about 5 % of the answers at 256 × 1). Below that rate a batch
 //! is written at once, so light load pays no latency for it.
 //!
+//! The wait also ends on [`Journal::idle_hint`](super::Journal::idle_hint): the server calls
+//! it when every connection thread has run out of work, so no more records can come before
+//! the answers already waiting go out. Waiting on would leave the cores idle (at 256 × 1 a
+//! quarter of the machine sat idle while every request waited out the gather).
+//!
 //! # Faults
 //!
 //! If the write or the sync fails, every record not yet durable — the failed chunk, the rest
@@ -83,6 +88,8 @@ pub(crate) struct Queue {
     pub closing: bool,
     /// The writer waits on [`Shared::wake`].
     pub idle: bool,
+    /// An idle hint came during the writer's gather wait: write now.
+    pub hinted: bool,
     /// A scrub asked for by [`Journal::scrub`](super::Journal::scrub).
     pub scrub: Option<std::sync::mpsc::Sender<io::Result<()>>>,
 }
@@ -114,6 +121,8 @@ pub(crate) struct Shared {
     /// Tasks waiting for a seq to be durable, by seq: the writer wakes exactly those its
     /// chunk covered (all of them when a failure ends the epoch).
     pub waiters: Mutex<BTreeMap<u64, Vec<Waker>>>,
+    /// The writer is in its gather wait: an idle hint ends it ([`Queue::hinted`]).
+    pub gathering: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -129,6 +138,7 @@ impl Shared {
                 held: false,
                 closing: false,
                 idle: false,
+                hinted: false,
                 scrub: None,
             }),
             wake: Condvar::new(),
@@ -139,6 +149,7 @@ impl Shared {
             held: std::sync::atomic::AtomicBool::new(false),
             hold_mode: std::sync::atomic::AtomicBool::new(false),
             waiters: Mutex::new(BTreeMap::new()),
+            gathering: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -442,9 +453,8 @@ impl Writer {
                 }
                 Work::Batch => {
                     if let Some(wait) = self.gather.taken(taken.len(), crate::clock::monotonic()) {
-                        thread::sleep(wait);
                         let before = taken.len();
-                        taken.append(&mut self.shared.lock_queue().pending);
+                        taken.append(&mut self.gather_for(wait));
                         self.gather.gathered(taken.len() - before);
                     }
                     self.gather.writing(crate::clock::monotonic());
@@ -461,6 +471,23 @@ impl Writer {
             // Let an in-flight preallocation finish so shutdown leaves whole files.
             let _ = pending.join();
         }
+    }
+
+    /// Waits up to `wait` for more records (ended early by an idle hint); returns what
+    /// was queued meanwhile.
+    fn gather_for(&self, wait: Duration) -> Vec<Request> {
+        let mut q = self.shared.lock_queue();
+        q.hinted = false;
+        // Set under the queue's lock, so a hint either sees it or comes after the wait ends.
+        self.shared.gathering.store(true, Ordering::SeqCst);
+        let (mut q, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(q, wait, |q| !q.hinted && !q.closing && q.scrub.is_none())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.shared.gathering.store(false, Ordering::SeqCst);
+        q.hinted = false;
+        std::mem::take(&mut q.pending)
     }
 
     /// Stepped mode: takes everything queued, writes and syncs it (waking its waiters, or

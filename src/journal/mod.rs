@@ -391,6 +391,16 @@ impl Journal {
         self.shared.status(ticket.seq, ticket.epoch)
     }
 
+    /// Says that nothing more will be appended soon (every connection thread ran out of
+    /// work): a writer waiting to gather more records under load writes what it has now.
+    /// Costs one atomic load when the writer is not gathering.
+    pub fn idle_hint(&self) {
+        if self.shared.gathering.load(Ordering::SeqCst) {
+            self.shared.lock_queue().hinted = true;
+            self.shared.wake.notify_one();
+        }
+    }
+
     /// Whether the record of `ticket` is durable already (no wait needed).
     pub fn is_durable(&self, ticket: Ticket) -> bool {
         matches!(self.status(ticket), Some(Ok(_)))
@@ -742,4 +752,50 @@ fn open_segment(storage: &Arc<dyn Storage>, scan: &SegmentScan) -> Result<Segmen
         file,
         size: scan.size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_idle_hint_ends_the_writers_wait_for_more_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            segment_bytes: 1024 * 1024,
+            // Any intake counts as load once a window measured it; a wait nobody sits out.
+            gather: GatherConfig {
+                wait: Duration::from_secs(60),
+                above_per_s: 0,
+            },
+            ..Options::default()
+        };
+        let (journal, _) = Journal::open(dir.path(), options).unwrap();
+        let journal = Arc::new(journal);
+        // The first window has not been measured yet: written at once.
+        journal.append_blocking(b"first".to_vec()).unwrap();
+        std::thread::sleep(group_commit::Gather::WINDOW + Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let appender = Arc::clone(&journal);
+        std::thread::spawn(move || {
+            let _ = tx.send(appender.append_blocking(b"second".to_vec()));
+        });
+        let deadline = crate::clock::monotonic() + Duration::from_secs(10);
+        while !journal.shared.gathering.load(Ordering::SeqCst) {
+            assert!(
+                crate::clock::monotonic() < deadline,
+                "the writer never gathered"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Under load the record waits for company...
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        // ...until the server says no more is coming.
+        journal.idle_hint();
+        let durable = rx.recv_timeout(Duration::from_secs(10));
+        let seq = durable.expect("still waiting after the idle hint");
+        assert_eq!(seq.ok(), Some(2));
+    }
 }

@@ -9,12 +9,17 @@
 //! and the background loops stay on the process runtime; a lane's task that waits on them (or
 //! on the journal writer) is woken across threads as before.
 //!
+//! When every lane has run out of work at once it calls the server's idle hook
+//! ([`Dispatch::idle`](super::Dispatch::idle)): the gateway's journal then stops waiting to
+//! gather more records under load, since none can come before the answers waiting for it go out.
+//!
 //! Dropping [`Lanes`] tells each thread to stop: its runtime ends the tasks still on it (the
 //! listeners have drained or aborted them by then) and the thread exits. Nothing joins it, so
 //! dropping is safe inside async code.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
@@ -32,7 +37,11 @@ pub(crate) struct Lanes {
 
 impl Lanes {
     /// Starts `threads` lanes; 0 = one per core ([`std::thread::available_parallelism`]).
-    pub(crate) fn start(threads: usize) -> io::Result<Lanes> {
+    /// `on_idle` runs (on a lane) each time the last busy lane goes to sleep.
+    pub(crate) fn start(
+        threads: usize,
+        on_idle: impl Fn() + Send + Sync + 'static,
+    ) -> io::Result<Lanes> {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, usize::from)
         } else {
@@ -43,8 +52,24 @@ impl Lanes {
             next: AtomicUsize::new(0),
             stops: Vec::with_capacity(threads),
         };
+        let on_idle = Arc::new(on_idle);
+        // Lanes asleep: tokio calls the park hook right before a lane sleeps and the unpark
+        // hook right after it wakes, in pairs.
+        let asleep = Arc::new(AtomicUsize::new(0));
         for i in 0..threads {
-            let runtime = Builder::new_current_thread().enable_all().build()?;
+            let (parks, unparks) = (Arc::clone(&asleep), Arc::clone(&asleep));
+            let on_idle = Arc::clone(&on_idle);
+            let runtime = Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(move || {
+                    if parks.fetch_add(1, Ordering::SeqCst) + 1 == threads {
+                        on_idle();
+                    }
+                })
+                .on_thread_unpark(move || {
+                    unparks.fetch_sub(1, Ordering::SeqCst);
+                })
+                .build()?;
             let (stop, stopped) = oneshot::channel::<()>();
             let handle = runtime.handle().clone();
             std::thread::Builder::new()
@@ -100,7 +125,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_spread_over_every_lane_off_the_callers_thread() {
-        let lanes = Lanes::start(2).unwrap();
+        let lanes = Lanes::start(2, || ()).unwrap();
         assert_eq!(lanes.len(), 2);
         let here = std::thread::current().id();
         let mut seen = HashSet::new();
@@ -127,7 +152,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_lanes_ends_their_tasks() {
-        let lanes = Lanes::start(1).unwrap();
+        let lanes = Lanes::start(1, || ()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let tell = Tell(tx);
         // A task that would never end on its own: the lane's shutdown drops it.
@@ -145,8 +170,58 @@ mod tests {
     }
 
     #[test]
+    fn the_idle_hook_runs_only_once_every_lane_sleeps() {
+        let idle = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&idle);
+        let lanes = Lanes::start(2, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = crate::clock::monotonic() + std::time::Duration::from_secs(10);
+            while !done() {
+                assert!(crate::clock::monotonic() < deadline, "{what}");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        // Both lanes start with nothing to do.
+        wait_for("two new lanes never both slept", &|| {
+            idle.load(Ordering::SeqCst) > 0
+        });
+        // The first lane busy (a task that blocks its thread until told to stop).
+        let (busy, release) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        lanes.next().unwrap().spawn(async move {
+            let _ = started.send(());
+            let _ = release.recv();
+        });
+        running.recv().unwrap();
+        let before = idle.load(Ordering::SeqCst);
+        // The second lane wakes, works and sleeps again, many times: never all asleep.
+        let other = lanes.next().unwrap().clone();
+        for _ in 0..50 {
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            other.spawn(async move {
+                let _ = done.send(());
+            });
+            finished.recv().unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        assert_eq!(
+            idle.load(Ordering::SeqCst),
+            before,
+            "ran while one lane was busy"
+        );
+        // The busy lane done: both asleep, the hook runs.
+        busy.send(()).unwrap();
+        wait_for("the hook never ran once both slept", &|| {
+            idle.load(Ordering::SeqCst) > before
+        });
+    }
+
+    #[test]
     fn zero_threads_means_one_per_core() {
-        let lanes = Lanes::start(0).unwrap();
+        let lanes = Lanes::start(0, || ()).unwrap();
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(lanes.len(), cores);
     }

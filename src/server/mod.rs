@@ -171,6 +171,12 @@ pub trait Dispatch: Send + Sync + 'static {
         false
     }
 
+    /// Called when every connection thread has run out of work and is about to sleep: no
+    /// request is being read or decided, so whatever waits for more company (the journal's
+    /// gather) may go ahead now. Called often under light load: keep it cheap. By default,
+    /// nothing.
+    fn idle(&self) {}
+
     /// Asked for each frame read, before it is dispatched; `taken` counts the frames this
     /// connection took before it. By default, [`Intake::Take`].
     fn intake(&self, _ctx: &RequestCtx, _taken: u64) -> Intake {
@@ -391,7 +397,11 @@ pub(crate) async fn serve<D: Dispatch, R: admin::AdminRoutes>(
     let (trigger, shutdown_rx) = shutdown::channel();
     let admission = admission::Admission::new(&limits);
     // Dropped when this returns, after every listener drained (or aborted) its connections.
-    let lanes = match lanes::Lanes::start(limits.connection_threads) {
+    let on_idle = {
+        let dispatch = dispatch.clone();
+        move || dispatch.idle()
+    };
+    let lanes = match lanes::Lanes::start(limits.connection_threads, on_idle) {
         Ok(lanes) => Arc::new(lanes),
         Err(e) => {
             tracing::error!(error = %e, "cannot start the connection threads; serving connections on the main runtime");
