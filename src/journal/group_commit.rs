@@ -88,8 +88,13 @@ pub(crate) struct Queue {
     pub closing: bool,
     /// The writer waits on [`Shared::wake`].
     pub idle: bool,
-    /// An idle hint came during the writer's gather wait: write now.
-    pub hinted: bool,
+    /// `next_seq` when the connection threads were last all idle ([`Journal::idle_hint`]):
+    /// no record enqueued after it means none is coming before the waiting answers go out.
+    ///
+    /// [`Journal::idle_hint`]: super::Journal::idle_hint
+    pub idle_from: u64,
+    /// The writer is in its gather wait (on [`Shared::wake`]).
+    pub gathering: bool,
     /// A scrub asked for by [`Journal::scrub`](super::Journal::scrub).
     pub scrub: Option<std::sync::mpsc::Sender<io::Result<()>>>,
 }
@@ -121,8 +126,6 @@ pub(crate) struct Shared {
     /// Tasks waiting for a seq to be durable, by seq: the writer wakes exactly those its
     /// chunk covered (all of them when a failure ends the epoch).
     pub waiters: Mutex<BTreeMap<u64, Vec<Waker>>>,
-    /// The writer is in its gather wait: an idle hint ends it ([`Queue::hinted`]).
-    pub gathering: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -138,7 +141,8 @@ impl Shared {
                 held: false,
                 closing: false,
                 idle: false,
-                hinted: false,
+                idle_from: 0,
+                gathering: false,
                 scrub: None,
             }),
             wake: Condvar::new(),
@@ -149,7 +153,6 @@ impl Shared {
             held: std::sync::atomic::AtomicBool::new(false),
             hold_mode: std::sync::atomic::AtomicBool::new(false),
             waiters: Mutex::new(BTreeMap::new()),
-            gathering: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -473,20 +476,20 @@ impl Writer {
         }
     }
 
-    /// Waits up to `wait` for more records (ended early by an idle hint); returns what
-    /// was queued meanwhile.
+    /// Waits up to `wait` for more records, ending early once the connection threads were
+    /// all idle after the newest record (an idle hint, before or during the wait); returns
+    /// what was queued meanwhile.
     fn gather_for(&self, wait: Duration) -> Vec<Request> {
         let mut q = self.shared.lock_queue();
-        q.hinted = false;
-        // Set under the queue's lock, so a hint either sees it or comes after the wait ends.
-        self.shared.gathering.store(true, Ordering::SeqCst);
+        q.gathering = true;
         let (mut q, _) = self
             .shared
             .wake
-            .wait_timeout_while(q, wait, |q| !q.hinted && !q.closing && q.scrub.is_none())
+            .wait_timeout_while(q, wait, |q| {
+                q.idle_from < q.next_seq && !q.closing && q.scrub.is_none()
+            })
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.shared.gathering.store(false, Ordering::SeqCst);
-        q.hinted = false;
+        q.gathering = false;
         std::mem::take(&mut q.pending)
     }
 

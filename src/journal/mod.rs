@@ -392,11 +392,14 @@ impl Journal {
     }
 
     /// Says that nothing more will be appended soon (every connection thread ran out of
-    /// work): a writer waiting to gather more records under load writes what it has now.
-    /// Costs one atomic load when the writer is not gathering.
+    /// work): a writer waiting to gather more records under load writes what it has now,
+    /// and one about to wait does not, unless a record comes after this.
     pub fn idle_hint(&self) {
-        if self.shared.gathering.load(Ordering::SeqCst) {
-            self.shared.lock_queue().hinted = true;
+        let mut q = self.shared.lock_queue();
+        q.idle_from = q.next_seq;
+        let gathering = q.gathering;
+        drop(q);
+        if gathering {
             self.shared.wake.notify_one();
         }
     }
@@ -760,12 +763,12 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[test]
-    fn an_idle_hint_ends_the_writers_wait_for_more_records() {
+    /// A journal whose writer, from its second batch on, waits 60 s to gather more records
+    /// (any intake counts as load once a window measured it); one record is durable.
+    fn gathering_journal() -> (tempfile::TempDir, Arc<Journal>) {
         let dir = tempfile::tempdir().unwrap();
         let options = Options {
             segment_bytes: 1024 * 1024,
-            // Any intake counts as load once a window measured it; a wait nobody sits out.
             gather: GatherConfig {
                 wait: Duration::from_secs(60),
                 above_per_s: 0,
@@ -773,29 +776,62 @@ mod tests {
             ..Options::default()
         };
         let (journal, _) = Journal::open(dir.path(), options).unwrap();
-        let journal = Arc::new(journal);
         // The first window has not been measured yet: written at once.
         journal.append_blocking(b"first".to_vec()).unwrap();
         std::thread::sleep(group_commit::Gather::WINDOW + Duration::from_millis(20));
+        (dir, Arc::new(journal))
+    }
+
+    #[test]
+    fn an_idle_hint_ends_the_writers_wait_for_more_records() {
+        let (_dir, journal) = gathering_journal();
         let (tx, rx) = std::sync::mpsc::channel();
         let appender = Arc::clone(&journal);
         std::thread::spawn(move || {
             let _ = tx.send(appender.append_blocking(b"second".to_vec()));
         });
         let deadline = crate::clock::monotonic() + Duration::from_secs(10);
-        while !journal.shared.gathering.load(Ordering::SeqCst) {
-            assert!(
-                crate::clock::monotonic() < deadline,
-                "the writer never gathered"
-            );
+        while journal.last_ticket().seq < 2 {
+            assert!(crate::clock::monotonic() < deadline, "never enqueued");
             std::thread::sleep(Duration::from_millis(1));
         }
         // Under load the record waits for company...
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
         // ...until the server says no more is coming.
         journal.idle_hint();
         let durable = rx.recv_timeout(Duration::from_secs(10));
         let seq = durable.expect("still waiting after the idle hint");
         assert_eq!(seq.ok(), Some(2));
+    }
+
+    #[test]
+    fn an_idle_hint_before_the_writer_waits_still_counts() {
+        let (_dir, journal) = gathering_journal();
+        // Enqueued and, at once, nothing more to come: the writer, still waking up, must
+        // not start a wait the hint can no longer end.
+        let ticket = journal.enqueue(b"second".to_vec()).unwrap();
+        journal.idle_hint();
+        let deadline = crate::clock::monotonic() + Duration::from_secs(10);
+        while journal.status(ticket).is_none() {
+            assert!(
+                crate::clock::monotonic() < deadline,
+                "waited for company after the hint"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(journal.is_durable(ticket));
+        // A record after the hint waits again (the hint covered only what came before it).
+        let later = journal.enqueue(b"third".to_vec()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(journal.status(later).is_none());
+        journal.idle_hint();
+        let deadline = crate::clock::monotonic() + Duration::from_secs(10);
+        while !journal.is_durable(later) {
+            assert!(
+                crate::clock::monotonic() < deadline,
+                "the second hint was lost"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
