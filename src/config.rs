@@ -50,7 +50,8 @@ segment_bytes = 67108864
 # previous write began, adding what arrives meanwhile), so one fdatasync covers more answers
 # (each sync costs CPU the decisions could use). A sync slower than gather_us is followed
 # at once, and so is the moment every connection thread has run out of work (nothing more
-# can come). Below that rate a batch is written at once. gather_us = 0: never wait (0 ..= 5000).
+# can come). Below that rate a batch waits only for that moment, at most gather_us, so the
+# requests of one burst share a sync. gather_us = 0: never wait (0 ..= 5000).
 gather_us = 1000
 gather_above_per_s = 10000
 # "file" (this directory, one node) or "jetstream" (replicated on a NATS JetStream cluster:

@@ -17,13 +17,18 @@
 //! waits out the rest and adds what arrived meanwhile, so one sync covers several batches'
 //! worth: on a busy machine that CPU goes to deciding instead. The previous write's own time
 //! counts toward the wait (waiting the whole of it after each sync left both cores idle
-//! while every request waited, about 5 % of the answers at 256 × 1). Below that rate a batch
-//! is written at once, so light load pays no latency for it.
+//! while every request waited, about 5 % of the answers at 256 × 1).
 //!
 //! The wait also ends on [`Journal::idle_hint`](super::Journal::idle_hint): the server calls
 //! it when every connection thread has run out of work, so no more records can come before
 //! the answers already waiting go out. Waiting on would leave the cores idle (at 256 × 1 a
 //! quarter of the machine sat idle while every request waited out the gather).
+//!
+//! Below that rate a batch waits for that hint alone (at most the same wait): the requests
+//! of one burst, decided one after the other on the connection threads, share one sync
+//! instead of the first going alone and the rest waiting for it and then their own. Where
+//! no hint ever comes (a server without connection threads, or none yet), light load
+//! writes at once.
 //!
 //! # Faults
 //!
@@ -305,6 +310,9 @@ pub(crate) struct Gather {
     busy: bool,
     /// When the previous write began ([`Gather::writing`]).
     last_write: Option<Instant>,
+    /// An idle hint has come ([`Journal::idle_hint`](super::Journal::idle_hint)): below
+    /// the rate a batch waits for the next one (at most `wait`).
+    pub(crate) hints_seen: bool,
 }
 
 impl Gather {
@@ -318,14 +326,17 @@ impl Gather {
             window_records: 0,
             busy: false,
             last_write: None,
+            hints_seen: false,
         }
     }
 
     /// Counts `records` taken at `now`; returns how long to wait for more before writing
-    /// them (`None`: write at once). The rate of the last whole window decides whether to
-    /// wait; the wait ends [`GatherConfig::wait`] after the previous write began, so the time
-    /// that write and its sync took counts toward it: one write per `wait` at most, and no
-    /// wait at all once a sync takes longer than that.
+    /// them (`None`: write at once), an idle hint ending the wait sooner. The rate of the
+    /// last whole window decides: above it the wait ends [`GatherConfig::wait`] after the
+    /// previous write began, so the time that write and its sync took counts toward it (one
+    /// write per `wait` at most, and no wait at all once a sync takes longer than that);
+    /// below it a batch waits only for the idle hint, at most `wait`, and only once hints
+    /// come at all ([`Gather::hints_seen`]): without them it is written at once.
     pub(crate) fn taken(&mut self, records: usize, now: Instant) -> Option<Duration> {
         self.window_records = self.window_records.saturating_add(records as u64);
         let elapsed = now.saturating_duration_since(self.window_start);
@@ -335,8 +346,11 @@ impl Gather {
             self.window_start = now;
             self.window_records = 0;
         }
-        if !self.busy || self.config.wait.is_zero() {
+        if self.config.wait.is_zero() {
             return None;
+        }
+        if !self.busy {
+            return self.hints_seen.then_some(self.config.wait);
         }
         let since = self
             .last_write
@@ -435,6 +449,8 @@ impl Writer {
                     }
                     if !q.pending.is_empty() {
                         std::mem::swap(&mut q.pending, &mut taken);
+                        // Someone says when the connection threads run out of work.
+                        self.gather.hints_seen |= q.idle_from != 0;
                         break Work::Batch;
                     }
                     if q.closing {
@@ -816,6 +832,17 @@ mod tests {
         gather.writing(now);
         now += Duration::from_micros(700);
         assert_eq!(gather.taken(10, now), None);
+    }
+
+    #[test]
+    fn below_the_rate_a_batch_waits_for_the_idle_hint_once_hints_come() {
+        let (mut gather, config, mut now) = gather_above_10k();
+        let light = feed(&mut gather, &mut now, 2, 500, 2);
+        assert!(light.iter().all(Option::is_none), "{light:?}");
+        gather.hints_seen = true;
+        // The whole wait at most: the hint ends it (the writer's wait, not this).
+        let light = feed(&mut gather, &mut now, 2, 500, 2);
+        assert!(light.iter().all(|w| *w == Some(config.wait)), "{light:?}");
     }
 
     #[test]

@@ -805,6 +805,43 @@ mod tests {
     }
 
     #[test]
+    fn at_light_load_a_record_waits_for_the_idle_hint_only_once_hints_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            segment_bytes: 1024 * 1024,
+            // Never above the rate: light load throughout.
+            gather: GatherConfig {
+                wait: Duration::from_secs(60),
+                above_per_s: u64::MAX,
+            },
+            ..Options::default()
+        };
+        let (journal, _) = Journal::open(dir.path(), options).unwrap();
+        // No hint yet (no connection threads say when they are idle): written at once.
+        journal.append_blocking(b"first".to_vec()).unwrap();
+        journal.idle_hint();
+        let durable_within = |ticket: Ticket, within: Duration| {
+            let deadline = crate::clock::monotonic() + within;
+            while !journal.is_durable(ticket) {
+                if crate::clock::monotonic() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            true
+        };
+        // Hints come now: a record waits for the one that says its burst is over.
+        let ticket = journal.enqueue(b"second".to_vec()).unwrap();
+        let also = journal.enqueue(b"third".to_vec()).unwrap();
+        assert!(!durable_within(ticket, Duration::from_millis(300)));
+        journal.idle_hint();
+        assert!(durable_within(also, Duration::from_secs(10)));
+        assert!(journal.is_durable(ticket));
+        // One sync for the two.
+        assert_eq!(journal.batches(), 2);
+    }
+
+    #[test]
     fn an_idle_hint_before_the_writer_waits_still_counts() {
         let (_dir, journal) = gathering_journal();
         // Enqueued and, at once, nothing more to come: the writer, still waking up, must
