@@ -1109,6 +1109,43 @@ async fn cup_settlement_compares_the_de48_totals_and_closes_only_this_terminals_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_over_off_the_connection_threads_does_not_wait_for_their_idle_hint() {
+    use refundgate::clock::ManualClock;
+    use refundgate::server::Dispatch;
+    let dir = tempfile::tempdir().unwrap();
+    let merchants = MerchantSet::from_toml_str(
+        "[[merchants]]\nid = \"MERCHANT 000001\"\nutc_offset = \"+00:00\"\ncutover_at = \"23:00\"\nterminals = [{ id = \"TERM0001\" }]\n",
+    )
+    .unwrap();
+    let ledger = Arc::new(Ledger::new(&merchants, PanKey::new(&[7; 16])));
+    // Light load throughout, and a gather nobody would sit out.
+    let options = journal::Options {
+        gather: journal::GatherConfig {
+            wait: Duration::from_secs(60),
+            above_per_s: u64::MAX,
+        },
+        ..journal::Options::default()
+    };
+    let (journal, _) = Journal::open(dir.path().join("journal"), options).unwrap();
+    // 2026-11-25 23:00:00 UTC: the cut-over is due.
+    let clock = Arc::new(ManualClock::new(1_795_647_600));
+    let gateway = Gateway::new(
+        Arc::clone(&ledger),
+        Some(Arc::new(journal)),
+        clock,
+        vec![Link::plain(&ASCII1987)],
+    );
+    // Connection threads have said they were idle once: from now on a record at light load
+    // waits for their next hint, which a cut-over (run by its own loop) never gives.
+    gateway.idle();
+    let ran = tokio::time::timeout(Duration::from_secs(10), gateway.run_cutovers()).await;
+    assert_eq!(
+        ran.expect("the cut-over waited for a connection thread's idle hint"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_cut_over_runs_from_the_injected_clock_and_is_journaled_before_it_counts() {
     use refundgate::clock::ManualClock;
     let dir = tempfile::tempdir().unwrap();

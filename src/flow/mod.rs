@@ -330,6 +330,9 @@ impl Gateway {
             }
         }
         if let (Some(t), Some(journal)) = (last, &self.journal) {
+            // Off the connection threads, whose idle hint may not come: nothing more of
+            // this change is on its way, so the journal need not wait to gather.
+            journal.idle_hint();
             if journal.durable(t).await.is_err() {
                 tracing::warn!("journal write of a scheduled cut-over failed");
             }
@@ -412,6 +415,9 @@ impl Gateway {
             }
         };
         if let (Some(t), Some(journal)) = (ticket, &self.journal) {
+            // Off the connection threads, whose idle hint may not come: nothing more of
+            // this change is on its way, so the journal need not wait to gather.
+            journal.idle_hint();
             if journal.durable(t).await.is_err() {
                 counted("refused");
                 let _ = self.store_ready().await;
@@ -473,6 +479,9 @@ impl Gateway {
             Err(LogError::Store) => return Err(AdminChangeError::Store),
         };
         if let (Some(t), Some(journal)) = (ticket, &self.journal) {
+            // Off the connection threads, whose idle hint may not come: nothing more of
+            // this change is on its way, so the journal need not wait to gather.
+            journal.idle_hint();
             if journal.durable(t).await.is_err() {
                 // Drop what the lost record changed before answering.
                 let _ = self.store_ready().await;
