@@ -1108,16 +1108,46 @@ async fn cup_settlement_compares_the_de48_totals_and_closes_only_this_terminals_
     gw.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cut_over_off_the_connection_threads_does_not_wait_for_their_idle_hint() {
-    use refundgate::clock::ManualClock;
-    use refundgate::server::Dispatch;
+/// One merchant whose batch is cut over daily at 23:00 UTC, with its ledger, a journal opened
+/// with `options` and a gateway on them whose clock starts at `now`.
+struct CutOverMerchant {
+    _dir: tempfile::TempDir,
+    merchants: MerchantSet,
+    ledger: Arc<Ledger>,
+    journal: Arc<Journal>,
+    clock: Arc<refundgate::clock::ManualClock>,
+    gateway: Gateway,
+}
+
+fn cut_over_merchant(options: journal::Options, now: i64) -> CutOverMerchant {
     let dir = tempfile::tempdir().unwrap();
     let merchants = MerchantSet::from_toml_str(
         "[[merchants]]\nid = \"MERCHANT 000001\"\nutc_offset = \"+00:00\"\ncutover_at = \"23:00\"\nterminals = [{ id = \"TERM0001\" }]\n",
     )
     .unwrap();
     let ledger = Arc::new(Ledger::new(&merchants, PanKey::new(&[7; 16])));
+    let (journal, _) = Journal::open(dir.path().join("journal"), options).unwrap();
+    let journal = Arc::new(journal);
+    let clock = Arc::new(refundgate::clock::ManualClock::new(now));
+    let gateway = Gateway::new(
+        Arc::clone(&ledger),
+        Some(Arc::clone(&journal)),
+        clock.clone(),
+        vec![Link::plain(&ASCII1987)],
+    );
+    CutOverMerchant {
+        _dir: dir,
+        merchants,
+        ledger,
+        journal,
+        clock,
+        gateway,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_over_off_the_connection_threads_does_not_wait_for_their_idle_hint() {
+    use refundgate::server::Dispatch;
     // Light load throughout, and a gather nobody would sit out.
     let options = journal::Options {
         gather: journal::GatherConfig {
@@ -1126,19 +1156,12 @@ async fn a_cut_over_off_the_connection_threads_does_not_wait_for_their_idle_hint
         },
         ..journal::Options::default()
     };
-    let (journal, _) = Journal::open(dir.path().join("journal"), options).unwrap();
     // 2026-11-25 23:00:00 UTC: the cut-over is due.
-    let clock = Arc::new(ManualClock::new(1_795_647_600));
-    let gateway = Gateway::new(
-        Arc::clone(&ledger),
-        Some(Arc::new(journal)),
-        clock,
-        vec![Link::plain(&ASCII1987)],
-    );
+    let m = cut_over_merchant(options, 1_795_647_600);
     // Connection threads have said they were idle once: from now on a record at light load
     // waits for their next hint, which a cut-over (run by its own loop) never gives.
-    gateway.idle();
-    let ran = tokio::time::timeout(Duration::from_secs(10), gateway.run_cutovers()).await;
+    m.gateway.idle();
+    let ran = tokio::time::timeout(Duration::from_secs(10), m.gateway.run_cutovers()).await;
     assert_eq!(
         ran.expect("the cut-over waited for a connection thread's idle hint"),
         1
@@ -1147,24 +1170,15 @@ async fn a_cut_over_off_the_connection_threads_does_not_wait_for_their_idle_hint
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_cut_over_runs_from_the_injected_clock_and_is_journaled_before_it_counts() {
-    use refundgate::clock::ManualClock;
-    let dir = tempfile::tempdir().unwrap();
-    let merchants = MerchantSet::from_toml_str(
-        "[[merchants]]\nid = \"MERCHANT 000001\"\nutc_offset = \"+00:00\"\ncutover_at = \"23:00\"\nterminals = [{ id = \"TERM0001\" }]\n",
-    )
-    .unwrap();
-    let ledger = Arc::new(Ledger::new(&merchants, PanKey::new(&[7; 16])));
-    let (journal, _) =
-        Journal::open(dir.path().join("journal"), journal::Options::default()).unwrap();
-    let journal = Arc::new(journal);
     // 2026-11-25 22:59:00 UTC.
-    let clock = Arc::new(ManualClock::new(1_795_647_540));
-    let gateway = Gateway::new(
-        Arc::clone(&ledger),
-        Some(Arc::clone(&journal)),
-        clock.clone(),
-        vec![Link::plain(&ASCII1987)],
-    );
+    let CutOverMerchant {
+        _dir,
+        merchants,
+        ledger,
+        journal,
+        clock,
+        gateway,
+    } = cut_over_merchant(journal::Options::default(), 1_795_647_540);
     let sale = ascii("0200", "000000", 2500, 1, &[]);
     let (outcome, summary) = gateway.handle(0, &encode("ascii1987", &sale)).await;
     assert!(matches!(outcome, refundgate::flow::Outcome::Reply(_)));
