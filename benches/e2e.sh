@@ -240,6 +240,7 @@ FSYNC_P99=${FSYNC_P99:-0}
 # --- table ------------------------------------------------------------------------------------
 tput_of() { jq -r '.throughput_per_s // 0' "$OUT/$1.json" 2>/dev/null || echo 0; }
 p99_of() { jq -r '.latency_us.p99 // 0' "$OUT/$1.json" 2>/dev/null || echo 0; }
+lag99_of() { jq -r '.send_lag_us.p99 // 0' "$OUT/$1.json" 2>/dev/null || echo 0; }
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 per_round() { # fn name-suffix -> one value per round
     for r in $(seq "$ROUNDS"); do "$1" "r$r-$2"; done
@@ -288,6 +289,9 @@ for shape in 256x1 64x8; do
     printf '%-44s %-14s %-40s %-7s %s\n' "server CPU per answer, $shape" "$(printf '%.2f us' "$GC")" \
         "$(printf '%.2f us ceiling serve' "$CC")" "$(awk -v g="$GC" -v c="$CC" 'BEGIN { printf "%.2f", (c > 0 ? g / c : 0) }')" "(informational)"
 done
+printf '%-44s %-14s %-40s %-7s %s\n' "generator send lag p99, open loop" \
+    "$(printf '%.0f us' "$(per_round lag99_of gw-open | median)")" \
+    "$(printf '%.0f us against ceiling serve' "$(per_round lag99_of ceiling-open | median)")" "" "(informational: part of both p99s)"
 echo "log lines dropped by the gateway per round: $(cat "$OUT"/r*-dropped.txt 2>/dev/null | tr '\n' ' ')"
 echo
 echo "per round (ratio 256x1, ratio 64x8, gateway p99 / ceiling p99 us, generator ratio; the"

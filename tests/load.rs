@@ -169,6 +169,10 @@ async fn every_answer_of_a_correct_responder_is_verified() {
     assert!(report.sessions_completed > 0);
     assert!(report.is_clean(), "{report}");
     assert!(report.latency_us.max >= report.latency_us.p50);
+    assert!(
+        report.send_lag_us.is_none(),
+        "a closed loop has no send schedule"
+    );
 }
 
 /// A dialect that is only data: the scenario names it, requests go out in its bytes (binary
@@ -334,6 +338,16 @@ async fn open_loop_sends_at_the_rate_asked() {
     assert!(report.sent > 0, "{report}");
     assert_eq!(report.mismatches, 0, "{report}");
     assert_eq!(report.errors.total(), 0, "{report}");
+    // The generator's own lateness is reported, and is part of every latency (which counts
+    // from the intended send time), so it can never exceed it at any percentile.
+    let lag = report
+        .send_lag_us
+        .expect("an open loop reports its send lag");
+    let l = report.latency_us;
+    assert!(
+        lag.p50 <= l.p50 && lag.p99 <= l.p99 && lag.max <= l.max,
+        "send lag {lag:?} against latency {l:?}"
+    );
 }
 
 #[tokio::test]

@@ -24,6 +24,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::pace::Pacer;
 use super::report::Tally;
 use super::scenario::{Ids, Rendered, Scenario, Session, Stamp};
 use crate::clock::{Clock, SystemClock};
@@ -214,6 +215,18 @@ pub(crate) async fn connection(
         timing.start + Duration::from_nanos(offset_ns),
         shared.in_flight,
     );
+    if shared.interval_ns.is_some() {
+        match Pacer::new() {
+            Ok(p) => conn.pacer = Some(p),
+            Err(e) => {
+                if id == 0 {
+                    eprintln!(
+                        "refundgate load: no timerfd ({e}); the open loop is paced to the millisecond"
+                    );
+                }
+            }
+        }
+    }
     let mut reconnects = 0u32;
     loop {
         if let Some(mut s) = stream.take() {
@@ -250,6 +263,14 @@ pub(crate) async fn connection(
         tally,
         last_answer: conn.last_answer,
         first_error,
+    }
+}
+
+/// Waits for the open-loop timer when it is set; never ends otherwise.
+async fn pace(pacer: &mut Option<Pacer>) -> std::io::Result<()> {
+    match pacer {
+        Some(p) if p.is_armed() => p.fired().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -323,6 +344,9 @@ struct Conn<'s> {
     schedule_start: Instant,
     /// Open loop: index of the next request to send.
     next_k: u64,
+    /// Open loop: the timer that sends each request at its time (`None`: tokio's timer, to
+    /// the millisecond, when no timerfd could be made).
+    pacer: Option<Pacer>,
     last_answer: Option<Instant>,
     /// Setup mode: every setup step was answered as expected.
     setup_done: bool,
@@ -355,6 +379,7 @@ impl<'s> Conn<'s> {
             stamp_read: None,
             schedule_start,
             next_k: 0,
+            pacer: None,
             last_answer: None,
             setup_done: false,
             setup_over: false,
@@ -479,8 +504,16 @@ impl<'s> Conn<'s> {
                     }
                 }
                 if let Some(due) = self.next_due() {
-                    if self.slots.iter().any(|s| !s.busy) && due < tick.deadline() {
-                        tick.as_mut().reset(due);
+                    if self.slots.iter().any(|s| !s.busy) {
+                        match &mut self.pacer {
+                            Some(p) => {
+                                if let Err(e) = p.arm(due) {
+                                    break Err(Broken::Io(format!("open-loop timer: {e}")));
+                                }
+                            }
+                            None if due < tick.deadline() => tick.as_mut().reset(due),
+                            None => {}
+                        }
                     }
                 }
             }
@@ -510,6 +543,12 @@ impl<'s> Conn<'s> {
                 _ = tick.as_mut() => {
                     if let Err(b) = self.on_tick(&mut tick, tally, deadline) {
                         break Err(b);
+                    }
+                    now = Instant::now();
+                }
+                fired = pace(&mut self.pacer) => {
+                    if let Err(e) = fired {
+                        break Err(Broken::Io(format!("open-loop timer: {e}")));
                     }
                     now = Instant::now();
                 }
@@ -661,6 +700,9 @@ impl<'s> Conn<'s> {
             });
             self.slots[i].busy = true;
             tally.sent += 1;
+            if self.shared.interval_ns.is_some() {
+                tally.send_lag(now.saturating_duration_since(intended).as_micros() as u64);
+            }
         }
         Ok(())
     }

@@ -22,6 +22,7 @@
 //! `Command` enum and `Command::Load(args) => return refundgate::load::run_blocking(args)`.
 
 pub mod client;
+mod pace;
 pub mod report;
 pub mod scenario;
 
@@ -546,6 +547,7 @@ fn report(
             0.0
         },
         latency_us: latency,
+        send_lag_us: t.as_ref().and_then(Tally::send_lag_summary),
         codes,
         mismatches: get(|t| t.mismatches),
         mismatch_examples: t.as_ref().map(|t| t.examples.clone()).unwrap_or_default(),

@@ -46,6 +46,9 @@ pub struct Report {
     pub throughput_per_s: f64,
     /// Latency of the answers, from the intended send time in open loop.
     pub latency_us: Latency,
+    /// Open loop: how late the generator sent requests after their intended time (part of
+    /// every latency above; near zero unless the generator or its machine fell behind).
+    pub send_lag_us: Option<Latency>,
     /// Answers by DE39 (`--` when absent).
     pub codes: BTreeMap<String, u64>,
     /// Answers that did not match (MTI, DE11 echo, DE39, DE44, a field later steps need, or
@@ -139,6 +142,8 @@ pub(crate) struct Tally {
     pub histogram: Histogram<u64>,
     /// Latencies (µs, clamped) not yet in `histogram`.
     latencies: Vec<u32>,
+    /// Open loop: send time minus intended send time, µs.
+    pub send_lag: Histogram<u64>,
     pub sent: u64,
     pub answered: u64,
     pub verified: u64,
@@ -157,6 +162,7 @@ impl Tally {
         // 3 significant figures from 1 µs to LATENCY_US_MAX: a fixed, small allocation.
         let histogram = Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)?;
         Ok(Tally {
+            send_lag: histogram.clone(),
             histogram,
             latencies: Vec::with_capacity(LATENCY_BATCH),
             sent: 0,
@@ -181,6 +187,11 @@ impl Tally {
         if self.latencies.len() >= LATENCY_BATCH {
             self.flush_latencies();
         }
+    }
+
+    /// Records how late one open-loop request was sent, µs.
+    pub fn send_lag(&mut self, us: u64) {
+        self.send_lag.saturating_record(us.min(LATENCY_US_MAX));
     }
 
     /// Adds the collected latencies to the histogram.
@@ -249,6 +260,7 @@ impl Tally {
         // Both histograms share bounds, so adding cannot fail; a failure would only lose
         // latency samples, never counts.
         let _ = self.histogram.add(&other.histogram);
+        let _ = self.send_lag.add(&other.send_lag);
         self.sent += other.sent;
         self.answered += other.answered;
         self.verified += other.verified;
@@ -275,18 +287,12 @@ impl Tally {
     /// The latency summary (of the latencies added to the histogram: see
     /// [`Tally::flush_latencies`]).
     pub fn latency_summary(&self) -> Latency {
-        let h = &self.histogram;
-        if h.is_empty() {
-            return Latency::default();
-        }
-        Latency {
-            p50: h.value_at_quantile(0.50),
-            p90: h.value_at_quantile(0.90),
-            p99: h.value_at_quantile(0.99),
-            p999: h.value_at_quantile(0.999),
-            max: h.max(),
-            mean: h.mean(),
-        }
+        summary(&self.histogram)
+    }
+
+    /// The send-lag summary; `None` when no open-loop request was sent.
+    pub fn send_lag_summary(&self) -> Option<Latency> {
+        (!self.send_lag.is_empty()).then(|| summary(&self.send_lag))
     }
 
     /// Answers by code as text keys.
@@ -295,6 +301,21 @@ impl Tally {
             .iter()
             .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), *v))
             .collect()
+    }
+}
+
+/// Percentiles of one histogram.
+fn summary(h: &Histogram<u64>) -> Latency {
+    if h.is_empty() {
+        return Latency::default();
+    }
+    Latency {
+        p50: h.value_at_quantile(0.50),
+        p90: h.value_at_quantile(0.90),
+        p99: h.value_at_quantile(0.99),
+        p999: h.value_at_quantile(0.999),
+        max: h.max(),
+        mean: h.mean(),
     }
 }
 
@@ -320,6 +341,13 @@ impl fmt::Display for Report {
             "  latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {:.0})",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
         )?;
+        if let Some(l) = &self.send_lag_us {
+            writeln!(
+                f,
+                "  sent late by us: p50 {}  p99 {}  max {}  (the generator's own lag, part of the latency)",
+                l.p50, l.p99, l.max
+            )?;
+        }
         let codes: Vec<String> = self
             .codes
             .iter()
