@@ -156,25 +156,33 @@ async fn admit_and_serve<D: Dispatch>(
         }
         Ok(connection::accept_tls(&accepted, stream).await)
     };
-    let tls = tokio::select! {
-        biased;
-        () = shutdown.recv() => return,
-        cause = ticket.evicted() => Err(cause),
-        done = tokio::time::timeout(timeout, handshake) => match done {
-            Ok(Ok(Some(tls))) => Ok(tls),
-            // Closed before saying hello, or a failed handshake (counted where it failed).
-            Ok(Ok(None)) => return,
-            Ok(Err(cause)) => Err(cause),
-            Err(_) => Err(Refusal::HandshakeTimeout),
-        },
-    };
-    let admitted = tls.and_then(|tls| ticket.admit().map(|a| (tls, a)));
-    let (tls, (permit, _place)) = match admitted {
-        Ok(admitted) => admitted,
-        Err(cause) => {
+    let admitted = {
+        // Outlives the select, so a socket whose handshake timed out is closed only after
+        // the failure is counted: a peer that sees the close then reads the count.
+        let mut timed = std::pin::pin!(tokio::time::timeout(timeout, handshake));
+        let tls = tokio::select! {
+            biased;
+            () = shutdown.recv() => return,
+            cause = ticket.evicted() => Err(cause),
+            done = &mut timed => match done {
+                Ok(Ok(Some(tls))) => Ok(tls),
+                // Closed before saying hello, or a failed handshake (counted where it failed).
+                Ok(Ok(None)) => return,
+                Ok(Err(cause)) => Err(cause),
+                Err(_) => Err(Refusal::HandshakeTimeout),
+            },
+        };
+        let admitted = tls.and_then(|tls| ticket.admit().map(|a| (tls, a)));
+        if let Err(cause) = &admitted {
             if matches!(cause, Refusal::HandshakeTimeout | Refusal::NotTls) {
                 telemetry::count_handshake_failure(dialect);
             }
+        }
+        admitted
+    };
+    let (tls, (permit, _place)) = match admitted {
+        Ok(admitted) => admitted,
+        Err(cause) => {
             refused(&accepted.info.name, accepted.peer, cause);
             return;
         }
