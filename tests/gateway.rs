@@ -1703,3 +1703,145 @@ async fn serve_reads_terminal_keys_from_a_private_file_and_refuses_a_loose_one()
     assert_eq!(answer("cup_pos", &a).code.as_str(), "00");
     gw.stop().await;
 }
+
+/// Two merchants (each with one terminal), a journal and a gateway on them.
+fn two_merchant_gateway(dir: &tempfile::TempDir) -> Gateway {
+    let merchants = MerchantSet::from_toml_str(
+        "[[merchants]]\nid = \"MERCHANT 000001\"\nterminals = [{ id = \"TERM0001\" }]\n\
+         [[merchants]]\nid = \"MERCHANT 000002\"\nterminals = [{ id = \"TERM0002\" }]\n",
+    )
+    .unwrap();
+    let ledger = Arc::new(Ledger::new(&merchants, PanKey::new(&PAN_KEY)));
+    let (journal, _) =
+        Journal::open(dir.path().join("journal"), journal::Options::default()).unwrap();
+    Gateway::new(
+        ledger,
+        Some(Arc::new(journal)),
+        Arc::new(SystemClock),
+        vec![Link::plain(&ASCII1987)],
+    )
+}
+
+/// `req` as sent by merchant 000002's terminal.
+fn of_merchant_2(mut req: Json) -> Json {
+    req["fields"]["41"] = json!("TERM0002");
+    req["fields"]["42"] = json!("MERCHANT 000002");
+    req
+}
+
+/// What a terminal acts on in an answer: MTI, DE39, DE44, DE54.
+fn answered(out: &refundgate::flow::Outcome) -> (u16, String, String, Option<String>) {
+    match out {
+        refundgate::flow::Outcome::Reply(bytes) => {
+            let a = answer("ascii1987", bytes);
+            (a.mti, a.code, a.reason, a.de54)
+        }
+        refundgate::flow::Outcome::Drop => (0, String::new(), String::new(), None),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_frames_gets_the_answers_its_messages_get_one_by_one() {
+    let sale_a = ascii("0200", "000000", 10_000, 1, &[]);
+    let sale_b = of_merchant_2(ascii("0200", "000000", 20_000, 2, &[]));
+    let echo = json!({"mti": "0800", "fields": {"7": "1125093015", "11": "000009", "70": "301"}});
+    let refund_a = ascii("0200", "200000", 4_000, 3, &[("90", de90(&sale_a))]);
+    // With 4,000 refunded, 7,000 more is over what is left of the 10,000 sale.
+    let refund_a_over = ascii("0200", "200000", 7_000, 4, &[("90", de90(&sale_a))]);
+    let mut sale_b_other_body = sale_b.clone();
+    sale_b_other_body["fields"]["4"] = json!("000000020001");
+    let batch: Vec<Vec<u8>> = [
+        &sale_a,
+        &sale_b,
+        &refund_a,
+        &echo,
+        &refund_a_over,
+        &sale_a,            // a repeat: the stored answer
+        &sale_b_other_body, // the same key with another body: 94
+        &refund_a,          // a repeat of the refund
+    ]
+    .iter()
+    .map(|doc| encode("ascii1987", doc))
+    .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let together = two_merchant_gateway(&dir);
+    let mut out = Vec::new();
+    together.handle_batch(0, &batch, &mut out).await;
+    let together: Vec<_> = out.iter().map(|(o, _)| answered(o)).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let alone = two_merchant_gateway(&dir);
+    let mut one_by_one = Vec::new();
+    for body in &batch {
+        one_by_one.push(answered(&alone.handle(0, body).await.0));
+    }
+
+    assert_eq!(together, one_by_one);
+    let codes: Vec<&str> = together.iter().map(|a| a.1.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["00", "00", "00", "00", "64", "00", "94", "00"],
+        "{together:?}"
+    );
+    assert_eq!(together[3].0, 810, "the echo keeps its place in the batch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_naming_two_merchants_in_opposite_orders_at_once_all_complete() {
+    // Each batch takes one merchant's shard, then the other's: with the journal's queue
+    // held from one merchant into the next, two such batches in opposite orders would wait
+    // on each other for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = Arc::new(two_merchant_gateway(&dir));
+    let batches = |first_b: bool, stan0: u32| -> Vec<Vec<Vec<u8>>> {
+        (0..150u32)
+            .map(|i| {
+                (0..4u32)
+                    .map(|j| {
+                        let sale = ascii("0200", "000000", 100, stan0 + i * 4 + j, &[]);
+                        let sale = if (j % 2 == 0) == first_b {
+                            of_merchant_2(sale)
+                        } else {
+                            sale
+                        };
+                        encode("ascii1987", &sale)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    // Each on a thread of its own, so that a deadlock (which blocks the threads, not just
+    // their tasks) fails this test instead of hanging it.
+    let (done, results) = std::sync::mpsc::channel();
+    for (first_b, stan0) in [(false, 1), (true, 100_001)] {
+        let gateway = Arc::clone(&gateway);
+        let batches = batches(first_b, stan0);
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let approved = rt.block_on(async {
+                let mut approved = 0;
+                for b in batches {
+                    let mut out = Vec::new();
+                    gateway.handle_batch(0, &b, &mut out).await;
+                    approved += out.iter().filter(|(o, _)| answered(o).1 == "00").count();
+                }
+                approved
+            });
+            let _ = done.send(approved);
+        });
+    }
+    let mut both = Vec::new();
+    for _ in 0..2 {
+        both.push(
+            results
+                .recv_timeout(Duration::from_secs(30))
+                .expect("two batches in opposite merchant orders waited on each other"),
+        );
+    }
+    assert_eq!(both, [600, 600]);
+}

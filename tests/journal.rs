@@ -750,3 +750,36 @@ fn a_record_changed_after_the_open_is_refused_by_replay_and_by_the_read_only_vie
     assert_eq!(read, vec![1, 2]);
     drop(journal);
 }
+
+#[test]
+fn records_enqueued_under_one_appender_take_consecutive_seqs_and_replay_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (journal, _) = Journal::open(dir.path(), medium()).unwrap();
+        let first = journal.enqueue(payload(0)).unwrap();
+        let tickets: Vec<_> = {
+            let mut appender = journal.appender();
+            let t = (1..=5)
+                .map(|i| appender.enqueue(payload(i)).unwrap())
+                .collect();
+            // Refused like `enqueue` refuses it, and the appender goes on.
+            assert!(matches!(
+                appender.enqueue(Vec::new()),
+                Err(StoreError::PayloadSize { .. })
+            ));
+            t
+        };
+        let seqs: Vec<u64> = tickets.iter().map(|t| t.seq).collect();
+        assert_eq!(seqs, (first.seq + 1..=first.seq + 5).collect::<Vec<_>>());
+        // The writer was woken once the appender let go: every record becomes durable.
+        let last = *tickets.last().unwrap();
+        assert_eq!(
+            futures::executor::block_on(journal.durable(last)).unwrap(),
+            last.seq
+        );
+        drop(journal);
+    }
+    let (_, records) = reopen(dir.path(), medium());
+    let payloads: Vec<Vec<u8>> = records.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, (0..=5).map(payload).collect::<Vec<_>>());
+}

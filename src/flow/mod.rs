@@ -534,8 +534,23 @@ impl Gateway {
             .map(|body| iso8583::decode_partial(l.spec, body.as_ref()))
             .collect();
         let mut decided = Vec::with_capacity(bodies.len());
+        // Consecutive plain decisions of this node's ledger are decided together (one hold of
+        // a merchant's shard and of the journal's queue per merchant); anything else is
+        // decided on its own, after the run before it, so answers keep the request order.
+        let mut run: Vec<(&Message<'_>, Kind)> = Vec::new();
         for (msg, err) in &messages {
+            if let (None, Some(kind)) = (err, self.plain_local(l, msg)) {
+                run.push((msg, kind));
+                continue;
+            }
+            if !run.is_empty() {
+                self.decide_run(l, &run, &mut decided).await;
+                run.clear();
+            }
             decided.push(self.decide_message(l, msg, err.as_ref()).await);
+        }
+        if !run.is_empty() {
+            self.decide_run(l, &run, &mut decided).await;
         }
         if let Some(journal) = &self.journal {
             let deadline = tokio::time::Instant::from_std(started) + self.request_deadline;
@@ -681,6 +696,142 @@ impl Gateway {
         }
     }
 
+    /// The kind of `msg` when it is a plain decision of this node's ledger (a merchant no
+    /// upstream host is routed for, no replicated journal; an operation other than a
+    /// settlement, from a terminal whose identity checks out): such messages are decided in
+    /// runs by [`Gateway::decide_run`].
+    fn plain_local(&self, l: &Link, msg: &Message<'_>) -> Option<Kind> {
+        if self.replica.is_some()
+            || self
+                .upstreams
+                .as_ref()
+                .is_some_and(|u| u.routes(msg.merchant()))
+        {
+            return None;
+        }
+        match l.dialect.classify(msg)? {
+            Kind::Op(op) if op != Operation::Settlement && self.identity_ok(l, msg) => {
+                Some(Kind::Op(op))
+            }
+            _ => None,
+        }
+    }
+
+    /// Decides a run of plain messages (see [`Gateway::plain_local`]) in order, as
+    /// [`Gateway::decide`] would one by one (store, MAC, then the ledger), and pushes their
+    /// answers to `out`.
+    async fn decide_run(
+        &self,
+        l: &Link,
+        run: &[(&Message<'_>, Kind)],
+        out: &mut Vec<Option<Decided>>,
+    ) {
+        if !self.store_ready().await {
+            for (msg, kind) in run {
+                out.push(Some(self.answer(
+                    l,
+                    msg,
+                    *kind,
+                    &Decision::bare(Reason::STORE_UNAVAILABLE),
+                    None,
+                )));
+            }
+            return;
+        }
+        let now = self.clock.now_unix_s();
+        let mut bufs: Vec<([u8; 19], [u8; 12])> = run
+            .iter()
+            .map(|(msg, _)| ([0u8; 19], sale_rrn(msg, now)))
+            .collect();
+        // Each message's answer if it never reaches the ledger (bad MAC, no request).
+        let mut early: Vec<Option<Decided>> = Vec::with_capacity(run.len());
+        let mut asked = Vec::with_capacity(run.len());
+        let mut reqs = Vec::with_capacity(run.len());
+        for ((msg, kind), (pan_buf, rrn_buf)) in run.iter().zip(bufs.iter_mut()) {
+            let refusal = if !self.mac_ok(l, msg) {
+                Reason::MAC_INVALID
+            } else {
+                let rrn = (*kind == Kind::Op(Operation::Sale)).then_some(*rrn_buf);
+                match self.ledger_request(l, msg, *kind, pan_buf, rrn_buf) {
+                    Some(req) => {
+                        reqs.push(req);
+                        asked.push((*msg, *kind, rrn));
+                        early.push(None);
+                        continue;
+                    }
+                    None => Reason::FORMAT_ERROR,
+                }
+            };
+            early.push(Some(self.answer(
+                l,
+                msg,
+                *kind,
+                &Decision::bare(refusal),
+                None,
+            )));
+        }
+        let mut decided = self.decide_local(l, &asked, &reqs, now).await.into_iter();
+        for (e, (msg, kind)) in early.into_iter().zip(run) {
+            out.push(match e {
+                Some(d) => Some(d),
+                // decide_local answers every request it is given.
+                None => Some(decided.next().unwrap_or_else(|| {
+                    self.answer(l, msg, *kind, &Decision::bare(Reason::INTERNAL_ERROR), None)
+                })),
+            });
+        }
+    }
+
+    /// Decides `reqs` (one per message of `msgs`, with the RRN a sale gets) on this node's
+    /// ledger in order; each merchant's run is journaled under one hold of its shard and of
+    /// the journal's queue.
+    async fn decide_local(
+        &self,
+        l: &Link,
+        msgs: &[(&Message<'_>, Kind, Option<[u8; 12]>)],
+        reqs: &[ledger::decision::Request<'_>],
+        now: i64,
+    ) -> Vec<Decided> {
+        let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
+        let tickets = std::cell::RefCell::new(std::collections::VecDeque::new());
+        let mut logged = Vec::with_capacity(reqs.len());
+        {
+            let _gate = self.gate.read().await;
+            self.ledger.decide_run_logged(
+                reqs,
+                now,
+                || {
+                    let mut appender = None;
+                    let tickets = &tickets;
+                    move |e: &ledger::LedgerEvent| {
+                        let t = self.enqueue_in(e, &mut appender)?;
+                        if let Some(t) = t {
+                            tickets.borrow_mut().push_back(t);
+                        }
+                        Ok::<u64, StoreError>(t.map_or(0, |t| t.seq))
+                    }
+                },
+                &mut logged,
+            );
+        }
+        let mut tickets = tickets.into_inner();
+        logged
+            .into_iter()
+            .zip(msgs)
+            .map(|(lg, (msg, kind, rrn))| {
+                let ticket = match &lg {
+                    ledger::Logged::Applied { seq, .. }
+                        if tickets.front().is_some_and(|t| t.seq == *seq) =>
+                    {
+                        tickets.pop_front()
+                    }
+                    _ => None,
+                };
+                self.logged(l, msg, *kind, lg, ticket, epoch, *rrn)
+            })
+            .collect()
+    }
+
     async fn decide(&self, l: &Link, msg: &Message<'_>) -> Decided {
         let Some(kind) = l.dialect.classify(msg) else {
             return self.answer(
@@ -729,18 +880,16 @@ impl Gateway {
         };
         let rrn = (kind == Kind::Op(Operation::Sale)).then_some(rrn_buf);
         let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
-        let mut ticket = None;
         let Some(upstreams) = &self.upstreams else {
             if let Some(replica) = &self.replica {
                 let logged = Box::pin(replica.decide(&req, now)).await;
                 return self.logged(l, msg, kind, logged, None, 0, rrn);
             }
-            let logged = {
-                let _gate = self.gate.read().await;
-                self.ledger
-                    .decide_logged(&req, now, |e| self.enqueue(e, &mut ticket))
+            let mut one = self.decide_local(l, &[(msg, kind, rrn)], &[req], now).await;
+            return match one.pop() {
+                Some(d) => d,
+                None => self.answer(l, msg, kind, &Decision::bare(Reason::INTERNAL_ERROR), None),
             };
-            return self.logged(l, msg, kind, logged, ticket, epoch, rrn);
         };
         Box::pin(self.decide_routed(l, msg, kind, &req, now, upstreams, epoch, rrn)).await
     }
@@ -865,13 +1014,27 @@ impl Gateway {
     /// Encodes `event` and queues it in the journal (no wait): the ledger applies it right
     /// after, under the same shard lock, so journal order is apply order.
     fn enqueue(&self, event: &LedgerEvent, ticket: &mut Option<Ticket>) -> Result<u64, StoreError> {
+        let t = self.enqueue_in(event, &mut None)?;
+        if t.is_some() {
+            *ticket = t;
+        }
+        Ok(t.map_or(0, |t| t.seq))
+    }
+
+    /// Journals `event` through `appender` (taken on the first record: under the ledger shard
+    /// the caller holds); `None` when there is nothing to wait for (no journal).
+    fn enqueue_in<'j>(
+        &'j self,
+        event: &LedgerEvent,
+        appender: &mut Option<crate::journal::Appender<'j>>,
+    ) -> Result<Option<Ticket>, StoreError> {
         let Some(journal) = &self.journal else {
             if self.replica.is_some() {
                 // With the replicated journal every change goes through `Replica::step`: one
                 // applied here alone would make this node's ledger differ from the stream.
                 return Err(StoreError::Closed);
             }
-            return Ok(0);
+            return Ok(None);
         };
         #[cfg(feature = "sim-mutations")]
         if matches!(event.body, ledger::EventBody::Declined { .. })
@@ -879,13 +1042,14 @@ impl Gateway {
         {
             // The core simulator's re-introduced bug (test builds only): the decline is
             // applied in memory and never journaled.
-            return Ok(0);
+            return Ok(None);
         }
         let mut payload = Vec::with_capacity(128);
         event.encode(&mut payload);
-        let t = journal.enqueue(payload)?;
-        *ticket = Some(t);
-        Ok(t.seq)
+        appender
+            .get_or_insert_with(|| journal.appender())
+            .enqueue(payload)
+            .map(Some)
     }
 
     /// Renders what a logged ledger call decided, with the journal record it must wait for.

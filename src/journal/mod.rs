@@ -87,6 +87,50 @@ pub use verify::{run_verify, verify, verify_with, VerifyReport};
 
 use group_commit::{ClosedSegment, Request, Shared, Writer, WriterConfig, WriterStart, PAGE_BYTES};
 
+/// Several records enqueued under one hold of the journal's queue lock: see
+/// [`Journal::appender`].
+pub struct Appender<'j> {
+    journal: &'j Journal,
+    /// `None` only while being dropped.
+    queue: Option<std::sync::MutexGuard<'j, group_commit::Queue>>,
+    /// The writer went idle before one of these records: wake it once the lock is released.
+    wake: bool,
+}
+
+impl Appender<'_> {
+    /// [`Journal::enqueue`] under the appender's hold of the queue.
+    pub fn enqueue(&mut self, payload: Vec<u8>) -> Result<Ticket, StoreError> {
+        self.journal.check_payload(&payload)?;
+        let Some(q) = self.queue.as_mut() else {
+            return Err(StoreError::Closed);
+        };
+        if q.closing {
+            return Err(StoreError::Closed);
+        }
+        if q.held {
+            return Err(self.journal.shared.unavailable());
+        }
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        // Failures bump the epoch under the queue lock, so it cannot change while this is held.
+        let epoch = self.journal.shared.epoch.load(Ordering::Acquire);
+        q.pending.push(Request { seq, payload });
+        // Only the first append after the writer went idle wakes it: every `notify_one` is a
+        // futex syscall, and appenders hold a ledger shard's lock here.
+        self.wake |= std::mem::replace(&mut q.idle, false);
+        Ok(Ticket { seq, epoch })
+    }
+}
+
+impl Drop for Appender<'_> {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if self.wake {
+            self.journal.shared.wake.notify_one();
+        }
+    }
+}
+
 /// A record handed to [`Journal::enqueue`]: its seq, and the failure epoch it was queued in
 /// (a failure drops every record not yet durable; seqs are then given out again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,27 +393,20 @@ impl Journal {
     /// Refused while the journal holds after a failure (`hold_after_failure`) and once it
     /// is closing.
     pub fn enqueue(&self, payload: Vec<u8>) -> Result<Ticket, StoreError> {
-        self.check_payload(&payload)?;
-        let mut q = self.shared.lock_queue();
-        if q.closing {
-            return Err(StoreError::Closed);
+        self.appender().enqueue(payload)
+    }
+
+    /// Holds the queue's lock so that several records go in under one hold of it, each with
+    /// [`Appender::enqueue`] (same rules as [`Journal::enqueue`]); the writer is woken, if it
+    /// must be, once the appender is dropped. Take it under the ledger shard whose changes it
+    /// journals, never the other way round (the shard's lock first, as for `enqueue`), and
+    /// drop it before waiting for anything.
+    pub fn appender(&self) -> Appender<'_> {
+        Appender {
+            journal: self,
+            queue: Some(self.shared.lock_queue()),
+            wake: false,
         }
-        if q.held {
-            drop(q);
-            return Err(self.shared.unavailable());
-        }
-        let seq = q.next_seq;
-        q.next_seq += 1;
-        let epoch = self.shared.epoch.load(Ordering::Acquire);
-        q.pending.push(Request { seq, payload });
-        // Only the first append after the writer went idle wakes it: every `notify_one` is a
-        // futex syscall, and appenders hold a ledger shard's lock here.
-        let wake = std::mem::replace(&mut q.idle, false);
-        drop(q);
-        if wake {
-            self.shared.wake.notify_one();
-        }
-        Ok(Ticket { seq, epoch })
     }
 
     /// Resolves once the record of `ticket` is durable (with its seq), or with

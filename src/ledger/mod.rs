@@ -269,6 +269,35 @@ fn apply_logged<E>(
     }
 }
 
+/// Drops a run's logger, then its shard (see [`Ledger::decide_run_logged`]).
+fn release<L>(held: Option<(BookRef<'_>, L)>) {
+    if let Some((book, log)) = held {
+        drop(log);
+        drop(book);
+    }
+}
+
+/// Decides `req` on its merchant's `book` and applies the outcome once `log` took its event.
+fn decide_in<E>(
+    book: &mut Book,
+    req: &Request<'_>,
+    ctx: &Ctx,
+    log: impl FnOnce(&LedgerEvent) -> Result<u64, E>,
+) -> Logged<E> {
+    match book.check(req, ctx) {
+        Ok((body, hold)) => {
+            book.release(&hold);
+            let event = LedgerEvent {
+                merchant: book.id,
+                at: ctx.now,
+                body,
+            };
+            apply_logged(book, &event, true, log)
+        }
+        Err(refusal) => refused(book, refusal, ctx.now, log),
+    }
+}
+
 /// What a refused check answers; a decline to remember is journaled and applied.
 fn refused<E>(
     book: &mut Book,
@@ -429,25 +458,56 @@ impl Ledger {
             Err(refusal) => return refusal.widen(),
         };
         ctx.totals = totals;
-        match book.check(req, &ctx) {
-            Ok((body, hold)) => {
-                book.release(&hold);
-                let event = LedgerEvent {
-                    merchant: book.id,
-                    at: now,
-                    body,
-                };
-                apply_logged(&mut book, &event, true, log)
-            }
-            Err(refusal) => refused(&mut book, refusal, now, log),
-        }
+        decide_in(&mut book, req, &ctx, log)
     }
 
-    fn book_for(
+    /// [`Ledger::decide_logged`] for several requests, decided and logged in order; pushes one
+    /// answer per request to `out`. A run of consecutive requests to one merchant is decided
+    /// under one hold of its shard, with one logger made by `logger` for that run: the logger
+    /// may keep a lock across its calls (the journal's queue: see `Journal::appender`), since
+    /// it is dropped before the shard is released and before any other shard is taken (the
+    /// shard's lock always first). Never holds two shards at once.
+    pub fn decide_run_logged<E, L>(
+        &self,
+        reqs: &[Request<'_>],
+        now: UnixSeconds,
+        mut logger: impl FnMut() -> L,
+        out: &mut Vec<Logged<E>>,
+    ) where
+        L: FnMut(&LedgerEvent) -> Result<u64, E>,
+    {
+        let mut held: Option<(BookRef<'_>, L)> = None;
+        for req in reqs {
+            let (id, pan, pan_hash) = match self.prepare(req) {
+                Ok(p) => p,
+                Err(refusal) => {
+                    out.push(refusal.widen());
+                    continue;
+                }
+            };
+            if held.as_ref().is_none_or(|(b, _)| *b.key() != id) {
+                release(held.take());
+                held = self.books.get_mut(&id).map(|b| (b, logger()));
+            }
+            let Some((book, log)) = held.as_mut() else {
+                out.push(Logged::Unlogged {
+                    decision: Decision::bare(Reason::UNKNOWN_MERCHANT),
+                    after: 0,
+                });
+                continue;
+            };
+            let ctx = self.ctx(book, pan, pan_hash, now);
+            out.push(decide_in(book, req, &ctx, &mut *log));
+        }
+        release(held);
+    }
+
+    /// What a request needs before its merchant's shard is taken: its merchant, masked PAN
+    /// and PAN hash; the bare refusal of a malformed request or an unknown merchant id.
+    fn prepare(
         &self,
         req: &Request<'_>,
-        now: UnixSeconds,
-    ) -> Result<(BookRef<'_>, Ctx), Logged<std::convert::Infallible>> {
+    ) -> Result<(MerchantId, MaskedPan, u64), Logged<std::convert::Infallible>> {
         let bare = |r: Reason| Logged::Unlogged {
             decision: Decision::bare(r),
             after: 0,
@@ -457,21 +517,32 @@ impl Ledger {
             return Err(bare(Reason::FORMAT_ERROR));
         }
         let id = MerchantId::new(req.merchant).ok_or(bare(Reason::UNKNOWN_MERCHANT))?;
-        let pan_hash = self.pan_key.hash(req.pan);
-        let store_ok = self.store_ok.load(Ordering::Relaxed);
-        let book = self
-            .books
-            .get_mut(&id)
-            .ok_or(bare(Reason::UNKNOWN_MERCHANT))?;
-        let ctx = Ctx {
+        Ok((id, pan.unwrap_or_default(), self.pan_key.hash(req.pan)))
+    }
+
+    fn ctx(&self, book: &Book, pan: MaskedPan, pan_hash: u64, now: UnixSeconds) -> Ctx {
+        Ctx {
             now,
             today: book.policy.utc_offset.local(now),
-            pan: pan.unwrap_or_default(),
+            pan,
             pan_hash,
-            store_ok,
+            store_ok: self.store_ok.load(Ordering::Relaxed),
             totals: None,
             replayed: None,
-        };
+        }
+    }
+
+    fn book_for(
+        &self,
+        req: &Request<'_>,
+        now: UnixSeconds,
+    ) -> Result<(BookRef<'_>, Ctx), Logged<std::convert::Infallible>> {
+        let (id, pan, pan_hash) = self.prepare(req)?;
+        let book = self.books.get_mut(&id).ok_or(Logged::Unlogged {
+            decision: Decision::bare(Reason::UNKNOWN_MERCHANT),
+            after: 0,
+        })?;
+        let ctx = self.ctx(&book, pan, pan_hash, now);
         Ok((book, ctx))
     }
 

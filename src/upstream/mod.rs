@@ -221,6 +221,13 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// Whether a request of this merchant (DE42) goes to an upstream host; `false`: it is
+    /// decided on this node alone (what [`Upstreams::forward`] answers with
+    /// [`Verdict::Local`] for every kind).
+    pub fn routes(&self, merchant: Option<&str>) -> bool {
+        merchant.is_none_or(|m| self.routes.upstream_for(m).is_some())
+    }
+
     /// Starts one link per config and the SAF worker (call inside a tokio runtime).
     pub fn start(links: Vec<LinkConfig>, routes: Routes, saf: impl Into<Saf>) -> Upstreams {
         let saf = Arc::new(saf.into());
