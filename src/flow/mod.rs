@@ -819,11 +819,16 @@ impl Gateway {
             .into_iter()
             .zip(msgs)
             .map(|(lg, (msg, kind, rrn))| {
+                // Each applied event's ticket, in the order they were journaled; an applied
+                // event with a seq but no ticket of its own (never expected) still waits.
                 let ticket = match &lg {
                     ledger::Logged::Applied { seq, .. }
                         if tickets.front().is_some_and(|t| t.seq == *seq) =>
                     {
                         tickets.pop_front()
+                    }
+                    ledger::Logged::Applied { seq, .. } if *seq > 0 => {
+                        Some(Ticket { seq: *seq, epoch })
                     }
                     _ => None,
                 };
