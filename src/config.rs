@@ -137,6 +137,7 @@ idle_timeout_ms = 60000
 shutdown_grace_ms = 5000
 # Longest a request waits for its decision to be durable (a hung disk); then it is answered 96,
 # outcome unknown (the terminal's repeat gets the stored answer). Below the terminal's ~60 s.
+# Enforced by the journal's watchdog, which looks every 25 ms: the 96 leaves within ~50 ms of it.
 request_deadline_ms = 20000
 
 # Upstream bank hosts (DOMAIN §8). None by default: every merchant is decided locally.

@@ -783,3 +783,37 @@ fn records_enqueued_under_one_appender_take_consecutive_seqs_and_replay_in_that_
     let payloads: Vec<Vec<u8>> = records.into_iter().map(|(_, p)| p).collect();
     assert_eq!(payloads, (0..=5).map(payload).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_bounded_wait_on_a_hung_disk_ends_at_its_deadline_and_the_record_is_durable_after_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (options, faults) = faulty(1024 * 1024);
+    let (journal, _) = Journal::open(dir.path(), options).unwrap();
+    // A healthy disk: the bounded wait ends with the outcome, well before its deadline.
+    let t = journal.enqueue(b"before".to_vec()).unwrap();
+    let far = refundgate::clock::monotonic() + std::time::Duration::from_secs(60);
+    assert!(matches!(
+        futures::executor::block_on(journal.durable_until(t, far)),
+        Ok(Ok(_))
+    ));
+    faults.set_hang_syncs(true);
+    let t = journal.enqueue(b"hung".to_vec()).unwrap();
+    let deadline = std::time::Duration::from_millis(300);
+    let started = refundgate::clock::monotonic();
+    let waited = futures::executor::block_on(journal.durable_until(t, started + deadline));
+    let took = refundgate::clock::monotonic() - started;
+    assert!(matches!(waited, Err(refundgate::journal::DeadlinePassed)));
+    // Woken by the watchdog, not by any outcome: at most about two ticks late.
+    let tick = refundgate::journal::WATCHDOG_TICK;
+    assert!(
+        took >= deadline && took <= deadline + 4 * tick + std::time::Duration::from_millis(200),
+        "the wait ended after {took:?} with a deadline of {deadline:?}"
+    );
+    // The disk comes back: the record the deadline left open is durable.
+    faults.set_hang_syncs(false);
+    let far = refundgate::clock::monotonic() + std::time::Duration::from_secs(60);
+    assert!(matches!(
+        futures::executor::block_on(journal.durable_until(t, far)),
+        Ok(Ok(_))
+    ));
+}

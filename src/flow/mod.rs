@@ -553,14 +553,14 @@ impl Gateway {
             self.decide_run(l, &run, &mut decided).await;
         }
         if let Some(journal) = &self.journal {
-            let deadline = tokio::time::Instant::from_std(started) + self.request_deadline;
+            let deadline = started + self.request_deadline;
             // One wait for the newest record of the batch covers the others of its epoch.
             let newest = decided
                 .iter()
                 .filter_map(|d| d.as_ref().and_then(|d| d.wait))
                 .max_by_key(|t| (t.epoch, t.seq));
             if let Some(t) = newest.filter(|t| journal.status(*t).is_none()) {
-                let _ = tokio::time::timeout_at(deadline, journal.durable(t)).await;
+                let _ = journal.durable_until(t, deadline).await;
             }
             for ((msg, _), d) in messages.iter().zip(decided.iter_mut()) {
                 let Some(Decided {
@@ -573,10 +573,10 @@ impl Gateway {
                 };
                 let forwarded = *forwarded;
                 // After the wait above the outcome is known, or the deadline has passed: a
-                // plain look, no timer per record (the timed wait stays as a fallback).
+                // plain look (the bounded wait stays as a fallback).
                 let status = match journal.status(*t) {
                     Some(known) => Ok(known),
-                    None => tokio::time::timeout_at(deadline, journal.durable(*t)).await,
+                    None => journal.durable_until(*t, deadline).await,
                 };
                 match status {
                     Ok(Ok(_)) => {}

@@ -209,6 +209,23 @@ impl Shared {
         }
     }
 
+    /// Wakes the waiters of every seq below `below` without an outcome: each looks at its
+    /// own deadline and waits again (see [`Journal::durable_until`](super::Journal::durable_until)).
+    pub(crate) fn wake_below(&self, below: u64) {
+        let ready = {
+            let mut waiters = self.lock_waiters();
+            match waiters.first_key_value() {
+                Some((&first, _)) if first < below => {}
+                _ => return,
+            }
+            let later = waiters.split_off(&below);
+            std::mem::replace(&mut *waiters, later)
+        };
+        for waker in ready.into_values().flatten() {
+            waker.wake();
+        }
+    }
+
     pub(crate) fn lock_queue(&self) -> MutexGuard<'_, Queue> {
         self.queue
             .lock()
