@@ -156,6 +156,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_woken_only_future_polls_its_inner_future_only_when_that_woke_it() {
+        // In a spawned task, as on a connection's lane: in a release build the waker of the
+        // test's own `block_on` did not compare equal to its clone (`will_wake`), and every
+        // turn polled the inner future.
+        tokio::spawn(woken_only_polls_its_inner_future_only_when_that_woke_it())
+            .await
+            .unwrap();
+    }
+
+    async fn woken_only_polls_its_inner_future_only_when_that_woke_it() {
         let probe = Arc::new(Probe {
             polls: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
