@@ -379,7 +379,7 @@ fn owner_lost_mid_load(loss: Loss) {
     let (first_answer, owner0) = rt.block_on(async {
         let mut c = g.connect(node0.as_ref().unwrap()).await;
         let a = ask(&mut c, &first).await;
-        assert_eq!(a.code, "00");
+        assert_eq!(a.code, "00", "node 0's first sale: {a:?}");
         (a, g.owner().await.expect("node 0 took no lease"))
     });
     let nodes: Vec<ServeProcess> = (1..3).map(|n| g.start(n)).collect();

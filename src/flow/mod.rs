@@ -795,24 +795,34 @@ impl Gateway {
         let epoch = self.journal.as_ref().map_or(0, |j| j.epoch());
         let tickets = std::cell::RefCell::new(std::collections::VecDeque::new());
         let mut logged = Vec::with_capacity(reqs.len());
-        {
-            let _gate = self.gate.read().await;
-            self.ledger.decide_run_logged(
-                reqs,
-                now,
-                || {
-                    let mut appender = None;
-                    let tickets = &tickets;
-                    move |e: &ledger::LedgerEvent| {
-                        let t = self.enqueue_in(e, &mut appender)?;
-                        if let Some(t) = t {
-                            tickets.borrow_mut().push_back(t);
+        let mut done = 0;
+        loop {
+            {
+                let _gate = self.gate.read().await;
+                done += self.ledger.try_decide_run_logged(
+                    &reqs[done..],
+                    now,
+                    || {
+                        let mut appender = None;
+                        let tickets = &tickets;
+                        move |e: &ledger::LedgerEvent| {
+                            let t = self.enqueue_in(e, &mut appender)?;
+                            if let Some(t) = t {
+                                tickets.borrow_mut().push_back(t);
+                            }
+                            Ok::<u64, StoreError>(t.map_or(0, |t| t.seq))
                         }
-                        Ok::<u64, StoreError>(t.map_or(0, |t| t.seq))
-                    }
-                },
-                &mut logged,
-            );
+                    },
+                    &mut logged,
+                );
+            }
+            if done >= reqs.len() {
+                break;
+            }
+            // A merchant's shard is held by the other connection thread: serve this thread's
+            // other connections meanwhile (their reads, writes and decisions) instead of
+            // spinning on the lock, then go on with the rest of the run.
+            tokio::task::yield_now().await;
         }
         let mut tickets = tickets.into_inner();
         logged

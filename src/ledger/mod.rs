@@ -269,7 +269,7 @@ fn apply_logged<E>(
     }
 }
 
-/// Drops a run's logger, then its shard (see [`Ledger::decide_run_logged`]).
+/// Drops a run's logger, then its shard (see [`Ledger::try_decide_run_logged`]).
 fn release<L>(held: Option<(BookRef<'_>, L)>) {
     if let Some((book, log)) = held {
         drop(log);
@@ -462,22 +462,29 @@ impl Ledger {
     }
 
     /// [`Ledger::decide_logged`] for several requests, decided and logged in order; pushes one
-    /// answer per request to `out`. A run of consecutive requests to one merchant is decided
-    /// under one hold of its shard, with one logger made by `logger` for that run: the logger
-    /// may keep a lock across its calls (the journal's queue: see `Journal::appender`), since
-    /// it is dropped before the shard is released and before any other shard is taken (the
-    /// shard's lock always first). Never holds two shards at once.
-    pub fn decide_run_logged<E, L>(
+    /// answer per request it decides to `out`. A run of consecutive requests to one merchant is
+    /// decided under one hold of its shard, with one logger made by `logger` for that run: the
+    /// logger may keep a lock across its calls (the journal's queue: see `Journal::appender`),
+    /// since it is dropped before the shard is released and before any other shard is taken
+    /// (the shard's lock always first). Never holds two shards at once.
+    ///
+    /// Never waits for a shard either: it stops at a request whose merchant's shard another
+    /// thread holds and returns how many of `reqs` it decided (all of them unless a shard was
+    /// busy). The caller does other work and calls again with the rest, so the answers keep
+    /// the request order. (A connection thread that waited on the lock could serve none of
+    /// its other connections meanwhile.)
+    pub fn try_decide_run_logged<E, L>(
         &self,
         reqs: &[Request<'_>],
         now: UnixSeconds,
         mut logger: impl FnMut() -> L,
         out: &mut Vec<Logged<E>>,
-    ) where
+    ) -> usize
+    where
         L: FnMut(&LedgerEvent) -> Result<u64, E>,
     {
         let mut held: Option<(BookRef<'_>, L)> = None;
-        for req in reqs {
+        for (i, req) in reqs.iter().enumerate() {
             let (id, pan, pan_hash) = match self.prepare(req) {
                 Ok(p) => p,
                 Err(refusal) => {
@@ -487,7 +494,12 @@ impl Ledger {
             };
             if held.as_ref().is_none_or(|(b, _)| *b.key() != id) {
                 release(held.take());
-                held = self.books.get_mut(&id).map(|b| (b, logger()));
+                let book = match self.books.try_get_mut(&id) {
+                    dashmap::try_result::TryResult::Present(book) => Some(book),
+                    dashmap::try_result::TryResult::Absent => None,
+                    dashmap::try_result::TryResult::Locked => return i,
+                };
+                held = book.map(|b| (b, logger()));
             }
             let Some((book, log)) = held.as_mut() else {
                 out.push(Logged::Unlogged {
@@ -500,6 +512,7 @@ impl Ledger {
             out.push(decide_in(book, req, &ctx, &mut *log));
         }
         release(held);
+        reqs.len()
     }
 
     /// What a request needs before its merchant's shard is taken: its merchant, masked PAN
@@ -1038,5 +1051,111 @@ fn well_formed(req: &Request<'_>, pan_ok: bool) -> bool {
             Dialect::CupPos => own_key && (req.original.is_none() || original_ok),
         },
         Operation::Settlement => true,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod run_tests {
+    use super::*;
+
+    fn ledger() -> Ledger {
+        let toml = "[profiles.p]\nreserve = 1000000\ncurrency = 840\n\
+                    [[merchants]]\nid = \"A\"\nprofile = \"p\"\nterminals = [{ id = \"T1\" }]\n\
+                    [[merchants]]\nid = \"B\"\nprofile = \"p\"\nterminals = [{ id = \"T1\" }]\n";
+        Ledger::new(
+            &MerchantSet::from_toml_str(toml).unwrap(),
+            PanKey::new(b"test-pan-key-16b"),
+        )
+    }
+
+    fn sale(merchant: &'static str, stan: u32) -> Request<'static> {
+        Request {
+            dialect: Dialect::Ascii1987,
+            op: Operation::Sale,
+            repeat: false,
+            merchant,
+            terminal: "T1",
+            stan,
+            local_date_mmdd: 1121,
+            mti_class: 2,
+            transmission: Some(1_121_000_000 + u64::from(stan)),
+            rrn: None,
+            batch: None,
+            pan: "4761739001010119",
+            amount_minor: 2500,
+            currency: 840,
+            card_type: CardType::from_pan("4761739001010119"),
+            original: None,
+            body_fingerprint: u64::from(stan),
+        }
+    }
+
+    fn approved(out: &[Logged<()>]) -> Vec<bool> {
+        out.iter()
+            .map(|l| matches!(l, Logged::Applied { decision, .. } if decision.reason == Reason::APPROVED))
+            .collect()
+    }
+
+    #[test]
+    fn a_run_stops_before_a_merchant_whose_shard_is_held_and_goes_on_from_there_later() {
+        let l = ledger();
+        let (a, b) = (MerchantId::new("A").unwrap(), MerchantId::new("B").unwrap());
+        let reqs = [sale("A", 1), sale("A", 2), sale("B", 3), sale("A", 4)];
+        let seq = std::cell::Cell::new(0);
+        let mut logger = || {
+            |_: &LedgerEvent| {
+                seq.set(seq.get() + 1);
+                Ok::<u64, ()>(seq.get())
+            }
+        };
+        let held = l.books.get_mut(&b).unwrap();
+        // A and B may share a dashmap shard; then A's requests wait too.
+        let a_free = matches!(
+            l.books.try_get(&a),
+            dashmap::try_result::TryResult::Present(_)
+        );
+        let mut out = Vec::new();
+        let n = l.try_decide_run_logged(&reqs, 100, &mut logger, &mut out);
+        let stopped_at = if a_free { 2 } else { 0 };
+        assert_eq!(n, stopped_at, "decided up to the held merchant");
+        assert_eq!(
+            out.len(),
+            n,
+            "one answer per decided request, none for the rest"
+        );
+        // Called again while still held: no progress, nothing pushed.
+        assert_eq!(
+            l.try_decide_run_logged(&reqs[n..], 100, &mut logger, &mut out),
+            0
+        );
+        assert_eq!(out.len(), n);
+        drop(held);
+        let m = l.try_decide_run_logged(&reqs[n..], 100, &mut logger, &mut out);
+        assert_eq!(n + m, reqs.len());
+        assert_eq!(approved(&out), vec![true; 4], "{out:?}");
+        // Journaled in request order.
+        let seqs: Vec<u64> = out
+            .iter()
+            .filter_map(|l| match l {
+                Logged::Applied { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        // Each was remembered: its repeat gets the stored approval, nothing journaled.
+        for r in &reqs {
+            let mut again = *r;
+            again.repeat = true;
+            let mut one = Vec::new();
+            assert_eq!(
+                l.try_decide_run_logged(&[again], 100, &mut logger, &mut one),
+                1
+            );
+            assert!(
+                matches!(&one[0], Logged::Unlogged { decision, .. } if decision.reason == Reason::APPROVED),
+                "{one:?}"
+            );
+        }
     }
 }
